@@ -1,0 +1,384 @@
+"""The contract of the solver core: strategies, inner solvers, health records.
+
+A bi-level problem has an inner objective ``f(theta, phi)`` minimized over
+``theta`` and an outer objective ``F(theta*(phi), phi)``. :func:`argmin`
+returns ``theta*(phi)`` as an ordinary autograd tensor (or tree of tensors);
+*how* its backward pass is computed is the job of a
+:class:`HypergradientStrategy`, chosen independently of the problem. Any
+outer loss then composes with it: ``F(argmin(...), phi).backward()`` fills
+``phi.grad`` with the hypergradient, direct and indirect terms together.
+"""
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from ._tree import tree_detach, tree_flatten, tree_map
+
+__all__ = [
+    "HypergradientInfo",
+    "HypergradientWarning",
+    "LinearSolveWarning",
+    "InnerSolveWarning",
+    "HypergradientStrategy",
+    "InnerSolver",
+    "StepSolver",
+    "ClosedFormSolver",
+    "SolveResult",
+    "argmin",
+    "get_strategy",
+    "register_strategy",
+    "available_strategies",
+]
+
+
+class HypergradientWarning(UserWarning):
+    """Base class of the warnings the solver core emits."""
+
+
+class LinearSolveWarning(HypergradientWarning):
+    """A linear solve (CG, Neumann, ...) stopped before reaching its tolerance."""
+
+
+class InnerSolveWarning(HypergradientWarning):
+    """The inner problem was not solved to the tolerance the strategy needs."""
+
+
+@dataclasses.dataclass
+class HypergradientInfo:
+    """Health record of one hypergradient computation.
+
+    Fields set at ``argmin`` time describe the inner solve; fields set during
+    the backward pass describe the linear solve. ``None`` means "does not
+    apply to this strategy".
+
+    Attributes
+    ----------
+    strategy : str
+        Name of the strategy that produced the hypergradient.
+    inner_iterations : int or None
+        Iterations (or unrolled steps) of the inner solver.
+    inner_grad_norm : float or None
+        Euclidean norm of the inner gradient at the returned ``theta``.
+    inner_converged : bool or None
+        Whether the inner solver met its tolerance.
+    linear_solve_iterations : int or None
+        Iterations of the linear solve in the backward pass.
+    linear_solve_residual : float or None
+        Relative residual ``||H v - b|| / ||b||`` of that solve.
+    linear_solve_converged : bool or None
+        Whether that residual met the tolerance.
+    fallback : str or None
+        Description of any fallback taken (e.g. CG replaced by a dense solve).
+    n_grad : int
+        Inner-gradient evaluations spent, forward and backward.
+    n_hvp : int
+        Hessian-vector (or mixed second-order) products spent.
+    extra : dict
+        Strategy-specific numbers.
+
+    Examples
+    --------
+    >>> from skbilevel.hypergrad import HypergradientInfo
+    >>> info = HypergradientInfo(strategy="cg", n_hvp=3)
+    >>> info.as_dict()["n_hvp"]
+    3
+    """
+
+    strategy: str
+    inner_iterations: Optional[int] = None
+    inner_grad_norm: Optional[float] = None
+    inner_converged: Optional[bool] = None
+    linear_solve_iterations: Optional[int] = None
+    linear_solve_residual: Optional[float] = None
+    linear_solve_converged: Optional[bool] = None
+    fallback: Optional[str] = None
+    n_grad: int = 0
+    n_hvp: int = 0
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def as_dict(self):
+        """Return the record as a plain dict (for ``hypergradient_info_``)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class SolveResult:
+    """What an inner solver reports about its run.
+
+    Attributes
+    ----------
+    n_iter : int
+        Iterations performed.
+    grad_norm : float
+        Norm of the gradient of the inner objective at the returned point
+        (``nan`` where the solver does not compute it).
+    converged : bool
+        Whether the solver's own tolerance was met.
+    """
+
+    n_iter: int
+    grad_norm: float = math.nan
+    converged: bool = True
+
+
+class InnerSolver:
+    """Solves ``min_theta fun(theta)`` without building an autograd graph.
+
+    Subclasses implement :meth:`solve`. ``fun`` maps a tree of tensors to a
+    scalar tensor; the solver may call ``torch.autograd.grad`` on it.
+    """
+
+    def solve(self, fun, theta0, phi=None):
+        """Return ``(theta, SolveResult)``; ``theta`` is detached.
+
+        ``phi`` (detached) is passed for solvers that need it directly, such as
+        :class:`ClosedFormSolver`; iterative solvers only use ``fun``.
+        """
+        raise NotImplementedError
+
+
+class StepSolver(InnerSolver):
+    """An inner solver made of explicit, differentiable update steps.
+
+    Unrolled strategies call :meth:`init_state` and then :meth:`step`
+    ``n_steps`` times, with ``create_graph=True`` where the steps must be
+    differentiated.
+
+    Parameters
+    ----------
+    n_steps : int
+        Number of steps.
+    """
+
+    def __init__(self, n_steps=100):
+        self.n_steps = n_steps
+
+    def init_state(self, theta):
+        """Optimizer state for the first step (e.g. momentum buffers)."""
+        return None
+
+    def step(self, fun, theta, state, create_graph=False):
+        """Return ``(theta_next, state_next)``."""
+        raise NotImplementedError
+
+    def solve(self, fun, theta0, phi=None):
+        theta = tree_detach(theta0)
+        state = self.init_state(theta)
+        for _ in range(self.n_steps):
+            with torch.enable_grad():
+                theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
+                theta, state = self.step(fun, theta, state, create_graph=False)
+            theta = tree_detach(theta)
+            state = None if state is None else tree_detach(state)
+        return theta, SolveResult(n_iter=self.n_steps, grad_norm=_grad_norm(fun, theta))
+
+
+class ClosedFormSolver(InnerSolver):
+    """An inner problem whose solution is an explicit differentiable map of phi.
+
+    Subclasses implement :meth:`closed_form`; the ``closed_form`` strategy
+    differentiates through it with autograd, and implicit strategies may use
+    it as an exact inner solver.
+    """
+
+    def closed_form(self, phi):
+        """Return ``theta*(phi)`` computed with differentiable torch operations."""
+        raise NotImplementedError
+
+    def solve(self, fun, theta0, phi=None):
+        if phi is None:
+            raise ValueError("A ClosedFormSolver needs phi to solve the inner problem.")
+        with torch.no_grad():
+            theta = self.closed_form(tree_detach(phi))
+        return theta, SolveResult(n_iter=1, grad_norm=_grad_norm(fun, theta))
+
+
+def _grad_norm(fun, theta):
+    """Norm of ``grad fun(theta)`` (a float), computed without keeping a graph."""
+    with torch.enable_grad():
+        theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
+        leaves, _ = tree_flatten(theta)
+        grads = torch.autograd.grad(fun(theta), leaves, allow_unused=True)
+    sq = sum(float((g.detach() ** 2).sum()) for g in grads if g is not None)
+    return math.sqrt(sq)
+
+
+class HypergradientStrategy:
+    """How ``theta*(phi)`` is differentiated.
+
+    Subclasses set ``name`` and ``family`` and implement :meth:`argmin`.
+    Keep constructor arguments as plain attributes so strategies print and
+    compare well.
+    """
+
+    name = "base"
+    family = "base"
+    #: kind of inner solver the strategy needs: "any", "step" or "closed_form"
+    solver_kind = "any"
+
+    def default_solver(self):
+        """The inner solver used when ``argmin`` gets none."""
+        raise ValueError(
+            f"The {self.name!r} hypergradient strategy needs an inner solver; pass "
+            "solver=..."
+        )
+
+    def argmin(self, inner_loss, phi, init, solver, info):
+        """Return ``theta*(phi)`` with this strategy's backward pass attached.
+
+        Parameters
+        ----------
+        inner_loss : callable
+            ``inner_loss(theta, phi) -> scalar tensor``.
+        phi : tensor or tree of tensors
+            Outer variables. Gradients flow to the leaves that require grad.
+        init : tensor or tree of tensors
+            Starting point of the inner solver (may depend on ``phi``, as in
+            MAML, for the unrolled strategies).
+        solver : InnerSolver
+            The inner solver (already defaulted by :func:`argmin`).
+        info : HypergradientInfo
+            Record to fill.
+        """
+        raise NotImplementedError
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+_REGISTRY = {}
+
+
+def register_strategy(*names):
+    """Class decorator registering a strategy under one or more string names."""
+
+    def decorator(cls):
+        for name in names:
+            _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_strategies():
+    """Sorted names accepted by :func:`get_strategy`.
+
+    Examples
+    --------
+    >>> from skbilevel.hypergrad import available_strategies
+    >>> "cg" in available_strategies()
+    True
+    """
+    return sorted(_REGISTRY)
+
+
+def get_strategy(spec, **params):
+    """Return a strategy instance from a name, a class or an instance.
+
+    Parameters
+    ----------
+    spec : str, HypergradientStrategy subclass or instance
+        For example ``"cg"``, ``"reverse"`` or ``ImplicitCG(tol=1e-8)``.
+    **params
+        Constructor arguments, used when ``spec`` is a name or a class.
+
+    Examples
+    --------
+    >>> from skbilevel.hypergrad import get_strategy
+    >>> get_strategy("cg").name
+    'cg'
+    """
+    if isinstance(spec, HypergradientStrategy):
+        if params:
+            raise ValueError("Pass constructor arguments only with a strategy name or class.")
+        return spec
+    if isinstance(spec, type) and issubclass(spec, HypergradientStrategy):
+        return spec(**params)
+    if isinstance(spec, str) and spec in _REGISTRY:
+        return _REGISTRY[spec](**params)
+    raise ValueError(
+        f"Unknown hypergradient strategy {spec!r}. Use one of "
+        f"{available_strategies()} or a HypergradientStrategy instance."
+    )
+
+
+def _check_tree(tree, what):
+    leaves, _ = tree_flatten(tree)
+    for leaf in leaves:
+        if not torch.is_floating_point(leaf):
+            raise ValueError(
+                f"{what} must hold floating-point tensors; got dtype {leaf.dtype}. "
+                "Convert it with .double() or .float()."
+            )
+    return leaves
+
+
+def argmin(inner_loss, phi, init, *, hypergradient="cg", solver=None):
+    """Solve the inner problem and return ``theta*(phi)`` as an autograd tree.
+
+    Parameters
+    ----------
+    inner_loss : callable
+        ``inner_loss(theta, phi) -> scalar tensor``, the inner objective.
+    phi : tensor or dict/tuple/list of tensors
+        Outer variables; the hypergradient flows to leaves that require grad.
+    init : tensor or dict/tuple/list of tensors
+        Starting point of the inner solver (a warm start from the previous
+        outer iteration is the usual choice).
+    hypergradient : str or HypergradientStrategy, default="cg"
+        How ``theta*(phi)`` is differentiated; see
+        :func:`available_strategies`.
+    solver : InnerSolver, optional
+        Inner solver; each strategy has a default.
+
+    Returns
+    -------
+    theta : tensor or tree of tensors
+        The inner solution, differentiable with respect to ``phi``.
+    info : HypergradientInfo
+        Health record; linear-solve fields are filled when ``backward`` runs.
+
+    Examples
+    --------
+    Ridge with a log-penalty: the hypergradient of a validation loss.
+
+    >>> import torch
+    >>> from skbilevel.hypergrad import argmin
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> X, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+    >>> log_alpha = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    >>> def inner(w, la):
+    ...     return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * la.exp() * (w ** 2).sum()
+    >>> w, info = argmin(inner, log_alpha, torch.zeros(3, dtype=torch.float64), hypergradient="cg")
+    >>> ((X @ w - y) ** 2).mean().backward()
+    >>> bool(torch.isfinite(log_alpha.grad))
+    True
+    """
+    strategy = get_strategy(hypergradient)
+    _check_tree(phi, "phi")
+    _check_tree(init, "init")
+    if solver is None:
+        solver = strategy.default_solver()
+    info = HypergradientInfo(strategy=strategy.name)
+    theta = strategy.argmin(inner_loss, phi, init, solver, info)
+    return theta, info
+
+
+def warn_linear_solve(info, tol, method):
+    """Emit :class:`LinearSolveWarning` with the numbers from ``info``."""
+    warnings.warn(
+        f"{method} linear solve did not converge: relative residual "
+        f"{info.linear_solve_residual:.3e} > tol {tol:.1e} after "
+        f"{info.linear_solve_iterations} iterations (inner gradient norm "
+        f"{info.inner_grad_norm if info.inner_grad_norm is not None else float('nan'):.3e}). "
+        "The hypergradient is approximate; raise maxiter, loosen tol, "
+        "or use the 'dense' strategy for small problems.",
+        LinearSolveWarning,
+        stacklevel=3,
+    )

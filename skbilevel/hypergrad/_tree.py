@@ -1,0 +1,99 @@
+"""Minimal pytree helpers for the solver core.
+
+Inner parameters θ and outer variables φ are a tensor, or a dict, tuple or
+list of tensors (nested). The strategies need three operations on them:
+list their leaves, rebuild a tree from leaves, and move between a tree and
+one flat vector (for linear solves).
+"""
+
+import torch
+
+__all__ = [
+    "tree_flatten",
+    "tree_unflatten",
+    "tree_map",
+    "tree_to_vector",
+    "vector_to_tree",
+    "tree_dot",
+    "tree_detach",
+]
+
+
+def tree_flatten(tree):
+    """Return ``(leaves, spec)`` for a tensor or nested dict/tuple/list of tensors."""
+    if isinstance(tree, torch.Tensor):
+        return [tree], None
+    if isinstance(tree, dict):
+        leaves, specs = [], []
+        for key in tree:
+            sub, spec = tree_flatten(tree[key])
+            leaves.extend(sub)
+            specs.append((key, len(sub), spec))
+        return leaves, ("dict", specs)
+    if isinstance(tree, (tuple, list)):
+        leaves, specs = [], []
+        for item in tree:
+            sub, spec = tree_flatten(item)
+            leaves.extend(sub)
+            specs.append((None, len(sub), spec))
+        return leaves, (type(tree).__name__, specs)
+    raise TypeError(
+        "Expected a torch.Tensor or a dict, tuple or list of tensors, got "
+        f"{type(tree).__name__}."
+    )
+
+
+def tree_unflatten(spec, leaves):
+    """Inverse of :func:`tree_flatten`."""
+    leaves = list(leaves)
+    if spec is None:
+        (leaf,) = leaves
+        return leaf
+    kind, specs = spec
+    out, start = [], 0
+    for key, n, sub in specs:
+        out.append((key, tree_unflatten(sub, leaves[start : start + n])))
+        start += n
+    if kind == "dict":
+        return {key: value for key, value in out}
+    values = [value for _, value in out]
+    return tuple(values) if kind == "tuple" else values
+
+
+def tree_map(fn, tree, *rest):
+    """Apply ``fn`` leafwise to one or more trees of the same structure."""
+    leaves, spec = tree_flatten(tree)
+    others = [tree_flatten(t)[0] for t in rest]
+    return tree_unflatten(spec, [fn(*args) for args in zip(leaves, *others)])
+
+
+def tree_to_vector(tree):
+    """Concatenate the leaves of ``tree`` into one 1-D tensor."""
+    leaves, _ = tree_flatten(tree)
+    return torch.cat([leaf.reshape(-1) for leaf in leaves])
+
+
+def vector_to_tree(vector, like):
+    """Split a 1-D ``vector`` into a tree shaped like ``like``."""
+    leaves, spec = tree_flatten(like)
+    out, start = [], 0
+    for leaf in leaves:
+        n = leaf.numel()
+        out.append(vector[start : start + n].reshape(leaf.shape))
+        start += n
+    if start != vector.numel():
+        raise ValueError(
+            f"Vector of length {vector.numel()} does not match a tree with {start} "
+            "entries."
+        )
+    return tree_unflatten(spec, out)
+
+
+def tree_dot(a, b):
+    """Sum over leaves of the elementwise product: the inner product of two trees."""
+    return sum((x * y).sum() for x, y in zip(tree_flatten(a)[0], tree_flatten(b)[0]))
+
+
+def tree_detach(tree):
+    """Detached copy of every leaf (shares storage)."""
+    return tree_map(lambda t: t.detach(), tree)

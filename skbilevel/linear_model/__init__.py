@@ -1,0 +1,1 @@
+"""skbilevel.linear_model."""

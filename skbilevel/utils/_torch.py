@@ -1,0 +1,155 @@
+"""Device and dtype resolution and numpy <-> torch conversion for estimators."""
+
+import contextlib
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.exceptions import ConvergenceWarning
+
+from ..hypergrad import HypergradientWarning
+
+__all__ = [
+    "resolve_device",
+    "resolve_dtype",
+    "to_tensor",
+    "to_numpy",
+    "torch_generator",
+    "core_warnings_as_sklearn",
+]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_device(device):
+    """Return a :class:`torch.device`, raising ``ValueError`` if it is unusable.
+
+    Parameters
+    ----------
+    device : str, torch.device or None
+        ``None`` and ``"cpu"`` mean the CPU; ``"auto"`` picks CUDA when one is
+        available; ``"cuda"``, ``"cuda:1"``, ``"mps"`` must exist.
+
+    Examples
+    --------
+    >>> from skbilevel.utils import resolve_device
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device={device!r} is not a valid torch device; use 'cpu', 'cuda', "
+            "'cuda:N', 'mps' or 'auto'."
+        ) from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} was requested but CUDA is not available on this "
+                "machine (torch.cuda.is_available() is False). Use device='cpu' or "
+                "device='auto'."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)."
+            )
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(
+                f"device={device!r} was requested but MPS is not available. Use "
+                "device='cpu'."
+            )
+    elif dev.type != "cpu":
+        raise ValueError(f"device={device!r} is not supported; use 'cpu', 'cuda' or 'mps'.")
+    return dev
+
+
+def resolve_dtype(dtype):
+    """Return a floating :class:`torch.dtype` from a name, numpy or torch dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skbilevel.utils import resolve_dtype
+    >>> resolve_dtype(np.float32)
+    torch.float32
+    """
+    if dtype is None:
+        return torch.float64
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype!r} must be a floating-point dtype.")
+        return dtype
+    try:
+        name = np.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in _DTYPES:
+        raise ValueError(
+            f"dtype={dtype!r} is not supported; use 'float32' or 'float64'."
+        )
+    return _DTYPES[name]
+
+
+def to_tensor(array, device=None, dtype=torch.float64):
+    """Convert an array-like (dense or scipy sparse) to a dense torch tensor."""
+    if isinstance(array, torch.Tensor):
+        return array.to(device=device, dtype=dtype)
+    if sp.issparse(array):
+        array = array.toarray()
+    return torch.as_tensor(np.asarray(array), dtype=dtype, device=device)
+
+
+def to_numpy(tensor):
+    """Detach, move to CPU and convert a tensor to a numpy array."""
+    if isinstance(tensor, torch.Tensor):
+        tensor = tensor.detach().cpu()
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor = tensor.float()
+        return tensor.numpy()
+    return np.asarray(tensor)
+
+
+def torch_generator(random_state, device=None):
+    """A :class:`torch.Generator` seeded from a scikit-learn ``random_state``."""
+    from sklearn.utils import check_random_state
+
+    rng = check_random_state(random_state)
+    gen = torch.Generator(device=device if device is not None else "cpu")
+    gen.manual_seed(int(rng.randint(0, 2**31 - 1)))
+    return gen
+
+
+@contextlib.contextmanager
+def core_warnings_as_sklearn():
+    """Re-emit the solver core's warnings as scikit-learn ``ConvergenceWarning``.
+
+    The core (:mod:`skbilevel.hypergrad`) cannot import scikit-learn; estimators
+    wrap their calls into it with this context so users can filter the usual
+    ``sklearn.exceptions.ConvergenceWarning``. Messages are kept verbatim;
+    repeated identical messages are reported once.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", HypergradientWarning)
+        yield
+    seen = set()
+    for w in caught:
+        if issubclass(w.category, HypergradientWarning):
+            msg = str(w.message)
+            if msg not in seen:
+                seen.add(msg)
+                warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
