@@ -22,6 +22,17 @@ from ._base import (
     get_strategy,
     register_strategy,
 )
+from ._linear_solve import *  # noqa: F401,F403
+from ._solvers import *  # noqa: F401,F403
+from ._implicit import *  # noqa: F401,F403
+from ._steps import *  # noqa: F401,F403
+from ._unrolled import *  # noqa: F401,F403
+from ._closed_form import *  # noqa: F401,F403
+from ._kernels import *  # noqa: F401,F403
+from ._proxy import *  # noqa: F401,F403
+from ._penalty import *  # noqa: F401,F403
+from ._outer import *  # noqa: F401,F403
+from ._meta import *  # noqa: F401,F403
 from ._tree import (
     tree_detach,
     tree_dot,
@@ -54,3 +65,17 @@ __all__ = [
     "tree_unflatten",
     "vector_to_tree",
 ]
+
+from ._linear_solve import __all__ as _all_linear_solve
+from ._solvers import __all__ as _all_solvers
+from ._implicit import __all__ as _all_implicit
+from ._steps import __all__ as _all_steps
+from ._unrolled import __all__ as _all_unrolled
+from ._closed_form import __all__ as _all_closed_form
+from ._kernels import __all__ as _all_kernels
+from ._proxy import __all__ as _all_proxy
+from ._penalty import __all__ as _all_penalty
+from ._outer import __all__ as _all_outer
+from ._meta import __all__ as _all_meta
+
+__all__ += list(_all_linear_solve) + list(_all_solvers) + list(_all_implicit) + list(_all_steps) + list(_all_unrolled) + list(_all_closed_form) + list(_all_kernels) + list(_all_proxy) + list(_all_penalty) + list(_all_outer) + list(_all_meta)
