@@ -1,3 +1,256 @@
-"""Placeholder; filled in by its owner."""
+"""The outer loop: gradient descent on phi using hypergradients.
 
-__all__ = []
+:func:`minimize_outer` owns what every estimator would otherwise write again:
+the optimizer step, stopping on ``tol`` / ``max_iter``, divergence handling,
+keeping the best iterate, callbacks, a progress bar and the history.
+"""
+
+import dataclasses
+import math
+import warnings
+from typing import Any, List, Optional
+
+import torch
+
+from ._base import HypergradientInfo, HypergradientWarning
+from ._tree import tree_flatten
+
+__all__ = ["minimize_outer", "OuterResult", "OuterState", "DivergenceWarning"]
+
+
+class DivergenceWarning(HypergradientWarning):
+    """The outer loss or its hypergradient became non-finite; the loop stopped."""
+
+
+@dataclasses.dataclass
+class OuterState:
+    """What a callback sees after each outer iteration.
+
+    Attributes
+    ----------
+    iteration : int
+        1-based iteration number.
+    loss : float
+        Outer loss at the start of the iteration (before the step).
+    grad_norm : float
+        Norm of the hypergradient.
+    phi : list of torch.Tensor
+        The outer variables (after the step); do not modify in place.
+    info : HypergradientInfo or None
+        Health record returned by the objective, if any.
+    """
+
+    iteration: int
+    loss: float
+    grad_norm: float
+    phi: List[torch.Tensor]
+    info: Optional[HypergradientInfo] = None
+
+
+@dataclasses.dataclass
+class OuterResult:
+    """Outcome of :func:`minimize_outer`.
+
+    Attributes
+    ----------
+    n_iter : int
+        Outer iterations performed.
+    history : list of float
+        Outer loss at each iteration.
+    grad_norms : list of float
+        Hypergradient norm at each iteration.
+    best_loss : float
+        Lowest outer loss seen (``phi`` holds the corresponding values when
+        ``restore_best=True``).
+    converged : bool
+        Whether the ``tol`` criterion stopped the loop.
+    stop_reason : str
+        ``"tol"``, ``"max_iter"``, ``"callback"`` or ``"diverged"``.
+    info : HypergradientInfo or None
+        Health record of the last hypergradient.
+    """
+
+    n_iter: int
+    history: List[float]
+    grad_norms: List[float]
+    best_loss: float
+    converged: bool
+    stop_reason: str
+    info: Any = None
+
+
+_OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
+def _make_optimizer(optimizer, params, learning_rate):
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if isinstance(optimizer, str):
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(
+                f"Unknown optimizer {optimizer!r}; use one of {sorted(_OPTIMIZERS)}, a "
+                "torch.optim.Optimizer class, or an instance."
+            )
+        return _OPTIMIZERS[optimizer](params, lr=learning_rate)
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        return optimizer(params, lr=learning_rate)
+    if callable(optimizer):
+        return optimizer(params)
+    raise ValueError(f"Cannot build an optimizer from {optimizer!r}.")
+
+
+def minimize_outer(
+    objective,
+    phi,
+    *,
+    optimizer="adam",
+    learning_rate=0.05,
+    max_iter=100,
+    tol=1e-6,
+    n_iter_no_change=5,
+    callbacks=None,
+    verbose=0,
+    restore_best=True,
+    projection=None,
+    desc="outer",
+):
+    """Minimize ``objective(phi)`` over ``phi`` by hypergradient descent.
+
+    Parameters
+    ----------
+    objective : callable
+        ``objective(phi) -> loss`` or ``-> (loss, info)``, where ``loss`` is a
+        scalar tensor differentiable with respect to the leaves of ``phi``
+        (typically through :func:`~skbilevel.hypergrad.argmin`) and ``info``
+        is a :class:`HypergradientInfo`. Each call may warm-start its inner
+        solver from the previous call's solution (keep it in a closure).
+    phi : tensor or tree of tensors
+        Outer variables; updated in place. Leaves must require grad.
+    optimizer : str, torch.optim.Optimizer class or instance, or callable, default="adam"
+        ``"adam"``, ``"sgd"``, ``"adamw"``, ``"rmsprop"``, a class (built with
+        ``lr=learning_rate``), an instance, or ``callable(params) -> optimizer``.
+    learning_rate : float, default=0.05
+        Step size for optimizers built here.
+    max_iter : int, default=100
+        Maximum number of outer iterations.
+    tol : float, default=1e-6
+        Stop when the hypergradient norm is ``<= tol``, or when the loss has
+        not improved on the best loss by a relative ``tol`` for
+        ``n_iter_no_change`` consecutive iterations.
+    n_iter_no_change : int, default=5
+        Patience of the loss-based criterion.
+    callbacks : list of callable, optional
+        Each is called as ``cb(state)`` with an :class:`OuterState` after every
+        iteration; returning ``True`` stops the loop.
+    verbose : int, default=0
+        ``> 0`` shows a tqdm progress bar with the current loss.
+    restore_best : bool, default=True
+        Leave ``phi`` at the iterate with the lowest loss seen.
+    projection : callable, optional
+        ``projection(leaves)`` applied in place under ``no_grad`` after each
+        step (e.g. clamping log-penalties to a box).
+    desc : str, default="outer"
+        Progress-bar label.
+
+    Returns
+    -------
+    OuterResult
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import minimize_outer
+    >>> x = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
+    >>> res = minimize_outer(lambda p: ((p - 1.0) ** 2).sum(), x, optimizer="sgd",
+    ...                      learning_rate=0.25, max_iter=200, tol=1e-10)
+    >>> round(float(x.detach()), 6), res.stop_reason
+    (1.0, 'tol')
+    """
+    leaves, _ = tree_flatten(phi)
+    if not all(leaf.requires_grad for leaf in leaves):
+        raise ValueError("Every leaf of phi passed to minimize_outer must require grad.")
+    opt = _make_optimizer(optimizer, leaves, learning_rate)
+    callbacks = list(callbacks or [])
+    history, grad_norms = [], []
+    best_loss, best = math.inf, [leaf.detach().clone() for leaf in leaves]
+    last_finite = [leaf.detach().clone() for leaf in leaves]
+    stall, stop_reason, info = 0, "max_iter", None
+
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_iter, desc=desc, leave=False)
+
+    n_iter = 0
+    try:
+        for n_iter in range(1, max_iter + 1):
+            opt.zero_grad(set_to_none=True)
+            out = objective(phi)
+            loss, info = out if isinstance(out, tuple) else (out, None)
+            loss.backward()
+            value = float(loss.detach())
+            grads = [leaf.grad for leaf in leaves]
+            gnorm = math.sqrt(sum(float((g.detach() ** 2).sum()) for g in grads if g is not None))
+            if not (math.isfinite(value) and math.isfinite(gnorm)):
+                with torch.no_grad():
+                    for leaf, saved in zip(leaves, last_finite):
+                        leaf.copy_(saved)
+                warnings.warn(
+                    f"Outer iteration {n_iter}: loss {value:.3e}, hypergradient norm "
+                    f"{gnorm:.3e} is not finite; stopped and kept the last finite "
+                    "state. Lower the learning rate or check the data.",
+                    DivergenceWarning,
+                    stacklevel=2,
+                )
+                stop_reason = "diverged"
+                n_iter -= 1
+                break
+            history.append(value)
+            grad_norms.append(gnorm)
+            last_finite = [leaf.detach().clone() for leaf in leaves]
+            if value < best_loss - tol * abs(best_loss):
+                stall = 0
+            else:
+                stall += 1
+            if value < best_loss:
+                best_loss = value
+                best = [leaf.detach().clone() for leaf in leaves]
+            if gnorm <= tol:
+                stop_reason = "tol"
+                break
+            opt.step()
+            if projection is not None:
+                with torch.no_grad():
+                    projection(leaves)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4g}")
+            state = OuterState(n_iter, value, gnorm, leaves, info)
+            if any(cb(state) for cb in callbacks):
+                stop_reason = "callback"
+                break
+            if stall >= n_iter_no_change:
+                stop_reason = "tol"
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if restore_best and math.isfinite(best_loss):
+        with torch.no_grad():
+            for leaf, saved in zip(leaves, best):
+                leaf.copy_(saved)
+    return OuterResult(
+        n_iter=n_iter,
+        history=history,
+        grad_norms=grad_norms,
+        best_loss=best_loss,
+        converged=stop_reason == "tol",
+        stop_reason=stop_reason,
+        info=info,
+    )
