@@ -33,6 +33,7 @@ from ._proxy import *  # noqa: F401,F403
 from ._penalty import *  # noqa: F401,F403
 from ._outer import *  # noqa: F401,F403
 from ._meta import *  # noqa: F401,F403
+from ._penalized import *  # noqa: F401,F403
 from ._tree import (
     tree_detach,
     tree_dot,
@@ -77,5 +78,6 @@ from ._proxy import __all__ as _all_proxy
 from ._penalty import __all__ as _all_penalty
 from ._outer import __all__ as _all_outer
 from ._meta import __all__ as _all_meta
+from ._penalized import __all__ as _all_penalized
 
-__all__ += list(_all_linear_solve) + list(_all_solvers) + list(_all_implicit) + list(_all_steps) + list(_all_unrolled) + list(_all_closed_form) + list(_all_kernels) + list(_all_proxy) + list(_all_penalty) + list(_all_outer) + list(_all_meta)
+__all__ += list(_all_linear_solve) + list(_all_solvers) + list(_all_implicit) + list(_all_steps) + list(_all_unrolled) + list(_all_closed_form) + list(_all_kernels) + list(_all_proxy) + list(_all_penalty) + list(_all_outer) + list(_all_meta) + list(_all_penalized)
