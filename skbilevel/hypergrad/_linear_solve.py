@@ -1,3 +1,472 @@
-"""Placeholder; filled in by its owner."""
+"""Linear solvers for the backward pass of implicit differentiation.
 
-__all__ = []
+Implicit strategies solve ``H v = g`` where ``H`` is the inner Hessian, known
+only through Hessian-vector products. Every solver here takes a ``matvec``
+(or a matrix, for :func:`solve_dense`) and a right-hand side ``b`` that is a
+1-D vector or a 0-d scalar, and returns ``(x, LinearSolveResult)``. None of
+them warns: the caller reads ``result.converged`` / ``result.message`` and
+decides (the implicit strategies turn a failure into a
+:class:`~skbilevel.hypergrad.LinearSolveWarning` with the numbers).
+
+A solver never returns a silent zero or NaN: conjugate gradient stops at
+non-positive curvature and says so, keeps its best iterate, and checks its
+final residual with one extra product ``A x``.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "LinearSolveResult",
+    "solve_cg",
+    "solve_neumann",
+    "solve_dense",
+    "solve_identity",
+]
+
+
+@dataclasses.dataclass
+class LinearSolveResult:
+    """What a linear solve reports.
+
+    Attributes
+    ----------
+    iterations : int
+        Iterations (CG steps, Neumann terms; 1 for a dense factorization,
+        0 for the identity).
+    residual : float
+        Relative residual ``||A x - b|| / ||b||`` of the returned ``x``
+        (``0`` when ``b = 0``; ``nan`` where it was not computed).
+    converged : bool or None
+        Whether ``residual`` met the tolerance (``None`` where no tolerance
+        applies, as for the identity approximation).
+    n_matvec : int
+        Products ``A v`` spent, including the final residual check.
+    fallback : str or None
+        Description of any fallback taken (Cholesky replaced by LU, a step
+        along a direction of non-positive curvature, ...).
+    message : str
+        Why the solve stopped, in words.
+
+    Examples
+    --------
+    >>> from skbilevel.hypergrad import LinearSolveResult
+    >>> LinearSolveResult(iterations=3, residual=1e-12, converged=True, n_matvec=4).converged
+    True
+    """
+
+    iterations: int
+    residual: float
+    converged: Optional[bool]
+    n_matvec: int
+    fallback: Optional[str] = None
+    message: str = ""
+
+
+def _default_tol(dtype):
+    """A tolerance reachable in ``dtype``: 1e-10 in float64, 1e-5 in float32."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-5
+    return 1e-3
+
+
+def _as_flat(matvec, b):
+    """Flatten ``b`` to 1-D and wrap ``matvec`` to act on flat vectors."""
+    shape = b.shape
+
+    def flat_matvec(v):
+        out = matvec(v.reshape(shape))
+        return out.reshape(-1)
+
+    return flat_matvec, b.reshape(-1), shape
+
+
+def _norm(v):
+    return float(torch.linalg.vector_norm(v))
+
+
+def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
+    """Solve ``A x = b`` for symmetric positive definite ``A`` by conjugate gradient.
+
+    Parameters
+    ----------
+    matvec : callable
+        ``matvec(v) -> A v`` for ``v`` shaped like ``b``.
+    b : torch.Tensor
+        Right-hand side, 1-D or 0-d.
+    x0 : torch.Tensor, optional
+        Starting point (a warm start). Ignored when its residual is larger
+        than that of the zero start.
+    tol : float, default=1e-10
+        Tolerance on the relative residual ``||A x - b|| / ||b||``.
+    maxiter : int, optional
+        Maximum number of iterations; default ``10 * b.numel()``.
+
+    Returns
+    -------
+    x : torch.Tensor
+        The best iterate found (smallest residual), shaped like ``b``.
+    result : LinearSolveResult
+        ``converged`` is judged on the *true* residual, recomputed with one
+        extra product at the end (a drifting recursive residual is restarted
+        from the true one).
+
+    Notes
+    -----
+    When ``p^T A p <= 0`` (``A`` is not positive definite) the iteration
+    stops and ``result.message`` says so. If that happens before any step
+    was taken, ``x`` is a step along ``b`` of length ``||b||^2 / |b^T A b|``
+    (or ``b`` itself when ``b^T A b = 0``) rather than the zero start, and
+    ``result.fallback`` records it. ``b = 0`` returns exactly zero.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import solve_cg
+    >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    >>> x, res = solve_cg(lambda v: A @ v, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    >>> [round(float(t), 6) for t in x], res.converged, res.iterations
+    ([0.090909, 0.636364], True, 2)
+    >>> x, res = solve_cg(lambda v: 2.0 * v, torch.tensor(3.0))  # a scalar system
+    >>> float(x)
+    1.5
+    """
+    flat_matvec, bf, shape = _as_flat(matvec, b)
+    n = bf.numel()
+    if maxiter is None:
+        maxiter = 10 * max(n, 1)
+    b_norm = _norm(bf)
+    if b_norm == 0.0:
+        return torch.zeros_like(b), LinearSolveResult(
+            0, 0.0, True, 0, message="b = 0: the solution is 0."
+        )
+    if not math.isfinite(b_norm):
+        raise ValueError(
+            f"The right-hand side of the linear solve is not finite (norm {b_norm}); "
+            "check the outer loss and the inner solution for NaN or inf."
+        )
+    n_matvec = 0
+    x = torch.zeros_like(bf)
+    r = bf.clone()
+    if x0 is not None:
+        x0f = x0.detach().reshape(-1).to(dtype=bf.dtype, device=bf.device)
+        if x0f.shape == bf.shape and bool(torch.isfinite(x0f).all()):
+            r0 = bf - flat_matvec(x0f)
+            n_matvec += 1
+            if _norm(r0) < b_norm:
+                x, r = x0f.clone(), r0
+    p = r.clone()
+    rs = float(r @ r)
+    best_x, best_res = x.clone(), math.sqrt(rs) / b_norm
+    fallback, message = None, ""
+    iterations, converged, curvature_stop = 0, False, False
+    while True:
+        while iterations < maxiter and math.sqrt(rs) / b_norm > tol:
+            Ap = flat_matvec(p)
+            n_matvec += 1
+            pAp = float(p @ Ap)
+            if not pAp > 0.0 or not math.isfinite(pAp):
+                curvature_stop = True
+                message = (
+                    f"non-positive curvature p^T A p = {pAp:.3e} at iteration "
+                    f"{iterations + 1}: A is not positive definite"
+                )
+                if iterations == 0 and not bool(torch.any(x != 0)):
+                    # Never hand back the zero start: step along b with |curvature|.
+                    scale = rs / abs(pAp) if pAp != 0.0 and math.isfinite(pAp) else 1.0
+                    best_x = scale * p
+                    fallback = "cg: step along b with |p^T A p| (non-positive curvature)"
+                break
+            alpha = rs / pAp
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rs_new = float(r @ r)
+            iterations += 1
+            if not math.isfinite(rs_new):
+                message = f"residual became non-finite at iteration {iterations}"
+                curvature_stop = True
+                break
+            if math.sqrt(rs_new) / b_norm < best_res:
+                best_x, best_res = x.clone(), math.sqrt(rs_new) / b_norm
+            p = r + (rs_new / rs) * p
+            rs = rs_new
+        # Check the true residual of the best iterate (one more product).
+        r_true = bf - flat_matvec(best_x)
+        n_matvec += 1
+        true_res = _norm(r_true) / b_norm
+        converged = true_res <= tol
+        if converged or curvature_stop or iterations >= maxiter:
+            break
+        # The recursive residual drifted below tol but the true one did not:
+        # restart from the best iterate with the true residual.
+        x, r = best_x.clone(), r_true
+        p = r.clone()
+        rs = float(r @ r)
+        best_res = true_res
+    if not message:
+        message = (
+            f"relative residual {true_res:.3e} <= tol {tol:.1e}"
+            if converged
+            else f"maxiter={maxiter} reached with relative residual {true_res:.3e}"
+        )
+    result = LinearSolveResult(
+        iterations=iterations,
+        residual=true_res,
+        converged=bool(converged),
+        n_matvec=n_matvec,
+        fallback=fallback,
+        message=message,
+    )
+    return best_x.reshape(shape), result
+
+
+def solve_neumann(matvec, b, step, n_terms, tol=None):
+    """Approximate ``A^{-1} b`` by the truncated Neumann series.
+
+    ``x = step * sum_{k<K} (I - step A)^k b``. The series converges when the
+    spectral radius of ``I - step A`` is below one, i.e. ``0 < step <
+    2 / lambda_max(A)`` for positive definite ``A``. The residual of the
+    truncation is exactly the next term: ``b - A x = (I - step A)^K b``,
+    so it is computed with no extra product beyond the ``K`` spent.
+
+    Parameters
+    ----------
+    matvec : callable
+        ``matvec(v) -> A v``.
+    b : torch.Tensor
+        Right-hand side, 1-D or 0-d.
+    step : float
+        Scale ``eta`` in ``A^{-1} ~ eta * sum (I - eta A)^k``.
+    n_terms : int
+        Number of terms ``K`` (at least 1).
+    tol : float, optional
+        Stop early once the relative residual is below ``tol``. Without it,
+        all terms are summed and ``converged`` means "the series contracted"
+        (residual below 1).
+
+    Returns
+    -------
+    x : torch.Tensor
+        Shaped like ``b``.
+    result : LinearSolveResult
+        ``residual = ||(I - step A)^K b|| / ||b||``; a residual above 1 means
+        the terms grew and the series diverges (``message`` says so).
+        Summation stops before a term becomes non-finite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import solve_neumann
+    >>> A = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    >>> x, res = solve_neumann(lambda v: A @ v, torch.ones(2, dtype=torch.float64), step=0.5, n_terms=60)
+    >>> [round(float(t), 6) for t in x], res.converged
+    ([0.5, 1.0], True)
+    """
+    if n_terms < 1:
+        raise ValueError(f"n_terms must be at least 1, got {n_terms}.")
+    if not step > 0:
+        raise ValueError(f"step must be positive, got {step}.")
+    flat_matvec, bf, shape = _as_flat(matvec, b)
+    b_norm = _norm(bf)
+    if b_norm == 0.0:
+        return torch.zeros_like(b), LinearSolveResult(
+            0, 0.0, True, 0, message="b = 0: the solution is 0."
+        )
+    term = bf.clone()
+    acc = bf.clone()
+    n_matvec, k, residual = 0, 1, math.nan
+    message = ""
+    while True:
+        next_term = term - step * flat_matvec(term)
+        n_matvec += 1
+        next_norm = _norm(next_term)
+        if not math.isfinite(next_norm):
+            message = (
+                f"Neumann term {k} became non-finite; the series diverges "
+                f"(step={step:.3e} is too large: it needs step < 2 / lambda_max)"
+            )
+            residual = math.inf
+            break
+        residual = next_norm / b_norm
+        term = next_term
+        if (tol is not None and residual <= tol) or k >= n_terms:
+            break
+        acc = acc + term
+        k += 1
+    if not message:
+        if residual > 1.0:
+            message = (
+                f"Neumann series diverges: ||(I - step A)^{k} b|| / ||b|| = {residual:.3e} > 1 "
+                f"with step={step:.3e} (it needs step < 2 / lambda_max)"
+            )
+        else:
+            message = f"{k} Neumann terms, relative residual {residual:.3e}"
+    converged = residual <= tol if tol is not None else residual < 1.0
+    x = (step * acc).reshape(shape)
+    return x, LinearSolveResult(
+        iterations=k,
+        residual=residual,
+        converged=bool(converged),
+        n_matvec=n_matvec,
+        message=message,
+    )
+
+
+def solve_identity(b, step, matvec=None):
+    """The Hessian-free approximation ``A^{-1} b ~ step * b`` (``A ~ I / step``).
+
+    Parameters
+    ----------
+    b : torch.Tensor
+        Right-hand side, 1-D or 0-d.
+    step : float
+        Scale (for a gradient-descent inner solver, its learning rate).
+    matvec : callable, optional
+        When given, one product is spent to report the residual.
+
+    Returns
+    -------
+    x : torch.Tensor
+    result : LinearSolveResult
+        ``converged`` is ``None``: the identity is an approximation with no
+        tolerance. ``residual`` is ``nan`` without ``matvec``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import solve_identity
+    >>> x, res = solve_identity(torch.tensor([2.0, 4.0]), step=0.5)
+    >>> x.tolist(), res.converged
+    ([1.0, 2.0], None)
+    """
+    x = step * b
+    residual, n_matvec = math.nan, 0
+    if matvec is not None:
+        b_norm = _norm(b)
+        residual = _norm(matvec(x) - b) / b_norm if b_norm > 0 else 0.0
+        n_matvec = 1
+    return x, LinearSolveResult(
+        iterations=0,
+        residual=residual,
+        converged=None,
+        n_matvec=n_matvec,
+        message=f"identity approximation A ~ I / {step:.3e}",
+    )
+
+
+def _dense_matrix(matvec, like, vectorize=False):
+    """Matrix of the linear map ``matvec`` on flat vectors shaped like ``like``."""
+    n = like.numel()
+    if vectorize:
+        try:
+            return torch.func.jacrev(matvec)(torch.zeros_like(like)), "jacrev"
+        except Exception:  # matvecs calling torch.autograd.grad do not compose
+            pass
+    eye = torch.eye(n, dtype=like.dtype, device=like.device)
+    cols = [matvec(eye[i]) for i in range(n)]
+    return torch.stack(cols, dim=1), "columns"
+
+
+def solve_dense(matvec_or_matrix, b, method="auto", tol=None, vectorize=False):
+    """Solve ``A x = b`` with a dense factorization.
+
+    Parameters
+    ----------
+    matvec_or_matrix : torch.Tensor or callable
+        The ``(n, n)`` matrix, or ``matvec(v) -> A v`` from which the matrix
+        is built column by column (``n`` products) or, with
+        ``vectorize=True``, by ``torch.func.jacrev`` when ``matvec`` allows.
+    b : torch.Tensor
+        Right-hand side, 1-D or 0-d.
+    method : {"auto", "cholesky", "lu"}, default="auto"
+        ``"cholesky"`` for symmetric positive definite ``A``, falling back to
+        LU when the matrix is not symmetric or the factorization fails;
+        ``"lu"`` directly; ``"auto"`` tries Cholesky when ``A`` is
+        symmetric and LU otherwise. A singular matrix falls back to the
+        pseudo-inverse (least squares). Every fallback is recorded in
+        ``result.fallback``.
+    tol : float, optional
+        Tolerance on the relative residual for ``converged``; default
+        ``sqrt(eps)`` of the dtype.
+    vectorize : bool, default=False
+        Build the matrix with ``torch.func.jacrev`` (falls back to columns).
+
+    Returns
+    -------
+    x : torch.Tensor
+        Shaped like ``b``.
+    result : LinearSolveResult
+        ``iterations = 1``; ``n_matvec`` counts the products spent building
+        the matrix.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import solve_dense
+    >>> A = torch.tensor([[2.0, 1.0], [1.0, -1.0]], dtype=torch.float64)  # indefinite
+    >>> x, res = solve_dense(A, torch.tensor([3.0, 0.0], dtype=torch.float64), method="cholesky")
+    >>> [round(float(t), 6) for t in x], res.fallback
+    ([1.0, 1.0], 'cholesky failed (matrix not positive definite); used LU')
+    """
+    if method not in ("auto", "cholesky", "lu"):
+        raise ValueError(f"method must be 'auto', 'cholesky' or 'lu', got {method!r}.")
+    shape = b.shape
+    bf = b.reshape(-1)
+    n = bf.numel()
+    n_matvec = 0
+    if callable(matvec_or_matrix) and not isinstance(matvec_or_matrix, torch.Tensor):
+        flat_matvec, _, _ = _as_flat(matvec_or_matrix, b)
+        A, how = _dense_matrix(flat_matvec, bf, vectorize=vectorize)
+        n_matvec = n if how == "columns" else 1
+    else:
+        A = matvec_or_matrix
+        if A.numel() != n * n:
+            raise ValueError(
+                f"A has {A.numel()} entries; a system with {n} unknowns needs an "
+                f"({n}, {n}) matrix."
+            )
+        A = A.reshape(n, n).to(dtype=bf.dtype, device=bf.device)
+    if tol is None:
+        tol = math.sqrt(torch.finfo(bf.dtype).eps)
+    b_norm = _norm(bf)
+    if b_norm == 0.0:
+        return torch.zeros_like(b), LinearSolveResult(
+            0, 0.0, True, n_matvec, message="b = 0: the solution is 0."
+        )
+    fallbacks = []
+    x = None
+    scale = float(A.abs().max()) if n else 0.0
+    symmetric = bool(torch.allclose(A, A.mT, rtol=1e-6, atol=1e-10 * max(scale, 1e-300)))
+    if method in ("auto", "cholesky"):
+        if symmetric:
+            L, err = torch.linalg.cholesky_ex(0.5 * (A + A.mT))
+            if int(err) == 0:
+                x = torch.cholesky_solve(bf.unsqueeze(-1), L).squeeze(-1)
+                if not bool(torch.isfinite(x).all()):
+                    x = None
+            if x is None:
+                fallbacks.append("cholesky failed (matrix not positive definite); used LU")
+        elif method == "cholesky":
+            fallbacks.append("matrix not symmetric; used LU instead of Cholesky")
+    if x is None:
+        x_lu, err = torch.linalg.solve_ex(A, bf)
+        if int(err) == 0 and bool(torch.isfinite(x_lu).all()):
+            x = x_lu
+        else:
+            fallbacks.append("LU failed (matrix singular); used the pseudo-inverse")
+            x = torch.linalg.pinv(A, hermitian=symmetric) @ bf
+    residual = _norm(A @ x - bf) / b_norm
+    converged = residual <= tol
+    return x.reshape(shape), LinearSolveResult(
+        iterations=1,
+        residual=residual,
+        converged=bool(converged),
+        n_matvec=n_matvec,
+        fallback="; ".join(fallbacks) or None,
+        message=f"dense solve, relative residual {residual:.3e}",
+    )
