@@ -1,3 +1,397 @@
-"""Placeholder; filled in by its owner."""
+"""Inner solvers that minimize to a gradient-norm tolerance (for implicit strategies).
 
-__all__ = []
+Implicit differentiation is exact only at a stationary point, so these
+solvers stop on ``||grad f(theta)|| <= tol`` (the Euclidean norm over all
+leaves of the tree ``theta``) and report that norm. When the tolerance is not
+reached they emit :class:`~skbilevel.hypergrad.InnerSolveWarning` with the
+numbers. Both work on a tensor or a dict/tuple/list of tensors, on whatever
+device and dtype ``theta0`` has.
+"""
+
+import dataclasses
+import math
+import warnings
+
+import torch
+
+from ._base import InnerSolver, InnerSolveWarning, SolveResult
+from ._linear_solve import _default_tol, solve_cg
+from ._tree import tree_detach, tree_to_vector, vector_to_tree
+
+__all__ = ["LBFGS", "NewtonCG"]
+
+
+@dataclasses.dataclass
+class _IterativeSolveResult(SolveResult):
+    """:class:`SolveResult` plus the evaluation counts of an iterative solver."""
+
+    n_grad: int = 0
+    n_hvp: int = 0
+    message: str = ""
+
+
+class _FlatProblem:
+    """``fun`` on a tree, seen as a function of one flat vector; counts evaluations."""
+
+    def __init__(self, fun, like):
+        self.fun = fun
+        self.like = like
+        self.n_grad = 0
+        self.n_fun = 0
+
+    def value(self, x):
+        self.n_fun += 1
+        with torch.no_grad():
+            return float(self.fun(vector_to_tree(x, self.like)))
+
+    def value_and_grad(self, x, create_graph=False):
+        self.n_grad += 1
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            val = self.fun(vector_to_tree(xr, self.like))
+            if val.numel() != 1:
+                raise ValueError(
+                    f"The inner objective must return a scalar; got shape {tuple(val.shape)}."
+                )
+            if val.requires_grad:
+                (g,) = torch.autograd.grad(val, xr, create_graph=create_graph, allow_unused=True)
+            else:
+                g = None
+        if g is None:
+            g = torch.zeros_like(xr)
+        if create_graph:
+            return val.detach(), g, xr
+        return float(val.detach()), g.detach()
+
+
+def _solver_tol(tol, dtype):
+    return _default_tol(dtype) if tol is None else tol
+
+
+def _warn_inner(name, result, tol, max_iter):
+    warnings.warn(
+        f"{name} stopped with inner gradient norm {result.grad_norm:.3e} > tol {tol:.1e} "
+        f"after {result.n_iter} iterations (max_iter={max_iter}): {result.message}. "
+        "Implicit hypergradients assume a stationary point; raise max_iter, "
+        "loosen tol, or check the inner objective's scaling.",
+        InnerSolveWarning,
+        stacklevel=3,
+    )
+
+
+def _cubic_minimizer(x1, f1, g1, x2, f2, g2, lo, hi):
+    """Minimizer of the cubic interpolating (x1, f1, g1), (x2, f2, g2), clipped to [lo, hi]."""
+    try:
+        d1 = g1 + g2 - 3.0 * (f1 - f2) / (x1 - x2)
+        d2_sq = d1 * d1 - g1 * g2
+        if d2_sq >= 0.0:
+            d2 = math.sqrt(d2_sq)
+            if x1 <= x2:
+                t = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2.0 * d2))
+            else:
+                t = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2.0 * d2))
+            if math.isfinite(t):
+                return min(max(t, lo), hi)
+    except ZeroDivisionError:
+        pass
+    return 0.5 * (lo + hi)
+
+
+def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25):
+    """Line search for a step meeting the strong Wolfe conditions (Nocedal & Wright 3.5-3.6).
+
+    Returns ``(t, f, g, ok)``; when no Wolfe point is found within
+    ``max_evals`` evaluations, the best point satisfying sufficient decrease
+    is returned (``ok=True``) if there is one, else ``ok=False``.
+    """
+
+    def evaluate(step):
+        f, g = problem.value_and_grad(x + step * d)
+        return f, g, float(g @ d)
+
+    # Objective changes below a few ulps of f are rounding noise: judge them
+    # by the gradient, so the solver can reach gradient norms near eps.
+    eps_f = 10.0 * torch.finfo(x.dtype).eps * abs(f0)
+    evals = 0
+    t_prev, f_prev, g_prev, gtd_prev = 0.0, f0, None, gtd0
+    bracket = None
+    while evals < max_evals:
+        f_t, g_t, gtd_t = evaluate(t)
+        evals += 1
+        if not math.isfinite(f_t) or not math.isfinite(gtd_t):
+            t = 0.5 * (t_prev + t)  # stepped out of the domain: shrink
+            continue
+        if f_t > f0 + c1 * t * gtd0 + eps_f or (evals > 1 and f_t >= f_prev + eps_f):
+            bracket = ((t_prev, f_prev, g_prev, gtd_prev), (t, f_t, g_t, gtd_t))
+            break
+        if abs(gtd_t) <= -c2 * gtd0:
+            return t, f_t, g_t, True
+        if gtd_t >= 0.0:
+            bracket = ((t, f_t, g_t, gtd_t), (t_prev, f_prev, g_prev, gtd_prev))
+            break
+        t_next = _cubic_minimizer(t_prev, f_prev, gtd_prev, t, f_t, gtd_t, t + 0.01 * (t - t_prev), 10.0 * t)
+        t_prev, f_prev, g_prev, gtd_prev = t, f_t, g_t, gtd_t
+        t = t_next
+    if bracket is None:
+        if t_prev > 0.0 and f_prev <= f0 + eps_f:
+            return t_prev, f_prev, g_prev, True
+        return 0.0, f0, None, False
+    lo, hi = bracket
+    while evals < max_evals:
+        (t_lo, f_lo, g_lo, gtd_lo), (t_hi, f_hi, _, gtd_hi) = lo, hi
+        width = abs(t_hi - t_lo)
+        if width * float(torch.linalg.vector_norm(d)) < 1e-14 * max(1.0, float(torch.linalg.vector_norm(x))):
+            break
+        a, b = min(t_lo, t_hi), max(t_lo, t_hi)
+        t = _cubic_minimizer(t_lo, f_lo, gtd_lo, t_hi, f_hi, gtd_hi, a + 0.1 * width, b - 0.1 * width)
+        f_t, g_t, gtd_t = evaluate(t)
+        evals += 1
+        if not math.isfinite(f_t) or f_t > f0 + c1 * t * gtd0 + eps_f or f_t >= f_lo + eps_f:
+            hi = (t, f_t, g_t, gtd_t)
+        else:
+            if abs(gtd_t) <= -c2 * gtd0:
+                return t, f_t, g_t, True
+            if gtd_t * (t_hi - t_lo) >= 0.0:
+                hi = lo
+            lo = (t, f_t, g_t, gtd_t)
+    t_lo, f_lo, g_lo, _ = lo
+    if t_lo > 0.0 and f_lo <= f0 + eps_f:
+        return t_lo, f_lo, g_lo, True
+    return 0.0, f0, None, False
+
+
+class LBFGS(InnerSolver):
+    """Limited-memory BFGS with a strong Wolfe line search, to a gradient tolerance.
+
+    Parameters
+    ----------
+    tol : float, optional
+        Stop when the Euclidean norm of the gradient (over all leaves) is at
+        most ``tol``. Default: ``1e-10`` in float64, ``1e-5`` in float32
+        (``1e-3`` in half precision), chosen from ``theta0``'s dtype.
+    max_iter : int, default=500
+        Maximum number of iterations.
+    history_size : int, default=10
+        Number of curvature pairs kept.
+    max_ls : int, default=25
+        Maximum function evaluations per line search.
+    warn : bool, default=True
+        Emit :class:`InnerSolveWarning` when ``tol`` is not reached.
+
+    Notes
+    -----
+    The solve stops early, unconverged, when a line search cannot decrease
+    the objective any more (usually the floating-point limit); the warning
+    says so. The returned :class:`SolveResult` also carries ``n_grad`` (the
+    gradient evaluations spent) and ``message``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import LBFGS
+    >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> b = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    >>> fun = lambda w: 0.5 * w @ A @ w - b @ w
+    >>> w, res = LBFGS(tol=1e-12).solve(fun, torch.zeros(2, dtype=torch.float64))
+    >>> [round(float(t), 6) for t in w], res.converged
+    ([0.6, -0.8], True)
+    """
+
+    def __init__(self, tol=None, max_iter=500, history_size=10, max_ls=25, warn=True):
+        self.tol = tol
+        self.max_iter = max_iter
+        self.history_size = history_size
+        self.max_ls = max_ls
+        self.warn = warn
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+    def solve(self, fun, theta0, phi=None):
+        """Minimize ``fun`` from ``theta0``; return ``(theta, SolveResult)``."""
+        like = tree_detach(theta0)
+        x = tree_to_vector(like).detach().clone()
+        tol = _solver_tol(self.tol, x.dtype)
+        problem = _FlatProblem(fun, like)
+        f, g = problem.value_and_grad(x)
+        if not math.isfinite(f):
+            raise ValueError(
+                f"The inner objective is not finite at the starting point (value {f}); "
+                "check the initialization and the data."
+            )
+        g_norm = float(torch.linalg.vector_norm(g))
+        S, Y, rho = [], [], []
+        n_iter, converged, message = 0, g_norm <= tol, ""
+        while not converged and n_iter < self.max_iter:
+            d = -g
+            if S:
+                d = self._two_loop(g, S, Y, rho)
+            gtd = float(g @ d)
+            if not gtd < 0.0 or not math.isfinite(gtd):
+                S, Y, rho = [], [], []
+                d, gtd = -g, -g_norm**2
+            t0 = 1.0 if S else min(1.0, 1.0 / max(g_norm, 1e-300))
+            t, f_new, g_new, ok = _strong_wolfe(problem, x, d, f, gtd, t0, max_evals=self.max_ls)
+            if not ok:
+                if S:  # retry along steepest descent with a fresh memory
+                    S, Y, rho = [], [], []
+                    continue
+                message = "line search could not decrease the objective (floating-point limit?)"
+                break
+            s = t * d
+            y = g_new - g
+            ys = float(y @ s)
+            if ys > 1e-10 * float(y @ y) and ys > 0.0:
+                S.append(s)
+                Y.append(y)
+                rho.append(1.0 / ys)
+                if len(S) > self.history_size:
+                    S.pop(0), Y.pop(0), rho.pop(0)
+            x = x + s
+            f, g = f_new, g_new
+            g_norm = float(torch.linalg.vector_norm(g))
+            n_iter += 1
+            converged = g_norm <= tol
+        if not message:
+            message = "converged" if converged else "max_iter reached"
+        result = _IterativeSolveResult(
+            n_iter=n_iter,
+            grad_norm=g_norm,
+            converged=bool(converged),
+            n_grad=problem.n_grad,
+            message=message,
+        )
+        if not converged and self.warn:
+            _warn_inner("LBFGS", result, tol, self.max_iter)
+        return vector_to_tree(x, like), result
+
+    @staticmethod
+    def _two_loop(g, S, Y, rho):
+        q = -g
+        alphas = []
+        for s, y, r in zip(reversed(S), reversed(Y), reversed(rho)):
+            a = r * (s @ q)
+            q = q - a * y
+            alphas.append(a)
+        gamma = (S[-1] @ Y[-1]) / (Y[-1] @ Y[-1])
+        z = gamma * q
+        for s, y, r, a in zip(S, Y, rho, reversed(alphas)):
+            b = r * (y @ z)
+            z = z + (a - b) * s
+        return z
+
+
+class NewtonCG(InnerSolver):
+    """Truncated Newton: CG on Hessian-vector products, then a backtracking line search.
+
+    Each iteration builds the gradient with ``create_graph=True`` once and
+    solves ``H d = -g`` by conjugate gradient (:func:`solve_cg`) to the
+    forcing tolerance ``min(0.5, sqrt(||g||))`` relative to ``||g||``, which
+    gives superlinear local convergence. Negative curvature stops CG early;
+    a direction that is not a descent direction is replaced by ``-g``.
+
+    Parameters
+    ----------
+    tol : float, optional
+        Tolerance on the gradient norm; default ``1e-10`` in float64,
+        ``1e-5`` in float32 (chosen from ``theta0``'s dtype).
+    max_iter : int, default=100
+        Maximum Newton iterations.
+    cg_maxiter : int, optional
+        Maximum CG iterations per Newton step; default ``min(dim, 200)``.
+    warn : bool, default=True
+        Emit :class:`InnerSolveWarning` when ``tol`` is not reached.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import NewtonCG
+    >>> fun = lambda w: torch.logaddexp(torch.zeros(()), -w).sum() + 0.5 * (w ** 2).sum()
+    >>> w, res = NewtonCG().solve(fun, torch.zeros(3, dtype=torch.float64))
+    >>> round(float(w[0]), 6), res.converged
+    (0.401058, True)
+    """
+
+    def __init__(self, tol=None, max_iter=100, cg_maxiter=None, warn=True):
+        self.tol = tol
+        self.max_iter = max_iter
+        self.cg_maxiter = cg_maxiter
+        self.warn = warn
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+    def solve(self, fun, theta0, phi=None):
+        """Minimize ``fun`` from ``theta0``; return ``(theta, SolveResult)``."""
+        like = tree_detach(theta0)
+        x = tree_to_vector(like).detach().clone()
+        tol = _solver_tol(self.tol, x.dtype)
+        cg_maxiter = self.cg_maxiter if self.cg_maxiter is not None else min(x.numel(), 200)
+        problem = _FlatProblem(fun, like)
+        n_iter, n_hvp, converged, message = 0, 0, False, ""
+        while True:
+            f_t, g_graph, xr = problem.value_and_grad(x, create_graph=True)
+            f = float(f_t)
+            g = g_graph.detach()
+            g_norm = float(torch.linalg.vector_norm(g))
+            if n_iter == 0 and not math.isfinite(f):
+                raise ValueError(
+                    f"The inner objective is not finite at the starting point (value {f}); "
+                    "check the initialization and the data."
+                )
+            converged = g_norm <= tol
+            if converged or n_iter >= self.max_iter:
+                break
+            if g_graph.requires_grad:
+
+                def hvp(v, g_graph=g_graph, xr=xr):
+                    (hv,) = torch.autograd.grad(g_graph, xr, v, retain_graph=True, allow_unused=True)
+                    return torch.zeros_like(v) if hv is None else hv.detach()
+
+            else:  # the objective is linear in theta: H = 0
+
+                def hvp(v):
+                    return torch.zeros_like(v)
+
+            forcing = min(0.5, math.sqrt(g_norm))
+            d, res = solve_cg(hvp, -g, tol=forcing, maxiter=cg_maxiter)
+            n_hvp += res.n_matvec
+            del g_graph, xr
+            gtd = float(g @ d)
+            if not gtd < 0.0 or not bool(torch.isfinite(d).all()):
+                d, gtd = -g / max(g_norm, 1e-300), -g_norm
+            step = self._backtrack(problem, x, d, f, gtd)
+            if step is None and gtd != -g_norm:  # retry along the gradient
+                d, gtd = -g / max(g_norm, 1e-300), -g_norm
+                step = self._backtrack(problem, x, d, f, gtd)
+            if step is None:
+                message = "line search could not decrease the objective (floating-point limit?)"
+                break
+            x = x + step * d
+            n_iter += 1
+        if not message:
+            message = "converged" if converged else "max_iter reached"
+        result = _IterativeSolveResult(
+            n_iter=n_iter,
+            grad_norm=g_norm,
+            converged=bool(converged),
+            n_grad=problem.n_grad,
+            n_hvp=n_hvp,
+            message=message,
+        )
+        if not converged and self.warn:
+            _warn_inner("NewtonCG", result, tol, self.max_iter)
+        return vector_to_tree(x, like), result
+
+    @staticmethod
+    def _backtrack(problem, x, d, f, gtd, c1=1e-4, max_halvings=40):
+        eps_f = 10.0 * torch.finfo(x.dtype).eps * abs(f)  # rounding noise in f
+        t = 1.0
+        for _ in range(max_halvings):
+            f_new = problem.value(x + t * d)
+            if math.isfinite(f_new) and f_new <= f + c1 * t * gtd + eps_f:
+                return t
+            t *= 0.5
+        return None
