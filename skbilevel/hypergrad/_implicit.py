@@ -1,3 +1,546 @@
-"""Placeholder; filled in by its owner."""
+"""Implicit differentiation of the inner optimum (the implicit function theorem).
 
-__all__ = []
+At an inner optimum ``grad_theta f(theta*, phi) = 0``, so
+
+    d theta* / d phi = -H^{-1} d^2 f / (d theta d phi),   H = d^2 f / d theta^2.
+
+For an outer loss with gradient ``g = dF/dtheta`` at ``theta*`` the
+vector-Jacobian product is ``-(d^2 f / d phi d theta) v`` with ``H v = g``.
+The strategies here solve the inner problem with any :class:`InnerSolver`
+(no graph is kept), return ``theta*`` through a ``torch.autograd.Function``
+whose backward solves ``H v = g`` from Hessian-vector products, and finish
+with one mixed second-order product. They differ only in the linear solve:
+
+========================  =========================================  ==========================
+strategy                  linear solve                               exact when
+========================  =========================================  ==========================
+:class:`ImplicitCG`       conjugate gradient (``solve_cg``)          inner solved, CG converged
+:class:`ImplicitNeumann`  truncated Neumann series                   never (truncation bias)
+:class:`ImplicitIdentity` ``H ~ I / step`` (Hessian-free)            never (an approximation)
+:class:`ImplicitDense`    dense Cholesky / LU of the Hessian         inner solved (small theta)
+========================  =========================================  ==========================
+
+Every product is computed by autograd (``torch.autograd.grad`` with
+``create_graph=True`` once, then products with the retained gradient graph),
+never from hand-written second derivatives. Only ``phi`` leaves that require
+grad receive a hypergradient; tensors captured in ``inner_loss``'s closure do
+not (put them in ``phi`` if they should). The backward pass is differentiable
+once (no hypergradients of hypergradients).
+"""
+
+import math
+import warnings
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._base import (
+    HypergradientStrategy,
+    LinearSolveWarning,
+    register_strategy,
+    warn_linear_solve,
+)
+from ._linear_solve import (
+    _default_tol,
+    solve_cg,
+    solve_dense,
+    solve_identity,
+    solve_neumann,
+)
+from ._solvers import LBFGS
+from ._tree import tree_detach, tree_flatten, tree_map, tree_unflatten
+
+__all__ = ["ImplicitCG", "ImplicitNeumann", "ImplicitIdentity", "ImplicitDense"]
+
+
+class _ImplicitFunction(torch.autograd.Function):
+    """Identity on the inner solution in forward; the strategy's vjp in backward."""
+
+    @staticmethod
+    def forward(ctx, state, *phi_leaves):
+        ctx.state = state
+        return tuple(t.clone() for t in state.theta_leaves)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        return (None, *ctx.state.vjp(grad_outputs))
+
+
+class _BackwardState:
+    """What the backward pass needs: the problem at ``theta*`` and the strategy."""
+
+    def __init__(self, strategy, inner_loss, phi_leaves, phi_spec, grad_idx, theta_leaves, theta_spec, info):
+        self.strategy = strategy
+        self.inner_loss = inner_loss
+        self.phi_leaves = [p.detach() for p in phi_leaves]
+        self.phi_spec = phi_spec
+        self.grad_idx = grad_idx
+        self.theta_leaves = theta_leaves
+        self.theta_spec = theta_spec
+        self.info = info
+
+    def vjp(self, grad_outputs):
+        info = self.info
+        b_leaves = [
+            torch.zeros_like(t) if g is None else g.detach()
+            for g, t in zip(grad_outputs, self.theta_leaves)
+        ]
+        b = torch.cat([g.reshape(-1) for g in b_leaves])
+        if not bool(torch.any(b != 0)):
+            info.linear_solve_iterations = 0
+            info.linear_solve_residual = 0.0
+            info.linear_solve_converged = True
+            return [None] * len(self.grad_idx)
+        with torch.enable_grad():
+            theta = [t.detach().requires_grad_(True) for t in self.theta_leaves]
+            phi = list(self.phi_leaves)
+            for i in self.grad_idx:
+                phi[i] = phi[i].detach().requires_grad_(True)
+            loss = self.inner_loss(
+                tree_unflatten(self.theta_spec, theta), tree_unflatten(self.phi_spec, phi)
+            )
+            grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+            info.n_grad += 1
+            g_flat = torch.cat(
+                [
+                    (torch.zeros_like(t) if g is None else g).reshape(-1)
+                    for g, t in zip(grads, theta)
+                ]
+            )
+            if not g_flat.requires_grad:
+                raise RuntimeError(
+                    "The inner gradient does not depend on theta or phi, so the implicit "
+                    "function theorem does not apply (the Hessian is zero)."
+                )
+
+            def matvec(v):
+                info.n_hvp += 1
+                hv = torch.autograd.grad(g_flat, theta, v, retain_graph=True, allow_unused=True)
+                return torch.cat(
+                    [
+                        (torch.zeros_like(t) if h is None else h).reshape(-1)
+                        for h, t in zip(hv, theta)
+                    ]
+                ).detach()
+
+            def matrix():
+                return _hessian_matrix(g_flat, theta, info)
+
+            v = self.strategy._solve(matvec, matrix, b.detach(), info)
+            if not bool(torch.isfinite(v).all()):
+                raise FloatingPointError(
+                    f"The {self.strategy.name!r} linear solve produced a non-finite solution "
+                    f"(relative residual {info.linear_solve_residual}); the inner Hessian is "
+                    "probably singular or the inner solution is not finite."
+                )
+            targets = [phi[i] for i in self.grad_idx]
+            mixed = torch.autograd.grad(g_flat, targets, v, allow_unused=True)
+            info.n_hvp += 1
+        return [None if m is None else -m.detach() for m in mixed]
+
+
+def _hessian_matrix(g_flat, theta, info, chunk=64):
+    """Dense Hessian from the retained gradient graph, ``chunk`` products at a time."""
+    n = g_flat.numel()
+    eye = torch.eye(n, dtype=g_flat.dtype, device=g_flat.device)
+    rows = []
+    batched = True
+    for start in range(0, n, chunk):
+        block = eye[start : start + chunk]
+        out = None
+        if batched:
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*performance drop.*")
+                    out = torch.autograd.grad(
+                        g_flat, theta, block, retain_graph=True, allow_unused=True,
+                        is_grads_batched=True,
+                    )
+            except RuntimeError:  # an op without a batching rule: one product at a time
+                batched = False
+        if out is not None:
+            rows.append(
+                torch.cat(
+                    [
+                        (block.new_zeros((block.shape[0], t.numel())) if h is None
+                         else h.reshape(block.shape[0], -1))
+                        for h, t in zip(out, theta)
+                    ],
+                    dim=1,
+                )
+            )
+        else:
+            for e in block:
+                hv = torch.autograd.grad(g_flat, theta, e, retain_graph=True, allow_unused=True)
+                rows.append(
+                    torch.cat(
+                        [(torch.zeros_like(t) if h is None else h).reshape(-1) for h, t in zip(hv, theta)]
+                    ).unsqueeze(0)
+                )
+        info.n_hvp += block.shape[0]
+    # Row i is H e_i = column i of H.
+    return torch.cat(rows, dim=0).mT.detach()
+
+
+def _record(info, result, extra_fallback=None):
+    info.linear_solve_iterations = result.iterations
+    info.linear_solve_residual = result.residual
+    info.linear_solve_converged = result.converged
+    fallbacks = [f for f in (extra_fallback, result.fallback) if f]
+    info.fallback = "; ".join(fallbacks) or None
+    info.extra["linear_solve_message"] = result.message
+
+
+class _Implicit(HypergradientStrategy):
+    """Shared forward pass of the implicit strategies."""
+
+    family = "implicit"
+    solver_kind = "any"
+
+    def default_solver(self):
+        """:class:`LBFGS` with its dtype-dependent default tolerance."""
+        return LBFGS()
+
+    def argmin(self, inner_loss, phi, init, solver, info):
+        phi_leaves, phi_spec = tree_flatten(phi)
+        phi_det = tree_detach(phi)
+
+        def fun(theta):
+            return inner_loss(theta, phi_det)
+
+        theta_star, result = solver.solve(fun, tree_detach(init), phi=phi_det)
+        theta_star = tree_detach(theta_star)
+        info.inner_iterations = result.n_iter
+        info.inner_converged = result.converged
+        info.n_grad += getattr(result, "n_grad", result.n_iter)
+        info.n_hvp += getattr(result, "n_hvp", 0)
+        grad_norm = result.grad_norm
+        if grad_norm is None or math.isnan(grad_norm):
+            grad_norm = _grad_norm(fun, theta_star)
+            info.n_grad += 1
+        info.inner_grad_norm = float(grad_norm)
+        theta_leaves, theta_spec = tree_flatten(theta_star)
+        grad_idx = [i for i, p in enumerate(phi_leaves) if p.requires_grad]
+        if not grad_idx:
+            return theta_star
+        state = _BackwardState(
+            self, inner_loss, phi_leaves, phi_spec, grad_idx, theta_leaves, theta_spec, info
+        )
+        out = _ImplicitFunction.apply(state, *[phi_leaves[i] for i in grad_idx])
+        return tree_unflatten(theta_spec, list(out))
+
+    def _solve(self, matvec, matrix, b, info):
+        """Return ``v ~ H^{-1} b`` and fill the linear-solve fields of ``info``."""
+        raise NotImplementedError
+
+
+def _grad_norm(fun, theta):
+    with torch.enable_grad():
+        theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
+        leaves, _ = tree_flatten(theta)
+        grads = torch.autograd.grad(fun(theta), leaves, allow_unused=True)
+    return math.sqrt(sum(float((g.detach() ** 2).sum()) for g in grads if g is not None))
+
+
+@register_strategy("cg")
+class ImplicitCG(_Implicit):
+    """Implicit differentiation with ``H v = g`` solved by conjugate gradient.
+
+    Exact when the inner problem is solved and CG converges; each CG
+    iteration costs one Hessian-vector product, plus one for the final
+    residual check and one mixed product. CG needs a positive definite
+    inner Hessian; at non-positive curvature it stops and warns.
+
+    Parameters
+    ----------
+    tol : float, optional
+        Tolerance on the relative residual ``||H v - g|| / ||g||``. Default
+        ``1e-10`` in float64, ``1e-5`` in float32.
+    maxiter : int, optional
+        Maximum CG iterations; default ``min(10 * dim(theta), 1000)``.
+    warm_start : bool, default=False
+        Start CG from the previous call's solution when its shape, dtype and
+        device match (useful when the outer loop calls :func:`argmin`
+        repeatedly; ignored when worse than the zero start).
+    fallback : {None, "dense"}, default=None
+        With ``"dense"``, a CG that does not converge is followed by a dense
+        solve of the Hessian when ``dim(theta) <= dense_max_dim``; the
+        better solution is kept and ``info.fallback`` records it.
+    dense_max_dim : int, default=1000
+        Largest ``dim(theta)`` for the dense fallback.
+
+    Notes
+    -----
+    When CG does not reach ``tol``, a
+    :class:`~skbilevel.hypergrad.LinearSolveWarning` gives the residual and
+    iteration count, and the best iterate is used: the hypergradient is
+    approximate, never a silent zero.
+
+    Examples
+    --------
+    Ridge regression with a log-penalty ``phi``; the hypergradient of the
+    training loss at the optimum.
+
+    >>> import torch
+    >>> from skbilevel.hypergrad import argmin, ImplicitCG
+    >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 7.0]], dtype=torch.float64)
+    >>> y = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    >>> phi = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    >>> def inner(w, phi):
+    ...     return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * phi.exp() * (w ** 2).sum()
+    >>> w, info = argmin(inner, phi, torch.zeros(2, dtype=torch.float64), hypergradient=ImplicitCG())
+    >>> ((X @ w - y) ** 2).sum().backward()
+    >>> round(float(phi.grad), 6), info.linear_solve_converged, info.linear_solve_iterations
+    (0.135023, True, 2)
+    """
+
+    name = "cg"
+
+    def __init__(self, tol=None, maxiter=None, warm_start=False, fallback=None, dense_max_dim=1000):
+        self.tol = tol
+        self.maxiter = maxiter
+        self.warm_start = warm_start
+        self.fallback = fallback
+        self.dense_max_dim = dense_max_dim
+        self._x_prev = None
+
+    def _solve(self, matvec, matrix, b, info):
+        if self.fallback not in (None, "dense"):
+            raise ValueError(f"fallback must be None or 'dense', got {self.fallback!r}.")
+        tol = _default_tol(b.dtype) if self.tol is None else self.tol
+        n = b.numel()
+        maxiter = self.maxiter if self.maxiter is not None else min(10 * n, 1000)
+        x0 = None
+        prev = self._x_prev
+        if (
+            self.warm_start
+            and prev is not None
+            and prev.shape == b.shape
+            and prev.dtype == b.dtype
+            and prev.device == b.device
+        ):
+            x0 = prev
+        v, result = solve_cg(matvec, b, x0=x0, tol=tol, maxiter=maxiter)
+        info.extra["warm_started"] = x0 is not None
+        method, extra_fallback = "CG", None
+        if not result.converged and self.fallback == "dense" and n <= self.dense_max_dim:
+            v_dense, dense = solve_dense(matrix(), b, method="auto", tol=tol)
+            extra_fallback = (
+                f"cg -> dense (CG relative residual {result.residual:.3e} after "
+                f"{result.iterations} iterations: {result.message})"
+            )
+            if dense.residual <= result.residual or not math.isfinite(result.residual):
+                v, result, method = v_dense, dense, "dense (CG fallback)"
+        _record(info, result, extra_fallback)
+        if self.warm_start:
+            self._x_prev = v.detach()
+        if not result.converged:
+            if "curvature" in result.message:
+                method = f"CG (stopped at {result.message})"
+            warn_linear_solve(info, tol, method)
+        return v
+
+
+@register_strategy("neumann")
+class ImplicitNeumann(_Implicit):
+    """Implicit differentiation with ``H^{-1}`` replaced by a truncated Neumann series.
+
+    ``H^{-1} g ~ step * sum_{k<K} (I - step H)^k g`` (Lorraine et al., 2020):
+    ``K`` Hessian-vector products, biased by the truncation
+    ``(I - step H)^K g``, which is reported as the residual. The series
+    converges only for ``0 < step < 2 / lambda_max(H)``; when its terms grow a
+    :class:`~skbilevel.hypergrad.LinearSolveWarning` says so.
+
+    Parameters
+    ----------
+    n_terms : int, default=50
+        Number of terms ``K``.
+    step : float, optional
+        Scale of the series. Default ``1 / lambda``, with ``lambda`` the
+        Rayleigh-quotient estimate of ``lambda_max(H)`` after
+        ``power_iterations`` power-iteration steps started from ``g`` (which
+        costs that many extra products). For an inner problem solved by
+        gradient descent its learning rate is the classic choice.
+    tol : float, optional
+        Stop early at this relative residual, and warn when it is not
+        reached. Without it, the ``K`` terms are summed and only divergence
+        warns.
+    power_iterations : int, default=20
+        Power-iteration steps used to choose ``step`` when it is ``None``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import argmin, ImplicitNeumann
+    >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 7.0]], dtype=torch.float64)
+    >>> y = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    >>> phi = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    >>> def inner(w, phi):
+    ...     return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * phi.exp() * (w ** 2).sum()
+    >>> strategy = ImplicitNeumann(n_terms=2000)
+    >>> w, info = argmin(inner, phi, torch.zeros(2, dtype=torch.float64), hypergradient=strategy)
+    >>> ((X @ w - y) ** 2).sum().backward()
+    >>> round(float(phi.grad), 6)
+    0.135023
+    """
+
+    name = "neumann"
+
+    def __init__(self, n_terms=50, step=None, tol=None, power_iterations=20):
+        self.n_terms = n_terms
+        self.step = step
+        self.tol = tol
+        self.power_iterations = power_iterations
+
+    def _solve(self, matvec, matrix, b, info):
+        step = self.step
+        if step is None:
+            lam = _power_iteration(matvec, b, self.power_iterations)
+            if not (math.isfinite(lam) and lam != 0.0):
+                raise FloatingPointError(
+                    f"Could not estimate the largest Hessian eigenvalue (got {lam}); "
+                    "pass ImplicitNeumann(step=...) explicitly."
+                )
+            step = 1.0 / abs(lam)
+            info.extra["lambda_max_estimate"] = lam
+        info.extra["neumann_step"] = step
+        v, result = solve_neumann(matvec, b, step, self.n_terms, tol=self.tol)
+        _record(info, result)
+        if result.residual > 1.0:
+            warnings.warn(
+                f"{result.message}. The hypergradient is meaningless; pass a smaller "
+                f"step (estimated lambda_max: {info.extra.get('lambda_max_estimate', 'n/a')}) "
+                "or use the 'cg' strategy.",
+                LinearSolveWarning,
+                stacklevel=3,
+            )
+        elif self.tol is not None and not result.converged:
+            warn_linear_solve(info, self.tol, "Neumann")
+        return v
+
+
+def _power_iteration(matvec, b, n_iter):
+    """Rayleigh-quotient estimate of the eigenvalue of largest magnitude."""
+    v = b / torch.linalg.vector_norm(b)
+    lam = math.nan
+    for _ in range(max(1, n_iter)):
+        w = matvec(v)
+        lam = float(v @ w)
+        w_norm = torch.linalg.vector_norm(w)
+        if not float(w_norm) > 0.0:
+            break
+        v = w / w_norm
+    return lam
+
+
+@register_strategy("identity")
+class ImplicitIdentity(_Implicit):
+    """Implicit differentiation with the Hessian replaced by ``I / step`` (Hessian-free).
+
+    The hypergradient becomes ``-step * (d^2 f / d phi d theta) g``: the
+    direction of the exact one when ``H`` is close to a multiple of the
+    identity, otherwise a biased approximation (same idea as the
+    "T1-T2" / one-step greedy methods). No tolerance applies and nothing warns.
+
+    Parameters
+    ----------
+    step : float, optional
+        ``H ~ I / step``. Default: ``step = ||g||^2 / (g^T H g)``, the scale
+        that minimizes the ``H``-norm error along ``g`` (one Hessian-vector
+        product; the result equals one CG iteration) with the residual
+        reported for free. With a float, only the mixed product is spent
+        and the residual is ``nan`` (for an inner problem solved by gradient
+        descent, its learning rate is the classic choice).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import argmin, ImplicitIdentity
+    >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 7.0]], dtype=torch.float64)
+    >>> y = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    >>> phi = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    >>> def inner(w, phi):
+    ...     return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * phi.exp() * (w ** 2).sum()
+    >>> w, info = argmin(inner, phi, torch.zeros(2, dtype=torch.float64), hypergradient="identity")
+    >>> ((X @ w - y) ** 2).sum().backward()
+    >>> bool(phi.grad > 0), info.linear_solve_converged
+    (True, None)
+    """
+
+    name = "identity"
+
+    def __init__(self, step=None):
+        self.step = step
+
+    def _solve(self, matvec, matrix, b, info):
+        step = self.step
+        if step is None:
+            hb = matvec(b)
+            curvature = float(b @ hb)
+            b_sq = float(b @ b)
+            if curvature > 0.0 and math.isfinite(curvature):
+                step = b_sq / curvature
+                fallback = None
+            else:
+                step = 1.0
+                fallback = f"g^T H g = {curvature:.3e} <= 0: used step=1"
+            v, result = solve_identity(b, step)
+            result.residual = float(torch.linalg.vector_norm(step * hb - b)) / math.sqrt(b_sq)
+            result.n_matvec = 1
+            result.fallback = fallback
+        else:
+            v, result = solve_identity(b, step)
+        info.extra["identity_step"] = step
+        _record(info, result)
+        return v
+
+
+@register_strategy("dense")
+class ImplicitDense(_Implicit):
+    """Implicit differentiation with a dense factorization of the inner Hessian.
+
+    The Hessian is built from ``dim(theta)`` Hessian-vector products
+    (batched with ``is_grads_batched`` where the operations allow) and
+    factorized. Exact (to rounding) when the inner problem is solved; for
+    small ``theta`` only, as memory grows as ``dim(theta)^2``.
+
+    Parameters
+    ----------
+    method : {"auto", "cholesky", "lu"}, default="auto"
+        Factorization; Cholesky falls back to LU when the Hessian is not
+        positive definite and LU to the pseudo-inverse when it is singular
+        (recorded in ``info.fallback``).
+    tol : float, optional
+        Relative residual above which a warning is emitted; default
+        ``sqrt(eps)`` of the dtype.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import argmin, ImplicitDense
+    >>> X = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 7.0]], dtype=torch.float64)
+    >>> y = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    >>> phi = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    >>> def inner(w, phi):
+    ...     return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * phi.exp() * (w ** 2).sum()
+    >>> w, info = argmin(inner, phi, torch.zeros(2, dtype=torch.float64), hypergradient="dense")
+    >>> ((X @ w - y) ** 2).sum().backward()
+    >>> round(float(phi.grad), 6), info.n_hvp >= 3
+    (0.135023, True)
+    """
+
+    name = "dense"
+
+    def __init__(self, method="auto", tol=None):
+        self.method = method
+        self.tol = tol
+
+    def _solve(self, matvec, matrix, b, info):
+        tol = math.sqrt(torch.finfo(b.dtype).eps) if self.tol is None else self.tol
+        v, result = solve_dense(matrix(), b, method=self.method, tol=tol)
+        result.n_matvec = b.numel()
+        _record(info, result)
+        if not result.converged:
+            warn_linear_solve(info, tol, "Dense")
+        return v
