@@ -1,3 +1,1246 @@
-"""Placeholder; filled in by its owner."""
+"""Closed-form inner problems: ridge, kernel ridge and ridge leave-one-out.
 
-__all__ = []
+The ``closed_form`` strategy differentiates the inner solution by running the
+solver's explicit formula inside autograd, so the hypergradient is exact up to
+rounding. Ridge is the main client: :class:`RidgeSolver` solves
+
+    min_{w, b}  1/2 sum_i s_i (y_i - x_i w - b)^2 + 1/2 sum_j alpha_j w_j^2
+
+with ``log(alpha)`` as the outer variable (one value, one per feature or
+group, or one per target). The leave-one-out (LOO) error of ridge for every
+alpha and every target comes from one eigendecomposition
+(:func:`ridge_loo_decomposition`, :func:`ridge_loo_errors`), following
+scikit-learn's ``_RidgeGCV`` exactly, so the numbers match ``RidgeCV``.
+:func:`minimize_log_alpha` is the one-dimensional search (coarse scan of the
+cheap curve, then a bracketed secant on the exact hypergradient) used by
+``BilevelRidgeCV``.
+
+Kernel ridge (:func:`kernel_ridge_fit`, :class:`KernelRidgeSolver`) is differentiable in the kernel matrix, the
+targets, the support points and the regularization, as kernel inducing
+points (KIP) dataset distillation needs.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ._base import (
+    ClosedFormSolver,
+    HypergradientInfo,
+    HypergradientStrategy,
+    _grad_norm,
+    argmin,
+    register_strategy,
+)
+from ._tree import tree_detach, tree_map
+
+__all__ = [
+    "ClosedForm",
+    "RidgeSolver",
+    "RidgeDecomposition",
+    "ridge_loo_decomposition",
+    "ridge_loo_errors",
+    "ridge_loo_curve",
+    "ridge_loo_value_and_grad",
+    "ridge_coef",
+    "ridge_validation_curve",
+    "ridge_validation_value_and_grad",
+    "KernelRidgeSolver",
+    "kernel_ridge_fit",
+    "LogAlphaSearchResult",
+    "minimize_log_alpha",
+]
+
+
+# --------------------------------------------------------------------------
+# The strategy
+# --------------------------------------------------------------------------
+
+
+@register_strategy("closed_form")
+class ClosedForm(HypergradientStrategy):
+    """Differentiate through an explicit inner solution (exact hypergradient).
+
+    ``argmin`` returns ``solver.closed_form(phi)`` computed with torch
+    operations, so autograd gives ``d theta*/d phi`` exactly. The solver must
+    be a :class:`~skbilevel.hypergrad.ClosedFormSolver` such as
+    :class:`RidgeSolver` or :class:`KernelRidgeSolver`.
+
+    Parameters
+    ----------
+    check_inner : bool, default=True
+        Record the inner-gradient norm at the returned solution in the health
+        record (one extra gradient of the inner loss).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import argmin, RidgeSolver
+    >>> g = torch.Generator().manual_seed(0)
+    >>> X = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    >>> y = X @ torch.ones(4, dtype=torch.float64)
+    >>> solver = RidgeSolver(X, y, fit_intercept=False)
+    >>> log_alpha = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    >>> theta, info = argmin(solver.inner_loss, log_alpha, solver.init_theta(),
+    ...                      hypergradient="closed_form", solver=solver)
+    >>> (theta["coef"] ** 2).sum().backward()
+    >>> info.inner_iterations, bool(log_alpha.grad < 0)
+    (1, True)
+    """
+
+    name = "closed_form"
+    family = "closed_form"
+    solver_kind = "closed_form"
+
+    def __init__(self, check_inner=True):
+        self.check_inner = check_inner
+
+    def default_solver(self):
+        raise ValueError(
+            "The 'closed_form' hypergradient strategy needs a ClosedFormSolver "
+            "describing the inner problem; pass solver=RidgeSolver(X, y) or "
+            "solver=KernelRidgeSolver(...)."
+        )
+
+    def argmin(self, inner_loss, phi, init, solver, info):
+        if not isinstance(solver, ClosedFormSolver):
+            raise ValueError(
+                f"The 'closed_form' strategy needs a ClosedFormSolver, got "
+                f"{type(solver).__name__}. Use RidgeSolver / KernelRidgeSolver, or an "
+                "iterative strategy such as 'cg' for other inner problems."
+            )
+        solver.last_fallback = None
+        theta = solver.closed_form(phi)
+        info.inner_iterations = 1
+        info.inner_converged = True
+        info.fallback = getattr(solver, "last_fallback", None)
+        if self.check_inner and inner_loss is not None:
+            phi_d = tree_detach(phi)
+            info.inner_grad_norm = _grad_norm(lambda t: inner_loss(t, phi_d), tree_detach(theta))
+            info.n_grad += 1
+        return theta
+
+
+# --------------------------------------------------------------------------
+# Shared preprocessing (scikit-learn's _preprocess_data with rescale_with_sw)
+# --------------------------------------------------------------------------
+
+
+def _as_2d_targets(y):
+    if y.ndim == 1:
+        return y[:, None], True
+    if y.ndim != 2:
+        raise ValueError(f"y must be 1-D or 2-D, got shape {tuple(y.shape)}.")
+    return y, False
+
+
+def _center_and_rescale(X, y2, sample_weight, fit_intercept):
+    """Weighted centering, then rows scaled by ``sqrt(s)``.
+
+    ``X_offset = sum_i s_i x_i / sum_i s_i`` (zero without intercept), and
+    ``Xs = sqrt(s) (X - X_offset)``, ``ys = sqrt(s) (y - y_offset)``: the
+    weighted, intercept-fitting ridge on ``(X, y)`` is the plain ridge on
+    ``(Xs, ys)``.
+    """
+    n = X.shape[0]
+    if sample_weight is None:
+        sw = X.new_ones(n)
+    else:
+        sw = sample_weight.to(dtype=X.dtype, device=X.device)
+        if sw.shape != (n,):
+            raise ValueError(
+                f"sample_weight has shape {tuple(sw.shape)}; expected ({n},)."
+            )
+        if bool((sw < 0).any()):
+            raise ValueError("sample_weight must be non-negative.")
+    sqrt_sw = sw.sqrt()
+    if fit_intercept:
+        sw_sum = sw.sum()
+        X_offset = (sw @ X) / sw_sum
+        y_offset = (sw @ y2) / sw_sum
+        Xc, yc = X - X_offset, y2 - y_offset
+    else:
+        X_offset = X.new_zeros(X.shape[1])
+        y_offset = y2.new_zeros(y2.shape[1])
+        Xc, yc = X, y2
+    if sample_weight is None:
+        return Xc, yc, sqrt_sw, X_offset, y_offset
+    return Xc * sqrt_sw[:, None], yc * sqrt_sw[:, None], sqrt_sw, X_offset, y_offset
+
+
+# --------------------------------------------------------------------------
+# One decomposition, every alpha: ridge coefficients and leave-one-out errors
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RidgeDecomposition:
+    """Eigendecomposition of a (weighted, centered) ridge problem.
+
+    Built by :func:`ridge_loo_decomposition`. With ``Xs``, ``ys`` the
+    rescaled design and targets (see there), ``mode`` is
+
+    - ``"gram"`` (``n <= p``): ``Xs Xs^T = Q diag(eigvals) Q^T``;
+      ``basis = Q`` (n x n);
+    - ``"cov"`` (``n > p``): ``Xs^T Xs = V diag(eigvals) V^T``;
+      ``basis = Xs V`` (n x p), so ``Xs H^{-1} Xs^T = basis D basis^T``
+      with ``D = diag(1 / (eigvals + alpha))``.
+
+    Attributes hold the projections every alpha needs, so one alpha costs
+    ``O(n * m * n_targets)`` with ``m = min(n, p)``.
+    """
+
+    mode: str
+    eigvals: torch.Tensor
+    basis: torch.Tensor
+    basis_sq: torch.Tensor
+    basis_t_y: torch.Tensor
+    basis_t_sqrt_sw: torch.Tensor
+    y: torch.Tensor
+    sqrt_sw: torch.Tensor
+    sw_sum: torch.Tensor
+    fit_intercept: bool
+    X_scaled: torch.Tensor
+    V: Optional[torch.Tensor]
+    X_offset: torch.Tensor
+    y_offset: torch.Tensor
+    y_1d: bool
+
+    @property
+    def n_samples(self):
+        return self.basis.shape[0]
+
+    @property
+    def n_features(self):
+        return self.X_scaled.shape[1]
+
+    @property
+    def n_targets(self):
+        return self.y.shape[1]
+
+
+def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="auto"):
+    """Decompose a ridge problem once, for LOO errors and coefficients at any alpha.
+
+    Follows scikit-learn's ``_RidgeGCV``: with sample weights ``s`` and an
+    intercept, ``X`` and ``y`` are centered by their ``s``-weighted means and
+    their rows multiplied by ``sqrt(s)``, giving ``Xs``, ``ys``. Then
+
+    - ``mode="gram"`` (default when ``n <= p``): eigendecomposition of the
+      n x n Gram matrix ``Xs Xs^T = Q L Q^T``, cost ``O(n^2 p + n^3)``;
+    - ``mode="cov"`` (default when ``n > p``): eigendecomposition of the
+      p x p matrix ``Xs^T Xs = V L V^T`` and the product ``B = Xs V``, cost
+      ``O(n p^2 + p^3)`` (two matrix products, no SVD of ``X``).
+
+    Parameters
+    ----------
+    X : tensor of shape (n_samples, n_features)
+    y : tensor of shape (n_samples,) or (n_samples, n_targets)
+    sample_weight : tensor of shape (n_samples,), optional
+        Non-negative weights.
+    fit_intercept : bool, default=True
+    mode : {"auto", "gram", "cov"}, default="auto"
+
+    Returns
+    -------
+    RidgeDecomposition
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import ridge_loo_decomposition
+    >>> X = torch.arange(12.0, dtype=torch.float64).reshape(6, 2) ** 0.5
+    >>> y = torch.arange(6.0, dtype=torch.float64)
+    >>> ridge_loo_decomposition(X, y).mode
+    'cov'
+    """
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
+    y = y.to(dtype=X.dtype, device=X.device)
+    y2, y_1d = _as_2d_targets(y)
+    n, p = X.shape
+    if y2.shape[0] != n:
+        raise ValueError(f"X has {n} samples but y has {y2.shape[0]}.")
+    if mode == "auto":
+        mode = "gram" if n <= p else "cov"
+    if mode not in ("gram", "cov"):
+        raise ValueError(f"mode must be 'auto', 'gram' or 'cov', got {mode!r}.")
+    Xs, ys, sqrt_sw, X_offset, y_offset = _center_and_rescale(
+        X, y2, sample_weight, fit_intercept
+    )
+    if mode == "gram":
+        eigvals, basis = torch.linalg.eigh(Xs @ Xs.T)
+        V = None
+    else:
+        eigvals, V = torch.linalg.eigh(Xs.T @ Xs)
+        basis = Xs @ V
+    return RidgeDecomposition(
+        mode=mode,
+        eigvals=eigvals,
+        basis=basis,
+        basis_sq=basis * basis,
+        basis_t_y=basis.T @ ys,
+        basis_t_sqrt_sw=basis.T @ sqrt_sw,
+        y=ys,
+        sqrt_sw=sqrt_sw,
+        sw_sum=(sqrt_sw * sqrt_sw).sum(),
+        fit_intercept=bool(fit_intercept),
+        X_scaled=Xs,
+        V=V,
+        X_offset=X_offset,
+        y_offset=y_offset,
+        y_1d=y_1d,
+    )
+
+
+def _loo_residuals(decomp, D):
+    """LOO residuals ``sqrt(s) (y - y_loo)`` for ``D = 1/(eigvals + alpha)``.
+
+    ``D`` has shape (m, c) where c is 1, n_targets or a batch of alphas
+    times targets (then ``y_cols`` is repeated to match, see callers).
+    Formulas (Rifkin & Lippert 2007, as in ``_RidgeGCV``), with
+    ``G = Xs Xs^T + alpha I``:
+
+    - gram: ``c = G^{-1} ys = Q D Q^T ys``, ``d = diag(G^{-1}) = (Q*Q) D``;
+    - cov: ``alpha c = ys - B D B^T ys``, ``alpha d = 1 - (B*B) D``;
+    - intercept: ``d <- d - (G^{-1} sqrt(s)) * sqrt(s) / sum(s)``;
+
+    and the LOO residual is ``c / d`` (the factor alpha cancels in cov mode).
+    """
+    B, Bsq = decomp.basis, decomp.basis_sq
+    sqrt_sw = decomp.sqrt_sw[:, None]
+    if decomp.mode == "gram":
+        num = B @ (D * decomp.basis_t_y)
+        den = Bsq @ D
+        if decomp.fit_intercept:
+            g = B @ (D * decomp.basis_t_sqrt_sw[:, None])
+            den = den - g * sqrt_sw / decomp.sw_sum
+    else:
+        num = decomp.y - B @ (D * decomp.basis_t_y)
+        den = 1.0 - Bsq @ D
+        if decomp.fit_intercept:
+            g = sqrt_sw - B @ (D * decomp.basis_t_sqrt_sw[:, None])
+            den = den - g * sqrt_sw / decomp.sw_sum
+    return num / den
+
+
+def _alpha_column(decomp, log_alpha):
+    log_alpha = torch.as_tensor(log_alpha, dtype=decomp.eigvals.dtype, device=decomp.eigvals.device)
+    if log_alpha.ndim == 0:
+        log_alpha = log_alpha.reshape(1)
+    if log_alpha.ndim != 1 or log_alpha.shape[0] not in (1, decomp.n_targets):
+        raise ValueError(
+            f"log_alpha must be a scalar or have one entry per target "
+            f"({decomp.n_targets}); got shape {tuple(log_alpha.shape)}."
+        )
+    return 1.0 / (decomp.eigvals[:, None] + log_alpha.exp()[None, :])
+
+
+def ridge_loo_errors(decomp, log_alpha):
+    """Squared leave-one-out errors, differentiable in ``log_alpha``.
+
+    The LOO residual of sample ``i`` is ``e_i = c_i / d_i`` with
+    ``c = G^{-1} ys`` and ``d = diag(G^{-1})`` (corrected for the intercept),
+    ``G = Xs Xs^T + alpha I``; see :func:`ridge_loo_decomposition`. Returned
+    values are ``e_i^2 = s_i (y_i - y_{loo,i})^2``, the entries of
+    scikit-learn's ``RidgeCV(store_cv_results=True).cv_results_`` at this
+    alpha. Cost ``O(n * min(n, p) * n_targets)``.
+
+    Parameters
+    ----------
+    decomp : RidgeDecomposition
+    log_alpha : tensor of shape () or (n_targets,)
+        Natural log of the penalty (one per target if 1-D).
+
+    Returns
+    -------
+    tensor of shape (n_samples,) or (n_samples, n_targets)
+        Shaped like ``y``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import ridge_loo_decomposition, ridge_loo_errors
+    >>> X = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    >>> y = torch.tensor([0.0, 1.0, 2.0, 3.5], dtype=torch.float64)
+    >>> d = ridge_loo_decomposition(X, y)
+    >>> ridge_loo_errors(d, torch.tensor(-20.0, dtype=torch.float64)).round(decimals=3)
+    tensor([0.1110, 0.0050, 0.0820, 0.2500], dtype=torch.float64)
+    """
+    resid = _loo_residuals(decomp, _alpha_column(decomp, log_alpha))
+    sq = resid * resid
+    return sq[:, 0] if decomp.y_1d else sq
+
+
+def ridge_loo_value_and_grad(decomp, log_alpha):
+    """Mean squared LOO error and its exact derivative in ``log_alpha``.
+
+    With a scalar ``log_alpha`` the value is the mean over samples and
+    targets (``-RidgeCV.best_score_``); with one log-alpha per target, the
+    per-target means, and their derivatives (the targets are independent).
+    The derivative comes from autograd through :func:`ridge_loo_errors`.
+
+    Returns
+    -------
+    value : tensor of shape (1,) or (n_targets,)
+    grad : tensor, same shape
+    info : HypergradientInfo
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import ridge_loo_decomposition, ridge_loo_value_and_grad
+    >>> g = torch.Generator().manual_seed(0)
+    >>> X = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    >>> y = X.sum(1) + torch.randn(20, generator=g, dtype=torch.float64)
+    >>> value, grad, info = ridge_loo_value_and_grad(ridge_loo_decomposition(X, y), 0.0)
+    >>> value.shape, grad.shape, info.strategy
+    (torch.Size([1]), torch.Size([1]), 'closed_form')
+    """
+    dtype, device = decomp.eigvals.dtype, decomp.eigvals.device
+    phi = torch.as_tensor(log_alpha, dtype=dtype, device=device).detach().reshape(-1).clone()
+    per_target = phi.shape[0] > 1
+    phi.requires_grad_(True)
+    with torch.enable_grad():
+        resid = _loo_residuals(decomp, _alpha_column(decomp, phi))
+        per_col = (resid * resid).mean(0)
+        value = per_col if per_target else per_col.mean().reshape(1)
+        (grad,) = torch.autograd.grad(value.sum(), phi)
+    info = HypergradientInfo(
+        strategy="closed_form",
+        inner_iterations=1,
+        inner_converged=True,
+        n_grad=1,
+        extra={"objective": "leave_one_out", "mode": decomp.mode},
+    )
+    return value.detach(), grad.detach(), info
+
+
+def ridge_loo_curve(decomp, alphas, per_target=False, max_elements=2**24):
+    """Mean squared LOO error at many alphas (no autograd), in chunks.
+
+    Parameters
+    ----------
+    decomp : RidgeDecomposition
+    alphas : array-like of shape (n_alphas,)
+        Penalties (not logs).
+    per_target : bool, default=False
+        Return one column per target instead of the mean over targets.
+    max_elements : int
+        Bound on the size of the temporary (n_samples, chunk, n_targets).
+
+    Returns
+    -------
+    tensor of shape (n_alphas, n_targets) or (n_alphas, 1)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import ridge_loo_decomposition, ridge_loo_curve
+    >>> X = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    >>> y = torch.tensor([0.0, 1.0, 2.0, 3.5], dtype=torch.float64)
+    >>> ridge_loo_curve(ridge_loo_decomposition(X, y), [1e-9, 1e9]).round(decimals=3)
+    tensor([[0.1120],
+            [2.9720]], dtype=torch.float64)
+    """
+    dtype, device = decomp.eigvals.dtype, decomp.eigvals.device
+    alphas = torch.as_tensor(np.asarray(alphas, dtype=float), dtype=dtype, device=device)
+    n, k = decomp.n_samples, decomp.n_targets
+    chunk = max(1, int(max_elements // max(1, n * k)))
+    out = []
+    with torch.no_grad():
+        for start in range(0, alphas.shape[0], chunk):
+            a = alphas[start : start + chunk]
+            na = a.shape[0]
+            D = 1.0 / (decomp.eigvals[:, None] + a[None, :])  # (m, na)
+            resid = _batched_loo_residuals(decomp, D)  # (n, na, k)
+            per_col = (resid * resid).mean(0)  # (na, k)
+            out.append(per_col if per_target else per_col.mean(1, keepdim=True))
+    return torch.cat(out, 0)
+
+
+def _batched_loo_residuals(decomp, D):
+    """:func:`_loo_residuals` for a batch of alphas: D (m, na) -> (n, na, k)."""
+    B, Bsq = decomp.basis, decomp.basis_sq
+    m, na = D.shape
+    k = decomp.n_targets
+    sqrt_sw = decomp.sqrt_sw[:, None]
+    DBy = (D[:, :, None] * decomp.basis_t_y[:, None, :]).reshape(m, na * k)
+    if decomp.mode == "gram":
+        num = (B @ DBy).reshape(-1, na, k)
+        den = Bsq @ D
+        if decomp.fit_intercept:
+            den = den - (B @ (D * decomp.basis_t_sqrt_sw[:, None])) * sqrt_sw / decomp.sw_sum
+    else:
+        num = decomp.y[:, None, :] - (B @ DBy).reshape(-1, na, k)
+        den = 1.0 - Bsq @ D
+        if decomp.fit_intercept:
+            g = sqrt_sw - B @ (D * decomp.basis_t_sqrt_sw[:, None])
+            den = den - g * sqrt_sw / decomp.sw_sum
+    return num / den[:, :, None]
+
+
+def ridge_coef(decomp, log_alpha):
+    """Ridge coefficients and intercept at ``alpha`` from a decomposition.
+
+    ``w = V D V^T Xs^T ys`` (cov mode) or ``w = Xs^T Q D Q^T ys`` (gram
+    mode, the dual form), ``b = y_offset - X_offset w``. Differentiable in
+    ``log_alpha`` (scalar, one per target, or a batch ``(n_alphas, 1)`` /
+    ``(n_alphas, n_targets)`` giving coefficients for each row).
+
+    Returns
+    -------
+    coef : tensor of shape (..., n_features, n_targets)
+    intercept : tensor of shape (..., n_targets)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import ridge_loo_decomposition, ridge_coef
+    >>> X = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    >>> y = 2 * X[:, 0] + 1
+    >>> coef, intercept = ridge_coef(ridge_loo_decomposition(X, y), torch.tensor(-30.0))
+    >>> round(float(coef[0, 0]), 6), round(float(intercept[0]), 6)
+    (2.0, 1.0)
+    """
+    dtype, device = decomp.eigvals.dtype, decomp.eigvals.device
+    la = torch.as_tensor(log_alpha, dtype=dtype, device=device)
+    batched = la.ndim == 2
+    if not batched:
+        la = la.reshape(1, -1)  # (1, 1) or (1, k)
+    D = 1.0 / (decomp.eigvals[None, :, None] + la.exp()[:, None, :])  # (na, m, c)
+    DBy = D * decomp.basis_t_y[None, :, :]  # (na, m, k)
+    if decomp.mode == "gram":
+        coef = decomp.X_scaled.T @ (decomp.basis @ DBy)  # (na, p, k)
+    else:
+        coef = decomp.V @ DBy
+    intercept = decomp.y_offset - torch.einsum("p,apk->ak", decomp.X_offset, coef)
+    if not batched:
+        coef, intercept = coef[0], intercept[0]
+    return coef, intercept
+
+
+# --------------------------------------------------------------------------
+# Ridge as a closed-form inner solver
+# --------------------------------------------------------------------------
+
+
+class RidgeSolver(ClosedFormSolver):
+    """Weighted ridge regression solved exactly, differentiable in log-penalties.
+
+    Inner problem (``alpha = exp(phi)``, broadcast as ``penalty`` says)::
+
+        min_{w, b}  1/2 sum_i s_i ||y_i - x_i w - b||^2 + 1/2 sum_j alpha_j ||w_j||^2
+
+    The intercept ``b`` (if ``fit_intercept``) is not penalized; it is
+    eliminated by weighted centering. Methods:
+
+    - ``"eigen"`` (scalar or per-target penalty): one eigendecomposition
+      (:func:`ridge_loo_decomposition`) at construction, then each call is
+      ``O(p * min(n, p) * n_targets)``;
+    - ``"cholesky"`` (any penalty): the p x p system
+      ``(Xs^T Xs + diag(alpha)) w = Xs^T ys`` when ``p <= n``, else the
+      Woodbury (dual) form ``w = A^{-1} Xs^T (Xs A^{-1} Xs^T + I)^{-1} ys``
+      with ``A = diag(alpha)``, an n x n Cholesky.
+
+    Parameters
+    ----------
+    X : tensor of shape (n_samples, n_features)
+    y : tensor of shape (n_samples,) or (n_samples, n_targets)
+    sample_weight : tensor of shape (n_samples,), optional
+    fit_intercept : bool, default=True
+    penalty : {"scalar", "per_feature", "per_target"} or integer tensor, default="scalar"
+        Shape of ``phi``: ``()``, ``(n_features,)``, ``(n_targets,)``; or a
+        tensor of group labels ``0..G-1`` per feature, for ``phi`` of shape
+        ``(G,)``.
+    method : {"auto", "eigen", "cholesky"}, default="auto"
+        ``"auto"`` is ``"eigen"`` for scalar and per-target penalties.
+    decomposition : RidgeDecomposition, optional
+        Reuse a decomposition of the same data (eigen method).
+
+    Attributes
+    ----------
+    last_fallback : str or None
+        Set when a Cholesky factorization failed and an LU solve was used.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import RidgeSolver
+    >>> X = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    >>> y = 2 * X[:, 0] + 1
+    >>> theta = RidgeSolver(X, y).closed_form(torch.tensor(-30.0, dtype=torch.float64))
+    >>> round(float(theta["coef"][0]), 6), round(float(theta["intercept"]), 6)
+    (2.0, 1.0)
+    """
+
+    def __init__(
+        self,
+        X,
+        y,
+        sample_weight=None,
+        fit_intercept=True,
+        penalty="scalar",
+        method="auto",
+        decomposition=None,
+    ):
+        if X.ndim != 2:
+            raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
+        self.X = X
+        self.y = y.to(dtype=X.dtype, device=X.device)
+        self.sample_weight = sample_weight
+        self.fit_intercept = bool(fit_intercept)
+        y2, self._y_1d = _as_2d_targets(self.y)
+        n, p = X.shape
+        if y2.shape[0] != n:
+            raise ValueError(f"X has {n} samples but y has {y2.shape[0]}.")
+        self.n_features, self.n_targets = p, y2.shape[1]
+        if isinstance(penalty, str):
+            if penalty not in ("scalar", "per_feature", "per_target"):
+                raise ValueError(
+                    "penalty must be 'scalar', 'per_feature', 'per_target' or a tensor of "
+                    f"group labels, got {penalty!r}."
+                )
+            self._groups = None
+        else:
+            groups = torch.as_tensor(penalty, device=X.device).long()
+            if groups.shape != (p,) or int(groups.min()) < 0:
+                raise ValueError(
+                    f"Group labels must be {p} non-negative integers (one per feature)."
+                )
+            self._groups = groups
+            penalty = "groups"
+        self.penalty = penalty
+        if method == "auto":
+            method = "eigen" if penalty in ("scalar", "per_target") else "cholesky"
+        if method not in ("eigen", "cholesky"):
+            raise ValueError(f"method must be 'auto', 'eigen' or 'cholesky', got {method!r}.")
+        if method == "eigen" and penalty not in ("scalar", "per_target"):
+            raise ValueError(
+                "method='eigen' needs a scalar or per-target penalty (one alpha shared "
+                "by all features); use method='cholesky' for per-feature penalties."
+            )
+        self.method = method
+        self.last_fallback = None
+        self._decomp = decomposition
+        self._cov = None
+
+    # -- helpers -----------------------------------------------------------
+
+    def phi_shape(self):
+        """Shape ``phi`` must have for this penalty."""
+        return {
+            "scalar": (),
+            "per_feature": (self.n_features,),
+            "per_target": (self.n_targets,),
+            "groups": (int(self._groups.max()) + 1,) if self._groups is not None else None,
+        }[self.penalty]
+
+    def _check_phi(self, phi):
+        if not isinstance(phi, torch.Tensor):
+            raise ValueError("RidgeSolver expects phi to be one tensor of log-penalties.")
+        shape = self.phi_shape()
+        if tuple(phi.shape) != shape and not (shape == () and phi.numel() == 1):
+            raise ValueError(
+                f"phi has shape {tuple(phi.shape)} but penalty={self.penalty!r} needs "
+                f"shape {shape}."
+            )
+        return phi
+
+    def _alpha(self, phi):
+        """Penalty per feature (p,), per target (1, k) or scalar (1,)."""
+        alpha = phi.exp()
+        if self.penalty == "groups":
+            return alpha[self._groups]
+        if self.penalty == "per_target":
+            return alpha.reshape(1, -1)
+        return alpha.reshape(-1)
+
+    @property
+    def decomposition(self):
+        """The eigendecomposition used by the eigen method (built lazily)."""
+        if self._decomp is None:
+            self._decomp = ridge_loo_decomposition(
+                self.X, self.y, self.sample_weight, self.fit_intercept
+            )
+        return self._decomp
+
+    def init_theta(self):
+        """Zero coefficients (and intercept): a starting point for iterative strategies."""
+        shape = (self.n_features,) if self._y_1d else (self.n_features, self.n_targets)
+        theta = {"coef": self.X.new_zeros(shape)}
+        if self.fit_intercept:
+            theta["intercept"] = self.X.new_zeros(() if self._y_1d else (self.n_targets,))
+        return theta
+
+    def _pack(self, coef, intercept):
+        if self._y_1d:
+            coef, intercept = coef[:, 0], intercept[0]
+        theta = {"coef": coef}
+        if self.fit_intercept:
+            theta["intercept"] = intercept
+        return theta
+
+    # -- the inner problem -------------------------------------------------
+
+    def inner_loss(self, theta, phi):
+        """The inner objective (weighted squared loss plus penalty)."""
+        pred = self.predict(theta, self.X)
+        resid = self.y - pred
+        if resid.ndim == 1:
+            resid = resid[:, None]
+        sq = resid * resid
+        if self.sample_weight is not None:
+            sq = sq * self.sample_weight.to(sq)[:, None]
+        coef = theta["coef"]
+        coef2 = coef[:, None] if coef.ndim == 1 else coef
+        alpha = self._alpha(phi)
+        if self.penalty == "per_target":
+            pen = (alpha * coef2 * coef2).sum()
+        elif alpha.shape[0] == 1:
+            pen = alpha[0] * (coef2 * coef2).sum()
+        else:
+            pen = (alpha[:, None] * coef2 * coef2).sum()
+        return 0.5 * sq.sum() + 0.5 * pen
+
+    @staticmethod
+    def predict(theta, X):
+        """``X @ coef + intercept`` for a solution ``theta``."""
+        out = X @ theta["coef"]
+        if "intercept" in theta:
+            out = out + theta["intercept"]
+        return out
+
+    def closed_form(self, phi):
+        """Return ``{"coef", "intercept"}`` at ``alpha = exp(phi)``, in autograd."""
+        phi = self._check_phi(phi)
+        if self.method == "eigen":
+            coef, intercept = ridge_coef(self.decomposition, phi.reshape(-1))
+            return self._pack(coef, intercept)
+        return self._pack(*self._cholesky_solve(phi))
+
+    def coef_path(self, alphas):
+        """Coefficients at many scalar alphas (no autograd): ``(n_alphas, p, k)``, ``(n_alphas, k)``."""
+        dtype, device = self.X.dtype, self.X.device
+        la = torch.as_tensor(np.log(np.asarray(alphas, dtype=float)), dtype=dtype, device=device)
+        with torch.no_grad():
+            if self.method == "eigen":
+                return ridge_coef(self.decomposition, la.reshape(-1, 1))
+            pairs = [self._cholesky_solve(v.expand(self.phi_shape())) for v in la]
+        return torch.stack([c for c, _ in pairs]), torch.stack([b for _, b in pairs])
+
+    def _cholesky_solve(self, phi):
+        if self._cov is None:
+            y2, _ = _as_2d_targets(self.y)
+            Xs, ys, _, X_offset, y_offset = _center_and_rescale(
+                self.X, y2, self.sample_weight, self.fit_intercept
+            )
+            n, p = Xs.shape
+            self._cov = {
+                "Xs": Xs,
+                "ys": ys,
+                "X_offset": X_offset,
+                "y_offset": y_offset,
+                "primal": p <= n,
+                "C": Xs.T @ Xs if p <= n else None,
+                "Xty": Xs.T @ ys,
+            }
+        c = self._cov
+        Xs, ys = c["Xs"], c["ys"]
+        n, p = Xs.shape
+        alpha = self._alpha(phi)
+        if self.penalty == "per_target":
+            a = alpha.reshape(-1)  # (k,)
+            if c["primal"]:
+                A = c["C"][None] + a[:, None, None] * torch.eye(p, dtype=Xs.dtype, device=Xs.device)
+                rhs = c["Xty"].T[:, :, None]
+                coef = self._spd_solve(A, rhs)[:, :, 0].T
+            else:
+                G = (Xs @ Xs.T)[None] + a[:, None, None] * torch.eye(n, dtype=Xs.dtype, device=Xs.device)
+                dual = self._spd_solve(G, ys.T[:, :, None])[:, :, 0].T
+                coef = Xs.T @ dual
+        else:
+            a = alpha.expand(p) if alpha.shape[0] == 1 else alpha
+            if c["primal"]:
+                coef = self._spd_solve(c["C"] + torch.diag(a), c["Xty"])
+            else:
+                XA = Xs / a  # Xs diag(1/alpha)
+                G = XA @ Xs.T + torch.eye(n, dtype=Xs.dtype, device=Xs.device)
+                coef = XA.T @ self._spd_solve(G, ys)
+        intercept = c["y_offset"] - c["X_offset"] @ coef
+        return coef, intercept
+
+    def _spd_solve(self, A, b):
+        L, status = torch.linalg.cholesky_ex(A)
+        if bool((status != 0).any()):
+            self.last_fallback = (
+                "Cholesky factorization failed (matrix not numerically positive "
+                "definite); used an LU solve."
+            )
+            return torch.linalg.solve(A, b)
+        return torch.cholesky_solve(b, L)
+
+
+# --------------------------------------------------------------------------
+# Validation error of ridge (K-fold / holdout path)
+# --------------------------------------------------------------------------
+
+
+def _weighted_mse(pred, y, sample_weight):
+    """Per-target mean squared error, ``sum_i s_i e_i^2 / sum_i s_i``."""
+    resid = y - pred
+    if resid.ndim == 1:
+        resid = resid[:, None]
+    sq = resid * resid
+    if sample_weight is None:
+        return sq.mean(0)
+    w = sample_weight.to(sq)
+    return (w @ sq) / w.sum()
+
+
+def ridge_validation_curve(solver, X_val, y_val, alphas, sample_weight=None):
+    """Validation MSE per target of ridge at many scalar alphas (no autograd).
+
+    Returns
+    -------
+    tensor of shape (n_alphas, n_targets)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import RidgeSolver, ridge_validation_curve
+    >>> g = torch.Generator().manual_seed(0)
+    >>> X = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    >>> y = X.sum(1)
+    >>> ridge_validation_curve(RidgeSolver(X[:20], y[:20]), X[20:], y[20:], [1e-8, 1e8]).shape
+    torch.Size([2, 1])
+    """
+    coef, intercept = solver.coef_path(alphas)  # (na, p, k), (na, k)
+    with torch.no_grad():
+        pred = X_val[None] @ coef + intercept[:, None, :]  # (na, nv, k)
+        y2 = (y_val[:, None] if y_val.ndim == 1 else y_val).to(pred)
+        sq = (pred - y2[None]) ** 2
+        if sample_weight is None:
+            return sq.mean(1)
+        w = sample_weight.to(sq)
+        return torch.einsum("n,ank->ak", w, sq) / w.sum()
+
+
+def ridge_validation_value_and_grad(
+    solver, X_val, y_val, log_alpha, sample_weight=None, hypergradient="closed_form", init=None
+):
+    """Validation MSE of ridge and its hypergradient through :func:`argmin`.
+
+    The inner problem is ``solver`` (a :class:`RidgeSolver` with a scalar or
+    per-target penalty); ``hypergradient`` is any strategy name or object
+    (``"closed_form"`` is exact; ``"dense"``, ``"cg"`` use the implicit
+    function theorem at the exact inner solution).
+
+    Returns
+    -------
+    value : tensor of shape (1,) (scalar penalty: mean over targets) or (n_targets,)
+    grad : tensor, same shape (derivative of each value in its log-alpha)
+    info : HypergradientInfo
+    theta : dict of detached tensors (the inner solution)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import RidgeSolver, ridge_validation_value_and_grad
+    >>> g = torch.Generator().manual_seed(0)
+    >>> X = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    >>> y = X.sum(1) + torch.randn(30, generator=g, dtype=torch.float64)
+    >>> value, grad, info, theta = ridge_validation_value_and_grad(
+    ...     RidgeSolver(X[:20], y[:20]), X[20:], y[20:], 0.0)
+    >>> info.strategy, value.shape
+    ('closed_form', torch.Size([1]))
+    """
+    dtype, device = solver.X.dtype, solver.X.device
+    phi = torch.as_tensor(log_alpha, dtype=dtype, device=device).detach().clone()
+    phi = phi.reshape(solver.phi_shape()).requires_grad_(True)
+    if init is None:
+        init = solver.init_theta()
+    with torch.enable_grad():
+        theta, info = argmin(solver.inner_loss, phi, init, hypergradient=hypergradient, solver=solver)
+        per_target = _weighted_mse(solver.predict(theta, X_val), y_val.to(dtype), sample_weight)
+        value = per_target if solver.penalty == "per_target" else per_target.mean().reshape(1)
+        (grad,) = torch.autograd.grad(value.sum(), phi)
+    return value.detach(), grad.detach().reshape(-1), info, tree_detach(theta)
+
+
+# --------------------------------------------------------------------------
+# Kernel ridge
+# --------------------------------------------------------------------------
+
+
+def kernel_ridge_fit(K, y, reg):
+    """Dual coefficients ``(K + reg I)^{-1} y`` by Cholesky, in autograd.
+
+    Differentiable in ``K`` (hence in whatever produced it, e.g. support
+    points), ``y`` and ``reg`` (a scalar tensor or float; an absolute penalty,
+    unlike :func:`kernel_ridge_coef` whose penalty is relative to the trace).
+    Falls back to an LU solve if the Cholesky factorization fails. Predict
+    with ``K_test_train @ dual``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import kernel_ridge_fit
+    >>> K = torch.eye(2, dtype=torch.float64)
+    >>> dual = kernel_ridge_fit(K, torch.tensor([1.0, 2.0], dtype=torch.float64), 1.0)
+    >>> [round(v, 6) for v in dual.tolist()]
+    [0.5, 1.0]
+    >>> [round(v, 6) for v in (K @ dual).tolist()]
+    [0.5, 1.0]
+    """
+    n = K.shape[0]
+    A = K + reg * torch.eye(n, dtype=K.dtype, device=K.device)
+    y2 = y[:, None] if y.ndim == 1 else y
+    L, status = torch.linalg.cholesky_ex(A)
+    if int(status) != 0:
+        dual = torch.linalg.solve(A, y2)
+    else:
+        dual = torch.cholesky_solve(y2, L)
+    return dual[:, 0] if y.ndim == 1 else dual
+
+
+class KernelRidgeSolver(ClosedFormSolver):
+    """Kernel ridge regression as a closed-form inner problem.
+
+    The inner variable is the dual vector ``a``; the inner objective is
+    ``1/2 a^T (K + reg I) a - a^T y`` whose minimizer is
+    ``a* = (K + reg I)^{-1} y``. ``phi`` is either a tensor (the log of
+    ``reg``) or a dict with any of the keys ``"X"`` (support inputs),
+    ``"y"`` (support targets or soft labels) and ``"log_reg"``; missing
+    entries come from the constructor. With ``"X"`` in ``phi`` the kernel
+    is recomputed from ``kernel(X, X)``, so gradients reach the support
+    points (kernel inducing points, KIP).
+
+    Parameters
+    ----------
+    kernel : callable or str, optional
+        ``kernel(A, B) -> (len(A), len(B))`` tensor, differentiable, or a name
+        accepted by :func:`pairwise_kernel` (``"rbf"``, ``"ntk"``, ...).
+    X : tensor, optional
+        Fixed support inputs.
+    y : tensor, optional
+        Fixed support targets.
+    K : tensor, optional
+        Precomputed kernel matrix of the support (instead of kernel and X).
+    log_reg : float or tensor, optional
+        Fixed log-regularization (default log(1e-6)).
+    kernel_params : dict, optional
+        Keyword arguments of a named kernel.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import KernelRidgeSolver
+    >>> lin = lambda A, B: A @ B.T
+    >>> Xs = torch.tensor([[1.0], [2.0]], dtype=torch.float64, requires_grad=True)
+    >>> solver = KernelRidgeSolver(lin, y=torch.tensor([1.0, 2.0], dtype=torch.float64))
+    >>> phi = {"X": Xs, "log_reg": torch.tensor(0.0, dtype=torch.float64)}
+    >>> dual = solver.closed_form(phi)
+    >>> pred = solver.predict(dual, phi, torch.tensor([[3.0]], dtype=torch.float64))
+    >>> pred.backward()
+    >>> Xs.grad.shape
+    torch.Size([2, 1])
+    """
+
+    def __init__(self, kernel=None, X=None, y=None, K=None, log_reg=None, kernel_params=None):
+        self.kernel = kernel
+        self.kernel_params = kernel_params
+        self.X = X
+        self.y = y
+        self.K = K
+        self.log_reg = math.log(1e-6) if log_reg is None else log_reg
+        self.last_fallback = None
+
+    def _parts(self, phi):
+        if isinstance(phi, torch.Tensor):
+            phi = {"log_reg": phi}
+        if not isinstance(phi, dict):
+            raise ValueError("KernelRidgeSolver expects phi to be a tensor or a dict.")
+        unknown = set(phi) - {"X", "y", "log_reg"}
+        if unknown:
+            raise ValueError(f"Unknown phi keys {sorted(unknown)}; use 'X', 'y', 'log_reg'.")
+        X = phi.get("X", self.X)
+        y = phi.get("y", self.y)
+        log_reg = phi.get("log_reg", self.log_reg)
+        if y is None:
+            raise ValueError("KernelRidgeSolver needs targets: pass y=... or phi['y'].")
+        if "X" in phi or self.K is None:
+            if self.kernel is None or X is None:
+                raise ValueError("KernelRidgeSolver needs K=..., or kernel=... and X=....")
+            K = self._kernel(X, X)
+        else:
+            K = self.K
+        reg = log_reg.exp() if isinstance(log_reg, torch.Tensor) else math.exp(log_reg)
+        return X, y, K, reg
+
+    def _kernel(self, A, B):
+        if isinstance(self.kernel, str):
+            from ._kernels import pairwise_kernel
+
+            return pairwise_kernel(self.kernel, A, B, **(self.kernel_params or {}))
+        return self.kernel(A, B)
+
+    def closed_form(self, phi):
+        X, y, K, reg = self._parts(phi)
+        return kernel_ridge_fit(K, y.to(K.dtype), reg)
+
+    def inner_loss(self, theta, phi):
+        """``1/2 a^T (K + reg I) a - a^T y`` (summed over target columns)."""
+        _, y, K, reg = self._parts(phi)
+        Ka = K @ theta + reg * theta
+        return 0.5 * (theta * Ka).sum() - (theta * y.to(K.dtype)).sum()
+
+    def predict(self, theta, phi, X_test=None, K_test=None):
+        """Predictions on ``X_test`` (through ``kernel``) or from ``K_test``."""
+        if K_test is None:
+            X, _, _, _ = self._parts(phi)
+            K_test = self._kernel(X_test, X)
+        return K_test @ theta
+
+    def init_theta(self, n_support=None, n_targets=None, like=None):
+        """Zero dual vector for the support (needs its size)."""
+        y = self.y
+        if y is None:
+            raise ValueError("init_theta needs fixed targets y.")
+        return torch.zeros_like(y, dtype=y.dtype if like is None else like.dtype)
+
+
+# --------------------------------------------------------------------------
+# One-dimensional search over log-alpha
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LogAlphaSearchResult:
+    """Outcome of :func:`minimize_log_alpha` (arrays have one entry per coordinate).
+
+    Attributes
+    ----------
+    x : ndarray
+        Best log-alpha found.
+    fun : ndarray
+        Objective there.
+    grad : ndarray
+        Derivative there (nan where only the scan evaluated it).
+    n_iter : int
+        Hypergradient evaluations after the scan or initial point.
+    converged : ndarray of bool
+        Whether each coordinate met ``tol``.
+    history : list of float
+        Mean objective at the current best point: after the scan, then after
+        every refinement iteration (non-increasing).
+    grid : ndarray or None
+        The scanned log-alphas; ``grid_values`` the objective there.
+    """
+
+    x: np.ndarray
+    fun: np.ndarray
+    grad: np.ndarray
+    n_iter: int
+    converged: np.ndarray
+    history: list
+    grid: Optional[np.ndarray] = None
+    grid_values: Optional[np.ndarray] = None
+
+
+def minimize_log_alpha(
+    value_and_grad,
+    *,
+    values=None,
+    grid=None,
+    x0=None,
+    tol=1e-4,
+    max_iter=100,
+    step=1.0,
+    bounds=(-120.0, 120.0),
+):
+    """Minimize k independent 1-D objectives of log-alpha with exact derivatives.
+
+    Two phases, vectorized over the k coordinates (k = 1 for one shared
+    alpha, k = n_targets for one alpha per target):
+
+    1. **Bracket.** With ``grid`` and ``values``: evaluate the cheap
+       objective at every grid point and take the best ``x_b``. Its
+       derivative sign says on which side the minimum lies; the neighbouring
+       grid point ``e`` on that side has ``f(e) >= f(x_b)``, so a local
+       minimum lower than ``f(x_b)`` lies strictly between them. This is what
+       makes the search robust to several local minima: the global minimum
+       *on the grid* is always bracketed and the result is never worse
+       than it. With ``x0`` instead: step ``step, 2 step, 4 step, ...`` downhill
+       until the objective rises.
+    2. **Refine.** Keep the best point ``x_b`` and the far end ``e`` of its
+       bracket. The trial point is the secant step on the derivative (from
+       the last two derivative evaluations) when it falls strictly inside
+       ``(x_b, e)``, else the minimizer of the quadratic through
+       ``f(x_b), f'(x_b), f(e)``, else the midpoint. A trial that lowers the
+       objective becomes ``x_b`` (and the old ``x_b`` becomes ``e`` if the
+       derivative changed sign); otherwise it becomes ``e``. Stop when the
+       step, or the bracket, is below ``tol`` (in log-alpha), or
+       ``|f'(x_b)| <= 1e-12 |f(x_b)|``.
+
+    A one-dimensional problem needs neither a learning rate nor a generic
+    optimizer: secant steps on the exact derivative converge superlinearly,
+    in a handful of hypergradient evaluations.
+
+    Parameters
+    ----------
+    value_and_grad : callable
+        ``value_and_grad(x: ndarray (k,)) -> (f (k,), g (k,))``.
+    values : callable, optional
+        ``values(grid: ndarray (a,)) -> ndarray (a, k)``, the objective at
+        many points (no derivatives needed).
+    grid : ndarray of shape (a,), optional
+        Sorted log-alphas to scan; requires ``values``.
+    x0 : float or ndarray of shape (k,), optional
+        Starting point when no grid is given.
+    tol : float, default=1e-4
+        Tolerance on log-alpha.
+    max_iter : int, default=100
+        Maximum number of refinement evaluations.
+    step : float, default=1.0
+        First bracketing step from ``x0``.
+    bounds : tuple of float
+        Limits on log-alpha.
+
+    Returns
+    -------
+    LogAlphaSearchResult
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skbilevel.hypergrad import minimize_log_alpha
+    >>> f = lambda x: ((x - 1.5) ** 2, 2 * (x - 1.5))
+    >>> res = minimize_log_alpha(f, values=lambda g: ((g - 1.5) ** 2)[:, None],
+    ...                          grid=np.linspace(-5, 5, 11))
+    >>> round(float(res.x[0]), 6)
+    1.5
+    """
+    lo_b, hi_b = bounds
+    if grid is not None:
+        if values is None:
+            raise ValueError("A grid scan needs the values callable.")
+        grid = np.asarray(grid, dtype=float)
+        V = np.asarray(values(grid), dtype=float)
+        if V.ndim == 1:
+            V = V[:, None]
+        V = np.where(np.isfinite(V), V, np.inf)
+        k = V.shape[1]
+        idx = np.argmin(V, axis=0)
+        xb = grid[idx].copy()
+        fb = V[idx, np.arange(k)]
+        # the derivative at the best grid point; keep the scan's value there
+        _, gb = map(lambda a: np.asarray(a, dtype=float), value_and_grad(xb))
+        n_eval = 1
+        a_idx = len(grid)
+        left = np.where(idx > 0, grid[np.maximum(idx - 1, 0)], np.nan)
+        right = np.where(idx < a_idx - 1, grid[np.minimum(idx + 1, a_idx - 1)], np.nan)
+        f_left = np.where(idx > 0, V[np.maximum(idx - 1, 0), np.arange(k)], np.nan)
+        f_right = np.where(idx < a_idx - 1, V[np.minimum(idx + 1, a_idx - 1), np.arange(k)], np.nan)
+        e = np.where(gb > 0, left, right)
+        fe = np.where(gb > 0, f_left, f_right)
+        ge = np.full(k, np.nan)
+        # minimum on the boundary with the slope pointing outward: nothing to bracket
+        active = np.isfinite(e) & (gb != 0) & np.isfinite(gb)
+        history = [float(np.mean(fb))]
+    else:
+        if x0 is None:
+            raise ValueError("Pass either grid and values, or x0.")
+        xb = np.atleast_1d(np.asarray(x0, dtype=float)).copy()
+        k = xb.shape[0]
+        fb, gb = map(lambda a: np.asarray(a, dtype=float).copy(), value_and_grad(xb))
+        n_eval = 1
+        history = [float(np.mean(fb))]
+        e = np.full(k, np.nan)
+        fe = np.full(k, np.nan)
+        ge = np.full(k, np.nan)
+        searching = (gb != 0) & np.isfinite(gb)
+        h = np.full(k, float(step))
+        # expand downhill until the objective rises or the slope flips
+        while searching.any() and n_eval <= max_iter:
+            direction = -np.sign(gb)
+            xt = np.clip(xb + direction * h, lo_b, hi_b)
+            xt = np.where(searching, xt, xb)
+            ft, gt = map(lambda a: np.asarray(a, dtype=float), value_and_grad(xt))
+            n_eval += 1
+            rose = searching & (ft >= fb)
+            flipped = searching & ~rose & (np.sign(gt) != np.sign(gb))
+            moved = searching & ~rose
+            # rose: bracket is (xb, xt); flipped: bracket is (xt, old xb)
+            e = np.where(rose, xt, np.where(flipped, xb, e))
+            fe = np.where(rose, ft, np.where(flipped, fb, fe))
+            ge = np.where(rose, gt, np.where(flipped, gb, ge))
+            xb = np.where(moved, xt, xb)
+            fb = np.where(moved, ft, fb)
+            gb = np.where(moved, gt, gb)
+            at_bound = moved & ~flipped & ((xt <= lo_b) | (xt >= hi_b))
+            searching = searching & ~rose & ~flipped & ~at_bound & (gb != 0)
+            h = h * 2.0
+            history.append(float(np.mean(fb)))
+        active = np.isfinite(e) & (gb != 0) & np.isfinite(gb)
+    # previous derivative evaluation for the secant step
+    xp, gp = e.copy(), ge.copy()
+    converged = ~active
+    n_iter = 0
+    while active.any() and n_iter < max_iter:
+        width = np.abs(e - xb)
+        # secant on f' from the last two derivative evaluations
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sec = xb - gb * (xb - xp) / (gb - gp)
+            # quadratic through f(xb), f'(xb), f(e): q(t) = fb + gb t + c t^2
+            t = e - xb
+            c = (fe - fb - gb * t) / (t * t)
+            quad = xb - gb / (2.0 * c)
+        lo = np.minimum(xb, e)
+        hi = np.maximum(xb, e)
+        margin = 1e-3 * width
+        inside = lambda z: np.isfinite(z) & (z > lo) & (z < hi) & (z != xb)
+        trial = np.where(inside(sec), sec, np.where(inside(quad) & (c > 0), quad, 0.5 * (xb + e)))
+        # stay off the far end, which already has f >= f(xb)
+        trial = np.clip(trial, np.where(e < xb, e + margin, -np.inf), np.where(e > xb, e - margin, np.inf))
+        trial = np.where(active, trial, xb)
+        ft, gt = map(lambda a: np.asarray(a, dtype=float), value_and_grad(trial))
+        n_iter += 1
+        step_size = np.abs(trial - xb)
+        better = active & np.isfinite(ft) & (ft < fb)
+        worse = active & ~better
+        flipped = better & (np.sign(gt) != np.sign(gb))
+        # better & flipped: new bracket (old xb, trial); better & same sign: (trial, e)
+        new_e = np.where(flipped, xb, e)
+        new_fe = np.where(flipped, fb, fe)
+        new_ge = np.where(flipped, gb, ge)
+        xp = np.where(active, np.where(better, xb, trial), xp)
+        gp = np.where(active, np.where(better, gb, gt), gp)
+        xb = np.where(better, trial, xb)
+        fb = np.where(better, ft, fb)
+        gb = np.where(better, gt, gb)
+        e = np.where(better, new_e, np.where(worse, trial, e))
+        fe = np.where(better, new_fe, np.where(worse, ft, fe))
+        ge = np.where(better, new_ge, np.where(worse, gt, ge))
+        done = (
+            (better & (step_size < tol))
+            | (np.abs(e - xb) < tol)
+            | (np.abs(gb) <= 1e-12 * np.abs(fb))
+            | (gb == 0)
+        )
+        converged = converged | (active & done)
+        active = active & ~done
+        history.append(float(np.mean(fb)))
+    return LogAlphaSearchResult(
+        x=xb,
+        fun=fb,
+        grad=gb,
+        n_iter=n_iter if grid is not None else n_eval - 1 + n_iter,
+        converged=converged,
+        history=history,
+        grid=grid,
+        grid_values=V if grid is not None else None,
+    )
