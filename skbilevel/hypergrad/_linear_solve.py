@@ -9,7 +9,7 @@ decides (the implicit strategies turn a failure into a
 :class:`~skbilevel.hypergrad.LinearSolveWarning` with the numbers).
 
 A solver never returns a silent zero or NaN: conjugate gradient stops at
-non-positive curvature and says so, keeps its best iterate, and checks its
+non-positive curvature and says so, keeps its last finite iterate, and checks its
 final residual with one extra product ``A x``.
 """
 
@@ -110,7 +110,9 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
     Returns
     -------
     x : torch.Tensor
-        The best iterate found (smallest residual), shaped like ``b``.
+        The last finite iterate, shaped like ``b``: CG's iterates have
+        monotonically decreasing ``A``-norm error, while their residuals
+        need not decrease.
     result : LinearSolveResult
         ``converged`` is judged on the *true* residual, recomputed with one
         extra product at the end (a drifting recursive residual is restarted
@@ -162,7 +164,9 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
                 x, r = x0f.clone(), r0
     p = r.clone()
     rs = float(r @ r)
-    best_x, best_res = x.clone(), math.sqrt(rs) / b_norm
+    # CG's iterates minimize the A-norm error over growing Krylov spaces, so the
+    # last finite iterate is the best one (residual norms are not monotone).
+    best_x = x
     fallback, message = None, ""
     iterations, converged, curvature_stop = 0, False, False
     while True:
@@ -191,8 +195,7 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
                 message = f"residual became non-finite at iteration {iterations}"
                 curvature_stop = True
                 break
-            if math.sqrt(rs_new) / b_norm < best_res:
-                best_x, best_res = x.clone(), math.sqrt(rs_new) / b_norm
+            best_x = x
             p = r + (rs_new / rs) * p
             rs = rs_new
         # Check the true residual of the best iterate (one more product).
@@ -204,10 +207,9 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
             break
         # The recursive residual drifted below tol but the true one did not:
         # restart from the best iterate with the true residual.
-        x, r = best_x.clone(), r_true
+        x, r = best_x, r_true
         p = r.clone()
         rs = float(r @ r)
-        best_res = true_res
     if not message:
         message = (
             f"relative residual {true_res:.3e} <= tol {tol:.1e}"

@@ -1,0 +1,385 @@
+"""Implicit-differentiation strategies checked against exact hypergradients.
+
+Ridge with one log-penalty per feature has a closed-form hypergradient:
+with A = X^T X + diag(e^phi), w* = A^{-1} X^T y and a validation loss F(w),
+
+    dF/dphi = -e^phi * w* * (A^{-1} grad_w F(w*)).
+
+Logistic regression is checked against central finite differences of the
+outer loss, re-solving the inner problem tightly at each perturbed phi.
+"""
+
+import math
+import pathlib
+import re
+import warnings
+
+import pytest
+import torch
+
+from skbilevel.hypergrad import (
+    LBFGS,
+    ClosedFormSolver,
+    ImplicitCG,
+    ImplicitDense,
+    ImplicitIdentity,
+    ImplicitNeumann,
+    LinearSolveWarning,
+    NewtonCG,
+    argmin,
+    get_strategy,
+)
+
+DT = torch.float64
+
+
+def _rel(a, b):
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+# --------------------------------------------------------------------------- ridge
+
+
+def _ridge_data(n=30, d=5, n_val=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    w_true = torch.randn(d, generator=g, dtype=DT)
+    y = X @ w_true + 0.3 * torch.randn(n, generator=g, dtype=DT)
+    Xv = torch.randn(n_val, d, generator=g, dtype=DT)
+    yv = Xv @ w_true + 0.3 * torch.randn(n_val, generator=g, dtype=DT)
+    phi0 = torch.linspace(-1.0, 1.5, d, dtype=DT)
+    return X, y, Xv, yv, phi0
+
+
+def _ridge_inner(X, y):
+    def inner(w, phi):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * (phi.exp() * w**2).sum()
+
+    return inner
+
+
+class RidgeSolver(ClosedFormSolver):
+    """Exact inner solver for the ridge problem (a closed form)."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def closed_form(self, phi):
+        A = self.X.T @ self.X + torch.diag(phi.exp())
+        return torch.linalg.solve(A, self.X.T @ self.y)
+
+
+def _ridge_exact(X, y, Xv, yv, phi):
+    """Hand-derived hypergradient of F(w) = 0.5 ||Xv w - yv||^2 / n_val."""
+    A = X.T @ X + torch.diag(phi.exp())
+    w = torch.linalg.solve(A, X.T @ y)
+    grad_F = Xv.T @ (Xv @ w - yv) / Xv.shape[0]
+    return -phi.exp() * w * torch.linalg.solve(A, grad_F)
+
+
+def _ridge_hypergrad(strategy, solver=None, data=None):
+    X, y, Xv, yv, phi0 = data if data is not None else _ridge_data()
+    phi = phi0.clone().requires_grad_(True)
+    w, info = argmin(
+        _ridge_inner(X, y), phi, torch.zeros(X.shape[1], dtype=DT),
+        hypergradient=strategy, solver=solver,
+    )
+    (0.5 * ((Xv @ w - yv) ** 2).mean()).backward()
+    return phi.grad.detach(), info
+
+
+@pytest.mark.parametrize("strategy", [ImplicitDense(), ImplicitCG()])
+def test_ridge_exact_solver_matches_closed_form(strategy):
+    X, y, Xv, yv, phi0 = data = _ridge_data()
+    exact = _ridge_exact(X, y, Xv, yv, phi0)
+    grad, info = _ridge_hypergrad(strategy, RidgeSolver(X, y), data)
+    assert _rel(grad, exact) < 1e-8
+    assert info.linear_solve_converged is True
+    assert info.fallback is None
+
+
+def test_ridge_cg_with_lbfgs_inner_solver():
+    X, y, Xv, yv, phi0 = data = _ridge_data()
+    grad, info = _ridge_hypergrad(ImplicitCG(), LBFGS(tol=1e-12), data)
+    assert info.inner_converged and info.inner_grad_norm <= 1e-12
+    assert _rel(grad, _ridge_exact(X, y, Xv, yv, phi0)) < 1e-8
+
+
+def test_ridge_neumann_with_enough_terms():
+    X, y, Xv, yv, phi0 = data = _ridge_data()
+    exact = _ridge_exact(X, y, Xv, yv, phi0)
+    # Default step 1 / lambda_max(H) from power iteration.
+    grad, info = _ridge_hypergrad(ImplicitNeumann(n_terms=500), RidgeSolver(X, y), data)
+    assert _rel(grad, exact) < 1e-4
+    assert info.linear_solve_residual < 1e-4 and info.linear_solve_converged
+    lam_max = float(torch.linalg.eigvalsh(X.T @ X + torch.diag(phi0.exp())).max())
+    assert info.extra["lambda_max_estimate"] == pytest.approx(lam_max, rel=1e-3)
+    # An explicit step below 2 / lambda_max converges too; more terms, smaller error.
+    few, _ = _ridge_hypergrad(ImplicitNeumann(n_terms=20, step=1.0 / lam_max), RidgeSolver(X, y), data)
+    many, _ = _ridge_hypergrad(ImplicitNeumann(n_terms=400, step=1.0 / lam_max), RidgeSolver(X, y), data)
+    assert _rel(many, exact) < 1e-4 < _rel(few, exact)
+
+
+def test_ridge_identity_is_a_finite_first_order_approximation():
+    # The identity strategy replaces H^{-1} g by step * g with step = |g|^2 / g^T H g
+    # (one CG step): biased, but a descent-aligned direction on this problem.
+    X, y, Xv, yv, phi0 = data = _ridge_data()
+    exact = _ridge_exact(X, y, Xv, yv, phi0)
+    grad, info = _ridge_hypergrad(ImplicitIdentity(), RidgeSolver(X, y), data)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert float(grad @ exact) > 0  # positive cosine with the exact hypergradient
+    assert info.linear_solve_converged is None
+    assert 0 < info.linear_solve_residual < 1
+    assert info.n_hvp == 2  # one H g for the step, one mixed product
+    # A fixed step costs only the mixed product; its residual is not computed.
+    grad_fixed, info_fixed = _ridge_hypergrad(ImplicitIdentity(step=0.01), RidgeSolver(X, y), data)
+    assert torch.isfinite(grad_fixed).all() and math.isnan(info_fixed.linear_solve_residual)
+    assert info_fixed.n_hvp == 1
+
+
+def test_health_record_fields_are_filled():
+    grad, info = _ridge_hypergrad(ImplicitCG(), LBFGS())
+    d = info.as_dict()
+    assert d["strategy"] == "cg"
+    assert d["inner_iterations"] > 0 and d["inner_converged"] is True
+    assert d["inner_grad_norm"] <= 1e-10
+    assert d["linear_solve_iterations"] > 0
+    assert d["linear_solve_residual"] <= 1e-10 and d["linear_solve_converged"] is True
+    # K CG iterations, one true-residual check, one mixed product.
+    assert d["n_hvp"] == d["linear_solve_iterations"] + 2
+    assert d["n_grad"] > d["inner_iterations"]
+    assert d["fallback"] is None
+
+
+def test_warm_start_reduces_cg_iterations():
+    # d = 40 with a well-conditioned Hessian: CG needs far fewer than d iterations.
+    X, y, Xv, yv, phi0 = _ridge_data(n=200, d=40)
+    strategy = ImplicitCG(warm_start=True)
+    iterations = []
+    for shift in (0.0, 1e-4):
+        phi = (phi0 + shift).requires_grad_(True)
+        w, info = argmin(_ridge_inner(X, y), phi, torch.zeros(40, dtype=DT),
+                         hypergradient=strategy, solver=RidgeSolver(X, y))
+        (0.5 * ((Xv @ w - yv) ** 2).mean()).backward()
+        iterations.append(info.linear_solve_iterations)
+        exact = _ridge_exact(X, y, Xv, yv, phi.detach())
+        assert _rel(phi.grad, exact) < 1e-8
+    assert info.extra["warm_started"] is True
+    assert iterations[1] < iterations[0]
+
+
+# ----------------------------------------------------------------- logistic regression
+
+
+def _logistic_problem(n=80, d=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    w_true = torch.randn(d, generator=g, dtype=DT)
+    y = torch.where(torch.rand(n, generator=g, dtype=DT) < torch.sigmoid(X @ w_true), 1.0, -1.0).to(DT)
+    Xv = torch.randn(n, d, generator=g, dtype=DT)
+    yv = torch.where(torch.rand(n, generator=g, dtype=DT) < torch.sigmoid(Xv @ w_true), 1.0, -1.0).to(DT)
+
+    def inner(w, phi):
+        return torch.nn.functional.softplus(-y * (X @ w)).sum() + 0.5 * (phi.exp() * w**2).sum()
+
+    def outer(w):
+        return torch.nn.functional.softplus(-yv * (Xv @ w)).mean()
+
+    phi0 = torch.linspace(-1.0, 1.0, d, dtype=DT)
+    return inner, outer, phi0, d
+
+
+def _logistic_hypergrad(strategy, solver=None):
+    inner, outer, phi0, d = _logistic_problem()
+    phi = phi0.clone().requires_grad_(True)
+    w, info = argmin(inner, phi, torch.zeros(d, dtype=DT), hypergradient=strategy,
+                     solver=solver or NewtonCG(tol=1e-12))
+    outer(w).backward()
+    return phi.grad.detach(), info
+
+
+def test_logistic_cg_matches_dense_and_finite_differences():
+    inner, outer, phi0, d = _logistic_problem()
+    cg, info = _logistic_hypergrad(ImplicitCG())
+    dense, _ = _logistic_hypergrad(ImplicitDense())
+    assert info.linear_solve_converged
+    assert _rel(cg, dense) < 1e-8
+
+    solver = NewtonCG(tol=1e-13)
+
+    def F(phi):
+        w, _ = solver.solve(lambda w: inner(w, phi), torch.zeros(d, dtype=DT))
+        return float(outer(w))
+
+    h = 1e-4
+    fd = torch.stack([
+        torch.tensor((F(phi0 + h * e) - F(phi0 - h * e)) / (2 * h), dtype=DT)
+        for e in torch.eye(d, dtype=DT)
+    ])
+    assert _rel(cg, fd) < 1e-5
+
+
+# ------------------------------------------------------------- failures and warnings
+
+
+class SaddleSolver(ClosedFormSolver):
+    """theta* = A^{-1} phi, the stationary point of 0.5 theta^T A theta - phi^T theta."""
+
+    def __init__(self, A):
+        self.A = A
+
+    def closed_form(self, phi):
+        return torch.linalg.solve(self.A, phi)
+
+
+def _saddle(strategy):
+    A = torch.diag(torch.tensor([3.0, -1.0, 2.0, -0.5], dtype=DT))
+    A = A + 0.1 * torch.ones(4, 4, dtype=DT)
+
+    def inner(theta, phi):
+        return 0.5 * theta @ A @ theta - phi @ theta
+
+    phi = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=DT, requires_grad=True)
+    theta, info = argmin(inner, phi, torch.zeros(4, dtype=DT), hypergradient=strategy,
+                         solver=SaddleSolver(A))
+    (theta**2).sum().backward()
+    exact = 2 * torch.linalg.solve(A.T, torch.linalg.solve(A, phi.detach()))
+    return phi.grad, info, exact
+
+
+def test_cg_on_indefinite_hessian_warns_with_residual_and_stays_finite():
+    with pytest.warns(LinearSolveWarning, match=r"relative residual \d\.\d+e[+-]\d+") as record:
+        grad, info, exact = _saddle(ImplicitCG())
+    assert "curvature" in str(record[0].message)
+    assert info.linear_solve_converged is False
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert info.linear_solve_residual > 1e-10
+
+
+def test_cg_dense_fallback_recovers_exact_gradient_on_indefinite_hessian():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a successful fallback does not warn
+        grad, info, exact = _saddle(ImplicitCG(fallback="dense"))
+    assert info.fallback.startswith("cg -> dense")
+    assert info.linear_solve_converged is True
+    assert _rel(grad, exact) < 1e-10
+    # The dense strategy itself records that Cholesky failed.
+    grad, info, exact = _saddle(ImplicitDense(method="cholesky"))
+    assert "used LU" in info.fallback and _rel(grad, exact) < 1e-10
+
+
+def test_cg_maxiter_too_small_on_ill_conditioned_system_warns():
+    X, y, Xv, yv, _ = data = _ridge_data(d=8)
+    X = X * torch.logspace(0, 3, 8, dtype=DT)  # condition number ~1e6
+    phi0 = torch.zeros(8, dtype=DT)
+    data = (X, y, Xv, yv, phi0)
+    with pytest.warns(LinearSolveWarning, match="after 2 iterations") as record:
+        grad, info = _ridge_hypergrad(ImplicitCG(maxiter=2), RidgeSolver(X, y), data)
+    message = str(record[0].message)
+    assert f"{info.linear_solve_residual:.3e}" in message
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert info.linear_solve_converged is False and info.linear_solve_iterations == 2
+
+
+def test_neumann_divergence_warns_with_numbers():
+    with pytest.warns(LinearSolveWarning, match=r"diverges: .* = \d\.\d+e\+\d+ > 1"):
+        grad, info = _ridge_hypergrad(ImplicitNeumann(n_terms=30, step=1.0))
+    assert info.linear_solve_converged is False
+    assert torch.isfinite(grad).all()
+
+
+def test_neumann_tol_not_reached_warns():
+    X, y, *_ = data = _ridge_data()
+    with pytest.warns(LinearSolveWarning, match="Neumann linear solve did not converge"):
+        _ridge_hypergrad(ImplicitNeumann(n_terms=3, tol=1e-8), RidgeSolver(X, y), data)
+
+
+# ------------------------------------------------------------------ shapes and trees
+
+
+def test_scalar_theta_and_scalar_phi():
+    # f = 0.5 (theta - 1)^2 + 0.5 e^phi theta^2  =>  theta* = 1 / (1 + e^phi).
+    def inner(theta, phi):
+        return 0.5 * (theta - 1.0) ** 2 + 0.5 * phi.exp() * theta**2
+
+    for strategy in ("cg", "dense", "neumann", "identity"):
+        phi = torch.tensor(0.3, dtype=DT, requires_grad=True)
+        theta, info = argmin(inner, phi, torch.tensor(0.0, dtype=DT), hypergradient=strategy)
+        assert theta.shape == ()
+        theta.backward()
+        e = math.exp(0.3)
+        exact = -e / (1 + e) ** 2
+        assert float(phi.grad) == pytest.approx(exact, rel=1e-8), strategy
+
+
+def test_tree_theta_and_tree_phi():
+    X, y, Xv, yv, phi0 = _ridge_data()
+    d = X.shape[1]
+
+    def inner(params, hyper):
+        pred = hyper["X"] @ params["w"] + params["b"]
+        return 0.5 * ((pred - y) ** 2).sum() + 0.5 * (hyper["log_alpha"].exp() * params["w"] ** 2).sum()
+
+    def hypergrad(strategy):
+        log_alpha = phi0.clone().requires_grad_(True)
+        hyper = {"log_alpha": log_alpha, "X": X}  # X does not require grad
+        init = {"w": torch.zeros(d, dtype=DT), "b": torch.zeros((), dtype=DT)}
+        params, info = argmin(inner, hyper, init, hypergradient=strategy, solver=LBFGS(tol=1e-12))
+        assert set(params) == {"w", "b"} and params["b"].shape == ()
+        (0.5 * ((Xv @ params["w"] + params["b"] - yv) ** 2).mean()).backward()
+        return log_alpha.grad
+
+    # Exact: the intercept is an unpenalized extra column of ones.
+    Xa = torch.cat([X, torch.ones(len(X), 1, dtype=DT)], dim=1)
+    A = Xa.T @ Xa + torch.diag(torch.cat([phi0.exp(), torch.zeros(1, dtype=DT)]))
+    wa = torch.linalg.solve(A, Xa.T @ y)
+    Xva = torch.cat([Xv, torch.ones(len(Xv), 1, dtype=DT)], dim=1)
+    u = torch.linalg.solve(A, Xva.T @ (Xva @ wa - yv) / len(Xv))
+    exact = -phi0.exp() * wa[:d] * u[:d]
+    assert _rel(hypergrad("cg"), exact) < 1e-8
+    assert _rel(hypergrad("dense"), exact) < 1e-8
+
+
+def test_zero_outer_gradient_gives_zero_linear_solve():
+    X, y, Xv, yv, phi0 = _ridge_data()
+    phi = phi0.clone().requires_grad_(True)
+    w, info = argmin(_ridge_inner(X, y), phi, torch.zeros(5, dtype=DT), hypergradient="cg")
+    (0.0 * w.sum() + phi.sum()).backward()  # b = 0 for the linear solve
+    assert torch.equal(phi.grad, torch.ones(5, dtype=DT))
+    assert info.linear_solve_iterations == 0 and info.linear_solve_converged is True
+
+
+def test_phi_without_grad_returns_plain_tensor():
+    X, y, _, _, phi0 = _ridge_data()
+    w, info = argmin(_ridge_inner(X, y), phi0, torch.zeros(5, dtype=DT), hypergradient="cg")
+    assert not w.requires_grad and info.inner_converged
+
+
+def test_float32_runs_with_dtype_default_tolerances():
+    X, y, Xv, yv, phi0 = (t.float() for t in _ridge_data())
+    X, y = X / 5, y / 5  # O(1) scale so float32 tolerances are reachable
+    phi = phi0.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w, info = argmin(_ridge_inner(X, y), phi, torch.zeros(5), hypergradient="cg")
+        (0.5 * ((Xv @ w - yv) ** 2).mean()).backward()
+    assert w.dtype == torch.float32 and phi.grad.dtype == torch.float32
+    exact = _ridge_exact(X.double(), y.double(), Xv.double(), yv.double(), phi0.double())
+    assert _rel(phi.grad.double(), exact) < 1e-3
+
+
+def test_strategies_registered_with_family():
+    for name, cls in [("cg", ImplicitCG), ("neumann", ImplicitNeumann),
+                      ("identity", ImplicitIdentity), ("dense", ImplicitDense)]:
+        strategy = get_strategy(name)
+        assert isinstance(strategy, cls) and strategy.name == name
+        assert strategy.family == "implicit"
+        assert isinstance(strategy.default_solver(), LBFGS)
+    assert "ImplicitCG(tol=1e-06" in repr(ImplicitCG(tol=1e-6))
+
+
+def test_hypergrad_package_does_not_import_sklearn():
+    package = pathlib.Path(__file__).resolve().parents[2] / "skbilevel" / "hypergrad"
+    pattern = re.compile(r"^\s*(import|from)\s+sklearn\b", re.MULTILINE)
+    offenders = [p.name for p in sorted(package.glob("*.py")) if pattern.search(p.read_text())]
+    assert offenders == []
