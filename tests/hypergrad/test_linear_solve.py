@@ -1,0 +1,204 @@
+"""Linear solvers of the implicit backward pass, on small explicit matrices."""
+
+import math
+
+import pytest
+import torch
+
+from skbilevel.hypergrad import (
+    LinearSolveResult,
+    solve_cg,
+    solve_dense,
+    solve_identity,
+    solve_neumann,
+)
+
+DT = torch.float64
+
+
+def _spd(n=20, cond=50.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    eig = torch.logspace(0, math.log10(cond), n, dtype=DT)
+    A = Q @ torch.diag(eig) @ Q.T
+    b = torch.randn(n, generator=g, dtype=DT)
+    return 0.5 * (A + A.T), b
+
+
+def _rel(a, b):
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+# ----------------------------------------------------------------------------- CG
+
+
+def test_cg_solves_spd_system_and_counts_products():
+    A, b = _spd()
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return A @ v
+
+    x, res = solve_cg(matvec, b, tol=1e-12)
+    assert isinstance(res, LinearSolveResult)
+    assert _rel(x, torch.linalg.solve(A, b)) < 1e-10
+    assert res.converged and res.residual <= 1e-12
+    assert res.residual == pytest.approx(_rel(A @ x, b), rel=1e-6, abs=1e-15)
+    assert res.n_matvec == len(calls) >= res.iterations + 1  # + the true-residual check
+    assert res.fallback is None
+
+
+def test_cg_scalar_rhs():
+    x, res = solve_cg(lambda v: 4.0 * v, torch.tensor(2.0, dtype=DT))
+    assert x.shape == () and float(x) == pytest.approx(0.5)
+    assert res.converged and res.iterations == 1
+
+
+def test_cg_zero_rhs_returns_exact_zero():
+    A, b = _spd()
+    x, res = solve_cg(lambda v: A @ v, torch.zeros_like(b))
+    assert torch.equal(x, torch.zeros_like(b))
+    assert res.converged and res.residual == 0.0 and res.n_matvec == 0
+
+
+def test_cg_negative_curvature_stops_with_nonzero_finite_step():
+    b = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
+    x, res = solve_cg(lambda v: -v, b)  # negative definite
+    assert not res.converged
+    assert "non-positive curvature" in res.message
+    assert res.fallback is not None
+    assert torch.isfinite(x).all() and torch.allclose(x, b)  # step |b^T A b| along b
+    # Indefinite: stops when curvature turns non-positive, returns a finite iterate.
+    A = torch.diag(torch.tensor([2.0, 1.0, -1.0, 3.0], dtype=DT))
+    x, res = solve_cg(lambda v: A @ v, torch.ones(4, dtype=DT))
+    assert torch.isfinite(x).all() and x.abs().sum() > 0
+    assert not res.converged and math.isfinite(res.residual)
+
+
+def test_cg_maxiter_on_ill_conditioned_system():
+    A, b = _spd(n=30, cond=1e8)
+    x, res = solve_cg(lambda v: A @ v, b, tol=1e-12, maxiter=3)
+    assert not res.converged and res.iterations == 3
+    assert res.residual > 1e-12 and "maxiter=3" in res.message
+    assert torch.isfinite(x).all() and x.abs().sum() > 0
+
+
+def test_cg_warm_start_and_bad_start():
+    A, b = _spd()
+    x_exact = torch.linalg.solve(A, b)
+    x, res = solve_cg(lambda v: A @ v, b, x0=x_exact, tol=1e-10)
+    assert res.iterations == 0 and res.converged
+    _, cold = solve_cg(lambda v: A @ v, b, tol=1e-10)
+    x, res = solve_cg(lambda v: A @ v, b, x0=1e6 * torch.ones_like(b), tol=1e-10)
+    assert res.converged and res.iterations == cold.iterations  # ignored: worse than zero
+    assert _rel(x, x_exact) < 1e-8
+
+
+def test_cg_float32():
+    A, b = _spd()
+    A, b = A.float(), b.float()
+    x, res = solve_cg(lambda v: A @ v, b, tol=1e-5)
+    assert x.dtype == torch.float32 and res.converged
+
+
+def test_cg_rejects_nonfinite_rhs():
+    with pytest.raises(ValueError, match="not finite"):
+        solve_cg(lambda v: v, torch.tensor([1.0, math.nan]))
+
+
+# ------------------------------------------------------------------------- Neumann
+
+
+def test_neumann_converges_and_residual_is_exact():
+    A, b = _spd(cond=10.0)
+    lam = float(torch.linalg.eigvalsh(A).max())
+    x, res = solve_neumann(lambda v: A @ v, b, step=1.0 / lam, n_terms=300)
+    assert _rel(x, torch.linalg.solve(A, b)) < 1e-8
+    assert res.converged and res.n_matvec == res.iterations == 300
+    assert res.residual == pytest.approx(_rel(A @ x, b), rel=1e-4)
+
+
+def test_neumann_tol_stops_early():
+    A, b = _spd(cond=10.0)
+    lam = float(torch.linalg.eigvalsh(A).max())
+    x, res = solve_neumann(lambda v: A @ v, b, step=1.0 / lam, n_terms=1000, tol=1e-6)
+    assert res.converged and res.iterations < 1000 and res.residual <= 1e-6
+
+
+def test_neumann_divergence_is_reported_and_finite():
+    A, b = _spd(cond=10.0)
+    x, res = solve_neumann(lambda v: A @ v, b, step=1.0, n_terms=20)
+    assert not res.converged and res.residual > 1 and "diverges" in res.message
+    assert torch.isfinite(x).all()
+    # Terms overflowing to inf stop the sum before x becomes non-finite.
+    x, res = solve_neumann(lambda v: A @ v, b, step=100.0, n_terms=10_000)
+    assert torch.isfinite(x).all() and res.iterations < 10_000 and "non-finite" in res.message
+
+
+def test_neumann_scalar_and_zero_rhs():
+    x, res = solve_neumann(lambda v: 2.0 * v, torch.tensor(1.0, dtype=DT), step=0.25, n_terms=100)
+    assert x.shape == () and float(x) == pytest.approx(0.5)
+    x, res = solve_neumann(lambda v: 2.0 * v, torch.zeros(3, dtype=DT), step=0.25, n_terms=5)
+    assert torch.equal(x, torch.zeros(3, dtype=DT)) and res.converged
+
+
+def test_neumann_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="n_terms"):
+        solve_neumann(lambda v: v, torch.ones(2), step=0.5, n_terms=0)
+    with pytest.raises(ValueError, match="step"):
+        solve_neumann(lambda v: v, torch.ones(2), step=-1.0, n_terms=3)
+
+
+# --------------------------------------------------------------------------- dense
+
+
+@pytest.mark.parametrize("method", ["auto", "cholesky", "lu"])
+def test_dense_matrix_and_matvec_agree(method):
+    A, b = _spd()
+    x_exact = torch.linalg.solve(A, b)
+    x, res = solve_dense(A, b, method=method)
+    assert _rel(x, x_exact) < 1e-12 and res.converged and res.fallback is None
+    x2, res2 = solve_dense(lambda v: A @ v, b, method=method)
+    assert _rel(x2, x_exact) < 1e-12 and res2.n_matvec == b.numel()
+    x3, res3 = solve_dense(lambda v: A @ v, b, method=method, vectorize=True)
+    assert _rel(x3, x_exact) < 1e-12
+
+
+def test_dense_fallbacks_are_recorded():
+    A = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=DT)  # symmetric indefinite
+    b = torch.tensor([1.0, 0.0], dtype=DT)
+    x, res = solve_dense(A, b, method="cholesky")
+    assert "used LU" in res.fallback and _rel(A @ x, b) < 1e-12
+    N = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=DT)  # not symmetric
+    x, res = solve_dense(N, b, method="cholesky")
+    assert "not symmetric" in res.fallback and _rel(N @ x, b) < 1e-12
+    x, res = solve_dense(N, b, method="auto")
+    assert res.fallback is None and _rel(N @ x, b) < 1e-12
+    S = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=DT)  # singular
+    x, res = solve_dense(S, torch.tensor([2.0, 2.0], dtype=DT), method="lu")
+    assert "pseudo-inverse" in res.fallback and torch.allclose(x, torch.ones(2, dtype=DT))
+
+
+def test_dense_scalar_zero_and_shape_errors():
+    x, res = solve_dense(torch.tensor(4.0, dtype=DT), torch.tensor(2.0, dtype=DT))
+    assert x.shape == () and float(x) == pytest.approx(0.5)
+    x, res = solve_dense(torch.eye(3, dtype=DT), torch.zeros(3, dtype=DT))
+    assert torch.equal(x, torch.zeros(3, dtype=DT)) and res.converged
+    with pytest.raises(ValueError, match="method"):
+        solve_dense(torch.eye(2), torch.ones(2), method="qr")
+    with pytest.raises(ValueError, match=r"\(3, 3\) matrix"):
+        solve_dense(torch.eye(2), torch.ones(3))
+
+
+# ------------------------------------------------------------------------ identity
+
+
+def test_identity():
+    A, b = _spd()
+    x, res = solve_identity(b, step=0.1)
+    assert torch.equal(x, 0.1 * b) and res.converged is None and math.isnan(res.residual)
+    x, res = solve_identity(b, step=0.1, matvec=lambda v: A @ v)
+    assert res.residual == pytest.approx(_rel(A @ x, b)) and res.n_matvec == 1
+    x, res = solve_identity(torch.tensor(3.0), step=2.0)
+    assert float(x) == 6.0

@@ -1,0 +1,100 @@
+"""Inner solvers to a tolerance: LBFGS and NewtonCG on logistic regression."""
+
+import pytest
+import torch
+
+from skbilevel.hypergrad import LBFGS, InnerSolveWarning, NewtonCG, SolveResult
+
+DT = torch.float64
+
+
+def _logistic(n=150, d=8, seed=0, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    w_true = 2 * torch.randn(d, generator=g, dtype=DT)
+    y = torch.where(torch.rand(n, generator=g, dtype=DT) < torch.sigmoid(X @ w_true), 1.0, -1.0)
+    X, y = X.to(dtype), y.to(dtype)
+
+    def fun(params):
+        margin = y * (X @ params["w"] + params["b"])
+        return torch.nn.functional.softplus(-margin).sum() + 0.05 * (params["w"] ** 2).sum()
+
+    init = {"w": torch.zeros(d, dtype=dtype), "b": torch.zeros((), dtype=dtype)}
+    return fun, init
+
+
+def _grad_norm(fun, params):
+    params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    grads = torch.autograd.grad(fun(params), list(params.values()))
+    return float(torch.sqrt(sum((g**2).sum() for g in grads)))
+
+
+@pytest.mark.parametrize("solver", [LBFGS(), NewtonCG(), LBFGS(tol=1e-12), NewtonCG(tol=1e-12)])
+def test_solvers_reach_tolerance_on_logistic_regression(solver):
+    fun, init = _logistic()
+    tol = solver.tol or 1e-10
+    params, res = solver.solve(fun, init)
+    assert isinstance(res, SolveResult)
+    assert set(params) == {"w", "b"} and params["b"].shape == ()
+    assert res.converged and res.grad_norm <= tol
+    assert _grad_norm(fun, params) == pytest.approx(res.grad_norm, rel=1e-3, abs=1e-13)
+    assert res.n_iter > 0 and res.n_grad >= res.n_iter
+    assert not any(t.requires_grad for t in params.values())
+
+
+def test_lbfgs_and_newton_agree():
+    fun, init = _logistic()
+    a, _ = LBFGS(tol=1e-12).solve(fun, init)
+    b, _ = NewtonCG(tol=1e-12).solve(fun, init)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", [LBFGS(max_iter=3), NewtonCG(max_iter=1)])
+def test_solvers_warn_when_max_iter_too_small(solver):
+    fun, init = _logistic()
+    with pytest.warns(InnerSolveWarning, match=r"inner gradient norm \d\.\d+e[+-]\d+ > tol"):
+        params, res = solver.solve(fun, init)
+    assert not res.converged and res.n_iter == solver.max_iter
+    assert torch.isfinite(params["w"]).all()
+
+
+def test_solvers_silent_with_warn_false():
+    import warnings
+
+    fun, init = _logistic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, res = LBFGS(max_iter=2, warn=False).solve(fun, init)
+    assert not res.converged
+
+
+def test_float32_default_tolerance():
+    fun, init = _logistic(n=60, d=4, dtype=torch.float32)
+    scaled = lambda p: fun(p) / 60  # noqa: E731 - O(1) gradients reachable in float32
+    for solver in (LBFGS(), NewtonCG()):
+        params, res = solver.solve(scaled, init)
+        assert res.converged and res.grad_norm <= 1e-5
+        assert params["w"].dtype == torch.float32
+
+
+def test_scalar_parameter_and_non_finite_start():
+    fun = lambda t: (t - 3.0) ** 2 + torch.cosh(t)  # noqa: E731
+    for solver in (LBFGS(), NewtonCG()):
+        t, res = solver.solve(fun, torch.tensor(0.0, dtype=DT))
+        assert t.shape == () and res.converged
+    with pytest.raises(ValueError, match="not finite"):
+        LBFGS().solve(lambda t: torch.log(t).sum(), torch.tensor([-1.0], dtype=DT))
+    with pytest.raises(ValueError, match="not finite"):
+        NewtonCG().solve(lambda t: torch.log(t).sum(), torch.tensor([-1.0], dtype=DT))
+
+
+def test_ill_conditioned_quadratic():
+    A = torch.diag(torch.logspace(0, 4, 20, dtype=DT))
+    b = torch.ones(20, dtype=DT)
+    fun = lambda w: 0.5 * w @ A @ w - b @ w  # noqa: E731
+    exact = torch.linalg.solve(A, b)
+    for solver in (LBFGS(tol=1e-9, max_iter=2000), NewtonCG(tol=1e-9)):
+        w, res = solver.solve(fun, torch.zeros(20, dtype=DT))
+        assert res.converged
+        assert torch.allclose(w, exact, rtol=1e-8, atol=1e-12)
