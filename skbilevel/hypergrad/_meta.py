@@ -1,3 +1,740 @@
-"""Placeholder; filled in by its owner."""
+"""Functional, vmap-able primitives for gradient-based meta-learning.
 
-__all__ = []
+A *task* is a support set ``(x_s, y_s)`` and a query set ``(x_q, y_q)``. A
+meta-learning *method* turns meta-parameters into task parameters by
+adapting on the support set; the meta-objective is the mean query loss of
+the adapted models over a batch of tasks::
+
+    F(phi) = mean_i L(adapt(phi, x_s[i], y_s[i]), x_q[i], y_q[i])
+
+Everything here is written per task with :mod:`torch.func` (``grad``,
+``jvp``, ``functional_call``) and vectorized over the tasks of a meta-batch
+with :func:`torch.func.vmap`, so a meta-batch costs one batched computation
+instead of a Python loop. The meta-gradient reaches ``phi`` through ordinary
+autograd: :meth:`MetaMethod.meta_loss` returns a scalar whose ``backward``
+writes the method's meta-gradient into ``phi.grad``, which is what
+:func:`~skbilevel.hypergrad.minimize_outer` expects.
+
+Methods (see :func:`available_meta_methods`):
+
+- ``"maml"``: differentiate through the inner gradient steps (second order;
+  Finn et al. 2017);
+- ``"fomaml"``: the same with the inner gradients treated as constants
+  (``d theta' / d phi = I``);
+- ``"reptile"``: move ``phi`` towards the adapted parameters (Nichol et al.
+  2018); the meta-gradient is ``phi - theta'``;
+- ``"anil"``: adapt only the last layer (the head), second order (Raghu et
+  al. 2020);
+- ``"metasgd"``: per-parameter learned inner step sizes (Li et al. 2017);
+- ``"imaml"``: proximal inner problem ``L_s(theta) + lam/2 ||theta - phi||^2``
+  and the implicit meta-gradient ``(I + H/lam)^{-1} grad L_q(theta*)``,
+  solved by conjugate gradient with Hessian-vector products (Rajeswaran et
+  al. 2019);
+- ``"r2d2"``: a ridge-regression head solved in closed form on meta-learned
+  features, with a learned ridge penalty (Bertinetto et al. 2019).
+"""
+
+import math
+
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+from ._base import HypergradientInfo
+from ._linear_solve import solve_cg
+from ._tree import tree_detach, tree_flatten
+
+__all__ = [
+    "FunctionalModel",
+    "inner_adapt",
+    "ridge_head",
+    "MetaMethod",
+    "MAML",
+    "FOMAML",
+    "Reptile",
+    "ANIL",
+    "MetaSGD",
+    "IMAML",
+    "R2D2",
+    "get_meta_method",
+    "available_meta_methods",
+]
+
+_LOSSES = ("mse", "cross_entropy")
+
+
+class FunctionalModel:
+    """A torch module evaluated at parameters passed in, with its task loss.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The backbone, already on the device and dtype of the data. Batch-norm
+        layers are switched to batch statistics (no running averages), which
+        :func:`torch.func.vmap` requires.
+    loss : {"mse", "cross_entropy"}
+        ``"mse"``: outputs ``(n, o)`` against targets ``(n, o)``, mean over
+        both; ``"cross_entropy"``: logits ``(n, C)`` against integer labels
+        ``(n,)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import FunctionalModel
+    >>> model = FunctionalModel(torch.nn.Linear(2, 1), "mse")
+    >>> params = {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}
+    >>> float(model.loss(params, torch.ones(3, 2), torch.full((3, 1), 2.0)))
+    0.0
+    """
+
+    def __init__(self, module, loss="mse"):
+        if loss not in _LOSSES:
+            raise ValueError(f"loss={loss!r} is not supported; use one of {_LOSSES}.")
+        torch.func.replace_all_batch_norm_modules_(module)
+        self.module = module
+        self.loss_name = loss
+        self.buffers = {k: v for k, v in module.named_buffers()}
+
+    def init_params(self):
+        """Detached copies of the module's parameters (the starting meta-parameters)."""
+        return {k: v.detach().clone() for k, v in self.module.named_parameters()}
+
+    def head_keys(self):
+        """Names of the parameters of the last submodule that owns parameters."""
+        names = [k for k, _ in self.module.named_parameters()]
+        if not names:
+            raise ValueError("The module has no parameters to meta-learn.")
+        prefix = names[-1].rpartition(".")[0]
+        return [k for k in names if k.rpartition(".")[0] == prefix]
+
+    def forward(self, params, x, n_outputs=None):
+        """Module output at ``params``; the first ``n_outputs`` columns if given."""
+        out = functional_call(self.module, (params, self.buffers), (x,))
+        if out.dim() == 1:
+            out = out.unsqueeze(-1)
+        return out if n_outputs is None else out[..., :n_outputs]
+
+    def loss_from_outputs(self, out, y):
+        """Mean task loss of outputs ``out`` against targets ``y``."""
+        if self.loss_name == "mse":
+            return ((out - y.reshape(out.shape)) ** 2).mean()
+        return torch.nn.functional.cross_entropy(out, y)
+
+    def loss(self, params, x, y, n_outputs=None):
+        """Mean task loss of the module at ``params`` on ``(x, y)``."""
+        return self.loss_from_outputs(self.forward(params, x, n_outputs), y)
+
+
+def inner_adapt(loss_fn, params, *, steps, lr, keys=None, first_order=False,
+                proximal=0.0, anchor=None):
+    """Differentiable gradient steps on one task: the inner loop of MAML and kin.
+
+    ``theta_{t+1} = theta_t - lr * (grad loss_fn(theta_t) + proximal * (theta_t - anchor))``
+    on the entries ``keys`` of ``params`` (all by default), the others held
+    fixed. Gradients come from :func:`torch.func.grad`, so the result stays
+    differentiable with respect to ``params`` (and ``lr``), also under
+    :func:`torch.func.vmap`.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        ``loss_fn(params) -> scalar tensor``.
+    params : dict of str to tensor
+        Starting point (the meta-parameters).
+    steps : int
+        Number of steps.
+    lr : float or dict of str to tensor
+        Step size, one for all or one tensor per adapted parameter (Meta-SGD).
+    keys : list of str, optional
+        Entries to adapt (ANIL adapts the head only).
+    first_order : bool, default=False
+        Treat the inner gradients as constants (FOMAML): the result's
+        derivative with respect to ``params`` is the identity.
+    proximal : float, default=0.0
+        Strength of the proximal term ``proximal / 2 * ||theta - anchor||^2``
+        (iMAML's inner problem).
+    anchor : dict, optional
+        Centre of the proximal term; defaults to ``params``.
+
+    Returns
+    -------
+    dict of str to tensor
+
+    Examples
+    --------
+    One step on ``(theta - 3)^2`` from 0 with step 0.25 lands on 1.5.
+
+    >>> import torch
+    >>> from skbilevel.hypergrad import inner_adapt
+    >>> p = {"w": torch.zeros(())}
+    >>> float(inner_adapt(lambda q: (q["w"] - 3) ** 2, p, steps=1, lr=0.25)["w"])
+    1.5
+    """
+    keys = list(params) if keys is None else list(keys)
+    anchor = params if anchor is None else anchor
+    fixed = {k: v for k, v in params.items() if k not in keys}
+    sub = {k: params[k] for k in keys}
+
+    def sub_loss(s):
+        return loss_fn({**fixed, **s})
+
+    for _ in range(int(steps)):
+        g = grad(sub_loss)(sub)
+        if first_order:
+            g = {k: v.detach() for k, v in g.items()}
+        new = {}
+        for k in keys:
+            step = g[k]
+            if proximal:
+                step = step + proximal * (sub[k] - anchor[k])
+            new[k] = sub[k] - (lr[k] if isinstance(lr, dict) else lr) * step
+        sub = new
+    return {**fixed, **sub}
+
+
+def ridge_head(features, targets, alpha, fit_intercept=True):
+    """Ridge regression solved in closed form, differentiable and vmap-able.
+
+    Minimizes ``||targets - features @ W - b||^2 + alpha ||W||^2`` (the
+    intercept ``b`` is not penalized, as in scikit-learn's ``Ridge``). Uses
+    the ``n x n`` (Woodbury) system ``W = Fc^T (Fc Fc^T + alpha I)^{-1} Tc``
+    when there are fewer samples than features, as few-shot support sets
+    have, and the ``p x p`` normal equations otherwise; ``Fc`` and ``Tc`` are
+    the centred features and targets.
+
+    Parameters
+    ----------
+    features : tensor of shape (n, p)
+    targets : tensor of shape (n, o)
+    alpha : float or 0-d tensor
+        Ridge penalty (> 0); may carry a gradient.
+    fit_intercept : bool, default=True
+
+    Returns
+    -------
+    W : tensor of shape (p, o)
+    b : tensor of shape (o,)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import ridge_head
+    >>> F = torch.tensor([[0.0], [1.0], [2.0]], dtype=torch.float64)
+    >>> W, b = ridge_head(F, 2 * F + 1, alpha=1e-12)
+    >>> round(float(W), 6), round(float(b), 6)
+    (2.0, 1.0)
+    """
+    n, p = features.shape
+    if fit_intercept:
+        f_mean = features.mean(0)
+        t_mean = targets.mean(0)
+        fc, tc = features - f_mean, targets - t_mean
+    else:
+        fc, tc = features, targets
+    if n <= p:
+        gram = fc @ fc.transpose(-1, -2)
+        eye = torch.eye(n, dtype=features.dtype, device=features.device)
+        W = fc.transpose(-1, -2) @ torch.linalg.solve(gram + alpha * eye, tc)
+    else:
+        gram = fc.transpose(-1, -2) @ fc
+        eye = torch.eye(p, dtype=features.dtype, device=features.device)
+        W = torch.linalg.solve(gram + alpha * eye, fc.transpose(-1, -2) @ tc)
+    if fit_intercept:
+        b = t_mean - f_mean @ W
+    else:
+        b = targets.new_zeros(targets.shape[-1])
+    return W, b
+
+
+def _surrogate(value, meta, direction):
+    """A scalar equal to ``value`` whose gradient with respect to ``meta`` is ``direction``."""
+    leaves, _ = tree_flatten(meta)
+    dirs, _ = tree_flatten(direction)
+    inner = sum((leaf * d.detach()).sum() for leaf, d in zip(leaves, dirs))
+    return value.detach() + inner - inner.detach()
+
+
+def _n_params(tree):
+    return sum(leaf.numel() for leaf in tree_flatten(tree)[0])
+
+
+class MetaMethod:
+    """Base class of the meta-learning methods: init, adapt, predict, meta-loss.
+
+    Meta-parameters are a dict ``{"params": {name: tensor}, ...}``; methods
+    add their own entries (Meta-SGD's step sizes, R2D2's ridge penalty).
+    A *task state* (what :meth:`adapt` returns) is a dict of tensors.
+
+    Parameters
+    ----------
+    inner_steps : int, default=5
+        Inner gradient steps on the support set.
+    inner_lr : float, default=0.01
+        Inner step size (Meta-SGD: its initial value).
+    """
+
+    name = "base"
+    #: whether the meta-gradient is computed through the inner steps
+    second_order = True
+
+    def __init__(self, inner_steps=5, inner_lr=0.01):
+        self.inner_steps = inner_steps
+        self.inner_lr = inner_lr
+
+    # -- meta-parameters --------------------------------------------------
+    def init_meta(self, model):
+        """Initial meta-parameters (detached; the caller sets ``requires_grad``)."""
+        return {"params": model.init_params()}
+
+    def state_dict(self, meta):
+        """Flatten meta-parameters to ``{name: tensor}`` (model parameters unprefixed)."""
+        out = {}
+        for group, value in meta.items():
+            if group == "params":
+                out.update({k: v for k, v in value.items()})
+            elif isinstance(value, dict):
+                out.update({f"{group}.{k}": v for k, v in value.items()})
+            else:
+                out[group] = value
+        return out
+
+    def load_state_dict(self, model, state):
+        """Inverse of :meth:`state_dict`."""
+        names = [k for k, _ in model.module.named_parameters()]
+        meta = {"params": {k: state[k] for k in names}}
+        for key, value in state.items():
+            if key in meta["params"]:
+                continue
+            group, _, rest = key.partition(".")
+            if rest:
+                meta.setdefault(group, {})[rest] = value
+            else:
+                meta[group] = value
+        return meta
+
+    # -- one task -----------------------------------------------------------
+    def _steps(self, steps):
+        return self.inner_steps if steps is None else steps
+
+    def adapt(self, model, meta, x, y, *, n_outputs=None, steps=None):
+        """Task state after adapting on the support set ``(x, y)``."""
+        params = inner_adapt(
+            lambda p: model.loss(p, x, y, n_outputs), meta["params"],
+            steps=self._steps(steps), lr=self.inner_lr,
+            first_order=not self.second_order,
+        )
+        return {"params": params}
+
+    def predict(self, model, meta, task, x, *, n_outputs=None):
+        """Outputs of the adapted model on ``x``."""
+        return model.forward(task["params"], x, n_outputs)
+
+    def task_loss(self, model, meta, xs, ys, xq, yq, *, n_outputs=None):
+        """Query loss of one task after adaptation (differentiable in ``meta``)."""
+        task = self.adapt(model, meta, xs, ys, n_outputs=n_outputs)
+        return model.loss_from_outputs(self.predict(model, meta, task, xq, n_outputs=n_outputs), yq)
+
+    # -- a meta-batch ---------------------------------------------------------
+    def _batched_query_losses(self, model, meta, batch, n_outputs=None):
+        xs, ys, xq, yq = batch
+
+        def one(a, b, c, d):
+            return self.task_loss(model, meta, a, b, c, d, n_outputs=n_outputs)
+
+        return vmap(one, randomness="different")(xs, ys, xq, yq)
+
+    def meta_loss(self, model, meta, batch, *, n_outputs=None):
+        """Mean query loss over a meta-batch and its health record.
+
+        Parameters
+        ----------
+        model : FunctionalModel
+        meta : dict
+            Meta-parameters; gradients flow to leaves that require grad.
+        batch : tuple of tensors
+            ``(xs, ys, xq, yq)`` with a leading task dimension: ``xs`` is
+            ``(B, n_support, ...)``, ``xq`` ``(B, n_query, ...)``.
+        n_outputs : int, optional
+            Use the first ``n_outputs`` outputs of the model (the classes of
+            an episode); R2D2 classification needs it for its one-hot targets.
+
+        Returns
+        -------
+        loss : 0-d tensor
+            Its value is the mean query loss after adaptation; its gradient
+            with respect to ``meta`` is the method's meta-gradient.
+        info : HypergradientInfo
+        """
+        losses = self._batched_query_losses(model, meta, batch, n_outputs)
+        steps = int(self.inner_steps)
+        n_tasks = int(batch[0].shape[0])
+        info = HypergradientInfo(
+            strategy=self.name, inner_iterations=steps,
+            n_grad=n_tasks * (steps + 1),
+            n_hvp=n_tasks * steps if self.second_order else 0,
+        )
+        return losses.mean(), info
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+_META_REGISTRY = {}
+
+
+def _register(name):
+    def decorator(cls):
+        cls.name = name
+        _META_REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+@_register("maml")
+class MAML(MetaMethod):
+    """Model-agnostic meta-learning: differentiate through the inner steps.
+
+    The meta-gradient of one task after one step is
+    ``(I - lr H_s) grad L_q(theta')``; more steps chain such factors. The
+    Hessian-vector products come from differentiating
+    :func:`torch.func.grad` with autograd, never formed explicitly.
+
+    Parameters
+    ----------
+    inner_steps : int, default=5
+    inner_lr : float, default=0.01
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import FunctionalModel, MAML
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = FunctionalModel(torch.nn.Linear(1, 1), "mse")
+    >>> method = MAML(inner_steps=1, inner_lr=0.1)
+    >>> meta = method.init_meta(model)
+    >>> meta["params"]["weight"].requires_grad_(True)  # doctest: +ELLIPSIS
+    tensor(...)
+    >>> x = torch.randn(4, 3, 1)
+    >>> loss, info = method.meta_loss(model, meta, (x, 2 * x, x, 2 * x))
+    >>> loss.backward()
+    >>> meta["params"]["weight"].grad.shape, info.strategy
+    (torch.Size([1, 1]), 'maml')
+    """
+
+
+@_register("fomaml")
+class FOMAML(MetaMethod):
+    """First-order MAML: the inner gradients are treated as constants.
+
+    The meta-gradient of a task is ``grad L_q(theta')`` evaluated at the
+    adapted parameters: MAML's with the second-order terms dropped.
+
+    Parameters
+    ----------
+    inner_steps : int, default=5
+    inner_lr : float, default=0.01
+    """
+
+    second_order = False
+
+
+@_register("anil")
+class ANIL(MetaMethod):
+    """Almost-no-inner-loop: adapt only the head (the last layer), second order.
+
+    The body is meta-learned but frozen during adaptation; the head is the
+    last submodule of the backbone that owns parameters (see
+    :meth:`FunctionalModel.head_keys`).
+
+    Parameters
+    ----------
+    inner_steps : int, default=5
+    inner_lr : float, default=0.01
+    """
+
+    def adapt(self, model, meta, x, y, *, n_outputs=None, steps=None):
+        params = inner_adapt(
+            lambda p: model.loss(p, x, y, n_outputs), meta["params"],
+            steps=self._steps(steps), lr=self.inner_lr, keys=model.head_keys(),
+        )
+        return {"params": params}
+
+
+@_register("metasgd")
+class MetaSGD(MetaMethod):
+    """Meta-SGD: one learned inner step size per parameter entry.
+
+    ``theta' = theta - alpha * grad L_s(theta)`` with ``alpha`` (same shapes
+    as ``theta``, initialized to ``inner_lr``) meta-learned together with
+    ``theta``, second order.
+
+    Parameters
+    ----------
+    inner_steps : int, default=5
+    inner_lr : float, default=0.01
+        Initial value of every step size.
+    """
+
+    def init_meta(self, model):
+        params = model.init_params()
+        return {"params": params,
+                "lr": {k: torch.full_like(v, float(self.inner_lr)) for k, v in params.items()}}
+
+    def adapt(self, model, meta, x, y, *, n_outputs=None, steps=None):
+        params = inner_adapt(
+            lambda p: model.loss(p, x, y, n_outputs), meta["params"],
+            steps=self._steps(steps), lr=meta["lr"],
+        )
+        return {"params": params}
+
+
+@_register("reptile")
+class Reptile(MetaMethod):
+    """Reptile: move the initialization towards the adapted parameters.
+
+    The meta-"gradient" is ``phi - mean_i theta'_i`` (no derivative of the
+    inner loop at all), handed to the outer optimizer like a gradient; the
+    reported loss is the query loss after adaptation.
+
+    Parameters
+    ----------
+    inner_steps : int, default=5
+    inner_lr : float, default=0.01
+    """
+
+    second_order = False
+
+    def meta_loss(self, model, meta, batch, *, n_outputs=None):
+        xs, ys, xq, yq = batch
+        detached = tree_detach(meta)
+
+        def one(a, b, c, d):
+            task = self.adapt(model, detached, a, b, n_outputs=n_outputs)
+            loss = model.loss(task["params"], c, d, n_outputs)
+            return loss, task["params"]
+
+        losses, adapted = vmap(one, randomness="different")(xs, ys, xq, yq)
+        direction = {"params": {k: detached["params"][k] - adapted[k].mean(0)
+                                for k in detached["params"]}}
+        n_tasks = int(xs.shape[0])
+        info = HypergradientInfo(strategy=self.name, inner_iterations=int(self.inner_steps),
+                                 n_grad=n_tasks * int(self.inner_steps))
+        return _surrogate(losses.mean(), meta, direction), info
+
+
+@_register("imaml")
+class IMAML(MetaMethod):
+    """Implicit MAML: proximal inner problem, implicit meta-gradient by CG.
+
+    Each task solves ``min_theta L_s(theta) + lam/2 ||theta - phi||^2``
+    approximately by ``inner_steps`` gradient steps from ``phi`` (no graph
+    is kept, so memory does not grow with the steps). At ``theta*`` the
+    implicit function theorem gives ``d theta*/d phi = (I + H_s/lam)^{-1}``,
+    so the task's meta-gradient is ``v = (I + H_s/lam)^{-1} grad L_q(theta*)``.
+    The systems of all tasks form one block-diagonal SPD system solved by
+    :func:`~skbilevel.hypergrad.solve_cg` with Hessian-vector products
+    (forward-over-reverse, vectorized over tasks).
+
+    Parameters
+    ----------
+    inner_steps : int, default=5
+    inner_lr : float, default=0.01
+    lam : float, default=1.0
+        Proximal strength; larger keeps ``theta*`` closer to ``phi``.
+    cg_maxiter : int, default=10
+    cg_tol : float, default=1e-3
+        Relative residual the CG aims for; the reached value is in
+        ``info.linear_solve_residual`` and ``info.linear_solve_converged``
+        (few CG steps is iMAML's design, so no warning is raised here).
+    """
+
+    second_order = False
+
+    def __init__(self, inner_steps=5, inner_lr=0.01, lam=1.0, cg_maxiter=10, cg_tol=1e-3):
+        super().__init__(inner_steps, inner_lr)
+        self.lam = lam
+        self.cg_maxiter = cg_maxiter
+        self.cg_tol = cg_tol
+
+    def adapt(self, model, meta, x, y, *, n_outputs=None, steps=None):
+        params = inner_adapt(
+            lambda p: model.loss(p, x, y, n_outputs), meta["params"],
+            steps=self._steps(steps), lr=self.inner_lr, first_order=True,
+            proximal=float(self.lam),
+        )
+        return {"params": params}
+
+    def implicit_meta_gradient(self, model, phi, batch, n_outputs=None):
+        """Per-task implicit meta-gradients, query losses, inner solutions and CG record.
+
+        Returns ``(v, losses, theta, result)`` where ``v`` and ``theta`` are
+        dicts of ``(B, ...)`` tensors.
+        """
+        xs, ys, xq, yq = batch
+        lam = float(self.lam)
+
+        def solve_inner(a, b):
+            return inner_adapt(lambda p: model.loss(p, a, b, n_outputs), phi, steps=self.inner_steps,
+                               lr=self.inner_lr, proximal=lam)
+
+        theta = vmap(solve_inner, randomness="different")(xs, ys)
+        theta = tree_detach(theta)
+
+        def query(t, c, d):
+            return grad(lambda p: model.loss(p, c, d, n_outputs))(t), model.loss(t, c, d, n_outputs)
+
+        gq, losses = vmap(query, randomness="different")(theta, xq, yq)
+
+        def hvp(t, v, a, b):
+            return jvp(grad(lambda p: model.loss(p, a, b, n_outputs)), (t,), (v,))[1]
+
+        keys = list(theta)
+        shapes = [theta[k].shape for k in keys]
+
+        def unflat(vec):
+            out, start = {}, 0
+            for k, s in zip(keys, shapes):
+                n = math.prod(s)
+                out[k] = vec[start:start + n].reshape(s)
+                start += n
+            return out
+
+        def flat(tree):
+            return torch.cat([tree[k].reshape(-1) for k in keys])
+
+        def matvec(vec):
+            v = unflat(vec)
+            hv = vmap(hvp, randomness="different")(theta, v, xs, ys)
+            return flat({k: v[k] + hv[k] / lam for k in keys})
+
+        with torch.no_grad():
+            sol, result = solve_cg(matvec, flat(gq).detach(), tol=self.cg_tol,
+                                   maxiter=self.cg_maxiter)
+        return unflat(sol), losses, theta, result
+
+    def meta_loss(self, model, meta, batch, *, n_outputs=None):
+        phi = tree_detach(meta["params"])
+        v, losses, theta, result = self.implicit_meta_gradient(model, phi, batch, n_outputs)
+        direction = {"params": {k: v[k].mean(0) for k in phi}}
+        n_tasks = int(batch[0].shape[0])
+        # Inner stationarity residual of the proximal problem (mean over tasks).
+        info = HypergradientInfo(
+            strategy=self.name, inner_iterations=int(self.inner_steps),
+            linear_solve_iterations=result.iterations,
+            linear_solve_residual=result.residual,
+            linear_solve_converged=result.converged,
+            fallback=result.fallback,
+            n_grad=n_tasks * (int(self.inner_steps) + 1), n_hvp=n_tasks * result.n_matvec,
+            extra={"cg_message": result.message},
+        )
+        return _surrogate(losses.mean(), meta, direction), info
+
+
+@_register("r2d2")
+class R2D2(MetaMethod):
+    """Ridge-regression head in closed form on meta-learned features (R2D2).
+
+    The backbone's output is the feature map; each task fits
+    :func:`ridge_head` on the support features (one-hot targets for
+    classification) and predicts the query. Meta-parameters are the backbone,
+    ``log_alpha`` (the ridge penalty) and, for classification, ``log_scale``
+    of the logits. No inner steps: ``inner_steps`` and ``inner_lr`` are
+    unused.
+
+    Parameters
+    ----------
+    alpha : float, default=1.0
+        Initial ridge penalty.
+    scale : float, default=1.0
+        Initial logit scale (classification).
+    """
+
+    second_order = True
+
+    def __init__(self, inner_steps=0, inner_lr=0.0, alpha=1.0, scale=1.0):
+        super().__init__(inner_steps, inner_lr)
+        self.alpha = alpha
+        self.scale = scale
+
+    def init_meta(self, model):
+        params = model.init_params()
+        like = next(iter(params.values()))
+        meta = {"params": params,
+                "log_alpha": like.new_tensor(math.log(self.alpha))}
+        if model.loss_name == "cross_entropy":
+            meta["log_scale"] = like.new_tensor(math.log(self.scale))
+        return meta
+
+    def _targets(self, model, y, feats, n_outputs):
+        if model.loss_name == "cross_entropy":
+            if n_outputs is None:
+                raise ValueError("R2D2 classification needs n_outputs (the number of classes).")
+            return torch.nn.functional.one_hot(y, n_outputs).to(feats.dtype)
+        return y.reshape(feats.shape[0], -1)
+
+    def adapt(self, model, meta, x, y, *, n_outputs=None, steps=None):
+        feats = model.forward(meta["params"], x)
+        W, b = ridge_head(feats, self._targets(model, y, feats, n_outputs),
+                          meta["log_alpha"].exp())
+        return {"W": W, "b": b}
+
+    def predict(self, model, meta, task, x, *, n_outputs=None):
+        out = model.forward(meta["params"], x) @ task["W"] + task["b"]
+        if n_outputs is not None:
+            out = out[..., :n_outputs]
+        if "log_scale" in meta:
+            out = meta["log_scale"].exp() * out
+        return out
+
+    def meta_loss(self, model, meta, batch, *, n_outputs=None):
+        if model.loss_name == "cross_entropy" and n_outputs is None:
+            raise ValueError("R2D2 classification needs n_outputs (the classes per task).")
+        losses = self._batched_query_losses(model, meta, batch, n_outputs)
+        n_tasks = int(batch[0].shape[0])
+        info = HypergradientInfo(strategy=self.name, inner_iterations=0,
+                                 inner_converged=True, n_grad=n_tasks)
+        return losses.mean(), info
+
+
+def available_meta_methods():
+    """Sorted names accepted by :func:`get_meta_method`.
+
+    Examples
+    --------
+    >>> from skbilevel.hypergrad import available_meta_methods
+    >>> available_meta_methods()
+    ['anil', 'fomaml', 'imaml', 'maml', 'metasgd', 'r2d2', 'reptile']
+    """
+    return sorted(_META_REGISTRY)
+
+
+def get_meta_method(spec, **params):
+    """Return a :class:`MetaMethod` from a name or an instance.
+
+    Parameters
+    ----------
+    spec : str or MetaMethod
+        One of :func:`available_meta_methods` or an instance.
+    **params
+        Constructor arguments used with a name; arguments the method does
+        not take (``inner_lr`` for R2D2, say) are rejected.
+
+    Examples
+    --------
+    >>> from skbilevel.hypergrad import get_meta_method
+    >>> get_meta_method("imaml", lam=2.0).lam
+    2.0
+    """
+    if isinstance(spec, MetaMethod):
+        return spec
+    if isinstance(spec, str) and spec in _META_REGISTRY:
+        try:
+            return _META_REGISTRY[spec](**params)
+        except TypeError as exc:
+            raise ValueError(f"Invalid parameters for meta-learning method {spec!r}: {exc}") from exc
+    raise ValueError(
+        f"Unknown meta-learning method {spec!r}; use one of {available_meta_methods()} "
+        "or a MetaMethod instance."
+    )

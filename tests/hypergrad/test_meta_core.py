@@ -1,0 +1,211 @@
+"""Meta-learning primitives of the core: meta-gradients against exact answers."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Ridge
+
+from skbilevel.hypergrad import (
+    FunctionalModel,
+    get_meta_method,
+    inner_adapt,
+    ridge_head,
+    tree_to_vector,
+    vector_to_tree,
+)
+
+DT = torch.float64
+
+
+def _tiny_model(seed=0, n_out=1, loss="mse"):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, n_out))
+    return FunctionalModel(net.to(DT), loss)
+
+
+def _batch(n_tasks=3, n_s=4, n_q=5, seed=1, classes=None):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n_tasks, n_s, 2, generator=g, dtype=DT)
+    xq = torch.randn(n_tasks, n_q, 2, generator=g, dtype=DT)
+    if classes is None:
+        w = torch.randn(n_tasks, 2, 1, generator=g, dtype=DT)
+        return xs, torch.sin(xs @ w), xq, torch.sin(xq @ w)
+    ys = torch.arange(n_s).remainder(classes).repeat(n_tasks, 1)
+    yq = torch.arange(n_q).remainder(classes).repeat(n_tasks, 1)
+    return xs, ys, xq, yq
+
+
+def _meta_value_and_grad(method, model, meta, batch, n_outputs=None):
+    meta = {k: ({kk: vv.clone().requires_grad_(True) for kk, vv in v.items()}
+                if isinstance(v, dict) else v.clone().requires_grad_(True))
+            for k, v in meta.items()}
+    loss, info = method.meta_loss(model, meta, batch, n_outputs=n_outputs)
+    loss.backward()
+    grads = {k: ({kk: vv.grad for kk, vv in v.items()} if isinstance(v, dict) else v.grad)
+             for k, v in meta.items()}
+    return float(loss.detach()), grads, info
+
+
+def _finite_difference(method, model, meta, batch, eps=1e-6, n_outputs=None):
+    vec = tree_to_vector(meta).detach()
+    out = torch.zeros_like(vec)
+    for i in range(vec.numel()):
+        vals = []
+        for sign in (1.0, -1.0):
+            v = vec.clone()
+            v[i] += sign * eps
+            with torch.no_grad():
+                loss, _ = method.meta_loss(model, vector_to_tree(v, meta), batch, n_outputs=n_outputs)
+            vals.append(float(loss))
+        out[i] = (vals[0] - vals[1]) / (2 * eps)
+    return out
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "metasgd"])
+def test_second_order_meta_gradient_matches_finite_differences(name):
+    model = _tiny_model()
+    method = get_meta_method(name, inner_steps=2, inner_lr=0.3)
+    meta = method.init_meta(model)
+    batch = _batch()
+    _, grads, info = _meta_value_and_grad(method, model, meta, batch)
+    fd = _finite_difference(method, model, meta, batch)
+    np.testing.assert_allclose(tree_to_vector(grads).numpy(), fd.numpy(), rtol=1e-6, atol=1e-9)
+    assert info.strategy == name and info.inner_iterations == 2
+
+
+def test_maml_classification_meta_gradient_matches_finite_differences():
+    model = _tiny_model(n_out=3, loss="cross_entropy")
+    method = get_meta_method("maml", inner_steps=1, inner_lr=0.5)
+    meta = method.init_meta(model)
+    batch = _batch(classes=2)
+    _, grads, _ = _meta_value_and_grad(method, model, meta, batch, n_outputs=2)
+    fd = _finite_difference(method, model, meta, batch, n_outputs=2)
+    np.testing.assert_allclose(tree_to_vector(grads).numpy(), fd.numpy(), rtol=1e-6, atol=1e-9)
+
+
+def _flat_loss(model, spec_like, x, y):
+    def f(vec):
+        return model.loss(vector_to_tree(vec, spec_like), x, y)
+
+    return f
+
+
+def test_fomaml_is_maml_without_second_order_terms():
+    """One step: MAML = (I - lr H_s) g_q and FOMAML = g_q, with g_q at the adapted point."""
+    model = _tiny_model(seed=3)
+    lr = 0.2
+    maml = get_meta_method("maml", inner_steps=1, inner_lr=lr)
+    fomaml = get_meta_method("fomaml", inner_steps=1, inner_lr=lr)
+    meta = maml.init_meta(model)
+    xs, ys, xq, yq = batch = _batch(n_tasks=2)
+    _, g_maml, _ = _meta_value_and_grad(maml, model, meta, batch)
+    _, g_fo, _ = _meta_value_and_grad(fomaml, model, meta, batch)
+    phi = tree_to_vector(meta["params"]).detach()
+    expect_fo, expect_maml = torch.zeros_like(phi), torch.zeros_like(phi)
+    for i in range(2):
+        f_s = _flat_loss(model, meta["params"], xs[i], ys[i])
+        f_q = _flat_loss(model, meta["params"], xq[i], yq[i])
+        theta = phi - lr * torch.autograd.functional.jacobian(f_s, phi)
+        g_q = torch.autograd.functional.jacobian(f_q, theta)
+        H_s = torch.autograd.functional.hessian(f_s, phi)
+        expect_fo += g_q / 2
+        expect_maml += (g_q - lr * H_s @ g_q) / 2
+    np.testing.assert_allclose(tree_to_vector(g_fo).numpy(), expect_fo.numpy(), rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(tree_to_vector(g_maml).numpy(), expect_maml.numpy(), rtol=1e-10, atol=1e-13)
+    assert not np.allclose(expect_fo.numpy(), expect_maml.numpy())
+
+
+def test_reptile_direction_is_phi_minus_adapted_mean():
+    model = _tiny_model(seed=4)
+    method = get_meta_method("reptile", inner_steps=3, inner_lr=0.1)
+    meta = method.init_meta(model)
+    xs, ys, xq, yq = batch = _batch(n_tasks=3)
+    _, grads, _ = _meta_value_and_grad(method, model, meta, batch)
+    phi = meta["params"]
+    adapted = [inner_adapt(lambda p: model.loss(p, xs[i], ys[i]), phi, steps=3, lr=0.1)
+               for i in range(3)]
+    expect = tree_to_vector(phi) - sum(tree_to_vector(a) for a in adapted) / 3
+    np.testing.assert_allclose(tree_to_vector(grads).numpy(), expect.detach().numpy(), rtol=1e-10)
+
+
+def test_imaml_matches_dense_implicit_solve():
+    model = _tiny_model(seed=5)
+    lam, lr, steps = 2.0, 0.1, 200
+    method = get_meta_method("imaml", inner_steps=steps, inner_lr=lr, lam=lam,
+                             cg_maxiter=200, cg_tol=1e-12)
+    meta = method.init_meta(model)
+    xs, ys, xq, yq = batch = _batch(n_tasks=2)
+    _, grads, info = _meta_value_and_grad(method, model, meta, batch)
+    assert info.linear_solve_converged and info.linear_solve_residual <= 1e-12
+    phi = tree_to_vector(meta["params"]).detach()
+    expect = torch.zeros_like(phi)
+    for i in range(2):
+        f_s = _flat_loss(model, meta["params"], xs[i], ys[i])
+        f_q = _flat_loss(model, meta["params"], xq[i], yq[i])
+        theta = phi.clone()
+        for _ in range(steps):  # the same proximal gradient steps
+            theta = theta - lr * (torch.autograd.functional.jacobian(f_s, theta) + lam * (theta - phi))
+        H = torch.autograd.functional.hessian(f_s, theta)
+        g = torch.autograd.functional.jacobian(f_q, theta)
+        A = torch.eye(phi.numel(), dtype=DT) + H / lam
+        expect += torch.linalg.solve(A, g) / 2
+    np.testing.assert_allclose(tree_to_vector(grads).numpy(), expect.numpy(), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("n, p", [(5, 8), (30, 4)])
+def test_ridge_head_equals_sklearn_ridge(n, p):
+    rng = np.random.RandomState(0)
+    F, T = rng.randn(n, p), rng.randn(n, 2)
+    W, b = ridge_head(torch.tensor(F), torch.tensor(T), alpha=0.7)
+    ref = Ridge(alpha=0.7).fit(F, T)
+    np.testing.assert_allclose(W.numpy().T, ref.coef_, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(b.numpy(), ref.intercept_, rtol=1e-10, atol=1e-12)
+
+
+def test_r2d2_head_is_ridge_on_backbone_features():
+    model = _tiny_model(seed=6, n_out=3)
+    method = get_meta_method("r2d2", alpha=0.5)
+    meta = method.init_meta(model)
+    xs, ys, xq, _ = _batch(n_tasks=1, n_s=6)
+    task = method.adapt(model, meta, xs[0], ys[0])
+    with torch.no_grad():
+        feats_s = model.forward(meta["params"], xs[0]).numpy()
+        feats_q = model.forward(meta["params"], xq[0]).numpy()
+        pred = method.predict(model, meta, task, xq[0]).numpy()
+    ref = Ridge(alpha=0.5).fit(feats_s, ys[0].numpy())
+    np.testing.assert_allclose(pred.ravel(), ref.predict(feats_q), rtol=1e-9, atol=1e-12)
+
+
+def test_r2d2_meta_gradient_reaches_penalty_and_matches_finite_differences():
+    model = _tiny_model(seed=7, n_out=3, loss="cross_entropy")
+    method = get_meta_method("r2d2")
+    meta = method.init_meta(model)
+    batch = _batch(classes=2, n_s=4)
+    _, grads, _ = _meta_value_and_grad(method, model, meta, batch, n_outputs=2)
+    assert grads["log_alpha"] is not None and grads["log_scale"] is not None
+    fd = _finite_difference(method, model, meta, batch, n_outputs=2)
+    np.testing.assert_allclose(tree_to_vector(grads).numpy(), fd.numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_vmapped_meta_loss_equals_loop_over_tasks():
+    model = _tiny_model(seed=8)
+    method = get_meta_method("maml", inner_steps=2, inner_lr=0.1)
+    meta = method.init_meta(model)
+    xs, ys, xq, yq = batch = _batch(n_tasks=4)
+    loss, _ = method.meta_loss(model, meta, batch)
+    loop = sum(method.task_loss(model, meta, xs[i], ys[i], xq[i], yq[i]) for i in range(4)) / 4
+    assert abs(float(loss) - float(loop)) < 1e-12
+
+
+def test_state_dict_round_trip_and_unknown_method():
+    model = _tiny_model()
+    method = get_meta_method("metasgd")
+    meta = method.init_meta(model)
+    state = method.state_dict(meta)
+    assert "lr.0.weight" in state and "0.weight" in state
+    back = method.load_state_dict(model, state)
+    assert torch.equal(tree_to_vector(back), tree_to_vector(meta))
+    with pytest.raises(ValueError, match="Unknown meta-learning method"):
+        get_meta_method("nope")
+    with pytest.raises(ValueError, match="Invalid parameters"):
+        get_meta_method("maml", lam=1.0)
