@@ -54,7 +54,8 @@ class LinearSolveResult:
     Examples
     --------
     >>> from skbilevel.hypergrad import LinearSolveResult
-    >>> LinearSolveResult(iterations=3, residual=1e-12, converged=True, n_matvec=4).converged
+    >>> res = LinearSolveResult(3, residual=1e-12, converged=True, n_matvec=4)
+    >>> res.converged
     True
     """
 
@@ -131,7 +132,8 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
     >>> import torch
     >>> from skbilevel.hypergrad import solve_cg
     >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
-    >>> x, res = solve_cg(lambda v: A @ v, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    >>> x, res = solve_cg(lambda v: A @ v, b)
     >>> [round(float(t), 6) for t in x], res.converged, res.iterations
     ([0.090909, 0.636364], True, 2)
     >>> x, res = solve_cg(lambda v: 2.0 * v, torch.tensor(3.0))  # a scalar system
@@ -184,7 +186,9 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
                     # Never hand back the zero start: step along b with |curvature|.
                     scale = rs / abs(pAp) if pAp != 0.0 and math.isfinite(pAp) else 1.0
                     best_x = scale * p
-                    fallback = "cg: step along b with |p^T A p| (non-positive curvature)"
+                    fallback = (
+                        "cg: step along b with |p^T A p| (non-positive curvature)"
+                    )
                 break
             alpha = rs / pAp
             x = x + alpha * p
@@ -265,7 +269,8 @@ def solve_neumann(matvec, b, step, n_terms, tol=None):
     >>> import torch
     >>> from skbilevel.hypergrad import solve_neumann
     >>> A = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    >>> x, res = solve_neumann(lambda v: A @ v, torch.ones(2, dtype=torch.float64), step=0.5, n_terms=60)
+    >>> b = torch.ones(2, dtype=torch.float64)
+    >>> x, res = solve_neumann(lambda v: A @ v, b, step=0.5, n_terms=60)
     >>> [round(float(t), 6) for t in x], res.converged
     ([0.5, 1.0], True)
     """
@@ -303,7 +308,8 @@ def solve_neumann(matvec, b, step, n_terms, tol=None):
     if not message:
         if residual > 1.0:
             message = (
-                f"Neumann series diverges: ||(I - step A)^{k} b|| / ||b|| = {residual:.3e} > 1 "
+                f"Neumann series diverges: ||(I - step A)^{k} b|| / ||b|| = "
+                f"{residual:.3e} > 1 "
                 f"with step={step:.3e} (it needs step < 2 / lambda_max)"
             )
         else:
@@ -411,7 +417,8 @@ def solve_dense(matvec_or_matrix, b, method="auto", tol=None, vectorize=False):
     >>> import torch
     >>> from skbilevel.hypergrad import solve_dense
     >>> A = torch.tensor([[2.0, 1.0], [1.0, -1.0]], dtype=torch.float64)  # indefinite
-    >>> x, res = solve_dense(A, torch.tensor([3.0, 0.0], dtype=torch.float64), method="cholesky")
+    >>> b = torch.tensor([3.0, 0.0], dtype=torch.float64)
+    >>> x, res = solve_dense(A, b, method="cholesky")
     >>> [round(float(t), 6) for t in x], res.fallback
     ([1.0, 1.0], 'cholesky failed (matrix not positive definite); used LU')
     """
@@ -443,7 +450,8 @@ def solve_dense(matvec_or_matrix, b, method="auto", tol=None, vectorize=False):
     fallbacks = []
     x = None
     scale = float(A.abs().max()) if n else 0.0
-    symmetric = bool(torch.allclose(A, A.mT, rtol=1e-6, atol=1e-10 * max(scale, 1e-300)))
+    atol = 1e-10 * max(scale, 1e-300)
+    symmetric = bool(torch.allclose(A, A.mT, rtol=1e-6, atol=atol))
     if method in ("auto", "cholesky"):
         if symmetric:
             L, err = torch.linalg.cholesky_ex(0.5 * (A + A.mT))
@@ -452,7 +460,9 @@ def solve_dense(matvec_or_matrix, b, method="auto", tol=None, vectorize=False):
                 if not bool(torch.isfinite(x).all()):
                     x = None
             if x is None:
-                fallbacks.append("cholesky failed (matrix not positive definite); used LU")
+                fallbacks.append(
+                    "cholesky failed (matrix not positive definite); used LU"
+                )
         elif method == "cholesky":
             fallbacks.append("matrix not symmetric; used LU instead of Cholesky")
     if x is None:

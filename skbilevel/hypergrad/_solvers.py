@@ -51,10 +51,13 @@ class _FlatProblem:
             val = self.fun(vector_to_tree(xr, self.like))
             if val.numel() != 1:
                 raise ValueError(
-                    f"The inner objective must return a scalar; got shape {tuple(val.shape)}."
+                    "The inner objective must return a scalar; got shape "
+                    f"{tuple(val.shape)}."
                 )
             if val.requires_grad:
-                (g,) = torch.autograd.grad(val, xr, create_graph=create_graph, allow_unused=True)
+                (g,) = torch.autograd.grad(
+                    val, xr, create_graph=create_graph, allow_unused=True
+                )
             else:
                 g = None
         if g is None:
@@ -64,13 +67,19 @@ class _FlatProblem:
         return float(val.detach()), g.detach()
 
 
+_LINE_SEARCH_FAILED = (
+    "line search could not decrease the objective (floating-point limit?)"
+)
+
+
 def _solver_tol(tol, dtype):
     return _default_tol(dtype) if tol is None else tol
 
 
 def _warn_inner(name, result, tol, max_iter):
     warnings.warn(
-        f"{name} stopped with inner gradient norm {result.grad_norm:.3e} > tol {tol:.1e} "
+        f"{name} stopped with inner gradient norm {result.grad_norm:.3e} > "
+        f"tol {tol:.1e} "
         f"after {result.n_iter} iterations (max_iter={max_iter}): {result.message}. "
         "Implicit hypergradients assume a stationary point; raise max_iter, "
         "loosen tol, or check the inner objective's scaling.",
@@ -80,7 +89,7 @@ def _warn_inner(name, result, tol, max_iter):
 
 
 def _cubic_minimizer(x1, f1, g1, x2, f2, g2, lo, hi):
-    """Minimizer of the cubic interpolating (x1, f1, g1), (x2, f2, g2), clipped to [lo, hi]."""
+    """Minimizer of the cubic through (x1, f1, g1), (x2, f2, g2), in [lo, hi]."""
     try:
         d1 = g1 + g2 - 3.0 * (f1 - f2) / (x1 - x2)
         d2_sq = d1 * d1 - g1 * g2
@@ -98,7 +107,7 @@ def _cubic_minimizer(x1, f1, g1, x2, f2, g2, lo, hi):
 
 
 def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25):
-    """Line search for a step meeting the strong Wolfe conditions (Nocedal & Wright 3.5-3.6).
+    """Line search for a strong Wolfe step (Nocedal & Wright, Algorithms 3.5-3.6).
 
     Returns ``(t, f, g, ok)``; when no Wolfe point is found within
     ``max_evals`` evaluations, the best point satisfying sufficient decrease
@@ -112,6 +121,8 @@ def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25):
     # Objective changes below a few ulps of f are rounding noise: judge them
     # by the gradient, so the solver can reach gradient norms near eps.
     eps_f = 10.0 * torch.finfo(x.dtype).eps * abs(f0)
+    d_norm = float(torch.linalg.vector_norm(d))
+    x_norm = float(torch.linalg.vector_norm(x))
     evals = 0
     t_prev, f_prev, g_prev, gtd_prev = 0.0, f0, None, gtd0
     bracket = None
@@ -129,7 +140,8 @@ def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25):
         if gtd_t >= 0.0:
             bracket = ((t, f_t, g_t, gtd_t), (t_prev, f_prev, g_prev, gtd_prev))
             break
-        t_next = _cubic_minimizer(t_prev, f_prev, gtd_prev, t, f_t, gtd_t, t + 0.01 * (t - t_prev), 10.0 * t)
+        lo, hi = t + 0.01 * (t - t_prev), 10.0 * t  # extrapolate
+        t_next = _cubic_minimizer(t_prev, f_prev, gtd_prev, t, f_t, gtd_t, lo, hi)
         t_prev, f_prev, g_prev, gtd_prev = t, f_t, g_t, gtd_t
         t = t_next
     if bracket is None:
@@ -140,13 +152,15 @@ def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25):
     while evals < max_evals:
         (t_lo, f_lo, g_lo, gtd_lo), (t_hi, f_hi, _, gtd_hi) = lo, hi
         width = abs(t_hi - t_lo)
-        if width * float(torch.linalg.vector_norm(d)) < 1e-14 * max(1.0, float(torch.linalg.vector_norm(x))):
+        if width * d_norm < 1e-14 * max(1.0, x_norm):
             break
         a, b = min(t_lo, t_hi), max(t_lo, t_hi)
-        t = _cubic_minimizer(t_lo, f_lo, gtd_lo, t_hi, f_hi, gtd_hi, a + 0.1 * width, b - 0.1 * width)
+        a, b = a + 0.1 * width, b - 0.1 * width  # stay inside the bracket
+        t = _cubic_minimizer(t_lo, f_lo, gtd_lo, t_hi, f_hi, gtd_hi, a, b)
         f_t, g_t, gtd_t = evaluate(t)
         evals += 1
-        if not math.isfinite(f_t) or f_t > f0 + c1 * t * gtd0 + eps_f or f_t >= f_lo + eps_f:
+        armijo = f_t <= f0 + c1 * t * gtd0 + eps_f
+        if not math.isfinite(f_t) or not armijo or f_t >= f_lo + eps_f:
             hi = (t, f_t, g_t, gtd_t)
         else:
             if abs(gtd_t) <= -c2 * gtd0:
@@ -232,12 +246,14 @@ class LBFGS(InnerSolver):
                 S, Y, rho = [], [], []
                 d, gtd = -g, -g_norm**2
             t0 = 1.0 if S else min(1.0, 1.0 / max(g_norm, 1e-300))
-            t, f_new, g_new, ok = _strong_wolfe(problem, x, d, f, gtd, t0, max_evals=self.max_ls)
+            t, f_new, g_new, ok = _strong_wolfe(
+                problem, x, d, f, gtd, t0, max_evals=self.max_ls
+            )
             if not ok:
                 if S:  # retry along steepest descent with a fresh memory
                     S, Y, rho = [], [], []
                     continue
-                message = "line search could not decrease the objective (floating-point limit?)"
+                message = _LINE_SEARCH_FAILED
                 break
             s = t * d
             y = g_new - g
@@ -307,7 +323,8 @@ class NewtonCG(InnerSolver):
     --------
     >>> import torch
     >>> from skbilevel.hypergrad import NewtonCG
-    >>> fun = lambda w: torch.logaddexp(torch.zeros(()), -w).sum() + 0.5 * (w ** 2).sum()
+    >>> def fun(w):
+    ...     return torch.nn.functional.softplus(-w).sum() + 0.5 * (w ** 2).sum()
     >>> w, res = NewtonCG().solve(fun, torch.zeros(3, dtype=torch.float64))
     >>> round(float(w[0]), 6), res.converged
     (0.401058, True)
@@ -328,7 +345,9 @@ class NewtonCG(InnerSolver):
         like = tree_detach(theta0)
         x = tree_to_vector(like).detach().clone()
         tol = _solver_tol(self.tol, x.dtype)
-        cg_maxiter = self.cg_maxiter if self.cg_maxiter is not None else min(x.numel(), 200)
+        cg_maxiter = self.cg_maxiter
+        if cg_maxiter is None:
+            cg_maxiter = min(x.numel(), 200)
         problem = _FlatProblem(fun, like)
         n_iter, n_hvp, converged, message = 0, 0, False, ""
         while True:
@@ -338,7 +357,8 @@ class NewtonCG(InnerSolver):
             g_norm = float(torch.linalg.vector_norm(g))
             if n_iter == 0 and not math.isfinite(f):
                 raise ValueError(
-                    f"The inner objective is not finite at the starting point (value {f}); "
+                    "The inner objective is not finite at the starting point "
+                    f"(value {f}); "
                     "check the initialization and the data."
                 )
             converged = g_norm <= tol
@@ -347,7 +367,9 @@ class NewtonCG(InnerSolver):
             if g_graph.requires_grad:
 
                 def hvp(v, g_graph=g_graph, xr=xr):
-                    (hv,) = torch.autograd.grad(g_graph, xr, v, retain_graph=True, allow_unused=True)
+                    (hv,) = torch.autograd.grad(
+                        g_graph, xr, v, retain_graph=True, allow_unused=True
+                    )
                     return torch.zeros_like(v) if hv is None else hv.detach()
 
             else:  # the objective is linear in theta: H = 0
@@ -367,7 +389,7 @@ class NewtonCG(InnerSolver):
                 d, gtd = -g / max(g_norm, 1e-300), -g_norm
                 step = self._backtrack(problem, x, d, f, gtd)
             if step is None:
-                message = "line search could not decrease the objective (floating-point limit?)"
+                message = _LINE_SEARCH_FAILED
                 break
             x = x + step * d
             n_iter += 1
