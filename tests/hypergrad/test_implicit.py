@@ -349,6 +349,19 @@ def test_zero_outer_gradient_gives_zero_linear_solve():
     assert info.linear_solve_iterations == 0 and info.linear_solve_converged is True
 
 
+def test_phi_leaf_unused_by_inner_loss_gets_only_its_direct_gradient():
+    X, y, Xv, yv, phi0 = _ridge_data()
+    log_alpha = phi0.clone().requires_grad_(True)
+    shift = torch.tensor(0.5, dtype=DT, requires_grad=True)  # used by the outer loss only
+    w, info = argmin(lambda w, h: _ridge_inner(X, y)(w, h["log_alpha"]),
+                     {"log_alpha": log_alpha, "shift": shift},
+                     torch.zeros(5, dtype=DT), hypergradient="cg")
+    (0.5 * ((Xv @ w + shift - yv) ** 2).mean()).backward()
+    expected = float((Xv @ w.detach() + 0.5 - yv).mean())
+    assert float(shift.grad) == pytest.approx(expected, rel=1e-10)
+    assert torch.isfinite(log_alpha.grad).all()
+
+
 def test_phi_without_grad_returns_plain_tensor():
     X, y, _, _, phi0 = _ridge_data()
     w, info = argmin(_ridge_inner(X, y), phi0, torch.zeros(5, dtype=DT), hypergradient="cg")
