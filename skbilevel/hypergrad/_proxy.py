@@ -1,3 +1,454 @@
-"""Placeholder; filled in by its owner."""
+"""Proxy hypergradients: a surrogate of ``theta*(phi)`` that autograd can differentiate.
 
-__all__ = []
+Neither strategy differentiates the inner solver. Both solve the inner problem
+(or part of it) without a graph and build a cheap, differentiable stand-in for
+the solution map:
+
+- :class:`BestResponse` fits a local linear best-response model
+  ``theta(phi) = theta_hat + J (phi - phi0)`` from inner solutions at
+  perturbed ``phi`` (MacKay et al. 2019, self-tuning networks; Lorraine and
+  Duvenaud 2018, hypernetworks). ``J`` is a finite-difference estimate of the
+  Jacobian ``d theta*/d phi`` restricted to the sampled directions.
+- :class:`EvoGrad` perturbs ``theta`` and averages the perturbed copies with
+  weights ``softmax(-f(theta_k, phi) / temperature)`` (Bohdal et al. 2021);
+  gradients flow to ``phi`` through the weights only: first order, no
+  second derivatives.
+
+Both are approximations: they are never exact, but cost no Hessian-vector
+product and work with any inner solver (even non-differentiable ones).
+"""
+
+import math
+import warnings
+
+import torch
+
+from ._base import HypergradientStrategy, HypergradientWarning, register_strategy
+from ._solvers import LBFGS
+from ._tree import tree_detach, tree_flatten, tree_unflatten
+
+__all__ = ["BestResponse", "EvoGrad"]
+
+
+# --------------------------------------------------------------------------- helpers
+def _solver_grads(result):
+    """Inner-gradient evaluations an inner solve spent (its iterations if it does not say)."""
+    n = getattr(result, "n_grad", None)
+    if n is None:
+        n = result.n_iter
+    return int(n)
+
+
+class _Sampler:
+    """Gaussian samples from a private generator (``random_state``) or torch's global one.
+
+    Samples are drawn on the CPU and moved to the target device so that a seed
+    gives the same numbers on every device.
+    """
+
+    def __init__(self, random_state):
+        self.random_state = random_state
+        self._gen = None
+
+    def randn(self, shape, like):
+        if self.random_state is None:
+            gen = None
+        elif isinstance(self.random_state, torch.Generator):
+            gen = self.random_state
+        else:
+            if self._gen is None:
+                self._gen = torch.Generator().manual_seed(int(self.random_state))
+            gen = self._gen
+        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float64
+        if gen is not None and gen.device.type != "cpu":
+            return torch.randn(shape, generator=gen, dtype=like.dtype, device=like.device)
+        out = torch.randn(shape, generator=gen, dtype=dtype)
+        return out.to(device=like.device, dtype=like.dtype)
+
+
+def _check_positive(name, value, integer=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if integer:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name} must be {kind}; got {value!r}.")
+
+
+# --------------------------------------------------------------------------- best response
+@register_strategy("best_response")
+class BestResponse(HypergradientStrategy):
+    """Local linear best-response proxy of ``theta*(phi)``, fitted by least squares.
+
+    Around the current outer point ``phi0`` the inner problem is solved at
+    ``n_samples`` perturbed points ``phi0 + sigma u_k`` (and at
+    ``phi0 - sigma u_k`` with ``antithetic=True``), warm-started from the
+    solution ``theta_hat`` at ``phi0``. A linear model
+    ``theta(phi) = theta_hat + J (phi - phi0)`` is fitted to these solutions
+    by least squares (the "linear hypernetwork" of MacKay et al. 2019, fitted
+    in closed form instead of by SGD) and returned as the autograd tensor, so
+    ``d theta / d phi = J``.
+
+    With ``antithetic=True`` the fit uses central differences
+    ``(theta(phi0 + sigma u) - theta(phi0 - sigma u)) / 2``, whose error is
+    ``O(sigma^2)``. With at least as many directions as outer variables
+    (``n_samples >= phi.numel()``) ``J`` estimates the full Jacobian and the
+    hypergradient ``J^T dF/dtheta`` approaches the exact one as ``sigma`` and
+    the inner tolerance go to zero. With fewer directions the hypergradient
+    is the exact one projected on the span of the sampled directions (a
+    random-subspace estimate, shorter by about ``n_samples / phi.numel()``).
+
+    Cost per hypergradient: ``1 + n_samples * (2 if antithetic else 1)`` inner
+    solves (each warm-started), no second derivatives; memory
+    ``O(n_samples * (theta.numel() + phi.numel()))``. ``J`` is kept and reused
+    for ``refit_every - 1`` further calls to amortize this, as self-tuning
+    networks do; ``theta_hat`` is recomputed at every call.
+
+    Parameters
+    ----------
+    n_samples : int, default=None
+        Number of perturbation directions. ``None`` uses
+        ``min(phi.numel(), 32)``.
+    sigma : float, default=0.05
+        Size of the perturbations of ``phi`` (in the units of ``phi``). Must
+        dominate the inner solver's error: the finite differences divide it
+        by ``sigma``.
+    antithetic : bool, default=True
+        Also solve at ``phi0 - sigma u_k`` (central differences).
+    refit_every : int, default=1
+        Refit ``J`` every ``refit_every`` calls; in between, reuse it (its
+        shapes must not change).
+    sample_solver : InnerSolver, optional
+        Solver for the perturbed problems (e.g. a few warm-started steps);
+        defaults to the solver passed to :func:`argmin`.
+    random_state : int, torch.Generator or None, default=None
+        Seed of the perturbations (``None``: torch's global generator).
+
+    Notes
+    -----
+    ``info.extra`` holds ``fit_residual`` (relative least-squares residual,
+    ``0`` when ``n_samples <= phi.numel()``: the fit interpolates),
+    ``nonlinearity`` (relative size of the second-order part
+    ``(theta_+ + theta_-)/2 - theta_hat``; large values mean ``sigma`` is too
+    large for a linear model), ``n_solves``, ``max_sample_grad_norm`` and
+    ``refit``. ``n_grad`` counts the inner solvers' gradient evaluations.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import argmin, BestResponse, ClosedFormSolver
+    >>> X = torch.eye(3, dtype=torch.float64); y = torch.ones(3, dtype=torch.float64)
+    >>> class Ridge(ClosedFormSolver):
+    ...     def closed_form(self, phi):
+    ...         return torch.linalg.solve(X.T @ X + torch.diag(phi.exp()), X.T @ y)
+    >>> def inner(w, phi):
+    ...     return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * (phi.exp() * w ** 2).sum()
+    >>> phi = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    >>> w, info = argmin(inner, phi, torch.zeros(3, dtype=torch.float64),
+    ...                  hypergradient=BestResponse(random_state=0), solver=Ridge())
+    >>> w.sum().backward()
+    >>> phi.grad.round(decimals=3)  # exact: -e^phi / (1 + e^phi)^2 = -0.25
+    tensor([-0.2500, -0.2500, -0.2500], dtype=torch.float64)
+    """
+
+    name = "best_response"
+    family = "proxy"
+    solver_kind = "any"
+
+    def __init__(
+        self,
+        n_samples=None,
+        sigma=0.05,
+        antithetic=True,
+        refit_every=1,
+        sample_solver=None,
+        random_state=None,
+    ):
+        self.n_samples = n_samples
+        self.sigma = sigma
+        self.antithetic = antithetic
+        self.refit_every = refit_every
+        self.sample_solver = sample_solver
+        self.random_state = random_state
+        self._sampler = _Sampler(random_state)
+        self._fit = None
+        self._calls = 0
+
+    def default_solver(self):
+        """:class:`LBFGS` with its dtype-dependent default tolerance."""
+        return LBFGS()
+
+    def reset(self):
+        """Forget the stored fit (the next call refits ``J``)."""
+        self._fit = None
+        self._calls = 0
+
+    def _directions(self, m, n, like):
+        """``(m, n)`` perturbation directions: orthonormal when ``n <= m``."""
+        u = self._sampler.randn((m, n), like)
+        if n <= m:
+            u, _ = torch.linalg.qr(u)
+        else:
+            u = u / u.norm(dim=0, keepdim=True)
+        return u
+
+    def _refit(self, inner_loss, phi0_leaves, phi_spec, theta_hat, solver, info):
+        m = sum(p.numel() for p in phi0_leaves)
+        n = self.n_samples if self.n_samples is not None else min(m, 32)
+        _check_positive("n_samples", n, integer=True)
+        _check_positive("sigma", self.sigma)
+        n = int(n)
+        like = phi0_leaves[0]
+        phi0 = torch.cat([p.reshape(-1) for p in phi0_leaves])
+        U = self._directions(m, n, like)
+        sample_solver = self.sample_solver or solver
+        theta_hat_vec = torch.cat([t.reshape(-1) for t in tree_flatten(theta_hat)[0]])
+
+        def solve_at(vec):
+            leaves, start = [], 0
+            for p in phi0_leaves:
+                leaves.append(vec[start : start + p.numel()].reshape(p.shape))
+                start += p.numel()
+            phi_k = tree_unflatten(phi_spec, leaves)
+            theta_k, res = sample_solver.solve(
+                lambda t: inner_loss(t, phi_k), theta_hat, phi=phi_k
+            )
+            vec_k = torch.cat([t.detach().reshape(-1) for t in tree_flatten(theta_k)[0]])
+            return vec_k, res
+
+        plus, minus, grad_norms, n_grad = [], [], [], 0
+        for k in range(n):
+            step = self.sigma * U[:, k]
+            vec, res = solve_at(phi0 + step)
+            plus.append(vec)
+            grad_norms.append(res.grad_norm)
+            n_grad += _solver_grads(res)
+            if self.antithetic:
+                vec, res = solve_at(phi0 - step)
+                minus.append(vec)
+                grad_norms.append(res.grad_norm)
+                n_grad += _solver_grads(res)
+        plus = torch.stack(plus, dim=1)
+        if self.antithetic:
+            minus = torch.stack(minus, dim=1)
+            D = (plus - minus) / 2
+            second = (plus + minus) / 2 - theta_hat_vec[:, None]
+        else:
+            D = plus - theta_hat_vec[:, None]
+            second = None
+        dphi = self.sigma * U  # (m, n)
+        P = torch.linalg.pinv(dphi)  # (n, m); J = D P
+        d_norm = float(D.norm())
+        resid = D - (D @ P) @ dphi
+        fit_residual = float(resid.norm()) / d_norm if d_norm > 0 else 0.0
+        nonlinearity = (
+            float(second.norm()) / d_norm if (second is not None and d_norm > 0) else None
+        )
+        finite = [g for g in grad_norms if not math.isnan(g)]
+        info.n_grad += n_grad
+        info.extra.update(
+            fit_residual=fit_residual,
+            nonlinearity=nonlinearity,
+            n_solves=1 + len(grad_norms),
+            max_sample_grad_norm=max(finite) if finite else math.nan,
+            n_samples=n,
+        )
+        if d_norm == 0:
+            warnings.warn(
+                f"BestResponse: the inner solutions at {len(grad_norms)} perturbed phi "
+                f"(sigma={self.sigma:.3g}) all equal theta_hat, so the fitted Jacobian "
+                "is zero. Either theta* does not depend on phi or the sample solver "
+                "stopped before moving; raise sigma or tighten the sample solver.",
+                HypergradientWarning,
+                stacklevel=4,
+            )
+        return D, P
+
+    def argmin(self, inner_loss, phi, init, solver, info):
+        phi0 = tree_detach(phi)
+        phi_leaves, phi_spec = tree_flatten(phi)
+        phi0_leaves = [p.detach() for p in phi_leaves]
+        theta_hat, res = solver.solve(
+            lambda t: inner_loss(t, phi0), tree_detach(init), phi=phi0
+        )
+        theta_hat = tree_detach(theta_hat)
+        info.inner_iterations = res.n_iter
+        info.inner_grad_norm = None if math.isnan(res.grad_norm) else res.grad_norm
+        info.inner_converged = res.converged
+        info.n_grad += _solver_grads(res)
+
+        refit = self._fit is None or self._calls % max(1, int(self.refit_every)) == 0
+        theta_leaves, theta_spec = tree_flatten(theta_hat)
+        shapes = ([p.shape for p in phi0_leaves], [t.shape for t in theta_leaves])
+        if not refit and self._fit[2] != shapes:
+            refit = True
+        if refit:
+            D, P = self._refit(inner_loss, phi0_leaves, phi_spec, theta_hat, solver, info)
+            self._fit = (D, P, shapes)
+        else:
+            D, P, _ = self._fit
+        info.extra["refit"] = refit
+        self._calls += 1
+
+        dphi = torch.cat([p.reshape(-1) - p0.reshape(-1) for p, p0 in zip(phi_leaves, phi0_leaves)])
+        delta = D @ (P @ dphi)  # J (phi - phi0), differentiable in phi through dphi
+        out, start = [], 0
+        for t in theta_leaves:
+            out.append(t + delta[start : start + t.numel()].reshape(t.shape))
+            start += t.numel()
+        return tree_unflatten(theta_spec, out)
+
+
+# --------------------------------------------------------------------------- EvoGrad
+@register_strategy("evograd")
+class EvoGrad(HypergradientStrategy):
+    """Perturbation-average proxy of ``theta*(phi)`` (EvoGrad, Bohdal et al. 2021).
+
+    The inner problem is solved (without a graph) to ``theta_hat``; then
+    ``n_samples`` perturbed copies ``theta_k = theta_hat + sigma eps_k`` are
+    scored by the inner loss and averaged::
+
+        w = softmax(-f(theta_k, phi) / temperature)
+        theta(phi) = sum_k w_k theta_k
+
+    Gradients reach ``phi`` through the weights ``w`` only (one backward pass
+    through ``n_samples`` inner-loss evaluations): first order, no second
+    derivatives.
+
+    What it approximates: for a quadratic inner loss with Hessian ``H`` and
+    infinitely many samples, the weighted average is
+    ``theta_hat - c (I + c H)^{-1} grad_theta f`` with
+    ``c = sigma**2 / temperature``, whose derivative in ``phi`` is
+    ``-c (I + c H)^{-1} d^2 f / d theta d phi``. As ``c`` grows this tends
+    to the implicit-function answer ``-H^{-1} d^2 f / d theta d phi`` up to
+    the factor ``c H (I + cH)^{-1}``; as ``c`` shrinks it tends to the
+    identity (Hessian-free) approximation scaled by ``c``. Large ``c`` makes
+    the weights degenerate (few effective samples, a noisy estimate):
+    ``info.extra["effective_sample_size"]`` (``1 / sum w_k^2``) reports it.
+    The forward value is ``theta_hat`` moved by the weighted mean of the
+    perturbations (``theta_hat`` exactly when the weights are uniform).
+
+    Parameters
+    ----------
+    n_samples : int, default=32
+        Number of perturbed copies of ``theta`` (pairs ``+-eps`` count as
+        two with ``antithetic=True``; an odd number gets one extra).
+    sigma : float, default=0.01
+        Standard deviation of the perturbations of ``theta``.
+    temperature : float, default=0.01
+        Softmax temperature, in the units of the inner loss.
+    antithetic : bool, default=True
+        Use pairs ``theta_hat +- sigma eps_k``: removes the first-order noise
+        of the average.
+    random_state : int, torch.Generator or None, default=None
+        Seed of the perturbations (``None``: torch's global generator).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import argmin, EvoGrad, ClosedFormSolver
+    >>> X = torch.eye(2, dtype=torch.float64); y = torch.ones(2, dtype=torch.float64)
+    >>> class Ridge(ClosedFormSolver):
+    ...     def closed_form(self, phi):
+    ...         return torch.linalg.solve(X.T @ X + torch.diag(phi.exp()), X.T @ y)
+    >>> def inner(w, phi):
+    ...     return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * (phi.exp() * w ** 2).sum()
+    >>> phi = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    >>> strategy = EvoGrad(n_samples=2000, sigma=0.5, temperature=0.25, random_state=0)
+    >>> w, info = argmin(inner, phi, torch.zeros(2, dtype=torch.float64),
+    ...                  hypergradient=strategy, solver=Ridge())
+    >>> w.sum().backward()
+    >>> bool((phi.grad < 0).all())  # the exact hypergradient is -0.25 per entry
+    True
+    """
+
+    name = "evograd"
+    family = "proxy"
+    solver_kind = "any"
+
+    def __init__(
+        self, n_samples=32, sigma=0.01, temperature=0.01, antithetic=True, random_state=None
+    ):
+        self.n_samples = n_samples
+        self.sigma = sigma
+        self.temperature = temperature
+        self.antithetic = antithetic
+        self.random_state = random_state
+        self._sampler = _Sampler(random_state)
+
+    def default_solver(self):
+        """:class:`LBFGS` with its dtype-dependent default tolerance."""
+        return LBFGS()
+
+    def argmin(self, inner_loss, phi, init, solver, info):
+        _check_positive("n_samples", self.n_samples, integer=True)
+        _check_positive("sigma", self.sigma)
+        _check_positive("temperature", self.temperature)
+        phi0 = tree_detach(phi)
+        theta_hat, res = solver.solve(
+            lambda t: inner_loss(t, phi0), tree_detach(init), phi=phi0
+        )
+        theta_hat = tree_detach(theta_hat)
+        info.inner_iterations = res.n_iter
+        info.inner_grad_norm = None if math.isnan(res.grad_norm) else res.grad_norm
+        info.inner_converged = res.converged
+        info.n_grad += _solver_grads(res)
+
+        leaves, spec = tree_flatten(theta_hat)
+        n = int(self.n_samples)
+        n_draw = (n + 1) // 2 if self.antithetic else n
+        eps = [self._sampler.randn((n_draw,) + tuple(t.shape), t) for t in leaves]
+        if self.antithetic:
+            eps = [torch.cat([e, -e]) for e in eps]
+        n = eps[0].shape[0]
+
+        losses = []
+        for k in range(n):
+            theta_k = tree_unflatten(
+                spec, [t + self.sigma * e[k] for t, e in zip(leaves, eps)]
+            )
+            losses.append(inner_loss(theta_k, phi).reshape(()))
+        losses = torch.stack(losses)
+        finite = torch.isfinite(losses.detach())
+        n_bad = int((~finite).sum())
+        if n_bad == n:
+            raise FloatingPointError(
+                f"EvoGrad: the inner loss is not finite at any of the {n} perturbed "
+                f"points (sigma={self.sigma:.3g}); lower sigma."
+            )
+        logits = torch.where(finite, -losses / self.temperature, losses.new_tensor(-math.inf))
+        weights = torch.softmax(logits, dim=0)
+        w_det = weights.detach()
+        ess = float(1.0 / (w_det**2).sum())
+        spread = float(losses.detach()[finite].max() - losses.detach()[finite].min())
+        # sum_k w_k theta_k = theta_hat + sigma sum_k w_k eps_k (sum w = 1)
+        out = [
+            t + self.sigma * torch.tensordot(weights, e, dims=1) for t, e in zip(leaves, eps)
+        ]
+        info.n_grad += n  # backward: one pass through each of the n loss evaluations
+        info.extra.update(
+            n_samples=n,
+            effective_sample_size=ess,
+            loss_spread=spread,
+            n_nonfinite=n_bad,
+            shift_norm=math.sqrt(
+                sum(float(((o.detach() - t) ** 2).sum()) for o, t in zip(out, leaves))
+            ),
+        )
+        if n_bad:
+            warnings.warn(
+                f"EvoGrad: {n_bad} of {n} perturbed points have a non-finite inner loss "
+                "and got weight 0; lower sigma.",
+                HypergradientWarning,
+                stacklevel=3,
+            )
+        if ess < min(3.0, n / 2):
+            warnings.warn(
+                f"EvoGrad: the weights collapsed on a few samples (effective sample size "
+                f"{ess:.2f} of {n}; inner-loss spread {spread:.3e} vs temperature "
+                f"{self.temperature:.3e}). The hypergradient is mostly noise; raise "
+                "temperature or lower sigma.",
+                HypergradientWarning,
+                stacklevel=3,
+            )
+        return tree_unflatten(spec, out)
