@@ -1,0 +1,214 @@
+"""Fold-batched penalized models: closed forms, LOO and hypergradients vs references."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression, Ridge
+
+from skbilevel.hypergrad import (
+    LogisticFolds,
+    RidgeFolds,
+    RidgeLOO,
+    attach_gradient,
+    penalty_per_feature,
+)
+
+DT = torch.float64
+
+
+def _data(n=30, p=5, seed=0):
+    rng = np.random.RandomState(seed)
+    X = rng.randn(n, p) * rng.uniform(0.5, 2.0, p) + rng.randn(p)
+    y = X @ rng.randn(p) + 0.5 * rng.randn(n) + 1.0
+    sw = rng.uniform(0.2, 2.0, n)
+    return X, y, sw
+
+
+def _ridge_per_feature(X, y, alpha, sw, fit_intercept=True):
+    """Per-feature ridge via sklearn: rescale column j by 1/sqrt(alpha_j)."""
+    s = 1.0 / np.sqrt(alpha)
+    est = Ridge(alpha=1.0, fit_intercept=fit_intercept, solver="cholesky").fit(X * s, y, sample_weight=sw)
+    return est.coef_ * s, est.intercept_
+
+
+def _folds(n, k=3, seed=0):
+    idx = np.random.RandomState(seed).permutation(n)
+    T = np.ones((k, n))
+    for f, chunk in enumerate(np.array_split(idx, k)):
+        T[f, chunk] = 0.0
+    return T
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_ridge_folds_matches_sklearn(method, fit_intercept):
+    X, y, sw = _data()
+    T = _folds(len(y)) * sw
+    alpha = np.exp(np.linspace(-2, 2, X.shape[1]))
+    folds = RidgeFolds(torch.tensor(X), torch.tensor(y), torch.tensor(T),
+                       fit_intercept=fit_intercept, method=method)
+    coef = folds.closed_form(torch.tensor(np.log(alpha)))
+    b = folds.intercepts(coef)
+    for k in range(T.shape[0]):
+        m = T[k] > 0
+        ref_w, ref_b = _ridge_per_feature(X[m], y[m], alpha, T[k][m], fit_intercept)
+        np.testing.assert_allclose(coef[k].numpy(), ref_w, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(float(b[k]), ref_b, rtol=1e-9, atol=1e-11)
+
+
+def _fd(fun, phi, eps=1e-6):
+    g = torch.zeros_like(phi)
+    for j in range(phi.numel()):
+        e = torch.zeros_like(phi)
+        e[j] = eps
+        g[j] = (fun(phi + e) - fun(phi - e)) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("strategy", ["closed_form", "cg", "dense"])
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_ridge_folds_hypergradient_vs_finite_differences(strategy, method):
+    X, y, sw = _data(n=24, p=6)
+    T = _folds(len(y)) * sw
+    V = (T == 0) * sw
+    groups = torch.tensor([0, 0, 1, 2, 2, 2])
+    folds = RidgeFolds(torch.tensor(X), torch.tensor(y), torch.tensor(T), torch.tensor(V),
+                       groups=groups, method=method)
+    phi = torch.tensor([0.3, -1.0, 1.5], dtype=DT)
+    value, grad, info, _ = folds.value_and_grad(phi, hypergradient=strategy)
+
+    def fun(p):
+        with torch.no_grad():
+            return folds.validation_loss(folds.closed_form(p))
+
+    torch.testing.assert_close(value, fun(phi))
+    torch.testing.assert_close(grad, _fd(fun, phi), rtol=1e-6, atol=1e-9)
+    assert info.strategy == strategy
+    assert info.inner_grad_norm < 1e-8
+
+
+def _brute_force_loo(X, y, alpha, sw, fit_intercept):
+    n = len(y)
+    err = np.empty(n)
+    for i in range(n):
+        m = np.arange(n) != i
+        w, b = _ridge_per_feature(X[m], y[m], alpha, sw[m], fit_intercept)
+        err[i] = (y[i] - X[i] @ w - b) ** 2
+    return (sw * err).sum() / sw.sum()
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_ridge_loo_is_exact(method, fit_intercept):
+    X, y, sw = _data(n=15, p=6)
+    alpha = np.exp(np.linspace(-1, 2, 6))
+    loo = RidgeLOO(torch.tensor(X), torch.tensor(y), torch.tensor(sw),
+                   fit_intercept=fit_intercept, method=method)
+    ours = float(loo(torch.tensor(np.log(alpha))))
+    np.testing.assert_allclose(ours, _brute_force_loo(X, y, alpha, sw, fit_intercept), rtol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(20, 4), (8, 12)])
+def test_ridge_loo_gradient_vs_finite_differences(shape):
+    X, y, sw = _data(*shape)
+    loo = RidgeLOO(torch.tensor(X), torch.tensor(y), torch.tensor(sw))
+    phi = torch.linspace(-1, 1, shape[1], dtype=DT)
+    value, grad, info = loo.value_and_grad(phi)
+    fd = _fd(lambda p: loo(p).detach(), phi, eps=1e-5)
+    torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-6 * float(fd.abs().max()))
+    assert info.extra["objective"] == "leave_one_out"
+
+
+def test_ridge_loo_groups_and_curve():
+    X, y, _ = _data(n=25, p=4)
+    groups = torch.tensor([0, 1, 1, 0])
+    loo = RidgeLOO(torch.tensor(X), torch.tensor(y), groups=groups)
+    full = RidgeLOO(torch.tensor(X), torch.tensor(y))
+    phi = torch.tensor([0.5, -0.5], dtype=DT)
+    torch.testing.assert_close(loo(phi), full(phi[groups]))
+    curve = loo.validation_curve([-1.0, 0.0])
+    torch.testing.assert_close(curve[1], loo(torch.zeros(2, dtype=DT)))
+    with pytest.raises(ValueError, match="one log-penalty per group"):
+        loo(torch.zeros(3, dtype=DT))
+
+
+def _class_data(n=80, p=4, n_classes=2, seed=0):
+    rng = np.random.RandomState(seed)
+    X = rng.randn(n, p)
+    W = rng.randn(p, n_classes) * 2
+    y = np.argmax(X @ W + rng.gumbel(size=(n, n_classes)), axis=1)
+    return X, y
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_logistic_folds_matches_sklearn(n_classes):
+    X, y = _class_data(n_classes=n_classes)
+    T = _folds(len(y), k=2)
+    folds = LogisticFolds(torch.tensor(X), torch.tensor(y), n_classes, torch.tensor(T))
+    alpha = 2.0
+    theta, res = folds.solve(torch.full((4,), np.log(alpha), dtype=DT))
+    assert res.converged
+    for k in range(2):
+        m = T[k] > 0
+        ref = LogisticRegression(C=1 / alpha, tol=1e-12, max_iter=10000).fit(X[m], y[m])
+        proba = torch.softmax(folds.logits(theta)[k], -1) if n_classes > 2 else None
+        if n_classes == 2:
+            np.testing.assert_allclose(theta["coef"][k, :, 0].numpy(), ref.coef_[0], rtol=1e-5)
+            np.testing.assert_allclose(float(theta["intercept"][k, 0]), ref.intercept_[0], rtol=1e-5)
+        else:
+            np.testing.assert_allclose(proba.numpy(), ref.predict_proba(X), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_logistic_hypergradient_vs_finite_differences(n_classes):
+    X, y = _class_data(n=60, p=3, n_classes=n_classes)
+    T = _folds(len(y), k=2)
+    V = 1.0 - T
+    folds = LogisticFolds(torch.tensor(X), torch.tensor(y), n_classes, torch.tensor(T), torch.tensor(V))
+    phi = torch.tensor([0.0, 1.0, -0.5], dtype=DT)
+    value, grad, info, _ = folds.value_and_grad(phi, solver=folds.default_solver(tol=1e-12))
+    ref = LogisticFolds(torch.tensor(X), torch.tensor(y), n_classes, torch.tensor(T), torch.tensor(V))
+    solver = ref.default_solver(tol=1e-12)
+
+    def fun(p):
+        theta, _ = ref.solve(p, solver)
+        with torch.no_grad():
+            return ref.validation_loss(theta)
+
+    torch.testing.assert_close(grad, _fd(fun, phi, eps=1e-4), rtol=1e-5, atol=1e-6)
+    assert info.strategy == "cg" and info.linear_solve_converged
+    _, grad_dense, _, _ = folds.value_and_grad(phi, hypergradient="dense")
+    torch.testing.assert_close(grad, grad_dense, rtol=1e-6, atol=1e-10)
+
+
+def test_logistic_validation_curve_warm_path():
+    X, y = _class_data()
+    T = _folds(len(y), k=2)
+    folds = LogisticFolds(torch.tensor(X), torch.tensor(y), 2, torch.tensor(T), torch.tensor(1.0 - T))
+    curve = folds.validation_curve([-2.0, 0.0, 2.0])
+    assert curve.shape == (3,) and bool(torch.isfinite(curve).all())
+
+
+def test_attach_gradient_and_penalty():
+    phi = torch.zeros(3, dtype=DT, requires_grad=True)
+    out = attach_gradient(torch.tensor(2.0, dtype=DT), torch.tensor([1.0, 2.0, 3.0], dtype=DT), phi)
+    (out * 2).backward()
+    assert float(out.detach()) == 2.0
+    assert phi.grad.tolist() == [2.0, 4.0, 6.0]
+    a = penalty_per_feature(torch.tensor([0.0, 1.0], dtype=DT), torch.tensor([1, 0]))
+    torch.testing.assert_close(a, torch.tensor([np.e, 1.0], dtype=DT))
+
+
+def test_bad_inputs_raise():
+    X = torch.randn(10, 3, dtype=DT)
+    y = torch.randn(10, dtype=DT)
+    with pytest.raises(ValueError, match="shape"):
+        RidgeFolds(X, y, torch.ones(2, 9, dtype=DT))
+    with pytest.raises(ValueError, match="non-negative"):
+        RidgeFolds(X, y, -torch.ones(10, dtype=DT))
+    with pytest.raises(ValueError, match="groups"):
+        RidgeFolds(X, y, torch.ones(10, dtype=DT), groups=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="class indices"):
+        LogisticFolds(X, torch.full((10,), 3), 2, torch.ones(10, dtype=DT))
+    with pytest.raises(ValueError, match="at least 2"):
+        LogisticFolds(X, torch.zeros(10), 1, torch.ones(10, dtype=DT))
