@@ -311,10 +311,11 @@ def maml_problem(seed=1):
     return phi0, inner, outer
 
 
-def maml_grad(strategy, solver):
+def maml_grad(strategy, solver, init_map=None):
     phi0, inner, outer = maml_problem()
     phi = {k: v.clone().requires_grad_(True) for k, v in phi0.items()}
-    theta, info = argmin(inner, phi, phi, hypergradient=strategy, solver=solver)
+    init = phi if init_map is None else init_map(phi)
+    theta, info = argmin(inner, phi, init, hypergradient=strategy, solver=solver)
     outer(theta).backward()
     return torch.cat([phi["w"].grad, phi["c"].grad.reshape(1)]), theta, info
 
@@ -337,6 +338,17 @@ def test_maml_reverse_forward_fd(solver):
     g_fwd, _, _ = maml_grad("forward", solver)
     assert rel(g_fwd, g_rev) < 1e-10
     assert rel(g_rev, maml_fd(solver)) < 1e-7
+
+
+def test_forward_with_nonlinear_init_map():
+    solver = Momentum(lr=0.2, momentum=0.5, n_steps=5)
+
+    def init_map(phi):  # init = g(phi), Z_0 = dg/dphi is a full Jacobian
+        return {"w": torch.tanh(phi["w"]) * phi["c"], "c": phi["w"].sum() ** 2}
+
+    g_rev, _, _ = maml_grad("reverse", solver, init_map)
+    g_fwd, _, _ = maml_grad("forward", solver, init_map)
+    assert rel(g_fwd, g_rev) < 1e-10
 
 
 def test_maml_first_order_is_outer_gradient_at_theta_T():
@@ -468,16 +480,19 @@ def test_darts_matches_exact_one_step_hypergradient():
 
     g_darts, w1, info = run("darts")
     g_look, w1_look, _ = run("lookahead")
-    # hand computation: w' = w0 - xi (grad_data(w0) + e^phi w0),
-    # dF/dphi = 0.2 phi - xi * e^phi * w0 * grad F(w')  (exact mixed product)
-    wp = w0.clone().requires_grad_(True)
-    (gF,) = torch.autograd.grad(outer(wp), wp) if False else (None,)
-    w1_ref = w1_look
-    wq = w1_ref.clone().requires_grad_(True)
+    # hand computation of the exact one-step unrolled hypergradient:
+    # w' = w0 - xi * (grad_data(w0) + e^phi * w0), and since d^2 f/(dphi dw) = diag(e^phi w0),
+    # dF/dphi = 0.2 phi - xi * e^phi * w0 * grad F(w')
+    w0r = w0.clone().requires_grad_(True)
+    (g_inner,) = torch.autograd.grad(inner(w0r, phi0), w0r)
+    w1_hand = w0 - xi * g_inner
+    wq = w1_hand.clone().requires_grad_(True)
     (gF,) = torch.autograd.grad(outer(wq), wq)
     hand = 0.2 * phi0 - xi * phi0.exp() * w0 * gF
-    assert torch.allclose(w1, w1_look, rtol=0, atol=1e-15)
+    assert torch.allclose(w1, w1_hand, rtol=0, atol=1e-15)
+    assert torch.allclose(w1_look, w1_hand, rtol=0, atol=1e-15)
     assert rel(g_look, hand) < 1e-12
+    # grad_phi f is quadratic in w here, so the central difference is exact up to rounding
     assert rel(g_darts, hand) < 1e-4
     assert info.n_hvp == 0 and info.inner_iterations == 1
     assert info.extra["fd_epsilon"] > 0 and info.n_grad >= 4
