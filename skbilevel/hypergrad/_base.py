@@ -12,7 +12,7 @@ outer loss then composes with it: ``F(argmin(...), phi).backward()`` fills
 import dataclasses
 import math
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -118,11 +118,20 @@ class SolveResult:
         (``nan`` where the solver does not compute it).
     converged : bool
         Whether the solver's own tolerance was met.
+    n_grad : int or None
+        Gradient evaluations spent (``None``: the solver does not count them).
+    n_hvp : int
+        Hessian-vector products spent.
+    message : str
+        Why the solver stopped, in words.
     """
 
     n_iter: int
     grad_norm: float = math.nan
     converged: bool = True
+    n_grad: Optional[int] = None
+    n_hvp: int = 0
+    message: str = ""
 
 
 class InnerSolver:

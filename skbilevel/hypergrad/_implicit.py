@@ -220,8 +220,8 @@ class _Implicit(HypergradientStrategy):
         theta_star = tree_detach(theta_star)
         info.inner_iterations = result.n_iter
         info.inner_converged = result.converged
-        info.n_grad += getattr(result, "n_grad", result.n_iter)
-        info.n_hvp += getattr(result, "n_hvp", 0)
+        info.n_grad += result.n_grad if result.n_grad is not None else result.n_iter
+        info.n_hvp += result.n_hvp
         grad_norm = result.grad_norm
         if grad_norm is None or math.isnan(grad_norm):
             grad_norm = _grad_norm(fun, theta_star)

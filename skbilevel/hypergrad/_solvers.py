@@ -8,7 +8,6 @@ numbers. Both work on a tensor or a dict/tuple/list of tensors, on whatever
 device and dtype ``theta0`` has.
 """
 
-import dataclasses
 import math
 import warnings
 
@@ -19,15 +18,6 @@ from ._linear_solve import _default_tol, solve_cg
 from ._tree import tree_detach, tree_to_vector, vector_to_tree
 
 __all__ = ["LBFGS", "NewtonCG"]
-
-
-@dataclasses.dataclass
-class _IterativeSolveResult(SolveResult):
-    """:class:`SolveResult` plus the evaluation counts of an iterative solver."""
-
-    n_grad: int = 0
-    n_hvp: int = 0
-    message: str = ""
 
 
 class _FlatProblem:
@@ -271,7 +261,7 @@ class LBFGS(InnerSolver):
             converged = g_norm <= tol
         if not message:
             message = "converged" if converged else "max_iter reached"
-        result = _IterativeSolveResult(
+        result = SolveResult(
             n_iter=n_iter,
             grad_norm=g_norm,
             converged=bool(converged),
@@ -395,7 +385,7 @@ class NewtonCG(InnerSolver):
             n_iter += 1
         if not message:
             message = "converged" if converged else "max_iter reached"
-        result = _IterativeSolveResult(
+        result = SolveResult(
             n_iter=n_iter,
             grad_norm=g_norm,
             converged=bool(converged),
