@@ -144,7 +144,8 @@ def _safe_sqrt(x):
     finite and is exact wherever ``x > 0``.
     """
     positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+    root = torch.sqrt(torch.where(positive, x, torch.ones_like(x)))
+    return torch.where(positive, root, torch.zeros_like(x))
 
 
 class GradientStepSolver(StepSolver):

@@ -42,7 +42,7 @@ from ._base import (
     _grad_norm,
     register_strategy,
 )
-from ._steps import GradientDescent, GradientStepSolver, _check_n_steps, _per_leaf, _tree_grad
+from ._steps import GradientDescent, GradientStepSolver, _per_leaf, _tree_grad
 from ._tree import tree_detach, tree_flatten, tree_unflatten
 
 __all__ = [
@@ -477,7 +477,11 @@ def _jvp_by_double_vjp(outputs, inputs, tangents, batching):
     with torch.enable_grad():
         us = [torch.zeros_like(outputs[i]).requires_grad_(True) for i in live]
         jtu = torch.autograd.grad(
-            [outputs[i] for i in live], inputs, grad_outputs=us, create_graph=True, allow_unused=True
+            [outputs[i] for i in live],
+            inputs,
+            grad_outputs=us,
+            create_graph=True,
+            allow_unused=True,
         )
         pairs = [(j, v) for j, v in zip(jtu, tangents) if j is not None and j.requires_grad]
         if not pairs:
@@ -858,7 +862,8 @@ class FiniteDifferenceDARTS(HypergradientStrategy):
     and the mixed second-order product is replaced by a central difference
     of gradients,
 
-        d^2 f / (dphi dtheta) . v ~ (grad_phi f(theta + eps v) - grad_phi f(theta - eps v)) / (2 eps),
+        d^2 f / (dphi dtheta) . v
+            ~ (grad_phi f(theta + eps v) - grad_phi f(theta - eps v)) / (2 eps),
 
     with ``v = xi * g`` and ``eps = epsilon / ||v||``: the parameters move
     by exactly ``epsilon`` (Liu et al.'s ``0.01 / ||g||`` on ``g``). What is

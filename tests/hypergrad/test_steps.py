@@ -99,7 +99,8 @@ def test_per_parameter_learning_rates():
     new, _ = GradientDescent(lr={"b": lr_b, "a": 0.5}).step(lin, theta, None)  # key order free
     assert torch.equal(new["a"], torch.full((2,), 0.5, dtype=DT))
     assert torch.equal(new["b"], lr_b)
-    new, _ = GradientDescent(lr=[0.5, 2.0]).step(lambda p: -(p[0] + p[1]).sum(), [torch.zeros(1), torch.zeros(1)], None)
+    pair = [torch.zeros(1), torch.zeros(1)]
+    new, _ = GradientDescent(lr=[0.5, 2.0]).step(lambda p: -(p[0] + p[1]).sum(), pair, None)
     assert new[0].item() == 0.5 and new[1].item() == 2.0
     with pytest.raises(ValueError, match="keys of theta"):
         GradientDescent(lr={"a": 0.1}).step(lin, theta, None)
@@ -164,7 +165,8 @@ def test_non_scalar_inner_loss_is_rejected():
 
 def test_unused_parameter_gets_zero_gradient():
     theta = {"used": torch.ones(2), "unused": torch.ones(2)}
-    new, _ = GradientDescent(lr=0.5).step(lambda p: (p["used"] ** 2).sum(), theta, None, create_graph=True)
+    fun = lambda p: (p["used"] ** 2).sum()  # noqa: E731
+    new, _ = GradientDescent(lr=0.5).step(fun, theta, None, create_graph=True)
     assert torch.equal(new["unused"].detach(), torch.ones(2))
 
 

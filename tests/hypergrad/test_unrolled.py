@@ -166,10 +166,12 @@ def test_forward_works_with_any_step_solver():
     g, _, info = hypergrad(inner, outer, phi0, "forward", PlainGD(lr, 20), init=init)
     assert info.fallback is None and info.extra["method"] == "double_vjp"
     assert rel(g, g_ref) < 1e-10
-    g, _, info = hypergrad(inner, outer, phi0, UnrolledForward(method="jvp"), PlainGD(lr, 20), init=init)
+    strategy = UnrolledForward(method="jvp")
+    g, _, info = hypergrad(inner, outer, phi0, strategy, PlainGD(lr, 20), init=init)
     assert "not a GradientStepSolver" in info.fallback and info.extra["method"] == "double_vjp"
     assert rel(g, g_ref) < 1e-10
-    g, _, info = hypergrad(inner, outer, phi0, UnrolledForward(method="dual"), PlainGD(lr, 20), init=init)
+    strategy = UnrolledForward(method="dual")
+    g, _, info = hypergrad(inner, outer, phi0, strategy, PlainGD(lr, 20), init=init)
     assert rel(g, g_ref) < 1e-10
 
 
@@ -256,7 +258,8 @@ def central_fd(fun, phi0, h=1e-5):
     for i in range(flat.numel()):
         e = torch.zeros_like(flat)
         e[i] = h
-        out[i] = (fun((flat + e).reshape(phi0.shape)) - fun((flat - e).reshape(phi0.shape))) / (2 * h)
+        plus, minus = (flat + e).reshape(phi0.shape), (flat - e).reshape(phi0.shape)
+        out[i] = (fun(plus) - fun(minus)) / (2 * h)
     return out.reshape(phi0.shape)
 
 
@@ -332,7 +335,9 @@ def maml_fd(solver):
     return central_fd(value, torch.cat([phi0["w"], phi0["c"].reshape(1)]))
 
 
-@pytest.mark.parametrize("solver", [GradientDescent(lr=0.3, n_steps=5), Adam(lr=0.05, n_steps=5)], ids=["gd", "adam"])
+@pytest.mark.parametrize(
+    "solver", [GradientDescent(lr=0.3, n_steps=5), Adam(lr=0.05, n_steps=5)], ids=["gd", "adam"]
+)
 def test_maml_reverse_forward_fd(solver):
     g_rev, _, _ = maml_grad("reverse", solver)
     g_fwd, _, _ = maml_grad("forward", solver)
