@@ -228,6 +228,17 @@ class GradientStepSolver(StepSolver):
         theta, grad = _tree_grad(fun, theta, create_graph)
         return self.update(theta, grad, state)
 
+    def solve(self, fun, theta0, phi=None):
+        """Run ``n_steps`` steps without a graph; return ``(theta, SolveResult)``.
+
+        There is no tolerance: ``result.grad_norm`` says how far from
+        stationary the returned point is.
+        """
+        theta, result = super().solve(fun, theta0, phi)
+        result.n_grad = self.n_steps + 1  # the steps and the final gradient norm
+        result.message = f"ran the fixed number of steps ({self.n_steps})"
+        return theta, result
+
 
 class GradientDescent(GradientStepSolver):
     """Differentiable gradient descent, ``theta <- theta - lr * grad``.

@@ -55,6 +55,7 @@ def test_trajectory_matches_torch_optim(ours, optim_cls, kwargs):
     for k in params:
         assert torch.allclose(theta[k], params[k].detach(), rtol=1e-13, atol=1e-15)
     assert isinstance(result, SolveResult) and result.n_iter == 9
+    assert result.n_grad == 10  # 9 steps and the final gradient norm
     assert result.grad_norm > 0
     assert not any(t.requires_grad for t in theta.values())
 
