@@ -96,6 +96,12 @@ def test_ridge_reverse_forward_agree_and_converge_to_exact():
         assert info_f.extra["method"] == "double_vjp" and info_f.fallback is None
         errors.append(rel(g_rev, exact))
     assert errors[0] > errors[1] > errors[2]
+    # forward mode keeps no step graph: theta_T hangs directly off phi (memory flat in T)
+    phi = phi0.clone().requires_grad_(True)
+    w, _ = argmin(inner, phi, torch.zeros(4, dtype=DT), hypergradient="forward",
+                  solver=GradientDescent(lr=lr, n_steps=5))
+    nodes = [fn for fn, _ in w.grad_fn.next_functions if fn is not None]
+    assert [type(fn).__name__ for fn in nodes] == ["AccumulateGrad"]
     assert errors[2] < 1e-6
     assert info_r.inner_grad_norm < 1e-8
 
