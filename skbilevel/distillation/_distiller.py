@@ -440,7 +440,7 @@ class DatasetDistiller(BaseEstimator):
     # ----------------------------------------------------------- fit helpers
 
     def _target_task(self, y):
-        kind = type_of_target(y, input_name="y")
+        kind = type_of_target(y, input_name="y", raise_unknown=True)
         if kind in ("binary", "multiclass"):
             if self.n_distilled is not None:
                 raise ValueError(
@@ -451,7 +451,7 @@ class DatasetDistiller(BaseEstimator):
         if kind in ("continuous", "continuous-multioutput"):
             return "regression"
         raise ValueError(
-            f"y has target type {kind!r}; DatasetDistiller supports class labels "
+            f"Unknown label type: y has target type {kind!r}; DatasetDistiller supports class labels "
             "(binary or multiclass) and continuous targets."
         )
 
@@ -459,7 +459,7 @@ class DatasetDistiller(BaseEstimator):
         """Synthetic samples per class index, checked against the class sizes."""
         sizes = np.bincount(y_idx, minlength=len(self.classes_))
         if isinstance(self.n_per_class, dict):
-            known = {c.item() if hasattr(c, "item") else c for c in self.classes_}
+            known = {_plain(c) for c in self.classes_}
             absent = [k for k in self.n_per_class if k not in known]
             if absent:
                 raise ValueError(
@@ -474,10 +474,10 @@ class DatasetDistiller(BaseEstimator):
                 )
             counts = []
             for c in self.classes_:
-                k = self.n_per_class[c.item() if hasattr(c, "item") else c]
+                k = self.n_per_class[_plain(c)]
                 if not isinstance(k, numbers.Integral) or k < 1:
                     raise ValueError(
-                        f"n_per_class[{c!r}] must be an integer >= 1; got {k!r}."
+                        f"n_per_class[{_plain(c)!r}] must be an integer >= 1; got {k!r}."
                     )
                 counts.append(int(k))
             counts = np.asarray(counts)
@@ -488,7 +488,7 @@ class DatasetDistiller(BaseEstimator):
             i = int(np.argmax(too_many))
             raise ValueError(
                 f"n_per_class asks for {counts[i]} synthetic samples of class "
-                f"{self.classes_[i]!r}, which has only {sizes[i]} sample(s); lower "
+                f"{_plain(self.classes_[i])!r}, which has only {sizes[i]} sample(s); lower "
                 "n_per_class (or give that class a smaller count with a dict)."
             )
         return counts
@@ -696,6 +696,11 @@ class DatasetDistiller(BaseEstimator):
         tags.target_tags.multi_output = True
         tags.target_tags.single_output = True
         return tags
+
+
+def _plain(label):
+    """A numpy scalar label as the Python value (for messages and dict keys)."""
+    return label.item() if isinstance(label, np.generic) else label
 
 
 def _network_targets(learned, fixed, task):

@@ -1,0 +1,224 @@
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits, load_iris, make_regression
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skbilevel.distillation import DatasetDistiller
+from skbilevel.hypergrad import kip_loss
+
+DT = torch.float64
+
+
+# ------------------------------------------------------------ KIP hypergradient
+
+
+def _kip_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Xt = torch.randn(40, 3, generator=g, dtype=DT)
+    yt = torch.stack([Xt[:, 0].sign(), (Xt[:, 1] * Xt[:, 2]).sign()], 1)
+    Xs = torch.randn(5, 3, generator=g, dtype=DT)
+    ys = torch.randn(5, 2, generator=g, dtype=DT)
+    return Xs, ys, Xt, yt
+
+
+@pytest.mark.parametrize(
+    "kernel, params", [("ntk", {"depth": 2}), ("rbf", {"gamma": 0.5}), ("poly", {"degree": 2})]
+)
+def test_kip_hypergradient_matches_finite_differences(kernel, params):
+    Xs, ys, Xt, yt = _kip_problem()
+    Xs.requires_grad_(True)
+    ys.requires_grad_(True)
+    loss, info = kip_loss(Xs, ys, Xt, yt, kernel=kernel, reg=1e-2, **params)
+    gX, gy = torch.autograd.grad(loss, (Xs, ys))
+    assert info.strategy == "closed_form" and info.inner_grad_norm < 1e-8
+
+    def f(Xv, yv):
+        with torch.no_grad():
+            return float(kip_loss(Xv, yv, Xt, yt, kernel=kernel, reg=1e-2, **params)[0])
+
+    h = 1e-6
+    for grad, which in ((gX, 0), (gy, 1)):
+        fd = torch.zeros_like(grad)
+        for idx in np.ndindex(*grad.shape):
+            args_p = [Xs.detach().clone(), ys.detach().clone()]
+            args_m = [Xs.detach().clone(), ys.detach().clone()]
+            args_p[which][idx] += h
+            args_m[which][idx] -= h
+            fd[idx] = (f(*args_p) - f(*args_m)) / (2 * h)
+        torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-9)
+
+
+def test_kip_implicit_strategies_agree_with_closed_form():
+    Xs, ys, Xt, yt = _kip_problem(1)
+    grads = {}
+    for strategy in ("closed_form", "dense", "cg"):
+        X = Xs.clone().requires_grad_(True)
+        loss, _ = kip_loss(X, ys, Xt, yt, kernel="ntk", reg=1e-2, hypergradient=strategy)
+        (grads[strategy],) = torch.autograd.grad(loss, X)
+    torch.testing.assert_close(grads["dense"], grads["closed_form"], rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(grads["cg"], grads["closed_form"], rtol=1e-5, atol=1e-8)
+
+
+# ------------------------------------------------------- it actually distills
+
+
+@pytest.fixture(scope="module")
+def digits_split():
+    X, y = load_digits(return_X_y=True)
+    return train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
+
+
+def _random_subset(X, y, k, rng):
+    rows = np.concatenate([rng.choice(np.flatnonzero(y == c), k, replace=False) for c in np.unique(y)])
+    return X[rows], y[rows]
+
+
+def test_kip_beats_random_real_subset_on_digits(digits_split):
+    Xtr, Xte, ytr, yte = digits_split
+    dd = DatasetDistiller(n_per_class=1, max_iter=150, random_state=0).fit(Xtr, ytr)
+    rng = np.random.RandomState(0)
+    kernel_random, logreg_random = [], []
+    for _ in range(3):
+        Xr, yr = _random_subset(Xtr, ytr, 1, rng)
+        base = DatasetDistiller(n_per_class=1, max_iter=1, learning_rate=1e-12, random_state=0)
+        # a kernel model on the real subset: one outer step of size ~0 keeps it as drawn
+        base.fit(Xr, yr)
+        kernel_random.append(base.score(Xte, yte))
+        logreg_random.append(LogisticRegression(max_iter=2000).fit(Xr, yr).score(Xte, yte))
+    acc = dd.score(Xte, yte)
+    assert acc > np.mean(kernel_random) + 0.15, (acc, kernel_random)
+    assert acc > 0.85
+    # the distilled set also teaches another learner better (transfer)
+    lr_acc = LogisticRegression(max_iter=2000).fit(dd.X_distilled_, dd.y_distilled_).score(Xte, yte)
+    assert lr_acc > np.mean(logreg_random) + 0.1, (lr_acc, logreg_random)
+    assert dd.n_iter_ == 150 and len(dd.history_) == 150
+    assert dd.history_[-10:].mean() < dd.history_[:10].mean()
+
+
+def test_unrolled_beats_random_subset_on_iris():
+    X, y = load_iris(return_X_y=True)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.5, random_state=0, stratify=y)
+    kw = dict(method="unrolled", n_per_class=1, hidden_layer_sizes=(32,), n_inner_steps=10,
+              inner_learning_rate=0.5, random_state=0)
+    dd = DatasetDistiller(max_iter=60, learning_rate=0.05, **kw).fit(Xtr, ytr)
+    base = DatasetDistiller(max_iter=1, learning_rate=1e-12, **kw).fit(Xtr, ytr)
+    assert dd.hypergradient_info_["strategy"] == "reverse"
+    assert dd.hypergradient_info_["extra"]["differentiable_steps"] == 10
+    assert dd.score(Xte, yte) >= base.score(Xte, yte)
+    assert dd.score(Xte, yte) > 0.85
+
+
+# -------------------------------------------------------------- API surface
+
+
+def test_fit_resample_attributes_and_pickle():
+    X, y = load_iris(return_X_y=True)
+    y = np.array(["setosa", "versicolor", "virginica"])[y]
+    dd = DatasetDistiller(n_per_class={"setosa": 1, "versicolor": 2, "virginica": 3},
+                          max_iter=20, learn_labels=True, random_state=0)
+    Xd, yd = dd.fit_resample(X, y)
+    assert Xd.shape == (6, 4) and yd.shape == (6,)
+    assert sorted(yd.tolist()) == ["setosa", "versicolor", "versicolor", "virginica",
+                                   "virginica", "virginica"]
+    assert dd.y_distilled_soft_.shape == (6, 3)
+    # clipping keeps synthetic samples inside the data's range
+    assert np.all(Xd >= X.min(0) - 1e-9) and np.all(Xd <= X.max(0) + 1e-9)
+    proba = dd.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    np.testing.assert_array_equal(dd.classes_[proba.argmax(1)], dd.predict(X))
+    clone = pickle.loads(pickle.dumps(dd))
+    np.testing.assert_array_equal(clone.predict(X), dd.predict(X))
+
+
+def test_regression_kmeans_and_unrolled():
+    X, y = make_regression(150, 4, noise=1.0, random_state=0)
+    for kw in (dict(kernel="rbf", init="kmeans"), dict(method="unrolled")):
+        dd = DatasetDistiller(n_distilled=8, max_iter=30, random_state=0, **kw).fit(X, y)
+        assert dd.X_distilled_.shape == (8, 4) and dd.y_distilled_.shape == (8,)
+        assert not hasattr(dd, "classes_") and not hasattr(dd, "predict_proba")
+        assert dd.score(X, y) > 0.5
+    Y = np.c_[y, -y]
+    dd = DatasetDistiller(n_distilled=5, max_iter=5, kernel="linear", random_state=0).fit(X, Y)
+    assert dd.predict(X).shape == (150, 2) and dd.y_distilled_.shape == (5, 2)
+
+
+def test_kernel_list_and_kmeans_classification():
+    X, y = load_iris(return_X_y=True)
+    dd = DatasetDistiller(n_per_class=2, init="kmeans", kernel=[("ntk", {"depth": 2}), "rbf"],
+                          max_iter=10, random_state=0).fit(X, y)
+    assert dd.score(X, y) > 0.8
+
+
+def test_float32_and_verbose_progress_bar():
+    X, y = load_iris(return_X_y=True)
+    dd = DatasetDistiller(n_per_class=1, max_iter=3, dtype="float32", verbose=1, random_state=0)
+    dd.fit(X.astype(np.float32), y)
+    assert dd.X_distilled_.dtype == np.float32
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(n_per_class=60), "class 0.*has only 50 sample"),
+        (dict(n_per_class=0), "n_per_class"),
+        (dict(n_per_class={0: 1, 1: 1, 2: 1, 7: 1}), r"class\(es\) \[7\] that have no samples"),
+        (dict(n_per_class={0: 1, 1: 1}), r"no count for class\(es\) \[2\]"),
+        (dict(n_per_class={0: 1, 1: 0, 2: 1}), r"n_per_class\[.*1.*\] must be an integer >= 1"),
+        (dict(kernel="cosine"), "Unknown kernel 'cosine'"),
+        (dict(kernel=["ntk", "laplace"]), "Unknown kernel 'laplace'"),
+        (dict(n_distilled=5), "n_distilled is for regression targets"),
+        (dict(reg=0.0), "reg must be > 0"),
+        (dict(device="cuda:99"), "device"),
+    ],
+)
+def test_bad_parameters_raise_clear_value_error(params, match):
+    X, y = load_iris(return_X_y=True)
+    with pytest.raises(ValueError, match=match):
+        DatasetDistiller(max_iter=2, **params).fit(X, y)
+
+
+def test_non_finite_input_raises():
+    X, y = load_iris(return_X_y=True)
+    for bad in (np.nan, np.inf):
+        Xb = X.copy()
+        Xb[3, 1] = bad
+        with pytest.raises(ValueError, match="NaN|infinity"):
+            DatasetDistiller(n_per_class=1, max_iter=2).fit(Xb, y)
+    Xr, yr = make_regression(30, 3, random_state=0)
+    yr[2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        DatasetDistiller(n_distilled=3, max_iter=2).fit(Xr, yr)
+    with pytest.raises(ValueError, match="larger than the number of samples"):
+        DatasetDistiller(n_distilled=50, max_iter=2).fit(Xr[:10], np.arange(10.0) + 0.5)
+
+
+def test_not_fitted():
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        DatasetDistiller().predict(np.zeros((2, 3)))
+
+
+# ----------------------------------------------------------- sklearn contract
+
+
+@parametrize_with_checks(
+    [
+        DatasetDistiller(n_per_class=1, max_iter=3, random_state=0),
+        DatasetDistiller(n_per_class=1, method="unrolled", max_iter=2, n_inner_steps=2,
+                         hidden_layer_sizes=(8,), random_state=0),
+    ]
+)
+def test_sklearn_compatible(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check(estimator)
