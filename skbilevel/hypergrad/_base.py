@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ._tree import tree_detach, tree_flatten, tree_map
+from ._tree import tree_detach, tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
     "HypergradientInfo",
@@ -376,7 +376,27 @@ def argmin(inner_loss, phi, init, *, hypergradient="cg", solver=None):
         solver = strategy.default_solver()
     info = HypergradientInfo(strategy=strategy.name)
     theta = strategy.argmin(inner_loss, phi, init, solver, info)
-    return theta, info
+    return _keep_connected(theta, phi, info), info
+
+
+def _keep_connected(theta, phi, info):
+    """Give ``theta`` a (zero) path to ``phi`` when the strategy returned none.
+
+    A strategy may legitimately produce a ``theta`` that does not depend on
+    ``phi`` (first-order methods drop the indirect term; a ``phi`` that does not
+    enter the inner problem has none). Without a path, ``backward`` on an outer
+    loss with no direct ``phi`` term would raise deep inside autograd; with
+    it, ``phi.grad`` is the (zero) indirect term and the record says so.
+    """
+    phi_leaves = [t for t in tree_flatten(phi)[0] if t.requires_grad]
+    if not phi_leaves:
+        return theta
+    theta_leaves, spec = tree_flatten(theta)
+    if any(t.requires_grad for t in theta_leaves):
+        return theta
+    anchor = sum((t.reshape(-1)[:1] * 0).sum() for t in phi_leaves)
+    info.extra["theta_independent_of_phi"] = True
+    return tree_unflatten(spec, [t + anchor.to(t.dtype) for t in theta_leaves])
 
 
 def warn_linear_solve(info, tol, method):
