@@ -1,0 +1,1011 @@
+"""Few-shot meta-learning estimators: MetaLearnerClassifier and MetaLearnerRegressor.
+
+The estimators sample tasks (few-shot episodes) from the training data, hand
+meta-batches of them to a meta-learning method of the solver core
+(:mod:`skbilevel.hypergrad`, which holds all differentiation) and run the
+outer loop with :func:`~skbilevel.hypergrad.minimize_outer`. A new task is
+learned with :meth:`~MetaLearnerClassifier.adapt`, which returns an ordinary
+fitted scikit-learn estimator.
+"""
+
+import copy
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.frozen import FrozenEstimator
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ..hypergrad import (
+    FunctionalModel,
+    MetaMethod,
+    available_meta_methods,
+    get_meta_method,
+    minimize_outer,
+)
+from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
+from ..utils._modules import MLP, build_module, module_params
+
+__all__ = [
+    "MetaLearnerClassifier",
+    "MetaLearnerRegressor",
+    "AdaptedClassifier",
+    "AdaptedRegressor",
+]
+
+#: the default backbone: the sinusoid-regression MLP of the MAML paper
+_BUILTIN = {"mlp": (MLP, {"hidden_layer_sizes": (40, 40)})}
+
+
+def _unfreeze(estimator):
+    return estimator.estimator if isinstance(estimator, FrozenEstimator) else estimator
+
+
+class _MetaLearnerMixin:
+    """Shared machinery of the two meta-learners (task sampling, outer loop, runtime)."""
+
+    _common_constraints = {
+        "module": "no_validation",
+        "method": [StrOptions(set(available_meta_methods())), MetaMethod],
+        "k_shot": [Interval(Integral, 1, None, closed="left")],
+        "n_query": [Interval(Integral, 1, None, closed="left")],
+        "inner_steps": [Interval(Integral, 0, None, closed="left")],
+        "inner_lr": [Interval(Real, 0, None, closed="left")],
+        "meta_batch_size": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "method_params": [dict, None],
+        "device": "no_validation",
+        "dtype": "no_validation",
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "callbacks": [list, None],
+    }
+
+    def _store_module_kwargs(self, kwargs):
+        # Validation happens in fit (scikit-learn's convention: __init__ never raises).
+        self._bad_kwargs = sorted(k for k in kwargs if not k.startswith("module__"))
+        for key, value in kwargs.items():
+            if key.startswith("module__"):
+                setattr(self, key, value)
+
+    def _check_kwargs(self):
+        bad = getattr(self, "_bad_kwargs", [])
+        if bad:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {bad}; only "
+                "module__* keywords are passed through to the module."
+            )
+
+    # skorch's convention: ``module__*`` keywords are parameters too.
+    def get_params(self, deep=True):
+        params = super().get_params(deep=deep)
+        params.update({f"module__{k}": v for k, v in module_params(self).items()})
+        return params
+
+    def set_params(self, **params):
+        for key in [k for k in params if k.startswith("module__")]:
+            setattr(self, key, params.pop(key))
+        return super().set_params(**params)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        return tags
+
+    # -- building blocks ---------------------------------------------------
+    def _method(self):
+        spec = self.method
+        if isinstance(spec, MetaMethod):
+            return copy.deepcopy(spec)
+        return get_meta_method(spec, inner_steps=self.inner_steps, inner_lr=self.inner_lr,
+                               **(self.method_params or {}))
+
+    def _build_module(self, n_features, n_outputs, is_r2d2):
+        params = module_params(self)
+        if is_r2d2:
+            # R2D2: the backbone's output is the feature map of the ridge head.
+            sizes = params.get("hidden_layer_sizes", _BUILTIN["mlp"][1]["hidden_layer_sizes"])
+            n_outputs = int(sizes[-1]) if len(sizes) else int(n_features)
+        return build_module(self.module, params, n_features, n_outputs, builtin=_BUILTIN)
+
+    def _runtime(self):
+        """FunctionalModel, method and meta-parameter tree on a usable device.
+
+        Adaptation and prediction run on ``device`` when it exists here (else
+        on the CPU); on the CPU they run in float64, so that a sample's
+        prediction does not depend on the batch it comes in.
+        """
+        try:
+            device = resolve_device(self.device)
+        except ValueError:
+            warnings.warn(
+                f"device={self.device!r} is not available here; adapting and predicting "
+                "on the CPU.",
+                UserWarning,
+            )
+            device = torch.device("cpu")
+        dtype = torch.float64 if device.type == "cpu" else resolve_dtype(self.dtype)
+        module = copy.deepcopy(self.module_).to(device=device, dtype=dtype)
+        module.eval()
+        model = FunctionalModel(module, self._loss)
+        method = self._method()
+        meta = method.load_state_dict(
+            model, {k: v.to(device=device, dtype=dtype) for k, v in self.meta_params_.items()})
+        return model, method, meta, device, dtype
+
+    # -- fitting -----------------------------------------------------------
+    def _check_task_sizes(self, sizes, what):
+        need = self.k_shot + self.n_query
+        for name, n in sizes:
+            name = name.item() if isinstance(name, np.generic) else name
+            if n < need:
+                raise ValueError(
+                    f"{type(self).__name__} needs at least k_shot + n_query = "
+                    f"{self.k_shot} + {self.n_query} = {need} samples per {what}; {what} "
+                    f"{name!r} has {n} sample{'s' if n != 1 else ''}. "
+                    "Lower k_shot or n_query, or give that "
+                    f"{what} more samples."
+                )
+
+    def _fit_meta(self, X, y_t, sampler, n_outputs_head, n_outputs_task, torch_seed):
+        """Build the backbone, run the outer loop, store the fitted state."""
+        n_features = X.shape[1]
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype)
+        method = self._method()
+        is_r2d2 = method.name == "r2d2"
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(torch_seed)
+            module = self._build_module(n_features, n_outputs_head, is_r2d2)
+            module_dev = copy.deepcopy(module).to(device=device, dtype=dtype)
+            module_dev.train()
+            model = FunctionalModel(module_dev, self._loss)
+            meta = method.init_meta(model)
+            for leaf in _leaves(meta):
+                leaf.requires_grad_(True)
+            X_t = to_tensor(X, device=device, dtype=dtype)
+            y_dev = y_t.to(device) if y_t.dtype == torch.long else y_t.to(device=device, dtype=dtype)
+
+            def objective(phi):
+                batch = sampler(X_t, y_dev)
+                return method.meta_loss(model, phi, batch, n_outputs=n_outputs_task)
+
+            with core_warnings_as_sklearn():
+                result = minimize_outer(
+                    objective, meta, optimizer="adam", learning_rate=self.learning_rate,
+                    max_iter=self.max_iter, tol=0.0, n_iter_no_change=self.max_iter + 1,
+                    callbacks=self.callbacks, verbose=self.verbose, restore_best=False,
+                    desc=f"{type(self).__name__}({method.name})",
+                )
+        self.module_ = module.to(device="cpu")
+        self.meta_params_ = {k: v.detach().to("cpu").clone()
+                             for k, v in method.state_dict(meta).items()}
+        self.n_iter_ = int(result.n_iter)
+        self.history_ = np.asarray(result.history, dtype=float)
+        self.hypergradient_info_ = result.info.as_dict() if result.info is not None else {}
+        info = result.info
+        if info is not None and info.linear_solve_converged is False and (
+            info.linear_solve_residual is not None and info.linear_solve_residual > 0.1
+        ):
+            warnings.warn(
+                f"iMAML's conjugate-gradient solve reached only a relative residual of "
+                f"{info.linear_solve_residual:.3e} after {info.linear_solve_iterations} "
+                "iterations at the last meta-iteration: the implicit meta-gradient is "
+                "inaccurate. Raise method_params['cg_maxiter'] or lam.",
+                ConvergenceWarning,
+            )
+
+    def _adapt_state(self, X, y_t, n_outputs, inner_steps=None):
+        """Task state (CPU tensors) of the meta-learner adapted on ``(X, y)``."""
+        model, method, meta, device, dtype = self._runtime()
+        X_t = to_tensor(X, device=device, dtype=dtype)
+        y_dev = y_t.to(device) if y_t.dtype == torch.long else y_t.to(device=device, dtype=dtype)
+        with core_warnings_as_sklearn():
+            task = method.adapt(model, meta, X_t, y_dev, n_outputs=n_outputs, steps=inner_steps)
+        state = {k: v.detach().to("cpu") for k, v in _flat_task(task).items()}
+        if not all(bool(torch.isfinite(v).all()) for v in state.values()):
+            raise ValueError(
+                f"Adaptation on {X.shape[0]} samples diverged: the adapted parameters are "
+                f"not finite after {self.inner_steps if inner_steps is None else inner_steps} "
+                f"steps with inner_lr={self.inner_lr}. Lower inner_lr or standardize X "
+                "(and y for regression)."
+            )
+        return state
+
+    def _outputs(self, X, task_state, n_outputs):
+        model, method, meta, device, dtype = self._runtime()
+        task = _unflat_task({k: v.to(device=device, dtype=dtype) for k, v in task_state.items()})
+        X_t = to_tensor(X, device=device, dtype=dtype)
+        with torch.no_grad():
+            out = method.predict(model, meta, task, X_t, n_outputs=n_outputs)
+        return to_numpy(out).astype(np.float64)
+
+
+def _softmax(logits):
+    logits = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        out = []
+        for v in tree.values():
+            out.extend(_leaves(v))
+        return out
+    return [tree]
+
+
+def _flat_task(task):
+    out = {}
+    for k, v in task.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _unflat_task(flat):
+    out = {}
+    for k, v in flat.items():
+        group, sep, rest = k.partition("/")
+        if sep:
+            out.setdefault(group, {})[rest] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _episode_sampler(class_indices, n_way, k_shot, n_query, batch_size, rng):
+    """N-way K-shot episodes; labels 0..n_way-1 in a random class order per episode."""
+    n_classes = len(class_indices)
+
+    def sample(X_t, y_t):
+        sup = np.empty((batch_size, n_way * k_shot), dtype=np.int64)
+        qry = np.empty((batch_size, n_way * n_query), dtype=np.int64)
+        for b in range(batch_size):
+            chosen = rng.choice(n_classes, n_way, replace=False)
+            for j, c in enumerate(chosen):
+                idx = rng.choice(class_indices[c], k_shot + n_query, replace=False)
+                sup[b, j * k_shot:(j + 1) * k_shot] = idx[:k_shot]
+                qry[b, j * n_query:(j + 1) * n_query] = idx[k_shot:]
+        labels_s = np.repeat(np.arange(n_way), k_shot)
+        labels_q = np.repeat(np.arange(n_way), n_query)
+        dev = X_t.device
+        ys = torch.as_tensor(labels_s, device=dev).expand(batch_size, -1)
+        yq = torch.as_tensor(labels_q, device=dev).expand(batch_size, -1)
+        return (X_t[torch.as_tensor(sup, device=dev)], ys,
+                X_t[torch.as_tensor(qry, device=dev)], yq)
+
+    return sample
+
+
+def _task_sampler(task_indices, k_shot, n_query, batch_size, rng):
+    """Tasks drawn uniformly (with replacement across the batch); k_shot + n_query samples each."""
+    n_tasks = len(task_indices)
+
+    def sample(X_t, y_t):
+        sup = np.empty((batch_size, k_shot), dtype=np.int64)
+        qry = np.empty((batch_size, n_query), dtype=np.int64)
+        for b in range(batch_size):
+            idx = rng.choice(task_indices[rng.randint(n_tasks)], k_shot + n_query, replace=False)
+            sup[b], qry[b] = idx[:k_shot], idx[k_shot:]
+        dev = X_t.device
+        sup_t, qry_t = torch.as_tensor(sup, device=dev), torch.as_tensor(qry, device=dev)
+        return X_t[sup_t], y_t[sup_t], X_t[qry_t], y_t[qry_t]
+
+    return sample
+
+
+def _groups_indices(groups, n_samples):
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or groups.shape[0] != n_samples:
+        raise ValueError(
+            f"groups must be a 1-D array with one task id per sample: expected shape "
+            f"({n_samples},), got {groups.shape}."
+        )
+    names, inverse = np.unique(groups, return_inverse=True)
+    return names, [np.flatnonzero(inverse == i) for i in range(len(names))]
+
+
+_DOC_COMMON = """
+    module : str, torch.nn.Module subclass or instance, default="mlp"
+        The backbone. ``"mlp"`` is :class:`skbilevel.utils._modules.MLP` with
+        two hidden layers of 40 ReLU units (the sinusoid network of the MAML
+        paper); ``"linear"`` a linear model; a module class is built with the
+        ``module__*`` keyword parameters (constructor arguments named
+        ``n_features`` / ``n_outputs`` and alike are filled from the data); an
+        instance is deep-copied and used as the starting point. For
+        ``method="r2d2"`` the backbone's output is the feature map of the
+        ridge head (the built-in MLP then outputs as many features as its
+        last hidden layer has units).
+    method : {"maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "r2d2"} \
+or MetaMethod, default="maml"
+        How the meta-parameters are learned; see
+        :mod:`skbilevel.hypergrad` (``MAML``, ``FOMAML``, ``Reptile``,
+        ``ANIL``, ``MetaSGD``, ``IMAML``, ``R2D2``).
+    inner_steps : int, default=5
+        Gradient steps of the task adaptation (unused by ``"r2d2"``).
+    meta_batch_size : int, default=16
+        Tasks per meta-iteration, processed together with ``torch.func.vmap``.
+    max_iter : int, default=1000
+        Meta-iterations (outer Adam steps).
+    learning_rate : float, default=1e-3
+        Step size of the outer Adam optimizer.
+    method_params : dict, optional
+        Extra arguments of the method: ``{"lam": 1.0, "cg_maxiter": 10,
+        "cg_tol": 1e-3}`` for ``"imaml"``, ``{"alpha": 1.0, "scale": 1.0}``
+        (initial ridge penalty and logit scale) for ``"r2d2"``.
+    device : str or torch.device, default="cpu"
+        Where meta-training runs (``"cuda"``, ``"auto"``, ...). Fitted state is
+        kept on the CPU, so a fitted model pickles and predicts anywhere.
+    dtype : {"float32", "float64"}, default="float32"
+    random_state : int, RandomState instance or None, default=None
+        Seeds the backbone initialization and the task sampling.
+    verbose : int, default=0
+        ``> 0`` shows a progress bar.
+    callbacks : list of callable, optional
+        Called as ``cb(state)`` after each meta-iteration with a
+        :class:`~skbilevel.hypergrad.OuterState`; returning ``True`` stops.
+    **kwargs
+        ``module__*`` parameters for the backbone's constructor, e.g.
+        ``module__hidden_layer_sizes=(64, 64)``.
+"""
+
+_DOC_FITTED = """
+    meta_params_ : dict of str to torch.Tensor
+        Meta-learned parameters on the CPU: the backbone's state dict plus
+        the method's own entries (``lr.<name>`` step sizes for Meta-SGD,
+        ``log_alpha`` / ``log_scale`` for R2D2).
+    module_ : torch.nn.Module
+        The backbone (on the CPU) whose structure the parameters fit.
+    history_ : ndarray of shape (n_iter_,)
+        Mean query loss after adaptation of each meta-batch (noisy: each
+        iteration draws new tasks).
+    n_iter_ : int
+        Meta-iterations performed.
+    hypergradient_info_ : dict
+        Health record of the last meta-gradient (for iMAML: the conjugate
+        gradient's iterations and residual).
+    n_features_in_ : int
+    feature_names_in_ : ndarray of str
+        Defined when ``X`` has string feature names.
+"""
+
+
+class MetaLearnerClassifier(_MetaLearnerMixin, ClassifierMixin, BaseEstimator):
+    __doc__ = """Few-shot classifier meta-learned over many tasks (MAML and kin).
+
+    ``fit`` meta-learns how to learn a classification task from a few
+    labelled examples; :meth:`adapt` then learns a new task from its support
+    set and returns an ordinary fitted classifier.
+
+    Tasks come from ``fit(X, y, groups=None)``:
+
+    - without ``groups``, N-way K-shot *episodes* are sampled from the
+      classes of ``y``: ``n_way`` classes, ``k_shot`` support and ``n_query``
+      query samples per class, labels relabelled ``0..n_way-1`` in random
+      order. The meta-learned model then adapts to *new* classes, so
+      :meth:`adapt` accepts any labels (at most ``n_way`` of them);
+    - with ``groups``, every group is a task sharing the global label set
+      ``classes_``; ``k_shot`` and ``n_query`` are samples *per task*.
+
+    ``predict`` / ``predict_proba`` on the meta-learner itself use the
+    meta-learned model adapted (``inner_steps`` steps, or the ridge head for
+    ``"r2d2"``) on the whole training set given to ``fit``, i.e. they equal
+    ``adapt(X, y)`` on the training data, which keeps the scikit-learn
+    contract. With episodes this requires that the training set has at most
+    ``n_way`` classes (``n_way=None``, the default, uses all classes), except
+    for ``"r2d2"`` whose head takes any number of classes.
+
+    Parameters
+    ----------
+    n_way : int, default=None
+        Classes per episode (and outputs of the backbone); ``None`` uses all
+        classes of ``y``. Ignored with ``groups``.
+    k_shot : int, default=5
+        Support samples per class of an episode (per task with ``groups``).
+    n_query : int, default=5
+        Query samples per class of an episode (per task with ``groups``).
+    inner_lr : float, default=0.1
+        Step size of the task adaptation (Meta-SGD: initial value).
+""" + _DOC_COMMON + """
+    Attributes
+    ----------
+    classes_ : ndarray
+        Labels seen in ``fit``.
+""" + _DOC_FITTED + """
+    See Also
+    --------
+    MetaLearnerRegressor : the regression twin.
+    AdaptedClassifier : what :meth:`adapt` returns.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from skbilevel.meta import MetaLearnerClassifier
+    >>> X, y = load_digits(return_X_y=True)
+    >>> X = X / 16.0
+    >>> train, test = y < 6, y >= 6
+    >>> meta = MetaLearnerClassifier(n_way=4, k_shot=5, n_query=5, inner_lr=0.5,
+    ...                              max_iter=50, random_state=0)
+    >>> meta = meta.fit(X[train], y[train])
+    >>> task = meta.adapt(X[test][:40], y[test][:40])  # four new classes
+    >>> task.classes_
+    array([6, 7, 8, 9])
+    >>> bool(task.score(X[test][40:], y[test][40:]) > 0.5)
+    True
+    """
+
+    _parameter_constraints = {
+        **_MetaLearnerMixin._common_constraints,
+        "n_way": [Interval(Integral, 2, None, closed="left"), None],
+    }
+    _loss = "cross_entropy"
+
+    def __init__(
+        self,
+        module="mlp",
+        *,
+        method="maml",
+        n_way=None,
+        k_shot=5,
+        n_query=5,
+        inner_steps=5,
+        inner_lr=0.1,
+        meta_batch_size=16,
+        max_iter=1000,
+        learning_rate=1e-3,
+        method_params=None,
+        device="cpu",
+        dtype="float32",
+        random_state=None,
+        verbose=0,
+        callbacks=None,
+        **kwargs,
+    ):
+        self.module = module
+        self.method = method
+        self.n_way = n_way
+        self.k_shot = k_shot
+        self.n_query = n_query
+        self.inner_steps = inner_steps
+        self.inner_lr = inner_lr
+        self.meta_batch_size = meta_batch_size
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+        self.method_params = method_params
+        self.device = device
+        self.dtype = dtype
+        self.random_state = random_state
+        self.verbose = verbose
+        self.callbacks = callbacks
+        self._store_module_kwargs(kwargs)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, groups=None):
+        """Meta-learn from tasks drawn from ``(X, y)``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+        groups : array-like of shape (n_samples,), optional
+            Task id of every sample. Without it, N-way K-shot episodes are
+            sampled from the classes of ``y``.
+
+        Returns
+        -------
+        self : MetaLearnerClassifier
+        """
+        self._check_kwargs()
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        self.classes_, y_enc = np.unique(y, return_inverse=True)
+        n_classes = len(self.classes_)
+        if n_classes < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs at least 2 classes in y; got 1 class "
+                f"({self.classes_[0]!r})."
+            )
+        rng = check_random_state(self.random_state)
+        torch_seed = int(rng.randint(0, 2**31 - 1))
+        sampler_rng = np.random.RandomState(rng.randint(0, 2**31 - 1))
+        self._episodic = groups is None
+        if self._episodic:
+            n_way = n_classes if self.n_way is None else self.n_way
+            if n_way > n_classes:
+                raise ValueError(
+                    f"n_way={n_way} but y has only {n_classes} classes; lower n_way to at "
+                    f"most {n_classes}."
+                )
+            class_indices = [np.flatnonzero(y_enc == c) for c in range(n_classes)]
+            self._check_task_sizes(
+                [(c, len(idx)) for c, idx in zip(self.classes_, class_indices)], "class")
+            sampler = _episode_sampler(class_indices, n_way, self.k_shot, self.n_query,
+                                       self.meta_batch_size, sampler_rng)
+            self.n_way_ = n_way
+            n_task_outputs = n_way
+        else:
+            names, task_indices = _groups_indices(groups, X.shape[0])
+            self._check_task_sizes(list(zip(names, map(len, task_indices))), "task")
+            sampler = _task_sampler(task_indices, self.k_shot, self.n_query,
+                                    self.meta_batch_size, sampler_rng)
+            self.n_way_ = n_classes
+            n_task_outputs = n_classes
+        y_t = torch.as_tensor(y_enc, dtype=torch.long)
+        self._fit_meta(X, y_t, sampler, self.n_way_, n_task_outputs, torch_seed)
+        # What predict uses: the meta-learned model adapted on the training set.
+        self._fit_state = None
+        if n_classes <= self.n_way_ or self._method().name == "r2d2":
+            self._fit_state = self._adapt_state(X, y_t, n_classes)
+        return self
+
+    def _check_predictable(self):
+        check_is_fitted(self)
+        if self._fit_state is None:
+            raise ValueError(
+                f"This {type(self).__name__} was meta-trained for {self.n_way_}-way tasks "
+                f"but its training set has {len(self.classes_)} classes, so it cannot "
+                "predict all of them. Use adapt(X_support, y_support) with at most "
+                f"{self.n_way_} classes, or fit with n_way=None."
+            )
+
+    def _logits(self, X):
+        """Logits of the meta-learned model adapted on the training set."""
+        self._check_predictable()
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return self._outputs(X, self._fit_state, len(self.classes_))
+
+    def predict_proba(self, X):
+        """Class probabilities of the model adapted on the training set.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        return _softmax(self._logits(X))
+
+    def predict(self, X):
+        """Labels predicted by the meta-learned model adapted on the training set.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        logits = self._logits(X)
+        return self.classes_[np.argmax(logits, axis=1)]
+
+    def adapt(self, X_support, y_support, *, inner_steps=None):
+        """Learn a new task from its support set; the meta-learner is unchanged.
+
+        Parameters
+        ----------
+        X_support : array-like of shape (n_support, n_features)
+        y_support : array-like of shape (n_support,)
+            With episodes: any labels, at most ``n_way`` distinct. With
+            ``groups``: labels from ``classes_``.
+        inner_steps : int, optional
+            Adaptation steps (default: the meta-learner's ``inner_steps``).
+
+        Returns
+        -------
+        AdaptedClassifier
+            A fitted classifier for the task.
+        """
+        check_is_fitted(self)
+        return AdaptedClassifier(FrozenEstimator(self), inner_steps=inner_steps).fit(
+            X_support, y_support)
+
+
+class MetaLearnerRegressor(_MetaLearnerMixin, RegressorMixin, BaseEstimator):
+    __doc__ = """Few-shot regressor meta-learned over many tasks (MAML and kin).
+
+    ``fit(X, y, groups=task_ids)`` meta-learns from tasks (one per group):
+    every meta-iteration draws ``meta_batch_size`` tasks and, from each,
+    ``k_shot`` support and ``n_query`` query samples. Without ``groups`` the
+    whole training set is one task. :meth:`adapt` learns a new task from
+    ``k_shot``-sized (or any) support sets and returns an ordinary fitted
+    regressor.
+
+    ``predict`` on the meta-learner itself uses the meta-learned model
+    adapted (``inner_steps`` steps, or the ridge head for ``"r2d2"``) on the
+    whole training set given to ``fit``; it equals ``adapt(X, y).predict``.
+
+    Parameters
+    ----------
+    k_shot : int, default=10
+        Support samples per task.
+    n_query : int, default=10
+        Query samples per task.
+    inner_lr : float, default=0.01
+        Step size of the task adaptation (Meta-SGD: initial value).
+""" + _DOC_COMMON + """
+    Attributes
+    ----------""" + _DOC_FITTED + """
+    See Also
+    --------
+    MetaLearnerClassifier : the classification twin.
+    AdaptedRegressor : what :meth:`adapt` returns.
+
+    Examples
+    --------
+    Sinusoids ``A sin(x - phase)``, one task per (amplitude, phase):
+
+    >>> import numpy as np
+    >>> from skbilevel.meta import MetaLearnerRegressor
+    >>> rng = np.random.RandomState(0)
+    >>> amp, phase = rng.uniform(0.1, 5, 200), rng.uniform(0, np.pi, 200)
+    >>> X = rng.uniform(-5, 5, (200, 20, 1))
+    >>> y = amp[:, None] * np.sin(X[..., 0] - phase[:, None])
+    >>> groups = np.repeat(np.arange(200), 20)
+    >>> meta = MetaLearnerRegressor(method="r2d2", k_shot=10, max_iter=100, random_state=0)
+    >>> meta = meta.fit(X.reshape(-1, 1), y.ravel(), groups=groups)
+    >>> x_new = rng.uniform(-5, 5, (10, 1))
+    >>> task = meta.adapt(x_new, 2.0 * np.sin(x_new[:, 0] - 1.0))
+    >>> task.predict(np.array([[0.5]])).shape
+    (1,)
+    """
+
+    _parameter_constraints = dict(_MetaLearnerMixin._common_constraints)
+    _loss = "mse"
+
+    def __init__(
+        self,
+        module="mlp",
+        *,
+        method="maml",
+        k_shot=10,
+        n_query=10,
+        inner_steps=5,
+        inner_lr=0.01,
+        meta_batch_size=16,
+        max_iter=1000,
+        learning_rate=1e-3,
+        method_params=None,
+        device="cpu",
+        dtype="float32",
+        random_state=None,
+        verbose=0,
+        callbacks=None,
+        **kwargs,
+    ):
+        self.module = module
+        self.method = method
+        self.k_shot = k_shot
+        self.n_query = n_query
+        self.inner_steps = inner_steps
+        self.inner_lr = inner_lr
+        self.meta_batch_size = meta_batch_size
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+        self.method_params = method_params
+        self.device = device
+        self.dtype = dtype
+        self.random_state = random_state
+        self.verbose = verbose
+        self.callbacks = callbacks
+        self._store_module_kwargs(kwargs)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, groups=None):
+        """Meta-learn from the tasks in ``(X, y)``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        groups : array-like of shape (n_samples,), optional
+            Task id of every sample; without it, all samples form one task.
+
+        Returns
+        -------
+        self : MetaLearnerRegressor
+        """
+        self._check_kwargs()
+        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
+                             dtype=[np.float64, np.float32])
+        self._y_1d = y.ndim == 1
+        y2 = y.reshape(len(y), -1).astype(np.float64)
+        rng = check_random_state(self.random_state)
+        torch_seed = int(rng.randint(0, 2**31 - 1))
+        sampler_rng = np.random.RandomState(rng.randint(0, 2**31 - 1))
+        if groups is None:
+            task_indices = [np.arange(X.shape[0])]
+            self._check_task_sizes([("all samples", X.shape[0])], "task")
+        else:
+            names, task_indices = _groups_indices(groups, X.shape[0])
+            self._check_task_sizes(list(zip(names, map(len, task_indices))), "task")
+        sampler = _task_sampler(task_indices, self.k_shot, self.n_query,
+                                self.meta_batch_size, sampler_rng)
+        self.n_outputs_ = y2.shape[1]
+        y_t = torch.as_tensor(y2)
+        self._fit_meta(X, y_t, sampler, self.n_outputs_, None, torch_seed)
+        self._fit_state = self._adapt_state(X, y_t, None)
+        return self
+
+    def predict(self, X):
+        """Predictions of the meta-learned model adapted on the training set.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_outputs)
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        out = self._outputs(X, self._fit_state, None)
+        return out[:, 0] if self._y_1d else out
+
+    def adapt(self, X_support, y_support, *, inner_steps=None):
+        """Learn a new task from its support set; the meta-learner is unchanged.
+
+        Parameters
+        ----------
+        X_support : array-like of shape (n_support, n_features)
+        y_support : array-like of shape (n_support,) or (n_support, n_outputs)
+        inner_steps : int, optional
+            Adaptation steps (default: the meta-learner's ``inner_steps``).
+
+        Returns
+        -------
+        AdaptedRegressor
+            A fitted regressor for the task.
+        """
+        check_is_fitted(self)
+        return AdaptedRegressor(FrozenEstimator(self), inner_steps=inner_steps).fit(
+            X_support, y_support)
+
+
+class _AdaptedMixin:
+    _parameter_constraints = {
+        "meta_learner": "no_validation",
+        "inner_steps": [Interval(Integral, 0, None, closed="left"), None],
+    }
+
+    def _meta(self, kind):
+        meta = _unfreeze(self.meta_learner)
+        if not isinstance(meta, kind):
+            raise ValueError(
+                f"meta_learner must be a fitted {kind.__name__} (optionally wrapped in "
+                f"FrozenEstimator); got {type(meta).__name__}."
+            )
+        check_is_fitted(meta)
+        return meta
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        return tags
+
+
+class AdaptedClassifier(_AdaptedMixin, ClassifierMixin, BaseEstimator):
+    """A task-specific classifier: a fitted meta-learner adapted on a support set.
+
+    ``fit(X_support, y_support)`` runs the meta-learner's adaptation (its
+    inner steps, or the R2D2 ridge head) from the meta-learned parameters;
+    the meta-learner is not modified. Usually obtained from
+    :meth:`MetaLearnerClassifier.adapt`; since ``meta_learner`` is held in a
+    :class:`~sklearn.frozen.FrozenEstimator`, ``clone`` keeps it fitted and
+    the adapted classifier can be cross-validated like any other.
+
+    Parameters
+    ----------
+    meta_learner : MetaLearnerClassifier or FrozenEstimator
+        A fitted meta-learner.
+    inner_steps : int, optional
+        Adaptation steps (default: the meta-learner's ``inner_steps``).
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        The support set's labels (episodic meta-learner) or the
+        meta-learner's ``classes_`` (meta-learner fitted with ``groups``).
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.frozen import FrozenEstimator
+    >>> from skbilevel.meta import AdaptedClassifier, MetaLearnerClassifier
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.randn(60, 2); y = (X[:, 0] > 0).astype(int)
+    >>> meta = MetaLearnerClassifier(k_shot=2, n_query=2, max_iter=3, random_state=0).fit(X, y)
+    >>> clf = AdaptedClassifier(FrozenEstimator(meta)).fit(X[:6], ["a", "b"] * 3)
+    >>> clf.classes_
+    array(['a', 'b'], dtype='<U1')
+    """
+
+    def __init__(self, meta_learner, *, inner_steps=None):
+        self.meta_learner = meta_learner
+        self.inner_steps = inner_steps
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Adapt the meta-learner on the support set ``(X, y)``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_support, n_features)
+        y : array-like of shape (n_support,)
+
+        Returns
+        -------
+        self : AdaptedClassifier
+        """
+        meta = self._meta(MetaLearnerClassifier)
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        if X.shape[1] != meta.n_features_in_:
+            raise ValueError(
+                f"X_support has {X.shape[1]} features but the meta-learner was fitted "
+                f"with {meta.n_features_in_}."
+            )
+        check_classification_targets(y)
+        if meta._episodic:
+            self.classes_, y_enc = np.unique(y, return_inverse=True)
+            if len(self.classes_) > meta.n_way_:
+                raise ValueError(
+                    f"The support set has {len(self.classes_)} classes but the "
+                    f"meta-learner was trained on {meta.n_way_}-way tasks; pass at most "
+                    f"{meta.n_way_} classes."
+                )
+        else:
+            missing = np.setdiff1d(np.unique(y), meta.classes_)
+            if missing.size:
+                raise ValueError(
+                    f"Support labels {missing.tolist()} are not among the classes the "
+                    f"meta-learner was trained on ({meta.classes_.tolist()}); a "
+                    "meta-learner fitted with groups adapts to tasks over those classes."
+                )
+            self.classes_ = meta.classes_
+            y_enc = np.searchsorted(meta.classes_, y)
+        self._n_outputs = len(self.classes_)
+        self._state = meta._adapt_state(X, torch.as_tensor(y_enc, dtype=torch.long),
+                                        self._n_outputs, self.inner_steps)
+        return self
+
+    def _logits(self, X):
+        check_is_fitted(self)
+        meta = _unfreeze(self.meta_learner)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return meta._outputs(X, self._state, self._n_outputs)
+
+    def predict_proba(self, X):
+        """Class probabilities of the adapted model.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        return _softmax(self._logits(X))
+
+    def predict(self, X):
+        """Labels predicted by the adapted model.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        logits = self._logits(X)
+        return self.classes_[np.argmax(logits, axis=1)]
+
+
+class AdaptedRegressor(_AdaptedMixin, RegressorMixin, BaseEstimator):
+    """A task-specific regressor: a fitted meta-learner adapted on a support set.
+
+    See :class:`AdaptedClassifier`; usually obtained from
+    :meth:`MetaLearnerRegressor.adapt`.
+
+    Parameters
+    ----------
+    meta_learner : MetaLearnerRegressor or FrozenEstimator
+        A fitted meta-learner.
+    inner_steps : int, optional
+        Adaptation steps (default: the meta-learner's ``inner_steps``).
+
+    Attributes
+    ----------
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.frozen import FrozenEstimator
+    >>> from skbilevel.meta import AdaptedRegressor, MetaLearnerRegressor
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.randn(40, 1); y = 2 * X[:, 0]
+    >>> meta = MetaLearnerRegressor(max_iter=3, random_state=0).fit(X, y)
+    >>> AdaptedRegressor(FrozenEstimator(meta)).fit(X[:5], y[:5]).predict(X[:2]).shape
+    (2,)
+    """
+
+    def __init__(self, meta_learner, *, inner_steps=None):
+        self.meta_learner = meta_learner
+        self.inner_steps = inner_steps
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Adapt the meta-learner on the support set ``(X, y)``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_support, n_features)
+        y : array-like of shape (n_support,) or (n_support, n_outputs)
+
+        Returns
+        -------
+        self : AdaptedRegressor
+        """
+        meta = self._meta(MetaLearnerRegressor)
+        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
+                             dtype=[np.float64, np.float32])
+        if X.shape[1] != meta.n_features_in_:
+            raise ValueError(
+                f"X_support has {X.shape[1]} features but the meta-learner was fitted "
+                f"with {meta.n_features_in_}."
+            )
+        y2 = y.reshape(len(y), -1)
+        if y2.shape[1] != meta.n_outputs_:
+            raise ValueError(
+                f"y_support has {y2.shape[1]} outputs but the meta-learner was fitted "
+                f"with {meta.n_outputs_}."
+            )
+        self._y_1d = y.ndim == 1
+        self._state = meta._adapt_state(X, torch.as_tensor(y2.astype(np.float64)), None,
+                                        self.inner_steps)
+        return self
+
+    def predict(self, X):
+        """Predictions of the adapted model.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_outputs)
+        """
+        check_is_fitted(self)
+        meta = _unfreeze(self.meta_learner)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        out = meta._outputs(X, self._state, None)
+        return out[:, 0] if self._y_1d else out
