@@ -1,3 +1,440 @@
-"""Placeholder; filled in by its owner."""
+"""BilevelRidgeCV: ridge with a continuous, exactly optimized penalty."""
 
-__all__ = []
+import math
+import numbers
+
+import numpy as np
+import torch
+from joblib import Parallel, delayed
+from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import ShuffleSplit, check_cv
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.extmath import safe_sparse_dot
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+from ..hypergrad import (
+    HypergradientStrategy,
+    RidgeSolver,
+    get_strategy,
+    minimize_log_alpha,
+    ridge_loo_curve,
+    ridge_loo_decomposition,
+    ridge_loo_value_and_grad,
+    ridge_validation_curve,
+    ridge_validation_value_and_grad,
+)
+from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
+
+__all__ = ["BilevelRidgeCV"]
+
+_LN10 = math.log(10.0)
+
+
+def _log_alpha_grid(eigvals_list, points_per_decade=4, span=(-6, 6)):
+    """Log-alphas to scan: RidgeCV's decades plus the range the spectrum makes relevant.
+
+    The leave-one-out or validation curve is flat for ``alpha`` far above the
+    largest eigenvalue of ``Xs^T Xs`` (the model predicts the mean) and far
+    below the smallest non-zero one (least squares), so the scan covers
+    ``[max(l_min / 100, l_max * 1e-12), 100 l_max]`` together with
+    ``[1e-6, 1e6]``, on a lattice of ``points_per_decade`` points per decade
+    that contains every power of ten (hence scikit-learn's
+    ``np.logspace(-6, 6, 13)``). Natural-log units.
+    """
+    decades = [np.arange(span[0], span[1] + 1e-9, 1.0 / points_per_decade)]
+    for eigvals in eigvals_list:
+        lam = np.asarray(eigvals, dtype=float)
+        lam_max = float(lam.max()) if lam.size else 0.0
+        if lam_max > 0 and np.isfinite(lam_max):
+            positive = lam[lam > lam_max * 1e-12]
+            lo = max(float(positive.min()) / 100.0, lam_max * 1e-12)
+            hi = lam_max * 100.0
+            lo_d = math.floor(math.log10(lo) * points_per_decade) / points_per_decade
+            hi_d = math.ceil(math.log10(hi) * points_per_decade) / points_per_decade
+            decades.append(np.arange(lo_d, hi_d + 1e-9, 1.0 / points_per_decade))
+    grid = np.unique(np.round(np.concatenate(decades) * points_per_decade)) / points_per_decade
+    return grid * _LN10
+
+
+def _writable(a):
+    """Dense arrays that torch can wrap without warning (read-only memmaps are copied)."""
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        return np.array(a)
+    return a
+
+
+class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
+    """Ridge regression whose penalty is optimized continuously by its hypergradient.
+
+    A drop-in replacement for ``RidgeCV(alphas=np.logspace(-6, 6, 13))``: no
+    grid to choose. By default the outer objective is the exact
+    leave-one-out (LOO) squared error, computed for any alpha from one
+    eigendecomposition (the one scikit-learn's ``RidgeCV`` uses, chosen by
+    shape). The search over ``log(alpha)`` is one-dimensional and cheap after
+    that decomposition, so it scans the LOO curve on a fine grid (4 points
+    per decade, covering RidgeCV's grid and the range set by the spectrum of
+    ``X``), brackets the best grid point, and refines it with secant steps on
+    the exact hypergradient (autograd through :mod:`skbilevel.hypergrad`).
+    The found alpha's LOO error is therefore never above the minimum over
+    RidgeCV's 13-point grid. The final model is the ridge solution at
+    ``alpha_`` on all the data.
+
+    Parameters
+    ----------
+    alpha_init : float > 0 or None, default=None
+        ``None`` scans the curve first (global on the grid, recommended). A
+        float starts a local search from that alpha instead (bracketing by
+        steps of growing size, then the same refinement).
+    fit_intercept : bool, default=True
+        Fit an unpenalized intercept.
+    alpha_per_target : bool, default=False
+        One alpha per target (column of ``y``); targets are independent.
+    cv : int, cross-validation generator or iterable, default=None
+        ``None``: exact leave-one-out. An int or a splitter: K-fold
+        validation error (mean over folds of the per-fold mean squared
+        error, weighted by ``sample_weight`` where given); hypergradients are
+        averaged over folds, computed in parallel with ``n_jobs``.
+    validation_fraction : float in (0, 1) or None, default=None
+        Use a single random holdout of this fraction as validation set.
+        Cannot be combined with ``cv``.
+    hypergradient : str or HypergradientStrategy, default="closed_form"
+        How the validation error is differentiated. ``"closed_form"`` is
+        exact. With ``cv`` or ``validation_fraction`` any strategy of
+        :func:`skbilevel.hypergrad.available_strategies` that can use an
+        exact inner solver works (e.g. ``"dense"``, ``"cg"``); the LOO
+        objective needs ``"closed_form"``.
+    max_iter : int, default=100
+        Maximum number of hypergradient evaluations of the refinement.
+    tol : float, default=1e-4
+        Tolerance on ``log(alpha)`` (a relative tolerance on alpha).
+    device : str or torch.device, default="cpu"
+        Where the computation runs (``"cuda"``, ``"auto"``, ...).
+    dtype : str or dtype, default="float64"
+        Floating point precision of the computation.
+    verbose : int, default=0
+        Print the scan and the refinement iterations.
+    n_jobs : int, default=None
+        Folds computed in parallel (threads) with ``cv``.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the ``validation_fraction`` split.
+
+    Attributes
+    ----------
+    alpha_ : float or ndarray of shape (n_targets,)
+        The penalty found (one per target if ``alpha_per_target``).
+    coef_ : ndarray of shape (n_features,) or (n_targets, n_features)
+    intercept_ : float or ndarray of shape (n_targets,)
+    best_score_ : float or ndarray of shape (n_targets,)
+        Negative mean squared LOO (or validation) error at ``alpha_``, the
+        sign convention of ``RidgeCV.best_score_``.
+    n_iter_ : int
+        Hypergradient evaluations of the search (after the scan).
+    history_ : ndarray
+        Objective (mean over targets) at the best point: after the scan,
+        then after each iteration.
+    hypergradient_info_ : dict
+        Health record of the last hypergradient
+        (:class:`skbilevel.hypergrad.HypergradientInfo`), with in ``extra``
+        the derivative at ``alpha_`` and the number of scanned points.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Defined when ``X`` has string feature names.
+
+    See Also
+    --------
+    sklearn.linear_model.RidgeCV : the same model selected on a finite grid.
+
+    Notes
+    -----
+    Sparse ``X`` is accepted and densified for the decomposition (memory
+    ``n_samples * n_features``). With ``sample_weight`` the LOO error is the
+    weighted one of ``RidgeCV``: the mean over samples of
+    ``s_i (y_i - y_{loo,i})^2``.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_diabetes
+    >>> from skbilevel.linear_model import BilevelRidgeCV
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> model = BilevelRidgeCV().fit(X, y)
+    >>> print(f"{model.alpha_:.3g}")
+    0.00415
+    >>> round(model.best_score_, 1)  # RidgeCV's 13-point grid: -3000.4
+    -2999.8
+    >>> model.predict(X[:2]).round(1)
+    array([205.1,  69. ])
+    """
+
+    _parameter_constraints: dict = {
+        "alpha_init": [Interval(numbers.Real, 0, None, closed="neither"), None],
+        "fit_intercept": ["boolean"],
+        "alpha_per_target": ["boolean"],
+        "cv": ["cv_object"],
+        "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither"), None],
+        "hypergradient": [str, HypergradientStrategy],
+        "max_iter": [Interval(numbers.Integral, 1, None, closed="left")],
+        "tol": [Interval(numbers.Real, 0, None, closed="left")],
+        "device": "no_validation",
+        "dtype": "no_validation",
+        "verbose": ["verbose"],
+        "n_jobs": [numbers.Integral, None],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        alpha_init=None,
+        *,
+        fit_intercept=True,
+        alpha_per_target=False,
+        cv=None,
+        validation_fraction=None,
+        hypergradient="closed_form",
+        max_iter=100,
+        tol=1e-4,
+        device="cpu",
+        dtype="float64",
+        verbose=0,
+        n_jobs=None,
+        random_state=None,
+    ):
+        self.alpha_init = alpha_init
+        self.fit_intercept = fit_intercept
+        self.alpha_per_target = alpha_per_target
+        self.cv = cv
+        self.validation_fraction = validation_fraction
+        self.hypergradient = hypergradient
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+        self.dtype = dtype
+        self.verbose = verbose
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Find alpha, then fit ridge at ``alpha_`` on all the data.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_targets)
+        sample_weight : float or array-like of shape (n_samples,), default=None
+            Non-negative sample weights.
+
+        Returns
+        -------
+        self : object
+        """
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype)
+        strategy = get_strategy(self.hypergradient)
+        X, y = validate_data(
+            self,
+            X,
+            y,
+            accept_sparse=["csr", "csc", "coo"],
+            dtype=[np.float64, np.float32],
+            multi_output=True,
+            y_numeric=True,
+        )
+        n_samples = X.shape[0]
+        if n_samples < 2:
+            raise ValueError(
+                f"BilevelRidgeCV needs at least 2 samples to measure a validation "
+                f"error; got n_samples={n_samples} (1 sample). Pass more samples."
+            )
+        use_loo = self.cv is None and self.validation_fraction is None
+        if self.cv is not None and self.validation_fraction is not None:
+            raise ValueError(
+                "cv and validation_fraction cannot both be set; pass cv=... for K-fold "
+                "validation or validation_fraction=... for a single holdout split."
+            )
+        if isinstance(self.cv, numbers.Integral) and self.cv > n_samples:
+            raise ValueError(
+                f"cv={self.cv} folds need at least {self.cv} samples but n_samples="
+                f"{n_samples}. Use cv <= {n_samples}, or cv=None for leave-one-out."
+            )
+        if use_loo and strategy.name != "closed_form":
+            raise ValueError(
+                f"hypergradient={self.hypergradient!r} needs cv=... or "
+                "validation_fraction=...: the leave-one-out objective is differentiated "
+                "in closed form. Use hypergradient='closed_form' or set cv."
+            )
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(
+                sample_weight, X, dtype=np.float64, ensure_non_negative=True
+            )
+
+        Xt = to_tensor(_writable(X), device=device, dtype=dtype)
+        yt = to_tensor(_writable(y), device=device, dtype=dtype)
+        swt = None if sample_weight is None else to_tensor(sample_weight, device, dtype)
+        n_targets = 1 if y.ndim == 1 else y.shape[1]
+        per_target = bool(self.alpha_per_target) and n_targets > 1
+        penalty = "per_target" if per_target else "scalar"
+
+        with core_warnings_as_sklearn():
+            if use_loo:
+                result, info, solver = self._search_loo(Xt, yt, swt, per_target, penalty)
+            else:
+                result, info, solver = self._search_validation(
+                    X, y, Xt, yt, swt, sample_weight, per_target, penalty, strategy
+                )
+            phi = torch.as_tensor(result.x if per_target else result.x[0], dtype=dtype, device=device)
+            with torch.no_grad():
+                theta = solver.closed_form(phi)
+
+        if not bool(np.all(result.converged)):
+            warnings_msg = (
+                f"BilevelRidgeCV stopped after max_iter={self.max_iter} refinement "
+                f"iterations before log(alpha) was located to tol={self.tol:g} "
+                f"(|d objective / d log(alpha)| = {np.max(np.abs(result.grad)):.3e}). The "
+                "alpha returned is the best found. Increase max_iter or tol."
+            )
+            import warnings
+
+            warnings.warn(warnings_msg, ConvergenceWarning, stacklevel=2)
+
+        alphas = np.exp(result.x)
+        self.alpha_ = alphas if per_target else float(alphas[0])
+        self.best_score_ = -result.fun if per_target else float(-result.fun[0])
+        coef = to_numpy(theta["coef"])
+        self.coef_ = coef if coef.ndim == 1 else coef.T.copy()
+        if self.fit_intercept:
+            intercept = to_numpy(theta["intercept"])
+            self.intercept_ = float(intercept) if intercept.ndim == 0 else intercept
+        else:
+            self.intercept_ = 0.0
+        self.n_iter_ = int(result.n_iter)
+        self.history_ = np.asarray(result.history, dtype=float)
+        info.extra = dict(info.extra)
+        info.extra.update(
+            grad_at_alpha=result.grad.tolist(),
+            n_scanned=0 if result.grid is None else int(len(result.grid)),
+        )
+        self.hypergradient_info_ = info.as_dict()
+        if self.verbose:
+            self._report(result)
+        return self
+
+    def _search_loo(self, Xt, yt, swt, per_target, penalty):
+        decomp = ridge_loo_decomposition(Xt, yt, swt, self.fit_intercept)
+        last = {}
+
+        def value_and_grad(x):
+            value, grad, info = ridge_loo_value_and_grad(decomp, torch.as_tensor(x if per_target else x[0]))
+            last["info"] = info
+            return to_numpy(value), to_numpy(grad)
+
+        def values(grid):
+            return to_numpy(ridge_loo_curve(decomp, np.exp(grid), per_target=per_target))
+
+        result = self._minimize(value_and_grad, values, [to_numpy(decomp.eigvals)])
+        solver = RidgeSolver(
+            Xt, yt, swt, self.fit_intercept, penalty=penalty, decomposition=decomp
+        )
+        return result, last["info"], solver
+
+    def _search_validation(self, X, y, Xt, yt, swt, sample_weight, per_target, penalty, strategy):
+        if self.validation_fraction is not None:
+            splitter = ShuffleSplit(
+                n_splits=1, test_size=self.validation_fraction, random_state=self.random_state
+            )
+        else:
+            splitter = check_cv(self.cv, y, classifier=False)
+        splits = [
+            (np.asarray(train), np.asarray(test)) for train, test in splitter.split(X, y)
+        ]
+        for train, test in splits:
+            if len(train) < 1 or len(test) < 1:
+                raise ValueError(
+                    "A validation split has an empty train or validation part; use "
+                    "fewer folds or a validation_fraction closer to 0.5."
+                )
+        device = Xt.device
+
+        def take(t, idx):
+            return None if t is None else t[torch.as_tensor(idx, device=device)]
+
+        def build(train, test):
+            solver = RidgeSolver(
+                take(Xt, train), take(yt, train), take(swt, train), self.fit_intercept,
+                penalty=penalty,
+            )
+            solver.decomposition  # factorize once, in the worker
+            return solver, take(Xt, test), take(yt, test), take(swt, test)
+
+        last = {}
+        with Parallel(n_jobs=self.n_jobs, prefer="threads") as parallel:
+            folds = parallel(delayed(build)(tr, te) for tr, te in splits)
+
+            def value_and_grad(x):
+                la = x if per_target else x[0]
+                out = parallel(
+                    delayed(ridge_validation_value_and_grad)(
+                        s, Xv, yv, la, sample_weight=wv, hypergradient=strategy
+                    )
+                    for s, Xv, yv, wv in folds
+                )
+                last["info"] = out[-1][2]
+                value = np.mean([to_numpy(o[0]) for o in out], axis=0)
+                grad = np.mean([to_numpy(o[1]) for o in out], axis=0)
+                return value, grad
+
+            def values(grid):
+                out = parallel(
+                    delayed(ridge_validation_curve)(s, Xv, yv, np.exp(grid), sample_weight=wv)
+                    for s, Xv, yv, wv in folds
+                )
+                curve = np.mean([to_numpy(o) for o in out], axis=0)  # (n_grid, k)
+                return curve if per_target else curve.mean(1, keepdims=True)
+
+            eigvals = [to_numpy(s.decomposition.eigvals) for s, _, _, _ in folds]
+            result = self._minimize(value_and_grad, values, eigvals)
+        solver = RidgeSolver(Xt, yt, swt, self.fit_intercept, penalty=penalty)
+        return result, last["info"], solver
+
+    def _minimize(self, value_and_grad, values, eigvals_list):
+        if self.alpha_init is None:
+            return minimize_log_alpha(
+                value_and_grad,
+                values=values,
+                grid=_log_alpha_grid(eigvals_list),
+                tol=self.tol,
+                max_iter=self.max_iter,
+            )
+        return minimize_log_alpha(
+            value_and_grad, x0=math.log(self.alpha_init), tol=self.tol, max_iter=self.max_iter
+        )
+
+    def _report(self, result):
+        if result.grid is not None:
+            print(
+                f"[BilevelRidgeCV] scanned {len(result.grid)} alphas in "
+                f"[{math.exp(result.grid[0]):.3g}, {math.exp(result.grid[-1]):.3g}]"
+            )
+        for i, value in enumerate(result.history):
+            print(f"[BilevelRidgeCV] iteration {i:3d}  objective {value:.10g}")
+        print(f"[BilevelRidgeCV] alpha_ = {self.alpha_}")
+
+    def predict(self, X):
+        """Predict with the ridge model fitted at ``alpha_``.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_targets)
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, accept_sparse=["csr", "csc", "coo"], reset=False)
+        return safe_sparse_dot(X, self.coef_.T, dense_output=True) + self.intercept_
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
