@@ -40,7 +40,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 
 from ._base import HypergradientInfo
-from ._linear_solve import solve_cg
+from ._linear_solve import LinearSolveResult, solve_cg
 from ._tree import tree_detach, tree_flatten
 
 __all__ = [
@@ -609,9 +609,17 @@ class IMAML(MetaMethod):
             hv = vmap(hvp, randomness="different")(theta, v, xs, ys)
             return flat({k: v[k] + hv[k] / lam for k in keys})
 
+        rhs = flat(gq).detach()
+        if not bool(torch.isfinite(rhs).all()):
+            # The inner solve diverged: hand back NaN (never a silent zero) so the
+            # outer loop's divergence guard stops and keeps the last finite state.
+            result = LinearSolveResult(
+                iterations=0, residual=math.nan, converged=False, n_matvec=0,
+                message="non-finite query gradient at the inner solution: the inner "
+                        "solve diverged (lower inner_lr or raise lam)")
+            return unflat(torch.full_like(rhs, math.nan)), losses, theta, result
         with torch.no_grad():
-            sol, result = solve_cg(matvec, flat(gq).detach(), tol=self.cg_tol,
-                                   maxiter=self.cg_maxiter)
+            sol, result = solve_cg(matvec, rhs, tol=self.cg_tol, maxiter=self.cg_maxiter)
         return unflat(sol), losses, theta, result
 
     def meta_loss(self, model, meta, batch, *, n_outputs=None):

@@ -209,3 +209,13 @@ def test_state_dict_round_trip_and_unknown_method():
         get_meta_method("nope")
     with pytest.raises(ValueError, match="Invalid parameters"):
         get_meta_method("maml", lam=1.0)
+
+
+def test_imaml_diverging_inner_solve_gives_nan_not_zero_or_error():
+    model = _tiny_model(seed=9)
+    method = get_meta_method("imaml", inner_steps=60, inner_lr=1e4, lam=1.0)
+    meta = method.init_meta(model)
+    xs, ys, xq, yq = _batch(n_tasks=2)
+    loss, info = method.meta_loss(model, meta, (100 * xs, 100 * ys, xq, yq))
+    assert not np.isfinite(float(loss.detach()))
+    assert info.linear_solve_converged is False and "diverged" in info.extra["cg_message"]
