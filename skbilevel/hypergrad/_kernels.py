@@ -41,6 +41,7 @@ __all__ = [
     "ntk_kernel",
     "nngp_kernel",
     "pairwise_kernel",
+    "kernel_diagonal",
     "available_kernels",
     "kernel_ridge_predict",
     "kernel_ridge_coef",
@@ -262,6 +263,54 @@ def available_kernels():
     return sorted(_KERNELS)
 
 
+def kernel_diagonal(X, kernel="rbf", **params):
+    """``k(x_i, x_i)`` for every row of ``X``, without the off-diagonal entries.
+
+    Parameters
+    ----------
+    X : torch.Tensor of shape (n, d)
+    kernel : str or callable, default="rbf"
+        A callable falls back to the diagonal of its full Gram matrix.
+    **params
+        Kernel parameters, as for :func:`pairwise_kernel`.
+
+    Returns
+    -------
+    torch.Tensor of shape (n,)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import kernel_diagonal, ntk_kernel
+    >>> X = torch.randn(5, 3, dtype=torch.float64)
+    >>> bool(torch.allclose(kernel_diagonal(X, "ntk", depth=2), ntk_kernel(X, depth=2).diagonal()))
+    True
+    """
+    if callable(kernel) or kernel not in _KERNELS:
+        return torch.diagonal(pairwise_kernel(X, kernel=kernel, **params))
+    sq = (X * X).sum(1)
+    if kernel == "linear":
+        return sq
+    if kernel == "rbf":
+        return torch.ones_like(sq)
+    d = X.shape[1]
+    if kernel == "poly":
+        degree, gamma = params.get("degree", 3), params.get("gamma")
+        gamma = 1.0 / d if gamma is None else gamma
+        return (gamma * sq + params.get("coef0", 1.0)) ** degree
+    depth = params.get("depth", 3)
+    wv, bv = params.get("weight_var", 2.0), params.get("bias_var", 0.1)
+    if int(depth) != depth or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1 (hidden layers); got {depth!r}.")
+    # on the diagonal the correlation is 1: E[relu(u)^2] = var/2, E[relu'(u)^2] = 1/2
+    sigma = wv * sq / d + bv
+    ntk = sigma
+    for _ in range(int(depth)):
+        sigma = wv * sigma / 2 + bv
+        ntk = ntk * (wv / 2) + sigma
+    return ntk if kernel == "ntk" else sigma
+
+
 def pairwise_kernel(X, Z=None, kernel="rbf", **params):
     """Gram matrix of a named kernel (or a callable ``kernel(X, Z, **params)``).
 
@@ -365,8 +414,10 @@ class _NamedKernel:
         return pairwise_kernel(A, B, kernel=self.kernel, **self.params)
 
     def diagonal(self, A):
-        """``k(a_i, a_i)`` for each row, without the off-diagonal entries."""
-        return torch.stack([self(A[i : i + 1])[0, 0] for i in range(A.shape[0])])
+        """``k(a_i, a_i)`` for each row."""
+        if isinstance(self.kernel, str):
+            return kernel_diagonal(A, kernel=self.kernel, **self.params)
+        return torch.diagonal(self(A))
 
 
 def kip_loss(

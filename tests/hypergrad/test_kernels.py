@@ -144,3 +144,14 @@ def test_unknown_kernel_and_bad_params():
         pairwise_kernel(X, kernel="rbf", depth=2)
     with pytest.raises(ValueError, match="features"):
         pairwise_kernel(X, torch.randn(2, 3), kernel="linear")
+
+
+@pytest.mark.parametrize("name", ["rbf", "poly", "ntk", "nngp", "linear"])
+def test_kernel_diagonal_matches_gram(name):
+    from skbilevel.hypergrad import kernel_diagonal
+
+    X = torch.randn(6, 4, dtype=DT)
+    params = {"ntk": {"depth": 2, "bias_var": 0.3}, "poly": {"degree": 2, "coef0": 0.5}}.get(name, {})
+    torch.testing.assert_close(
+        kernel_diagonal(X, name, **params), torch.diagonal(pairwise_kernel(X, kernel=name, **params))
+    )
