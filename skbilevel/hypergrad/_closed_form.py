@@ -176,6 +176,30 @@ def _center_and_rescale(X, y2, sample_weight, fit_intercept):
 # --------------------------------------------------------------------------
 
 
+def _deflated_gram_eigh(Xs, sqrt_sw):
+    """Eigendecomposition of the centered Gram matrix on the complement of ``sqrt(s)``.
+
+    After weighted centering ``Xs^T sqrt(s) = 0``, so ``q0 = sqrt(s)/||sqrt(s)||``
+    is an exact null vector of ``Xs Xs^T``. A Householder reflection ``H``
+    with ``H q0 = +-e1`` makes the first row of ``H Xs`` zero; the (n-1)-row
+    remainder is decomposed and ``basis = H [0; Q']`` (orthonormal, orthogonal
+    to ``q0``). In this basis the intercept correction of ``_RidgeGCV``
+    cancels analytically (``d = (B*B) D``) instead of subtracting two
+    ``O(1/alpha)`` terms, which keeps full precision at small alpha.
+    """
+    n = Xs.shape[0]
+    q0 = sqrt_sw / sqrt_sw.norm()
+    v = q0.clone()
+    v[0] = v[0] + (1.0 if float(q0[0]) >= 0 else -1.0)
+    beta = 2.0 / (v @ v)
+    HX = Xs - beta * v[:, None] * (v @ Xs)[None, :]
+    Xr = HX[1:]
+    eigvals, Qr = torch.linalg.eigh(Xr @ Xr.T)
+    Q = torch.cat([Qr.new_zeros(1, n - 1), Qr], 0)
+    basis = Q - beta * v[:, None] * (v @ Q)[None, :]
+    return eigvals, basis
+
+
 @dataclasses.dataclass
 class RidgeDecomposition:
     """Eigendecomposition of a (weighted, centered) ridge problem.
@@ -184,7 +208,9 @@ class RidgeDecomposition:
     rescaled design and targets (see there), ``mode`` is
 
     - ``"gram"`` (``n <= p``): ``Xs Xs^T = Q diag(eigvals) Q^T``;
-      ``basis = Q`` (n x n);
+      ``basis = Q`` (n x n), or n x (n-1) when ``deflated`` (with an
+      intercept, the exact null direction ``sqrt(s)`` is removed; see
+      :func:`ridge_loo_decomposition`);
     - ``"cov"`` (``n > p``): ``Xs^T Xs = V diag(eigvals) V^T``;
       ``basis = Xs V`` (n x p), so ``Xs H^{-1} Xs^T = basis D basis^T``
       with ``D = diag(1 / (eigvals + alpha))``.
@@ -194,6 +220,7 @@ class RidgeDecomposition:
     """
 
     mode: str
+    deflated: bool
     eigvals: torch.Tensor
     basis: torch.Tensor
     basis_sq: torch.Tensor
@@ -243,6 +270,12 @@ def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="
       p x p matrix ``Xs^T Xs = V L V^T`` and the product ``B = Xs V``, cost
       ``O(n p^2 + p^3)`` (two matrix products, no SVD of ``X``).
 
+    With an intercept in gram mode, the exact null vector ``sqrt(s)`` of the
+    centered Gram matrix is deflated first (one Householder reflection):
+    ``_RidgeGCV``'s intercept correction then cancels analytically instead of
+    numerically, which keeps ~1e-12 relative accuracy at alphas where
+    ``_RidgeGCV`` itself loses digits (error ~ eps * max(eigvals) / alpha).
+
     Parameters
     ----------
     X : tensor of shape (n_samples, n_features)
@@ -279,7 +312,10 @@ def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="
     Xs, ys, sqrt_sw, X_offset, y_offset = _center_and_rescale(
         X, y2, sample_weight, fit_intercept
     )
-    if mode == "gram":
+    if mode == "gram" and fit_intercept and n > 1:
+        eigvals, basis = _deflated_gram_eigh(Xs, sqrt_sw)
+        V = None
+    elif mode == "gram":
         eigvals, basis = torch.linalg.eigh(Xs @ Xs.T)
         V = None
     else:
@@ -287,6 +323,7 @@ def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="
         basis = Xs @ V
     return RidgeDecomposition(
         mode=mode,
+        deflated=mode == "gram" and fit_intercept and n > 1,
         eigvals=eigvals,
         basis=basis,
         basis_sq=basis * basis,
@@ -313,7 +350,8 @@ def _loo_residuals(decomp, D):
 
     - gram: ``c = G^{-1} ys = Q D Q^T ys``, ``d = diag(G^{-1}) = (Q*Q) D``;
     - cov: ``alpha c = ys - B D B^T ys``, ``alpha d = 1 - (B*B) D``;
-    - intercept: ``d <- d - (G^{-1} sqrt(s)) * sqrt(s) / sum(s)``;
+    - intercept: ``d <- d - (G^{-1} sqrt(s)) * sqrt(s) / sum(s)`` (zero in
+      the deflated gram basis, where it cancels ``sqrt(s)``'s own term);
 
     and the LOO residual is ``c / d`` (the factor alpha cancels in cov mode).
     """
@@ -328,7 +366,7 @@ def _loo_residuals(decomp, D):
     den = decomp.basis_sq @ D
     if decomp.mode == "gram":
         num = By
-        if decomp.fit_intercept:
+        if decomp.fit_intercept and not decomp.deflated:
             den = den - Bs * decomp.sw_over_sum
     else:
         num = decomp.y - By
@@ -409,7 +447,7 @@ def _loo_residuals_and_tangent(decomp, D, dD):
     den, dden = N[:, :c], N[:, c:]
     if decomp.mode == "gram":
         num, dnum = By, dBy
-        if decomp.fit_intercept:
+        if decomp.fit_intercept and not decomp.deflated:
             den = den - Bs * decomp.sw_over_sum
             dden = dden - dBs * decomp.sw_over_sum
     else:
@@ -539,7 +577,7 @@ def _batched_loo_residuals(decomp, D):
     if decomp.mode == "gram":
         num = (B @ DBy).reshape(-1, na, k)
         den = Bsq @ D
-        if decomp.fit_intercept:
+        if decomp.fit_intercept and not decomp.deflated:
             den = den - (B @ (D * decomp.basis_t_sqrt_sw[:, None])) * sqrt_sw / decomp.sw_sum
     else:
         num = decomp.y[:, None, :] - (B @ DBy).reshape(-1, na, k)
