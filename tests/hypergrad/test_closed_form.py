@@ -1,0 +1,357 @@
+"""Closed-form family of the core: ridge / kernel ridge solvers, ridge LOO, 1-D search."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from skbilevel.hypergrad import (
+    ClosedForm,
+    KernelRidgeSolver,
+    RidgeSolver,
+    argmin,
+    available_strategies,
+    kernel_ridge_fit,
+    minimize_log_alpha,
+    ridge_coef,
+    ridge_loo_curve,
+    ridge_loo_decomposition,
+    ridge_loo_errors,
+    ridge_loo_value_and_grad,
+    ridge_validation_curve,
+    ridge_validation_value_and_grad,
+)
+
+DT = torch.float64
+
+
+def _data(n, p, k=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, p, generator=g, dtype=DT) + torch.rand(p, generator=g, dtype=DT)
+    shape = (n,) if k is None else (n, k)
+    w = torch.randn(p, *(() if k is None else (k,)), generator=g, dtype=DT)
+    y = X @ w + 0.5 * torch.randn(*shape, generator=g, dtype=DT) + 2.0
+    sw = torch.rand(n, generator=g, dtype=DT) + 0.5
+    return X, y, sw
+
+
+def _exact_per_feature_hypergrad(X, y, log_alpha, X_val, y_val):
+    """d/dlog(alpha_j) of 0.5||X_val w - y_val||^2 for w = (X^T X + diag(alpha))^{-1} X^T y."""
+    alpha = log_alpha.exp()
+    A = X.T @ X + torch.diag(alpha)
+    w = torch.linalg.solve(A, X.T @ y)
+    grad_w = X_val.T @ (X_val @ w - y_val)
+    # dw/dlog(alpha_j) = -A^{-1} e_j alpha_j w_j
+    return -alpha * w * torch.linalg.solve(A, grad_w)
+
+
+# ---------------------------------------------------------------- strategy
+
+
+@pytest.mark.parametrize("shape", [(40, 6), (15, 30)])  # primal and Woodbury (p > n)
+def test_closed_form_per_feature_hypergradient_is_exact(shape):
+    n, p = shape
+    X, y, _ = _data(n, p)
+    X_val, y_val, _ = _data(25, p, seed=1)
+    log_alpha = torch.linspace(-1.0, 1.0, p, dtype=DT).requires_grad_(True)
+    solver = RidgeSolver(X, y, fit_intercept=False, penalty="per_feature")
+    assert solver.method == "cholesky"
+    theta, info = argmin(
+        solver.inner_loss, log_alpha, solver.init_theta(), hypergradient="closed_form", solver=solver
+    )
+    (0.5 * ((X_val @ theta["coef"] - y_val) ** 2).sum()).backward()
+    exact = _exact_per_feature_hypergrad(X, y, log_alpha.detach(), X_val, y_val)
+    torch.testing.assert_close(log_alpha.grad, exact, rtol=1e-8, atol=1e-12)
+    assert info.strategy == "closed_form" and info.inner_iterations == 1
+    assert info.inner_grad_norm < 1e-8 * float(y.abs().sum())
+    # central finite differences on one coordinate
+    eps, j = 1e-6, 2
+
+    def outer(la):
+        w = solver.closed_form(la)["coef"]
+        return float(0.5 * ((X_val @ w - y_val) ** 2).sum())
+
+    e = torch.zeros(p, dtype=DT)
+    e[j] = eps
+    la = log_alpha.detach()
+    fd = (outer(la + e) - outer(la - e)) / (2 * eps)
+    assert fd == pytest.approx(float(exact[j]), rel=1e-5)
+
+
+def test_woodbury_equals_primal_with_intercept_and_weights():
+    X, y, sw = _data(12, 30, k=2)
+    phi = torch.linspace(-2.0, 2.0, 30, dtype=DT)
+    wood = RidgeSolver(X, y, sw, penalty="per_feature").closed_form(phi)
+    alpha = phi.exp()
+    xm = (sw @ X) / sw.sum()
+    ym = (sw @ y) / sw.sum()
+    Xc, yc = X - xm, y - ym
+    A = Xc.T @ (sw[:, None] * Xc) + torch.diag(alpha)
+    coef = torch.linalg.solve(A, Xc.T @ (sw[:, None] * yc))
+    torch.testing.assert_close(wood["coef"], coef, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(wood["intercept"], ym - xm @ coef, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("shape", [(40, 6), (15, 30)])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_eigen_cholesky_and_sklearn_ridge_agree(shape, fit_intercept):
+    from sklearn.linear_model import Ridge
+
+    X, y, sw = _data(*shape, k=3)
+    phi = torch.tensor(0.7, dtype=DT)
+    eig = RidgeSolver(X, y, sw, fit_intercept).closed_form(phi)
+    chol = RidgeSolver(X, y, sw, fit_intercept, method="cholesky").closed_form(phi)
+    ref = Ridge(alpha=math.exp(0.7), fit_intercept=fit_intercept)
+    ref.fit(X.numpy(), y.numpy(), sample_weight=sw.numpy())
+    for theta in (eig, chol):
+        np.testing.assert_allclose(theta["coef"].numpy().T, ref.coef_, rtol=1e-9, atol=1e-11)
+        if fit_intercept:
+            np.testing.assert_allclose(theta["intercept"].numpy(), ref.intercept_, rtol=1e-9)
+
+
+def test_per_target_and_group_penalties():
+    X, y, sw = _data(30, 6, k=2)
+    la = torch.tensor([-1.0, 1.5], dtype=DT)
+    per_t = RidgeSolver(X, y, sw, penalty="per_target").closed_form(la)
+    per_t_chol = RidgeSolver(X, y, sw, penalty="per_target", method="cholesky").closed_form(la)
+    for j in range(2):
+        single = RidgeSolver(X, y[:, j], sw).closed_form(la[j])
+        torch.testing.assert_close(per_t["coef"][:, j], single["coef"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(per_t_chol["coef"][:, j], single["coef"], rtol=1e-10, atol=1e-12)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    g_phi = torch.tensor([0.1, -0.5, 2.0], dtype=DT)
+    grouped = RidgeSolver(X, y, sw, penalty=groups).closed_form(g_phi)
+    expanded = RidgeSolver(X, y, sw, penalty="per_feature").closed_form(g_phi[groups])
+    torch.testing.assert_close(grouped["coef"], expanded["coef"])
+    with pytest.raises(ValueError, match="shape"):
+        RidgeSolver(X, y, penalty="per_feature").closed_form(torch.zeros(3, dtype=DT))
+    with pytest.raises(ValueError, match="method='eigen'"):
+        RidgeSolver(X, y, penalty="per_feature", method="eigen")
+
+
+@pytest.mark.parametrize("strategy", ["dense", "cg"])
+def test_implicit_strategies_on_ridge_solver_match_closed_form(strategy):
+    if strategy not in available_strategies():
+        pytest.skip(f"{strategy!r} not registered")
+    X, y, sw = _data(40, 5, k=2)
+    X_val, y_val, sw_val = _data(20, 5, k=2, seed=3)
+    for penalty, la in (("scalar", 0.4), ("per_target", [0.4, -1.0])):
+        ref = ridge_validation_value_and_grad(
+            RidgeSolver(X, y, sw, penalty=penalty), X_val, y_val, la, sample_weight=sw_val
+        )
+        out = ridge_validation_value_and_grad(
+            RidgeSolver(X, y, sw, penalty=penalty), X_val, y_val, la,
+            sample_weight=sw_val, hypergradient=strategy,
+        )
+        torch.testing.assert_close(out[0], ref[0], rtol=1e-10, atol=0)
+        torch.testing.assert_close(out[1], ref[1], rtol=1e-7, atol=1e-12)
+
+
+def test_validation_curve_matches_value_and_grad():
+    X, y, _ = _data(40, 5, k=2)
+    X_val, y_val, _ = _data(20, 5, k=2, seed=3)
+    solver = RidgeSolver(X, y)
+    curve = ridge_validation_curve(solver, X_val, y_val, [0.1, 10.0])
+    for i, a in enumerate([0.1, 10.0]):
+        value, grad, _, _ = ridge_validation_value_and_grad(solver, X_val, y_val, math.log(a))
+        assert float(value[0]) == pytest.approx(float(curve[i].mean()), rel=1e-12)
+        eps = 1e-6
+        vp = ridge_validation_curve(solver, X_val, y_val, [a * math.exp(eps)]).mean()
+        vm = ridge_validation_curve(solver, X_val, y_val, [a * math.exp(-eps)]).mean()
+        assert float(grad[0]) == pytest.approx(float((vp - vm) / (2 * eps)), rel=1e-5)
+
+
+def test_closed_form_rejects_other_solvers():
+    from skbilevel.hypergrad import InnerSolver
+
+    with pytest.raises(ValueError, match="ClosedFormSolver"):
+        argmin(lambda t, p: (t ** 2).sum(), torch.zeros((), dtype=DT), torch.zeros(2, dtype=DT),
+               hypergradient="closed_form")
+    with pytest.raises(ValueError, match="ClosedFormSolver"):
+        argmin(lambda t, p: (t ** 2).sum(), torch.zeros((), dtype=DT), torch.zeros(2, dtype=DT),
+               hypergradient=ClosedForm(), solver=InnerSolver())
+
+
+# ---------------------------------------------------------------- ridge LOO
+
+
+def _brute_force_loo(X, y, sw, alpha, fit_intercept):
+    """Weighted squared LOO residuals by n refits (float64, well-conditioned alpha)."""
+    n = X.shape[0]
+    out = []
+    for i in range(n):
+        keep = torch.arange(n) != i
+        theta = RidgeSolver(X[keep], y[keep], sw[keep], fit_intercept, method="cholesky")
+        theta = theta.closed_form(torch.tensor(math.log(alpha), dtype=DT))
+        pred = X[i] @ theta["coef"] + (theta["intercept"] if fit_intercept else 0.0)
+        out.append(sw[i] * (y[i] - pred) ** 2)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(25, 4), (12, 20)])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_loo_errors_equal_refits(shape, fit_intercept):
+    X, y, sw = _data(*shape, k=2)
+    decomp = ridge_loo_decomposition(X, y, sw, fit_intercept)
+    assert decomp.mode == ("gram" if shape[0] <= shape[1] else "cov")
+    for alpha in (0.05, 3.0):
+        ours = ridge_loo_errors(decomp, torch.tensor(math.log(alpha), dtype=DT))
+        torch.testing.assert_close(ours, _brute_force_loo(X, y, sw, alpha, fit_intercept), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["gram", "cov"])
+def test_both_modes_agree(mode):
+    X, y, sw = _data(20, 8, k=2)
+    ref = ridge_loo_decomposition(X, y, sw, mode="cov")
+    dec = ridge_loo_decomposition(X, y, sw, mode=mode)
+    la = torch.tensor(0.3, dtype=DT)
+    torch.testing.assert_close(ridge_loo_errors(dec, la), ridge_loo_errors(ref, la), rtol=1e-9, atol=1e-12)
+    c1, b1 = ridge_coef(dec, la)
+    c2, b2 = ridge_coef(ref, la)
+    torch.testing.assert_close(c1, c2, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(b1, b2, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(30, 5), (10, 25)])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_loo_hypergradient_analytic_autograd_and_fd(shape, fit_intercept):
+    X, y, sw = _data(*shape, k=3)
+    decomp = ridge_loo_decomposition(X, y, sw, fit_intercept)
+    for la in (torch.tensor(-0.5, dtype=DT), torch.tensor([-1.0, 0.2, 1.7], dtype=DT)):
+        v, g, info = ridge_loo_value_and_grad(decomp, la)
+        v2, g2, _ = ridge_loo_value_and_grad(decomp, la, autograd=True)
+        torch.testing.assert_close(v, v2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g, g2, rtol=1e-9, atol=1e-14)
+        eps = 1e-5
+        vp, _, _ = ridge_loo_value_and_grad(decomp, la + eps)
+        vm, _, _ = ridge_loo_value_and_grad(decomp, la - eps)
+        torch.testing.assert_close(g, (vp - vm) / (2 * eps), rtol=1e-6, atol=1e-12)
+        assert info.extra["objective"] == "leave_one_out"
+    # the curve is the same function
+    alphas = np.array([0.01, 1.0, 100.0])
+    curve = ridge_loo_curve(decomp, alphas, per_target=True)
+    for i, a in enumerate(alphas):
+        v, _, _ = ridge_loo_value_and_grad(decomp, torch.full((3,), math.log(a), dtype=DT))
+        torch.testing.assert_close(curve[i], v, rtol=1e-12, atol=0)
+
+
+def test_loo_curve_chunks_and_batched_coef():
+    X, y, _ = _data(30, 5, k=2)
+    decomp = ridge_loo_decomposition(X, y)
+    alphas = np.logspace(-3, 3, 7)
+    torch.testing.assert_close(
+        ridge_loo_curve(decomp, alphas, max_elements=1), ridge_loo_curve(decomp, alphas)
+    )
+    coefs, intercepts = ridge_coef(decomp, torch.tensor(np.log(alphas), dtype=DT)[:, None])
+    for i, a in enumerate(alphas):
+        c, b = ridge_coef(decomp, torch.tensor(math.log(a), dtype=DT))
+        torch.testing.assert_close(coefs[i], c)
+        torch.testing.assert_close(intercepts[i], b)
+
+
+def test_loo_differentiable_through_errors_and_coef():
+    X, y, _ = _data(20, 4)
+    decomp = ridge_loo_decomposition(X, y)
+    la = torch.tensor(0.1, dtype=DT, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: ridge_loo_errors(decomp, t).mean(), (la,))
+    torch.autograd.gradcheck(lambda t: ridge_coef(decomp, t)[0].sum(), (la,))
+
+
+# ---------------------------------------------------------------- kernel ridge
+
+
+def test_kernel_ridge_matches_sklearn_and_gradients_reach_support():
+    from sklearn.kernel_ridge import KernelRidge
+
+    def rbf(A, B):
+        return torch.exp(-0.5 * torch.cdist(A, B) ** 2)
+
+    g = torch.Generator().manual_seed(0)
+    Xs = torch.randn(8, 2, generator=g, dtype=DT)
+    ys = torch.randn(8, generator=g, dtype=DT)
+    Xt = torch.randn(5, 2, generator=g, dtype=DT)
+    dual = kernel_ridge_fit(rbf(Xs, Xs), ys, 0.3)
+    ref = KernelRidge(alpha=0.3, kernel="rbf", gamma=0.5).fit(Xs.numpy(), ys.numpy())
+    np.testing.assert_allclose((rbf(Xt, Xs) @ dual).numpy(), ref.predict(Xt.numpy()), rtol=1e-10)
+
+    solver = KernelRidgeSolver(rbf, y=ys)
+
+    def loss(support, log_reg):
+        phi = {"X": support, "log_reg": log_reg}
+        theta, _ = argmin(solver.inner_loss, phi, solver.init_theta(), hypergradient="closed_form",
+                          solver=solver)
+        return ((solver.predict(theta, phi, Xt) - 1.0) ** 2).sum()
+
+    support = Xs.clone().requires_grad_(True)
+    log_reg = torch.tensor(-1.0, dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(loss, (support, log_reg))
+    # the inner objective is minimized by the closed form
+    theta = solver.closed_form({"X": Xs, "log_reg": torch.tensor(-1.0, dtype=DT)}).requires_grad_(True)
+    (grad,) = torch.autograd.grad(solver.inner_loss(theta, {"X": Xs, "log_reg": torch.tensor(-1.0, dtype=DT)}), theta)
+    assert float(grad.norm()) < 1e-10
+
+
+def test_kernel_ridge_solver_precomputed_and_bad_phi():
+    K = torch.eye(3, dtype=DT) * 2.0
+    y = torch.tensor([1.0, 2.0, 3.0], dtype=DT)
+    solver = KernelRidgeSolver(K=K, y=y)
+    dual = solver.closed_form(torch.tensor(0.0, dtype=DT))
+    torch.testing.assert_close(dual, y / 3.0)
+    with pytest.raises(ValueError, match="Unknown phi keys"):
+        solver.closed_form({"gamma": torch.tensor(1.0)})
+
+
+# ---------------------------------------------------------------- 1-D search
+
+
+def _bumpy(x):
+    # local minima near -2.6, -0.5, 1.6, 3.7 (sin(3x) = -1), tilted by the quadratic
+    f = np.sin(3.0 * x) + 0.05 * (x - 2.0) ** 2
+    g = 3.0 * np.cos(3.0 * x) + 0.1 * (x - 2.0)
+    return f, g
+
+
+def test_search_finds_global_minimum_on_grid_and_refines():
+    grid = np.linspace(-6.0, 6.0, 49)
+    res = minimize_log_alpha(_bumpy, values=lambda z: _bumpy(z)[0][:, None], grid=grid, tol=1e-10)
+    dense = np.linspace(-6, 6, 200001)
+    assert res.x[0] == pytest.approx(dense[np.argmin(_bumpy(dense)[0])], abs=1e-4)
+    assert abs(res.grad[0]) < 1e-8
+    assert res.fun[0] <= _bumpy(grid)[0].min()
+    assert np.all(np.diff(res.history) <= 0)
+    assert res.converged.all() and res.n_iter < 15
+
+
+def test_search_vectorized_boundary_and_local_start():
+    def f(x):
+        # coordinate 0: minimum at 1.234; coordinate 1: decreasing, minimum beyond the grid
+        return np.array([(x[0] - 1.234) ** 2, np.exp(-x[1])]), np.array([2 * (x[0] - 1.234), -np.exp(-x[1])])
+
+    grid = np.linspace(-3, 3, 13)
+    values = lambda z: np.stack([(z - 1.234) ** 2, np.exp(-z)], 1)
+    res = minimize_log_alpha(f, values=values, grid=grid)
+    assert res.x[0] == pytest.approx(1.234, abs=1e-4)
+    assert res.x[1] == 3.0  # the end of the scan, slope pointing outward
+    local = minimize_log_alpha(_bumpy, x0=0.0, tol=1e-9)
+    assert abs(local.grad[0]) < 1e-6  # a local minimum near the start
+    assert local.x[0] == pytest.approx(-0.5, abs=0.05)  # the basin of the start
+
+
+def test_search_gives_up_at_max_iter():
+    res = minimize_log_alpha(_bumpy, values=lambda z: _bumpy(z)[0][:, None],
+                             grid=np.linspace(-6, 6, 5), tol=1e-14, max_iter=2)
+    assert res.n_iter <= 3 and not res.converged.all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    X, y, sw = _data(50, 10, k=2)
+    dec_cpu = ridge_loo_decomposition(X, y, sw)
+    dec_gpu = ridge_loo_decomposition(X.cuda(), y.cuda(), sw.cuda())
+    v1, g1, _ = ridge_loo_value_and_grad(dec_cpu, 0.3)
+    v2, g2, _ = ridge_loo_value_and_grad(dec_gpu, 0.3)
+    torch.testing.assert_close(v2.cpu(), v1, rtol=1e-9, atol=0)
+    torch.testing.assert_close(g2.cpu(), g1, rtol=1e-8, atol=1e-12)
+    theta = RidgeSolver(X.cuda(), y.cuda(), penalty="per_feature").closed_form(torch.zeros(10, dtype=DT, device="cuda"))
+    assert theta["coef"].is_cuda
