@@ -1,0 +1,17 @@
+"""Shared pytest setup for tests/ and the doctests in skbilevel/."""
+
+import os
+
+import pytest
+import torch
+
+# Under pytest-xdist every worker is one process: one torch thread each avoids
+# oversubscribing the cores (CI has two).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    torch.manual_seed(0)
+    yield
