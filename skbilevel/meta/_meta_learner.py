@@ -185,7 +185,10 @@ class _MetaLearnerMixin:
                     callbacks=self.callbacks, verbose=self.verbose, restore_best=False,
                     desc=f"{type(self).__name__}({method.name})",
                 )
-        self.module_ = module.to(device="cpu")
+        with torch.no_grad():  # module_ carries the meta-learned backbone weights
+            for name, param in module.named_parameters():
+                param.copy_(meta["params"][name].detach().to(device="cpu", dtype=param.dtype))
+        self.module_ = module
         self.meta_params_ = {k: v.detach().to("cpu").clone()
                              for k, v in method.state_dict(meta).items()}
         self.n_iter_ = int(result.n_iter)
@@ -367,7 +370,8 @@ _DOC_FITTED = """
         the method's own entries (``lr.<name>`` step sizes for Meta-SGD,
         ``log_alpha`` / ``log_scale`` for R2D2).
     module_ : torch.nn.Module
-        The backbone (on the CPU) whose structure the parameters fit.
+        The backbone on the CPU, holding the meta-learned weights (the
+        meta-initialization, before any adaptation).
     history_ : ndarray of shape (n_iter_,)
         Mean query loss after adaptation of each meta-batch (noisy: each
         iteration draws new tasks).

@@ -246,3 +246,13 @@ def test_adapted_estimator_needs_a_fitted_meta_learner():
         AdaptedRegressor(FrozenEstimator(MetaLearnerRegressor())).fit(np.ones((3, 1)), np.ones(3))
     with pytest.raises(ValueError, match="must be a fitted MetaLearnerClassifier"):
         AdaptedClassifier(MetaLearnerRegressor()).fit(np.ones((3, 1)), [0, 1, 0])
+
+
+def test_zero_step_adaptation_is_the_meta_initialization_held_by_module_():
+    X, y, groups = _sinusoid_tasks(n_tasks=6)
+    meta = MetaLearnerRegressor(k_shot=5, n_query=5, max_iter=5, random_state=0).fit(X, y, groups=groups)
+    for name, value in meta.module_.state_dict().items():
+        assert torch.equal(value, meta.meta_params_[name])
+    with torch.no_grad():
+        init = meta.module_(torch.as_tensor(X[:7], dtype=torch.float32)).numpy().ravel()
+    np.testing.assert_allclose(meta.adapt(X[:5], y[:5], inner_steps=0).predict(X[:7]), init, rtol=1e-5)
