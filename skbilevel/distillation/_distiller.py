@@ -115,7 +115,9 @@ class DatasetDistiller(BaseEstimator):
         matrix. A list of kernels (names, callables or ``(name, params)``
         pairs) draws one at random at every outer step, so the synthetic set
         does not specialize to one kernel (better transfer to other
-        learners); ``predict`` uses the first.
+        learners); ``predict`` uses the first. A pair's params may hold its
+        own ``"reg"``, e.g. ``("rbf", {"reg": 0.1})`` to mimic a strongly
+        regularized learner.
     kernel_params : dict, default=None
         Parameters of a single named kernel (``depth``, ``weight_var``,
         ``bias_var`` for ``"ntk"``; ``gamma``; ``degree``, ``coef0``).
@@ -305,7 +307,9 @@ class DatasetDistiller(BaseEstimator):
         dtype = resolve_dtype(self.dtype)
         specs = _kernel_specs(self.kernel, self.kernel_params)
         if self.method == "kip" and self.reg <= 0:
-            raise ValueError(f"reg must be > 0 for method='kip' (kernel ridge); got {self.reg}.")
+            raise ValueError(
+                f"reg must be > 0 for method='kip' (kernel ridge); got {self.reg}."
+            )
         rng = check_random_state(self.random_state)
         gen = torch.Generator(device="cpu").manual_seed(int(rng.randint(0, 2**31 - 1)))
 
@@ -397,11 +401,13 @@ class DatasetDistiller(BaseEstimator):
         self._Xs_scaled = to_numpy(Xs)
         if self.method == "kip":
             name, params = specs[0]
+            params = dict(params)
+            self._predict_reg = float(params.pop("reg", self.reg))
             with torch.no_grad():
                 K = pairwise_kernel(Xs, kernel=name, **params)
-                dual = kernel_ridge_coef(K, targets, self.reg)
+                dual = kernel_ridge_coef(K, targets, self._predict_reg)
             self.dual_coef_ = to_numpy(dual)
-            self._predict_kernel = specs[0]
+            self._predict_kernel = (name, params)
             soft = to_numpy(targets) + self._t_offset
         else:
             self.network_params_ = self._train_final_network(model, Xs, targets, gen, task)
@@ -451,8 +457,8 @@ class DatasetDistiller(BaseEstimator):
         if kind in ("continuous", "continuous-multioutput"):
             return "regression"
         raise ValueError(
-            f"Unknown label type: y has target type {kind!r}; DatasetDistiller supports class labels "
-            "(binary or multiclass) and continuous targets."
+            f"Unknown label type: y has target type {kind!r}; DatasetDistiller "
+            "supports class labels (binary or multiclass) and continuous targets."
         )
 
     def _class_counts(self, y_idx):
@@ -542,10 +548,13 @@ class DatasetDistiller(BaseEstimator):
 
         def objective(phi):
             name, params = specs[int(torch.randint(len(specs), (1,), generator=gen))]
+            params = dict(params)
+            step_reg = float(params.pop("reg", reg))
             Xb, Tb, _ = draw_batch()
             ys = phi["y"] if "y" in phi else targets0
             return kip_loss(
-                phi["X"], ys, Xb, Tb, kernel=name, reg=reg, hypergradient=strategy, **params
+                phi["X"], ys, Xb, Tb, kernel=name, reg=step_reg, hypergradient=strategy,
+                **params,
             )
 
         return objective
@@ -569,7 +578,7 @@ class DatasetDistiller(BaseEstimator):
                 out = model.forward(theta, p["X"])
                 loss = model.loss_from_outputs(out, inner_targets(p))
                 if weight_decay > 0:
-                    loss = loss + 0.5 * weight_decay * sum((w**2).sum() for w in theta.values())
+                    loss = loss + 0.5 * weight_decay * _sq_norm(theta)
                 return loss
 
             theta, info = argmin(inner_loss, phi, init, hypergradient=strategy, solver=solver)
@@ -590,7 +599,7 @@ class DatasetDistiller(BaseEstimator):
         def fun(theta):
             loss = model.loss_from_outputs(model.forward(theta, Xs), targets_used)
             if weight_decay > 0:
-                loss = loss + 0.5 * weight_decay * sum((w**2).sum() for w in theta.values())
+                loss = loss + 0.5 * weight_decay * _sq_norm(theta)
             return loss
 
         theta, _ = solver.solve(fun, _fresh_params(shapes, gen, to))
@@ -613,7 +622,9 @@ class DatasetDistiller(BaseEstimator):
                     Xc = torch.as_tensor(Xz[start : start + _PREDICT_CHUNK], dtype=dtype)
                     out.append(to_numpy(pairwise_kernel(Xc, Xs, kernel=name, **params) @ dual))
             else:
-                params = {k: torch.as_tensor(v, dtype=dtype) for k, v in self.network_params_.items()}
+                params = {
+                    k: torch.as_tensor(v, dtype=dtype) for k, v in self.network_params_.items()
+                }
                 module = MLP(
                     self.n_features_in_, next(iter(reversed(params.values()))).shape[0],
                     tuple(self.hidden_layer_sizes),
@@ -696,6 +707,11 @@ class DatasetDistiller(BaseEstimator):
         tags.target_tags.multi_output = True
         tags.target_tags.single_output = True
         return tags
+
+
+def _sq_norm(params):
+    """Squared Euclidean norm of a dict of tensors (weight decay)."""
+    return sum((w**2).sum() for w in params.values())
 
 
 def _plain(label):

@@ -176,7 +176,8 @@ def _arccos_recursion(X, Z, depth, weight_var, bias_var):
         norm = torch.sqrt((sxx[:, None] * szz[None, :]).clamp_min(tiny))
         c = (sxz / norm).clamp(-1.0 + eps, 1.0 - eps)
         t = torch.arccos(c)
-        sxz_new = weight_var * norm / (2 * math.pi) * (torch.sqrt(1 - c * c) + (math.pi - t) * c) + bias_var
+        j1 = torch.sqrt(1 - c * c) + (math.pi - t) * c  # arc-cosine kernel of degree 1
+        sxz_new = weight_var * norm / (2 * math.pi) * j1 + bias_var
         dot = weight_var * (math.pi - t) / (2 * math.pi)
         ntk = ntk * dot + sxz_new
         sxz = sxz_new
@@ -218,7 +219,7 @@ def ntk_kernel(X, Z=None, depth=3, weight_var=2.0, bias_var=0.1):
     >>> from skbilevel.hypergrad import ntk_kernel
     >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     >>> K = ntk_kernel(x, depth=1, weight_var=2.0, bias_var=0.0)
-    >>> [round(v, 4) for v in K[0].tolist()]  # 2 * 1/2 on the diagonal: Theta = Sigma*1 + Sigma
+    >>> [round(v, 4) for v in K[0].tolist()]  # diagonal: Theta = Sigma * 1 + Sigma
     [2.0, 0.3183]
     """
     return _arccos_recursion(X, Z, depth, weight_var, bias_var)[1]
@@ -283,7 +284,8 @@ def kernel_diagonal(X, kernel="rbf", **params):
     >>> import torch
     >>> from skbilevel.hypergrad import kernel_diagonal, ntk_kernel
     >>> X = torch.randn(5, 3, dtype=torch.float64)
-    >>> bool(torch.allclose(kernel_diagonal(X, "ntk", depth=2), ntk_kernel(X, depth=2).diagonal()))
+    >>> full = ntk_kernel(X, depth=2).diagonal()
+    >>> bool(torch.allclose(kernel_diagonal(X, "ntk", depth=2), full))
     True
     """
     if callable(kernel) or kernel not in _KERNELS:
@@ -350,7 +352,9 @@ def pairwise_kernel(X, Z=None, kernel="rbf", **params):
     try:
         return _KERNELS[kernel](X, Z, **params)
     except TypeError as exc:
-        raise ValueError(f"Bad parameters {sorted(params)} for kernel {kernel!r}: {exc}") from exc
+        raise ValueError(
+            f"Bad parameters {sorted(params)} for kernel {kernel!r}: {exc}"
+        ) from exc
 
 
 def kernel_ridge_predict(K_test, K_train, y_train, reg):

@@ -101,7 +101,9 @@ def test_simple_kernels_match_scikit_learn():
     rng = np.random.RandomState(0)
     A, B = rng.randn(6, 4), rng.randn(5, 4)
     tA, tB = torch.from_numpy(A), torch.from_numpy(B)
-    np.testing.assert_allclose(pairwise_kernel(tA, tB, kernel="linear").numpy(), sk_linear(A, B))
+    np.testing.assert_allclose(
+        pairwise_kernel(tA, tB, kernel="linear").numpy(), sk_linear(A, B)
+    )
     np.testing.assert_allclose(
         pairwise_kernel(tA, tB, kernel="rbf", gamma=0.3).numpy(), sk_rbf(A, B, gamma=0.3)
     )
@@ -128,7 +130,9 @@ def test_kernel_ridge_predict_matches_numpy():
     K, Kt = X @ X.T, Xt @ X.T
     lam = 0.1 * np.trace(K) / 8
     expected = Kt @ np.linalg.solve(K + lam * np.eye(8), y)
-    got = kernel_ridge_predict(torch.from_numpy(Kt), torch.from_numpy(K), torch.from_numpy(y), 0.1)
+    got = kernel_ridge_predict(
+        torch.from_numpy(Kt), torch.from_numpy(K), torch.from_numpy(y), 0.1
+    )
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
     alpha = kernel_ridge_coef(torch.from_numpy(K), torch.from_numpy(y[:, 0]), 0.1)
     assert alpha.shape == (8,)
@@ -151,7 +155,7 @@ def test_kernel_diagonal_matches_gram(name):
     from skbilevel.hypergrad import kernel_diagonal
 
     X = torch.randn(6, 4, dtype=DT)
-    params = {"ntk": {"depth": 2, "bias_var": 0.3}, "poly": {"degree": 2, "coef0": 0.5}}.get(name, {})
-    torch.testing.assert_close(
-        kernel_diagonal(X, name, **params), torch.diagonal(pairwise_kernel(X, kernel=name, **params))
-    )
+    params = {"ntk": {"depth": 2, "bias_var": 0.3}, "poly": {"degree": 2, "coef0": 0.5}}
+    params = params.get(name, {})
+    full = torch.diagonal(pairwise_kernel(X, kernel=name, **params))
+    torch.testing.assert_close(kernel_diagonal(X, name, **params), full)
