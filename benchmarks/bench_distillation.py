@@ -4,10 +4,12 @@ One table. For each data set and synthetic-set size (samples per class):
 
 - ``random``: random real samples per class (mean of 5 draws);
 - ``kmeans``: k-means centroids of each class;
-- ``kip-ntk``: DatasetDistiller, KIP with the closed-form NTK and learned
-  labels (best kernel accuracy);
-- ``kip-transfer``: KIP with a random kernel per outer step (NTK, RBF) and
-  fixed labels (meant to teach *other* learners);
+- ``kip-ntk``: DatasetDistiller, KIP with the closed-form NTK, learned labels,
+  started at the k-means centroids (best kernel accuracy);
+- ``kip-plain``: KIP with the NTK, fixed labels, random start (full run);
+- ``kip-transfer``: KIP started at the k-means centroids, with fixed labels
+  and, at every outer step, a kernel drawn from NTK / RBF with a small or a
+  large ridge penalty (meant to teach *other* learners);
 - ``unrolled``: DatasetDistiller with a network trained by unrolled steps
   (full run only);
 - ``full``: the whole training set.
@@ -56,7 +58,7 @@ def load(name, quick):
         X, y = load_digits(return_X_y=True)
     else:
         X, y = make_classification(
-            n_samples=2000 if quick else 4000, n_features=40, n_informative=20,
+            n_samples=1500 if quick else 4000, n_features=40, n_informative=20,
             n_redundant=5, n_classes=20, n_clusters_per_class=1, class_sep=2.0,
             random_state=0,
         )
@@ -110,19 +112,24 @@ def kmeans_centroids(Xtr, ytr, k, seed=0):
     return np.concatenate(Xs), np.concatenate(ys)
 
 
+TRANSFER_KERNELS = ["ntk", "rbf", ("rbf", {"reg": 0.1}), ("ntk", {"reg": 0.1})]
+
+
 def distiller_configs(quick, k):
-    iters = 200 if quick else 600
+    iters = 300 if quick else 600
     configs = {
         "kip-ntk": dict(kernel="ntk", learn_labels=True, max_iter=iters, batch_size=512),
         "kip-transfer": dict(
-            kernel=[("ntk", {"depth": 3}), "rbf"], learn_labels=False, max_iter=iters,
+            kernel=TRANSFER_KERNELS, init="kmeans", learn_labels=False, max_iter=iters,
             batch_size=512,
         ),
     }
     if not quick:
+        # plain KIP (one kernel, fixed labels, random start): the transfer failure case
+        configs["kip-plain"] = dict(kernel="ntk", init="random", max_iter=iters, batch_size=512)
         configs["unrolled"] = dict(
-            method="unrolled", max_iter=300, learning_rate=0.01, batch_size=256,
-            hidden_layer_sizes=(100,), n_inner_steps=20, inner_learning_rate=0.1,
+            method="unrolled", max_iter=300, learning_rate=0.03, batch_size=256,
+            hidden_layer_sizes=(100,), n_inner_steps=20, inner_learning_rate=0.3,
         )
     return configs
 

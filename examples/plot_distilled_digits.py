@@ -38,7 +38,9 @@ X_small, y_small = distiller.fit_resample(X_train, y_train)
 
 # The same kernel model fitted on one random real image per class: a
 # distiller stopped before its first real step.
-baseline = DatasetDistiller(n_per_class=1, max_iter=1, learning_rate=1e-12, random_state=0)
+baseline = DatasetDistiller(
+    n_per_class=1, init="random", max_iter=1, learning_rate=1e-12, random_state=0
+)
 baseline.fit(X_train, y_train)
 
 logreg = LogisticRegression(max_iter=5000)
@@ -50,8 +52,9 @@ print(f"logistic regression, random:       "
       f"{logreg.fit(baseline.X_distilled_, baseline.y_distilled_).score(X_test, y_test):.3f}")
 
 # %%
-# The distilled images start as random real digits and end as prototypes:
-# smoother strokes that keep what separates each class from the others.
+# The distilled images start at the mean image of each class (k-means with
+# one cluster) and end as prototypes that keep what separates each class
+# from the others. Top row: the random real images of the baseline.
 fig, axes = plt.subplots(2, 10, figsize=(10, 2.4))
 for j in range(10):
     axes[0, j].imshow(baseline.X_distilled_[j].reshape(8, 8), cmap="gray_r")
@@ -60,9 +63,9 @@ for j in range(10):
     for ax in axes[:, j]:
         ax.set_xticks([])
         ax.set_yticks([])
-axes[0, 0].set_ylabel("start")
+axes[0, 0].set_ylabel("random")
 axes[1, 0].set_ylabel("distilled")
-fig.suptitle("1 image per class: random start (top), distilled (bottom)")
+fig.suptitle("1 image per class: random real (top), distilled (bottom)")
 plt.tight_layout()
 
 # %%

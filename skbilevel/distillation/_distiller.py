@@ -125,9 +125,11 @@ class DatasetDistiller(BaseEstimator):
         Also learn the synthetic targets (soft labels). Improves the kernel
         model with very few samples but hurts transfer to learners trained
         on the hard labels.
-    init : {"random", "kmeans"}, default="random"
-        Start from random real samples of each class, or from the k-means
-        centroids of each class.
+    init : {"kmeans", "random"}, default="kmeans"
+        Start from the k-means centroids of each class (of ``X`` for
+        regression, with the mean target of each cluster), or from random
+        real samples of each class. Centroids start closer to a good set and
+        transfer better.
     clip : bool, default=True
         Keep synthetic inputs inside the per-feature range of the real data
         (a projection after every outer step), so they stay valid images,
@@ -246,7 +248,7 @@ class DatasetDistiller(BaseEstimator):
         kernel="ntk",
         kernel_params=None,
         learn_labels=False,
-        init="random",
+        init="kmeans",
         clip=True,
         batch_size=256,
         max_iter=300,
