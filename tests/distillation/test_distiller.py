@@ -111,7 +111,8 @@ def test_unrolled_beats_random_subset_on_iris():
     kw = dict(method="unrolled", n_per_class=1, hidden_layer_sizes=(32,), n_inner_steps=10,
               inner_learning_rate=0.5, random_state=0)
     dd = DatasetDistiller(max_iter=60, learning_rate=0.05, **kw).fit(Xtr, ytr)
-    base = DatasetDistiller(max_iter=1, learning_rate=1e-12, init="random", **kw).fit(Xtr, ytr)
+    base = DatasetDistiller(max_iter=1, learning_rate=1e-12, init="random", **kw)
+    base.fit(Xtr, ytr)
     assert dd.hypergradient_info_["strategy"] == "reverse"
     assert dd.hypergradient_info_["extra"]["differentiable_steps"] == 10
     assert dd.score(Xte, yte) >= base.score(Xte, yte)
@@ -154,7 +155,8 @@ def test_regression_kmeans_and_unrolled():
 
 def test_kernel_list_and_kmeans_classification():
     X, y = load_iris(return_X_y=True)
-    dd = DatasetDistiller(n_per_class=2, init="kmeans", kernel=[("ntk", {"depth": 2}), ("rbf", {"reg": 0.1})],
+    kernels = [("ntk", {"depth": 2}), ("rbf", {"reg": 0.1})]
+    dd = DatasetDistiller(n_per_class=2, init="kmeans", kernel=kernels,
                           max_iter=10, random_state=0).fit(X, y)
     assert dd.score(X, y) > 0.8
 
