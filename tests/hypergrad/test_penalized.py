@@ -151,9 +151,9 @@ def test_logistic_folds_matches_sklearn(n_classes):
     for k in range(2):
         m = T[k] > 0
         ref = LogisticRegression(C=1 / alpha, tol=1e-12, max_iter=10000).fit(X[m], y[m])
-        proba = torch.softmax(folds.logits(theta)[k], -1) if n_classes > 2 else None
+        proba = torch.softmax(folds.logits(theta)[:, k], -1) if n_classes > 2 else None
         if n_classes == 2:
-            np.testing.assert_allclose(theta["coef"][k, :, 0].numpy(), ref.coef_[0], rtol=1e-5)
+            np.testing.assert_allclose(theta["coef"][:, k, 0].numpy(), ref.coef_[0], rtol=1e-5)
             np.testing.assert_allclose(float(theta["intercept"][k, 0]), ref.intercept_[0], rtol=1e-5)
         else:
             np.testing.assert_allclose(proba.numpy(), ref.predict_proba(X), rtol=1e-5, atol=1e-8)

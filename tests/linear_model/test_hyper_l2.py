@@ -1,0 +1,232 @@
+"""HyperL2Regressor / HyperL2Classifier: contract, references, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits, make_classification
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, Ridge, RidgeCV
+from sklearn.model_selection import KFold
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skbilevel.hypergrad import LBFGS, ImplicitCG
+from skbilevel.linear_model import HyperL2Classifier, HyperL2Regressor
+
+_SW_REASON = (
+    "K-fold splits are drawn over rows: a repeated row and a weight of 2 give different "
+    "folds, hence different penalties (as for any cross-validated estimator)."
+)
+
+
+def _expected_failed(estimator):
+    if isinstance(estimator, HyperL2Regressor):
+        return {}  # passes: the closed-form inner fits do honour weights
+    return {
+        "check_sample_weight_equivalence_on_dense_data": _SW_REASON,
+        "check_sample_weight_equivalence_on_sparse_data": _SW_REASON,
+    }
+
+
+# small instances keep the ~60 checks fast: 3 folds, 2 outer steps, no scan
+@parametrize_with_checks(
+    [HyperL2Regressor(max_iter=2, cv=3, alpha_init=1.0),
+     HyperL2Classifier(max_iter=2, cv=3, alpha_init=1.0)],
+    expected_failed_checks=_expected_failed,
+)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+def _hetero(n=300, p=12, seed=0):
+    rng = np.random.RandomState(seed)
+    w = np.zeros(p)
+    w[:3] = [3.0, -2.0, 2.5]
+    w[3:6] = 0.2
+    X = rng.randn(n, p)
+    y = X @ w + 0.5 * rng.randn(n) + 1.0
+    return X, y
+
+
+def test_regressor_noise_features_get_larger_penalties():
+    X, y = _hetero()
+    model = HyperL2Regressor(random_state=0, prior_scale=None).fit(X, y)
+    assert model.alphas_.shape == (12,)
+    assert model.alphas_[6:].min() > model.alphas_[:3].max()
+    assert model.coef_.shape == (12,) and np.isfinite(model.intercept_)
+    assert model.n_iter_ == len(model.history_) - 1 or model.n_iter_ > 0
+    assert model.cv_loss_ > 0
+    assert model.hypergradient_info_["strategy"] == "closed_form"
+    # the final model is the per-feature ridge at alphas_ on all the data
+    s = 1.0 / np.sqrt(model.alphas_)
+    ref = Ridge(alpha=1.0).fit(X * s, y)
+    np.testing.assert_allclose(model.coef_, ref.coef_ * s, rtol=1e-8)
+    np.testing.assert_allclose(model.intercept_, ref.intercept_, rtol=1e-8)
+
+
+@pytest.mark.parametrize("hypergradient", ["cg", "dense"])
+def test_regressor_strategies_agree_with_closed_form(hypergradient):
+    X, y = _hetero(n=120, p=5)
+    kw = dict(random_state=0, max_iter=8, prior_scale=None)
+    ref = HyperL2Regressor(**kw).fit(X, y)
+    other = HyperL2Regressor(hypergradient=hypergradient, **kw).fit(X, y)
+    np.testing.assert_allclose(other.alphas_, ref.alphas_, rtol=1e-6)
+    assert other.hypergradient_info_["strategy"] == hypergradient
+
+
+def test_scalar_regressor_matches_ridge_cv_on_same_split():
+    X, y = _hetero(n=150, p=8, seed=1)
+    cv = KFold(5)
+    model = HyperL2Regressor(penalty="scalar", cv=cv).fit(X, y)
+    assert np.ptp(model.alphas_) == 0
+    grid = np.exp(np.linspace(np.log(model.alphas_[0]) - 0.3, np.log(model.alphas_[0]) + 0.3, 61))
+    ref = RidgeCV(alphas=grid, cv=cv, scoring="neg_mean_squared_error").fit(X, y)
+    np.testing.assert_allclose(model.alphas_[0], ref.alpha_, rtol=0.02)
+    np.testing.assert_allclose(model.cv_loss_, -ref.best_score_, rtol=1e-6)
+    try:
+        from skbilevel.linear_model import BilevelRidgeCV
+    except ImportError:  # pragma: no cover - sibling estimator not available
+        return
+    other = BilevelRidgeCV(cv=cv, tol=1e-6).fit(X, y)
+    np.testing.assert_allclose(model.alphas_[0], other.alpha_, rtol=2e-3)
+    np.testing.assert_allclose(model.coef_, other.coef_, rtol=1e-3, atol=1e-6)
+
+
+def test_scalar_loo_matches_ridge_cv():
+    X, y = _hetero(n=80, p=6, seed=2)
+    model = HyperL2Regressor(penalty="scalar", cv="loo").fit(X, y)
+    grid = np.exp(np.linspace(np.log(model.alphas_[0]) - 0.3, np.log(model.alphas_[0]) + 0.3, 61))
+    ref = RidgeCV(alphas=grid).fit(X, y)
+    np.testing.assert_allclose(model.alphas_[0], ref.alpha_, rtol=0.02)
+    np.testing.assert_allclose(model.cv_loss_, -ref.best_score_, rtol=1e-6)
+
+
+def test_loo_wide_and_groups():
+    rng = np.random.RandomState(0)
+    X = rng.randn(30, 50)
+    y = X[:, :3].sum(1) + 0.1 * rng.randn(30)
+    groups = np.repeat(np.arange(5), 10)
+    model = HyperL2Regressor(penalty=groups, cv="loo", max_iter=10).fit(X, y)
+    for g in range(5):
+        assert np.ptp(model.alphas_[groups == g]) == 0
+    assert model.alphas_[0] < model.alphas_[-1]
+
+
+def test_regressor_holdout_njobs_warm_start_float32():
+    X, y = _hetero(n=120, p=6)
+    a = HyperL2Regressor(random_state=0, max_iter=5).fit(X, y)
+    b = HyperL2Regressor(random_state=0, max_iter=5, n_jobs=2).fit(X, y)
+    np.testing.assert_allclose(a.alphas_, b.alphas_, rtol=1e-8)
+    h = HyperL2Regressor(validation_fraction=0.3, random_state=0, max_iter=5).fit(X, y)
+    assert h.alphas_.shape == (6,)
+    w = HyperL2Regressor(random_state=0, max_iter=5, warm_start=True).fit(X, y)
+    first = w.alphas_.copy()
+    w.set_params(max_iter=1).fit(X, y)
+    assert w.n_iter_ == 1  # no shared stage on a warm start
+    assert np.abs(np.log(w.alphas_ / first)).max() < 0.5
+    f = HyperL2Regressor(random_state=0, max_iter=5, dtype="float32").fit(X, y)
+    assert f.score(X, y) > 0.9
+
+
+def test_regressor_alpha_init_array_and_float():
+    X, y = _hetero(n=100, p=4)
+    m = HyperL2Regressor(alpha_init=np.full(4, 2.0), max_iter=0).fit(X, y)
+    np.testing.assert_allclose(m.alphas_, 2.0)
+    m = HyperL2Regressor(alpha_init=3.0, penalty="scalar", random_state=0).fit(X, y)
+    assert m.alphas_[0] > 0
+
+
+def test_classifier_binary_matches_logistic_regression_at_its_alphas():
+    X, y = make_classification(200, 6, n_informative=3, random_state=0)
+    clf = HyperL2Classifier(max_iter=10, random_state=0).fit(X, y)
+    assert clf.coef_.shape == (1, 6) and clf.intercept_.shape == (1,)
+    s = 1.0 / np.sqrt(clf.alphas_)
+    ref = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(X * s, y)
+    np.testing.assert_allclose(clf.coef_, ref.coef_ * s, rtol=1e-4, atol=1e-6)
+    proba = clf.predict_proba(X)
+    np.testing.assert_allclose(proba, ref.predict_proba(X * s), rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(clf.predict(X), proba.argmax(1))
+    assert clf.hypergradient_info_["strategy"] == "cg"
+
+
+def test_classifier_cg_and_dense_agree():
+    X, y = make_classification(120, 4, n_informative=3, n_redundant=0, random_state=1)
+    kw = dict(max_iter=4, random_state=0, solver=LBFGS(tol=1e-11, max_iter=1000))
+    a = HyperL2Classifier(hypergradient=ImplicitCG(tol=1e-10), **kw).fit(X, y)
+    b = HyperL2Classifier(hypergradient="dense", **kw).fit(X, y)
+    np.testing.assert_allclose(a.alphas_, b.alphas_, rtol=1e-6)
+
+
+def test_multinomial_digits_ten_classes():
+    X, y = load_digits(return_X_y=True)
+    X = X[:500] / 16.0
+    y = y[:500]
+    clf = HyperL2Classifier(max_iter=3, random_state=0, cv=3, class_weight="balanced")
+    clf.fit(X, y)
+    assert clf.classes_.tolist() == list(range(10))
+    assert clf.coef_.shape == (10, 64) and clf.intercept_.shape == (10,)
+    proba = clf.predict_proba(X)
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    np.testing.assert_allclose(clf.intercept_.sum(), 0.0, atol=1e-10)
+    assert clf.score(X, y) > 0.95
+    assert clf.decision_function(X).shape == (500, 10)
+
+
+def test_classifier_inner_non_convergence_warns_with_gradient_norm():
+    X, y = make_classification(100, 5, random_state=0)
+    clf = HyperL2Classifier(solver=LBFGS(max_iter=2, tol=1e-12), max_iter=1, random_state=0)
+    with pytest.warns(ConvergenceWarning, match="gradient norm"):
+        clf.fit(X, y)
+
+
+def test_string_labels_and_penalty_groups():
+    X, y = make_classification(120, 6, random_state=0)
+    labels = np.array(["no", "yes"])[y]
+    clf = HyperL2Classifier(penalty=[0, 0, 0, 1, 1, 1], max_iter=3, random_state=0).fit(X, labels)
+    assert set(clf.predict(X)) <= {"no", "yes"}
+    assert np.ptp(clf.alphas_[:3]) == 0 and np.ptp(clf.alphas_[3:]) == 0
+
+
+@pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
+def test_bad_input(Est):
+    rng = np.random.RandomState(0)
+    X = rng.randn(30, 3)
+    y = (rng.rand(30) > 0.5).astype(int)
+    Xnan = X.copy()
+    Xnan[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        Est().fit(Xnan, y)
+    Xinf = X.copy()
+    Xinf[1, 1] = np.inf
+    with pytest.raises(ValueError, match="infinity"):
+        Est().fit(Xinf, y)
+    with pytest.raises(ValueError):
+        Est().fit(X[:, 0], y)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        Est().fit(X, y[:-1])
+    with pytest.raises(ValueError, match="one id per feature"):
+        Est(penalty=[0, 1]).fit(X, y)
+    with pytest.raises(ValueError, match="alpha_init"):
+        Est(alpha_init=0.0).fit(X, y)
+    with pytest.raises(ValueError, match="alpha_init"):
+        Est(alpha_init=-1.0).fit(X, y)
+    with pytest.raises(ValueError, match="alpha_init"):
+        Est(alpha_init=[1.0, 0.0, 1.0]).fit(X, y)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cpu'"):
+            Est(device="cuda").fit(X, y)
+    with pytest.raises(ValueError, match="cv=40"):
+        Est(cv=40).fit(X, y)
+
+
+def test_classifier_single_class_and_bad_strategy():
+    X = np.random.RandomState(0).randn(20, 3)
+    with pytest.raises(ValueError, match="only one class"):
+        HyperL2Classifier().fit(X, np.zeros(20))
+    with pytest.raises(ValueError, match="implicit"):
+        HyperL2Classifier(hypergradient="closed_form").fit(X, np.arange(20) % 2)
+
+
+def test_regressor_loo_needs_closed_form():
+    X, y = _hetero(n=40, p=3)
+    with pytest.raises(ValueError, match="closed form"):
+        HyperL2Regressor(cv="loo", hypergradient="cg").fit(X, y)
