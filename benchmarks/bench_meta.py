@@ -63,7 +63,9 @@ SINUSOID_CONFIG = {
     "reptile": dict(inner_steps=5, inner_lr=0.05),
     "anil": dict(inner_steps=5, inner_lr=0.1),
     "metasgd": dict(inner_steps=1, inner_lr=0.02),
-    "imaml": dict(inner_steps=10, inner_lr=0.01, method_params={"lam": 1.0, "cg_maxiter": 5}),
+    # iMAML's formula needs the proximal problem nearly solved and I + H/lam
+    # positive definite: many small steps and a fairly large lam.
+    "imaml": dict(inner_steps=40, inner_lr=0.005, method_params={"lam": 5.0, "cg_maxiter": 5}),
     "r2d2": dict(),
 }
 PUBLISHED = {("maml", 5): 0.72, ("maml", 10): 0.67, ("metasgd", 5): 0.46,
@@ -76,7 +78,7 @@ DIGITS_CONFIG = {
     "reptile": dict(inner_steps=5, inner_lr=0.5),
     "anil": dict(inner_steps=5, inner_lr=0.5),
     "metasgd": dict(inner_steps=5, inner_lr=0.5),
-    "imaml": dict(inner_steps=5, inner_lr=0.5, method_params={"lam": 1.0, "cg_maxiter": 5}),
+    "imaml": dict(inner_steps=20, inner_lr=0.1, method_params={"lam": 5.0, "cg_maxiter": 10}),
     "r2d2": dict(),
 }
 

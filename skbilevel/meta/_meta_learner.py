@@ -335,7 +335,9 @@ _DOC_COMMON = """
 or MetaMethod, default="maml"
         How the meta-parameters are learned; see
         :mod:`skbilevel.hypergrad` (``MAML``, ``FOMAML``, ``Reptile``,
-        ``ANIL``, ``MetaSGD``, ``IMAML``, ``R2D2``).
+        ``ANIL``, ``MetaSGD``, ``IMAML``, ``R2D2``). An instance is used with
+        its own settings (``inner_steps``, ``inner_lr`` and ``method_params``
+        are then ignored).
     inner_steps : int, default=5
         Gradient steps of the task adaptation (unused by ``"r2d2"``).
     meta_batch_size : int, default=16

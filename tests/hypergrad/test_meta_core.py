@@ -219,3 +219,25 @@ def test_imaml_diverging_inner_solve_gives_nan_not_zero_or_error():
     loss, info = method.meta_loss(model, meta, (100 * xs, 100 * ys, xq, yq))
     assert not np.isfinite(float(loss.detach()))
     assert info.linear_solve_converged is False and "diverged" in info.extra["cg_message"]
+
+
+def test_batched_cg_solves_each_system_and_flags_indefinite_rows():
+    from skbilevel.hypergrad import batched_cg
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(4, 6, 6, generator=g, dtype=DT)
+    A = M @ M.transpose(1, 2) + 0.5 * torch.eye(6, dtype=DT)
+    b = torch.randn(4, 6, generator=g, dtype=DT)
+    b[2] = 0.0  # a zero right-hand side gives exactly zero
+
+    def mv(v):
+        return torch.einsum("bij,bj->bi", A, v)
+
+    x, res = batched_cg(mv, b, tol=1e-12, maxiter=50)
+    assert res.converged and res.residual <= 1e-12 and res.fallback is None
+    np.testing.assert_allclose(x.numpy(), torch.linalg.solve(A, b).numpy(), rtol=1e-9, atol=1e-12)
+    assert torch.equal(x[2], torch.zeros(6, dtype=DT))
+    A[1] = -A[1]  # indefinite row: stops, the record says so, others unaffected
+    x, res = batched_cg(mv, b, tol=1e-12, maxiter=50)
+    assert not res.converged and "non-positive curvature" in res.message
+    np.testing.assert_allclose(x[0].numpy(), torch.linalg.solve(A[0], b[0]).numpy(), rtol=1e-9)
