@@ -65,7 +65,9 @@ def heterogeneous(n, p, n_strong, n_weak, n_test, seed=0, noise_ratio=0.16):
     rng = np.random.RandomState(seed)
     w = np.zeros(p)
     w[:n_strong] = rng.uniform(1, 2, n_strong) * rng.choice([-1, 1], n_strong)
-    w[n_strong:n_strong + n_weak] = rng.uniform(0.05, 0.3, n_weak) * rng.choice([-1, 1], n_weak)
+    w[n_strong : n_strong + n_weak] = rng.uniform(0.05, 0.3, n_weak) * rng.choice(
+        [-1, 1], n_weak
+    )
     w = w[rng.permutation(p)]
     X = rng.randn(n + n_test, p)
     f = X @ w
@@ -157,9 +159,18 @@ def run(quick):
             res[model] = (float(np.mean(scores)), float(np.mean(times)))
         t_ref = res["HyperL2Regressor"][1]
         for model, (score, dt) in res.items():
-            rows.append(dict(task="regression", dataset=name, model=model, score=score,
-                             log_loss=float("nan"), fit_s=dt, time_ratio=dt / t_ref,
-                             n_splits=len(splits)))
+            rows.append(
+                dict(
+                    task="regression",
+                    dataset=name,
+                    model=model,
+                    score=score,
+                    log_loss=float("nan"),
+                    fit_s=dt,
+                    time_ratio=dt / t_ref,
+                    n_splits=len(splits),
+                )
+            )
     for name, X, y in classification_sets(quick):
         X, Xt, y, yt = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
         X, Xt = _standardize(X, Xt)
@@ -170,8 +181,18 @@ def run(quick):
             res[model] = (float(acc), float(log_loss(yt, est.predict_proba(Xt))), dt)
         t_ref = res["HyperL2Classifier"][2]
         for model, (acc, ll, dt) in res.items():
-            rows.append(dict(task="classification", dataset=name, model=model, score=acc,
-                             log_loss=ll, fit_s=dt, time_ratio=dt / t_ref, n_splits=1))
+            rows.append(
+                dict(
+                    task="classification",
+                    dataset=name,
+                    model=model,
+                    score=acc,
+                    log_loss=ll,
+                    fit_s=dt,
+                    time_ratio=dt / t_ref,
+                    n_splits=1,
+                )
+            )
     return rows
 
 
@@ -184,27 +205,60 @@ def check_targets(rows):
 
     for dataset in sorted({r["dataset"] for r in rows if r["task"] == "regression"}):
         ours = get(dataset, "HyperL2Regressor")
-        peers = [r for r in rows if r["dataset"] == dataset and r["model"] != "HyperL2Regressor"]
+        peers = [
+            r
+            for r in rows
+            if r["dataset"] == dataset and r["model"] != "HyperL2Regressor"
+        ]
         if dataset == "hetero":
-            best = max(get(dataset, "RidgeCV")["score"], get(dataset, "ARDRegression")["score"])
-            out.append((f"{dataset}: R2 {ours['score']:.4f} > best of RidgeCV/ARD {best:.4f}",
-                        ours["score"] > best))
+            best = max(
+                get(dataset, "RidgeCV")["score"], get(dataset, "ARDRegression")["score"]
+            )
+            out.append(
+                (
+                    f"{dataset}: R2 {ours['score']:.4f} > best of RidgeCV/ARD {best:.4f}",
+                    ours["score"] > best,
+                )
+            )
             ridge = get(dataset, "RidgeCV")["score"]
-            out.append((f"{dataset}: R2 {ours['score']:.4f} >= RidgeCV {ridge:.4f} (overfitting guard)",
-                        ours["score"] >= ridge))
+            out.append(
+                (
+                    f"{dataset}: R2 {ours['score']:.4f} >= RidgeCV {ridge:.4f} (overfitting guard)",
+                    ours["score"] >= ridge,
+                )
+            )
         else:
             best = max(r["score"] for r in peers)
-            out.append((f"{dataset}: R2 {ours['score']:.4f} within 0.002 of best peer {best:.4f}",
-                        ours["score"] >= best - 0.002))
+            out.append(
+                (
+                    f"{dataset}: R2 {ours['score']:.4f} within 0.002 of best peer {best:.4f}",
+                    ours["score"] >= best - 0.002,
+                )
+            )
         ard = get(dataset, "ARDRegression")["fit_s"]
-        out.append((f"{dataset}: fit {ours['fit_s']:.2f}s <= ARD {ard:.2f}s", ours["fit_s"] <= ard))
-    for dataset in sorted({r["dataset"] for r in rows if r["task"] == "classification"}):
+        out.append(
+            (
+                f"{dataset}: fit {ours['fit_s']:.2f}s <= ARD {ard:.2f}s",
+                ours["fit_s"] <= ard,
+            )
+        )
+    for dataset in sorted(
+        {r["dataset"] for r in rows if r["task"] == "classification"}
+    ):
         ours = get(dataset, "HyperL2Classifier")
         ref = get(dataset, "LogisticRegressionCV")
-        out.append((f"{dataset}: log-loss {ours['log_loss']:.4f} <= LRCV {ref['log_loss']:.4f}",
-                    ours["log_loss"] <= ref["log_loss"]))
-        out.append((f"{dataset}: fit {ours['fit_s']:.2f}s <= 0.5 x LRCV {ref['fit_s']:.2f}s",
-                    ours["fit_s"] <= 0.5 * ref["fit_s"]))
+        out.append(
+            (
+                f"{dataset}: log-loss {ours['log_loss']:.4f} <= LRCV {ref['log_loss']:.4f}",
+                ours["log_loss"] <= ref["log_loss"],
+            )
+        )
+        out.append(
+            (
+                f"{dataset}: fit {ours['fit_s']:.2f}s <= 0.5 x LRCV {ref['fit_s']:.2f}s",
+                ours["fit_s"] <= 0.5 * ref["fit_s"],
+            )
+        )
     return out
 
 
@@ -216,7 +270,16 @@ def main():
     rows = run(args.quick)
     print_table(
         rows,
-        ["task", "dataset", "model", "score", "log_loss", "fit_s", "time_ratio", "n_splits"],
+        [
+            "task",
+            "dataset",
+            "model",
+            "score",
+            "log_loss",
+            "fit_s",
+            "time_ratio",
+            "n_splits",
+        ],
         title="HyperL2 vs scikit-learn (score: test R^2 or accuracy; time_ratio: fit time / HyperL2's)",
     )
     targets = check_targets(rows)
@@ -225,8 +288,14 @@ def main():
         print(f"  [{'met' if met else 'NOT met'}] {text}")
     total = time.perf_counter() - start
     print(f"\ntotal {total:.1f}s")
-    write_json(args.json, "hyper_l2", rows, args.quick,
-               targets=[{"target": t, "met": bool(m)} for t, m in targets], total_s=total)
+    write_json(
+        args.json,
+        "hyper_l2",
+        rows,
+        args.quick,
+        targets=[{"target": t, "met": bool(m)} for t, m in targets],
+        total_s=total,
+    )
 
 
 if __name__ == "__main__":

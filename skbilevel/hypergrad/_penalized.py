@@ -28,8 +28,6 @@ whose ``backward`` delivers that gradient, so folds can be spread over
 workers and still drive :func:`~skbilevel.hypergrad.minimize_outer`.
 """
 
-import math
-
 import torch
 
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
@@ -106,7 +104,9 @@ def _check_weights(W, n, like, what):
     if W.ndim == 1:
         W = W[None]
     if W.ndim != 2 or W.shape[1] != n:
-        raise ValueError(f"{what} must have shape (n_folds, {n}); got {tuple(W.shape)}.")
+        raise ValueError(
+            f"{what} must have shape (n_folds, {n}); got {tuple(W.shape)}."
+        )
     if bool((W < 0).any()):
         raise ValueError(f"{what} must be non-negative.")
     if bool((W.sum(1) <= 0).any()):
@@ -118,7 +118,9 @@ def _value_and_grad(problem, phi, hypergradient, solver, init):
     """Validation loss (summed over folds), its gradient in phi, info, theta."""
     phi = phi.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        theta, info = argmin(problem.inner_loss, phi, init, hypergradient=hypergradient, solver=solver)
+        theta, info = argmin(
+            problem.inner_loss, phi, init, hypergradient=hypergradient, solver=solver
+        )
         value = problem.validation_loss(theta)
         (grad,) = torch.autograd.grad(value, phi)
     return value.detach(), grad.detach(), info, tree_detach(theta)
@@ -187,7 +189,16 @@ class RidgeFolds(ClosedFormSolver):
     True
     """
 
-    def __init__(self, X, y, train_weights, val_weights=None, groups=None, fit_intercept=True, method="auto"):
+    def __init__(
+        self,
+        X,
+        y,
+        train_weights,
+        val_weights=None,
+        groups=None,
+        fit_intercept=True,
+        method="auto",
+    ):
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
         n, p = X.shape
@@ -196,14 +207,20 @@ class RidgeFolds(ClosedFormSolver):
             raise ValueError(f"y must have shape ({n},); got {tuple(y.shape)}.")
         self.X, self.y = X, y
         self.train_weights = _check_weights(train_weights, n, X, "train_weights")
-        self.val_weights = None if val_weights is None else _check_weights(val_weights, n, X, "val_weights")
+        self.val_weights = (
+            None
+            if val_weights is None
+            else _check_weights(val_weights, n, X, "val_weights")
+        )
         self.groups = _check_groups(groups, p, X.device)
         self.n_groups = int(self.groups.max()) + 1 if p else 0
         self.fit_intercept = bool(fit_intercept)
         if method == "auto":
             method = "primal" if p <= n else "dual"
         if method not in ("primal", "dual"):
-            raise ValueError(f"method must be 'auto', 'primal' or 'dual', got {method!r}.")
+            raise ValueError(
+                f"method must be 'auto', 'primal' or 'dual', got {method!r}."
+            )
         self.method = method
         self.last_fallback = None
         T = self.train_weights
@@ -385,21 +402,29 @@ class RidgeLOO:
     True
     """
 
-    def __init__(self, X, y, sample_weight=None, groups=None, fit_intercept=True, method="auto"):
+    def __init__(
+        self, X, y, sample_weight=None, groups=None, fit_intercept=True, method="auto"
+    ):
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
         n, p = X.shape
         y = y.to(X)
         if y.shape != (n,):
             raise ValueError(f"y must have shape ({n},); got {tuple(y.shape)}.")
-        s = X.new_ones(n) if sample_weight is None else _check_weights(sample_weight, n, X, "sample_weight")[0]
+        s = (
+            X.new_ones(n)
+            if sample_weight is None
+            else _check_weights(sample_weight, n, X, "sample_weight")[0]
+        )
         self.groups = _check_groups(groups, p, X.device)
         self.n_groups = int(self.groups.max()) + 1 if p else 0
         self.fit_intercept = bool(fit_intercept)
         if method == "auto":
             method = "primal" if p <= n else "dual"
         if method not in ("primal", "dual"):
-            raise ValueError(f"method must be 'auto', 'primal' or 'dual', got {method!r}.")
+            raise ValueError(
+                f"method must be 'auto', 'primal' or 'dual', got {method!r}."
+            )
         self.method = method
         sqrt_s = s.sqrt()
         self.s_sum = s.sum()
@@ -430,7 +455,9 @@ class RidgeLOO:
             return r / (1.0 - h)
         XA = self.Xs / a
         n = self.Xs.shape[0]
-        M = torch.linalg.inv(XA @ self.Xs.T + torch.eye(n, dtype=a.dtype, device=a.device))
+        M = torch.linalg.inv(
+            XA @ self.Xs.T + torch.eye(n, dtype=a.dtype, device=a.device)
+        )
         return (M @ self.ys) / (torch.diagonal(M) - self.q_sq)
 
     def __call__(self, phi):
@@ -515,7 +542,16 @@ class LogisticFolds:
     (torch.Size([3, 2, 1]), torch.Size([3]), 'cg', True)
     """
 
-    def __init__(self, X, y, n_classes, train_weights, val_weights=None, groups=None, fit_intercept=True):
+    def __init__(
+        self,
+        X,
+        y,
+        n_classes,
+        train_weights,
+        val_weights=None,
+        groups=None,
+        fit_intercept=True,
+    ):
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
         n, p = X.shape
@@ -526,7 +562,11 @@ class LogisticFolds:
             raise ValueError(f"y must hold {n} class indices in [0, {n_classes}).")
         self.X, self.y, self.n_classes = X, y, int(n_classes)
         self.train_weights = _check_weights(train_weights, n, X, "train_weights")
-        self.val_weights = None if val_weights is None else _check_weights(val_weights, n, X, "val_weights")
+        self.val_weights = (
+            None
+            if val_weights is None
+            else _check_weights(val_weights, n, X, "val_weights")
+        )
         self.groups = _check_groups(groups, p, X.device)
         self.n_groups = int(self.groups.max()) + 1 if p else 0
         self.fit_intercept = bool(fit_intercept)
@@ -534,11 +574,15 @@ class LogisticFolds:
         self._scale = float(self.train_weights.sum(1).mean())
         # (n, K) layouts matching the logits
         self._train_t = self.train_weights.T.contiguous()
-        self._val_t = None if self.val_weights is None else self.val_weights.T.contiguous()
+        self._val_t = (
+            None if self.val_weights is None else self.val_weights.T.contiguous()
+        )
         if self.n_out == 1:
             self._sign = (2.0 * y.to(X) - 1.0)[:, None]
         else:
-            self._onehot = torch.nn.functional.one_hot(y, self.n_classes).to(X)[:, None, :]
+            self._onehot = torch.nn.functional.one_hot(y, self.n_classes).to(X)[
+                :, None, :
+            ]
         self.theta_ = None  # warm start
 
     @property
@@ -550,7 +594,9 @@ class LogisticFolds:
         K, p = self.n_folds, self.X.shape[1]
         theta = {"coef": self.X.new_zeros(p, K, self.n_out)}
         if self.fit_intercept:
-            theta["intercept"] = self.X.new_zeros(K, 1 if self.n_out == 1 else self.n_out - 1)
+            theta["intercept"] = self.X.new_zeros(
+                K, 1 if self.n_out == 1 else self.n_out - 1
+            )
         return theta
 
     def logits(self, theta, X=None):
@@ -640,6 +686,8 @@ class LogisticFolds:
         """
         solver = self.default_solver() if solver is None else solver
         init = self.theta_ if self.theta_ is not None else self.init_theta()
-        value, grad, info, theta = _value_and_grad(self, phi, hypergradient, solver, init)
+        value, grad, info, theta = _value_and_grad(
+            self, phi, hypergradient, solver, init
+        )
         self.theta_ = theta
         return value, grad, info, theta

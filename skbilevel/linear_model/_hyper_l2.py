@@ -20,23 +20,37 @@ outer objective is the per-sample negative log-likelihood of the
 validation data plus ``sum_g (phi_g - phi_shared)^2 / (2 n tau^2)``
 (``tau = prior_scale``, ``n`` the number of samples): a Gaussian prior
 whose weight falls as ``1/n``, so it matters on small data sets and fades
-on large ones; (c) the outer loop stops when the objective stops improving
-and keeps the best iterate. The per-sample negative log-likelihood is the
-log-loss for the classifier and ``log(MSE) / 2`` for the regressor (a
-Gaussian likelihood with its variance profiled out), so the prior weight
-does not depend on the scale of ``y``.
+on large ones; (c) the outer loop stops when the objective has not
+improved by a relative ``tol`` for ``n_iter_no_change`` iterations and keeps
+the best iterate. The per-sample negative log-likelihood is the log-loss for
+the classifier and ``MSE / (2 MSE_shared)`` for the regressor (the Gaussian
+``log(MSE) / 2`` to first order, but positive so a relative ``tol``
+applies), so the prior weight does not depend on the scale of ``y``.
+
+Measured on the benchmark (``benchmarks/bench_hyper_l2.py``; n = 2000,
+p = 200, 20 strong, 40 weak and 140 irrelevant features): a single holdout
+split (``validation_fraction=0.2``) with free per-feature penalties
+(``prior_scale=None``) scored below ``RidgeCV`` on 3 seeds out of 3 (test
+R^2 -0.0003 to -0.0017); the default
+(5 folds, ``tau = 8``) scores above it on every seed tried (test R^2
++0.0003 to +0.0006), but below ``ARDRegression`` (-0.0007 to -0.0009).
+Pruning an irrelevant feature gains about ``1 / (2 n)`` in the outer
+objective, the same order as the prior's cost of the 5 to 10 log-units the
+penalty has to move, which is why per-feature penalties chosen by
+cross-validation improve on one shared penalty only modestly when ``n`` is
+large, and why a strong prior (``tau <= 4``) erases the gain there; on
+wide data (p > n) the prior is what keeps the 400 penalties from fitting
+the folds (``tau = 4``: R^2 .93, no prior: .80).
 """
 
 import math
 import numbers
-import warnings
 
 import numpy as np
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model._base import LinearClassifierMixin
 from sklearn.model_selection import (
     KFold,
@@ -50,7 +64,11 @@ from sklearn.utils import compute_class_weight
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.extmath import safe_sparse_dot, softmax
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_is_fitted,
+    validate_data,
+)
 
 from ..hypergrad import (
     HypergradientInfo,
@@ -66,7 +84,13 @@ from ..hypergrad import (
     minimize_log_alpha,
     minimize_outer,
 )
-from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
+from ..utils import (
+    core_warnings_as_sklearn,
+    resolve_device,
+    resolve_dtype,
+    to_numpy,
+    to_tensor,
+)
 
 __all__ = ["HyperL2Regressor", "HyperL2Classifier"]
 
@@ -137,7 +161,9 @@ def _merge_infos(infos):
     out.linear_solve_residual = worst("linear_solve_residual")
     conv = [i.inner_converged for i in infos if i.inner_converged is not None]
     out.inner_converged = all(conv) if conv else None
-    conv = [i.linear_solve_converged for i in infos if i.linear_solve_converged is not None]
+    conv = [
+        i.linear_solve_converged for i in infos if i.linear_solve_converged is not None
+    ]
     out.linear_solve_converged = all(conv) if conv else None
     fallbacks = sorted({i.fallback for i in infos if i.fallback})
     out.fallback = "; ".join(fallbacks) or None
@@ -187,7 +213,11 @@ class _HyperL2Base(BaseEstimator):
         "penalty": [StrOptions({"per_feature", "scalar"}), "array-like"],
         "cv": ["cv_object", StrOptions({"loo"})],
         "validation_fraction": [Interval(numbers.Real, 0, 1, closed="neither"), None],
-        "alpha_init": [Interval(numbers.Real, 0, None, closed="neither"), "array-like", None],
+        "alpha_init": [
+            Interval(numbers.Real, 0, None, closed="neither"),
+            "array-like",
+            None,
+        ],
         "prior_scale": [Interval(numbers.Real, 0, None, closed="neither"), None],
         "hypergradient": [str, HypergradientStrategy],
         "max_iter": [Interval(numbers.Integral, 0, None, closed="left")],
@@ -234,9 +264,9 @@ class _HyperL2Base(BaseEstimator):
             )
         log_a = np.log(a)
         if a.shape == (n_features,) and n_groups != n_features:
-            log_a = np.bincount(groups, weights=log_a, minlength=n_groups) / np.bincount(
-                groups, minlength=n_groups
-            )
+            log_a = np.bincount(
+                groups, weights=log_a, minlength=n_groups
+            ) / np.bincount(groups, minlength=n_groups)
         return "array", log_a
 
     def _splits(self, X, y, classifier):
@@ -244,7 +274,11 @@ class _HyperL2Base(BaseEstimator):
         n = X.shape[0]
         if self.validation_fraction is not None:
             cls = StratifiedShuffleSplit if classifier else ShuffleSplit
-            splitter = cls(n_splits=1, test_size=self.validation_fraction, random_state=self.random_state)
+            splitter = cls(
+                n_splits=1,
+                test_size=self.validation_fraction,
+                random_state=self.random_state,
+            )
         elif isinstance(self.cv, numbers.Integral):
             if self.cv < 2:
                 raise ValueError(f"cv={self.cv} must be at least 2 folds.")
@@ -254,7 +288,9 @@ class _HyperL2Base(BaseEstimator):
                     "Use fewer folds."
                 )
             cls = StratifiedKFold if classifier else KFold
-            splitter = cls(n_splits=self.cv, shuffle=True, random_state=self.random_state)
+            splitter = cls(
+                n_splits=self.cv, shuffle=True, random_state=self.random_state
+            )
         else:
             splitter = check_cv(self.cv, y, classifier=classifier)
         splits = [(np.asarray(tr), np.asarray(te)) for tr, te in splitter.split(X, y)]
@@ -281,8 +317,10 @@ class _HyperL2Base(BaseEstimator):
                 "A fold has zero total sample weight in its training or validation part; "
                 "check sample_weight (or class_weight) and the folds."
             )
-        return (torch.as_tensor(T, dtype=like.dtype, device=like.device),
-                torch.as_tensor(V, dtype=like.dtype, device=like.device))
+        return (
+            torch.as_tensor(T, dtype=like.dtype, device=like.device),
+            torch.as_tensor(V, dtype=like.dtype, device=like.device),
+        )
 
     def _batches(self, K):
         """Fold indices split in as many batches as useful jobs."""
@@ -328,20 +366,27 @@ class _HyperL2Base(BaseEstimator):
                 stage1 = minimize_log_alpha(vg_np, x0=init, tol=1e-3, max_iter=max_iter)
             else:
                 stage1 = minimize_log_alpha(
-                    vg_np, values=lambda g: objective.curve(g)[:, None], grid=self._grid(scale),
-                    tol=1e-3, max_iter=max_iter,
+                    vg_np,
+                    values=lambda g: objective.curve(g)[:, None],
+                    grid=self._grid(scale),
+                    tol=1e-3,
+                    max_iter=max_iter,
                 )
             shared = center = float(stage1.x[0])
             base = float(stage1.fun[0])
             n_iter += int(stage1.n_iter)
-            history.extend(float(self._nll(torch.tensor(h), base)) for h in stage1.history)
+            history.extend(
+                float(self._nll(torch.tensor(h), base)) for h in stage1.history
+            )
             if n_groups > 1 and center < math.log(scale) + _LOG_ALPHA_FLOOR:
                 center = math.log(scale) + _LOG_ALPHA_FLOOR
                 stage1 = None  # base is re-evaluated at the floored start
             phi0 = torch.full((n_groups,), center, dtype=dtype, device=device)
             if self.verbose:
-                print(f"[{self._name}] shared alpha {math.exp(shared):.4g} (cv loss "
-                      f"{base:.6g}); per-feature stage starts at {math.exp(center):.4g}")
+                print(
+                    f"[{self._name}] shared alpha {math.exp(shared):.4g} (cv loss "
+                    f"{base:.6g}); per-feature stage starts at {math.exp(center):.4g}"
+                )
         info = objective.last_info
         if n_groups == 1 and not warm and kind != "array":
             return phi0, shared, center, history, n_iter, info
@@ -364,22 +409,35 @@ class _HyperL2Base(BaseEstimator):
             leaves[0].clamp_(center - _LOG_ALPHA_BOX, center + _LOG_ALPHA_BOX)
 
         if self.max_iter > 0:
-            callbacks = list(self.callbacks or []) + [_Stall(self.tol, self.n_iter_no_change)]
+            callbacks = list(self.callbacks or []) + [
+                _Stall(self.tol, self.n_iter_no_change)
+            ]
             res = minimize_outer(
-                outer, phi, optimizer="adam", learning_rate=self.learning_rate,
-                max_iter=self.max_iter, tol=0.0, n_iter_no_change=self.max_iter + 1,
-                callbacks=callbacks, verbose=self.verbose, projection=box,
+                outer,
+                phi,
+                optimizer="adam",
+                learning_rate=self.learning_rate,
+                max_iter=self.max_iter,
+                tol=0.0,
+                n_iter_no_change=self.max_iter + 1,
+                callbacks=callbacks,
+                verbose=self.verbose,
+                projection=box,
                 desc=self._name,
             )
             history.extend(res.history)
             n_iter += res.n_iter
             info = res.info if res.info is not None else info
             if self.verbose:
-                print(f"[{self._name}] {res.n_iter} outer iterations, stop: {res.stop_reason}, "
-                      f"objective {res.best_loss:.6g}")
+                print(
+                    f"[{self._name}] {res.n_iter} outer iterations, stop: {res.stop_reason}, "
+                    f"objective {res.best_loss:.6g}"
+                )
         return phi.detach(), shared, center, history, n_iter, info
 
-    def _set_common(self, phi, shared, center, groups, history, n_iter, info, objective):
+    def _set_common(
+        self, phi, shared, center, groups, history, n_iter, info, objective
+    ):
         self._phi_fitted = to_numpy(phi).copy()
         self.alphas_ = np.exp(self._phi_fitted)[groups]
         self._prior_center = center
@@ -423,10 +481,15 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         curve, then refined. A float: that search starts there instead (no
         scan). An array: per-feature (or per-group) starting penalties, no
         shared stage (the prior is then centred on their mean log).
-    prior_scale : float > 0 or None, default=4.0
+    prior_scale : float > 0 or None, default=8.0
         Standard deviation ``tau`` (natural-log units) of the Gaussian prior
         on the log-penalties around the shared one; its weight in the outer
-        objective is ``1 / (2 n tau^2)``. ``None`` removes the prior.
+        objective is ``1 / (2 n tau^2)``. ``None`` removes the prior. Pruning
+        an irrelevant feature gains about ``1 / (2 n)`` in this objective
+        while moving its log-penalty by 5 to 10 units, so a ``tau`` below
+        about 5 keeps most penalties at the shared value; on the benchmark
+        sets ``tau = 8`` is the compromise between heterogeneous data (where
+        a weak prior is best) and wide or small data (where it overfits).
     hypergradient : str or HypergradientStrategy, default="closed_form"
         ``"closed_form"`` differentiates the exact solution; ``"cg"`` and
         ``"dense"`` (or any implicit strategy instance) use the implicit
@@ -498,7 +561,13 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     ``RidgeCV``. The default guards against it with K-fold averaging, a
     Gaussian prior pulling log-penalties towards the shared optimum with a
     weight that shrinks as ``1/n``, and stopping when the objective stalls
-    (the best iterate is kept). Sparse ``X`` is densified.
+    (the best iterate is kept); see the module documentation for measured
+    numbers. For ``n >> p``, ``cv="loo", prior_scale=None`` came within
+    0.0002 of ``ARDRegression``'s test R^2 in our trials (at ``O(n p^2)`` per
+    iteration). The
+    per-feature stage starts from the shared penalty floored at ``1e-4``
+    times the mean squared centred feature norm: below that the
+    hypergradient in ``log(alpha)`` vanishes. Sparse ``X`` is densified.
 
     Examples
     --------
@@ -527,7 +596,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         cv=5,
         validation_fraction=None,
         alpha_init=None,
-        prior_scale=4.0,
+        prior_scale=8.0,
         hypergradient="closed_form",
         max_iter=100,
         tol=1e-5,
@@ -584,7 +653,11 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype)
         X, y = validate_data(
-            self, X, y, accept_sparse=["csr", "csc", "coo"], dtype=[np.float64, np.float32],
+            self,
+            X,
+            y,
+            accept_sparse=["csr", "csc", "coo"],
+            dtype=[np.float64, np.float32],
             y_numeric=True,
         )
         n, p = X.shape
@@ -593,7 +666,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 f"{self._name} needs at least 2 samples to measure a validation error; "
                 f"got n_samples={n}."
             )
-        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+        sw = _check_sample_weight(
+            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+        )
         groups, n_groups = _groups_from_penalty(self.penalty, p)
         loo = isinstance(self.cv, str) and self.cv == "loo"
         if loo and self.validation_fraction is not None:
@@ -613,9 +688,13 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
 
         with core_warnings_as_sklearn():
             if loo:
-                problem = RidgeLOO(Xt, yt, swt, groups=gt, fit_intercept=self.fit_intercept)
+                problem = RidgeLOO(
+                    Xt, yt, swt, groups=gt, fit_intercept=self.fit_intercept
+                )
                 objective = _FoldObjective(
-                    [problem], 1, 1,
+                    [problem],
+                    1,
+                    1,
                     lambda b, phi: b.value_and_grad(phi),
                     lambda b, g: b.validation_curve(g),
                 )
@@ -623,11 +702,20 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 splits = self._splits(X, y, classifier=False)
                 T, V = self._fold_weights(splits, sw, n, Xt)
                 batches = [
-                    RidgeFolds(Xt, yt, T[idx], V[idx], groups=gt, fit_intercept=self.fit_intercept)
+                    RidgeFolds(
+                        Xt,
+                        yt,
+                        T[idx],
+                        V[idx],
+                        groups=gt,
+                        fit_intercept=self.fit_intercept,
+                    )
                     for idx in self._batches(len(splits))
                 ]
                 objective = _FoldObjective(
-                    batches, len(splits), self.n_jobs,
+                    batches,
+                    len(splits),
+                    self.n_jobs,
                     lambda b, phi: b.value_and_grad(phi, hypergradient=strategy)[:3],
                     lambda b, g: b.validation_curve(g),
                 )
@@ -853,7 +941,11 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype)
         X, y = validate_data(
-            self, X, y, accept_sparse=["csr", "csc", "coo"], dtype=[np.float64, np.float32],
+            self,
+            X,
+            y,
+            accept_sparse=["csr", "csc", "coo"],
+            dtype=[np.float64, np.float32],
         )
         check_classification_targets(y)
         encoder = LabelEncoder()
@@ -865,7 +957,9 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                 f"one class: {classes[0]!r}."
             )
         n, p = X.shape
-        sw = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+        sw = _check_sample_weight(
+            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+        )
         if self.class_weight is not None:
             cw = compute_class_weight(self.class_weight, classes=classes, y=y)
             sw = sw * cw[y_idx]
@@ -889,14 +983,25 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             splits = self._splits(X, y_idx, classifier=True)
             T, V = self._fold_weights(splits, sw, n, Xt)
             batches = [
-                LogisticFolds(Xt, yt, n_classes, T[idx], V[idx], groups=gt,
-                              fit_intercept=self.fit_intercept)
+                LogisticFolds(
+                    Xt,
+                    yt,
+                    n_classes,
+                    T[idx],
+                    V[idx],
+                    groups=gt,
+                    fit_intercept=self.fit_intercept,
+                )
                 for idx in self._batches(len(splits))
             ]
             strategies = {id(b): self._strategy() for b in batches}
             objective = _FoldObjective(
-                batches, len(splits), self.n_jobs,
-                lambda b, phi: b.value_and_grad(phi, hypergradient=strategies[id(b)], solver=solver)[:3],
+                batches,
+                len(splits),
+                self.n_jobs,
+                lambda b, phi: b.value_and_grad(
+                    phi, hypergradient=strategies[id(b)], solver=solver
+                )[:3],
                 lambda b, g: b.validation_curve(g, solver=solver),
             )
             Xc = Xt - (swt @ Xt) / swt.sum() if self.fit_intercept else Xt
@@ -905,15 +1010,20 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             phi, shared, center, history, n_iter, info = self._run_outer(
                 objective, n_groups, n, scale, groups, dtype, device
             )
-            full = LogisticFolds(Xt, yt, n_classes, swt, groups=gt, fit_intercept=self.fit_intercept)
+            full = LogisticFolds(
+                Xt, yt, n_classes, swt, groups=gt, fit_intercept=self.fit_intercept
+            )
             init = None
             if all(b.theta_ is not None for b in batches):
                 init = {
-                    "coef": torch.cat([b.theta_["coef"] for b in batches], 1).mean(1, keepdim=True)
+                    "coef": torch.cat([b.theta_["coef"] for b in batches], 1).mean(
+                        1, keepdim=True
+                    )
                 }
                 if self.fit_intercept:
                     init["intercept"] = torch.cat(
-                        [b.theta_["intercept"] for b in batches]).mean(0, keepdim=True)
+                        [b.theta_["intercept"] for b in batches]
+                    ).mean(0, keepdim=True)
             theta, _ = full.solve(phi, self._inner_solver(dtype, final=True), init=init)
         W = to_numpy(theta["coef"][:, 0]).astype(np.float64)  # (p, n_out)
         self.coef_ = W.T.copy()

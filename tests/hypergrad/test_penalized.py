@@ -27,7 +27,9 @@ def _data(n=30, p=5, seed=0):
 def _ridge_per_feature(X, y, alpha, sw, fit_intercept=True):
     """Per-feature ridge via sklearn: rescale column j by 1/sqrt(alpha_j)."""
     s = 1.0 / np.sqrt(alpha)
-    est = Ridge(alpha=1.0, fit_intercept=fit_intercept, solver="cholesky").fit(X * s, y, sample_weight=sw)
+    est = Ridge(alpha=1.0, fit_intercept=fit_intercept, solver="cholesky").fit(
+        X * s, y, sample_weight=sw
+    )
     return est.coef_ * s, est.intercept_
 
 
@@ -45,8 +47,13 @@ def test_ridge_folds_matches_sklearn(method, fit_intercept):
     X, y, sw = _data()
     T = _folds(len(y)) * sw
     alpha = np.exp(np.linspace(-2, 2, X.shape[1]))
-    folds = RidgeFolds(torch.tensor(X), torch.tensor(y), torch.tensor(T),
-                       fit_intercept=fit_intercept, method=method)
+    folds = RidgeFolds(
+        torch.tensor(X),
+        torch.tensor(y),
+        torch.tensor(T),
+        fit_intercept=fit_intercept,
+        method=method,
+    )
     coef = folds.closed_form(torch.tensor(np.log(alpha)))
     b = folds.intercepts(coef)
     for k in range(T.shape[0]):
@@ -72,8 +79,14 @@ def test_ridge_folds_hypergradient_vs_finite_differences(strategy, method):
     T = _folds(len(y)) * sw
     V = (T == 0) * sw
     groups = torch.tensor([0, 0, 1, 2, 2, 2])
-    folds = RidgeFolds(torch.tensor(X), torch.tensor(y), torch.tensor(T), torch.tensor(V),
-                       groups=groups, method=method)
+    folds = RidgeFolds(
+        torch.tensor(X),
+        torch.tensor(y),
+        torch.tensor(T),
+        torch.tensor(V),
+        groups=groups,
+        method=method,
+    )
     phi = torch.tensor([0.3, -1.0, 1.5], dtype=DT)
     value, grad, info, _ = folds.value_and_grad(phi, hypergradient=strategy)
 
@@ -102,10 +115,17 @@ def _brute_force_loo(X, y, alpha, sw, fit_intercept):
 def test_ridge_loo_is_exact(method, fit_intercept):
     X, y, sw = _data(n=15, p=6)
     alpha = np.exp(np.linspace(-1, 2, 6))
-    loo = RidgeLOO(torch.tensor(X), torch.tensor(y), torch.tensor(sw),
-                   fit_intercept=fit_intercept, method=method)
+    loo = RidgeLOO(
+        torch.tensor(X),
+        torch.tensor(y),
+        torch.tensor(sw),
+        fit_intercept=fit_intercept,
+        method=method,
+    )
     ours = float(loo(torch.tensor(np.log(alpha))))
-    np.testing.assert_allclose(ours, _brute_force_loo(X, y, alpha, sw, fit_intercept), rtol=1e-9)
+    np.testing.assert_allclose(
+        ours, _brute_force_loo(X, y, alpha, sw, fit_intercept), rtol=1e-9
+    )
 
 
 @pytest.mark.parametrize("shape", [(20, 4), (8, 12)])
@@ -153,10 +173,16 @@ def test_logistic_folds_matches_sklearn(n_classes):
         ref = LogisticRegression(C=1 / alpha, tol=1e-12, max_iter=10000).fit(X[m], y[m])
         proba = torch.softmax(folds.logits(theta)[:, k], -1) if n_classes > 2 else None
         if n_classes == 2:
-            np.testing.assert_allclose(theta["coef"][:, k, 0].numpy(), ref.coef_[0], rtol=1e-5)
-            np.testing.assert_allclose(float(theta["intercept"][k, 0]), ref.intercept_[0], rtol=1e-5)
+            np.testing.assert_allclose(
+                theta["coef"][:, k, 0].numpy(), ref.coef_[0], rtol=1e-5
+            )
+            np.testing.assert_allclose(
+                float(theta["intercept"][k, 0]), ref.intercept_[0], rtol=1e-5
+            )
         else:
-            np.testing.assert_allclose(proba.numpy(), ref.predict_proba(X), rtol=1e-5, atol=1e-8)
+            np.testing.assert_allclose(
+                proba.numpy(), ref.predict_proba(X), rtol=1e-5, atol=1e-8
+            )
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
@@ -164,10 +190,16 @@ def test_logistic_hypergradient_vs_finite_differences(n_classes):
     X, y = _class_data(n=60, p=3, n_classes=n_classes)
     T = _folds(len(y), k=2)
     V = 1.0 - T
-    folds = LogisticFolds(torch.tensor(X), torch.tensor(y), n_classes, torch.tensor(T), torch.tensor(V))
+    folds = LogisticFolds(
+        torch.tensor(X), torch.tensor(y), n_classes, torch.tensor(T), torch.tensor(V)
+    )
     phi = torch.tensor([0.0, 1.0, -0.5], dtype=DT)
-    value, grad, info, _ = folds.value_and_grad(phi, solver=folds.default_solver(tol=1e-12))
-    ref = LogisticFolds(torch.tensor(X), torch.tensor(y), n_classes, torch.tensor(T), torch.tensor(V))
+    value, grad, info, _ = folds.value_and_grad(
+        phi, solver=folds.default_solver(tol=1e-12)
+    )
+    ref = LogisticFolds(
+        torch.tensor(X), torch.tensor(y), n_classes, torch.tensor(T), torch.tensor(V)
+    )
     solver = ref.default_solver(tol=1e-12)
 
     def fun(p):
@@ -184,14 +216,18 @@ def test_logistic_hypergradient_vs_finite_differences(n_classes):
 def test_logistic_validation_curve_warm_path():
     X, y = _class_data()
     T = _folds(len(y), k=2)
-    folds = LogisticFolds(torch.tensor(X), torch.tensor(y), 2, torch.tensor(T), torch.tensor(1.0 - T))
+    folds = LogisticFolds(
+        torch.tensor(X), torch.tensor(y), 2, torch.tensor(T), torch.tensor(1.0 - T)
+    )
     curve = folds.validation_curve([-2.0, 0.0, 2.0])
     assert curve.shape == (3,) and bool(torch.isfinite(curve).all())
 
 
 def test_attach_gradient_and_penalty():
     phi = torch.zeros(3, dtype=DT, requires_grad=True)
-    out = attach_gradient(torch.tensor(2.0, dtype=DT), torch.tensor([1.0, 2.0, 3.0], dtype=DT), phi)
+    out = attach_gradient(
+        torch.tensor(2.0, dtype=DT), torch.tensor([1.0, 2.0, 3.0], dtype=DT), phi
+    )
     (out * 2).backward()
     assert float(out.detach()) == 2.0
     assert phi.grad.tolist() == [2.0, 4.0, 6.0]

@@ -29,8 +29,10 @@ def _expected_failed(estimator):
 
 # small instances keep the ~60 checks fast: 3 folds, 2 outer steps, no scan
 @parametrize_with_checks(
-    [HyperL2Regressor(max_iter=2, cv=3, alpha_init=1.0),
-     HyperL2Classifier(max_iter=2, cv=3, alpha_init=1.0)],
+    [
+        HyperL2Regressor(max_iter=2, cv=3, alpha_init=1.0),
+        HyperL2Classifier(max_iter=2, cv=3, alpha_init=1.0),
+    ],
     expected_failed_checks=_expected_failed,
 )
 def test_sklearn_compatible(estimator, check):
@@ -78,7 +80,9 @@ def test_scalar_regressor_matches_ridge_cv_on_same_split():
     cv = KFold(5)
     model = HyperL2Regressor(penalty="scalar", cv=cv).fit(X, y)
     assert np.ptp(model.alphas_) == 0
-    grid = np.exp(np.linspace(np.log(model.alphas_[0]) - 0.3, np.log(model.alphas_[0]) + 0.3, 61))
+    grid = np.exp(
+        np.linspace(np.log(model.alphas_[0]) - 0.3, np.log(model.alphas_[0]) + 0.3, 61)
+    )
     ref = RidgeCV(alphas=grid, cv=cv, scoring="neg_mean_squared_error").fit(X, y)
     np.testing.assert_allclose(model.alphas_[0], ref.alpha_, rtol=0.02)
     np.testing.assert_allclose(model.cv_loss_, -ref.best_score_, rtol=1e-6)
@@ -94,7 +98,9 @@ def test_scalar_regressor_matches_ridge_cv_on_same_split():
 def test_scalar_loo_matches_ridge_cv():
     X, y = _hetero(n=80, p=6, seed=2)
     model = HyperL2Regressor(penalty="scalar", cv="loo").fit(X, y)
-    grid = np.exp(np.linspace(np.log(model.alphas_[0]) - 0.3, np.log(model.alphas_[0]) + 0.3, 61))
+    grid = np.exp(
+        np.linspace(np.log(model.alphas_[0]) - 0.3, np.log(model.alphas_[0]) + 0.3, 61)
+    )
     ref = RidgeCV(alphas=grid).fit(X, y)
     np.testing.assert_allclose(model.alphas_[0], ref.alpha_, rtol=0.02)
     np.testing.assert_allclose(model.cv_loss_, -ref.best_score_, rtol=1e-6)
@@ -173,7 +179,9 @@ def test_multinomial_digits_ten_classes():
 
 def test_classifier_inner_non_convergence_warns_with_gradient_norm():
     X, y = make_classification(100, 5, random_state=0)
-    clf = HyperL2Classifier(solver=LBFGS(max_iter=2, tol=1e-12), max_iter=1, random_state=0)
+    clf = HyperL2Classifier(
+        solver=LBFGS(max_iter=2, tol=1e-12), max_iter=1, random_state=0
+    )
     with pytest.warns(ConvergenceWarning, match="gradient norm"):
         clf.fit(X, y)
 
@@ -181,7 +189,9 @@ def test_classifier_inner_non_convergence_warns_with_gradient_norm():
 def test_string_labels_and_penalty_groups():
     X, y = make_classification(120, 6, random_state=0)
     labels = np.array(["no", "yes"])[y]
-    clf = HyperL2Classifier(penalty=[0, 0, 0, 1, 1, 1], max_iter=3, random_state=0).fit(X, labels)
+    clf = HyperL2Classifier(penalty=[0, 0, 0, 1, 1, 1], max_iter=3, random_state=0).fit(
+        X, labels
+    )
     assert set(clf.predict(X)) <= {"no", "yes"}
     assert np.ptp(clf.alphas_[:3]) == 0 and np.ptp(clf.alphas_[3:]) == 0
 
