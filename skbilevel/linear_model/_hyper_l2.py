@@ -346,7 +346,7 @@ class _HyperL2Base(BaseEstimator):
             and self._phi_fitted.shape == (n_groups,)
         )
         history, n_iter = [], 0
-        stage1 = None
+        stage1 = floored_from = None
 
         def vg_np(x):
             phi = torch.full((n_groups,), float(x[0]), dtype=dtype, device=device)
@@ -380,6 +380,7 @@ class _HyperL2Base(BaseEstimator):
             )
             if n_groups > 1 and center < math.log(scale) + _LOG_ALPHA_FLOOR:
                 center = math.log(scale) + _LOG_ALPHA_FLOOR
+                floored_from = (shared, base)
                 stage1 = None  # base is re-evaluated at the floored start
             phi0 = torch.full((n_groups,), center, dtype=dtype, device=device)
             if self.verbose:
@@ -433,6 +434,12 @@ class _HyperL2Base(BaseEstimator):
                     f"[{self._name}] {res.n_iter} outer iterations, stop: {res.stop_reason}, "
                     f"objective {res.best_loss:.6g}"
                 )
+        if floored_from is not None:
+            # the floored start is worse than the shared optimum: keep the latter
+            # unless the per-feature stage beat it on the validation loss
+            value, _ = objective.value_and_grad(phi.detach())
+            if float(value) >= floored_from[1]:
+                phi = torch.full_like(phi, floored_from[0])
         return phi.detach(), shared, center, history, n_iter, info
 
     def _set_common(
@@ -567,7 +574,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     iteration). The
     per-feature stage starts from the shared penalty floored at ``1e-4``
     times the mean squared centred feature norm: below that the
-    hypergradient in ``log(alpha)`` vanishes. Sparse ``X`` is densified.
+    hypergradient in ``log(alpha)`` vanishes; when it starts there, the
+    shared penalty is kept unless the per-feature result has a lower
+    validation loss. Sparse ``X`` is densified.
 
     Examples
     --------
