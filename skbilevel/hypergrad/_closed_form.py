@@ -22,6 +22,7 @@ points (KIP) dataset distillation needs.
 
 import dataclasses
 import math
+import types
 from typing import Optional
 
 import numpy as np
@@ -137,8 +138,45 @@ def _as_2d_targets(y):
     return y, False
 
 
+def _zeros(like, *shape):
+    if isinstance(like, np.ndarray):
+        return np.zeros(shape, dtype=like.dtype)
+    return like.new_zeros(shape)
+
+
+def _cat(parts, axis):
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis)
+    return torch.cat(parts, axis)
+
+
+def _eigh(A):
+    """Symmetric eigendecomposition (torch's LAPACK; numpy arrays in, numpy out)."""
+    if isinstance(A, np.ndarray):
+        w, v = torch.linalg.eigh(torch.from_numpy(A))
+        return w.numpy(), v.numpy()
+    return torch.linalg.eigh(A)
+
+
+def _use_numpy(*tensors):
+    """Run the heavy O(n p min(n, p)) products through numpy on CPU.
+
+    torch's CPU allocator does not request transparent huge pages unless
+    ``THP_MEM_ALLOC_ENABLE=1`` is set, so each large temporary it allocates
+    pays ~3x its arithmetic cost in page faults (and ``X @ X.T`` is not a
+    symmetric rank-k update). numpy views of CPU tensors share memory, so
+    this changes speed only; GPU tensors and tensors requiring grad stay in
+    torch.
+    """
+    return all(
+        t is None
+        or (t.device.type == "cpu" and not t.requires_grad and t.dtype in (torch.float32, torch.float64))
+        for t in tensors
+    )
+
+
 def _center_and_rescale(X, y2, sample_weight, fit_intercept):
-    """Weighted centering, then rows scaled by ``sqrt(s)``.
+    """Weighted centering, then rows scaled by ``sqrt(s)`` (torch or numpy arrays).
 
     ``X_offset = sum_i s_i x_i / sum_i s_i`` (zero without intercept), and
     ``Xs = sqrt(s) (X - X_offset)``, ``ys = sqrt(s) (y - y_offset)``: the
@@ -147,24 +185,24 @@ def _center_and_rescale(X, y2, sample_weight, fit_intercept):
     """
     n = X.shape[0]
     if sample_weight is None:
-        sw = X.new_ones(n)
+        sw = np.ones(n, dtype=X.dtype) if isinstance(X, np.ndarray) else X.new_ones(n)
     else:
-        sw = sample_weight.to(dtype=X.dtype, device=X.device)
-        if sw.shape != (n,):
+        sw = sample_weight
+        if tuple(sw.shape) != (n,):
             raise ValueError(
                 f"sample_weight has shape {tuple(sw.shape)}; expected ({n},)."
             )
         if bool((sw < 0).any()):
             raise ValueError("sample_weight must be non-negative.")
-    sqrt_sw = sw.sqrt()
+    sqrt_sw = sw ** 0.5
     if fit_intercept:
         sw_sum = sw.sum()
         X_offset = (sw @ X) / sw_sum
         y_offset = (sw @ y2) / sw_sum
         Xc, yc = X - X_offset, y2 - y_offset
     else:
-        X_offset = X.new_zeros(X.shape[1])
-        y_offset = y2.new_zeros(y2.shape[1])
+        X_offset = _zeros(X, X.shape[1])
+        y_offset = _zeros(y2, y2.shape[1])
         Xc, yc = X, y2
     if sample_weight is None:
         return Xc, yc, sqrt_sw, X_offset, y_offset
@@ -188,14 +226,14 @@ def _deflated_gram_eigh(Xs, sqrt_sw):
     ``O(1/alpha)`` terms, which keeps full precision at small alpha.
     """
     n = Xs.shape[0]
-    q0 = sqrt_sw / sqrt_sw.norm()
-    v = q0.clone()
+    q0 = sqrt_sw / (sqrt_sw @ sqrt_sw) ** 0.5
+    v = q0 * 1.0
     v[0] = v[0] + (1.0 if float(q0[0]) >= 0 else -1.0)
     beta = 2.0 / (v @ v)
     HX = Xs - beta * v[:, None] * (v @ Xs)[None, :]
     Xr = HX[1:]
-    eigvals, Qr = torch.linalg.eigh(Xr @ Xr.T)
-    Q = torch.cat([Qr.new_zeros(1, n - 1), Qr], 0)
+    eigvals, Qr = _eigh(Xr @ Xr.T)
+    Q = _cat([_zeros(Qr, 1, n - 1), Qr], 0)
     basis = Q - beta * v[:, None] * (v @ Q)[None, :]
     return eigvals, basis
 
@@ -309,21 +347,25 @@ def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="
         mode = "gram" if n <= p else "cov"
     if mode not in ("gram", "cov"):
         raise ValueError(f"mode must be 'auto', 'gram' or 'cov', got {mode!r}.")
+    if sample_weight is not None:
+        sample_weight = sample_weight.to(dtype=X.dtype, device=X.device)
+    numpy_path = _use_numpy(X, y2, sample_weight)
+    if numpy_path:
+        X, y2 = X.numpy(), y2.numpy()
+        sample_weight = None if sample_weight is None else sample_weight.numpy()
     Xs, ys, sqrt_sw, X_offset, y_offset = _center_and_rescale(
         X, y2, sample_weight, fit_intercept
     )
-    if mode == "gram" and fit_intercept and n > 1:
+    deflated = mode == "gram" and fit_intercept and n > 1
+    V = None
+    if deflated:
         eigvals, basis = _deflated_gram_eigh(Xs, sqrt_sw)
-        V = None
     elif mode == "gram":
-        eigvals, basis = torch.linalg.eigh(Xs @ Xs.T)
-        V = None
+        eigvals, basis = _eigh(Xs @ Xs.T)
     else:
-        eigvals, V = torch.linalg.eigh(Xs.T @ Xs)
+        eigvals, V = _eigh(Xs.T @ Xs)
         basis = Xs @ V
-    return RidgeDecomposition(
-        mode=mode,
-        deflated=mode == "gram" and fit_intercept and n > 1,
+    parts = dict(
         eigvals=eigvals,
         basis=basis,
         basis_sq=basis * basis,
@@ -331,14 +373,46 @@ def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="
         basis_t_sqrt_sw=basis.T @ sqrt_sw,
         y=ys,
         sqrt_sw=sqrt_sw,
-        sw_sum=(sqrt_sw * sqrt_sw).sum(),
-        fit_intercept=bool(fit_intercept),
         X_scaled=Xs,
         V=V,
         X_offset=X_offset,
         y_offset=y_offset,
-        y_1d=y_1d,
     )
+    if numpy_path:
+        parts = {k: None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for k, a in parts.items()}
+    return RidgeDecomposition(
+        mode=mode,
+        deflated=deflated,
+        sw_sum=(parts["sqrt_sw"] * parts["sqrt_sw"]).sum(),
+        fit_intercept=bool(fit_intercept),
+        y_1d=y_1d,
+        **parts,
+    )
+
+
+def _numpy_view(decomp):
+    """The decomposition's arrays as numpy views (CPU), cached; else ``None``."""
+    cached = decomp.__dict__.get("_numpy")
+    if cached is not None:
+        return cached
+    if decomp.basis.device.type != "cpu" or decomp.basis.dtype not in (torch.float32, torch.float64):
+        return None
+    view = types.SimpleNamespace(
+        **{
+            k: getattr(decomp, k).detach().numpy()
+            for k in ("eigvals", "basis", "basis_sq", "basis_t_y", "basis_t_sqrt_sw", "y",
+                      "sqrt_sw", "basis_t_y_sw", "sw_over_sum", "X_scaled", "X_offset", "y_offset")
+        },
+        V=None if decomp.V is None else decomp.V.detach().numpy(),
+        sw_sum=float(decomp.sw_sum),
+        mode=decomp.mode,
+        deflated=decomp.deflated,
+        fit_intercept=decomp.fit_intercept,
+        n_targets=decomp.n_targets,
+        n_samples=decomp.n_samples,
+    )
+    decomp.__dict__["_numpy"] = view
+    return view
 
 
 def _loo_residuals(decomp, D):
@@ -437,13 +511,13 @@ def _loo_residuals_and_tangent(decomp, D, dD):
     c = D.shape[1]
     if c == 1:
         P = decomp.basis_t_y_sw  # (m, k + 1)
-        M = B @ torch.cat([D * P, dD * P], 1)
+        M = B @ _cat([D * P, dD * P], 1)
         By, Bs, dBy, dBs = M[:, :k], M[:, k : k + 1], M[:, k + 1 : 2 * k + 1], M[:, 2 * k + 1 :]
     else:
         Py, Ps = decomp.basis_t_y, decomp.basis_t_sqrt_sw[:, None]
-        M = B @ torch.cat([D * Py, dD * Py, D * Ps, dD * Ps], 1)
+        M = B @ _cat([D * Py, dD * Py, D * Ps, dD * Ps], 1)
         By, dBy, Bs, dBs = M[:, :k], M[:, k : 2 * k], M[:, 2 * k : 3 * k], M[:, 3 * k :]
-    N = decomp.basis_sq @ torch.cat([D, dD], 1)
+    N = decomp.basis_sq @ _cat([D, dD], 1)
     den, dden = N[:, :c], N[:, c:]
     if decomp.mode == "gram":
         num, dnum = By, dBy
@@ -496,9 +570,32 @@ def ridge_loo_value_and_grad(decomp, log_alpha, autograd=False):
     (True, 'closed_form')
     """
     dtype, device = decomp.eigvals.dtype, decomp.eigvals.device
-    phi = torch.as_tensor(log_alpha, dtype=dtype, device=device).detach().reshape(-1)
-    per_target = phi.shape[0] > 1
-    if autograd:
+    nv = None if autograd else _numpy_view(decomp)
+    if nv is not None:
+        # same formulas on numpy views of the CPU tensors: no per-op torch overhead
+        if isinstance(log_alpha, torch.Tensor):
+            log_alpha = log_alpha.detach().cpu().numpy()
+        la = np.asarray(log_alpha, dtype=nv.eigvals.dtype).reshape(-1)
+        per_target = la.shape[0] > 1
+        if la.shape[0] not in (1, nv.n_targets):
+            raise ValueError(
+                f"log_alpha must be a scalar or have one entry per target "
+                f"({nv.n_targets}); got shape {la.shape}."
+            )
+        alpha = np.exp(la)
+        D = 1.0 / (nv.eigvals[:, None] + alpha[None, :])
+        e, de = _loo_residuals_and_tangent(nv, D, -alpha * D * D)
+        value = (e * e).mean(0)
+        grad = 2.0 * (e * de).mean(0)
+        if not per_target:
+            value, grad = value.mean().reshape(1), grad.mean().reshape(1)
+        value, grad = torch.from_numpy(value), torch.from_numpy(grad)
+    else:
+        phi = torch.as_tensor(log_alpha, dtype=dtype, device=device).detach().reshape(-1)
+        per_target = phi.shape[0] > 1
+    if nv is not None:
+        pass  # computed above
+    elif autograd:
         phi = phi.clone().requires_grad_(True)
         with torch.enable_grad():
             resid = _loo_residuals(decomp, _alpha_column(decomp, phi))
@@ -524,7 +621,7 @@ def ridge_loo_value_and_grad(decomp, log_alpha, autograd=False):
     return value, grad, info
 
 
-def ridge_loo_curve(decomp, alphas, per_target=False, max_elements=2**24):
+def ridge_loo_curve(decomp, alphas, per_target=False, max_elements=2**22):
     """Mean squared LOO error at many alphas (no autograd), in chunks.
 
     Parameters
@@ -552,18 +649,25 @@ def ridge_loo_curve(decomp, alphas, per_target=False, max_elements=2**24):
             [2.9720]], dtype=torch.float64)
     """
     dtype, device = decomp.eigvals.dtype, decomp.eigvals.device
-    alphas = torch.as_tensor(np.asarray(alphas, dtype=float), dtype=dtype, device=device)
     n, k = decomp.n_samples, decomp.n_targets
     chunk = max(1, int(max_elements // max(1, n * k)))
+    nv = _numpy_view(decomp)
+    if nv is None:
+        alphas = torch.as_tensor(np.asarray(alphas, dtype=float), dtype=dtype, device=device)
+        src, eigvals = decomp, decomp.eigvals
+    else:
+        alphas = np.asarray(alphas, dtype=nv.eigvals.dtype)
+        src, eigvals = nv, nv.eigvals
     out = []
     with torch.no_grad():
         for start in range(0, alphas.shape[0], chunk):
             a = alphas[start : start + chunk]
-            na = a.shape[0]
-            D = 1.0 / (decomp.eigvals[:, None] + a[None, :])  # (m, na)
-            resid = _batched_loo_residuals(decomp, D)  # (n, na, k)
+            D = 1.0 / (eigvals[:, None] + a[None, :])  # (m, na)
+            resid = _batched_loo_residuals(src, D)  # (n, na, k)
             per_col = (resid * resid).mean(0)  # (na, k)
-            out.append(per_col if per_target else per_col.mean(1, keepdim=True))
+            out.append(per_col if per_target else per_col.mean(1)[:, None])
+    if nv is not None:
+        return torch.from_numpy(np.concatenate(out, 0))
     return torch.cat(out, 0)
 
 
@@ -612,6 +716,23 @@ def ridge_coef(decomp, log_alpha):
     (2.0, 1.0)
     """
     dtype, device = decomp.eigvals.dtype, decomp.eigvals.device
+    needs_grad = isinstance(log_alpha, torch.Tensor) and log_alpha.requires_grad
+    nv = None if needs_grad else _numpy_view(decomp)
+    if nv is not None:  # no gradient wanted: the same products on numpy views (CPU)
+        if isinstance(log_alpha, torch.Tensor):
+            log_alpha = log_alpha.detach().cpu().numpy()
+        la = np.asarray(log_alpha, dtype=nv.eigvals.dtype)
+        batched = la.ndim == 2
+        la = la if batched else la.reshape(1, -1)
+        DBy = nv.basis_t_y[None, :, :] / (nv.eigvals[None, :, None] + np.exp(la)[:, None, :])
+        if nv.mode == "gram":
+            coef = nv.X_scaled.T @ (nv.basis @ DBy)
+        else:
+            coef = nv.V @ DBy
+        intercept = nv.y_offset - np.einsum("p,apk->ak", nv.X_offset, coef)
+        if not batched:
+            coef, intercept = coef[0], intercept[0]
+        return torch.from_numpy(np.ascontiguousarray(coef)), torch.from_numpy(intercept)
     la = torch.as_tensor(log_alpha, dtype=dtype, device=device)
     batched = la.ndim == 2
     if not batched:

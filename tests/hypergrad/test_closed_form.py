@@ -355,3 +355,35 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(g2.cpu(), g1, rtol=1e-8, atol=1e-12)
     theta = RidgeSolver(X.cuda(), y.cuda(), penalty="per_feature").closed_form(torch.zeros(10, dtype=DT, device="cuda"))
     assert theta["coef"].is_cuda
+
+
+def test_torch_path_equals_numpy_path(monkeypatch):
+    """The pure-torch formulas (used on GPU) agree with the CPU numpy fast path."""
+    import skbilevel.hypergrad._closed_form as cf
+
+    X, y, sw = _data(30, 6, k=2)
+    Xw, yw, sww = _data(10, 25, k=2)
+    fast = [cf.ridge_loo_decomposition(X, y, sw), cf.ridge_loo_decomposition(Xw, yw, sww)]
+    la = torch.tensor([0.2, -0.7], dtype=DT)
+    ref = [(cf.ridge_loo_value_and_grad(d, la), cf.ridge_loo_curve(d, [0.1, 3.0], per_target=True))
+           for d in fast]
+    monkeypatch.setattr(cf, "_numpy_view", lambda decomp: None)
+    monkeypatch.setattr(cf, "_use_numpy", lambda *t: False)
+    slow = [cf.ridge_loo_decomposition(X, y, sw), cf.ridge_loo_decomposition(Xw, yw, sww)]
+    for d, ((v, g, _), curve) in zip(slow, ref):
+        v2, g2, _ = cf.ridge_loo_value_and_grad(d, la)
+        torch.testing.assert_close(v2, v, rtol=1e-10, atol=0)
+        torch.testing.assert_close(g2, g, rtol=1e-8, atol=1e-13)
+        torch.testing.assert_close(cf.ridge_loo_curve(d, [0.1, 3.0], per_target=True), curve,
+                                   rtol=1e-10, atol=0)
+
+
+def test_ridge_coef_numpy_and_autograd_paths_agree():
+    X, y, sw = _data(12, 30, k=2)
+    for mode in ("gram", "cov"):
+        d = ridge_loo_decomposition(X, y, sw, mode=mode)
+        la = torch.tensor([0.3, -0.4], dtype=DT)
+        c1, b1 = ridge_coef(d, la)
+        c2, b2 = ridge_coef(d, la.clone().requires_grad_(True))
+        torch.testing.assert_close(c2.detach(), c1, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(b2.detach(), b1, rtol=1e-12, atol=1e-14)
