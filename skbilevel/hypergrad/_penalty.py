@@ -22,7 +22,7 @@ __all__ = ["BOME"]
 
 
 class _BOMEFunction(torch.autograd.Function):
-    """Returns BOME's ``theta`` iterate; its backward is the BOME direction for ``phi``."""
+    """Returns BOME's ``theta`` iterate; its backward gives BOME's ``phi`` direction."""
 
     @staticmethod
     def forward(ctx, state, *phi_leaves):
@@ -154,7 +154,9 @@ class BOME(HypergradientStrategy):
         for name in ("eta", "step_size"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"BOME: {name} must be a positive number; got {value!r}.")
+                raise ValueError(
+                    f"BOME: {name} must be a positive number; got {value!r}."
+                )
         theta = self._start(init)
         self.theta_ = theta
         theta_leaves, theta_spec = tree_flatten(theta)
@@ -175,12 +177,15 @@ class BOME(HypergradientStrategy):
             )
             wrt = th + [p for p in ph if p.requires_grad]
             grads = torch.autograd.grad(q, wrt, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g.detach() for g, x in zip(grads, wrt)]
+        grads = [
+            torch.zeros_like(x) if g is None else g.detach() for g, x in zip(grads, wrt)
+        ]
         gq_theta = grads[: len(th)]
         gq_phi_req = iter(grads[len(th) :])
         gq_phi = [next(gq_phi_req) if p.requires_grad else None for p in ph]
         sq = sum(float((g**2).sum()) for g in grads)
         info.n_grad += _solver_grads(res) + 2
+        info.n_hvp += getattr(res, "n_hvp", 0) or 0
         info.inner_grad_norm = math.sqrt(sum(float((g**2).sum()) for g in gq_theta))
         info.extra.update(q=float(q.detach()), grad_q_norm=math.sqrt(sq))
 
@@ -197,8 +202,9 @@ class BOME(HypergradientStrategy):
         return tree_unflatten(theta_spec, list(out))
 
     def _backward(self, state, grads):
-        """BOME's lambda from ``g = dF/dtheta``; move the iterate; return ``phi`` grads."""
-        theta, gq_theta, gq_phi, sq = state["theta"], state["gq_theta"], state["gq_phi"], state["sq"]
+        """Lambda from ``g = dF/dtheta``; move the iterate; return the ``phi`` grads."""
+        theta, gq_theta = state["theta"], state["gq_theta"]
+        gq_phi, sq = state["gq_phi"], state["sq"]
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, theta)]
         if sq > 0:
             inner = sum(float((g * q).sum()) for g, q in zip(grads, gq_theta))
@@ -207,11 +213,12 @@ class BOME(HypergradientStrategy):
             # theta_t is an exact inner minimizer: q and its gradient vanish.
             lam = 0.0
         state["info"].extra["lambda"] = lam
-        # lambda = 0: phi gets only dF/dphi (often exactly zero), not a sign of convergence
+        # lambda = 0: phi gets only dF/dphi (often exactly 0), not a sign of convergence
         state["info"].extra["provisional"] = lam == 0.0
         with torch.no_grad():
             new = [
-                t - self.step_size * (g + lam * q) for t, g, q in zip(theta, grads, gq_theta)
+                t - self.step_size * (g + lam * q)
+                for t, g, q in zip(theta, grads, gq_theta)
             ]
         self.theta_ = tree_unflatten(state["theta_spec"], new)
         return [None if q is None else lam * q for q in gq_phi]

@@ -32,7 +32,7 @@ __all__ = ["BestResponse", "EvoGrad"]
 
 # --------------------------------------------------------------------------- helpers
 def _solver_grads(result):
-    """Inner-gradient evaluations an inner solve spent (its iterations if it does not say)."""
+    """Inner-gradient evaluations an inner solve spent (else its iteration count)."""
     n = getattr(result, "n_grad", None)
     if n is None:
         n = result.n_iter
@@ -40,7 +40,7 @@ def _solver_grads(result):
 
 
 class _Sampler:
-    """Gaussian samples from a private generator (``random_state``) or torch's global one.
+    """Gaussian samples from a private generator (``random_state``) or the global one.
 
     Samples are drawn on the CPU and moved to the target device so that a seed
     gives the same numbers on every device.
@@ -59,9 +59,12 @@ class _Sampler:
             if self._gen is None:
                 self._gen = torch.Generator().manual_seed(int(self.random_state))
             gen = self._gen
-        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float64
+        floats = (torch.float32, torch.float64)
+        dtype = like.dtype if like.dtype in floats else torch.float64
         if gen is not None and gen.device.type != "cpu":
-            return torch.randn(shape, generator=gen, dtype=like.dtype, device=like.device)
+            return torch.randn(
+                shape, generator=gen, dtype=like.dtype, device=like.device
+            )
         out = torch.randn(shape, generator=gen, dtype=dtype)
         return out.to(device=like.device, dtype=like.dtype)
 
@@ -75,7 +78,7 @@ def _check_positive(name, value, integer=False):
         raise ValueError(f"{name} must be {kind}; got {value!r}.")
 
 
-# --------------------------------------------------------------------------- best response
+# ------------------------------------------------------------------------ best response
 @register_strategy("best_response")
 class BestResponse(HypergradientStrategy):
     """Local linear best-response proxy of ``theta*(phi)``, fitted by least squares.
@@ -213,21 +216,24 @@ class BestResponse(HypergradientStrategy):
             theta_k, res = sample_solver.solve(
                 lambda t: inner_loss(t, phi_k), theta_hat, phi=phi_k
             )
-            vec_k = torch.cat([t.detach().reshape(-1) for t in tree_flatten(theta_k)[0]])
+            leaves_k = tree_flatten(theta_k)[0]
+            vec_k = torch.cat([t.detach().reshape(-1) for t in leaves_k])
             return vec_k, res
 
-        plus, minus, grad_norms, n_grad = [], [], [], 0
+        plus, minus, grad_norms, n_grad, n_hvp = [], [], [], 0, 0
         for k in range(n):
             step = self.sigma * U[:, k]
             vec, res = solve_at(phi0 + step)
             plus.append(vec)
             grad_norms.append(res.grad_norm)
             n_grad += _solver_grads(res)
+            n_hvp += getattr(res, "n_hvp", 0) or 0
             if self.antithetic:
                 vec, res = solve_at(phi0 - step)
                 minus.append(vec)
                 grad_norms.append(res.grad_norm)
                 n_grad += _solver_grads(res)
+                n_hvp += getattr(res, "n_hvp", 0) or 0
         plus = torch.stack(plus, dim=1)
         if self.antithetic:
             minus = torch.stack(minus, dim=1)
@@ -242,10 +248,13 @@ class BestResponse(HypergradientStrategy):
         resid = D - (D @ P) @ dphi
         fit_residual = float(resid.norm()) / d_norm if d_norm > 0 else 0.0
         nonlinearity = (
-            float(second.norm()) / d_norm if (second is not None and d_norm > 0) else None
+            float(second.norm()) / d_norm
+            if (second is not None and d_norm > 0)
+            else None
         )
         finite = [g for g in grad_norms if not math.isnan(g)]
         info.n_grad += n_grad
+        info.n_hvp += n_hvp
         info.extra.update(
             fit_residual=fit_residual,
             nonlinearity=nonlinearity,
@@ -276,6 +285,7 @@ class BestResponse(HypergradientStrategy):
         info.inner_grad_norm = None if math.isnan(res.grad_norm) else res.grad_norm
         info.inner_converged = res.converged
         info.n_grad += _solver_grads(res)
+        info.n_hvp += getattr(res, "n_hvp", 0) or 0
 
         refit = self._fit is None or self._calls % max(1, int(self.refit_every)) == 0
         theta_leaves, theta_spec = tree_flatten(theta_hat)
@@ -283,14 +293,18 @@ class BestResponse(HypergradientStrategy):
         if not refit and self._fit[2] != shapes:
             refit = True
         if refit:
-            D, P = self._refit(inner_loss, phi0_leaves, phi_spec, theta_hat, solver, info)
+            D, P = self._refit(
+                inner_loss, phi0_leaves, phi_spec, theta_hat, solver, info
+            )
             self._fit = (D, P, shapes)
         else:
             D, P, _ = self._fit
         info.extra["refit"] = refit
         self._calls += 1
 
-        dphi = torch.cat([p.reshape(-1) - p0.reshape(-1) for p, p0 in zip(phi_leaves, phi0_leaves)])
+        dphi = torch.cat(
+            [p.reshape(-1) - p0.reshape(-1) for p, p0 in zip(phi_leaves, phi0_leaves)]
+        )
         delta = D @ (P @ dphi)  # J (phi - phi0), differentiable in phi through dphi
         out, start = [], 0
         for t in theta_leaves:
@@ -367,7 +381,12 @@ class EvoGrad(HypergradientStrategy):
     solver_kind = "any"
 
     def __init__(
-        self, n_samples=32, sigma=0.01, temperature=0.01, antithetic=True, random_state=None
+        self,
+        n_samples=32,
+        sigma=0.01,
+        temperature=0.01,
+        antithetic=True,
+        random_state=None,
     ):
         self.n_samples = n_samples
         self.sigma = sigma
@@ -393,6 +412,7 @@ class EvoGrad(HypergradientStrategy):
         info.inner_grad_norm = None if math.isnan(res.grad_norm) else res.grad_norm
         info.inner_converged = res.converged
         info.n_grad += _solver_grads(res)
+        info.n_hvp += getattr(res, "n_hvp", 0) or 0
 
         leaves, spec = tree_flatten(theta_hat)
         n = int(self.n_samples)
@@ -416,14 +436,16 @@ class EvoGrad(HypergradientStrategy):
                 f"EvoGrad: the inner loss is not finite at any of the {n} perturbed "
                 f"points (sigma={self.sigma:.3g}); lower sigma."
             )
-        logits = torch.where(finite, -losses / self.temperature, losses.new_tensor(-math.inf))
+        minus_inf = losses.new_tensor(-math.inf)
+        logits = torch.where(finite, -losses / self.temperature, minus_inf)
         weights = torch.softmax(logits, dim=0)
         w_det = weights.detach()
         ess = float(1.0 / (w_det**2).sum())
         spread = float(losses.detach()[finite].max() - losses.detach()[finite].min())
         # sum_k w_k theta_k = theta_hat + sigma sum_k w_k eps_k (sum w = 1)
         out = [
-            t + self.sigma * torch.tensordot(weights, e, dims=1) for t, e in zip(leaves, eps)
+            t + self.sigma * torch.tensordot(weights, e, dims=1)
+            for t, e in zip(leaves, eps)
         ]
         info.n_grad += n  # backward: one pass through each of the n loss evaluations
         info.extra.update(
@@ -437,15 +459,15 @@ class EvoGrad(HypergradientStrategy):
         )
         if n_bad:
             warnings.warn(
-                f"EvoGrad: {n_bad} of {n} perturbed points have a non-finite inner loss "
-                "and got weight 0; lower sigma.",
+                f"EvoGrad: {n_bad} of {n} perturbed points have a non-finite inner "
+                "loss and got weight 0; lower sigma.",
                 HypergradientWarning,
                 stacklevel=3,
             )
         if ess < min(3.0, n / 2):
             warnings.warn(
-                f"EvoGrad: the weights collapsed on a few samples (effective sample size "
-                f"{ess:.2f} of {n}; inner-loss spread {spread:.3e} vs temperature "
+                "EvoGrad: the weights collapsed on a few samples (effective sample "
+                f"size {ess:.2f} of {n}; inner-loss spread {spread:.3e} vs temperature "
                 f"{self.temperature:.3e}). The hypergradient is mostly noise; raise "
                 "temperature or lower sigma.",
                 HypergradientWarning,
