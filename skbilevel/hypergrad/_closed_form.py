@@ -589,10 +589,12 @@ def ridge_loo_value_and_grad(decomp, log_alpha, autograd=False):
         alpha = np.exp(la)
         D = 1.0 / (nv.eigvals[:, None] + alpha[None, :])
         e, de = _loo_residuals_and_tangent(nv, D, -alpha * D * D)
-        value = (e * e).mean(0)
-        grad = 2.0 * (e * de).mean(0)
-        if not per_target:
-            value, grad = value.mean().reshape(1), grad.mean().reshape(1)
+        if per_target:
+            value = np.einsum("ij,ij->j", e, e) / e.shape[0]
+            grad = 2.0 * np.einsum("ij,ij->j", e, de) / e.shape[0]
+        else:
+            value = np.array([np.vdot(e, e) / e.size])
+            grad = np.array([2.0 * np.vdot(e, de) / e.size])
         value, grad = torch.from_numpy(value), torch.from_numpy(grad)
     else:
         phi = torch.as_tensor(log_alpha, dtype=dtype, device=device).detach().reshape(-1)

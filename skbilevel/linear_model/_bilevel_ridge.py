@@ -42,19 +42,23 @@ def _log_alpha_grid(eigvals_list, points_per_decade=4, span=(-6, 6)):
     that contains every power of ten (hence scikit-learn's
     ``np.logspace(-6, 6, 13)``). Natural-log units.
     """
-    decades = [np.arange(span[0], span[1] + 1e-9, 1.0 / points_per_decade)]
+    # integer lattice indices (k / points_per_decade decades): exact powers of ten
+    ppd = points_per_decade
+    ranges = [(span[0] * ppd, span[1] * ppd)]
     for eigvals in eigvals_list:
         lam = np.asarray(eigvals, dtype=float)
         lam_max = float(lam.max()) if lam.size else 0.0
-        if lam_max > 0 and np.isfinite(lam_max):
-            positive = lam[lam > lam_max * 1e-12]
-            lo = max(float(positive.min()) / 100.0, lam_max * 1e-12)
-            hi = lam_max * 100.0
-            lo_d = math.floor(math.log10(lo) * points_per_decade) / points_per_decade
-            hi_d = math.ceil(math.log10(hi) * points_per_decade) / points_per_decade
-            decades.append(np.arange(lo_d, hi_d + 1e-9, 1.0 / points_per_decade))
-    grid = np.unique(np.round(np.concatenate(decades) * points_per_decade)) / points_per_decade
-    return grid * _LN10
+        if lam_max > 0 and math.isfinite(lam_max):
+            lo = max(float(lam[lam > lam_max * 1e-12].min()) / 100.0, lam_max * 1e-12)
+            ranges.append(
+                (math.floor(math.log10(lo) * ppd), math.ceil(math.log10(lam_max * 100.0) * ppd))
+            )
+    ranges.sort()
+    idx = []
+    for lo, hi in ranges:
+        start = lo if not idx else max(lo, idx[-1] + 1)
+        idx.extend(range(start, hi + 1))
+    return np.asarray(idx, dtype=float) * (_LN10 / ppd)
 
 
 def _writable(a):
