@@ -15,7 +15,8 @@ scikit-learn's ``_RidgeGCV`` exactly, so the numbers match ``RidgeCV``.
 cheap curve, then a bracketed secant on the exact hypergradient) used by
 ``BilevelRidgeCV``.
 
-Kernel ridge (:func:`kernel_ridge_fit`, :class:`KernelRidgeSolver`) is differentiable in the kernel matrix, the
+Kernel ridge (:func:`kernel_ridge_fit`, :class:`KernelRidgeSolver`) is
+differentiable in the kernel matrix, the
 targets, the support points and the regularization, as kernel inducing
 points (KIP) dataset distillation needs.
 """
@@ -36,7 +37,7 @@ from ._base import (
     argmin,
     register_strategy,
 )
-from ._tree import tree_detach, tree_map
+from ._tree import tree_detach
 
 __all__ = [
     "ClosedForm",
@@ -170,7 +171,11 @@ def _use_numpy(*tensors):
     """
     return all(
         t is None
-        or (t.device.type == "cpu" and not t.requires_grad and t.dtype in (torch.float32, torch.float64))
+        or (
+            t.device.type == "cpu"
+            and not t.requires_grad
+            and t.dtype in (torch.float32, torch.float64)
+        )
         for t in tensors
     )
 
@@ -221,7 +226,8 @@ def _deflated_gram_eigh(Xs, sqrt_sw):
     is an exact null vector of ``K = Xs Xs^T``. A Householder reflection
     ``H`` with ``H q0 = +-e1`` makes the first row and column of ``H K H``
     zero (a rank-2 update of ``K``, ``O(n^2)``); the remaining block is
-    decomposed and ``basis = H [0; Q']`` (orthonormal, orthogonal to ``q0``). In this basis the intercept correction of ``_RidgeGCV``
+    decomposed and ``basis = H [0; Q']`` (orthonormal, orthogonal to ``q0``).
+    In this basis the intercept correction of ``_RidgeGCV``
     cancels analytically (``d = (B*B) D``) instead of subtracting two
     ``O(1/alpha)`` terms, which keeps full precision at small alpha.
     """
@@ -383,7 +389,10 @@ def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="
         y_offset=y_offset,
     )
     if numpy_path:
-        parts = {k: None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for k, a in parts.items()}
+        parts = {
+            k: None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+            for k, a in parts.items()
+        }
     return RidgeDecomposition(
         mode=mode,
         deflated=deflated,
@@ -399,7 +408,8 @@ def _numpy_view(decomp):
     cached = decomp.__dict__.get("_numpy")
     if cached is not None:
         return cached
-    if decomp.basis.device.type != "cpu" or decomp.basis.dtype not in (torch.float32, torch.float64):
+    basis = decomp.basis
+    if basis.device.type != "cpu" or basis.dtype not in (torch.float32, torch.float64):
         return None
     view = types.SimpleNamespace(
         **{
@@ -955,7 +965,10 @@ class RidgeSolver(ClosedFormSolver):
         return self._pack(*self._cholesky_solve(phi))
 
     def coef_path(self, alphas):
-        """Coefficients at many scalar alphas (no autograd): ``(n_alphas, p, k)``, ``(n_alphas, k)``."""
+        """Coefficients at many scalar alphas, no autograd.
+
+        Returns ``coef`` of shape (n_alphas, p, k) and ``intercept`` (n_alphas, k).
+        """
         dtype, device = self.X.dtype, self.X.device
         la = torch.as_tensor(np.log(np.asarray(alphas, dtype=float)), dtype=dtype, device=device)
         with torch.no_grad():
@@ -991,7 +1004,8 @@ class RidgeSolver(ClosedFormSolver):
                 rhs = c["Xty"].T[:, :, None]
                 coef = self._spd_solve(A, rhs)[:, :, 0].T
             else:
-                G = (Xs @ Xs.T)[None] + a[:, None, None] * torch.eye(n, dtype=Xs.dtype, device=Xs.device)
+                eye = torch.eye(n, dtype=Xs.dtype, device=Xs.device)
+                G = (Xs @ Xs.T)[None] + a[:, None, None] * eye
                 dual = self._spd_solve(G, ys.T[:, :, None])[:, :, 0].T
                 coef = Xs.T @ dual
         else:
@@ -1096,7 +1110,9 @@ def ridge_validation_value_and_grad(
     if init is None:
         init = solver.init_theta()
     with torch.enable_grad():
-        theta, info = argmin(solver.inner_loss, phi, init, hypergradient=hypergradient, solver=solver)
+        theta, info = argmin(
+            solver.inner_loss, phi, init, hypergradient=hypergradient, solver=solver
+        )
         per_target = _weighted_mse(solver.predict(theta, X_val), y_val.to(dtype), sample_weight)
         value = per_target if solver.penalty == "per_target" else per_target.mean().reshape(1)
         (grad,) = torch.autograd.grad(value.sum(), phi)
@@ -1591,5 +1607,9 @@ class _Bracket:
             self.xp, self.gp = x, g
             self.e, self.fe, self.ge = x, f, g
             better = False
-        if (better and step < tol) or abs(self.e - self.xb) < tol or abs(self.gb) <= 1e-12 * abs(self.fb):
+        if (
+            (better and step < tol)
+            or abs(self.e - self.xb) < tol
+            or abs(self.gb) <= 1e-12 * abs(self.fb)
+        ):
             self.active = False

@@ -286,7 +286,8 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
                 result, info, solver = self._search_validation(
                     X, y, Xt, yt, swt, sample_weight, per_target, penalty, strategy
                 )
-            phi = torch.as_tensor(result.x if per_target else result.x[0], dtype=dtype, device=device)
+            x_best = result.x if per_target else result.x[0]
+            phi = torch.as_tensor(x_best, dtype=dtype, device=device)
             with torch.no_grad():
                 theta = solver.closed_form(phi)
 
@@ -329,7 +330,7 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         last = {}
 
         def value_and_grad(x):
-            value, grad, info = ridge_loo_value_and_grad(decomp, torch.as_tensor(x if per_target else x[0]))
+            value, grad, info = ridge_loo_value_and_grad(decomp, x if per_target else x[0])
             last["info"] = info
             return to_numpy(value), to_numpy(grad)
 
