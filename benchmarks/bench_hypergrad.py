@@ -27,9 +27,11 @@ Three tables, one run:
    with ``torch.profiler`` (``profile_memory=True``; its memory timeline).
    ``tracemalloc`` does not see torch's allocator and ``ru_maxrss`` cannot be
    reset between runs, so neither measures this. ``saved_MB`` is a second,
-   independent number: the bytes of the tensors autograd saved for backward
-   (``torch.autograd.graph.saved_tensors_hooks``, distinct storages), i.e.
-   the graph's share of the peak. The profiler part runs in a child process
+   independent number: the bytes of all distinct storages autograd saved for
+   backward during the run (``torch.autograd.graph.saved_tensors_hooks``;
+   the data excluded). It is a total, not a peak: for reverse mode, which
+   keeps every step's graph, the two agree; for strategies that free each
+   step's graph it overstates what is alive at once. The profiler part runs in a child process
    (the memory timeline is a private torch API that crashed the interpreter
    once, with ``torch.func`` code); if the child fails, the saved-tensor
    numbers are used for the targets.
