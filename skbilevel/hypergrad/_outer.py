@@ -221,7 +221,10 @@ def minimize_outer(
             if value < best_loss:
                 best_loss = value
                 best = [leaf.detach().clone() for leaf in leaves]
-            if gnorm <= tol:
+            # A strategy may flag a zero first direction as provisional (BOME's
+            # multiplier is 0 until its iterate moves): not a stationary point.
+            provisional = info is not None and info.extra.get("provisional", False)
+            if gnorm <= tol and not provisional:
                 stop_reason = "tol"
                 break
             opt.step()

@@ -109,7 +109,10 @@ def to_tensor(array, device=None, dtype=torch.float64):
         return array.to(device=device, dtype=dtype)
     if sp.issparse(array):
         array = array.toarray()
-    return torch.as_tensor(np.asarray(array), dtype=dtype, device=device)
+    array = np.asarray(array)
+    if not array.flags.writeable:  # torch warns on read-only buffers (memmaps)
+        array = array.copy()
+    return torch.as_tensor(array, dtype=dtype, device=device)
 
 
 def to_numpy(tensor):
