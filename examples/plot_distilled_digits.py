@@ -1,7 +1,7 @@
 """
-=====================================================
+========================================================
 Distilling the digits data set to a few images per class
-=====================================================
+========================================================
 
 :class:`~skbilevel.distillation.DatasetDistiller` learns a tiny synthetic
 training set: here 1 and then 5 images per class of scikit-learn's 8x8

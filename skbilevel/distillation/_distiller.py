@@ -187,7 +187,7 @@ class DatasetDistiller(BaseEstimator):
         Defined when ``X`` has string feature names.
     n_iter_ : int
         Outer iterations run.
-    history_ : ndarray of shape (n_iter_,)
+    history_ : ndarray of shape (``n_iter_``,)
         Outer (mini-batch) loss per iteration.
     hypergradient_info_ : dict
         Health record of the last hypergradient.

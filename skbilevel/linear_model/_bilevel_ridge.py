@@ -142,7 +142,7 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         (:class:`skbilevel.hypergrad.HypergradientInfo`), with in ``extra``
         the derivative at ``alpha_`` and the number of scanned points.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (``n_features_in_``,)
         Defined when ``X`` has string feature names.
 
     See Also

@@ -553,7 +553,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     hypergradient_info_ : dict
         Health record of the last hypergradient.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (``n_features_in_``,)
         Defined when ``X`` has string feature names.
 
     See Also
@@ -841,7 +841,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
     history_ : ndarray
     hypergradient_info_ : dict
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (``n_features_in_``,)
 
     See Also
     --------

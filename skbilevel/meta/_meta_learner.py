@@ -374,7 +374,7 @@ _DOC_FITTED = """
     module_ : torch.nn.Module
         The backbone on the CPU, holding the meta-learned weights (the
         meta-initialization, before any adaptation).
-    history_ : ndarray of shape (n_iter_,)
+    history_ : ndarray of shape (``n_iter_``,)
         Mean query loss after adaptation of each meta-batch (noisy: each
         iteration draws new tasks).
     n_iter_ : int

@@ -913,7 +913,7 @@ _COMMON_DOC = """
         from it.
     n_iter_ : int
         Outer iterations performed.
-    history_ : ndarray of shape (n_iter_,)
+    history_ : ndarray of shape (``n_iter_``,)
         Trusted-batch loss after the look-ahead (the outer loss) per
         iteration.
     hypergradient_info_ : dict
@@ -924,7 +924,7 @@ _COMMON_DOC = """
         ``"diverged"``.
     n_features_in_ : int
         Number of features seen in ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (``n_features_in_``,)
         Defined when ``X`` has string feature names.
 """
 
