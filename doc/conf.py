@@ -29,7 +29,6 @@ numpydoc_class_members_toctree = False
 templates_path = ["_templates"]
 exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py"]
 html_theme = "pydata_sphinx_theme"
-html_static_path = ["_static"]
 html_title = "skbilevel"
 
 # No network on CI, so no intersphinx: the docstrings scikit-learn's mixins
