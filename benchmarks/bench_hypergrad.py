@@ -21,20 +21,24 @@ Three tables, one run:
    unrolling drops the dependence on an inner regularization strength).
 2. **Peak memory against the number of inner steps T** for reverse, forward
    and implicit (CG) on logistic regression, all three with the same
-   gradient-descent inner solver. Memory is the peak of live tensor bytes
-   allocated during ``argmin`` + ``backward`` (tensors existing before, such
-   as the data, are not counted), read from torch's own CPU allocator events
-   with ``torch.profiler`` (``profile_memory=True``; its memory timeline).
-   ``tracemalloc`` does not see torch's allocator and ``ru_maxrss`` cannot be
-   reset between runs, so neither measures this. ``saved_MB`` is a second,
-   independent number: the bytes of all distinct storages autograd saved for
-   backward during the run (``torch.autograd.graph.saved_tensors_hooks``;
-   the data excluded). It is a total, not a peak: for reverse mode, which
-   keeps every step's graph, the two agree; for strategies that free each
-   step's graph it overstates what is alive at once. The profiler part runs in a child process
-   (the memory timeline is a private torch API that crashed the interpreter
-   once, with ``torch.func`` code); if the child fails, the saved-tensor
-   numbers are used for the targets.
+   gradient-descent inner solver. ``peak_MB`` is the peak resident memory
+   of the process during ``argmin`` + ``backward`` above its resident
+   memory just before (so the data, built before, is not counted), read
+   from the kernel: the high-water mark ``VmHWM`` is reset through
+   ``/proc/self/clear_refs`` before each run, in a child process whose
+   ``MALLOC_MMAP_THRESHOLD_`` is fixed at 64 KiB so that every tensor of
+   that size or more is mapped and unmapped on its own and the resident
+   size follows the live tensors. (An earlier version read torch.profiler's
+   memory timeline; it misses the frees of tensors made by batched
+   ``autograd.grad`` and showed forward mode growing with T while the
+   process's resident memory stayed flat, even at T = 3000.) ``saved_MB``
+   is a second, independent number: the bytes of all distinct storages
+   autograd saved for backward during the run
+   (``torch.autograd.graph.saved_tensors_hooks``; the data excluded). It is
+   a total, not a peak: for reverse mode, which keeps every step's graph,
+   it tracks the peak; for strategies that free each step's graph it counts
+   what was saved over the whole run, not what was alive at once. Where
+   ``/proc`` cannot be used (not Linux), the targets fall back to it.
 3. **Peers**: the same per-feature-penalty hypergradient (``phi`` in R^d) by
    torchopt's implicit differentiation (``torchopt.diff.implicit.custom_root``
    with ``torchopt.linear_solve.solve_cg``) against skbilevel's ``"cg"``, both
@@ -55,6 +59,7 @@ more threads than free cores makes small operations many times slower.
 Usage: ``python benchmarks/bench_hypergrad.py [--quick] [--json PATH]``.
 """
 
+import gc
 import json
 import math
 import os
@@ -352,27 +357,31 @@ def cost_table(problems, T, repeat, budget, quick):
 
 
 # --------------------------------------------------------------------------- part 2: memory
-def _peak_bytes(fn):
-    """Peak live tensor bytes allocated while ``fn`` runs (torch.profiler memory timeline)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
+def _status_bytes(field):
+    """``VmHWM`` (peak) or ``VmRSS`` (current) of this process, in bytes (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True,
-            record_shapes=True, with_stack=True,
-        ) as prof:
-            fn()
-        timeline = prof._memory_profile().timeline
-    current = peak = 0
-    for _, action, _, size in timeline:
-        if action == Action.CREATE:
-            current += size
-        elif action == Action.DESTROY:
-            current -= size
-        peak = max(peak, current)
-    return peak
+
+def _peak_rss_above_current(fn):
+    """Peak resident memory while ``fn`` runs, above the resident memory before it.
+
+    Writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's high-water
+    mark ``VmHWM`` (Linux >= 4.0), so each run is measured on its own. The
+    worker runs with ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB: every tensor
+    of that size or more gets pages of its own that go back to the kernel
+    when it is freed, so the resident size follows the live tensors rather
+    than the allocator's caches.
+    """
+    gc.collect()
+    before = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return _status_bytes("VmHWM") - before
 
 
 def _saved_bytes(fn, exclude=()):
@@ -406,7 +415,7 @@ def _memory_specs(cg_iters):
     ]
 
 
-def memory_rows(problem, Ts, cg_iters, use_profiler):
+def memory_rows(problem, Ts, cg_iters, use_rss):
     """Peak and saved bytes of argmin + backward for each strategy and T."""
     rows = []
     for label, make in _memory_specs(cg_iters):
@@ -418,7 +427,7 @@ def memory_rows(problem, Ts, cg_iters, use_profiler):
                              problem.init)
 
             fn()  # warm-up (lazy initializations are not the strategy's memory)
-            peak = _peak_bytes(fn) if use_profiler else float("nan")
+            peak = min(_peak_rss_above_current(fn) for _ in range(2)) if use_rss else math.nan
             saved = _saved_bytes(fn, exclude=problem.tensors + [problem.init])
             rows.append(dict(problem=problem.name, strategy=label, T=T,
                              peak_MB=peak / 2**20, saved_MB=saved / 2**20))
@@ -428,19 +437,19 @@ def memory_rows(problem, Ts, cg_iters, use_profiler):
 
 
 def _memory_worker(config):
-    """Child process: the profiler's memory timeline is a private torch API that
-    has crashed the interpreter (a refcount error with torch.func), so it runs
-    apart from the rest."""
+    """Child process, started with a fixed mmap threshold (see ``_peak_rss_above_current``)."""
+    torch.set_num_threads(1)
     problem = logistic_problem(config["d"], config["n"])
-    rows = memory_rows(problem, config["Ts"], config["cg_iters"], use_profiler=True)
+    rows = memory_rows(problem, config["Ts"], config["cg_iters"], use_rss=True)
     print("MEMORY_JSON " + json.dumps(rows))
 
 
 def memory_table(d, n, Ts, cg_iters):
     config = dict(d=d, n=n, Ts=list(Ts), cg_iters=cg_iters)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--memory-worker", json.dumps(config)],
-        capture_output=True, text=True, env=dict(os.environ),
+        capture_output=True, text=True, env=env,
     )
     for line in (proc.stderr or "").splitlines():
         if line.startswith("  "):
@@ -448,13 +457,13 @@ def memory_table(d, n, Ts, cg_iters):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY_JSON ")]
     if proc.returncode == 0 and lines:
         rows = json.loads(lines[-1][len("MEMORY_JSON "):])
-        key, how = "peak_MB", "profiler peak"
+        key, how = "peak_MB", "peak RSS"
     else:
         tail = (proc.stderr or "").strip().splitlines()[-3:]
-        print(f"[memory] profiler worker failed (rc={proc.returncode}: {' | '.join(tail)}); "
+        print(f"[memory] peak-RSS worker failed (rc={proc.returncode}: {' | '.join(tail)}); "
               "measuring saved-tensor bytes only")
         problem = logistic_problem(d, n)
-        rows = memory_rows(problem, Ts, cg_iters, use_profiler=False)
+        rows = memory_rows(problem, Ts, cg_iters, use_rss=False)
         key, how = "saved_MB", "saved tensors"
     targets = []
     for label, _ in _memory_specs(cg_iters):
@@ -608,11 +617,11 @@ def main():
 
     if quick:
         problems = [logistic_problem(1000, 2000), mlp_problem(32, (64, 64), 256)]
-        T, mem_Ts, mem_d, peer_ds = 20, (5, 10, 20, 40), 1000, (1000,)
+        T, mem_Ts, mem_d, mem_n, peer_ds = 20, (5, 10, 20, 40), 50000, 200, (1000,)
     else:
         problems = [logistic_problem(1000, 2000), logistic_problem(10000, 1000),
                     logistic_problem(100000, 200), mlp_problem(100, (400, 150), 512)]
-        T, mem_Ts, mem_d, peer_ds = 50, (10, 20, 40, 80), 10000, (1000, 10000)
+        T, mem_Ts, mem_d, mem_n, peer_ds = 50, (10, 20, 40, 80, 160), 100000, 200, (1000, 10000)
 
     cost_rows, targets = cost_table(problems, T, repeat, budget, quick)
     print_table(cost_rows, ["problem", "strategy", "t_grad_ms", "solve", "hypergrad",
@@ -620,9 +629,8 @@ def main():
                 title="\nCost of one hypergradient, in inner-gradient evaluations "
                       "(solve = argmin, hypergrad = backward)")
 
-    print(f"\n[memory] logistic regression d={mem_d}, T in {mem_Ts}", flush=True)
-    mem_rows, mem_targets = memory_table(mem_d, 1000 if not quick else 500, mem_Ts,
-                                         cg_iters=20)
+    print(f"\n[memory] logistic regression d={mem_d}, n={mem_n}, T in {mem_Ts}", flush=True)
+    mem_rows, mem_targets = memory_table(mem_d, mem_n, mem_Ts, cg_iters=20)
     targets += mem_targets
     print_table(mem_rows, ["problem", "strategy", "T", "peak_MB", "saved_MB"],
                 title="\nPeak memory of argmin + backward against T")
