@@ -1,12 +1,15 @@
 """The outer loop: gradient descent on phi using hypergradients.
 
 :func:`minimize_outer` owns what every estimator would otherwise write again:
-the optimizer step, stopping on ``tol`` / ``max_iter``, divergence handling,
-keeping the best iterate, callbacks, a progress bar and the history.
+the optimizer step, stopping on ``tol`` / ``max_iter`` (or running all
+``max_iter`` steps of a stochastic objective with ``early_stopping=False``),
+divergence handling, keeping the best iterate, callbacks, a progress bar and
+the history.
 """
 
 import dataclasses
 import math
+import numbers
 import warnings
 from typing import Any, List, Optional
 
@@ -61,9 +64,10 @@ class OuterResult:
         Hypergradient norm at each iteration.
     best_loss : float
         Lowest outer loss seen (``phi`` holds the corresponding values when
-        ``restore_best=True``).
+        ``restore_best`` is in effect).
     converged : bool
-        Whether the ``tol`` criterion stopped the loop.
+        Whether the ``grad_tol`` or ``tol`` criterion stopped the loop (never
+        with ``early_stopping=False``).
     stop_reason : str
         ``"tol"``, ``"max_iter"``, ``"callback"`` or ``"diverged"``.
     info : HypergradientInfo or None
@@ -104,6 +108,23 @@ def _make_optimizer(optimizer, params, learning_rate):
     raise ValueError(f"Cannot build an optimizer from {optimizer!r}.")
 
 
+def _check_stopping(early_stopping, grad_tol):
+    """Raise ``ValueError`` on a bad ``early_stopping`` or ``grad_tol``."""
+    if not isinstance(early_stopping, bool):
+        raise ValueError(
+            f"early_stopping must be True or False; got {early_stopping!r}."
+        )
+    if grad_tol is not None and not (
+        isinstance(grad_tol, numbers.Real)
+        and not isinstance(grad_tol, bool)
+        and math.isfinite(grad_tol)
+        and grad_tol >= 0
+    ):
+        raise ValueError(
+            f"grad_tol must be None or a finite number >= 0; got {grad_tol!r}."
+        )
+
+
 def minimize_outer(
     objective,
     phi,
@@ -112,10 +133,12 @@ def minimize_outer(
     learning_rate=0.05,
     max_iter=100,
     tol=1e-6,
+    grad_tol=None,
     n_iter_no_change=5,
+    early_stopping=True,
     callbacks=None,
     verbose=0,
-    restore_best=True,
+    restore_best=None,
     projection=None,
     desc="outer",
 ):
@@ -139,18 +162,31 @@ def minimize_outer(
     max_iter : int, default=100
         Maximum number of outer iterations.
     tol : float, default=1e-6
-        Stop when the hypergradient norm is ``<= tol``, or when the loss has
-        not improved on the best loss by a relative ``tol`` for
-        ``n_iter_no_change`` consecutive iterations.
+        Stop when the loss has not improved on the best loss by a relative
+        ``tol`` for ``n_iter_no_change`` consecutive iterations; also the
+        hypergradient-norm threshold when ``grad_tol`` is None.
+    grad_tol : float or None, default=None
+        Stop when the hypergradient norm is ``<= grad_tol`` (``None``: use
+        ``tol``). ``0.0`` stops only on an exactly zero hypergradient, for
+        objectives whose gradient is tiny but still worth following.
     n_iter_no_change : int, default=5
         Patience of the loss-based criterion.
+    early_stopping : bool, default=True
+        Whether the ``grad_tol`` and ``tol`` criteria may stop the loop.
+        ``False`` runs exactly ``max_iter`` iterations unless a callback
+        stops the loop or it diverges, as a stochastic objective (mini-batch
+        or sampled-task losses) needs; ``tol``, ``grad_tol`` and
+        ``n_iter_no_change`` are then ignored.
     callbacks : list of callable, optional
         Each is called as ``cb(state)`` with an :class:`OuterState` after every
         iteration; returning ``True`` stops the loop.
     verbose : int, default=0
         ``> 0`` shows a tqdm progress bar with the current loss.
-    restore_best : bool, default=True
-        Leave ``phi`` at the iterate with the lowest loss seen.
+    restore_best : bool or None, default=None
+        Leave ``phi`` at the iterate with the lowest loss seen. ``None``
+        means ``early_stopping``: the best iterate is restored when the loss
+        is deterministic enough to stop on, and the last one is kept when
+        all ``max_iter`` iterations of a noisy loss are run.
     projection : callable, optional
         ``projection(leaves)`` applied in place under ``no_grad`` after each
         step (e.g. clamping log-penalties to a box).
@@ -170,7 +206,20 @@ def minimize_outer(
     ...                      learning_rate=0.25, max_iter=200, tol=1e-10)
     >>> round(float(x.detach()), 6), res.stop_reason
     (1.0, 'tol')
+
+    A noisy objective runs all ``max_iter`` iterations:
+
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> noisy = lambda p: ((p - 1.0 - 0.1 * torch.randn(1, generator=gen)) ** 2).sum()
+    >>> res = minimize_outer(noisy, x, max_iter=20, early_stopping=False)
+    >>> res.n_iter, res.stop_reason
+    (20, 'max_iter')
     """
+    _check_stopping(early_stopping, grad_tol)
+    if restore_best is None:
+        restore_best = early_stopping
+    if grad_tol is None:
+        grad_tol = tol
     leaves, _ = tree_flatten(phi)
     if not all(leaf.requires_grad for leaf in leaves):
         raise ValueError("Every leaf of phi passed to minimize_outer must require grad.")
@@ -220,11 +269,12 @@ def minimize_outer(
                 stall += 1
             if value < best_loss:
                 best_loss = value
-                best = [leaf.detach().clone() for leaf in leaves]
+                if restore_best:
+                    best = [leaf.detach().clone() for leaf in leaves]
             # A strategy may flag a zero first direction as provisional (BOME's
             # multiplier is 0 until its iterate moves): not a stationary point.
             provisional = info is not None and info.extra.get("provisional", False)
-            if gnorm <= tol and not provisional:
+            if early_stopping and gnorm <= grad_tol and not provisional:
                 stop_reason = "tol"
                 break
             opt.step()
@@ -238,7 +288,7 @@ def minimize_outer(
             if any(cb(state) for cb in callbacks):
                 stop_reason = "callback"
                 break
-            if stall >= n_iter_no_change:
+            if early_stopping and stall >= n_iter_no_change:
                 stop_reason = "tol"
                 break
     finally:

@@ -80,3 +80,80 @@ def test_bad_arguments():
 def test_verbose_progress_bar_runs(capsys):
     x = torch.zeros(1, requires_grad=True)
     minimize_outer(_quadratic(torch.ones(1)), x, max_iter=3, verbose=1)
+
+
+def test_early_stopping_false_runs_max_iter_and_keeps_last_iterate():
+    # Loss and gradient are exactly zero from the start: both criteria would stop at once.
+    x = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(_quadratic(torch.tensor([1.0], dtype=torch.float64)), x,
+                         max_iter=7, tol=1e-3, early_stopping=False)
+    assert res.n_iter == 7 and len(res.history) == 7
+    assert res.stop_reason == "max_iter" and not res.converged
+
+
+@pytest.mark.parametrize("restore_best, expected", [(None, 9.0), (False, 9.0), (True, 0.0)])
+def test_early_stopping_false_restores_best_only_when_asked(restore_best, expected):
+    # A step too long: 0 -> 3 -> -3 -> 9, losses 1, 4, 16; the best iterate is the first.
+    x = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(_quadratic(torch.tensor([1.0], dtype=torch.float64)), x,
+                         optimizer="sgd", learning_rate=1.5, max_iter=3,
+                         early_stopping=False, restore_best=restore_best)
+    assert res.history == [1.0, 4.0, 16.0] and res.best_loss == 1.0
+    assert float(x.detach()) == expected
+
+
+def test_early_stopping_false_still_stops_on_callback_and_divergence():
+    x = torch.tensor([5.0], requires_grad=True)
+    res = minimize_outer(_quadratic(torch.tensor([0.0])), x, max_iter=50,
+                         early_stopping=False, callbacks=[lambda s: s.iteration == 4])
+    assert res.n_iter == 4 and res.stop_reason == "callback"
+    calls = {"n": 0}
+
+    def obj(p):
+        calls["n"] += 1
+        return (p ** 2).sum() * (float("inf") if calls["n"] == 3 else 1.0)
+
+    with pytest.warns(DivergenceWarning):
+        res = minimize_outer(obj, x, max_iter=50, early_stopping=False)
+    assert res.stop_reason == "diverged" and res.n_iter == 2
+
+
+def test_grad_tol_separates_gradient_and_stall_criteria():
+    target = torch.tensor([1.0], dtype=torch.float64)
+    # grad_tol=None: tol serves both criteria (as before grad_tol existed)
+    x = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(_quadratic(target), x, optimizer="sgd", learning_rate=0.25,
+                         max_iter=500, tol=1e-3, n_iter_no_change=500)
+    assert res.stop_reason == "tol" and res.grad_norms[-1] <= 1e-3
+    n_shared = res.n_iter
+    # a tighter gradient threshold: the same loss tolerance, more iterations
+    x = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(_quadratic(target), x, optimizer="sgd", learning_rate=0.25,
+                         max_iter=500, tol=1e-3, grad_tol=1e-9, n_iter_no_change=500)
+    assert res.stop_reason == "tol" and res.grad_norms[-1] <= 1e-9
+    assert res.n_iter > n_shared
+    # grad_tol=0: only the stall criterion (relative tol) stops the loop, here on
+    # a loss that levels off at 1 while its gradient is still far from 1e-3
+    x = torch.tensor([0.0], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(lambda p: _quadratic(target)(p) + 1.0, x, optimizer="sgd",
+                         learning_rate=0.25, max_iter=500, tol=1e-3, grad_tol=0.0,
+                         n_iter_no_change=3)
+    assert res.stop_reason == "tol" and res.grad_norms[-1] > 1e-3
+    assert res.history[-1] >= min(res.history[:-3]) * (1 - 1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"early_stopping": "yes"}, "early_stopping must be True or False"),
+        ({"early_stopping": None}, "early_stopping must be True or False"),
+        ({"grad_tol": -1e-3}, "grad_tol must be None or a finite number >= 0"),
+        ({"grad_tol": float("nan")}, "grad_tol must be None or a finite number >= 0"),
+        ({"grad_tol": "1e-3"}, "grad_tol must be None or a finite number >= 0"),
+        ({"grad_tol": True}, "grad_tol must be None or a finite number >= 0"),
+    ],
+)
+def test_bad_stopping_options(kwargs, match):
+    x = torch.zeros(1, requires_grad=True)
+    with pytest.raises(ValueError, match=match):
+        minimize_outer(lambda p: p.sum(), x, **kwargs)
