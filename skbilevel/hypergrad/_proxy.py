@@ -337,10 +337,24 @@ class EvoGrad(HypergradientStrategy):
     to the implicit-function answer ``-H^{-1} d^2 f / d theta d phi`` up to
     the factor ``c H (I + cH)^{-1}``; as ``c`` shrinks it tends to the
     identity (Hessian-free) approximation scaled by ``c``. Large ``c`` makes
-    the weights degenerate (few effective samples, a noisy estimate):
-    ``info.extra["effective_sample_size"]`` (``1 / sum w_k^2``) reports it.
+    the weights degenerate (few effective samples, a noisy estimate).
     The forward value is ``theta_hat`` moved by the weighted mean of the
     perturbations (``theta_hat`` exactly when the weights are uniform).
+
+    A fixed temperature only works when the losses of the perturbed copies
+    spread over about that many units: far below it the weights are uniform
+    (a vanishing, noisy gradient), far above it they collapse on one copy.
+    The spread is ``sigma**2 ||H||`` near an optimum, so it changes with the
+    data's scale, the loss's reduction (sum or mean) and ``sigma``. By
+    default the temperature is therefore set at each call to
+    ``temperature_scale`` times the standard deviation of the perturbed
+    losses (a constant: no gradient flows through it). The logits
+    ``-f_k / temperature`` then have standard deviation
+    ``1 / temperature_scale``, which for roughly Gaussian losses keeps the
+    effective sample size near ``n_samples * exp(-1 / temperature_scale**2)``
+    (about ``0.37 n_samples`` at the default ``1``) whatever the scale of
+    the problem; for a quadratic inner loss at its optimum ``c H`` becomes
+    ``sqrt(2) H / (temperature_scale ||H||_F)``, independent of ``sigma``.
 
     Parameters
     ----------
@@ -349,13 +363,42 @@ class EvoGrad(HypergradientStrategy):
         two with ``antithetic=True``; an odd number gets one extra).
     sigma : float, default=0.01
         Standard deviation of the perturbations of ``theta``.
-    temperature : float, default=0.01
-        Softmax temperature, in the units of the inner loss.
+    temperature : float or None, default=None
+        Absolute softmax temperature, in the units of the inner loss (the
+        paper's ``tau``). ``None``: adapt it to the perturbed losses, see
+        ``temperature_scale``.
+    temperature_scale : float, default=1.0
+        With ``temperature=None``, the temperature is this factor times the
+        standard deviation of the perturbed inner losses. Larger values flatten
+        the weights (more effective samples, a more Hessian-free estimate);
+        smaller values sharpen them. Ignored when ``temperature`` is set.
     antithetic : bool, default=True
         Use pairs ``theta_hat +- sigma eps_k``: removes the first-order noise
         of the average.
+    orthogonal : bool, default=True
+        Make the perturbation directions exactly orthogonal, in blocks of
+        ``dim(theta)`` draws, keeping Gaussian lengths (orthogonal evolution
+        strategies, Choromanski et al. 2018). Each ``eps_k`` is still
+        ``N(0, I)``, but the sample covariance of a full block has no
+        off-diagonal noise, which is what the weighted average's derivative
+        is made of: on a 5-feature ridge problem with 32 samples, the mean
+        cosine with the exact hypergradient rises from about 0.86 to 0.94.
+        One QR factorization of a ``dim(theta)`` by ``min(n, dim(theta))``
+        matrix per block.
     random_state : int, torch.Generator or None, default=None
         Seed of the perturbations (``None``: torch's global generator).
+
+    Notes
+    -----
+    ``info.extra`` holds ``temperature`` (the one used), ``loss_std`` and
+    ``loss_spread`` (standard deviation and range of the perturbed losses),
+    ``effective_sample_size`` (``1 / sum w_k^2``, between 1 and
+    ``n_samples``), ``n_samples``, ``n_nonfinite`` and ``shift_norm`` (how far
+    the forward value moved from ``theta_hat``). A
+    :class:`~skbilevel.hypergrad.HypergradientWarning` says when the weights
+    collapse on a few samples (effective sample size below
+    ``min(n_samples / 2, max(3, n_samples / 20))``) and when the perturbed
+    losses differ only by rounding (``sigma`` too small for the dtype).
 
     Examples
     --------
@@ -384,14 +427,18 @@ class EvoGrad(HypergradientStrategy):
         self,
         n_samples=32,
         sigma=0.01,
-        temperature=0.01,
+        temperature=None,
+        temperature_scale=1.0,
         antithetic=True,
+        orthogonal=True,
         random_state=None,
     ):
         self.n_samples = n_samples
         self.sigma = sigma
         self.temperature = temperature
+        self.temperature_scale = temperature_scale
         self.antithetic = antithetic
+        self.orthogonal = orthogonal
         self.random_state = random_state
         self._sampler = _Sampler(random_state)
 
@@ -399,10 +446,40 @@ class EvoGrad(HypergradientStrategy):
         """:class:`LBFGS` with its dtype-dependent default tolerance."""
         return LBFGS()
 
+    def _orthogonal_draws(self, m, leaves):
+        """``m`` Gaussian draws over all leaves, orthogonal in blocks of ``dim(theta)``.
+
+        Each block of ``G`` (rows i.i.d. standard normal) becomes ``diag(|g_k|) Q``
+        with ``Q`` the orthonormal factor of its rows: by rotation invariance
+        every row is still marginally ``N(0, I)``, but rows in a block are
+        exactly orthogonal (orthogonal evolution strategies).
+        """
+        sizes = [t.numel() for t in leaves]
+        dim = sum(sizes)
+        G = self._sampler.randn((m, dim), leaves[0])
+        blocks = []
+        for start in range(0, m, dim):
+            g = G[start : start + dim]
+            q, r = torch.linalg.qr(g.T)
+            # QR's signs are arbitrary; fix them so q_k has g_k's orientation
+            signs = torch.sign(torch.diagonal(r))
+            signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+            lengths = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+            blocks.append((q * signs).T * lengths)
+        flat = torch.cat(blocks)
+        eps, start = [], 0
+        for t, size in zip(leaves, sizes):
+            part = flat[:, start : start + size].reshape((m,) + tuple(t.shape))
+            eps.append(part.to(device=t.device, dtype=t.dtype))
+            start += size
+        return eps
+
     def argmin(self, inner_loss, phi, init, solver, info):
         _check_positive("n_samples", self.n_samples, integer=True)
         _check_positive("sigma", self.sigma)
-        _check_positive("temperature", self.temperature)
+        if self.temperature is not None:
+            _check_positive("temperature", self.temperature)
+        _check_positive("temperature_scale", self.temperature_scale)
         phi0 = tree_detach(phi)
         theta_hat, res = solver.solve(
             lambda t: inner_loss(t, phi0), tree_detach(init), phi=phi0
@@ -417,7 +494,10 @@ class EvoGrad(HypergradientStrategy):
         leaves, spec = tree_flatten(theta_hat)
         n = int(self.n_samples)
         n_draw = (n + 1) // 2 if self.antithetic else n
-        eps = [self._sampler.randn((n_draw,) + tuple(t.shape), t) for t in leaves]
+        if self.orthogonal and sum(t.numel() for t in leaves) > 1:
+            eps = self._orthogonal_draws(n_draw, leaves)
+        else:
+            eps = [self._sampler.randn((n_draw,) + tuple(t.shape), t) for t in leaves]
         if self.antithetic:
             eps = [torch.cat([e, -e]) for e in eps]
         n = eps[0].shape[0]
@@ -436,12 +516,22 @@ class EvoGrad(HypergradientStrategy):
                 f"EvoGrad: the inner loss is not finite at any of the {n} perturbed "
                 f"points (sigma={self.sigma:.3g}); lower sigma."
             )
+        finite_losses = losses.detach()[finite]
+        spread = float(finite_losses.max() - finite_losses.min())
+        loss_std = float(finite_losses.std(correction=0))
+        # Differences below a few ulps of the loss are rounding, not signal.
+        noise = 10.0 * torch.finfo(losses.dtype).eps * float(finite_losses.abs().max())
+        if self.temperature is not None:
+            temperature = float(self.temperature)
+        else:
+            temperature = float(self.temperature_scale) * max(loss_std, noise)
+            if not temperature > 0.0:  # every loss is exactly 0
+                temperature = 1.0
         minus_inf = losses.new_tensor(-math.inf)
-        logits = torch.where(finite, -losses / self.temperature, minus_inf)
+        logits = torch.where(finite, -losses / temperature, minus_inf)
         weights = torch.softmax(logits, dim=0)
         w_det = weights.detach()
         ess = float(1.0 / (w_det**2).sum())
-        spread = float(losses.detach()[finite].max() - losses.detach()[finite].min())
         # sum_k w_k theta_k = theta_hat + sigma sum_k w_k eps_k (sum w = 1)
         out = [
             t + self.sigma * torch.tensordot(weights, e, dims=1)
@@ -450,7 +540,9 @@ class EvoGrad(HypergradientStrategy):
         info.n_grad += n  # backward: one pass through each of the n loss evaluations
         info.extra.update(
             n_samples=n,
+            temperature=temperature,
             effective_sample_size=ess,
+            loss_std=loss_std,
             loss_spread=spread,
             n_nonfinite=n_bad,
             shift_norm=math.sqrt(
@@ -464,12 +556,25 @@ class EvoGrad(HypergradientStrategy):
                 HypergradientWarning,
                 stacklevel=3,
             )
-        if ess < min(3.0, n / 2):
+        if spread <= noise:
+            warnings.warn(
+                f"EvoGrad: the inner losses of the {n} perturbed points differ only "
+                f"by rounding (spread {spread:.3e}, rounding level {noise:.3e}), so "
+                f"the weights carry no information (sigma={self.sigma:.3g}); raise "
+                "sigma or use float64.",
+                HypergradientWarning,
+                stacklevel=3,
+            )
+        elif ess < min(n / 2, max(3.0, n / 20)):
+            advice = (
+                "raise temperature or lower sigma" if self.temperature is not None
+                else "raise temperature_scale (the losses have a heavy lower tail)"
+            )
             warnings.warn(
                 "EvoGrad: the weights collapsed on a few samples (effective sample "
-                f"size {ess:.2f} of {n}; inner-loss spread {spread:.3e} vs temperature "
-                f"{self.temperature:.3e}). The hypergradient is mostly noise; raise "
-                "temperature or lower sigma.",
+                f"size {ess:.2f} of {n}; inner-loss std {loss_std:.3e}, spread "
+                f"{spread:.3e} vs temperature {temperature:.3e}). The hypergradient "
+                f"is mostly noise; {advice}.",
                 HypergradientWarning,
                 stacklevel=3,
             )
