@@ -181,8 +181,8 @@ class _MetaLearnerMixin:
             with core_warnings_as_sklearn():
                 result = minimize_outer(
                     objective, meta, optimizer="adam", learning_rate=self.learning_rate,
-                    max_iter=self.max_iter, tol=0.0, n_iter_no_change=self.max_iter + 1,
-                    callbacks=self.callbacks, verbose=self.verbose, restore_best=False,
+                    max_iter=self.max_iter, early_stopping=False,
+                    callbacks=self.callbacks, verbose=self.verbose,
                     desc=f"{type(self).__name__}({method.name})",
                 )
         with torch.no_grad():  # module_ carries the meta-learned backbone weights

@@ -628,8 +628,8 @@ class _BaseSampleReweighter(BaseEstimator):
         with core_warnings_as_sklearn():
             result = minimize_outer(
                 objective, phi, optimizer="adam", learning_rate=weight_lr,
-                max_iter=self.max_iter, tol=0.0, n_iter_no_change=self.max_iter + 1,
-                callbacks=callbacks, verbose=self.verbose, restore_best=False,
+                max_iter=self.max_iter, early_stopping=False,
+                callbacks=callbacks, verbose=self.verbose,
                 desc=type(self).__name__,
             )
         leaves = [phi] if isinstance(phi, torch.Tensor) else list(phi.values())
