@@ -638,7 +638,7 @@ def main():
     peer_rows = []
     for d in peer_ds:
         print(f"\n[peers] logistic regression d={d}, per-feature penalties", flush=True)
-        rows, tg = peers_table(d, 1000 if d <= 1000 else 500, T, repeat=max(repeat, 3))
+        rows, tg = peers_table(d, 1000 if d <= 1000 else 500, T, repeat=3 if quick else 15)
         peer_rows += rows
         targets += tg
     print_table(peer_rows, ["problem", "comparison", "skbilevel_ms", "peer_ms", "ratio",
