@@ -35,10 +35,10 @@ from ..hypergrad import (
     available_kernels,
     kernel_ridge_coef,
     kip_loss,
-    minimize_outer,
     pairwise_kernel,
 )
-from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy
+from ..utils import resolve_device, resolve_dtype, to_numpy, torch_generator
+from ..utils._fit import fit_outer
 from ..utils._modules import MLP
 
 __all__ = ["DatasetDistiller"]
@@ -313,7 +313,7 @@ class DatasetDistiller(BaseEstimator):
                 f"reg must be > 0 for method='kip' (kernel ridge); got {self.reg}."
             )
         rng = check_random_state(self.random_state)
-        gen = torch.Generator(device="cpu").manual_seed(int(rng.randint(0, 2**31 - 1)))
+        gen = torch_generator(rng)
 
         task = self._target_task(y)
         self._task = task
@@ -376,24 +376,15 @@ class DatasetDistiller(BaseEstimator):
             objective, model = self._unrolled_objective(targets0, draw_batch, gen, task, to)
             deterministic = False
 
-        with core_warnings_as_sklearn():
-            res = minimize_outer(
-                objective,
-                phi,
-                optimizer="adam",
-                learning_rate=self.learning_rate,
-                max_iter=self.max_iter,
-                early_stopping=False,
-                callbacks=self.callbacks,
-                verbose=self.verbose,
-                restore_best=deterministic,
-                projection=project if self.clip else None,
-                desc="distill",
-            )
-
-        self.n_iter_ = res.n_iter
-        self.history_ = np.asarray(res.history, dtype=float)
-        self.hypergradient_info_ = res.info.as_dict() if res.info is not None else {}
+        fit_outer(
+            self,
+            objective,
+            phi,
+            early_stopping=False,
+            restore_best=deterministic,
+            projection=project if self.clip else None,
+            desc="distill",
+        )
 
         Xs = phi["X"].detach()
         targets = self._current_targets(phi, targets0, task).detach()

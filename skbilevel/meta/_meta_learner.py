@@ -27,10 +27,10 @@ from ..hypergrad import (
     MetaMethod,
     available_meta_methods,
     get_meta_method,
-    minimize_outer,
 )
 from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
-from ..utils._modules import MLP, build_module, module_params
+from ..utils._fit import fit_outer
+from ..utils._modules import MLP, build_module, load_parameters, module_params
 
 __all__ = [
     "MetaLearnerClassifier",
@@ -154,6 +154,22 @@ class _MetaLearnerMixin:
                     f"{what} more samples."
                 )
 
+    def _seeds(self):
+        """Seeds of the backbone initialization and of the task sampler."""
+        rng = check_random_state(self.random_state)
+        torch_seed = int(rng.randint(0, 2**31 - 1))
+        return torch_seed, np.random.RandomState(rng.randint(0, 2**31 - 1))
+
+    def _group_sampler(self, groups, n_samples, rng):
+        """Sampler of the tasks given by ``groups`` (all samples are one task when
+        ``None``), after checking that each has ``k_shot + n_query`` samples."""
+        if groups is None:
+            names, task_indices = ["all samples"], [np.arange(n_samples)]
+        else:
+            names, task_indices = _groups_indices(groups, n_samples)
+        self._check_task_sizes(list(zip(names, map(len, task_indices))), "task")
+        return _task_sampler(task_indices, self.k_shot, self.n_query, self.meta_batch_size, rng)
+
     def _fit_meta(self, X, y_t, sampler, n_outputs_head, n_outputs_task, torch_seed):
         """Build the backbone, run the outer loop, store the fitted state."""
         n_features = X.shape[1]
@@ -171,29 +187,18 @@ class _MetaLearnerMixin:
             meta = method.init_meta(model)
             for leaf in _leaves(meta):
                 leaf.requires_grad_(True)
-            X_t = to_tensor(X, device=device, dtype=dtype)
-            y_dev = y_t.to(device) if y_t.dtype == torch.long else y_t.to(device=device, dtype=dtype)
+            X_t, y_dev = _task_tensors(X, y_t, device, dtype)
 
             def objective(phi):
                 batch = sampler(X_t, y_dev)
                 return method.meta_loss(model, phi, batch, n_outputs=n_outputs_task)
 
-            with core_warnings_as_sklearn():
-                result = minimize_outer(
-                    objective, meta, optimizer="adam", learning_rate=self.learning_rate,
-                    max_iter=self.max_iter, early_stopping=False,
-                    callbacks=self.callbacks, verbose=self.verbose,
-                    desc=f"{type(self).__name__}({method.name})",
-                )
-        with torch.no_grad():  # module_ carries the meta-learned backbone weights
-            for name, param in module.named_parameters():
-                param.copy_(meta["params"][name].detach().to(device="cpu", dtype=param.dtype))
-        self.module_ = module
+            result = fit_outer(self, objective, meta, early_stopping=False,
+                               desc=f"{type(self).__name__}({method.name})")
+        # module_ carries the meta-learned backbone weights (in the module's own dtype)
+        self.module_ = load_parameters(module, meta["params"])
         self.meta_params_ = {k: v.detach().to("cpu").clone()
                              for k, v in method.state_dict(meta).items()}
-        self.n_iter_ = int(result.n_iter)
-        self.history_ = np.asarray(result.history, dtype=float)
-        self.hypergradient_info_ = result.info.as_dict() if result.info is not None else {}
         info = result.info
         if info is not None and info.linear_solve_converged is False and (
             info.linear_solve_residual is not None and info.linear_solve_residual > 0.1
@@ -209,8 +214,7 @@ class _MetaLearnerMixin:
     def _adapt_state(self, X, y_t, n_outputs, inner_steps=None):
         """Task state (CPU tensors) of the meta-learner adapted on ``(X, y)``."""
         model, method, meta, device, dtype = self._runtime()
-        X_t = to_tensor(X, device=device, dtype=dtype)
-        y_dev = y_t.to(device) if y_t.dtype == torch.long else y_t.to(device=device, dtype=dtype)
+        X_t, y_dev = _task_tensors(X, y_t, device, dtype)
         with core_warnings_as_sklearn():
             task = method.adapt(model, meta, X_t, y_dev, n_outputs=n_outputs, steps=inner_steps)
         state = {k: v.detach().to("cpu") for k, v in _flat_task(task).items()}
@@ -230,6 +234,14 @@ class _MetaLearnerMixin:
         with torch.no_grad():
             out = method.predict(model, meta, task, X_t, n_outputs=n_outputs)
         return to_numpy(out).astype(np.float64)
+
+
+def _task_tensors(X, y_t, device, dtype):
+    """``X`` and the targets on ``device``: labels stay integer, targets take ``dtype``."""
+    X_t = to_tensor(X, device=device, dtype=dtype)
+    if y_t.dtype == torch.long:
+        return X_t, y_t.to(device)
+    return X_t, y_t.to(device=device, dtype=dtype)
 
 
 def _softmax(logits):
@@ -523,9 +535,7 @@ class MetaLearnerClassifier(_MetaLearnerMixin, ClassifierMixin, BaseEstimator):
                 f"{type(self).__name__} needs at least 2 classes in y; got 1 class "
                 f"({self.classes_[0]!r})."
             )
-        rng = check_random_state(self.random_state)
-        torch_seed = int(rng.randint(0, 2**31 - 1))
-        sampler_rng = np.random.RandomState(rng.randint(0, 2**31 - 1))
+        torch_seed, sampler_rng = self._seeds()
         self._episodic = groups is None
         if self._episodic:
             n_way = n_classes if self.n_way is None else self.n_way
@@ -542,10 +552,7 @@ class MetaLearnerClassifier(_MetaLearnerMixin, ClassifierMixin, BaseEstimator):
             self.n_way_ = n_way
             n_task_outputs = n_way
         else:
-            names, task_indices = _groups_indices(groups, X.shape[0])
-            self._check_task_sizes(list(zip(names, map(len, task_indices))), "task")
-            sampler = _task_sampler(task_indices, self.k_shot, self.n_query,
-                                    self.meta_batch_size, sampler_rng)
+            sampler = self._group_sampler(groups, X.shape[0], sampler_rng)
             self.n_way_ = n_classes
             n_task_outputs = n_classes
         y_t = torch.as_tensor(y_enc, dtype=torch.long)
@@ -735,17 +742,8 @@ class MetaLearnerRegressor(_MetaLearnerMixin, RegressorMixin, BaseEstimator):
                              dtype=[np.float64, np.float32])
         self._y_1d = y.ndim == 1
         y2 = y.reshape(len(y), -1).astype(np.float64)
-        rng = check_random_state(self.random_state)
-        torch_seed = int(rng.randint(0, 2**31 - 1))
-        sampler_rng = np.random.RandomState(rng.randint(0, 2**31 - 1))
-        if groups is None:
-            task_indices = [np.arange(X.shape[0])]
-            self._check_task_sizes([("all samples", X.shape[0])], "task")
-        else:
-            names, task_indices = _groups_indices(groups, X.shape[0])
-            self._check_task_sizes(list(zip(names, map(len, task_indices))), "task")
-        sampler = _task_sampler(task_indices, self.k_shot, self.n_query,
-                                self.meta_batch_size, sampler_rng)
+        torch_seed, sampler_rng = self._seeds()
+        sampler = self._group_sampler(groups, X.shape[0], sampler_rng)
         self.n_outputs_ = y2.shape[1]
         y_t = torch.as_tensor(y2)
         self._fit_meta(X, y_t, sampler, self.n_outputs_, None, torch_seed)
@@ -803,6 +801,14 @@ class _AdaptedMixin:
             )
         check_is_fitted(meta)
         return meta
+
+    @staticmethod
+    def _check_support_features(meta, X):
+        if X.shape[1] != meta.n_features_in_:
+            raise ValueError(
+                f"X_support has {X.shape[1]} features but the meta-learner was fitted "
+                f"with {meta.n_features_in_}."
+            )
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -866,11 +872,7 @@ class AdaptedClassifier(_AdaptedMixin, ClassifierMixin, BaseEstimator):
         """
         meta = self._meta(MetaLearnerClassifier)
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
-        if X.shape[1] != meta.n_features_in_:
-            raise ValueError(
-                f"X_support has {X.shape[1]} features but the meta-learner was fitted "
-                f"with {meta.n_features_in_}."
-            )
+        self._check_support_features(meta, X)
         check_classification_targets(y)
         if meta._episodic:
             self.classes_, y_enc = np.unique(y, return_inverse=True)
@@ -983,11 +985,7 @@ class AdaptedRegressor(_AdaptedMixin, RegressorMixin, BaseEstimator):
         meta = self._meta(MetaLearnerRegressor)
         X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
                              dtype=[np.float64, np.float32])
-        if X.shape[1] != meta.n_features_in_:
-            raise ValueError(
-                f"X_support has {X.shape[1]} features but the meta-learner was fitted "
-                f"with {meta.n_features_in_}."
-            )
+        self._check_support_features(meta, X)
         y2 = y.reshape(len(y), -1)
         if y2.shape[1] != meta.n_outputs_:
             raise ValueError(

@@ -42,12 +42,14 @@ from sklearn.utils.validation import (
 from sklearn.base import _fit_context
 from torch import nn
 
-from ..hypergrad import LBFGS, GradientDescent, StepSolver, argmin, get_strategy, minimize_outer
-from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy
+from ..hypergrad import LBFGS, GradientDescent, StepSolver, argmin, get_strategy
+from ..utils import resolve_device, resolve_dtype, to_numpy, to_tensor
+from ..utils._fit import fit_outer
 from ..utils._modules import (
     WeightNet,
     build_module,
     functional_forward,
+    load_parameters,
     module_params,
     skorch_parts,
 )
@@ -538,7 +540,7 @@ class _BaseSampleReweighter(BaseEstimator):
             torch.manual_seed(self._seed)
             module, kind, criterion = self._resolve_model(n_features, n_outputs)
             module = module.to(device=device, dtype=dtype)
-            X_t = torch.as_tensor(X if X.flags.writeable else X.copy(), dtype=dtype, device=device)
+            X_t = to_tensor(X, device=device, dtype=dtype)
             self._check_output_shape(module, X_t)
             weight_net = None
             if self.method == "weight_net":
@@ -625,13 +627,8 @@ class _BaseSampleReweighter(BaseEstimator):
         if self.early_stopping:
             callbacks.append(early_stop)
 
-        with core_warnings_as_sklearn():
-            result = minimize_outer(
-                objective, phi, optimizer="adam", learning_rate=weight_lr,
-                max_iter=self.max_iter, early_stopping=False,
-                callbacks=callbacks, verbose=self.verbose,
-                desc=type(self).__name__,
-            )
+        result = fit_outer(self, objective, phi, learning_rate=weight_lr, callbacks=callbacks,
+                           early_stopping=False)
         leaves = [phi] if isinstance(phi, torch.Tensor) else list(phi.values())
         if result.stop_reason == "diverged":
             with torch.no_grad():
@@ -659,20 +656,13 @@ class _BaseSampleReweighter(BaseEstimator):
         self.sample_weight_[train_idx] = w
         self.trusted_ = np.zeros(n, dtype=bool)
         self.trusted_[trusted_idx] = True
-        self.n_iter_ = max(int(result.n_iter), 1)
-        self.history_ = np.asarray(result.history, dtype=np.float64)
-        self.hypergradient_info_ = result.info.as_dict() if result.info is not None else {}
+        self.n_iter_ = max(self.n_iter_, 1)
         self.stop_reason_ = result.stop_reason
 
-        with torch.no_grad():
-            module.load_state_dict({**module.state_dict(), **{k: t.detach() for k, t in theta.items()}})
-        self.module_ = copy.deepcopy(module).cpu().eval()
+        self.module_ = copy.deepcopy(load_parameters(module, theta)).cpu().eval()
         self.weight_net_ = None
         if weight_net is not None:
-            with torch.no_grad():
-                for name, p in weight_net.named_parameters():
-                    p.copy_(phi[name].detach())
-            self.weight_net_ = copy.deepcopy(weight_net).cpu().eval()
+            self.weight_net_ = copy.deepcopy(load_parameters(weight_net, phi)).cpu().eval()
         self._kind, self._criterion = kind, criterion
         self._y_mean, self._y_scale, self._torch_dtype = y_mean, y_scale, dtype
 
@@ -733,9 +723,8 @@ class _BaseSampleReweighter(BaseEstimator):
                         stacklevel=3,
                     )
                     break
-        with torch.no_grad():
-            module.load_state_dict({**module.state_dict(), **{k: t.detach() for k, t in theta.items()}})
-        return _TorchModel(copy.deepcopy(module).cpu().eval(), problem.kind, problem.criterion,
+        return _TorchModel(copy.deepcopy(load_parameters(module, theta)).cpu().eval(),
+                           problem.kind, problem.criterion,
                            getattr(self, "classes_", None), self._y_mean, self._y_scale, dtype)
 
     # ------------------------------------------------------------------

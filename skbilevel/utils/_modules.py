@@ -7,7 +7,8 @@ parameters routed to the module's constructor. This file holds the pieces
 shared by those estimators: the built-in :class:`MLP` and :class:`WeightNet`,
 the resolver :func:`build_module`, the prefix helpers that let
 ``get_params`` / ``set_params`` see ``module__*`` keywords, and
-:func:`functional_forward` to evaluate a module at a given set of parameters.
+:func:`functional_forward` to evaluate a module at a given set of parameters,
+and :func:`load_parameters` to store such a set in the module once fitted.
 """
 
 import copy
@@ -21,6 +22,7 @@ __all__ = [
     "WeightNet",
     "build_module",
     "functional_forward",
+    "load_parameters",
     "module_params",
     "prefixed_params",
     "skorch_parts",
@@ -310,3 +312,26 @@ def functional_forward(module, params, *args):
     tensor([2., 2., 2.])
     """
     return torch.func.functional_call(module, params, args)
+
+
+def load_parameters(module, params):
+    """Copy ``params`` into ``module``'s parameters in place, and return the module.
+
+    ``params`` maps parameter names (as in ``module.named_parameters()``) to
+    tensors on any device and in any floating dtype, typically the fitted
+    values of a functional fit; they are detached and cast to each
+    parameter's device and dtype. Parameters not named keep their values.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.utils._modules import load_parameters
+    >>> lin = torch.nn.Linear(2, 1)
+    >>> w = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
+    >>> load_parameters(lin, {"weight": w}).weight
+    Parameter containing:
+    tensor([[1., 1.]], requires_grad=True)
+    """
+    with torch.no_grad():
+        module.load_state_dict({**module.state_dict(), **{k: v.detach() for k, v in params.items()}})
+    return module
