@@ -157,3 +157,63 @@ def test_bad_stopping_options(kwargs, match):
     x = torch.zeros(1, requires_grad=True)
     with pytest.raises(ValueError, match=match):
         minimize_outer(lambda p: p.sum(), x, **kwargs)
+
+
+def _rosenbrock(p):
+    return (p[0] - 1.0) ** 2 + 100.0 * (p[1] - p[0] ** 2) ** 2
+
+
+def test_lbfgs_solves_rosenbrock_where_adam_stalls():
+    x = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(_rosenbrock, x, optimizer="lbfgs", learning_rate=1.0,
+                         max_iter=200, tol=1e-12)
+    torch.testing.assert_close(x.detach(), torch.ones(2, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    assert res.stop_reason == "tol" and res.n_iter < 60
+    # an accepted line-search point is reused: about one evaluation per iteration
+    assert res.n_iter <= res.n_eval <= 2 * res.n_iter + 5
+    assert len(res.history) == len(res.grad_norms) == res.n_iter
+    y = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
+    adam = minimize_outer(_rosenbrock, y, optimizer="adam", learning_rate=0.05,
+                          max_iter=200, tol=1e-12)
+    assert adam.best_loss > 1e3 * res.best_loss
+
+
+def test_lbfgs_tree_phi_info_callbacks_and_projection():
+    from skbilevel.hypergrad import HypergradientInfo
+
+    phi = {"a": torch.zeros(2, dtype=torch.float64, requires_grad=True),
+           "b": torch.zeros((), dtype=torch.float64, requires_grad=True)}
+    target = torch.tensor([2.0, -3.0], dtype=torch.float64)
+
+    def obj(p):
+        loss = ((p["a"] - target) ** 2).sum() + (p["b"] - 1.0) ** 2
+        return loss, HypergradientInfo(strategy="test")
+
+    seen = []
+
+    def clamp(leaves):
+        leaves[0].clamp_(min=-1.0)
+
+    res = minimize_outer(obj, phi, optimizer="lbfgs", learning_rate=1.0, max_iter=50,
+                         tol=1e-12, callbacks=[lambda s: seen.append(s.loss)],
+                         projection=clamp)
+    assert res.info is not None and res.info.strategy == "test"
+    assert seen == res.history
+    torch.testing.assert_close(phi["a"].detach(), torch.tensor([2.0, -1.0], dtype=torch.float64))
+    assert math.isclose(float(phi["b"].detach()), 1.0, abs_tol=1e-8)
+
+
+def test_lbfgs_stops_cleanly_when_no_decrease_exists():
+    # a function flat to rounding: the line search finds no decrease
+    x = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(lambda p: (p * 0.0).sum() + 1.0 + 1e-300 * p.sum(), x,
+                         optimizer="lbfgs", learning_rate=1.0, max_iter=20, tol=0.0)
+    assert res.stop_reason in ("line_search", "tol")
+    assert torch.isfinite(x).all()
+
+
+def test_torch_lbfgs_is_refused_with_a_pointer():
+    x = torch.zeros(1, requires_grad=True)
+    with pytest.raises(ValueError, match="optimizer='lbfgs'"):
+        minimize_outer(lambda p: (p ** 2).sum(), x, optimizer=torch.optim.LBFGS([x]))
