@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ._linear_solve import _default_tol
 from ._tree import tree_detach, tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
@@ -64,7 +65,11 @@ class HypergradientInfo:
     inner_grad_norm : float or None
         Euclidean norm of the inner gradient at the returned ``theta``.
     inner_converged : bool or None
-        Whether the inner solver met its tolerance.
+        Whether ``inner_grad_norm`` is within the inner tolerance: the
+        solver's own tolerance (:attr:`SolveResult.tol`), or the strategy's
+        ``inner_tol`` where it has one. A fixed-step solver counts as
+        converged only when its last step lands within the dtype's default
+        tolerance, never merely for having run its steps.
     linear_solve_iterations : int or None
         Iterations of the linear solve in the backward pass.
     linear_solve_residual : float or None
@@ -117,13 +122,18 @@ class SolveResult:
         Norm of the gradient of the inner objective at the returned point
         (``nan`` where the solver does not compute it).
     converged : bool
-        Whether the solver's own tolerance was met.
+        Whether the returned point is stationary: ``grad_norm <= tol``, or
+        ``True`` with ``tol=None`` for a solution that is exact by
+        construction (a closed form).
     n_grad : int or None
         Gradient evaluations spent (``None``: the solver does not count them).
     n_hvp : int
         Hessian-vector products spent.
     message : str
         Why the solver stopped, in words.
+    tol : float or None
+        The gradient-norm tolerance ``converged`` was judged by (``None``:
+        exact by construction).
     """
 
     n_iter: int
@@ -132,6 +142,12 @@ class SolveResult:
     n_grad: Optional[int] = None
     n_hvp: int = 0
     message: str = ""
+    tol: Optional[float] = None
+
+
+def _within_tol(grad_norm, tol):
+    """The core's one convergence rule: ``||grad f(theta)|| <= tol`` (nan fails)."""
+    return bool(grad_norm <= tol)
 
 
 class InnerSolver:
@@ -156,6 +172,12 @@ class StepSolver(InnerSolver):
     Unrolled strategies call :meth:`init_state` and then :meth:`step`
     ``n_steps`` times, with ``create_graph=True`` where the steps must be
     differentiated.
+
+    :meth:`solve` has no stopping tolerance: it runs the ``n_steps`` steps
+    and reports ``converged`` by the gradient norm at the last point against
+    the default tolerance of its dtype (``1e-10`` in float64, ``1e-5`` in
+    float32, the :class:`~skbilevel.hypergrad.LBFGS` default), so that
+    strategies needing a stationary point can tell.
 
     Parameters
     ----------
@@ -183,7 +205,12 @@ class StepSolver(InnerSolver):
                 theta, state = self.step(fun, theta, state, create_graph=False)
             theta = tree_detach(theta)
             state = None if state is None else tree_detach(state)
-        return theta, SolveResult(n_iter=self.n_steps, grad_norm=_grad_norm(fun, theta))
+        grad_norm = _grad_norm(fun, theta)
+        tol = _default_tol(tree_flatten(theta)[0][0].dtype)
+        return theta, SolveResult(
+            n_iter=self.n_steps, grad_norm=grad_norm,
+            converged=_within_tol(grad_norm, tol), tol=tol,
+        )
 
 
 class ClosedFormSolver(InnerSolver):
@@ -397,6 +424,22 @@ def _keep_connected(theta, phi, info):
     anchor = sum((t.reshape(-1)[:1] * 0).sum() for t in phi_leaves)
     info.extra["theta_independent_of_phi"] = True
     return tree_unflatten(spec, [t + anchor.to(t.dtype) for t in theta_leaves])
+
+
+def warn_inner_solve(info, tol, strategy, solver, message=""):
+    """Emit :class:`InnerSolveWarning`: the inner solution is not stationary."""
+    why = f" ({message})" if message else ""
+    limit = "its tolerance" if tol is None else f"tol {tol:.1e}"
+    warnings.warn(
+        f"The {strategy!r} hypergradient assumes an inner optimum, but "
+        f"{type(solver).__name__} returned a point with inner gradient norm "
+        f"{info.inner_grad_norm:.3e} > {limit} after "
+        f"{info.inner_iterations} iterations{why}. The implicit hypergradient is "
+        "biased; run the inner solver longer (or use LBFGS / NewtonCG), loosen "
+        "inner_tol, or use an unrolled strategy for a fixed number of steps.",
+        InnerSolveWarning,
+        stacklevel=5,  # the user's argmin call
+    )
 
 
 def warn_linear_solve(info, tol, method):

@@ -26,6 +26,17 @@ never from hand-written second derivatives. Only ``phi`` leaves that require
 grad receive a hypergradient; tensors captured in ``inner_loss``'s closure do
 not (put them in ``phi`` if they should). The backward pass is differentiable
 once (no hypergradients of hypergradients).
+
+The implicit function theorem holds at a stationary point only, so every
+strategy here judges the inner solution by its gradient norm,
+``||grad_theta f(theta, phi)|| <= tol``: ``tol`` is the strategy's
+``inner_tol`` when set, otherwise the solver's own
+(``SolveResult.tol``, see :class:`~skbilevel.hypergrad.SolveResult`; for a
+fixed-step solver such as ``GradientDescent(n_steps=...)`` the dtype's
+default, ``1e-10`` in float64 and ``1e-5`` in float32). ``info.inner_converged``
+records the verdict, and a point that fails it raises
+:class:`~skbilevel.hypergrad.InnerSolveWarning` with the gradient norm (unless
+the solver already warned about the same solve).
 """
 
 import math
@@ -37,7 +48,9 @@ from torch.autograd.function import once_differentiable
 from ._base import (
     HypergradientStrategy,
     LinearSolveWarning,
+    _within_tol,
     register_strategy,
+    warn_inner_solve,
     warn_linear_solve,
 )
 from ._linear_solve import (
@@ -219,7 +232,6 @@ class _Implicit(HypergradientStrategy):
         theta_star, result = solver.solve(fun, tree_detach(init), phi=phi_det)
         theta_star = tree_detach(theta_star)
         info.inner_iterations = result.n_iter
-        info.inner_converged = result.converged
         info.n_grad += result.n_grad if result.n_grad is not None else result.n_iter
         info.n_hvp += result.n_hvp
         grad_norm = result.grad_norm
@@ -227,6 +239,7 @@ class _Implicit(HypergradientStrategy):
             grad_norm = _grad_norm(fun, theta_star)
             info.n_grad += 1
         info.inner_grad_norm = float(grad_norm)
+        self._judge_inner(result, solver, info)
         theta_leaves, theta_spec = tree_flatten(theta_star)
         grad_idx = [i for i, p in enumerate(phi_leaves) if p.requires_grad]
         if not grad_idx:
@@ -237,6 +250,28 @@ class _Implicit(HypergradientStrategy):
         )
         out = _ImplicitFunction.apply(state, *[phi_leaves[i] for i in grad_idx])
         return tree_unflatten(theta_spec, list(out))
+
+    def _judge_inner(self, result, solver, info):
+        """Set ``info.inner_converged`` by the gradient norm; warn when it fails."""
+        inner_tol = getattr(self, "inner_tol", None)
+        if inner_tol is not None:
+            if not (isinstance(inner_tol, (int, float)) and inner_tol >= 0):
+                raise ValueError(
+                    "inner_tol must be a non-negative number or None; got "
+                    f"{inner_tol!r}."
+                )
+            tol = float(inner_tol)
+        else:
+            tol = result.tol
+        if tol is None:  # exact by construction (a closed form)
+            info.inner_converged = bool(result.converged)
+        else:
+            info.inner_converged = _within_tol(info.inner_grad_norm, tol)
+            info.extra["inner_tol"] = tol
+        # LBFGS / NewtonCG warn (or were told not to) about their own failures
+        solver_warned = hasattr(solver, "warn") and not result.converged
+        if not info.inner_converged and not solver_warned:
+            warn_inner_solve(info, tol, self.name, solver, result.message)
 
     def _solve(self, matvec, matrix, b, info):
         """Return ``v ~ H^{-1} b`` and fill the linear-solve fields of ``info``."""
@@ -278,6 +313,12 @@ class ImplicitCG(_Implicit):
         better solution is kept and ``info.fallback`` records it.
     dense_max_dim : int, default=1000
         Largest ``dim(theta)`` for the dense fallback.
+    inner_tol : float, optional
+        Gradient-norm tolerance at which the inner solution counts as an
+        optimum (``info.inner_converged``; above it an
+        :class:`~skbilevel.hypergrad.InnerSolveWarning`). Default: the
+        solver's own tolerance (``1e-10`` in float64, ``1e-5`` in float32 for
+        fixed-step solvers).
 
     Notes
     -----
@@ -311,13 +352,14 @@ class ImplicitCG(_Implicit):
 
     def __init__(
         self, tol=None, maxiter=None, warm_start=False, fallback=None,
-        dense_max_dim=1000,
+        dense_max_dim=1000, inner_tol=None,
     ):
         self.tol = tol
         self.maxiter = maxiter
         self.warm_start = warm_start
         self.fallback = fallback
         self.dense_max_dim = dense_max_dim
+        self.inner_tol = inner_tol
         self._x_prev = None
 
     def _solve(self, matvec, matrix, b, info):
@@ -386,6 +428,12 @@ class ImplicitNeumann(_Implicit):
         warns.
     power_iterations : int, default=20
         Power-iteration steps used to choose ``step`` when it is ``None``.
+    inner_tol : float, optional
+        Gradient-norm tolerance at which the inner solution counts as an
+        optimum (``info.inner_converged``; above it an
+        :class:`~skbilevel.hypergrad.InnerSolveWarning`). Default: the
+        solver's own tolerance (``1e-10`` in float64, ``1e-5`` in float32 for
+        fixed-step solvers).
 
     Examples
     --------
@@ -406,11 +454,14 @@ class ImplicitNeumann(_Implicit):
 
     name = "neumann"
 
-    def __init__(self, n_terms=50, step=None, tol=None, power_iterations=20):
+    def __init__(
+        self, n_terms=50, step=None, tol=None, power_iterations=20, inner_tol=None
+    ):
         self.n_terms = n_terms
         self.step = step
         self.tol = tol
         self.power_iterations = power_iterations
+        self.inner_tol = inner_tol
 
     def _solve(self, matvec, matrix, b, info):
         step = self.step
@@ -474,6 +525,12 @@ class ImplicitIdentity(_Implicit):
         reported for free. With a float, only the mixed product is spent
         and the residual is ``nan`` (for an inner problem solved by gradient
         descent, its learning rate is the classic choice).
+    inner_tol : float, optional
+        Gradient-norm tolerance at which the inner solution counts as an
+        optimum (``info.inner_converged``; above it an
+        :class:`~skbilevel.hypergrad.InnerSolveWarning`). Default: the
+        solver's own tolerance (``1e-10`` in float64, ``1e-5`` in float32 for
+        fixed-step solvers).
 
     Examples
     --------
@@ -493,8 +550,9 @@ class ImplicitIdentity(_Implicit):
 
     name = "identity"
 
-    def __init__(self, step=None):
+    def __init__(self, step=None, inner_tol=None):
         self.step = step
+        self.inner_tol = inner_tol
 
     def _solve(self, matvec, matrix, b, info):
         step = self.step
@@ -538,6 +596,12 @@ class ImplicitDense(_Implicit):
     tol : float, optional
         Relative residual above which a warning is emitted; default
         ``sqrt(eps)`` of the dtype.
+    inner_tol : float, optional
+        Gradient-norm tolerance at which the inner solution counts as an
+        optimum (``info.inner_converged``; above it an
+        :class:`~skbilevel.hypergrad.InnerSolveWarning`). Default: the
+        solver's own tolerance (``1e-10`` in float64, ``1e-5`` in float32 for
+        fixed-step solvers).
 
     Examples
     --------
@@ -557,9 +621,10 @@ class ImplicitDense(_Implicit):
 
     name = "dense"
 
-    def __init__(self, method="auto", tol=None):
+    def __init__(self, method="auto", tol=None, inner_tol=None):
         self.method = method
         self.tol = tol
+        self.inner_tol = inner_tol
 
     def _solve(self, matvec, matrix, b, info):
         tol = math.sqrt(torch.finfo(b.dtype).eps) if self.tol is None else self.tol

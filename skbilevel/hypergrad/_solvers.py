@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from ._base import InnerSolver, InnerSolveWarning, SolveResult
+from ._base import InnerSolver, InnerSolveWarning, SolveResult, _within_tol
 from ._linear_solve import _default_tol, solve_cg
 from ._tree import tree_detach, tree_to_vector, vector_to_tree
 
@@ -226,7 +226,7 @@ class LBFGS(InnerSolver):
             )
         g_norm = float(torch.linalg.vector_norm(g))
         S, Y, rho = [], [], []
-        n_iter, converged, message = 0, g_norm <= tol, ""
+        n_iter, converged, message = 0, _within_tol(g_norm, tol), ""
         while not converged and n_iter < self.max_iter:
             d = -g
             if S:
@@ -258,7 +258,7 @@ class LBFGS(InnerSolver):
             f, g = f_new, g_new
             g_norm = float(torch.linalg.vector_norm(g))
             n_iter += 1
-            converged = g_norm <= tol
+            converged = _within_tol(g_norm, tol)
         if not message:
             message = "converged" if converged else "max_iter reached"
         result = SolveResult(
@@ -267,6 +267,7 @@ class LBFGS(InnerSolver):
             converged=bool(converged),
             n_grad=problem.n_grad,
             message=message,
+            tol=tol,
         )
         if not converged and self.warn:
             _warn_inner("LBFGS", result, tol, self.max_iter)
@@ -351,7 +352,7 @@ class NewtonCG(InnerSolver):
                     f"(value {f}); "
                     "check the initialization and the data."
                 )
-            converged = g_norm <= tol
+            converged = _within_tol(g_norm, tol)
             if converged or n_iter >= self.max_iter:
                 break
             if g_graph.requires_grad:
@@ -392,6 +393,7 @@ class NewtonCG(InnerSolver):
             n_grad=problem.n_grad,
             n_hvp=n_hvp,
             message=message,
+            tol=tol,
         )
         if not converged and self.warn:
             _warn_inner("NewtonCG", result, tol, self.max_iter)

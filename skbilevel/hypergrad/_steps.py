@@ -231,8 +231,10 @@ class GradientStepSolver(StepSolver):
     def solve(self, fun, theta0, phi=None):
         """Run ``n_steps`` steps without a graph; return ``(theta, SolveResult)``.
 
-        There is no tolerance: ``result.grad_norm`` says how far from
-        stationary the returned point is.
+        There is no stopping tolerance: ``result.grad_norm`` says how far
+        from stationary the returned point is, and ``result.converged``
+        whether that is within the dtype's default tolerance
+        (``result.tol``; see :class:`~skbilevel.hypergrad.StepSolver`).
         """
         theta, result = super().solve(fun, theta0, phi)
         result.n_grad = self.n_steps + 1  # the steps and the final gradient norm

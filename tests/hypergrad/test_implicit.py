@@ -20,10 +20,12 @@ import torch
 from skbilevel.hypergrad import (
     LBFGS,
     ClosedFormSolver,
+    GradientDescent,
     ImplicitCG,
     ImplicitDense,
     ImplicitIdentity,
     ImplicitNeumann,
+    InnerSolveWarning,
     LinearSolveWarning,
     NewtonCG,
     argmin,
@@ -149,6 +151,69 @@ def test_health_record_fields_are_filled():
     assert d["n_hvp"] == d["linear_solve_iterations"] + 2
     assert d["n_grad"] > d["inner_iterations"]
     assert d["fallback"] is None
+
+
+# ------------------------------------------ inner convergence: one rule, by ||grad||
+
+IMPLICIT = [ImplicitCG, ImplicitNeumann, ImplicitIdentity, ImplicitDense]
+IMPLICIT_IDS = ["cg", "neumann", "identity", "dense"]
+
+
+def _gd(n_steps):
+    X, y, _, _, phi0 = _ridge_data()
+    lipschitz = float(torch.linalg.eigvalsh(X.T @ X + torch.diag(phi0.exp())).max())
+    return GradientDescent(lr=1.0 / lipschitz, n_steps=n_steps)
+
+
+@pytest.mark.parametrize("cls", IMPLICIT, ids=IMPLICIT_IDS)
+def test_fixed_step_solver_far_from_optimum_is_not_converged_and_warns(cls):
+    """5 gradient steps: not an optimum, whatever the step solver ran."""
+    match = r"inner gradient norm \d\.\d+e[+-]\d+ > tol 1\.0e-10"
+    with pytest.warns(InnerSolveWarning, match=match):
+        _, info = _ridge_hypergrad(cls(), _gd(5))
+    assert info.inner_converged is False
+    assert info.inner_grad_norm > 1.0 and info.inner_iterations == 5
+    assert info.extra["inner_tol"] == 1e-10
+
+
+@pytest.mark.parametrize("cls", IMPLICIT, ids=IMPLICIT_IDS)
+def test_fixed_step_solver_at_optimum_is_converged(cls):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InnerSolveWarning)
+        _, info = _ridge_hypergrad(cls(), _gd(3000))
+    assert info.inner_converged is True and info.inner_grad_norm <= 1e-10
+
+
+def test_inner_tol_overrides_the_solver_tolerance():
+    X, y, Xv, yv, phi0 = data = _ridge_data()
+    _, loose = _ridge_hypergrad(ImplicitCG(inner_tol=1.0), _gd(10), data)
+    assert loose.inner_converged and 1e-10 < loose.inner_grad_norm <= 1.0
+    assert loose.extra["inner_tol"] == 1.0
+    # LBFGS met its own tolerance, not the stricter one of the strategy: one warning.
+    with pytest.warns(InnerSolveWarning, match="'dense' hypergradient assumes") as rec:
+        _, strict = _ridge_hypergrad(ImplicitDense(inner_tol=1e-30), LBFGS(), data)
+    assert len(rec) == 1 and strict.inner_converged is False
+    # LBFGS stopped early and warned itself; the strategy does not warn again.
+    with pytest.warns(InnerSolveWarning, match="LBFGS stopped") as rec:
+        _, early = _ridge_hypergrad(ImplicitCG(), LBFGS(max_iter=1), data)
+    assert len(rec) == 1 and early.inner_converged is False
+    # A closed form is exact by construction: no tolerance applies.
+    _, exact = _ridge_hypergrad(ImplicitCG(), RidgeSolver(X, y), data)
+    assert exact.inner_converged is True and "inner_tol" not in exact.extra
+    with pytest.raises(ValueError, match="inner_tol"):
+        _ridge_hypergrad(ImplicitCG(inner_tol=-1.0), LBFGS(), data)
+
+
+def test_solvers_report_the_tolerance_they_judged_by():
+    fun = _ridge_inner(*_ridge_data()[:2])
+    w0 = torch.zeros(5, dtype=DT)
+    for solver, tol in [(LBFGS(tol=1e-8), 1e-8), (NewtonCG(), 1e-10), (_gd(5), 1e-10)]:
+        _, res = solver.solve(lambda w: fun(w, torch.zeros(5, dtype=DT)), w0)
+        assert res.tol == tol
+        assert res.converged == (res.grad_norm <= tol)
+    phi = torch.zeros(5, dtype=DT)
+    _, res = _gd(5).solve(lambda w: fun(w.double(), phi).float(), w0.float())
+    assert res.tol == 1e-5 and res.converged is False
 
 
 def test_warm_start_reduces_cg_iterations():
