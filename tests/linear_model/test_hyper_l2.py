@@ -71,8 +71,15 @@ def test_regressor_strategies_agree_with_closed_form(hypergradient):
     kw = dict(random_state=0, max_iter=8, prior_scale=None)
     ref = HyperL2Regressor(**kw).fit(X, y)
     other = HyperL2Regressor(hypergradient=hypergradient, **kw).fit(X, y)
-    np.testing.assert_allclose(other.alphas_, ref.alphas_, rtol=1e-6)
+    # L-BFGS's line search amplifies rounding-level differences along directions
+    # where the CV loss is flat (penalties far below the data scale): compare the loss
+    np.testing.assert_allclose(other.cv_loss_, ref.cv_loss_, rtol=1e-9)
     assert other.hypergradient_info_["strategy"] == hypergradient
+    # a fixed-step optimizer follows the same path to rounding
+    kw["outer_optimizer"] = "adam"
+    ref = HyperL2Regressor(**kw).fit(X, y)
+    other = HyperL2Regressor(hypergradient=hypergradient, **kw).fit(X, y)
+    np.testing.assert_allclose(other.alphas_, ref.alphas_, rtol=1e-6)
 
 
 def test_scalar_regressor_matches_ridge_cv_on_same_split():
