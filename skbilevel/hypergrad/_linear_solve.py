@@ -91,7 +91,45 @@ def _norm(v):
     return float(torch.linalg.vector_norm(v))
 
 
-def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
+def _check_preconditioner(preconditioner, bf, shape):
+    """Return ``z = M^{-1} r`` on flat vectors for a diagonal or a callable ``M^{-1}``."""
+    if preconditioner is None:
+        return None
+    if isinstance(preconditioner, torch.Tensor):
+        if preconditioner.shape != shape:
+            raise ValueError(
+                f"A diagonal preconditioner must be shaped like b, {tuple(shape)}; got "
+                f"{tuple(preconditioner.shape)}."
+            )
+        diag = preconditioner.detach().reshape(-1).to(dtype=bf.dtype, device=bf.device)
+        if not bool(torch.isfinite(diag).all()) or not bool((diag > 0).all()):
+            bad = int((~(torch.isfinite(diag) & (diag > 0))).sum())
+            raise ValueError(
+                f"A diagonal preconditioner must be positive and finite; {bad} of its "
+                f"{diag.numel()} entries are not (min {float(diag.min()):.3e})."
+            )
+        inv_diag = 1.0 / diag
+        return lambda r: r * inv_diag
+    if callable(preconditioner):
+
+        def apply(r):
+            z = preconditioner(r.reshape(shape))
+            if not isinstance(z, torch.Tensor) or z.shape != shape:
+                got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+                raise ValueError(
+                    f"The preconditioner must return a tensor shaped like b, "
+                    f"{tuple(shape)}; got {got}."
+                )
+            return z.detach().reshape(-1)
+
+        return apply
+    raise ValueError(
+        "preconditioner must be None, a positive tensor shaped like b (the diagonal "
+        f"of M) or a callable r -> M^-1 r; got {type(preconditioner).__name__}."
+    )
+
+
+def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     """Solve ``A x = b`` for symmetric positive definite ``A`` by conjugate gradient.
 
     Parameters
@@ -107,6 +145,12 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
         Tolerance on the relative residual ``||A x - b|| / ||b||``.
     maxiter : int, optional
         Maximum number of iterations; default ``10 * b.numel()``.
+    preconditioner : torch.Tensor or callable, optional
+        A symmetric positive definite ``M ~ A`` for preconditioned CG: a
+        positive, finite tensor shaped like ``b`` holding the diagonal of
+        ``M`` (Jacobi preconditioning, ``z = r / M``), or a callable
+        ``r -> M^{-1} r``. It changes the speed of convergence, not the
+        solution, nor the test, which stays on ``||A x - b|| / ||b||``.
 
     Returns
     -------
@@ -119,13 +163,21 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
         extra product at the end (a drifting recursive residual is restarted
         from the true one).
 
+    Raises
+    ------
+    ValueError
+        When ``b`` is not finite, or the preconditioner is not shaped like
+        ``b``, not positive or not finite (a callable is checked on every
+        application: ``r^T M^{-1} r`` must be positive).
+
     Notes
     -----
     When ``p^T A p <= 0`` (``A`` is not positive definite) the iteration
     stops and ``result.message`` says so. If that happens before any step
-    was taken, ``x`` is a step along ``b`` of length ``||b||^2 / |b^T A b|``
-    (or ``b`` itself when ``b^T A b = 0``) rather than the zero start, and
-    ``result.fallback`` records it. ``b = 0`` returns exactly zero.
+    was taken, ``x`` is a step along ``z = M^{-1} b`` (``b`` without a
+    preconditioner) of length ``b^T z / |z^T A z|`` (or ``z`` itself when
+    ``z^T A z = 0``) rather than the zero start, and ``result.fallback``
+    records it. ``b = 0`` returns exactly zero.
 
     Examples
     --------
@@ -139,8 +191,18 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
     >>> x, res = solve_cg(lambda v: 2.0 * v, torch.tensor(3.0))  # a scalar system
     >>> float(x)
     1.5
+
+    A diagonal preconditioner on a badly scaled system:
+
+    >>> A = torch.diag(torch.logspace(0, 6, 50, dtype=torch.float64)) + 0.1
+    >>> b = torch.ones(50, dtype=torch.float64)
+    >>> plain = solve_cg(lambda v: A @ v, b, tol=1e-8)[1].iterations
+    >>> jacobi = solve_cg(lambda v: A @ v, b, tol=1e-8, preconditioner=A.diagonal())
+    >>> jacobi[1].converged, jacobi[1].iterations < plain
+    (True, True)
     """
     flat_matvec, bf, shape = _as_flat(matvec, b)
+    precondition = _check_preconditioner(preconditioner, bf, shape)
     n = bf.numel()
     if maxiter is None:
         maxiter = 10 * max(n, 1)
@@ -154,6 +216,20 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
             f"The right-hand side of the linear solve is not finite (norm {b_norm}); "
             "check the outer loss and the inner solution for NaN or inf."
         )
+
+    def apply_inverse(r):
+        """``z = M^{-1} r`` and ``r^T z`` (``r`` itself and ``||r||^2`` without M)."""
+        if precondition is None:
+            return r, float(r @ r)
+        z = precondition(r)
+        rz = float(r @ z)
+        if not math.isfinite(rz) or (not rz > 0.0 and bool(torch.any(r != 0))):
+            raise ValueError(
+                f"The preconditioner is not positive definite: r^T M^-1 r = {rz:.3e} "
+                "(it must be positive and finite)."
+            )
+        return z, rz
+
     n_matvec = 0
     x = torch.zeros_like(bf)
     r = bf.clone()
@@ -164,7 +240,8 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
             n_matvec += 1
             if _norm(r0) < b_norm:
                 x, r = x0f.clone(), r0
-    p = r.clone()
+    z, rz = apply_inverse(r)
+    p = z.clone()
     rs = float(r @ r)
     # CG's iterates minimize the A-norm error over growing Krylov spaces, so the
     # last finite iterate is the best one (residual norms are not monotone).
@@ -183,14 +260,15 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
                     f"{iterations + 1}: A is not positive definite"
                 )
                 if iterations == 0 and not bool(torch.any(x != 0)):
-                    # Never hand back the zero start: step along b with |curvature|.
-                    scale = rs / abs(pAp) if pAp != 0.0 and math.isfinite(pAp) else 1.0
+                    # Never hand back the zero start: step along p with |curvature|.
+                    scale = rz / abs(pAp) if pAp != 0.0 and math.isfinite(pAp) else 1.0
                     best_x = scale * p
+                    along = "b" if precondition is None else "M^-1 b"
                     fallback = (
-                        "cg: step along b with |p^T A p| (non-positive curvature)"
+                        f"cg: step along {along} with |p^T A p| (non-positive curvature)"
                     )
                 break
-            alpha = rs / pAp
+            alpha = rz / pAp
             x = x + alpha * p
             r = r - alpha * Ap
             rs_new = float(r @ r)
@@ -200,8 +278,9 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
                 curvature_stop = True
                 break
             best_x = x
-            p = r + (rs_new / rs) * p
-            rs = rs_new
+            z, rz_new = apply_inverse(r)
+            p = z + (rz_new / rz) * p
+            rs, rz = rs_new, rz_new
         # Check the true residual of the best iterate (one more product).
         r_true = bf - flat_matvec(best_x)
         n_matvec += 1
@@ -212,7 +291,8 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None):
         # The recursive residual drifted below tol but the true one did not:
         # restart from the best iterate with the true residual.
         x, r = best_x, r_true
-        p = r.clone()
+        z, rz = apply_inverse(r)
+        p = z.clone()
         rs = float(r @ r)
     if not message:
         message = (

@@ -110,6 +110,74 @@ def test_cg_rejects_nonfinite_rhs():
 # ------------------------------------------------------------------------- Neumann
 
 
+def _badly_scaled(n=60, seed=0):
+    """Diagonal spanning six decades plus a small SPD coupling: Jacobi's best case."""
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(n, n, generator=g, dtype=DT) / n
+    A = torch.diag(torch.logspace(-2, 4, n, dtype=DT)) + B @ B.T
+    return A, torch.randn(n, generator=g, dtype=DT)
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "callable"])
+def test_preconditioned_cg_same_solution_far_fewer_iterations(kind):
+    A, b = _badly_scaled()
+    x_ref = torch.linalg.solve(A, b)
+    d = A.diagonal().clone()
+    pre = d if kind == "diagonal" else (lambda r: r / d)
+    x0, r0 = solve_cg(lambda v: A @ v, b, tol=1e-13, maxiter=2000)
+    x1, r1 = solve_cg(lambda v: A @ v, b, tol=1e-13, maxiter=2000, preconditioner=pre)
+    assert r0.converged and r1.converged
+    assert _rel(x1, x_ref) < 1e-10 and _rel(x1, x0) < 1e-10
+    # the test is the true, unpreconditioned relative residual
+    assert _rel(A @ x1, b) <= 1e-13 and r1.residual == pytest.approx(_rel(A @ x1, b))
+    assert r1.iterations * 4 < r0.iterations
+    assert r1.n_matvec == r1.iterations + 1
+
+
+def test_preconditioned_cg_keeps_warm_start_scalar_and_zero_rhs():
+    A, b = _spd()
+    d = A.diagonal().clone()
+    x_ref = torch.linalg.solve(A, b)
+    x, res = solve_cg(lambda v: A @ v, b, x0=x_ref, tol=1e-8, preconditioner=d)
+    assert res.iterations == 0 and res.n_matvec == 2 and res.converged
+    x, res = solve_cg(lambda v: 2.0 * v, torch.tensor(3.0, dtype=DT),
+                      preconditioner=torch.tensor(4.0, dtype=DT))
+    assert float(x) == pytest.approx(1.5) and res.converged
+    x, res = solve_cg(lambda v: A @ v, torch.zeros(20, dtype=DT), preconditioner=d)
+    assert res.n_matvec == 0 and not bool(torch.any(x != 0))
+
+
+def test_preconditioned_cg_negative_curvature_steps_along_preconditioned_b():
+    A = -torch.eye(3, dtype=DT)
+    b = torch.ones(3, dtype=DT)
+    d = torch.tensor([1.0, 2.0, 4.0], dtype=DT)
+    x, res = solve_cg(lambda v: A @ v, b, preconditioner=d)
+    assert not res.converged and "non-positive curvature" in res.message
+    assert "M^-1 b" in res.fallback
+    z = b / d
+    assert torch.allclose(x, float(b @ z) / float(z @ z) * z)
+
+
+@pytest.mark.parametrize(
+    "pre, match",
+    [
+        (torch.ones(5, dtype=DT), "shaped like b"),
+        (torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=DT), "positive and finite"),
+        (torch.tensor([1.0, -2.0, 1.0, 1.0], dtype=DT), "positive and finite"),
+        (torch.tensor([1.0, math.nan, 1.0, 1.0], dtype=DT), "positive and finite"),
+        (torch.tensor([1.0, math.inf, 1.0, 1.0], dtype=DT), "positive and finite"),
+        (lambda r: r[:2], "shaped like b"),
+        (lambda r: -r, "not positive definite"),
+        (lambda r: r * math.nan, "not positive definite"),
+        ("jacobi", "preconditioner must be"),
+    ],
+)
+def test_preconditioned_cg_rejects_bad_preconditioner(pre, match):
+    A, b = torch.eye(4, dtype=DT) * 2.0, torch.ones(4, dtype=DT)
+    with pytest.raises(ValueError, match=match):
+        solve_cg(lambda v: A @ v, b, preconditioner=pre)
+
+
 def test_neumann_converges_and_residual_is_exact():
     A, b = _spd(cond=10.0)
     lam = float(torch.linalg.eigvalsh(A).max())
