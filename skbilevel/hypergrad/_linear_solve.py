@@ -92,7 +92,7 @@ def _norm(v):
 
 
 def _check_preconditioner(preconditioner, bf, shape):
-    """Return ``z = M^{-1} r`` on flat vectors for a diagonal or a callable ``M^{-1}``."""
+    """``r -> M^{-1} r`` on flat vectors, for a diagonal ``M`` or a callable."""
     if preconditioner is None:
         return None
     if isinstance(preconditioner, torch.Tensor):
@@ -115,7 +115,8 @@ def _check_preconditioner(preconditioner, bf, shape):
         def apply(r):
             z = preconditioner(r.reshape(shape))
             if not isinstance(z, torch.Tensor) or z.shape != shape:
-                got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+                is_tensor = isinstance(z, torch.Tensor)
+                got = tuple(z.shape) if is_tensor else type(z).__name__
                 raise ValueError(
                     f"The preconditioner must return a tensor shaped like b, "
                     f"{tuple(shape)}; got {got}."
@@ -265,7 +266,8 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
                     best_x = scale * p
                     along = "b" if precondition is None else "M^-1 b"
                     fallback = (
-                        f"cg: step along {along} with |p^T A p| (non-positive curvature)"
+                        f"cg: step along {along} with |p^T A p| "
+                        "(non-positive curvature)"
                     )
                 break
             alpha = rz / pAp
