@@ -98,3 +98,47 @@ def test_ill_conditioned_quadratic():
         w, res = solver.solve(fun, torch.zeros(20, dtype=DT))
         assert res.converged
         assert torch.allclose(w, exact, rtol=1e-8, atol=1e-12)
+
+
+class _ScaledQuadratic:
+    """0.5 w^T A w - b^T w with a diagonal spanning six decades; carries its diagonal."""
+
+    def __init__(self, n=80, seed=0, diagonal=None):
+        g = torch.Generator().manual_seed(seed)
+        B = torch.randn(n, n, generator=g, dtype=DT) / n
+        self.A = torch.diag(torch.logspace(-2, 4, n, dtype=DT)) + B @ B.T
+        self.b = torch.randn(n, generator=g, dtype=DT)
+        self._diagonal = diagonal
+
+    def __call__(self, w):
+        return 0.5 * w @ self.A @ w - self.b @ w
+
+    def hessian_diagonal(self, w):
+        return self.A.diagonal() if self._diagonal is None else self._diagonal
+
+
+def test_newton_cg_preconditions_with_the_objective_diagonal():
+    fun = _ScaledQuadratic()
+    w0 = torch.zeros(80, dtype=DT)
+    w_ref = torch.linalg.solve(fun.A, fun.b)
+    w_plain, plain = NewtonCG(tol=1e-9, cg_maxiter=2000).solve(lambda w: fun(w), w0)
+    w_pre, pre = NewtonCG(tol=1e-9, cg_maxiter=2000).solve(fun, w0)
+    w_off, off = NewtonCG(tol=1e-9, cg_maxiter=2000, precondition=False).solve(fun, w0)
+    assert plain.converged and pre.converged and off.n_hvp == plain.n_hvp
+    torch.testing.assert_close(w_pre, w_ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(w_plain, w_ref, rtol=1e-9, atol=1e-12)
+    assert 5 * pre.n_hvp < plain.n_hvp
+
+
+def test_newton_cg_repairs_or_drops_unusable_diagonals():
+    w0 = torch.zeros(80, dtype=DT)
+    d = _ScaledQuadratic().A.diagonal().clone()
+    d[:3] = torch.tensor([0.0, -1.0, float("nan")], dtype=DT)
+    for diag in (d, torch.zeros(80, dtype=DT)):
+        fun = _ScaledQuadratic(diagonal=diag)
+        w, res = NewtonCG(tol=1e-9, cg_maxiter=2000).solve(fun, w0)
+        assert res.converged
+        torch.testing.assert_close(w, torch.linalg.solve(fun.A, fun.b))
+    fun = _ScaledQuadratic(diagonal=torch.ones(79, dtype=DT))
+    with pytest.raises(ValueError, match="shaped like theta"):
+        NewtonCG().solve(fun, w0)
