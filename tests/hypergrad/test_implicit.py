@@ -461,3 +461,57 @@ def test_hypergrad_package_does_not_import_sklearn():
     pattern = re.compile(r"^\s*(import|from)\s+sklearn\b", re.MULTILINE)
     offenders = [p.name for p in sorted(package.glob("*.py")) if pattern.search(p.read_text())]
     assert offenders == []
+
+
+class _ScaledRidge:
+    """Ridge on badly scaled features, with the diagonal of its Hessian."""
+
+    def __init__(self, n=60, p=40, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.X = torch.randn(n, p, generator=g, dtype=torch.float64) * torch.logspace(
+            -2, 2, p, dtype=torch.float64
+        )
+        self.y = torch.randn(n, generator=g, dtype=torch.float64)
+        self.calls = 0
+
+    def __call__(self, w, phi):
+        return 0.5 * ((self.X @ w - self.y) ** 2).sum() + 0.5 * (phi.exp() * w * w).sum()
+
+    def hessian_diagonal(self, w, phi):
+        self.calls += 1
+        return (self.X * self.X).sum(0) + phi.exp()
+
+
+def test_cg_and_newton_precondition_with_the_inner_loss_diagonal():
+    from skbilevel.hypergrad import NewtonCG
+
+    inner = _ScaledRidge()
+    grads, infos = {}, {}
+    for precondition in (False, True):
+        phi = torch.linspace(-3.0, 3.0, 40, dtype=torch.float64).requires_grad_(True)
+        w, info = argmin(
+            inner, phi, torch.zeros(40, dtype=torch.float64),
+            hypergradient=ImplicitCG(tol=1e-12, precondition=precondition),
+            solver=NewtonCG(
+                tol=1e-10, cg_maxiter=500, precondition=precondition
+            ),
+        )
+        (w * w).sum().backward()
+        grads[precondition], infos[precondition] = phi.grad, info
+        assert info.extra["preconditioned"] is precondition
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-8, atol=1e-10)
+    assert 2 * infos[True].linear_solve_iterations < infos[False].linear_solve_iterations
+    # NewtonCG finds the diagonal through argmin's closure
+    assert infos[True].inner_converged and infos[False].inner_converged
+    assert 2 * infos[True].n_hvp < infos[False].n_hvp
+
+
+def test_cg_without_a_diagonal_is_not_preconditioned():
+    X = torch.randn(10, 3, dtype=torch.float64)
+    phi = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    w, info = argmin(
+        lambda w, la: 0.5 * ((X @ w - 1.0) ** 2).sum() + 0.5 * la.exp() * (w * w).sum(),
+        phi, torch.zeros(3, dtype=torch.float64),
+    )
+    w.sum().backward()
+    assert info.extra["preconditioned"] is False
