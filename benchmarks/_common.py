@@ -6,6 +6,7 @@ well under a minute; full runs are what the closing notes quote.
 """
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -83,6 +84,7 @@ def write_json(path, topic, rows, quick, **extra):
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "rows": rows,
         **extra,
     }

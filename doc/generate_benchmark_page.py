@@ -36,9 +36,13 @@ def write_benchmark_page(doc_dir):
         "Benchmarks",
         "==========",
         "",
-        "Generated from the JSON written by ``benchmarks/bench_*.py``. Each",
-        "script runs skbilevel and its peers in the same process on the same",
-        "machine and reports ratios; rerun a script to refresh its table.",
+        "Generated from the JSON written by ``benchmarks/bench_*.py`` into",
+        "``benchmarks/results/`` (the repository ships the last full run of",
+        "each). Each script runs skbilevel and its peers in the same process on",
+        "the same machine and reports ratios; rerun a script to refresh its",
+        "table. The targets are the ones the issues set; a target marked ``no``",
+        "is not met. Timings on a shared machine are noisy: treat ratios near 1",
+        "as ties.",
         "",
     ]
     files = sorted(glob.glob(os.path.join(results, "*.json")))
@@ -49,13 +53,22 @@ def write_benchmark_page(doc_dir):
             data = json.load(fh)
         title = f"{data.get('topic', os.path.basename(path))}"
         parts += [title, "-" * len(title), ""]
+        when = f", {data['date']}" if data.get("date") else ""
         parts.append(
             f"torch {data.get('torch')}, {data.get('cpu_count')} CPUs, "
-            f"{'quick' if data.get('quick') else 'full'} mode, {data.get('machine')}."
+            f"{data.get('torch_threads', '?')} torch thread(s), "
+            f"{'quick' if data.get('quick') else 'full'} mode, {data.get('machine')}{when}."
         )
         parts.append("")
         rows = data.get("rows") or []
         if rows:
             parts += [_table(rows), ""]
+        for key, value in data.items():
+            # further tables (memory, peers, ...) and the targets, each under its name
+            if key == "rows" or not isinstance(value, list) or not value:
+                continue
+            if not all(isinstance(r, dict) for r in value):
+                continue
+            parts += [f"**{key}**", "", _table(value), ""]
     with open(os.path.join(doc_dir, "benchmarks.rst"), "w") as fh:
         fh.write("\n".join(parts) + "\n")
