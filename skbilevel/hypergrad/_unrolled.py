@@ -183,10 +183,19 @@ def _count_backward(theta, info, n_hvp):
     return tree_unflatten(spec, leaves)
 
 
-def _record_inner(info, fun, theta, n_steps):
+def _check_inner_flag(value):
+    if not isinstance(value, bool):
+        raise ValueError(f"check_inner must be True or False; got {value!r}.")
+    return value
+
+
+def _record_inner(info, fun, theta, n_steps, check_inner=True):
+    """Steps taken and, with ``check_inner``, the inner gradient norm at ``theta``."""
     info.inner_iterations = n_steps
-    info.inner_grad_norm = _grad_norm(fun, theta)
-    info.n_grad += n_steps + 1
+    info.n_grad += n_steps
+    if check_inner:
+        info.inner_grad_norm = _grad_norm(fun, theta)
+        info.n_grad += 1
 
 
 # --------------------------------------------------------------------------- reverse
@@ -217,6 +226,11 @@ class UnrolledReverse(HypergradientStrategy):
         (``theta_{T-K} = init + stopgrad(theta_{T-K} - init)``), so a
         phi-dependent ``init`` still gets the first-order part of its
         gradient. ``None`` keeps all steps.
+    check_inner : bool, default=True
+        Record the inner-gradient norm at the returned parameters in the
+        health record (one extra gradient of the inner loss, the only work
+        beyond the steps); ``False`` leaves ``info.inner_grad_norm`` at
+        ``None``, for hot loops that never read it.
 
     Notes
     -----
@@ -250,9 +264,10 @@ class UnrolledReverse(HypergradientStrategy):
     family = "unrolled"
     solver_kind = "step"
 
-    def __init__(self, n_steps=None, truncate=None):
+    def __init__(self, n_steps=None, truncate=None, check_inner=True):
         self.n_steps = _check_optional_steps(n_steps, "n_steps")
         self.truncate = _check_optional_steps(truncate, "truncate")
+        self.check_inner = _check_inner_flag(check_inner)
 
     def default_solver(self):
         """``GradientDescent()``."""
@@ -277,7 +292,7 @@ class UnrolledReverse(HypergradientStrategy):
             theta = _straight_through(init, theta)
         for _ in range(kept):
             theta, state = solver.step(fun, theta, state, create_graph=True)
-        _record_inner(info, fun, theta, n_steps)
+        _record_inner(info, fun, theta, n_steps, self.check_inner)
         info.extra["differentiable_steps"] = kept
         if self.truncate is not None:
             info.extra["truncate"] = kept
@@ -311,6 +326,10 @@ class TruncatedReverse(UnrolledReverse):
         Number of differentiable final steps ``K``.
     n_steps : int or None, default=None
         Total number of steps ``T``; ``None`` uses ``solver.n_steps``.
+    check_inner : bool, default=True
+        Record the inner-gradient norm at the returned parameters (one
+        extra inner gradient); ``False`` leaves ``info.inner_grad_norm`` at
+        ``None``.
 
     Examples
     --------
@@ -330,10 +349,10 @@ class TruncatedReverse(UnrolledReverse):
 
     name = "truncated"
 
-    def __init__(self, truncate=10, n_steps=None):
+    def __init__(self, truncate=10, n_steps=None, check_inner=True):
         if truncate is None:
             raise ValueError("TruncatedReverse needs an integer truncate (K >= 0).")
-        super().__init__(n_steps=n_steps, truncate=truncate)
+        super().__init__(n_steps=n_steps, truncate=truncate, check_inner=check_inner)
 
 
 @register_strategy("lookahead")
@@ -348,6 +367,13 @@ class OneStepLookahead(UnrolledReverse):
     Same as ``UnrolledReverse(n_steps=1)`` with a
     :class:`~skbilevel.hypergrad.GradientDescent` solver; an approximation,
     never exact.
+
+    Parameters
+    ----------
+    check_inner : bool, default=True
+        Record the inner-gradient norm at the returned parameters (one
+        extra inner gradient); ``False`` leaves ``info.inner_grad_norm`` at
+        ``None``.
 
     Examples
     --------
@@ -368,8 +394,8 @@ class OneStepLookahead(UnrolledReverse):
 
     name = "lookahead"
 
-    def __init__(self):
-        super().__init__(n_steps=1)
+    def __init__(self, check_inner=True):
+        super().__init__(n_steps=1, check_inner=check_inner)
 
 
 # --------------------------------------------------------------------------- forward
@@ -547,6 +573,10 @@ class UnrolledForward(HypergradientStrategy):
         - ``"dual"``: forward-over-reverse dual tensors
           (``torch.autograd.forward_ad``) through ``solver.step``, one
           direction at a time.
+    check_inner : bool, default=True
+        Record the inner-gradient norm at the returned parameters (one
+        extra inner gradient); ``False`` leaves ``info.inner_grad_norm`` at
+        ``None``.
 
     Examples
     --------
@@ -569,11 +599,12 @@ class UnrolledForward(HypergradientStrategy):
     solver_kind = "step"
     _methods = ("double_vjp", "jvp", "dual")
 
-    def __init__(self, n_steps=None, method="double_vjp"):
+    def __init__(self, n_steps=None, method="double_vjp", check_inner=True):
         self.n_steps = _check_optional_steps(n_steps, "n_steps")
         if method not in self._methods:
             raise ValueError(f"method must be one of {self._methods}; got {method!r}.")
         self.method = method
+        self.check_inner = _check_inner_flag(check_inner)
 
     def default_solver(self):
         """``GradientDescent()``."""
@@ -598,7 +629,7 @@ class UnrolledForward(HypergradientStrategy):
                 th, st = solver.step(fun, th, st, create_graph=False)
                 th, st = tree_detach(th), _detach_state(st)
             info.extra["method"] = None
-            _record_inner(info, fun, th, n_steps)
+            _record_inner(info, fun, th, n_steps, self.check_inner)
             return th
 
         batching = _Batching(info)
@@ -636,7 +667,7 @@ class UnrolledForward(HypergradientStrategy):
             result = _forward_double_vjp(theta, state, z_theta, z_state, *problem, batching)
         info.extra["method"] = method
         theta, z_theta = result
-        _record_inner(info, fun, tree_unflatten(spec, theta), n_steps)
+        _record_inner(info, fun, tree_unflatten(spec, theta), n_steps, self.check_inner)
         info.n_hvp += n_steps * (m + 1 if method == "double_vjp" else m)
         out = _ForwardModeOutput.apply(z_theta, theta, *hyper)
         return tree_unflatten(spec, list(out))
@@ -765,6 +796,10 @@ class FirstOrder(HypergradientStrategy):
     ----------
     n_steps : int or None, default=None
         Number of steps; ``None`` uses ``solver.n_steps``.
+    check_inner : bool, default=True
+        Record the inner-gradient norm at the returned parameters (one
+        extra inner gradient); ``False`` leaves ``info.inner_grad_norm`` at
+        ``None``.
 
     Examples
     --------
@@ -785,8 +820,9 @@ class FirstOrder(HypergradientStrategy):
     family = "unrolled"
     solver_kind = "step"
 
-    def __init__(self, n_steps=None):
+    def __init__(self, n_steps=None, check_inner=True):
         self.n_steps = _check_optional_steps(n_steps, "n_steps")
+        self.check_inner = _check_inner_flag(check_inner)
 
     def default_solver(self):
         """``GradientDescent()``."""
@@ -802,7 +838,7 @@ class FirstOrder(HypergradientStrategy):
         theta, state = init, solver.init_state(tree_detach(init))
         for _ in range(n_steps):
             theta, state = solver.step(fun, theta, state, create_graph=False)
-        _record_inner(info, fun, theta, n_steps)
+        _record_inner(info, fun, theta, n_steps, self.check_inner)
         return theta
 
 
@@ -878,6 +914,10 @@ class FiniteDifferenceDARTS(HypergradientStrategy):
     ----------
     epsilon : float, default=0.01
         Norm of the parameter perturbation used by the finite difference.
+    check_inner : bool, default=True
+        Record the inner-gradient norm at the returned parameters (one
+        extra inner gradient); ``False`` leaves ``info.inner_grad_norm`` at
+        ``None``.
 
     Examples
     --------
@@ -896,10 +936,11 @@ class FiniteDifferenceDARTS(HypergradientStrategy):
     family = "unrolled"
     solver_kind = "step"
 
-    def __init__(self, epsilon=0.01):
+    def __init__(self, epsilon=0.01, check_inner=True):
         if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a positive number; got {epsilon!r}.")
         self.epsilon = epsilon
+        self.check_inner = _check_inner_flag(check_inner)
 
     def default_solver(self):
         """``GradientDescent()`` (only its ``lr`` is used: one step)."""
@@ -937,5 +978,5 @@ class FiniteDifferenceDARTS(HypergradientStrategy):
             new = [n + c for n, c in zip(new, corrections)]
         theta_next = tree_unflatten(spec, new)
         info.extra["fd_perturbation_norm"] = self.epsilon
-        _record_inner(info, fun, theta_next, 1)
+        _record_inner(info, fun, theta_next, 1, self.check_inner)
         return theta_next

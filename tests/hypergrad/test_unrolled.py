@@ -565,3 +565,35 @@ def test_cuda_float32(strategy):
     (w**2).sum().backward()
     assert phi.grad.device.type == "cuda" and phi.grad.dtype == torch.float32
     assert torch.isfinite(phi.grad).all()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda c: UnrolledReverse(check_inner=c),
+        lambda c: TruncatedReverse(truncate=5, check_inner=c),
+        lambda c: OneStepLookahead(check_inner=c),
+        lambda c: UnrolledForward(check_inner=c),
+        lambda c: FirstOrder(check_inner=c),
+        lambda c: FiniteDifferenceDARTS(check_inner=c),
+    ],
+    ids=["reverse", "truncated", "lookahead", "forward", "first_order", "darts"],
+)
+def test_check_inner_false_skips_only_the_health_gradient(make):
+    inner, outer, phi0, _, lr = ridge_problem()
+    solver = GradientDescent(lr=lr, n_steps=20)
+    g_on, w_on, info_on = hypergrad(inner, outer, phi0, make(True), solver)
+    g_off, w_off, info_off = hypergrad(inner, outer, phi0, make(False), solver)
+    torch.testing.assert_close(g_off, g_on, rtol=0, atol=0)
+    torch.testing.assert_close(w_off, w_on, rtol=0, atol=0)
+    assert info_on.inner_grad_norm is not None and info_on.inner_grad_norm > 0
+    assert info_off.inner_grad_norm is None
+    assert info_off.n_grad == info_on.n_grad - 1
+    assert info_off.inner_iterations == info_on.inner_iterations
+
+
+def test_check_inner_must_be_bool():
+    for cls in (UnrolledReverse, UnrolledForward, FirstOrder, FiniteDifferenceDARTS):
+        with pytest.raises(ValueError, match="check_inner"):
+            cls(check_inner="no")
+    assert get_strategy("reverse", check_inner=False).check_inner is False
