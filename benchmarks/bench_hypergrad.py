@@ -46,6 +46,10 @@ Three tables, one run:
    loop (``higher.innerloop_ctx`` with SGD) against skbilevel's ``"reverse"``
    with the same steps. ``ratio`` = skbilevel time / peer time (forward +
    backward, best of the repeats); ``max_rel_diff`` = max |a - b| / max |b|.
+   ``"reverse"`` is timed twice: as shipped, where the health record costs
+   one more inner gradient (at the returned parameters) than ``higher``
+   spends, and with ``check_inner=False``, the same work as ``higher``; the
+   speed target uses the latter and its value shows both.
 
 Targets (printed as met / NOT met): implicit CG with K iterations costs
 <= 2K + 4 gradient evaluations; reverse-mode memory grows linearly in T while
@@ -493,11 +497,11 @@ def memory_table(d, n, Ts, cg_iters):
 
 
 # --------------------------------------------------------------------------- part 3: peers
-def _best_pair(fa, fb, repeat):
-    """Best times of ``fa`` and ``fb`` run alternately (so load spikes hit both)."""
-    best, outs = [math.inf, math.inf], [None, None]
+def _best_of(fns, repeat):
+    """Best times of ``fns`` run in turn (so load spikes hit all of them)."""
+    best, outs = [math.inf] * len(fns), [None] * len(fns)
     for _ in range(repeat):
-        for i, fn in enumerate((fa, fb)):
+        for i, fn in enumerate(fns):
             start = time.perf_counter()
             outs[i] = fn()
             best[i] = min(best[i], time.perf_counter() - start)
@@ -551,7 +555,7 @@ def peers_table(d, n, T, repeat):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # functorch.vjp deprecation
             topt()  # warm-up
-            ((g_skb, info_cg), g_topt), (t_skb, t_topt) = _best_pair(skb_cg, topt, repeat)
+            ((g_skb, info_cg), g_topt), (t_skb, t_topt) = _best_of([skb_cg, topt], repeat)
         diff = _rel(g_skb, g_topt)
         rows.append(dict(problem=problem.name, comparison="cg vs torchopt custom_root+CG",
                          skbilevel_ms=1e3 * t_skb, peer_ms=1e3 * t_topt,
@@ -565,8 +569,8 @@ def peers_table(d, n, T, repeat):
     # --- unrolled: skbilevel reverse vs higher.innerloop_ctx
     lr = problem.lr
 
-    def skb_rev():
-        _, _, grad, _ = run_once(problem, UnrolledReverse(),
+    def skb_rev(check_inner=True):
+        _, _, grad, _ = run_once(problem, UnrolledReverse(check_inner=check_inner),
                                  GradientDescent(lr=lr, n_steps=T), problem.init)
         return grad
 
@@ -591,15 +595,25 @@ def peers_table(d, n, T, repeat):
             return phi.grad.detach().clone()
 
         hig()  # warm-up
-        (g_rev, g_hig), (t_rev, t_hig) = _best_pair(skb_rev, hig, repeat)
-        diff = _rel(g_rev, g_hig)
+        (g_rev, g_bare, g_hig), (t_rev, t_bare, t_hig) = _best_of(
+            [skb_rev, lambda: skb_rev(False), hig], repeat
+        )
+        diff = max(_rel(g_rev, g_hig), _rel(g_bare, g_hig))
         rows.append(dict(problem=problem.name, comparison=f"reverse vs higher (T={T})",
                          skbilevel_ms=1e3 * t_rev, peer_ms=1e3 * t_hig,
-                         ratio=t_rev / t_hig, max_rel_diff=diff,
-                         note=f"SGD steps; skbilevel adds the health record's gradient "
-                              f"at theta_T ({T + 1} gradients against {T})"))
-        targets.append(dict(target=f"{problem.name}: reverse no slower than higher",
-                            value=f"ratio {t_rev / t_hig:.2f}", met=t_rev <= t_hig))
+                         ratio=t_rev / t_hig, max_rel_diff=_rel(g_rev, g_hig),
+                         note=f"default: the health record adds the gradient at theta_T "
+                              f"({T + 1} gradients against {T})"))
+        rows.append(dict(problem=problem.name,
+                         comparison=f"reverse(check_inner=False) vs higher (T={T})",
+                         skbilevel_ms=1e3 * t_bare, peer_ms=1e3 * t_hig,
+                         ratio=t_bare / t_hig, max_rel_diff=_rel(g_bare, g_hig),
+                         note=f"like for like: {T} gradients each"))
+        targets.append(dict(
+            target=f"{problem.name}: reverse no slower than higher (same work)",
+            value=f"ratio {t_bare / t_hig:.2f} (with the health record: {t_rev / t_hig:.2f})",
+            met=t_bare <= t_hig,
+        ))
         targets.append(dict(target=f"{problem.name}: reverse agrees with higher to 1e-6",
                             value=f"{diff:.1e}", met=diff <= 1e-6))
     return rows, targets
