@@ -61,7 +61,7 @@ from ._linear_solve import (
     solve_neumann,
 )
 from ._solvers import LBFGS, _FixedPhi, _jacobi_diagonal
-from ._tree import tree_detach, tree_flatten, tree_map, tree_unflatten
+from ._tree import _cat_flat, tree_detach, tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["ImplicitCG", "ImplicitNeumann", "ImplicitIdentity", "ImplicitDense"]
 
@@ -161,16 +161,6 @@ class _BackwardState:
         phi = tree_unflatten(self.phi_spec, self.phi_leaves)
         theta = tree_unflatten(self.theta_spec, [t.detach() for t in self.theta_leaves])
         return _jacobi_diagonal(lambda t: hessian_diagonal(t, phi), theta)
-
-
-def _cat_flat(tensors, like):
-    """Concatenate flattened ``tensors``, with zeros for ``None`` (unused leaves)."""
-    return torch.cat(
-        [
-            (torch.zeros_like(t) if x is None else x).reshape(-1)
-            for x, t in zip(tensors, like)
-        ]
-    )
 
 
 def _hessian_matrix(g_flat, theta, info, chunk=64):

@@ -16,8 +16,8 @@ from typing import Any, List, Optional
 import torch
 
 from ._base import HypergradientInfo, HypergradientWarning
-from ._solvers import LBFGS, _strong_wolfe
-from ._tree import tree_flatten
+from ._solvers import _LBFGSMemory, _strong_wolfe
+from ._tree import _cat_flat, tree_flatten, tree_to_vector, vector_to_tree
 
 __all__ = ["minimize_outer", "OuterResult", "OuterState", "DivergenceWarning"]
 
@@ -163,32 +163,26 @@ class _QuasiNewtonStepper:
     def __init__(self, objective, phi, leaves, learning_rate, history_size=10, max_ls=20):
         self.objective, self.phi, self.leaves = objective, phi, leaves
         self.learning_rate = float(learning_rate)
-        self.history_size, self.max_ls = history_size, max_ls
-        self.S, self.Y, self.rho = [], [], []
+        self.memory = _LBFGSMemory(history_size)
+        self.max_ls = max_ls
         self.n_eval = 0
         self.cached = None  # (x, value, flat grad, info) of an accepted point
         self._seen = {}
 
     def _flat(self):
-        return torch.cat([leaf.detach().reshape(-1) for leaf in self.leaves])
+        return tree_to_vector([leaf.detach() for leaf in self.leaves])
 
     def _assign(self, x):
         with torch.no_grad():
-            start = 0
-            for leaf in self.leaves:
-                n = leaf.numel()
-                leaf.copy_(x[start : start + n].reshape(leaf.shape))
-                start += n
+            for leaf, value in zip(self.leaves, vector_to_tree(x, self.leaves)):
+                leaf.copy_(value)
 
     def value_and_grad(self, x):
         """The line search's evaluations (``phi`` is moved to ``x``)."""
         self._assign(x)
         self.n_eval += 1
         value, grads, info = _evaluate(self.objective, self.phi, self.leaves)
-        g = torch.cat([
-            torch.zeros_like(leaf).reshape(-1) if gr is None else gr.detach().reshape(-1)
-            for leaf, gr in zip(self.leaves, grads)
-        ])
+        g = _cat_flat([None if gr is None else gr.detach() for gr in grads], self.leaves)
         self._seen = {"x": x, "info": info}
         return value, g
 
@@ -205,30 +199,19 @@ class _QuasiNewtonStepper:
     def step(self):
         """One quasi-Newton step; False when no decrease can be found."""
         x, f, g = self.x, self.f, self.g
-        for attempt in range(2):
-            d = LBFGS._two_loop(g, self.S, self.Y, self.rho) if self.S else -g
-            gtd = float(g @ d)
-            if not gtd < 0.0 or not math.isfinite(gtd):
-                self.S, self.Y, self.rho = [], [], []
-                d, gtd = -g, -float(g @ g)
-            g_norm = float(torch.linalg.vector_norm(g))
-            t0 = 1.0 if self.S else self.learning_rate / max(g_norm, 1e-300)
+        g_norm = float(torch.linalg.vector_norm(g))
+        while True:
+            d, gtd = self.memory.direction(g, g_norm)
+            t0 = 1.0 if self.memory else self.learning_rate / max(g_norm, 1e-300)
             t, f_new, g_new, ok = _strong_wolfe(self, x, d, f, gtd, t0, max_evals=self.max_ls)
             if ok:
                 break
-            if not self.S:
+            if not self.memory:
                 self._assign(x)
                 return False
-            self.S, self.Y, self.rho = [], [], []  # retry along steepest descent
+            self.memory.reset()  # retry along steepest descent
         s = t * d
-        y = g_new - g
-        ys = float(y @ s)
-        if ys > 1e-10 * float(y @ y) and ys > 0.0:
-            self.S.append(s)
-            self.Y.append(y)
-            self.rho.append(1.0 / ys)
-            if len(self.S) > self.history_size:
-                self.S.pop(0), self.Y.pop(0), self.rho.pop(0)
+        self.memory.update(s, g_new - g)
         x_new = x + s
         info = self._seen["info"] if torch.equal(self._seen["x"], x_new) else None
         self._assign(x_new)

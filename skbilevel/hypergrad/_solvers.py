@@ -206,6 +206,59 @@ def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25):
     return 0.0, f0, None, False
 
 
+class _LBFGSMemory:
+    """The curvature pairs of L-BFGS: the two-loop direction and the pair update.
+
+    Shared by :class:`LBFGS` (inner problems) and ``minimize_outer``'s
+    ``optimizer="lbfgs"`` (outer variables).
+    """
+
+    def __init__(self, size):
+        self.size = size
+        self.reset()
+
+    def reset(self):
+        self.S, self.Y, self.rho = [], [], []
+
+    def __bool__(self):
+        return bool(self.S)
+
+    def direction(self, g, g_norm):
+        """``(d, g^T d)``: the quasi-Newton direction, or steepest descent (with
+        the memory cleared) when that is not a descent direction."""
+        d = self._two_loop(g) if self.S else -g
+        gtd = float(g @ d)
+        if not gtd < 0.0 or not math.isfinite(gtd):
+            self.reset()
+            d, gtd = -g, -(g_norm**2)
+        return d, gtd
+
+    def update(self, s, y):
+        """Keep the pair ``(s, y)`` when its curvature ``y^T s`` is safely positive."""
+        ys = float(y @ s)
+        if ys > 1e-10 * float(y @ y) and ys > 0.0:
+            self.S.append(s)
+            self.Y.append(y)
+            self.rho.append(1.0 / ys)
+            if len(self.S) > self.size:
+                self.S.pop(0), self.Y.pop(0), self.rho.pop(0)
+
+    def _two_loop(self, g):
+        S, Y, rho = self.S, self.Y, self.rho
+        q = -g
+        alphas = []
+        for s, y, r in zip(reversed(S), reversed(Y), reversed(rho)):
+            a = r * (s @ q)
+            q = q - a * y
+            alphas.append(a)
+        gamma = (S[-1] @ Y[-1]) / (Y[-1] @ Y[-1])
+        z = gamma * q
+        for s, y, r, a in zip(S, Y, rho, reversed(alphas)):
+            b = r * (y @ z)
+            z = z + (a - b) * s
+        return z
+
+
 class LBFGS(InnerSolver):
     """Limited-memory BFGS with a strong Wolfe line search, to a gradient tolerance.
 
@@ -267,35 +320,22 @@ class LBFGS(InnerSolver):
                 "check the initialization and the data."
             )
         g_norm = float(torch.linalg.vector_norm(g))
-        S, Y, rho = [], [], []
+        memory = _LBFGSMemory(self.history_size)
         n_iter, converged, message = 0, _within_tol(g_norm, tol), ""
         while not converged and n_iter < self.max_iter:
-            d = -g
-            if S:
-                d = self._two_loop(g, S, Y, rho)
-            gtd = float(g @ d)
-            if not gtd < 0.0 or not math.isfinite(gtd):
-                S, Y, rho = [], [], []
-                d, gtd = -g, -g_norm**2
-            t0 = 1.0 if S else min(1.0, 1.0 / max(g_norm, 1e-300))
+            d, gtd = memory.direction(g, g_norm)
+            t0 = 1.0 if memory else min(1.0, 1.0 / max(g_norm, 1e-300))
             t, f_new, g_new, ok = _strong_wolfe(
                 problem, x, d, f, gtd, t0, max_evals=self.max_ls
             )
             if not ok:
-                if S:  # retry along steepest descent with a fresh memory
-                    S, Y, rho = [], [], []
+                if memory:  # retry along steepest descent with a fresh memory
+                    memory.reset()
                     continue
                 message = _LINE_SEARCH_FAILED
                 break
             s = t * d
-            y = g_new - g
-            ys = float(y @ s)
-            if ys > 1e-10 * float(y @ y) and ys > 0.0:
-                S.append(s)
-                Y.append(y)
-                rho.append(1.0 / ys)
-                if len(S) > self.history_size:
-                    S.pop(0), Y.pop(0), rho.pop(0)
+            memory.update(s, g_new - g)
             x = x + s
             f, g = f_new, g_new
             g_norm = float(torch.linalg.vector_norm(g))
@@ -314,21 +354,6 @@ class LBFGS(InnerSolver):
         if not converged and self.warn:
             _warn_inner("LBFGS", result, tol, self.max_iter)
         return vector_to_tree(x, like), result
-
-    @staticmethod
-    def _two_loop(g, S, Y, rho):
-        q = -g
-        alphas = []
-        for s, y, r in zip(reversed(S), reversed(Y), reversed(rho)):
-            a = r * (s @ q)
-            q = q - a * y
-            alphas.append(a)
-        gamma = (S[-1] @ Y[-1]) / (Y[-1] @ Y[-1])
-        z = gamma * q
-        for s, y, r, a in zip(S, Y, rho, reversed(alphas)):
-            b = r * (y @ z)
-            z = z + (a - b) * s
-        return z
 
 
 class NewtonCG(InnerSolver):

@@ -89,6 +89,19 @@ def vector_to_tree(vector, like):
     return tree_unflatten(spec, out)
 
 
+def _cat_flat(tensors, like):
+    """Concatenate flattened ``tensors``, with zeros (shaped like ``like``) for ``None``.
+
+    For gradients of several leaves, some of which a loss does not use.
+    """
+    return torch.cat(
+        [
+            (torch.zeros_like(t) if x is None else x).reshape(-1)
+            for x, t in zip(tensors, like)
+        ]
+    )
+
+
 def tree_dot(a, b):
     """Sum over leaves of the elementwise product: the inner product of two trees."""
     return sum((x * y).sum() for x, y in zip(tree_flatten(a)[0], tree_flatten(b)[0]))
