@@ -131,6 +131,17 @@ def _groups_from_penalty(penalty, n_features):
     return groups, int(groups.max()) + 1 if n_features else 0
 
 
+def _penalty_scale(X, sw, fit_intercept):
+    """Weighted sum of squared (centred) feature values, averaged over features.
+
+    The natural unit of a penalty: the shared-penalty grid and the floor of
+    the per-feature stage are placed relative to it (1.0 for degenerate data).
+    """
+    Xc = X - (sw @ X) / sw.sum() if fit_intercept else X
+    scale = float((sw @ (Xc * Xc)).sum() / max(X.shape[1], 1))
+    return scale if scale > 0 and math.isfinite(scale) else 1.0
+
+
 def _merge_infos(infos):
     """One health record for several fold batches: worst residuals, summed counts."""
     infos = [i for i in infos if i is not None]
@@ -725,9 +736,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     lambda b, phi: b.value_and_grad(phi, hypergradient=strategy)[:3],
                     lambda b, g: b.validation_curve(g),
                 )
-            Xc = Xt - (swt @ Xt) / swt.sum() if self.fit_intercept else Xt
-            scale = float((swt @ (Xc * Xc)).sum() / max(p, 1))
-            scale = scale if scale > 0 and math.isfinite(scale) else 1.0
+            scale = _penalty_scale(Xt, swt, self.fit_intercept)
             phi, shared, center, history, n_iter, info = self._run_outer(
                 objective, n_groups, n, scale, groups, dtype, device
             )
@@ -1015,9 +1024,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                 )[:3],
                 lambda b, g: b.validation_curve(g, solver=solver),
             )
-            Xc = Xt - (swt @ Xt) / swt.sum() if self.fit_intercept else Xt
-            scale = float((swt @ (Xc * Xc)).sum() / max(p, 1))
-            scale = scale if scale > 0 and math.isfinite(scale) else 1.0
+            scale = _penalty_scale(Xt, swt, self.fit_intercept)
             phi, shared, center, history, n_iter, info = self._run_outer(
                 objective, n_groups, n, scale, groups, dtype, device
             )
