@@ -114,6 +114,15 @@ def _check_weights(W, n, like, what):
     return W
 
 
+def _ridge_method(method, n, p):
+    """``"primal"`` (p x p system) or ``"dual"`` (n x n, Woodbury); ``"auto"`` picks the smaller."""
+    if method == "auto":
+        return "primal" if p <= n else "dual"
+    if method not in ("primal", "dual"):
+        raise ValueError(f"method must be 'auto', 'primal' or 'dual', got {method!r}.")
+    return method
+
+
 def _value_and_grad(problem, phi, hypergradient, solver, init, inner_loss=None):
     """Validation loss (summed over folds), its gradient in phi, info, theta.
 
@@ -221,13 +230,7 @@ class RidgeFolds(ClosedFormSolver):
         self.groups = _check_groups(groups, p, X.device)
         self.n_groups = int(self.groups.max()) + 1 if p else 0
         self.fit_intercept = bool(fit_intercept)
-        if method == "auto":
-            method = "primal" if p <= n else "dual"
-        if method not in ("primal", "dual"):
-            raise ValueError(
-                f"method must be 'auto', 'primal' or 'dual', got {method!r}."
-            )
-        self.method = method
+        self.method = method = _ridge_method(method, n, p)
         self.last_fallback = None
         T = self.train_weights
         t_sum = T.sum(1)
@@ -425,13 +428,7 @@ class RidgeLOO:
         self.groups = _check_groups(groups, p, X.device)
         self.n_groups = int(self.groups.max()) + 1 if p else 0
         self.fit_intercept = bool(fit_intercept)
-        if method == "auto":
-            method = "primal" if p <= n else "dual"
-        if method not in ("primal", "dual"):
-            raise ValueError(
-                f"method must be 'auto', 'primal' or 'dual', got {method!r}."
-            )
-        self.method = method
+        self.method = method = _ridge_method(method, n, p)
         sqrt_s = s.sqrt()
         self.s_sum = s.sum()
         if self.fit_intercept:
