@@ -506,8 +506,10 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         per-feature stage; also caps the refinements of the shared stage.
     tol : float, default=1e-5
         Stop when the outer objective has not improved by a relative
-        ``tol`` for ``n_iter_no_change`` iterations (or the hypergradient
-        norm is below it); the best iterate is kept.
+        ``tol`` for ``n_iter_no_change`` iterations (or L-BFGS's line search
+        finds no decrease); the best iterate is kept. The hypergradient norm
+        is not a criterion: in ``log(alpha)`` it is tiny wherever a penalty
+        barely matters, yet still worth following.
     n_iter_no_change : int, default=10
         Patience of that criterion.
     learning_rate : float, default=0.1
