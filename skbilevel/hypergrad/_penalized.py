@@ -28,6 +28,9 @@ whose ``backward`` delivers that gradient, so folds can be spread over
 workers and still drive :func:`~skbilevel.hypergrad.minimize_outer`.
 """
 
+import copy
+import math
+
 import torch
 
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
@@ -41,6 +44,7 @@ __all__ = [
     "LogisticFolds",
     "attach_gradient",
     "penalty_per_feature",
+    "adaptive_penalty_basis",
 ]
 
 
@@ -97,6 +101,124 @@ def _check_groups(groups, n_features, device):
             f"got shape {tuple(groups.shape)}."
         )
     return groups
+
+
+def adaptive_penalty_basis(coef, groups=None, eps=1e-3):
+    """Basis of the adaptive-ridge model of the log-penalties, from pilot coefficients.
+
+    The model (one per fold ``k``) has two parameters, ``phi = (a, gamma)``::
+
+        log alpha_kj = a - gamma * log(u_kg + eps),
+        u_kg = mean_{j in g} w_kj^2 / mean_{g'} (mean_{j in g'} w_kj^2)
+
+    with ``w_k`` the pilot coefficients of fold ``k`` (a ridge fit with one
+    shared penalty) and ``g`` the group of feature ``j``. At ``gamma = 0``
+    every penalty is ``exp(a)``; ``gamma > 0`` penalizes features whose
+    pilot coefficient is small more, ``gamma = 1`` being the plug-in
+    ``sigma^2 / w_j^2`` of the optimal generalized ridge (Hoerl and Kennard
+    1970) and ``gamma = 1/2`` the fixed point that makes adaptive ridge a
+    lasso (Grandvalet 1998). Two hyperparameters instead of one per feature:
+    a cross-validated loss cannot overfit them, which is why
+    :class:`HyperL2Regressor` fits this model before (or instead of) free
+    per-feature penalties. The pilot enters as data, not as a function of
+    ``phi``: each fold's pilot is fitted on that fold's training part, so
+    cross-validating the model is honest.
+
+    Parameters
+    ----------
+    coef : tensor of shape (n_folds, n_features) or (n_features,)
+        Pilot coefficients.
+    groups : long tensor of shape (n_features,), optional
+        Penalty group of every feature (default: one per feature).
+    eps : float, default=1e-3
+        Floor of the normalized squared coefficient ``u`` (so a pilot
+        coefficient of exactly zero gives a finite penalty).
+
+    Returns
+    -------
+    tensor of shape (n_folds, n_features, 2) or (n_features, 2)
+        Columns ``1`` and ``-log(u + eps)``: ``log alpha = basis @ phi``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import adaptive_penalty_basis
+    >>> coef = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)  # u = (2.4, 0.6, 0)
+    >>> B = adaptive_penalty_basis(coef, eps=1e-3)
+    >>> B.shape
+    torch.Size([3, 2])
+    >>> alpha = (B @ torch.tensor([0.0, 1.0], dtype=torch.float64)).exp()  # 1 / (u + eps)
+    >>> [round(a, 3) for a in alpha.tolist()]
+    [0.416, 1.664, 1000.0]
+    """
+    coef = torch.as_tensor(coef)
+    squeeze = coef.ndim == 1
+    coef = coef[None] if squeeze else coef
+    n_folds, p = coef.shape
+    groups = _check_groups(groups, p, coef.device)
+    n_groups = int(groups.max()) + 1 if p else 0
+    sq = (coef * coef).detach()
+    counts = torch.bincount(groups, minlength=n_groups).to(sq)
+    per_group = sq.new_zeros(n_folds, n_groups).index_add_(1, groups, sq) / counts
+    mean = per_group.mean(1, keepdim=True)
+    u = per_group / torch.where(mean > 0, mean, torch.ones_like(mean))
+    basis = torch.stack(
+        [torch.ones_like(sq), -torch.log(u[:, groups] + float(eps))], dim=-1
+    )
+    return basis[0] if squeeze else basis
+
+
+class _LogPenalty:
+    """``phi`` -> penalties: ``exp(phi[groups] + offset)`` or ``exp(basis @ phi + offset)``.
+
+    The one map from outer variables to penalties of the fold problems.
+    ``basis`` (``(p, m)`` or ``(n_folds, p, m)``) replaces ``groups`` when
+    given; ``log_offset`` (``(p,)`` or ``(n_folds, p)``) is added to the
+    log-penalties. The result has shape ``(p,)`` or ``(n_folds, p)``.
+    """
+
+    def __init__(self, n_features, n_folds, device, groups=None, basis=None, log_offset=None):
+        self.basis = self.log_offset = None
+        if basis is not None:
+            basis = torch.as_tensor(basis, device=device)
+            if basis.ndim not in (2, 3) or basis.shape[-2] != n_features or (
+                basis.ndim == 3 and basis.shape[0] != n_folds
+            ):
+                raise ValueError(
+                    f"basis must have shape ({n_features}, m) or ({n_folds}, {n_features}, m); "
+                    f"got {tuple(basis.shape)}."
+                )
+            self.basis = basis
+            self.groups = None
+            self.n_params = basis.shape[-1]
+        else:
+            self.groups = _check_groups(groups, n_features, device)
+            self.n_params = int(self.groups.max()) + 1 if n_features else 0
+        if log_offset is not None:
+            log_offset = torch.as_tensor(log_offset, device=device)
+            if log_offset.shape not in ((n_features,), (n_folds, n_features)):
+                raise ValueError(
+                    f"log_offset must have shape ({n_features},) or ({n_folds}, "
+                    f"{n_features}); got {tuple(log_offset.shape)}."
+                )
+            self.log_offset = log_offset
+
+    def __call__(self, phi):
+        if phi.shape != (self.n_params,):
+            what = "group" if self.basis is None else "basis column"
+            raise ValueError(
+                f"phi must hold one log-penalty parameter per {what}, shape "
+                f"({self.n_params},); got {tuple(phi.shape)}."
+            )
+        if self.basis is None:
+            if self.log_offset is None:
+                return penalty_per_feature(phi, self.groups)
+            log_a = phi[self.groups]
+        else:
+            log_a = self.basis.to(phi) @ phi
+        if self.log_offset is not None:
+            log_a = log_a + self.log_offset.to(phi)
+        return log_a.exp()
 
 
 def _check_weights(W, n, like, what):
@@ -181,10 +303,17 @@ class RidgeFolds(ClosedFormSolver):
     val_weights : tensor of shape (n_folds, n_samples), optional
         Validation weights; needed by :meth:`validation_loss`.
     groups : long tensor of shape (n_features,), optional
-        Penalty group of every feature (default: one group per feature).
+        Penalty group of every feature (default: one group per feature):
+        ``alpha_j = exp(phi[groups[j]])``.
     fit_intercept : bool, default=True
     method : {"auto", "primal", "dual"}, default="auto"
         ``"auto"`` is ``"primal"`` when ``n_features <= n_samples``.
+    basis : tensor of shape (n_features, m) or (n_folds, n_features, m), optional
+        A linear model of the log-penalties replacing ``groups``:
+        ``log alpha = basis @ phi`` (per fold with a 3-D basis), e.g.
+        :func:`adaptive_penalty_basis`.
+    log_offset : tensor of shape (n_features,) or (n_folds, n_features), optional
+        Added to the log-penalties (fixed, not differentiated).
 
     Examples
     --------
@@ -213,6 +342,8 @@ class RidgeFolds(ClosedFormSolver):
         groups=None,
         fit_intercept=True,
         method="auto",
+        basis=None,
+        log_offset=None,
     ):
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
@@ -227,8 +358,7 @@ class RidgeFolds(ClosedFormSolver):
             if val_weights is None
             else _check_weights(val_weights, n, X, "val_weights")
         )
-        self.groups = _check_groups(groups, p, X.device)
-        self.n_groups = int(self.groups.max()) + 1 if p else 0
+        self._set_penalty(groups, basis, log_offset)
         self.fit_intercept = bool(fit_intercept)
         self.method = method = _ridge_method(method, n, p)
         self.last_fallback = None
@@ -275,21 +405,43 @@ class RidgeFolds(ClosedFormSolver):
         """Zero coefficients, shape ``(n_folds, n_features)``."""
         return self.X.new_zeros(self.n_folds, self.X.shape[1])
 
+    def _set_penalty(self, groups, basis, log_offset):
+        self._penalty = _LogPenalty(
+            self.X.shape[1], self.n_folds, self.X.device, groups, basis, log_offset
+        )
+        self.groups = self._penalty.groups
+        self.n_groups = self._penalty.n_params
+
+    def reparametrized(self, groups=None, basis=None, log_offset=None):
+        """The same folds (sharing their Gram matrices) with another penalty model.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skbilevel.hypergrad import RidgeFolds
+        >>> X = torch.randn(20, 3, dtype=torch.float64)
+        >>> folds = RidgeFolds(X, X[:, 0], torch.ones(20, dtype=torch.float64))
+        >>> folds.reparametrized(groups=torch.tensor([0, 0, 1])).n_groups
+        2
+        """
+        out = copy.copy(self)
+        out._set_penalty(groups, basis, log_offset)
+        return out
+
     def _alpha(self, phi):
-        if phi.shape != (self.n_groups,):
-            raise ValueError(
-                f"phi must hold one log-penalty per group, shape ({self.n_groups},); "
-                f"got {tuple(phi.shape)}."
-            )
-        return penalty_per_feature(phi, self.groups)
+        return self._penalty(phi)
 
     def closed_form(self, phi):
-        """Coefficients of every fold at ``alpha = exp(phi)[groups]``, in autograd."""
-        a = self._alpha(phi)
+        """Coefficients of every fold at the penalties of ``phi``, in autograd."""
+        return self.coef(self._alpha(phi))
+
+    def coef(self, alpha):
+        """Coefficients of every fold at penalties ``alpha``: ``(p,)`` or ``(n_folds, p)``."""
+        a = alpha.expand(self.n_folds, -1)
         if self.method == "primal":
-            A = self.gram + torch.diag_embed(a.expand(self.n_folds, -1))
+            A = self.gram + torch.diag_embed(a)
             return self._solve(A, self.rhs[..., None])[..., 0]
-        XA = self.Xs / a  # (K, m, p): Xs diag(1/alpha)
+        XA = self.Xs / a[:, None, :]  # (K, m, p): Xs diag(1/alpha)
         n = self.Xs.shape[1]
         G = XA @ self.Xs.mT + torch.eye(n, dtype=a.dtype, device=a.device)
         dual = self._solve(G, self.ys[..., None])  # (K, m, 1)
@@ -331,14 +483,14 @@ class RidgeFolds(ClosedFormSolver):
     def validation_curve(self, log_alphas):
         """Summed validation loss at many shared log-penalties (no autograd).
 
-        Every group gets the same ``log_alpha``; returns a tensor of shape
-        ``(len(log_alphas),)``.
+        Every feature gets the penalty ``exp(log_alpha)`` (whatever the
+        penalty model); returns a tensor of shape ``(len(log_alphas),)``.
         """
         out = []
         with torch.no_grad():
             for la in torch.as_tensor(log_alphas, dtype=self.X.dtype).reshape(-1):
-                phi = self.X.new_full((self.n_groups,), float(la))
-                out.append(self.validation_loss(self.closed_form(phi)))
+                alpha = self.X.new_full((self.X.shape[1],), math.exp(float(la)))
+                out.append(self.validation_loss(self.coef(alpha)))
         return torch.stack(out)
 
     def value_and_grad(self, phi, hypergradient="closed_form", init=None):

@@ -89,6 +89,7 @@ from ..hypergrad import (
     NewtonCG,
     RidgeFolds,
     RidgeLOO,
+    adaptive_penalty_basis,
     attach_gradient,
     get_strategy,
     minimize_log_alpha,
@@ -111,6 +112,10 @@ _LOG_ALPHA_BOX = 15.0
 #: feature norm: below it a penalty barely changes the fit, the hypergradient in
 #: log(alpha) vanishes (it is proportional to alpha) and the descent would stall
 _LOG_ALPHA_FLOOR = -4.0 * math.log(10.0)
+#: floor ``eps`` of the normalized squared pilot coefficient in the adaptive model
+_ADAPTIVE_EPS = 1e-3
+#: upper bound of the adaptive model's exponent ``gamma`` (``alpha ~ w^(-2 gamma)``)
+_ADAPTIVE_MAX_GAMMA = 4.0
 
 
 def _groups_from_penalty(penalty, n_features):
@@ -197,6 +202,16 @@ class _FoldObjective:
         grad = sum(o[1] for o in out) / self.n_folds
         self.last_info = _merge_infos([o[2] for o in out])
         return value, grad
+
+    def map_batches(self, fn):
+        """The same objective over ``fn(batch)`` for every fold batch."""
+        return _FoldObjective(
+            [fn(b) for b in self.batches],
+            self.n_folds,
+            self.n_jobs,
+            self._vg,
+            self._curve,
+        )
 
     def curve(self, log_alphas):
         """Mean loss over folds at shared log-penalties (numpy array)."""
@@ -336,16 +351,68 @@ class _HyperL2Base(BaseEstimator):
         """Outer objective from the mean validation loss (``base``: its shared-stage value)."""
         return loss
 
+    def _pilot(self, problem, log_alpha):
+        """Pilot coefficients ``(n_folds, n_features)`` of ``problem`` at one shared
+        log-penalty, for :func:`adaptive_penalty_basis`; ``None`` if the estimator
+        has no adaptive stage."""
+        return None
+
+    def _adaptive_offset(self, problem, shared, params, groups):
+        """Log-penalties ``(n_folds, n_features)`` of the adaptive model on ``problem``."""
+        with torch.no_grad():
+            pilot = self._pilot(problem, shared)
+            basis = adaptive_penalty_basis(pilot, groups, eps=_ADAPTIVE_EPS)
+            return basis @ params.to(basis)
+
+    def _outer_stage(self, objective, phi, base, center, prior_weight, box):
+        """One L-BFGS (or Adam) descent of the outer objective from ``phi`` (in place)."""
+
+        def outer(p):
+            value, grad = objective.value_and_grad(p)
+            loss = self._nll(attach_gradient(value, grad, p), base)
+            if prior_weight:
+                loss = loss + prior_weight * ((p - center) ** 2).sum()
+            return loss, objective.last_info
+
+        # grad_tol=0: the hypergradient in log(alpha) of a nearly pruned feature
+        # is tiny but consistent, so only the stall criterion stops the loop
+        res = minimize_outer(
+            outer,
+            phi,
+            optimizer=self.outer_optimizer,
+            learning_rate=self.learning_rate,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            grad_tol=0.0,
+            n_iter_no_change=self.n_iter_no_change,
+            callbacks=list(self.callbacks or []),
+            verbose=self.verbose,
+            projection=box,
+            desc=self._name,
+        )
+        if self.verbose:
+            print(
+                f"[{self._name}] {res.n_iter} outer iterations, stop: {res.stop_reason}, "
+                f"objective {res.best_loss:.6g}"
+            )
+        return res
+
     def _run_outer(self, objective, n_groups, n_samples, scale, groups, dtype, device):
-        """The two stages; returns phi (tensor), shared log-alpha, history, n_iter, info."""
+        """The stages; returns phi (tensor), shared log-alpha, prior centre, history,
+        n_iter, info. Also sets ``adaptive_params_`` and ``_final_objective`` (the
+        objective whose parametrization ``phi`` belongs to)."""
         kind, init = self._check_alpha_init(len(groups), groups, n_groups)
+        gt = torch.as_tensor(groups, device=device)
+        previous = getattr(self, "adaptive_params_", None)
         warm = (
             self.warm_start
             and hasattr(self, "_phi_fitted")
             and self._phi_fitted.shape == (n_groups,)
         )
         history, n_iter = [], 0
-        stage1 = floored_from = None
+        stage1 = None
+        self.adaptive_params_ = None
+        self._final_objective = original = objective
 
         def vg_np(x):
             phi = torch.full((n_groups,), float(x[0]), dtype=dtype, device=device)
@@ -379,78 +446,101 @@ class _HyperL2Base(BaseEstimator):
             )
             if n_groups > 1 and center < math.log(scale) + _LOG_ALPHA_FLOOR:
                 center = math.log(scale) + _LOG_ALPHA_FLOOR
-                floored_from = (shared, base)
                 stage1 = None  # base is re-evaluated at the floored start
             phi0 = torch.full((n_groups,), center, dtype=dtype, device=device)
             if self.verbose:
                 print(
                     f"[{self._name}] shared alpha {math.exp(shared):.4g} (cv loss "
-                    f"{base:.6g}); per-feature stage starts at {math.exp(center):.4g}"
+                    f"{base:.6g}); per-feature stages start at {math.exp(center):.4g}"
                 )
         info = objective.last_info
         if n_groups == 1 and not warm and kind != "array":
             return phi0, shared, center, history, n_iter, info
-
+        shared_loss = base if stage1 is not None else None
         if stage1 is None:
             base = float(objective.value_and_grad(phi0)[0])
         prior_weight = 0.0
         if self.prior_scale is not None:
             prior_weight = 1.0 / (2.0 * n_samples * float(self.prior_scale) ** 2)
-        phi = phi0.clone().requires_grad_(True)
+        adaptive = None
+        if warm and previous is not None:
+            adaptive = torch.as_tensor(previous, dtype=dtype)
+        elif (
+            not warm
+            and kind != "array"
+            and self.max_iter > 0
+            and self._pilot(objective.batches[0], shared) is not None
+            and self.adaptive
+        ):
+            # stage 2: the two-parameter adaptive model, started at the shared penalty
+            staged = objective.map_batches(
+                lambda b: b.reparametrized(
+                    basis=adaptive_penalty_basis(
+                        self._pilot(b, shared), gt, eps=_ADAPTIVE_EPS
+                    )
+                )
+            )
+            psi = torch.tensor([center, 0.0], dtype=dtype, device=device)
+            psi.requires_grad_(True)
 
-        def outer(p):
-            value, grad = objective.value_and_grad(p)
-            loss = self._nll(attach_gradient(value, grad, p), base)
-            if prior_weight:
-                loss = loss + prior_weight * ((p - center) ** 2).sum()
-            return loss, objective.last_info
+            def box2(leaves):
+                leaves[0][0].clamp_(center - _LOG_ALPHA_BOX, center + _LOG_ALPHA_BOX)
+                leaves[0][1].clamp_(0.0, _ADAPTIVE_MAX_GAMMA)
+
+            res = self._outer_stage(staged, psi, base, 0.0, 0.0, box2)
+            history.extend(res.history)
+            n_iter += res.n_iter
+            info = res.info if res.info is not None else info
+            adaptive = psi.detach().cpu()
+        if adaptive is not None:
+            # stage 3 works on per-group corrections around the adaptive model
+            objective = objective.map_batches(
+                lambda b: b.reparametrized(
+                    groups=gt, log_offset=self._adaptive_offset(b, shared, adaptive, gt)
+                )
+            )
+            if not warm:
+                phi0 = torch.zeros(n_groups, dtype=dtype, device=device)
+                center = 0.0
+            self.adaptive_params_ = to_numpy(adaptive).astype(np.float64)
+        phi = phi0.clone().requires_grad_(True)
 
         def box(leaves):
             leaves[0].clamp_(center - _LOG_ALPHA_BOX, center + _LOG_ALPHA_BOX)
 
         if self.max_iter > 0:
-            # grad_tol=0: the hypergradient in log(alpha) of a nearly pruned feature
-            # is tiny but consistent, so only the stall criterion stops the loop
-            res = minimize_outer(
-                outer,
-                phi,
-                optimizer=self.outer_optimizer,
-                learning_rate=self.learning_rate,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                grad_tol=0.0,
-                n_iter_no_change=self.n_iter_no_change,
-                callbacks=list(self.callbacks or []),
-                verbose=self.verbose,
-                projection=box,
-                desc=self._name,
-            )
+            res = self._outer_stage(objective, phi, base, center, prior_weight, box)
             history.extend(res.history)
             n_iter += res.n_iter
             info = res.info if res.info is not None else info
-            if self.verbose:
-                print(
-                    f"[{self._name}] {res.n_iter} outer iterations, stop: {res.stop_reason}, "
-                    f"objective {res.best_loss:.6g}"
-                )
-        if floored_from is not None:
-            # the floored start is worse than the shared optimum: keep the latter
-            # unless the per-feature stage beat it on the validation loss
+        self._final_objective = objective
+        if shared_loss is None and kind != "array" and not warm:
+            shared_loss = float(vg_np([shared])[0][0])
+        if shared_loss is not None:
+            # keep the shared penalty unless the per-feature stages beat it on
+            # the validation loss (a floored start may not reach it)
             value, _ = objective.value_and_grad(phi.detach())
-            if float(value) >= floored_from[1]:
-                phi = torch.full_like(phi, floored_from[0])
+            if float(value) >= shared_loss:
+                self.adaptive_params_ = None
+                self._final_objective = original
+                phi = torch.full_like(phi, shared)
         return phi.detach(), shared, center, history, n_iter, info
 
     def _set_common(
-        self, phi, shared, center, groups, history, n_iter, info, objective
+        self, phi, shared, center, groups, history, n_iter, info, objective, alphas=None
     ):
         self._phi_fitted = to_numpy(phi).copy()
-        self.alphas_ = np.exp(self._phi_fitted)[groups]
+        self.alphas_ = (
+            np.exp(self._phi_fitted)[groups]
+            if alphas is None
+            else to_numpy(alphas).astype(np.float64).reshape(-1)
+        )
         self._prior_center = center
         self.shared_alpha_ = math.exp(shared)
         self.n_iter_ = int(n_iter)
         self.history_ = np.asarray(history, dtype=float)
         self.hypergradient_info_ = {} if info is None else info.as_dict()
+        objective = self.__dict__.pop("_final_objective", None) or objective
         with torch.no_grad():
             value, _ = objective.value_and_grad(phi)
         self.cv_loss_ = float(value)
@@ -605,6 +695,10 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     """
 
     _name = "HyperL2Regressor"
+    _parameter_constraints: dict = {
+        **_HyperL2Base._parameter_constraints,
+        "adaptive": ["boolean"],
+    }
 
     def __init__(
         self,
@@ -613,7 +707,8 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         cv=5,
         validation_fraction=None,
         alpha_init=None,
-        prior_scale=8.0,
+        adaptive=True,
+        prior_scale=2.0,
         hypergradient="closed_form",
         max_iter=100,
         tol=1e-5,
@@ -633,6 +728,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         self.cv = cv
         self.validation_fraction = validation_fraction
         self.alpha_init = alpha_init
+        self.adaptive = adaptive
         self.prior_scale = prior_scale
         self.hypergradient = hypergradient
         self.max_iter = max_iter
@@ -648,6 +744,13 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         self.warm_start = warm_start
         self.n_jobs = n_jobs
         self.callbacks = callbacks
+
+    def _pilot(self, problem, log_alpha):
+        if not isinstance(problem, RidgeFolds):
+            return None  # leave-one-out: one pilot per left-out sample would be needed
+        alpha = problem.X.new_full((problem.X.shape[1],), math.exp(log_alpha))
+        with torch.no_grad():
+            return problem.coef(alpha)
 
     def _nll(self, loss, base):
         # 0.5 * MSE / MSE_shared: the Gaussian per-sample NLL 0.5 * log(MSE) to first
@@ -743,12 +846,21 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 objective, n_groups, n, scale, groups, dtype, device
             )
             full = RidgeFolds(Xt, yt, swt, groups=gt, fit_intercept=self.fit_intercept)
+            if self.adaptive_params_ is not None:
+                params = torch.as_tensor(self.adaptive_params_)
+                full = full.reparametrized(
+                    groups=gt,
+                    log_offset=self._adaptive_offset(full, shared, params, gt)[0],
+                )
             with torch.no_grad():
-                coef = full.closed_form(phi)
+                alphas = full._alpha(phi)
+                coef = full.coef(alphas)
                 intercept = full.intercepts(coef)
         self.coef_ = to_numpy(coef[0]).astype(np.float64)
         self.intercept_ = float(intercept[0]) if self.fit_intercept else 0.0
-        self._set_common(phi, shared, center, groups, history, n_iter, info, objective)
+        self._set_common(
+            phi, shared, center, groups, history, n_iter, info, objective, alphas
+        )
         return self
 
     def predict(self, X):
