@@ -116,6 +116,8 @@ _LOG_ALPHA_FLOOR = -4.0 * math.log(10.0)
 _ADAPTIVE_EPS = 1e-3
 #: upper bound of the adaptive model's exponent ``gamma`` (``alpha ~ w^(-2 gamma)``)
 _ADAPTIVE_MAX_GAMMA = 4.0
+#: exponents tried before the adaptive model's descent starts (0 is the shared penalty)
+_ADAPTIVE_GAMMA_SCAN = (0.5, 1.0, 2.0, 3.0, 4.0)
 
 
 def _groups_from_penalty(penalty, n_features):
@@ -204,9 +206,9 @@ class _FoldObjective:
         return value, grad
 
     def map_batches(self, fn):
-        """The same objective over ``fn(batch)`` for every fold batch."""
+        """The same objective over ``fn(batch, index)`` for every fold batch."""
         return _FoldObjective(
-            [fn(b) for b in self.batches],
+            [fn(b, k) for k, b in enumerate(self.batches)],
             self.n_folds,
             self.n_jobs,
             self._vg,
@@ -249,7 +251,7 @@ class _HyperL2Base(BaseEstimator):
     }
 
     _name = "HyperL2"
-    _grid_points_per_decade = 2
+    _grid_points_per_decade = 1
     _grid_decades = (-7.0, 3.0)
 
     # -- shared fitting ------------------------------------------------------
@@ -357,12 +359,13 @@ class _HyperL2Base(BaseEstimator):
         has no adaptive stage."""
         return None
 
-    def _adaptive_offset(self, problem, shared, params, groups):
-        """Log-penalties ``(n_folds, n_features)`` of the adaptive model on ``problem``."""
-        with torch.no_grad():
-            pilot = self._pilot(problem, shared)
-            basis = adaptive_penalty_basis(pilot, groups, eps=_ADAPTIVE_EPS)
-            return basis @ params.to(basis)
+    def _adaptive_basis(self, problem, shared, groups):
+        """:func:`adaptive_penalty_basis` of ``problem``'s pilot at the shared
+        log-penalty: ``(n_folds, n_features, 2)``, or ``None`` without a pilot."""
+        pilot = self._pilot(problem, shared)
+        if pilot is None:
+            return None
+        return adaptive_penalty_basis(pilot, groups, eps=_ADAPTIVE_EPS)
 
     def _outer_stage(self, objective, phi, base, center, prior_weight, box):
         """One L-BFGS (or Adam) descent of the outer objective from ``phi`` (in place)."""
@@ -427,15 +430,19 @@ class _HyperL2Base(BaseEstimator):
             phi0 = torch.as_tensor(init, dtype=dtype, device=device)
             shared = center = float(np.mean(init))
         else:
-            max_iter = max(1, self.max_iter)
+            # to 1e-3 in log(alpha) when it is the answer; when the per-feature stages
+            # take over (and move the overall level themselves), a few steps from the
+            # grid's best point: the pilot hardly depends on the last digits
+            max_iter = max(1, self.max_iter if n_groups == 1 else min(self.max_iter, 3))
+            tol = 1e-3 if n_groups == 1 else 1e-2
             if kind == "scalar":
-                stage1 = minimize_log_alpha(vg_np, x0=init, tol=1e-3, max_iter=max_iter)
+                stage1 = minimize_log_alpha(vg_np, x0=init, tol=tol, max_iter=max_iter)
             else:
                 stage1 = minimize_log_alpha(
                     vg_np,
                     values=lambda g: objective.curve(g)[:, None],
                     grid=self._grid(scale),
-                    tol=1e-3,
+                    tol=tol,
                     max_iter=max_iter,
                 )
             shared = center = float(stage1.x[0])
@@ -462,25 +469,25 @@ class _HyperL2Base(BaseEstimator):
         prior_weight = 0.0
         if self.prior_scale is not None:
             prior_weight = 1.0 / (2.0 * n_samples * float(self.prior_scale) ** 2)
-        adaptive = None
-        if warm and previous is not None:
-            adaptive = torch.as_tensor(previous, dtype=dtype)
-        elif (
-            not warm
-            and kind != "array"
-            and self.max_iter > 0
-            and self._pilot(objective.batches[0], shared) is not None
-            and self.adaptive
-        ):
+        adaptive = bases = None
+        if kind != "array" and self.max_iter > 0 and (not warm or previous is not None):
+            bases = [self._adaptive_basis(b, shared, gt) for b in objective.batches]
+            if any(B is None for B in bases) or not self.adaptive:
+                bases = None
+        if bases is not None and warm:
+            adaptive = torch.as_tensor(previous, dtype=dtype, device=device)
+        elif bases is not None:
             # stage 2: the two-parameter adaptive model, started at the shared penalty
-            staged = objective.map_batches(
-                lambda b: b.reparametrized(
-                    basis=adaptive_penalty_basis(
-                        self._pilot(b, shared), gt, eps=_ADAPTIVE_EPS
-                    )
-                )
-            )
-            psi = torch.tensor([center, 0.0], dtype=dtype, device=device)
+            staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k]))
+            # its loss is not convex in gamma: start from the best of a scan (a is
+            # the weighted geometric-mean penalty whatever gamma, so it stays put)
+            start, start_loss = 0.0, base
+            for gamma in _ADAPTIVE_GAMMA_SCAN:
+                psi = torch.tensor([center, gamma], dtype=dtype, device=device)
+                loss = float(staged.value_and_grad(psi)[0])
+                if loss < start_loss:
+                    start, start_loss = gamma, loss
+            psi = torch.tensor([center, start], dtype=dtype, device=device)
             psi.requires_grad_(True)
 
             def box2(leaves):
@@ -491,13 +498,11 @@ class _HyperL2Base(BaseEstimator):
             history.extend(res.history)
             n_iter += res.n_iter
             info = res.info if res.info is not None else info
-            adaptive = psi.detach().cpu()
+            adaptive = psi.detach()
         if adaptive is not None:
             # stage 3 works on per-group corrections around the adaptive model
             objective = objective.map_batches(
-                lambda b: b.reparametrized(
-                    groups=gt, log_offset=self._adaptive_offset(b, shared, adaptive, gt)
-                )
+                lambda b, k: b.reparametrized(groups=gt, log_offset=bases[k] @ adaptive)
             )
             if not warm:
                 phi0 = torch.zeros(n_groups, dtype=dtype, device=device)
@@ -539,11 +544,13 @@ class _HyperL2Base(BaseEstimator):
         self.shared_alpha_ = math.exp(shared)
         self.n_iter_ = int(n_iter)
         self.history_ = np.asarray(history, dtype=float)
-        self.hypergradient_info_ = {} if info is None else info.as_dict()
         objective = self.__dict__.pop("_final_objective", None) or objective
         with torch.no_grad():
             value, _ = objective.value_and_grad(phi)
         self.cv_loss_ = float(value)
+        # the health record at the fitted penalties (the last loop one if none)
+        info = objective.last_info or info
+        self.hypergradient_info_ = {} if info is None else info.as_dict()
 
 
 class HyperL2Regressor(RegressorMixin, _HyperL2Base):
@@ -691,7 +698,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     >>> bool(log_alpha[3:].mean() - log_alpha[:3].mean() > 0.5)
     True
     >>> round(model.score(X, y), 2)
-    0.79
+    0.76
     """
 
     _name = "HyperL2Regressor"
@@ -712,7 +719,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         hypergradient="closed_form",
         max_iter=100,
         tol=1e-5,
-        n_iter_no_change=10,
+        n_iter_no_change=3,
         learning_rate=0.1,
         outer_optimizer="lbfgs",
         fit_intercept=True,
@@ -796,6 +803,11 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         if loo and self.validation_fraction is not None:
             raise ValueError("cv='loo' and validation_fraction cannot both be set.")
         strategy = get_strategy(self.hypergradient)
+        # the closed form is exact: skip the health record's inner gradient in the
+        # loop (a backward pass per iteration) and check it at the fitted penalties
+        quiet = isinstance(self.hypergradient, str) and strategy.name == "closed_form"
+        if quiet:
+            strategy.check_inner = False
         if loo and strategy.name != "closed_form":
             raise ValueError(
                 f"cv='loo' is differentiated in closed form; hypergradient="
@@ -847,10 +859,10 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
             )
             full = RidgeFolds(Xt, yt, swt, groups=gt, fit_intercept=self.fit_intercept)
             if self.adaptive_params_ is not None:
-                params = torch.as_tensor(self.adaptive_params_)
+                params = torch.as_tensor(self.adaptive_params_, dtype=dtype, device=device)
                 full = full.reparametrized(
                     groups=gt,
-                    log_offset=self._adaptive_offset(full, shared, params, gt)[0],
+                    log_offset=self._adaptive_basis(full, shared, gt)[0] @ params,
                 )
             with torch.no_grad():
                 alphas = full._alpha(phi)
@@ -858,6 +870,8 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 intercept = full.intercepts(coef)
         self.coef_ = to_numpy(coef[0]).astype(np.float64)
         self.intercept_ = float(intercept[0]) if self.fit_intercept else 0.0
+        if quiet:
+            strategy.check_inner = True
         self._set_common(
             phi, shared, center, groups, history, n_iter, info, objective, alphas
         )

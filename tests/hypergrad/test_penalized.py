@@ -317,3 +317,121 @@ def test_logistic_preconditioned_hypergradient_same_value_fewer_iterations(n_cla
         sink.append(res)
     assert plain[0].converged and pre[0].converged
     assert pre[0].n_hvp < plain[0].n_hvp
+
+
+# --------------------------------------------------------------------------
+# Penalty models: basis, offsets, adaptive basis; fast paths vs reference
+# --------------------------------------------------------------------------
+
+
+def test_adaptive_penalty_basis_groups_centring_and_zero_pilot():
+    from skbilevel.hypergrad import adaptive_penalty_basis
+
+    coef = torch.tensor([[2.0, 2.0, 1.0, 0.0], [1.0, -1.0, 3.0, 0.5]], dtype=DT)
+    groups = torch.tensor([0, 0, 1, 2])
+    B = adaptive_penalty_basis(coef, groups, eps=1e-3)
+    assert B.shape == (2, 4, 2)
+    torch.testing.assert_close(B[..., 0], torch.ones(2, 4, dtype=DT))
+    # features of a group share a column value; a zero pilot gives a finite penalty
+    assert bool((B[:, 0, 1] == B[:, 1, 1]).all()) and bool(torch.isfinite(B).all())
+    # reference: per-group mean squared coefficient, normalized, u-weighted centring
+    for k in range(2):
+        sq = coef[k] ** 2
+        per = torch.stack([sq[:2].mean(), sq[2], sq[3]])
+        u = per / per.mean()
+        lu = torch.log(u + 1e-3)
+        ref = -(lu - (u * lu).sum() / u.sum())
+        torch.testing.assert_close(B[k, :, 1], ref[groups])
+    # one pilot vector -> (p, 2)
+    assert adaptive_penalty_basis(coef[0]).shape == (4, 2)
+
+
+def _reference_coef(folds, X, y, T, alpha, fit_intercept=True):
+    """Per-fold ridge via sklearn with per-fold penalties alpha (K, p)."""
+    out = []
+    for k in range(T.shape[0]):
+        m = T[k] > 0
+        w, _ = _ridge_per_feature(X[m], y[m], alpha[k], T[k][m], fit_intercept)
+        out.append(w)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_ridge_folds_basis_and_offset_match_sklearn_and_fd(method):
+    X, y, sw = _data(n=24, p=6)
+    T = _folds(len(y)) * sw
+    V = (T == 0) * sw
+    rng = np.random.RandomState(3)
+    basis = torch.tensor(rng.randn(3, 6, 2))
+    offset = torch.tensor(rng.randn(3, 6) * 0.5)
+    folds = RidgeFolds(
+        torch.tensor(X), torch.tensor(y), torch.tensor(T), torch.tensor(V), method=method
+    ).reparametrized(basis=basis, log_offset=offset)
+    assert folds.n_groups == 2
+    phi = torch.tensor([0.2, 0.7], dtype=DT)
+    alpha = (basis @ phi + offset).exp()
+    coef = folds.closed_form(phi)
+    np.testing.assert_allclose(
+        coef.numpy(), _reference_coef(folds, X, y, T, alpha.numpy()), rtol=1e-9, atol=1e-11
+    )
+    value, grad, _, _ = folds.value_and_grad(phi)
+
+    def fun(p):
+        with torch.no_grad():
+            return folds.validation_loss(folds.closed_form(p))
+
+    torch.testing.assert_close(grad, _fd(fun, phi), rtol=1e-6, atol=1e-9)
+    # groups plus a per-fold offset
+    g = folds.reparametrized(groups=torch.tensor([0, 0, 1, 1, 2, 2]), log_offset=offset)
+    phi3 = torch.tensor([0.1, -0.4, 0.9], dtype=DT)
+    torch.testing.assert_close(g._alpha(phi3), (phi3[g.groups] + offset).exp())
+    with pytest.raises(ValueError, match="basis column"):
+        folds.closed_form(phi3)
+    with pytest.raises(ValueError, match="basis must have shape"):
+        folds.reparametrized(basis=torch.ones(2, 6, 2, dtype=DT))
+    with pytest.raises(ValueError, match="log_offset must have shape"):
+        folds.reparametrized(log_offset=torch.ones(5, dtype=DT))
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_cholesky_solve_gradient_matches_lu_autograd(method):
+    """The custom Cholesky backward equals autograd through an LU solve."""
+    X, y, sw = _data(n=20, p=7) if method == "primal" else _data(n=8, p=15)
+    T = torch.tensor(_folds(len(y)) * sw)
+    folds = RidgeFolds(torch.tensor(X), torch.tensor(y), T, method=method)
+    alpha = torch.exp(torch.linspace(-2, 2, X.shape[1], dtype=DT)).expand(3, -1)
+    alpha = alpha.clone().requires_grad_(True)
+    g = torch.randn(3, X.shape[1], dtype=DT, generator=torch.Generator().manual_seed(0))
+    (grad_fast,) = torch.autograd.grad((folds.coef(alpha) * g).sum(), alpha)
+    if method == "primal":
+        ref = torch.linalg.solve(folds.gram + torch.diag_embed(alpha), folds.rhs[..., None])[..., 0]
+    else:
+        XA = folds.Xs / alpha[:, None, :]
+        eye = torch.eye(folds.Xs.shape[1], dtype=DT)
+        ref = (XA.mT @ torch.linalg.solve(XA @ folds.Xs.mT + eye, folds.ys[..., None]))[..., 0]
+    (grad_ref,) = torch.autograd.grad((ref * g).sum(), alpha)
+    torch.testing.assert_close(folds.coef(alpha), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("layout", ["kfold", "general"])
+def test_fold_grams_match_direct_computation(fit_intercept, layout):
+    from skbilevel.hypergrad._penalized import _fold_grams
+
+    rng = np.random.RandomState(0)
+    n, p = 40, 5
+    X = torch.tensor(rng.randn(n, p) + 1e3)  # large means: no digits lost
+    y = torch.tensor(rng.randn(n) - 50.0)
+    sw = torch.tensor(rng.uniform(0.5, 2.0, n))
+    T = torch.tensor(_folds(n, k=4)) * sw
+    if layout == "general":
+        T = T * torch.tensor(rng.uniform(0.5, 1.5, (4, n)))
+    t_sum = T.sum(1)
+    mx = (T @ X) / t_sum[:, None] if fit_intercept else torch.zeros(4, p, dtype=DT)
+    my = (T @ y) / t_sum if fit_intercept else torch.zeros(4, dtype=DT)
+    gram, rhs = _fold_grams(X, y, T, mx, my, center=fit_intercept)
+    for k in range(4):
+        Xc, yc = X - mx[k], y - my[k]
+        torch.testing.assert_close(gram[k], (Xc * T[k][:, None]).T @ Xc, rtol=1e-9, atol=1e-6)
+        torch.testing.assert_close(rhs[k], (Xc * T[k][:, None]).T @ yc, rtol=1e-9, atol=1e-6)

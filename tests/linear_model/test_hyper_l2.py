@@ -247,3 +247,40 @@ def test_regressor_loo_needs_closed_form():
     X, y = _hetero(n=40, p=3)
     with pytest.raises(ValueError, match="closed form"):
         HyperL2Regressor(cv="loo", hypergradient="cg").fit(X, y)
+
+
+def test_regressor_adaptive_stage_beats_shared_penalty_on_held_out_data():
+    rng = np.random.RandomState(0)
+    n, p = 600, 40
+    w = np.zeros(p)
+    w[:5] = rng.uniform(1, 2, 5)
+    w[5:15] = rng.uniform(0.05, 0.3, 10)
+    X = rng.randn(2 * n, p)
+    y = X @ w + 0.5 * rng.randn(2 * n)
+    Xtr, ytr, Xte, yte = X[:n], y[:n], X[n:], y[n:]
+    model = HyperL2Regressor(random_state=0).fit(Xtr, ytr)
+    a, gamma = model.adaptive_params_
+    assert 0 < gamma <= 4  # penalties fall with the pilot coefficient
+    shared = HyperL2Regressor(penalty="scalar", random_state=0).fit(Xtr, ytr)
+    free = HyperL2Regressor(adaptive=False, random_state=0).fit(Xtr, ytr)
+    assert free.adaptive_params_ is None
+    assert model.score(Xte, yte) > shared.score(Xte, yte)
+    assert model.cv_loss_ < shared.cv_loss_
+    # irrelevant features end up with the larger penalties
+    assert np.median(model.alphas_[15:]) > 10 * np.median(model.alphas_[:5])
+    # the health record is taken at the fitted penalties, inner check included
+    assert model.hypergradient_info_["inner_grad_norm"] < 1e-8
+
+
+def test_regressor_adaptive_stage_off_for_loo_alpha_init_and_scalar():
+    X, y = _hetero(n=80, p=6)
+    assert HyperL2Regressor(cv="loo", max_iter=5).fit(X, y).adaptive_params_ is None
+    m = HyperL2Regressor(alpha_init=np.full(6, 1.0), max_iter=3).fit(X, y)
+    assert m.adaptive_params_ is None
+    m = HyperL2Regressor(penalty="scalar").fit(X, y)
+    assert m.adaptive_params_ is None
+    # warm start keeps the adaptive model and refines around it
+    w = HyperL2Regressor(random_state=0, max_iter=5, warm_start=True).fit(X, y)
+    params = w.adaptive_params_.copy()
+    w.fit(X, y)
+    np.testing.assert_allclose(w.adaptive_params_, params)
