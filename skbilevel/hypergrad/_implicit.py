@@ -22,7 +22,19 @@ strategy        linear solve                      exact when
 
 Every product is computed by autograd (``torch.autograd.grad`` with
 ``create_graph=True`` once, then products with the retained gradient graph),
-never from hand-written second derivatives. Only ``phi`` leaves that require
+unless the inner loss supplies its own (an optional protocol):
+
+- ``inner_loss.hvp(theta, phi, v)``, the inner Hessian at ``(theta, phi)``
+  times a tree ``v`` shaped like ``theta``, without a graph, replaces the
+  autograd products of the linear solve (the dense Hessian of ``"dense"``
+  is built from it column by column);
+- ``inner_loss.loss_and_grad(theta, phi)``, the value and the gradient tree
+  in ``theta``, is used (with ``hvp``) for the mixed product
+  ``(d^2 f / d phi d theta) v``: a backward pass through that gradient in
+  ``phi``, so it must keep ``phi``'s graph when ``phi`` requires grad
+  (autograd's double backward is used when it does not).
+
+Only ``phi`` leaves that require
 grad receive a hypergradient; tensors captured in ``inner_loss``'s closure do
 not (put them in ``phi`` if they should). The backward pass is differentiable
 once (no hypergradients of hypergradients).
@@ -61,7 +73,15 @@ from ._linear_solve import (
     solve_neumann,
 )
 from ._solvers import LBFGS, _FixedPhi, _jacobi_diagonal
-from ._tree import _cat_flat, tree_detach, tree_flatten, tree_map, tree_unflatten
+from ._tree import (
+    _cat_flat,
+    tree_detach,
+    tree_flatten,
+    tree_map,
+    tree_to_vector,
+    tree_unflatten,
+    vector_to_tree,
+)
 
 __all__ = ["ImplicitCG", "ImplicitNeumann", "ImplicitIdentity", "ImplicitDense"]
 
@@ -95,6 +115,7 @@ class _BackwardState:
         self.theta_leaves = theta_leaves
         self.theta_spec = theta_spec
         self.info = info
+        self._theta = None
 
     def vjp(self, grad_outputs):
         info = self.info
@@ -108,6 +129,8 @@ class _BackwardState:
             info.linear_solve_residual = 0.0
             info.linear_solve_converged = True
             return [None] * len(self.grad_idx)
+        if getattr(self.inner_loss, "hvp", None) is not None:
+            return self._vjp_supplied(b)
         with torch.enable_grad():
             theta = [t.detach().requires_grad_(True) for t in self.theta_leaves]
             phi = list(self.phi_leaves)
@@ -141,17 +164,71 @@ class _BackwardState:
             v = self.strategy._solve(
                 matvec, matrix, b.detach(), info, diagonal=self._diagonal
             )
-            if not bool(torch.isfinite(v).all()):
-                raise FloatingPointError(
-                    f"The {self.strategy.name!r} linear solve produced a non-finite "
-                    f"solution (relative residual {info.linear_solve_residual}); the "
-                    "inner Hessian is probably singular or the inner solution is not "
-                    "finite."
-                )
+            self._check_finite(v)
             targets = [phi[i] for i in self.grad_idx]
             mixed = torch.autograd.grad(g_flat, targets, v, allow_unused=True)
             info.n_hvp += 1
         return [None if m is None else -m.detach() for m in mixed]
+
+    def _vjp_supplied(self, b):
+        """:meth:`vjp` with the inner loss's own ``hvp`` (and ``loss_and_grad``)."""
+        info = self.info
+        theta = self._theta_tree()
+        phi_det = tree_unflatten(self.phi_spec, self.phi_leaves)
+
+        def matvec(v):
+            info.n_hvp += 1
+            hv = self.inner_loss.hvp(theta, phi_det, vector_to_tree(v, theta))
+            return tree_to_vector(hv).detach()
+
+        def matrix():
+            eye = torch.eye(b.numel(), dtype=b.dtype, device=b.device)
+            return torch.stack([matvec(e) for e in eye], dim=1)
+
+        v = self.strategy._solve(matvec, matrix, b, info, diagonal=self._diagonal)
+        self._check_finite(v)
+        with torch.enable_grad():
+            phi = list(self.phi_leaves)
+            for i in self.grad_idx:
+                phi[i] = phi[i].detach().requires_grad_(True)
+            targets = [phi[i] for i in self.grad_idx]
+            phi_tree = tree_unflatten(self.phi_spec, phi)
+            g_flat = None
+            loss_and_grad = getattr(self.inner_loss, "loss_and_grad", None)
+            if loss_and_grad is not None:
+                _, g = loss_and_grad(theta, phi_tree)
+                g_flat = tree_to_vector(g)
+            if g_flat is None or not g_flat.requires_grad:
+                leaves = [t.detach().requires_grad_(True) for t in self.theta_leaves]
+                loss = self.inner_loss(tree_unflatten(self.theta_spec, leaves), phi_tree)
+                grads = torch.autograd.grad(
+                    loss, leaves, create_graph=True, allow_unused=True
+                )
+                g_flat = _cat_flat(grads, leaves)
+            info.n_grad += 1
+            if not g_flat.requires_grad:  # the gradient does not depend on phi
+                return [None] * len(self.grad_idx)
+            mixed = torch.autograd.grad(g_flat, targets, v, allow_unused=True)
+            info.n_hvp += 1
+        return [None if m is None else -m.detach() for m in mixed]
+
+    def _check_finite(self, v):
+        if not bool(torch.isfinite(v).all()):
+            raise FloatingPointError(
+                f"The {self.strategy.name!r} linear solve produced a non-finite "
+                f"solution (relative residual {self.info.linear_solve_residual}); the "
+                "inner Hessian is probably singular or the inner solution is not "
+                "finite."
+            )
+
+    def _theta_tree(self):
+        """``theta*`` as one detached tree, the same object on every call (the
+        inner loss may cache its curvature on it)."""
+        if self._theta is None:
+            self._theta = tree_unflatten(
+                self.theta_spec, [t.detach() for t in self.theta_leaves]
+            )
+        return self._theta
 
     def _diagonal(self):
         """Flat ``inner_loss.hessian_diagonal(theta*, phi)``; ``None`` without one."""
@@ -159,8 +236,7 @@ class _BackwardState:
         if hessian_diagonal is None:
             return None
         phi = tree_unflatten(self.phi_spec, self.phi_leaves)
-        theta = tree_unflatten(self.theta_spec, [t.detach() for t in self.theta_leaves])
-        return _jacobi_diagonal(lambda t: hessian_diagonal(t, phi), theta)
+        return _jacobi_diagonal(lambda t: hessian_diagonal(t, phi), self._theta_tree())
 
 
 def _hessian_matrix(g_flat, theta, info, chunk=64):

@@ -6,6 +6,14 @@ leaves of the tree ``theta``) and report that norm. When the tolerance is not
 reached they emit :class:`~skbilevel.hypergrad.InnerSolveWarning` with the
 numbers. Both work on a tensor or a dict/tuple/list of tensors, on whatever
 device and dtype ``theta0`` has.
+
+An objective may supply its own derivatives (an optional protocol; autograd
+is the fallback for whatever it lacks): ``loss_and_grad(theta)`` returning
+the value and a gradient tree (used by both solvers),
+``hvp(theta, v)`` returning the Hessian times a tree ``v`` (used by
+:class:`NewtonCG`), and ``hessian_diagonal(theta)`` (its preconditioner).
+:class:`_FixedPhi` forwards an inner loss's ``loss_and_grad(theta, phi)``,
+``hvp(theta, phi, v)`` and ``hessian_diagonal(theta, phi)`` this way.
 """
 
 import math
@@ -34,8 +42,17 @@ class _FlatProblem:
         with torch.no_grad():
             return float(self.fun(vector_to_tree(x, self.like)))
 
-    def value_and_grad(self, x, create_graph=False):
+    def value_and_grad(self, x, create_graph=False, tree=None):
+        """``(f, g)``; with ``create_graph``, ``(f, g, x)`` with ``g``'s graph.
+
+        ``tree``, when given, is ``x`` as a tree (passed on to the objective's
+        ``loss_and_grad``, which may cache work on it).
+        """
         self.n_grad += 1
+        loss_and_grad = getattr(self.fun, "loss_and_grad", None)
+        if loss_and_grad is not None and not create_graph:
+            val, g = loss_and_grad(vector_to_tree(x, self.like) if tree is None else tree)
+            return float(val), tree_to_vector(g).detach()
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             val = self.fun(vector_to_tree(xr, self.like))
@@ -60,9 +77,10 @@ class _FlatProblem:
 class _FixedPhi:
     """``theta -> inner_loss(theta, phi)``, the objective an inner solver minimizes.
 
-    Carries ``hessian_diagonal(theta)`` when ``inner_loss`` has
-    ``hessian_diagonal(theta, phi)``, so that :class:`NewtonCG` finds the
-    problem's diagonal preconditioner through the closure.
+    Carries ``hessian_diagonal(theta)``, ``hvp(theta, v)`` and
+    ``loss_and_grad(theta)`` when ``inner_loss`` has the same methods with
+    ``phi`` as an extra argument, so that :class:`NewtonCG` and
+    :class:`LBFGS` find the problem's own derivatives through the closure.
     """
 
     def __init__(self, inner_loss, phi):
@@ -71,6 +89,12 @@ class _FixedPhi:
         diagonal = getattr(inner_loss, "hessian_diagonal", None)
         if diagonal is not None:
             self.hessian_diagonal = lambda theta: diagonal(theta, phi)
+        hvp = getattr(inner_loss, "hvp", None)
+        if hvp is not None:
+            self.hvp = lambda theta, v: hvp(theta, phi, v)
+        loss_and_grad = getattr(inner_loss, "loss_and_grad", None)
+        if loss_and_grad is not None:
+            self.loss_and_grad = lambda theta: loss_and_grad(theta, phi)
 
     def __call__(self, theta):
         return self.inner_loss(theta, self.phi)
@@ -282,7 +306,9 @@ class LBFGS(InnerSolver):
     The solve stops early, unconverged, when a line search cannot decrease
     the objective any more (usually the floating-point limit); the warning
     says so. The returned :class:`SolveResult` also carries ``n_grad`` (the
-    gradient evaluations spent) and ``message``.
+    gradient evaluations spent) and ``message``. When ``fun`` has a method
+    ``loss_and_grad(theta)`` returning the value and a gradient tree, it
+    replaces autograd.
 
     Examples
     --------
@@ -374,6 +400,15 @@ class NewtonCG(InnerSolver):
     pass such an objective when their inner loss has
     ``hessian_diagonal(theta, phi)``.
 
+    When ``fun`` has a method ``hvp(theta, v)`` (the Hessian at ``theta``
+    times a tree ``v`` shaped like ``theta``, without a graph), CG uses it
+    instead of autograd's double backward, and ``loss_and_grad(theta)``
+    (the value and a gradient tree), when present, replaces the gradient's
+    backward pass: the same Newton steps, far cheaper for a loss whose
+    Hessian is known in closed form (e.g.
+    :meth:`~skbilevel.hypergrad.LogisticFolds.hvp`). ``n_hvp`` counts the
+    products either way.
+
     Parameters
     ----------
     tol : float, optional
@@ -423,11 +458,18 @@ class NewtonCG(InnerSolver):
             cg_maxiter = min(x.numel(), 200)
         problem = _FlatProblem(fun, like)
         diagonal = getattr(fun, "hessian_diagonal", None) if self.precondition else None
+        tree_hvp = getattr(fun, "hvp", None)
         n_iter, n_hvp, converged, message = 0, 0, False, ""
         while True:
-            f_t, g_graph, xr = problem.value_and_grad(x, create_graph=True)
-            f = float(f_t)
-            g = g_graph.detach()
+            # one tree per iterate: the problem may cache its curvature on it
+            theta = vector_to_tree(x, like)
+            if tree_hvp is not None:
+                f, g = problem.value_and_grad(x, tree=theta)
+                g_graph = xr = None
+            else:
+                f_t, g_graph, xr = problem.value_and_grad(x, create_graph=True)
+                f = float(f_t)
+                g = g_graph.detach()
             g_norm = float(torch.linalg.vector_norm(g))
             if n_iter == 0 and not math.isfinite(f):
                 raise ValueError(
@@ -438,7 +480,13 @@ class NewtonCG(InnerSolver):
             converged = _within_tol(g_norm, tol)
             if converged or n_iter >= self.max_iter:
                 break
-            if g_graph.requires_grad:
+            if tree_hvp is not None:
+
+                def hvp(v, theta=theta):
+                    hv = tree_hvp(theta, vector_to_tree(v, like))
+                    return tree_to_vector(hv).detach()
+
+            elif g_graph.requires_grad:
 
                 def hvp(v, g_graph=g_graph, xr=xr):
                     (hv,) = torch.autograd.grad(
@@ -454,7 +502,7 @@ class NewtonCG(InnerSolver):
             forcing = min(0.5, math.sqrt(g_norm))
             pre = None
             if diagonal is not None:
-                pre = _jacobi_diagonal(diagonal, vector_to_tree(x, like))
+                pre = _jacobi_diagonal(diagonal, theta)
             d, res = solve_cg(
                 hvp, -g, tol=forcing, maxiter=cg_maxiter, preconditioner=pre
             )

@@ -1,0 +1,223 @@
+"""LogisticFolds' closed-form gradient and Hessian-vector products, and the
+solvers' use of them (the ``hvp`` / ``loss_and_grad`` protocol) against autograd."""
+
+import numpy as np
+import pytest
+import torch
+
+from skbilevel.hypergrad import (
+    ImplicitCG,
+    ImplicitNeumann,
+    LogisticFolds,
+    NewtonCG,
+    argmin,
+)
+from skbilevel.hypergrad._solvers import _FixedPhi
+from skbilevel.hypergrad._tree import tree_to_vector, vector_to_tree
+
+DT = torch.float64
+
+
+def _folds(n_classes, fit_intercept, n=50, p=4, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, p, generator=g, dtype=DT) * torch.linspace(0.5, 2.0, p, dtype=DT)
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    T = torch.rand(k, n, generator=g, dtype=DT)
+    T[torch.rand(k, n, generator=g) < 0.3] = 0.0  # folds leave samples out
+    V = (T == 0).to(DT) + 0.1
+    return LogisticFolds(X, y, n_classes, T, V, fit_intercept=fit_intercept)
+
+
+def _per_fold_penalties(folds, seed=1):
+    """Replace ``_penalty`` by a differentiable map giving every fold its own penalties."""
+    p, K = folds.X.shape[1], folds.n_folds
+    scale = torch.exp(
+        torch.randn(p, K, generator=torch.Generator().manual_seed(seed), dtype=DT)
+    )
+    base = folds._penalty
+
+    def penalty(phi):
+        return base(phi) * scale
+
+    folds._penalty = penalty
+    return folds
+
+
+def _random_tree(like, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(t.shape, generator=g, dtype=DT) for k, t in like.items()}
+
+
+def _autograd_derivatives(folds, theta, phi, v):
+    x = tree_to_vector(theta).clone().requires_grad_(True)
+    loss = folds.inner_loss(vector_to_tree(x, theta), phi)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    (hv,) = torch.autograd.grad(g, x, tree_to_vector(v))
+    return loss.detach(), g.detach(), hv
+
+
+CASES = [(2, True), (2, False), (4, True), (4, False)]
+
+
+@pytest.mark.parametrize("per_fold", [False, True])
+@pytest.mark.parametrize("n_classes, fit_intercept", CASES)
+def test_loss_grad_and_hvp_match_autograd(n_classes, fit_intercept, per_fold):
+    folds = _folds(n_classes, fit_intercept)
+    if per_fold:
+        folds = _per_fold_penalties(folds)
+    theta = _random_tree(folds.init_theta(), 2)
+    phi = torch.randn(folds.n_groups, generator=torch.Generator().manual_seed(3), dtype=DT)
+    v = _random_tree(theta, 4)
+    loss, g, hv = _autograd_derivatives(folds, theta, phi, v)
+    value, grad = folds.loss_and_grad(theta, phi)
+    assert abs(float(value) - float(loss)) < 1e-12
+    torch.testing.assert_close(tree_to_vector(grad), g, rtol=0, atol=1e-12)
+    hv2 = folds.hvp(theta, phi, v)
+    assert hv2.keys() == theta.keys()
+    torch.testing.assert_close(tree_to_vector(hv2), hv, rtol=0, atol=1e-12)
+    # the cached curvature follows theta: a new point gives the new product
+    theta2 = _random_tree(theta, 5)
+    _, _, hv_new = _autograd_derivatives(folds, theta2, phi, v)
+    torch.testing.assert_close(
+        tree_to_vector(folds.hvp(theta2, phi, v)), hv_new, rtol=0, atol=1e-12
+    )
+    # ... and notices an in-place change of the same tensors
+    with torch.no_grad():
+        theta2["coef"].mul_(0.5)
+    _, _, hv_inplace = _autograd_derivatives(folds, theta2, phi, v)
+    torch.testing.assert_close(
+        tree_to_vector(folds.hvp(theta2, phi, v)), hv_inplace, rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("n_classes, fit_intercept", CASES)
+def test_per_fold_penalties_reach_every_method(n_classes, fit_intercept):
+    folds = _per_fold_penalties(_folds(n_classes, fit_intercept))
+    theta = _random_tree(folds.init_theta(), 2)
+    phi = torch.zeros(folds.n_groups, dtype=DT)
+    a = folds._penalty(phi)
+    assert a.shape == (folds.X.shape[1], folds.n_folds)
+    W = theta["coef"]
+    plain = _folds(n_classes, fit_intercept)
+    pen = 0.5 * (a[..., None] * W * W).sum() / folds._scale
+    data = plain.inner_loss(theta, torch.full_like(phi, -60.0))  # penalty ~ 0
+    assert abs(float(folds.inner_loss(theta, phi)) - float(data + pen)) < 1e-12
+    # the diagonal is the diagonal of the autograd Hessian
+    x = tree_to_vector(theta).clone().requires_grad_(True)
+    H = torch.autograd.functional.hessian(
+        lambda x: folds.inner_loss(vector_to_tree(x, theta), phi), x
+    )
+    diag = tree_to_vector(folds.hessian_diagonal(theta, phi))
+    torch.testing.assert_close(diag, torch.diagonal(H), rtol=0, atol=1e-12)
+
+
+def test_penalty_checks_phi():
+    folds = _folds(2, True)
+    with pytest.raises(ValueError, match="one log-penalty per group"):
+        folds.hvp(folds.init_theta(), torch.zeros(2, dtype=DT), folds.init_theta())
+    with pytest.raises(ValueError, match="one log-penalty per group"):
+        folds.loss_and_grad(folds.init_theta(), torch.zeros(2, dtype=DT))
+
+
+class _AutogradOnly:
+    """The same inner loss without ``hvp`` / ``loss_and_grad`` (autograd fallback)."""
+
+    def __init__(self, folds, diagonal=True):
+        self.folds = folds
+        if diagonal:
+            self.hessian_diagonal = folds.hessian_diagonal
+
+    def __call__(self, theta, phi):
+        return self.folds.inner_loss(theta, phi)
+
+
+class _HvpOnly(_AutogradOnly):
+    """``hvp`` but no ``loss_and_grad``: autograd gradients, closed-form products."""
+
+    def hvp(self, theta, phi, v):
+        return self.folds.hvp(theta, phi, v)
+
+
+@pytest.mark.parametrize("per_fold", [False, True])
+@pytest.mark.parametrize("n_classes, fit_intercept", CASES)
+def test_newton_cg_same_solution_with_and_without_protocol(
+    n_classes, fit_intercept, per_fold
+):
+    folds = _folds(n_classes, fit_intercept)
+    if per_fold:
+        folds = _per_fold_penalties(folds)
+    phi = torch.linspace(-1.0, 1.0, folds.n_groups, dtype=DT)
+    solver = NewtonCG(tol=1e-11)
+    solutions = []
+    for loss in (folds, _HvpOnly(folds), _AutogradOnly(folds)):
+        theta, res = solver.solve(_FixedPhi(loss, phi), folds.init_theta())
+        assert res.converged and res.n_hvp > 0
+        solutions.append(tree_to_vector(theta))
+    torch.testing.assert_close(solutions[0], solutions[2], rtol=0, atol=1e-9)
+    torch.testing.assert_close(solutions[1], solutions[2], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("strategy", ["cg", "dense", "neumann"])
+@pytest.mark.parametrize("per_fold", [False, True])
+@pytest.mark.parametrize("n_classes, fit_intercept", CASES)
+def test_implicit_same_hypergradient_with_and_without_protocol(
+    n_classes, fit_intercept, per_fold, strategy
+):
+    folds = _folds(n_classes, fit_intercept)
+    if per_fold:
+        folds = _per_fold_penalties(folds)
+    phi0 = torch.linspace(-1.0, 1.0, folds.n_groups, dtype=DT)
+    make = {
+        "cg": lambda: ImplicitCG(tol=1e-12),
+        "dense": lambda: "dense",
+        "neumann": lambda: ImplicitNeumann(n_terms=3000, tol=1e-12),
+    }[strategy]
+    grads, counts = [], []
+    for loss in (folds, _HvpOnly(folds), _AutogradOnly(folds)):
+        phi = phi0.clone().requires_grad_(True)
+        theta, info = argmin(
+            loss, phi, folds.init_theta(), hypergradient=make(),
+            solver=NewtonCG(tol=1e-12),
+        )
+        folds.validation_loss(theta).backward()
+        grads.append(phi.grad.clone())
+        counts.append(info.n_hvp)
+        assert info.inner_converged
+    assert all(c > 0 for c in counts)
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(grads[1], grads[2], rtol=1e-7, atol=1e-10)
+
+
+def test_value_and_grad_matches_finite_differences():
+    folds = _folds(3, True, n=60, p=3)
+    phi = torch.tensor([0.3, -0.5, 1.0], dtype=DT)
+    value, grad, info, _ = folds.value_and_grad(phi, solver=NewtonCG(tol=1e-12))
+    assert info.n_hvp > 0 and info.linear_solve_converged
+    eps = 1e-5
+    fd = []
+    for j in range(3):
+        e = torch.zeros(3, dtype=DT)
+        e[j] = eps
+        up = folds.value_and_grad(phi + e, solver=NewtonCG(tol=1e-12))[0]
+        down = folds.value_and_grad(phi - e, solver=NewtonCG(tol=1e-12))[0]
+        fd.append(float(up - down) / (2 * eps))
+    np.testing.assert_allclose(grad.numpy(), fd, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_classifier_unchanged_without_protocol(monkeypatch, binary):
+    from sklearn.datasets import load_iris
+
+    from skbilevel.linear_model import HyperL2Classifier
+
+    X, y = load_iris(return_X_y=True)
+    X = (X - X.mean(0)) / X.std(0)
+    if binary:
+        y = (y == 2).astype(int)
+    est = HyperL2Classifier(max_iter=8, random_state=0).fit(X, y)
+    monkeypatch.delattr(LogisticFolds, "hvp")
+    monkeypatch.delattr(LogisticFolds, "loss_and_grad")
+    ref = HyperL2Classifier(max_iter=8, random_state=0).fit(X, y)
+    np.testing.assert_allclose(est.alphas_, ref.alphas_, rtol=1e-3)
+    np.testing.assert_allclose(est.coef_, ref.coef_, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(est.predict_proba(X), ref.predict_proba(X), atol=1e-5)
