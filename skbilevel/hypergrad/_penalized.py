@@ -214,10 +214,10 @@ class _LogPenalty:
 
     def __call__(self, phi):
         if phi.shape != (self.n_params,):
-            what = "group" if self.basis is None else "basis column"
+            what = "log-penalty per group" if self.basis is None else "value per basis column"
             raise ValueError(
-                f"phi must hold one log-penalty parameter per {what}, shape "
-                f"({self.n_params},); got {tuple(phi.shape)}."
+                f"phi must hold one {what}, shape ({self.n_params},); "
+                f"got {tuple(phi.shape)}."
             )
         if self.basis is None:
             if self.log_offset is None:
@@ -228,6 +228,36 @@ class _LogPenalty:
         if self.log_offset is not None:
             log_a = log_a + self.log_offset.to(phi)
         return log_a.exp()
+
+
+class _PenaltyModel:
+    """The penalty model of a fold problem (``X``, ``n_folds``): ``groups``,
+    ``basis`` and ``log_offset`` as for :class:`_LogPenalty`."""
+
+    def _set_penalty(self, groups=None, basis=None, log_offset=None):
+        self._log_penalty = _LogPenalty(
+            self.X.shape[1], self.n_folds, self.X.device, groups, basis, log_offset
+        )
+        self.groups = self._log_penalty.groups
+        self.n_groups = self._log_penalty.n_params
+
+    def reparametrized(self, groups=None, basis=None, log_offset=None):
+        """The same folds (sharing their data and precomputations) with another
+        penalty model: ``groups``, or a ``basis`` of the log-penalties, plus an
+        optional fixed ``log_offset``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skbilevel.hypergrad import RidgeFolds
+        >>> X = torch.randn(20, 3, dtype=torch.float64)
+        >>> folds = RidgeFolds(X, X[:, 0], torch.ones(20, dtype=torch.float64))
+        >>> folds.reparametrized(groups=torch.tensor([0, 0, 1])).n_groups
+        2
+        """
+        out = copy.copy(self)
+        out._set_penalty(groups, basis, log_offset)
+        return out
 
 
 def _check_weights(W, n, like, what):
@@ -371,7 +401,7 @@ class _DualRidgeSolve(torch.autograd.Function):
         return -(v * w), None, None
 
 
-class RidgeFolds(ClosedFormSolver):
+class RidgeFolds(_PenaltyModel, ClosedFormSolver):
     """Ridge regression with a diagonal penalty on K weighted subsets at once.
 
     Fold ``k`` has training weights ``t_k`` (zero outside its training part)
@@ -519,31 +549,8 @@ class RidgeFolds(ClosedFormSolver):
         """Zero coefficients, shape ``(n_folds, n_features)``."""
         return self.X.new_zeros(self.n_folds, self.X.shape[1])
 
-    def _set_penalty(self, groups, basis, log_offset):
-        self._penalty = _LogPenalty(
-            self.X.shape[1], self.n_folds, self.X.device, groups, basis, log_offset
-        )
-        self.groups = self._penalty.groups
-        self.n_groups = self._penalty.n_params
-
-    def reparametrized(self, groups=None, basis=None, log_offset=None):
-        """The same folds (sharing their Gram matrices) with another penalty model.
-
-        Examples
-        --------
-        >>> import torch
-        >>> from skbilevel.hypergrad import RidgeFolds
-        >>> X = torch.randn(20, 3, dtype=torch.float64)
-        >>> folds = RidgeFolds(X, X[:, 0], torch.ones(20, dtype=torch.float64))
-        >>> folds.reparametrized(groups=torch.tensor([0, 0, 1])).n_groups
-        2
-        """
-        out = copy.copy(self)
-        out._set_penalty(groups, basis, log_offset)
-        return out
-
     def _alpha(self, phi):
-        return self._penalty(phi)
+        return self._log_penalty(phi)
 
     def closed_form(self, phi):
         """Coefficients of every fold at the penalties of ``phi``, in autograd."""
@@ -782,7 +789,7 @@ class RidgeLOO:
 # --------------------------------------------------------------------------
 
 
-class LogisticFolds:
+class LogisticFolds(_PenaltyModel):
     """Binary or multinomial logistic regression with a diagonal L2 penalty on K folds.
 
     Fold ``k`` (training weights ``t_k``) solves::
@@ -865,8 +872,7 @@ class LogisticFolds:
             if val_weights is None
             else _check_weights(val_weights, n, X, "val_weights")
         )
-        self.groups = _check_groups(groups, p, X.device)
-        self.n_groups = int(self.groups.max()) + 1 if p else 0
+        self._set_penalty(groups)
         self.fit_intercept = bool(fit_intercept)
         self.n_out = 1 if self.n_classes == 2 else self.n_classes
         self._scale = float(self.train_weights.sum(1).mean())
@@ -929,13 +935,10 @@ class LogisticFolds:
         :meth:`loss_and_grad`, :meth:`hvp`, :meth:`hessian_diagonal`), so
         nothing else assumes they are equal across folds.
         """
-        if phi.shape != (self.n_groups,):
-            raise ValueError(
-                f"phi must hold one log-penalty per group, shape ({self.n_groups},); "
-                f"got {tuple(phi.shape)}."
-            )
-        a = penalty_per_feature(phi, self.groups)
-        return a[:, None].expand(a.shape[0], self.n_folds)
+        a = self._log_penalty(phi)  # (p,) or (n_folds, p)
+        if a.ndim == 1:
+            return a[:, None].expand(a.shape[0], self.n_folds)
+        return a.T
 
     def _curvature(self, theta, z=None):
         """Probabilities ``P`` (sigmoid, or softmax over classes) and the logit
@@ -1190,11 +1193,16 @@ class LogisticFolds:
         log_alphas = torch.as_tensor(log_alphas, dtype=self.X.dtype).reshape(-1)
         order = torch.argsort(log_alphas, descending=True)
         out = log_alphas.new_zeros(log_alphas.shape)
+        # every feature gets exp(log_alpha), whatever the penalty model
+        shared = self.reparametrized(
+            groups=torch.zeros(self.X.shape[1], dtype=torch.long, device=self.X.device)
+        )
         for i in order.tolist():
-            phi = self.X.new_full((self.n_groups,), float(log_alphas[i]))
-            theta, _ = self.solve(phi, solver)
+            phi = self.X.new_full((1,), float(log_alphas[i]))
+            theta, _ = shared.solve(phi, solver)
             with torch.no_grad():
                 out[i] = self.validation_loss(theta)
+        self.theta_ = shared.theta_
         return out
 
     def value_and_grad(self, phi, hypergradient="cg", solver=None):

@@ -284,3 +284,21 @@ def test_regressor_adaptive_stage_off_for_loo_alpha_init_and_scalar():
     params = w.adaptive_params_.copy()
     w.fit(X, y)
     np.testing.assert_allclose(w.adaptive_params_, params)
+
+
+def test_classifier_adaptive_stage_and_alphas_of_the_final_model():
+    X, y = make_classification(
+        300, 12, n_informative=3, n_redundant=0, random_state=0, shuffle=False
+    )
+    clf = HyperL2Classifier(random_state=0, max_iter=20).fit(X, y)
+    assert clf.adaptive_params_ is not None and clf.adaptive_params_.shape == (2,)
+    # noise features (the last nine) get the larger penalties
+    assert np.median(clf.alphas_[3:]) > np.median(clf.alphas_[:3])
+    # the final model is the per-feature logistic regression at alphas_ (C = 1 / alpha)
+    s = 1.0 / np.sqrt(clf.alphas_)
+    ref = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(X * s, y)
+    np.testing.assert_allclose(clf.coef_, ref.coef_ * s, rtol=1e-4, atol=1e-6)
+    off = HyperL2Classifier(random_state=0, max_iter=20, adaptive=False).fit(X, y)
+    assert off.adaptive_params_ is None
+    shared = HyperL2Classifier(random_state=0, penalty="scalar").fit(X, y)
+    assert clf.cv_loss_ < shared.cv_loss_
