@@ -357,18 +357,16 @@ class _HyperL2Base(BaseEstimator):
         return loss
 
     def _pilot(self, problem, log_alpha):
-        """Pilot coefficients ``(n_folds, n_features)`` of ``problem`` at one shared
-        log-penalty, for :func:`adaptive_penalty_basis`; ``None`` if the estimator
-        has no adaptive stage."""
-        return None
+        """Pilot coefficients ``(n_folds, n_features)`` of the fold problem
+        ``problem`` at one shared log-penalty, for :func:`adaptive_penalty_basis`."""
+        raise NotImplementedError
 
     def _adaptive_basis(self, problem, shared, groups):
         """:func:`adaptive_penalty_basis` of ``problem``'s pilot at the shared
-        log-penalty: ``(n_folds, n_features, 2)``, or ``None`` without a pilot."""
-        pilot = self._pilot(problem, shared)
-        if pilot is None:
-            return None
-        return adaptive_penalty_basis(pilot, groups, eps=_ADAPTIVE_EPS)
+        log-penalty: ``(n_folds, n_features, 2)``."""
+        return adaptive_penalty_basis(
+            self._pilot(problem, shared), groups, eps=_ADAPTIVE_EPS
+        )
 
     def _outer_stage(self, objective, phi, base, center, prior_weight, lo, hi):
         """One L-BFGS (or Adam) descent of the outer objective from ``phi`` (in
@@ -418,11 +416,17 @@ class _HyperL2Base(BaseEstimator):
         objective whose parametrization ``phi`` belongs to)."""
         kind, init = self._check_alpha_init(len(groups), groups, n_groups)
         gt = torch.as_tensor(groups, device=device)
+        # the adaptive stage needs fold problems that take another penalty model
+        # (not the leave-one-out one)
+        use_adaptive = self.adaptive and hasattr(objective.batches[0], "reparametrized")
         previous = getattr(self, "adaptive_params_", None)
+        # a warm start continues the previous fit's stage: only with the same
+        # parametrization (corrections around an adaptive model, or log-penalties)
         warm = (
             self.warm_start
             and hasattr(self, "_phi_fitted")
             and self._phi_fitted.shape == (n_groups,)
+            and (previous is not None) == use_adaptive
         )
         history, n_iter = [], 0
         stage1 = None
@@ -430,8 +434,9 @@ class _HyperL2Base(BaseEstimator):
         self._final_objective = original = objective
 
         def vg_np(x):
+            # the shared penalty, always on the original (per-group) objective
             phi = torch.full((n_groups,), float(x[0]), dtype=dtype, device=device)
-            value, grad = objective.value_and_grad(phi)
+            value, grad = original.value_and_grad(phi)
             return np.array([float(value)]), np.array([float(grad.sum())])
 
         if warm:
@@ -482,10 +487,8 @@ class _HyperL2Base(BaseEstimator):
         if self.prior_scale is not None:
             prior_weight = 1.0 / (2.0 * n_samples * float(self.prior_scale) ** 2)
         adaptive = bases = None
-        if kind != "array" and self.max_iter > 0 and (not warm or previous is not None):
+        if use_adaptive and self.max_iter > 0 and (warm or kind != "array"):
             bases = [self._adaptive_basis(b, shared, gt) for b in objective.batches]
-            if any(B is None for B in bases) or not self.adaptive:
-                bases = None
         if bases is not None and warm:
             adaptive = torch.as_tensor(previous, dtype=dtype, device=device)
         elif bases is not None:
@@ -785,8 +788,6 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         self.callbacks = callbacks
 
     def _pilot(self, problem, log_alpha):
-        if not isinstance(problem, RidgeFolds):
-            return None  # leave-one-out: one pilot per left-out sample would be needed
         alpha = problem.X.new_full((problem.X.shape[1],), math.exp(log_alpha))
         with torch.no_grad():
             return problem.coef(alpha)

@@ -284,6 +284,12 @@ def test_regressor_adaptive_stage_off_for_loo_alpha_init_and_scalar():
     params = w.adaptive_params_.copy()
     w.fit(X, y)
     np.testing.assert_allclose(w.adaptive_params_, params)
+    # switching the adaptive stage off changes the parametrization: a cold start,
+    # the same fit as a fresh estimator's
+    w.set_params(adaptive=False).fit(X, y)
+    cold = HyperL2Regressor(random_state=0, max_iter=5, adaptive=False).fit(X, y)
+    assert w.adaptive_params_ is None
+    np.testing.assert_allclose(w.alphas_, cold.alphas_, rtol=1e-10)
 
 
 def test_classifier_adaptive_stage_and_alphas_of_the_final_model():
