@@ -172,7 +172,9 @@ def adaptive_penalty_basis(coef, groups=None, eps=1e-3):
     mean = per_group.mean(1, keepdim=True)
     u = per_group / torch.where(mean > 0, mean, torch.ones_like(mean))
     log_u = torch.log(u + float(eps))
-    log_u = log_u - (u * log_u).sum(1, keepdim=True) / u.sum(1, keepdim=True)
+    # u-weighted centre (a plain mean when the pilot is all zero)
+    weight = torch.where(mean > 0, u, torch.ones_like(u))
+    log_u = log_u - (weight * log_u).sum(1, keepdim=True) / weight.sum(1, keepdim=True)
     basis = torch.stack([torch.ones_like(sq), -log_u[:, groups]], dim=-1)
     return basis[0] if squeeze else basis
 

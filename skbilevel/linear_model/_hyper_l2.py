@@ -483,6 +483,10 @@ class _HyperL2Base(BaseEstimator):
         shared_loss = base if stage1 is not None else None
         if stage1 is None:
             base = float(objective.value_and_grad(phi0)[0])
+        if not base > 0 and not warm and kind != "array":
+            # a zero validation loss (e.g. constant y): nothing left to improve,
+            # and the relative objective MSE / MSE_shared is undefined
+            return torch.full_like(phi0, shared), shared, shared, history, n_iter, info
         prior_weight = 0.0
         if self.prior_scale is not None:
             prior_weight = 1.0 / (2.0 * n_samples * float(self.prior_scale) ** 2)

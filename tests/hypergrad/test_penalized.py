@@ -344,6 +344,9 @@ def test_adaptive_penalty_basis_groups_centring_and_zero_pilot():
         torch.testing.assert_close(B[k, :, 1], ref[groups])
     # one pilot vector -> (p, 2)
     assert adaptive_penalty_basis(coef[0]).shape == (4, 2)
+    # an all-zero pilot (constant y): every penalty exp(a), no NaN
+    B0 = adaptive_penalty_basis(torch.zeros(2, 4, dtype=DT))
+    torch.testing.assert_close(B0[..., 1], torch.zeros(2, 4, dtype=DT))
 
 
 def _reference_coef(folds, X, y, T, alpha, fit_intercept=True):

@@ -1,5 +1,7 @@
 """HyperL2Regressor / HyperL2Classifier: contract, references, bad input."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -308,3 +310,12 @@ def test_classifier_adaptive_stage_and_alphas_of_the_final_model():
     assert off.adaptive_params_ is None
     shared = HyperL2Classifier(random_state=0, penalty="scalar").fit(X, y)
     assert clf.cv_loss_ < shared.cv_loss_
+
+
+def test_regressor_constant_target_is_fitted_without_warnings():
+    X = np.random.RandomState(0).randn(50, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = HyperL2Regressor().fit(X, np.full(50, 2.5))
+    np.testing.assert_allclose(model.predict(X[:3]), 2.5)
+    assert model.adaptive_params_ is None and np.ptp(model.alphas_) == 0
