@@ -599,6 +599,36 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         resid = self.ys - (self.Xs @ theta[..., None])[..., 0]
         return 0.5 * (resid * resid).sum() + pen
 
+    def __call__(self, theta, phi):
+        """:meth:`inner_loss`: the object is the inner loss it carries a diagonal for."""
+        return self.inner_loss(theta, phi)
+
+    def hessian_diagonal(self, theta, phi):
+        """Exact diagonal of the Hessian of :meth:`inner_loss`: ``diag(C_k) + alpha``.
+
+        ``C_k`` is fold ``k``'s centred Gram matrix (``Xs^T Xs`` in the dual
+        form); the Hessian does not depend on ``theta``. The implicit
+        strategies precondition their conjugate gradients with it, which
+        matters when the penalties span many decades (the adaptive model's
+        do).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skbilevel.hypergrad import RidgeFolds
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> folds = RidgeFolds(X, X[:, 0], torch.ones(3, dtype=torch.float64), fit_intercept=False)
+        >>> folds.hessian_diagonal(folds.init_theta(), torch.zeros(2, dtype=torch.float64)).tolist()
+        [[3.0, 9.0]]
+        """
+        with torch.no_grad():
+            a = self._alpha(phi.detach()).expand(self.n_folds, -1)
+            if self.method == "primal":
+                d = torch.diagonal(self.gram, dim1=-2, dim2=-1)
+            else:
+                d = (self.Xs * self.Xs).sum(1)
+            return d + a
+
     def intercepts(self, theta):
         """Intercept of every fold, ``y_offset - X_offset @ w``: shape ``(n_folds,)``."""
         return self.y_offset - (self.X_offset * theta).sum(-1)
@@ -648,7 +678,8 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             hypergradient = ClosedForm()
         if init is None:
             init = self.init_theta()
-        return _value_and_grad(self, phi, hypergradient, self, init)
+        # the object itself as inner loss: the implicit strategies find its diagonal
+        return _value_and_grad(self, phi, hypergradient, self, init, inner_loss=self)
 
 
 # --------------------------------------------------------------------------

@@ -438,3 +438,32 @@ def test_fold_grams_match_direct_computation(fit_intercept, layout):
         Xc, yc = X - mx[k], y - my[k]
         torch.testing.assert_close(gram[k], (Xc * T[k][:, None]).T @ Xc, rtol=1e-9, atol=1e-6)
         torch.testing.assert_close(rhs[k], (Xc * T[k][:, None]).T @ yc, rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_ridge_hessian_diagonal_is_exact_and_preconditions_cg(method):
+    import warnings
+
+    from skbilevel.hypergrad import ImplicitCG
+
+    X, y, sw = _data(n=24, p=6) if method == "primal" else _data(n=8, p=15)
+    T = _folds(len(y)) * sw
+    V = (T == 0) * sw
+    p = X.shape[1]
+    folds = RidgeFolds(
+        torch.tensor(X), torch.tensor(y), torch.tensor(T), torch.tensor(V), method=method
+    )
+    # penalties over 12 decades, as the adaptive model produces
+    phi = torch.linspace(-14.0, 14.0, p, dtype=DT)
+    theta = folds.closed_form(phi).detach()
+    H = torch.autograd.functional.hessian(lambda t: folds.inner_loss(t, phi), theta)
+    H = H.reshape(theta.numel(), theta.numel())
+    torch.testing.assert_close(
+        folds.hessian_diagonal(theta, phi).reshape(-1), torch.diagonal(H), rtol=1e-12, atol=0
+    )
+    _, ref, _, _ = folds.value_and_grad(phi)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, grad, info, _ = folds.value_and_grad(phi, hypergradient=ImplicitCG(tol=1e-10))
+    assert info.extra["preconditioned"]
+    torch.testing.assert_close(grad, ref, rtol=1e-6, atol=1e-12)
