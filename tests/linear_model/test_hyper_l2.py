@@ -319,3 +319,19 @@ def test_regressor_constant_target_is_fitted_without_warnings():
         model = HyperL2Regressor().fit(X, np.full(50, 2.5))
     np.testing.assert_allclose(model.predict(X[:3]), 2.5)
     assert model.adaptive_params_ is None and np.ptp(model.alphas_) == 0
+
+
+def test_regressor_auto_prior_scale_depends_on_the_centre():
+    X, y = _hetero(n=150, p=8)
+    kw = dict(random_state=0, max_iter=10)
+    auto = HyperL2Regressor(**kw).fit(X, y)
+    np.testing.assert_allclose(
+        auto.alphas_, HyperL2Regressor(prior_scale=2.0, **kw).fit(X, y).alphas_
+    )
+    auto = HyperL2Regressor(adaptive=False, **kw).fit(X, y)
+    np.testing.assert_allclose(
+        auto.alphas_,
+        HyperL2Regressor(adaptive=False, prior_scale=8.0, **kw).fit(X, y).alphas_,
+    )
+    with pytest.raises(ValueError, match="prior_scale"):
+        HyperL2Classifier(prior_scale="auto").fit(X, (y > y.mean()).astype(int))
