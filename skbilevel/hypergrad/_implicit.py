@@ -72,7 +72,7 @@ from ._linear_solve import (
     solve_identity,
     solve_neumann,
 )
-from ._solvers import LBFGS, _FixedPhi, _jacobi_diagonal
+from ._solvers import LBFGS, _FixedPhi, _problem_preconditioner
 from ._tree import (
     _cat_flat,
     tree_detach,
@@ -162,7 +162,7 @@ class _BackwardState:
                 return _hessian_matrix(g_flat, theta, info)
 
             v = self.strategy._solve(
-                matvec, matrix, b.detach(), info, diagonal=self._diagonal
+                matvec, matrix, b.detach(), info, preconditioner=self._preconditioner
             )
             self._check_finite(v)
             targets = [phi[i] for i in self.grad_idx]
@@ -185,7 +185,7 @@ class _BackwardState:
             eye = torch.eye(b.numel(), dtype=b.dtype, device=b.device)
             return torch.stack([matvec(e) for e in eye], dim=1)
 
-        v = self.strategy._solve(matvec, matrix, b, info, diagonal=self._diagonal)
+        v = self.strategy._solve(matvec, matrix, b, info, preconditioner=self._preconditioner)
         self._check_finite(v)
         with torch.enable_grad():
             phi = list(self.phi_leaves)
@@ -230,13 +230,18 @@ class _BackwardState:
             )
         return self._theta
 
-    def _diagonal(self):
-        """Flat ``inner_loss.hessian_diagonal(theta*, phi)``; ``None`` without one."""
-        hessian_diagonal = getattr(self.inner_loss, "hessian_diagonal", None)
-        if hessian_diagonal is None:
-            return None
+    def _preconditioner(self):
+        """CG preconditioner at ``theta*`` from the inner loss's optional
+        ``hessian_preconditioner(theta, phi)`` or ``hessian_diagonal(theta, phi)``
+        (a callable on flat vectors, a flat diagonal, or ``None``)."""
         phi = tree_unflatten(self.phi_spec, self.phi_leaves)
-        return _jacobi_diagonal(lambda t: hessian_diagonal(t, phi), self._theta_tree())
+        block = getattr(self.inner_loss, "hessian_preconditioner", None)
+        diagonal = getattr(self.inner_loss, "hessian_diagonal", None)
+        return _problem_preconditioner(
+            None if block is None else (lambda t: block(t, phi)),
+            None if diagonal is None else (lambda t: diagonal(t, phi)),
+            self._theta_tree(),
+        )
 
 
 def _hessian_matrix(g_flat, theta, info, chunk=64):
@@ -347,12 +352,14 @@ class _Implicit(HypergradientStrategy):
         if not info.inner_converged and not solver_warned:
             warn_inner_solve(info, tol, self.name, solver, result.message)
 
-    def _solve(self, matvec, matrix, b, info, diagonal=None):
+    def _solve(self, matvec, matrix, b, info, preconditioner=None):
         """Return ``v ~ H^{-1} b`` and fill the linear-solve fields of ``info``.
 
-        ``diagonal()``, when given, returns the flat positive diagonal of the
-        inner problem's ``hessian_diagonal`` at ``theta*`` (or ``None``); it is
-        computed only by the strategies that use it.
+        ``preconditioner()``, when given, returns a preconditioner for CG at
+        ``theta*`` from the inner problem's ``hessian_preconditioner`` or
+        ``hessian_diagonal`` (a callable ``r -> M^{-1} r`` on flat vectors, the
+        flat positive diagonal of ``M``, or ``None``); it is computed only by
+        the strategies that use it.
         """
         raise NotImplementedError
 
@@ -402,7 +409,9 @@ class ImplicitCG(_Implicit):
         When the ``inner_loss`` passed to :func:`argmin` has a method
         ``hessian_diagonal(theta, phi)`` returning a tree shaped like
         ``theta`` of positive values (the diagonal of the inner Hessian, or
-        an approximation), precondition CG by it (Jacobi). The solution and
+        an approximation), precondition CG by it (Jacobi); a method
+        ``hessian_preconditioner(theta, phi)`` returning a map of trees
+        ``r -> M^{-1} r`` (or ``None``) takes precedence. The solution and
         the convergence test (on the unpreconditioned residual) are
         unchanged; on badly scaled Hessians (penalties spanning decades) CG
         needs far fewer iterations. ``info.extra["preconditioned"]`` records
@@ -451,7 +460,7 @@ class ImplicitCG(_Implicit):
         self.precondition = precondition
         self._x_prev = None
 
-    def _solve(self, matvec, matrix, b, info, diagonal=None):
+    def _solve(self, matvec, matrix, b, info, preconditioner=None):
         if self.fallback not in (None, "dense"):
             raise ValueError(
                 f"fallback must be None or 'dense', got {self.fallback!r}."
@@ -469,7 +478,7 @@ class ImplicitCG(_Implicit):
             and prev.device == b.device
         ):
             x0 = prev
-        pre = diagonal() if self.precondition and diagonal is not None else None
+        pre = preconditioner() if self.precondition and preconditioner is not None else None
         v, result = solve_cg(
             matvec, b, x0=x0, tol=tol, maxiter=maxiter, preconditioner=pre
         )
@@ -556,7 +565,7 @@ class ImplicitNeumann(_Implicit):
         self.power_iterations = power_iterations
         self.inner_tol = inner_tol
 
-    def _solve(self, matvec, matrix, b, info, diagonal=None):
+    def _solve(self, matvec, matrix, b, info, preconditioner=None):
         step = self.step
         if step is None:
             lam = _power_iteration(matvec, b, self.power_iterations)
@@ -647,7 +656,7 @@ class ImplicitIdentity(_Implicit):
         self.step = step
         self.inner_tol = inner_tol
 
-    def _solve(self, matvec, matrix, b, info, diagonal=None):
+    def _solve(self, matvec, matrix, b, info, preconditioner=None):
         step = self.step
         if step is None:
             hb = matvec(b)
@@ -719,7 +728,7 @@ class ImplicitDense(_Implicit):
         self.tol = tol
         self.inner_tol = inner_tol
 
-    def _solve(self, matvec, matrix, b, info, diagonal=None):
+    def _solve(self, matvec, matrix, b, info, preconditioner=None):
         tol = math.sqrt(torch.finfo(b.dtype).eps) if self.tol is None else self.tol
         v, result = solve_dense(matrix(), b, method=self.method, tol=tol)
         result.n_matvec = b.numel()

@@ -262,6 +262,12 @@ class _PenaltyModel:
         return out
 
 
+#: LogisticFolds.hessian_preconditioner: most features for which the exact
+#: per-fold Hessian (n (p + 1)^2 to form, (p + 1)^3 / 3 to factor per fold) is
+#: built as the preconditioner
+_BLOCK_MAX_FEATURES = 256
+
+
 def _check_weights(W, n, like, what):
     W = torch.as_tensor(W).to(dtype=like.dtype, device=like.device)
     if W.ndim == 1:
@@ -1142,6 +1148,73 @@ class LogisticFolds(_PenaltyModel):
         data = (self._train_t * self._losses(theta)).sum()
         pen = 0.5 * (a[..., None] * W * W).sum()
         return (data + pen) / self._scale
+
+    def hessian_preconditioner(self, theta, phi):
+        """The exact inverse Hessian of a binary problem, per fold; ``None`` otherwise.
+
+        With one logit the folds' Hessians are independent blocks of size
+        ``p + 1`` (coefficients and intercept)::
+
+            H_k = [[X^T diag(w_k) X + diag(alpha_k), X^T w_k],
+                   [w_k^T X,                          sum w_k]] / s
+
+        (``w_k = t_k P (1 - P)``, ``s`` the mean training weight). They are
+        formed (``n (p + 1)^2`` operations per fold, about ``(p + 1) / 2``
+        Hessian-vector products) and factored by Cholesky, so CG on the
+        Newton system or the implicit linear system converges in one or two
+        iterations instead of 10 to 35 with the Jacobi diagonal. Returns
+        ``None`` (the Jacobi diagonal is then used) for multinomial
+        problems, where a per-class block ignores the coupling between
+        classes (on digits it cut the CG iterations only from 34 to 25, not
+        worth forming ``K n_classes`` blocks), and beyond
+        ``_BLOCK_MAX_FEATURES`` features.
+
+        Returns
+        -------
+        callable or None
+            ``r -> H^{-1} r`` on trees shaped like ``theta``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skbilevel.hypergrad import LogisticFolds
+        >>> X = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.0, -1.0]], dtype=torch.float64)
+        >>> folds = LogisticFolds(X, torch.tensor([0, 1, 1]), 2, torch.ones(3, dtype=torch.float64))
+        >>> theta, phi = folds.init_theta(), torch.zeros(2, dtype=torch.float64)
+        >>> v = {"coef": torch.tensor([1.0, -2.0], dtype=torch.float64).reshape(2, 1, 1),
+        ...      "intercept": torch.tensor([[0.5]], dtype=torch.float64)}
+        >>> back = folds.hessian_preconditioner(theta, phi)(folds.hvp(theta, phi, v))
+        >>> [round(x, 12) for x in back["coef"].flatten().tolist()], round(float(back["intercept"]), 12)
+        ([1.0, -2.0], 0.5)
+        """
+        p = self.X.shape[1]
+        if self.n_out != 1 or p > _BLOCK_MAX_FEATURES:
+            return None
+        with torch.no_grad():
+            _, W = self._curvature(theta)  # (K, 1, n)
+            w = W[:, 0, :]
+            Xa = self.X if not self.fit_intercept else torch.cat(
+                [self.X, self.X.new_ones(self.X.shape[0], 1)], dim=1
+            )
+            H = (Xa.T[None] * w[:, None, :]) @ Xa  # (K, q, q)
+            a = self._penalty(phi.detach()).T  # (K, p)
+            idx = torch.arange(p, device=self.X.device)
+            H[:, idx, idx] += a
+            L, info = torch.linalg.cholesky_ex(H / self._scale)
+            if bool((info != 0).any()):
+                return None
+
+        def apply(r):
+            rc = r["coef"][:, :, 0].T  # (K, p)
+            if self.fit_intercept:
+                rc = torch.cat([rc, r["intercept"]], dim=1)
+            z = torch.cholesky_solve(rc[..., None], L)[..., 0]
+            out = {"coef": z[:, :p].T[..., None]}
+            if self.fit_intercept:
+                out["intercept"] = z[:, p:]
+            return out
+
+        return apply
 
     def hessian_diagonal(self, theta, phi):
         """Exact diagonal of the Hessian of :meth:`inner_loss` in ``theta``.

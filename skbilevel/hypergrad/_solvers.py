@@ -11,9 +11,12 @@ An objective may supply its own derivatives (an optional protocol; autograd
 is the fallback for whatever it lacks): ``loss_and_grad(theta)`` returning
 the value and a gradient tree (used by both solvers),
 ``hvp(theta, v)`` returning the Hessian times a tree ``v`` (used by
-:class:`NewtonCG`), and ``hessian_diagonal(theta)`` (its preconditioner).
-:class:`_FixedPhi` forwards an inner loss's ``loss_and_grad(theta, phi)``,
-``hvp(theta, phi, v)`` and ``hessian_diagonal(theta, phi)`` this way.
+:class:`NewtonCG`), and ``hessian_preconditioner(theta)`` (a map of trees
+``r -> M^{-1} r``, or ``None``) or ``hessian_diagonal(theta)`` (its
+preconditioner). :class:`_FixedPhi` forwards an inner loss's
+``loss_and_grad(theta, phi)``, ``hvp(theta, phi, v)``,
+``hessian_preconditioner(theta, phi)`` and ``hessian_diagonal(theta, phi)``
+this way.
 """
 
 import math
@@ -89,6 +92,9 @@ class _FixedPhi:
         diagonal = getattr(inner_loss, "hessian_diagonal", None)
         if diagonal is not None:
             self.hessian_diagonal = lambda theta: diagonal(theta, phi)
+        block = getattr(inner_loss, "hessian_preconditioner", None)
+        if block is not None:
+            self.hessian_preconditioner = lambda theta: block(theta, phi)
         hvp = getattr(inner_loss, "hvp", None)
         if hvp is not None:
             self.hvp = lambda theta, v: hvp(theta, phi, v)
@@ -98,6 +104,24 @@ class _FixedPhi:
 
     def __call__(self, theta):
         return self.inner_loss(theta, self.phi)
+
+
+def _problem_preconditioner(hessian_preconditioner, hessian_diagonal, theta):
+    """A CG preconditioner at ``theta`` from an objective's optional protocol.
+
+    ``hessian_preconditioner(theta)``, when given and not ``None``, is a map
+    of trees ``r -> M^{-1} r`` (an approximate inverse Hessian); it is
+    wrapped as a callable on flat vectors. Otherwise the Jacobi diagonal of
+    ``hessian_diagonal(theta)`` (see :func:`_jacobi_diagonal`); ``None``
+    without either.
+    """
+    if hessian_preconditioner is not None:
+        apply = hessian_preconditioner(theta)
+        if apply is not None:
+            return lambda r: tree_to_vector(apply(vector_to_tree(r, theta))).detach()
+    if hessian_diagonal is not None:
+        return _jacobi_diagonal(hessian_diagonal, theta)
+    return None
 
 
 def _jacobi_diagonal(hessian_diagonal, theta):
@@ -398,7 +422,11 @@ class NewtonCG(InnerSolver):
     scaled problems, the same Newton steps up to the CG tolerance. The
     implicit strategies and :class:`~skbilevel.hypergrad.LogisticFolds`
     pass such an objective when their inner loss has
-    ``hessian_diagonal(theta, phi)``.
+    ``hessian_diagonal(theta, phi)``. A method
+    ``hessian_preconditioner(theta)`` returning a map of trees
+    ``r -> M^{-1} r`` (``M`` an approximation of the Hessian that is cheap to
+    invert, e.g. block diagonal), or ``None``, takes precedence over the
+    diagonal.
 
     When ``fun`` has a method ``hvp(theta, v)`` (the Hessian at ``theta``
     times a tree ``v`` shaped like ``theta``, without a graph), CG uses it
@@ -458,6 +486,7 @@ class NewtonCG(InnerSolver):
             cg_maxiter = min(x.numel(), 200)
         problem = _FlatProblem(fun, like)
         diagonal = getattr(fun, "hessian_diagonal", None) if self.precondition else None
+        block = getattr(fun, "hessian_preconditioner", None) if self.precondition else None
         tree_hvp = getattr(fun, "hvp", None)
         n_iter, n_hvp, converged, message = 0, 0, False, ""
         while True:
@@ -500,9 +529,7 @@ class NewtonCG(InnerSolver):
                     return torch.zeros_like(v)
 
             forcing = min(0.5, math.sqrt(g_norm))
-            pre = None
-            if diagonal is not None:
-                pre = _jacobi_diagonal(diagonal, theta)
+            pre = _problem_preconditioner(block, diagonal, theta)
             d, res = solve_cg(
                 hvp, -g, tol=forcing, maxiter=cg_maxiter, preconditioner=pre
             )
