@@ -13,7 +13,9 @@ stages, each started where the previous one stopped:
    fit at the shared penalty (each fold's pilot on that fold's training
    part; :func:`skbilevel.hypergrad.adaptive_penalty_basis`). Two
    hyperparameters, ``(a, gamma)``, descend the exact hypergradient with
-   L-BFGS from the best ``gamma`` of a short scan. ``gamma = 1`` is the
+   L-BFGS from the best ``gamma`` of a short scan (skipped when no scanned
+   ``gamma`` beats the shared penalty: breast_cancer in the benchmark, where
+   the descent only confirmed ``gamma = 0``). ``gamma = 1`` is the
    plug-in ``sigma^2 / w_j^2`` of the optimal generalized ridge, ``gamma =
    1/2`` the fixed point at which adaptive ridge is the lasso.
 3. **Per-group corrections.** One log-penalty correction per feature (or
@@ -119,7 +121,7 @@ _ADAPTIVE_EPS = 1e-3
 #: upper bound of the adaptive model's exponent ``gamma`` (``alpha ~ w^(-2 gamma)``)
 _ADAPTIVE_MAX_GAMMA = 4.0
 #: exponents tried before the adaptive model's descent starts (0 is the shared penalty)
-_ADAPTIVE_GAMMA_SCAN = (0.5, 1.0, 2.0, 3.0, 4.0)
+_ADAPTIVE_GAMMA_SCAN = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
 #: prior_scale="auto": tau around a shared penalty (False) and around the adaptive
 #: model (True), from the benchmark sets (see HyperL2Regressor's prior_scale)
 _AUTO_PRIOR_SCALE = {False: 8.0, True: 2.0}
@@ -499,16 +501,19 @@ class _HyperL2Base(BaseEstimator):
             # stage 2: the two-parameter adaptive model, started at the shared penalty
             staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k]))
             # its loss is not convex in gamma: start from the best of a scan (a is
-            # the weighted geometric-mean penalty whatever gamma, so it stays put)
+            # the u-weighted mean log-penalty whatever gamma, so it stays put)
             start, start_loss = 0.0, base
             for gamma in _ADAPTIVE_GAMMA_SCAN:
                 psi = torch.tensor([center, gamma], dtype=dtype, device=device)
                 loss = float(staged.value_and_grad(psi)[0])
                 if loss < start_loss:
                     start, start_loss = gamma, loss
+        if bases is not None and not warm and start > 0.0:
+            # (when no scanned gamma beats the shared penalty, the data do not ask
+            # for penalties that follow the pilot: the free stage starts from the
+            # shared penalty, as with adaptive=False)
             psi = torch.tensor([center, start], dtype=dtype, device=device)
             psi.requires_grad_(True)
-
             lo = torch.tensor([center - _LOG_ALPHA_BOX, 0.0], dtype=dtype, device=device)
             hi = torch.tensor(
                 [center + _LOG_ALPHA_BOX, _ADAPTIVE_MAX_GAMMA], dtype=dtype, device=device

@@ -335,3 +335,15 @@ def test_regressor_auto_prior_scale_depends_on_the_centre():
     )
     with pytest.raises(ValueError, match="prior_scale"):
         HyperL2Classifier(prior_scale="auto").fit(X, (y > y.mean()).astype(int))
+
+
+def test_regressor_skips_the_adaptive_model_when_no_gamma_helps():
+    # every feature equally relevant: following the pilot's coefficient sizes
+    # only adds noise, so the free stage starts from the shared penalty
+    rng = np.random.RandomState(0)
+    X = rng.randn(200, 10)
+    y = X @ np.ones(10) + 3 * rng.randn(200)
+    model = HyperL2Regressor(random_state=0).fit(X, y)
+    assert model.adaptive_params_ is None
+    ref = HyperL2Regressor(random_state=0, adaptive=False).fit(X, y)
+    np.testing.assert_allclose(model.alphas_, ref.alphas_, rtol=1e-10)
