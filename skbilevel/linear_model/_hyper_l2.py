@@ -415,6 +415,32 @@ class _HyperL2Base(BaseEstimator):
             )
         return res
 
+    def _adaptive_stage(self, objective, bases, center, base):
+        """Stage 2: ``(a, gamma)`` of the adaptive model (one basis per fold batch).
+
+        Returns the fitted ``(a, gamma)`` tensor and the descent's
+        :class:`OuterResult`, or ``(None, None)`` when no scanned ``gamma``
+        beats the shared penalty (loss ``base``): the data then do not ask
+        for penalties that follow the pilot, and the free stage starts from
+        the shared penalty, as with ``adaptive=False``.
+        """
+        like = bases[0]
+        staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k]))
+        # the loss is not convex in gamma: start from the best of a scan (a is the
+        # u-weighted mean log-penalty whatever gamma, so it stays at the centre)
+        start, start_loss = 0.0, base
+        for gamma in _ADAPTIVE_GAMMA_SCAN:
+            loss = float(staged.value_and_grad(like.new_tensor([center, gamma]))[0])
+            if loss < start_loss:
+                start, start_loss = gamma, loss
+        if start == 0.0:
+            return None, None
+        psi = like.new_tensor([center, start]).requires_grad_(True)
+        lo = like.new_tensor([center - _LOG_ALPHA_BOX, 0.0])
+        hi = like.new_tensor([center + _LOG_ALPHA_BOX, _ADAPTIVE_MAX_GAMMA])
+        res = self._outer_stage(staged, psi, base, 0.0, 0.0, lo, hi)
+        return psi.detach(), res
+
     def _run_outer(self, objective, n_groups, n_samples, scale, groups, dtype, device):
         """The stages; returns phi (tensor), shared log-alpha, prior centre, history,
         n_iter, info. Also sets ``adaptive_params_`` and ``_final_objective`` (the
@@ -498,31 +524,11 @@ class _HyperL2Base(BaseEstimator):
         if bases is not None and warm:
             adaptive = torch.as_tensor(previous, dtype=dtype, device=device)
         elif bases is not None:
-            # stage 2: the two-parameter adaptive model, started at the shared penalty
-            staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k]))
-            # its loss is not convex in gamma: start from the best of a scan (a is
-            # the u-weighted mean log-penalty whatever gamma, so it stays put)
-            start, start_loss = 0.0, base
-            for gamma in _ADAPTIVE_GAMMA_SCAN:
-                psi = torch.tensor([center, gamma], dtype=dtype, device=device)
-                loss = float(staged.value_and_grad(psi)[0])
-                if loss < start_loss:
-                    start, start_loss = gamma, loss
-        if bases is not None and not warm and start > 0.0:
-            # (when no scanned gamma beats the shared penalty, the data do not ask
-            # for penalties that follow the pilot: the free stage starts from the
-            # shared penalty, as with adaptive=False)
-            psi = torch.tensor([center, start], dtype=dtype, device=device)
-            psi.requires_grad_(True)
-            lo = torch.tensor([center - _LOG_ALPHA_BOX, 0.0], dtype=dtype, device=device)
-            hi = torch.tensor(
-                [center + _LOG_ALPHA_BOX, _ADAPTIVE_MAX_GAMMA], dtype=dtype, device=device
-            )
-            res = self._outer_stage(staged, psi, base, 0.0, 0.0, lo, hi)
-            history.extend(res.history)
-            n_iter += res.n_iter
-            info = res.info if res.info is not None else info
-            adaptive = psi.detach()
+            adaptive, res = self._adaptive_stage(objective, bases, center, base)
+            if res is not None:
+                history.extend(res.history)
+                n_iter += res.n_iter
+                info = res.info if res.info is not None else info
         if adaptive is not None:
             # stage 3 works on per-group corrections around the adaptive model
             objective = objective.map_batches(
