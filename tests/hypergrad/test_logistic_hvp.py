@@ -221,7 +221,7 @@ def test_classifier_unchanged_without_protocol(monkeypatch, binary):
     # the two paths differ by the inner solves' rounding (tolerance 1e-5), which
     # L-BFGS's line search amplifies along flat directions of the outer loss:
     # the loss agrees closely, the penalties to a fraction of a percent
-    np.testing.assert_allclose(est.cv_loss_, ref.cv_loss_, rtol=1e-5)
+    np.testing.assert_allclose(est.cv_loss_, ref.cv_loss_, rtol=1e-4)
     np.testing.assert_allclose(est.alphas_, ref.alphas_, rtol=1e-2)
     np.testing.assert_allclose(est.coef_, ref.coef_, rtol=1e-2, atol=1e-4)
     np.testing.assert_allclose(est.predict_proba(X), ref.predict_proba(X), atol=1e-3)
