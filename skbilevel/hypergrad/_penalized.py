@@ -243,6 +243,10 @@ class _PenaltyModel:
         self.groups = self._log_penalty.groups
         self.n_groups = self._log_penalty.n_params
 
+    def _alpha(self, phi):
+        """Penalties at ``phi``: ``(n_features,)`` or ``(n_folds, n_features)``."""
+        return self._log_penalty(phi)
+
     def reparametrized(self, groups=None, basis=None, log_offset=None):
         """The same folds (sharing their data and precomputations) with another
         penalty model: ``groups``, or a ``basis`` of the log-penalties, plus an
@@ -557,9 +561,6 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         """Zero coefficients, shape ``(n_folds, n_features)``."""
         return self.X.new_zeros(self.n_folds, self.X.shape[1])
 
-    def _alpha(self, phi):
-        return self._log_penalty(phi)
-
     def closed_form(self, phi):
         """Coefficients of every fold at the penalties of ``phi``, in autograd."""
         return self.coef(self._alpha(phi))
@@ -757,8 +758,9 @@ class RidgeLOO:
             if sample_weight is None
             else _check_weights(sample_weight, n, X, "sample_weight")[0]
         )
-        self.groups = _check_groups(groups, p, X.device)
-        self.n_groups = int(self.groups.max()) + 1 if p else 0
+        self._log_penalty = _LogPenalty(p, 1, X.device, groups)
+        self.groups = self._log_penalty.groups
+        self.n_groups = self._log_penalty.n_params
         self.fit_intercept = bool(fit_intercept)
         self.method = method = _ridge_method(method, n, p)
         sqrt_s = s.sqrt()
@@ -776,12 +778,7 @@ class RidgeLOO:
 
     def residuals(self, phi):
         """Leave-one-out residuals ``sqrt(s_i) (y_i - y_loo,i)``, differentiable."""
-        if phi.shape != (self.n_groups,):
-            raise ValueError(
-                f"phi must hold one log-penalty per group, shape ({self.n_groups},); "
-                f"got {tuple(phi.shape)}."
-            )
-        a = penalty_per_feature(phi, self.groups)
+        a = self._log_penalty(phi)
         if self.method == "primal":
             Z = torch.linalg.solve(self.gram + torch.diag(a), self.Xs.T)  # (p, n)
             w = Z @ self.ys
@@ -928,6 +925,7 @@ class LogisticFolds(_PenaltyModel):
             ]
         self.theta_ = None  # warm start
         self._X_sq = None  # X ** 2, built on the first hessian_diagonal call
+        self._X_aug = None  # [X, 1], built on the first hessian_preconditioner call
         self._curvature_at = None  # (theta leaves, versions, probabilities) of _curvature
         self._XT = None  # X.T contiguous, built on the first hvp call
 
@@ -974,7 +972,7 @@ class LogisticFolds(_PenaltyModel):
         :meth:`loss_and_grad`, :meth:`hvp`, :meth:`hessian_diagonal`), so
         nothing else assumes they are equal across folds.
         """
-        a = self._log_penalty(phi)  # (p,) or (n_folds, p)
+        a = self._alpha(phi)  # (p,) or (n_folds, p)
         if a.ndim == 1:
             return a[:, None].expand(a.shape[0], self.n_folds)
         return a.T
@@ -1193,9 +1191,11 @@ class LogisticFolds(_PenaltyModel):
         with torch.no_grad():
             _, W = self._curvature(theta)  # (K, 1, n)
             w = W[:, 0, :]
-            Xa = self.X if not self.fit_intercept else torch.cat(
-                [self.X, self.X.new_ones(self.X.shape[0], 1)], dim=1
-            )
+            if self._X_aug is None:  # X with a column of ones for the intercept
+                self._X_aug = self.X if not self.fit_intercept else torch.cat(
+                    [self.X, self.X.new_ones(self.X.shape[0], 1)], dim=1
+                )
+            Xa = self._X_aug
             H = (Xa.T[None] * w[:, None, :]) @ Xa  # (K, q, q)
             a = self._penalty(phi.detach()).T  # (K, p)
             idx = torch.arange(p, device=self.X.device)
