@@ -443,8 +443,8 @@ class _HyperL2Base(BaseEstimator):
 
     def _run_outer(self, objective, n_groups, n_samples, scale, groups, dtype, device):
         """The stages; returns phi (tensor), shared log-alpha, prior centre, history,
-        n_iter, info. Also sets ``adaptive_params_`` and ``_final_objective`` (the
-        objective whose parametrization ``phi`` belongs to)."""
+        n_iter, info, and the objective whose parametrization ``phi`` belongs to.
+        Also sets ``adaptive_params_``."""
         kind, init = self._check_alpha_init(len(groups), groups, n_groups)
         gt = torch.as_tensor(groups, device=device)
         # the adaptive stage needs fold problems that take another penalty model
@@ -462,7 +462,7 @@ class _HyperL2Base(BaseEstimator):
         history, n_iter = [], 0
         stage1 = None
         self.adaptive_params_ = None
-        self._final_objective = original = objective
+        original = objective
 
         def vg_np(x):
             # the shared penalty, always on the original (per-group) objective
@@ -510,14 +510,15 @@ class _HyperL2Base(BaseEstimator):
                 )
         info = objective.last_info
         if n_groups == 1 and not warm and kind != "array":
-            return phi0, shared, center, history, n_iter, info
+            return phi0, shared, center, history, n_iter, info, objective
         shared_loss = base if stage1 is not None else None
         if stage1 is None:
             base = float(objective.value_and_grad(phi0)[0])
         if not base > 0 and not warm and kind != "array":
             # a zero validation loss (e.g. constant y): nothing left to improve,
             # and the relative objective MSE / MSE_shared is undefined
-            return torch.full_like(phi0, shared), shared, shared, history, n_iter, info
+            phi0 = torch.full_like(phi0, shared)
+            return phi0, shared, shared, history, n_iter, info, objective
         adaptive = bases = None
         if use_adaptive and self.max_iter > 0 and (warm or kind != "array"):
             bases = [self._adaptive_basis(b, shared, gt) for b in objective.batches]
@@ -556,7 +557,6 @@ class _HyperL2Base(BaseEstimator):
             history.extend(res.history)
             n_iter += res.n_iter
             info = res.info if res.info is not None else info
-        self._final_objective = objective
         if shared_loss is None and kind != "array" and not warm:
             shared_loss = float(vg_np([shared])[0][0])
         if shared_loss is not None:
@@ -565,24 +565,18 @@ class _HyperL2Base(BaseEstimator):
             value, _ = objective.value_and_grad(phi.detach())
             if float(value) >= shared_loss:
                 self.adaptive_params_ = None
-                self._final_objective = original
+                objective = original
                 phi = torch.full_like(phi, shared)
-        return phi.detach(), shared, center, history, n_iter, info
+        return phi.detach(), shared, center, history, n_iter, info, objective
 
-    def _set_common(
-        self, phi, shared, center, groups, history, n_iter, info, objective, alphas=None
-    ):
+    def _set_common(self, phi, shared, center, history, n_iter, info, objective, alphas):
+        """Fitted attributes; ``alphas`` are the final model's penalties."""
         self._phi_fitted = to_numpy(phi).copy()
-        self.alphas_ = (
-            np.exp(self._phi_fitted)[groups]
-            if alphas is None
-            else to_numpy(alphas).astype(np.float64).reshape(-1)
-        )
+        self.alphas_ = to_numpy(alphas).astype(np.float64).reshape(-1)
         self._prior_center = center
         self.shared_alpha_ = math.exp(shared)
         self.n_iter_ = int(n_iter)
         self.history_ = np.asarray(history, dtype=float)
-        objective = self.__dict__.pop("_final_objective", None) or objective
         with torch.no_grad():
             value, _ = objective.value_and_grad(phi)
         self.cv_loss_ = float(value)
@@ -917,7 +911,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     lambda b, g: b.validation_curve(g),
                 )
             scale = _penalty_scale(Xt, swt, self.fit_intercept)
-            phi, shared, center, history, n_iter, info = self._run_outer(
+            phi, shared, center, history, n_iter, info, objective = self._run_outer(
                 objective, n_groups, n, scale, groups, dtype, device
             )
             full = RidgeFolds(Xt, yt, swt, groups=gt, fit_intercept=self.fit_intercept)
@@ -928,16 +922,14 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     log_offset=self._adaptive_basis(full, shared, gt)[0] @ params,
                 )
             with torch.no_grad():
-                alphas = full._log_penalty(phi)
+                alphas = full._alpha(phi)
                 coef = full.coef(alphas)
                 intercept = full.intercepts(coef)
         self.coef_ = to_numpy(coef[0]).astype(np.float64)
         self.intercept_ = float(intercept[0]) if self.fit_intercept else 0.0
         if quiet:
             strategy.check_inner = True
-        self._set_common(
-            phi, shared, center, groups, history, n_iter, info, objective, alphas
-        )
+        self._set_common(phi, shared, center, history, n_iter, info, objective, alphas)
         return self
 
     def predict(self, X):
@@ -1236,7 +1228,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                 lambda b, g: b.validation_curve(g, solver=solver),
             )
             scale = _penalty_scale(Xt, swt, self.fit_intercept)
-            phi, shared, center, history, n_iter, info = self._run_outer(
+            phi, shared, center, history, n_iter, info, objective = self._run_outer(
                 objective, n_groups, n, scale, groups, dtype, device
             )
             full = LogisticFolds(
@@ -1248,7 +1240,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                     groups=gt,
                     log_offset=self._adaptive_basis(full, shared, gt)[0] @ params,
                 )
-            batches = self._final_objective.batches
+            batches = objective.batches
             init = None
             if all(b.theta_ is not None for b in batches):
                 init = {
@@ -1273,10 +1265,8 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             self.intercept_ = np.zeros(self.coef_.shape[0])
         self.classes_ = classes
         with torch.no_grad():
-            alphas = full._log_penalty(phi)
-        self._set_common(
-            phi, shared, center, groups, history, n_iter, info, objective, alphas
-        )
+            alphas = full._alpha(phi)
+        self._set_common(phi, shared, center, history, n_iter, info, objective, alphas)
         return self
 
     def predict_proba(self, X):
