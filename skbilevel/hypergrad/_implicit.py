@@ -132,19 +132,8 @@ class _BackwardState:
         if getattr(self.inner_loss, "hvp", None) is not None:
             return self._vjp_supplied(b)
         with torch.enable_grad():
-            theta = [t.detach().requires_grad_(True) for t in self.theta_leaves]
-            phi = list(self.phi_leaves)
-            for i in self.grad_idx:
-                phi[i] = phi[i].detach().requires_grad_(True)
-            loss = self.inner_loss(
-                tree_unflatten(self.theta_spec, theta),
-                tree_unflatten(self.phi_spec, phi),
-            )
-            grads = torch.autograd.grad(
-                loss, theta, create_graph=True, allow_unused=True
-            )
-            info.n_grad += 1
-            g_flat = _cat_flat(grads, theta)
+            phi, targets = self._phi_requiring_grad()
+            theta, g_flat = self._gradient_graph(phi)
             if not g_flat.requires_grad:
                 raise RuntimeError(
                     "The inner gradient does not depend on theta or phi, so the "
@@ -165,10 +154,7 @@ class _BackwardState:
                 matvec, matrix, b.detach(), info, preconditioner=self._preconditioner
             )
             self._check_finite(v)
-            targets = [phi[i] for i in self.grad_idx]
-            mixed = torch.autograd.grad(g_flat, targets, v, allow_unused=True)
-            info.n_hvp += 1
-        return [None if m is None else -m.detach() for m in mixed]
+            return self._mixed_product(g_flat, targets, v)
 
     def _vjp_supplied(self, b):
         """:meth:`vjp` with the inner loss's own ``hvp`` (and ``loss_and_grad``)."""
@@ -188,28 +174,43 @@ class _BackwardState:
         v = self.strategy._solve(matvec, matrix, b, info, preconditioner=self._preconditioner)
         self._check_finite(v)
         with torch.enable_grad():
-            phi = list(self.phi_leaves)
-            for i in self.grad_idx:
-                phi[i] = phi[i].detach().requires_grad_(True)
-            targets = [phi[i] for i in self.grad_idx]
-            phi_tree = tree_unflatten(self.phi_spec, phi)
+            phi, targets = self._phi_requiring_grad()
             g_flat = None
             loss_and_grad = getattr(self.inner_loss, "loss_and_grad", None)
             if loss_and_grad is not None:
-                _, g = loss_and_grad(theta, phi_tree)
+                _, g = loss_and_grad(theta, tree_unflatten(self.phi_spec, phi))
                 g_flat = tree_to_vector(g)
-            if g_flat is None or not g_flat.requires_grad:
-                leaves = [t.detach().requires_grad_(True) for t in self.theta_leaves]
-                loss = self.inner_loss(tree_unflatten(self.theta_spec, leaves), phi_tree)
-                grads = torch.autograd.grad(
-                    loss, leaves, create_graph=True, allow_unused=True
-                )
-                g_flat = _cat_flat(grads, leaves)
-            info.n_grad += 1
+            if g_flat is not None and g_flat.requires_grad:
+                info.n_grad += 1
+            else:  # no phi graph in the supplied gradient: autograd's
+                _, g_flat = self._gradient_graph(phi)
             if not g_flat.requires_grad:  # the gradient does not depend on phi
                 return [None] * len(self.grad_idx)
-            mixed = torch.autograd.grad(g_flat, targets, v, allow_unused=True)
-            info.n_hvp += 1
+            return self._mixed_product(g_flat, targets, v)
+
+    def _phi_requiring_grad(self):
+        """``phi``'s leaves, those receiving a hypergradient detached with
+        ``requires_grad``; and those (the targets of the mixed product)."""
+        phi = list(self.phi_leaves)
+        for i in self.grad_idx:
+            phi[i] = phi[i].detach().requires_grad_(True)
+        return phi, [phi[i] for i in self.grad_idx]
+
+    def _gradient_graph(self, phi):
+        """Leaves of ``theta*`` requiring grad and the flat inner gradient there,
+        with its graph (autograd, ``create_graph=True``)."""
+        theta = [t.detach().requires_grad_(True) for t in self.theta_leaves]
+        loss = self.inner_loss(
+            tree_unflatten(self.theta_spec, theta), tree_unflatten(self.phi_spec, phi)
+        )
+        grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+        self.info.n_grad += 1
+        return theta, _cat_flat(grads, theta)
+
+    def _mixed_product(self, g_flat, targets, v):
+        """``-(d^2 f / d phi d theta) v`` for the targets: the hypergradient."""
+        mixed = torch.autograd.grad(g_flat, targets, v, allow_unused=True)
+        self.info.n_hvp += 1
         return [None if m is None else -m.detach() for m in mixed]
 
     def _check_finite(self, v):
