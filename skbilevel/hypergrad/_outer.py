@@ -132,12 +132,52 @@ def _evaluate(objective, phi, leaves):
     return float(loss.detach()), [leaf.grad for leaf in leaves], info
 
 
-class _OptimizerStepper:
-    """One evaluation and one ``optimizer.step()`` per iteration."""
+def _leaf_bounds(bounds, leaves):
+    """``bounds=(lower, upper)`` as two lists of tensors shaped like ``leaves``.
 
-    def __init__(self, objective, phi, leaves, optimizer, learning_rate):
+    Each side is ``None`` (unbounded), a number, or a tensor (a tree of
+    tensors) shaped like ``phi``.
+    """
+    if bounds is None:
+        return None
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(f"bounds must be a pair (lower, upper); got {bounds!r}.")
+    out = []
+    for side, fill in zip(bounds, (-math.inf, math.inf)):
+        if side is None or isinstance(side, numbers.Real):
+            value = fill if side is None else float(side)
+            out.append([torch.full_like(leaf, value).detach() for leaf in leaves])
+            continue
+        parts, _ = tree_flatten(side)
+        if len(parts) != len(leaves) or any(
+            tuple(b.shape) != tuple(leaf.shape) for b, leaf in zip(parts, leaves)
+        ):
+            raise ValueError(
+                "Each side of bounds must be a number, None, or shaped like phi; got "
+                f"shapes {[tuple(b.shape) for b in parts]} for phi's "
+                f"{[tuple(leaf.shape) for leaf in leaves]}."
+            )
+        out.append([torch.as_tensor(b).to(leaf).detach() for b, leaf in zip(parts, leaves)])
+    lower, upper = out
+    if any(bool((lo > hi).any()) for lo, hi in zip(lower, upper)):
+        raise ValueError("bounds: every lower bound must be <= its upper bound.")
+    return lower, upper
+
+
+def _free(x, g, lower, upper):
+    """Mask of the variables a descent step may move: not held at a bound
+    by a gradient that points out of the box."""
+    return ~(((x <= lower) & (g > 0)) | ((x >= upper) & (g < 0)))
+
+
+class _OptimizerStepper:
+    """One evaluation and one ``optimizer.step()`` per iteration (then a
+    clamp to the bounds, if any)."""
+
+    def __init__(self, objective, phi, leaves, optimizer, learning_rate, bounds=None):
         self.objective, self.phi, self.leaves = objective, phi, leaves
         self.opt = _make_optimizer(optimizer, leaves, learning_rate)
+        self.bounds = bounds
         self.n_eval = 0
 
     def evaluate(self):
@@ -146,6 +186,10 @@ class _OptimizerStepper:
 
     def step(self):
         self.opt.step()
+        if self.bounds is not None:
+            with torch.no_grad():
+                for leaf, lo, hi in zip(self.leaves, *self.bounds):
+                    leaf.copy_(torch.maximum(torch.minimum(leaf, hi), lo))
         return True
 
 
@@ -163,9 +207,20 @@ class _QuasiNewtonStepper:
     is only as exact as that solve, so near the optimum the Wolfe conditions
     can fail on noise; 20 cost the classifier up to 40% more evaluations for
     the same result.
+
+    With ``bounds``, a projected L-BFGS: the variables held at a bound by
+    their gradient are fixed for the step (the direction is computed on the
+    others), and the line search runs along the projected path
+    ``P(x + t d)``, whose slope counts only the coordinates left inside the
+    box. Without it a bound that is active at the optimum stalls the search:
+    the direction keeps pointing out of the box, every trial point is
+    clamped back to the same place, and each line search spends all its
+    evaluations there.
     """
 
-    def __init__(self, objective, phi, leaves, learning_rate, history_size=10, max_ls=10):
+    def __init__(
+        self, objective, phi, leaves, learning_rate, history_size=10, max_ls=10, bounds=None
+    ):
         self.objective, self.phi, self.leaves = objective, phi, leaves
         self.learning_rate = float(learning_rate)
         self.memory = _LBFGSMemory(history_size)
@@ -173,6 +228,10 @@ class _QuasiNewtonStepper:
         self.n_eval = 0
         self.cached = None  # (x, value, flat grad, info) of an accepted point
         self._seen = {}
+        self.lower = self.upper = None
+        if bounds is not None:
+            self.lower = tree_to_vector(bounds[0])
+            self.upper = tree_to_vector(bounds[1])
 
     def _flat(self):
         return tree_to_vector([leaf.detach() for leaf in self.leaves])
@@ -183,12 +242,20 @@ class _QuasiNewtonStepper:
                 leaf.copy_(value)
 
     def value_and_grad(self, x):
-        """The line search's evaluations (``phi`` is moved to ``x``)."""
+        """The line search's evaluations (``phi`` is moved to ``x``, projected
+        on the box; the slope of a coordinate cut by the box is zero)."""
+        outside = None
+        if self.lower is not None:
+            projected = torch.maximum(torch.minimum(x, self.upper), self.lower)
+            outside = projected != x
+            x = projected
         self._assign(x)
         self.n_eval += 1
         value, grads, info = _evaluate(self.objective, self.phi, self.leaves)
         g = _cat_flat([None if gr is None else gr.detach() for gr in grads], self.leaves)
-        self._seen = {"x": x, "info": info}
+        self._seen = {"x": x, "info": info, "g": g}
+        if outside is not None and bool(outside.any()):
+            g = g.masked_fill(outside, 0.0)
         return value, g
 
     def evaluate(self):
@@ -202,25 +269,49 @@ class _QuasiNewtonStepper:
         return value, [g], info
 
     def step(self):
-        """One quasi-Newton step; False when no decrease can be found."""
+        """One quasi-Newton step: True, or why the loop stops (``"tol"`` at
+        a stationary point, ``"line_search"`` when no decrease is found)."""
         x, f, g = self.x, self.f, self.g
+        free = None
+        if self.lower is not None:
+            free = _free(x, g, self.lower, self.upper)
+            g = g * free
         g_norm = float(torch.linalg.vector_norm(g))
+        if g_norm == 0.0:
+            return "tol"  # a stationary point of the box-constrained problem
         while True:
             d, gtd = self.memory.direction(g, g_norm)
+            if free is not None:
+                d = d * free
+                gtd = float(g @ d)
+                if not gtd < 0.0:
+                    self.memory.reset()
+                    d, gtd = -g, -(g_norm**2)
+            if self.memory and -0.5 * gtd <= 10.0 * torch.finfo(x.dtype).eps * abs(f):
+                # the quasi-Newton step would gain less than the rounding of the
+                # objective: converged (a line search would only chase noise)
+                return "tol"
             t0 = 1.0 if self.memory else self.learning_rate / max(g_norm, 1e-300)
             t, f_new, g_new, ok = _strong_wolfe(self, x, d, f, gtd, t0, max_evals=self.max_ls)
             if ok:
                 break
             if not self.memory:
                 self._assign(x)
-                return False
+                return "line_search"
             self.memory.reset()  # retry along steepest descent
-        s = t * d
-        self.memory.update(s, g_new - g)
-        x_new = x + s
-        info = self._seen["info"] if torch.equal(self._seen["x"], x_new) else None
+        x_new = x + t * d
+        if self.lower is not None:
+            x_new = torch.maximum(torch.minimum(x_new, self.upper), self.lower)
+        seen = self._seen if torch.equal(self._seen["x"], x_new) else None
+        if seen is not None:
+            g_new = seen["g"]  # the full gradient (the line search's is cut by the box)
+        if free is not None:
+            # the pair on the free variables (the fixed ones did not move)
+            self.memory.update(x_new - x, (g_new - self.g) * free)
+        else:
+            self.memory.update(x_new - x, g_new - g)
         self._assign(x_new)
-        self.cached = (self._flat(), f_new, g_new, info)
+        self.cached = (self._flat(), f_new, g_new, None if seen is None else seen["info"])
         return True
 
 
@@ -256,6 +347,7 @@ def minimize_outer(
     verbose=0,
     restore_best=None,
     projection=None,
+    bounds=None,
     desc="outer",
 ):
     """Minimize ``objective(phi)`` over ``phi`` by hypergradient descent.
@@ -313,6 +405,16 @@ def minimize_outer(
     projection : callable, optional
         ``projection(leaves)`` applied in place under ``no_grad`` after each
         step (e.g. clamping log-penalties to a box).
+    bounds : (lower, upper), optional
+        A box for ``phi``: each side ``None``, a number, or a tensor (tree)
+        shaped like ``phi``. The first-order optimizers clamp after each
+        step; ``"lbfgs"`` becomes a projected L-BFGS (variables held at a
+        bound by their gradient are fixed for the step, and the line search
+        follows the projected path), so an active bound costs no extra
+        evaluations. The hypergradient norm of ``grad_tol`` and
+        ``OuterResult.grad_norms`` is then that of the projected gradient
+        (zero for a variable held at a bound). ``phi`` is first clamped
+        into the box.
     desc : str, default="outer"
         Progress-bar label.
 
@@ -346,6 +448,14 @@ def minimize_outer(
     >>> res = minimize_outer(valley, z, optimizer="lbfgs", learning_rate=1.0, tol=1e-12)
     >>> [round(float(t), 6) for t in z], res.stop_reason, res.n_iter < 60
     ([1.0, 1.0], 'tol', True)
+
+    The same valley in the box ``p[0] <= 0.5``, whose answer is on its edge:
+
+    >>> z = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
+    >>> res = minimize_outer(valley, z, optimizer="lbfgs", learning_rate=1.0, tol=1e-12,
+    ...                      bounds=(None, torch.tensor([0.5, 10.0])))
+    >>> [round(float(t), 6) for t in z], res.grad_norms[-1] < 1e-6
+    ([0.5, 0.25], True)
     """
     _check_stopping(early_stopping, grad_tol)
     if restore_best is None:
@@ -355,10 +465,17 @@ def minimize_outer(
     leaves, _ = tree_flatten(phi)
     if not all(leaf.requires_grad for leaf in leaves):
         raise ValueError("Every leaf of phi passed to minimize_outer must require grad.")
+    box = _leaf_bounds(bounds, leaves)
+    if box is not None:  # start inside the box
+        with torch.no_grad():
+            for leaf, lo, hi in zip(leaves, *box):
+                leaf.copy_(torch.maximum(torch.minimum(leaf, hi), lo))
     if isinstance(optimizer, str) and optimizer == "lbfgs":
-        stepper = _QuasiNewtonStepper(objective, phi, leaves, learning_rate)
+        stepper = _QuasiNewtonStepper(objective, phi, leaves, learning_rate, bounds=box)
     else:
-        stepper = _OptimizerStepper(objective, phi, leaves, optimizer, learning_rate)
+        stepper = _OptimizerStepper(
+            objective, phi, leaves, optimizer, learning_rate, bounds=box
+        )
     callbacks = list(callbacks or [])
     history, grad_norms = [], []
     best_loss, best = math.inf, [leaf.detach().clone() for leaf in leaves]
@@ -375,6 +492,11 @@ def minimize_outer(
     try:
         for n_iter in range(1, max_iter + 1):
             value, grads, info = stepper.evaluate()
+            if box is not None:  # the projected gradient
+                grads = [
+                    g if g is None else g * _free(leaf.detach(), g, lo, hi)
+                    for g, leaf, lo, hi in zip(grads, leaves, *box)
+                ]
             gnorm = math.sqrt(sum(float((g.detach() ** 2).sum()) for g in grads if g is not None))
             if not (math.isfinite(value) and math.isfinite(gnorm)):
                 with torch.no_grad():
@@ -407,8 +529,9 @@ def minimize_outer(
             if early_stopping and gnorm <= grad_tol and not provisional:
                 stop_reason = "tol"
                 break
-            if not stepper.step():
-                stop_reason = "line_search"
+            stepped = stepper.step()
+            if stepped is not True:
+                stop_reason = stepped
                 break
             if projection is not None:
                 with torch.no_grad():

@@ -378,19 +378,11 @@ class _HyperL2Base(BaseEstimator):
         place), inside the box ``[lo, hi]`` (tensors shaped like ``phi``)."""
 
         def outer(p):
-            # the line search may try points outside the box: evaluate at the
-            # nearest point inside (the objective is flat beyond the box), so a
-            # long trial step cannot overflow the penalties
-            q = torch.maximum(torch.minimum(p, hi), lo)
-            value, grad = objective.value_and_grad(q)
-            loss = self._nll(attach_gradient(value, grad, q), base)
+            value, grad = objective.value_and_grad(p)
+            loss = self._nll(attach_gradient(value, grad, p), base)
             if prior_weight:
-                loss = loss + prior_weight * ((q - center) ** 2).sum()
+                loss = loss + prior_weight * ((p - center) ** 2).sum()
             return loss, objective.last_info
-
-        def box(leaves):
-            with torch.no_grad():
-                leaves[0].copy_(torch.maximum(torch.minimum(leaves[0], hi), lo))
 
         # grad_tol=0: the hypergradient in log(alpha) of a nearly pruned feature
         # is tiny but consistent, so only the stall criterion stops the loop
@@ -405,7 +397,7 @@ class _HyperL2Base(BaseEstimator):
             n_iter_no_change=self.n_iter_no_change,
             callbacks=list(self.callbacks or []),
             verbose=self.verbose,
-            projection=box,
+            bounds=(lo, hi),
             desc=self._name,
         )
         if self.verbose:

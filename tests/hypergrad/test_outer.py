@@ -217,3 +217,75 @@ def test_torch_lbfgs_is_refused_with_a_pointer():
     x = torch.zeros(1, requires_grad=True)
     with pytest.raises(ValueError, match="optimizer='lbfgs'"):
         minimize_outer(lambda p: (p ** 2).sum(), x, optimizer=torch.optim.LBFGS([x]))
+
+
+def _stretched_quadratic(p):
+    # badly scaled, coupled, minimum (3, -2) outside the box used below
+    q = torch.stack([p[0] - 3.0, p[1] + 2.0])
+    H = torch.tensor([[10.0, 3.0], [3.0, 1.0]], dtype=p.dtype)
+    return q @ H @ q
+
+
+def _box_answer():
+    # p[0] held at its upper bound 1: the minimum in p[1] is -2 - 3 (1 - 3) = 4,
+    # outside [-5, 3], so p[1] = 3 as well
+    return torch.tensor([1.0, 3.0], dtype=torch.float64)
+
+
+def test_lbfgs_bounds_reach_a_corner_without_stalling():
+    calls = []
+
+    def obj(p):
+        calls.append(p.detach().clone())
+        return _stretched_quadratic(p)
+
+    x = torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(obj, x, optimizer="lbfgs", learning_rate=1.0, max_iter=100,
+                         tol=1e-12, grad_tol=0.0,
+                         bounds=(torch.tensor([-5.0, -5.0]), torch.tensor([1.0, 3.0])))
+    torch.testing.assert_close(x.detach(), _box_answer())
+    assert res.stop_reason == "tol" and res.converged
+    # the projected gradient is zero at the corner (the raw one is not)
+    assert res.grad_norms[-1] == 0.0
+    assert all(bool(((c >= torch.tensor([-5.0, -5.0])) & (c <= torch.tensor([1.0, 3.0]))).all())
+               for c in calls), "an evaluation left the box"
+    assert res.n_eval <= 15
+
+
+def test_lbfgs_bounds_face_then_interior_coordinate():
+    # only p[0] is bounded (p[0] <= 1): p[1] then solves 3 (p0 - 3) + (p1 + 2) = 0
+    x = torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(_stretched_quadratic, x, optimizer="lbfgs", learning_rate=1.0,
+                         max_iter=100, tol=1e-12, grad_tol=1e-10, bounds=(None, torch.tensor([1.0, math.inf])))
+    torch.testing.assert_close(x.detach(), torch.tensor([1.0, 4.0], dtype=torch.float64))
+    assert res.stop_reason == "tol" and res.n_eval <= 20
+
+
+def test_lbfgs_stops_when_a_step_would_gain_less_than_rounding():
+    # an optimum where the gradient is rounding noise: the loop stops on "tol"
+    # instead of spending whole line searches on it
+    x = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(lambda p: 1.0 + ((p - 1.0) ** 2).sum(), x, optimizer="lbfgs",
+                         learning_rate=1.0, max_iter=100, tol=0.0, grad_tol=0.0,
+                         n_iter_no_change=100)
+    assert float(x.detach()) == pytest.approx(1.0, abs=1e-7)
+    assert res.stop_reason == "tol" and res.n_eval <= 10
+
+
+def test_first_order_bounds_clamp_and_start_inside():
+    x = torch.tensor([5.0, 0.0], dtype=torch.float64, requires_grad=True)
+    minimize_outer(_stretched_quadratic, x, optimizer="adam", learning_rate=0.05,
+                   max_iter=3000, tol=1e-14, n_iter_no_change=50,
+                   bounds=(-5.0, torch.tensor([1.0, 3.0])))
+    torch.testing.assert_close(x.detach(), _box_answer(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bounds, match", [
+    ((1.0,), "pair"),
+    ((torch.zeros(3), None), "shaped like phi"),
+    ((1.0, 0.0), "lower bound must be <="),
+])
+def test_bad_bounds(bounds, match):
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=match):
+        minimize_outer(_stretched_quadratic, x, optimizer="lbfgs", bounds=bounds)
