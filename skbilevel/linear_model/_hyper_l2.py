@@ -189,12 +189,13 @@ def _merge_infos(infos):
 class _FoldObjective:
     """Mean validation loss over folds, split in batches run in parallel threads."""
 
-    def __init__(self, batches, n_folds, n_jobs, value_and_grad, curve):
+    def __init__(self, batches, n_folds, n_jobs, value_and_grad, curve, value=None):
         self.batches = batches
         self.n_folds = n_folds
         self.n_jobs = n_jobs
         self._vg = value_and_grad
         self._curve = curve
+        self._value = value
         self.last_info = None
 
     def _map(self, fn, *args):
@@ -212,6 +213,13 @@ class _FoldObjective:
         self.last_info = _merge_infos([o[2] for o in out])
         return value, grad
 
+    def value(self, phi):
+        """Mean loss over folds (a float), without the hypergradient."""
+        if self._value is None:
+            return float(self.value_and_grad(phi)[0])
+        with torch.no_grad():
+            return float(sum(self._map(self._value, phi.detach()))) / self.n_folds
+
     def map_batches(self, fn):
         """The same objective over ``fn(batch, index)`` for every fold batch."""
         return _FoldObjective(
@@ -220,6 +228,7 @@ class _FoldObjective:
             self.n_jobs,
             self._vg,
             self._curve,
+            self._value,
         )
 
     def curve(self, log_alphas):
@@ -419,12 +428,19 @@ class _HyperL2Base(BaseEstimator):
         like = bases[0]
         staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k]))
         # the loss is not convex in gamma: start from the best of a scan (a is the
-        # u-weighted mean log-penalty whatever gamma, so it stays at the centre)
+        # u-weighted mean log-penalty whatever gamma, so it stays at the centre);
+        # values only (no hypergradient), and the scan stops once the loss has
+        # risen twice in a row: larger exponents only spread the penalties further
         start, start_loss = 0.0, base
+        previous, rises = math.inf, 0
         for gamma in _ADAPTIVE_GAMMA_SCAN:
-            loss = float(staged.value_and_grad(like.new_tensor([center, gamma]))[0])
+            loss = staged.value(like.new_tensor([center, gamma]))
             if loss < start_loss:
                 start, start_loss = gamma, loss
+            rises = rises + 1 if loss > previous else 0
+            previous = loss
+            if rises == 2:
+                break
         if start == 0.0:
             return None, None
         psi = like.new_tensor([center, start]).requires_grad_(True)
@@ -901,6 +917,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     self.n_jobs,
                     lambda b, phi: b.value_and_grad(phi, hypergradient=strategy)[:3],
                     lambda b, g: b.validation_curve(g),
+                    lambda b, phi: b.validation_loss(b.closed_form(phi)),
                 )
             scale = _penalty_scale(Xt, swt, self.fit_intercept)
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
@@ -1218,6 +1235,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                     solver=solver,
                 )[:3],
                 lambda b, g: b.validation_curve(g, solver=solver),
+                lambda b, phi: b.validation_loss(b.solve(phi, solver)[0]),
             )
             scale = _penalty_scale(Xt, swt, self.fit_intercept)
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
