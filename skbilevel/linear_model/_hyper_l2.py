@@ -1011,8 +1011,10 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         or ``1e-4`` (float32) on the inner objective divided by the mean
         number of training samples per fold.
     max_iter : int, default=100
-        Maximum outer iterations of the per-feature stage (and cap on the
-        shared stage's refinements).
+        Maximum number of outer (hypergradient) iterations of each of the
+        adaptive and per-feature stages; also caps the refinements of the
+        shared stage when it is the answer (``penalty="scalar"``; before
+        per-feature stages it takes one refinement).
     tol : float, default=1e-4
         Stop when the outer objective has not improved by a relative
         ``tol`` for ``n_iter_no_change`` iterations; the best iterate is kept.
