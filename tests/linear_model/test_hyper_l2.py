@@ -347,3 +347,33 @@ def test_regressor_skips_the_adaptive_model_when_no_gamma_helps():
     assert model.adaptive_params_ is None
     ref = HyperL2Regressor(random_state=0, adaptive=False).fit(X, y)
     np.testing.assert_allclose(model.alphas_, ref.alphas_, rtol=1e-10)
+
+
+@pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
+def test_adaptive_scan_values_match_the_hypergradient_path(Est, monkeypatch):
+    # the exponent scan evaluates values only (no hypergradient): they must be
+    # the losses value_and_grad gives, and the scan stops once the loss rose twice
+    from skbilevel.linear_model import _hyper_l2
+
+    X, y = _hetero(n=200, p=12)
+    if Est is HyperL2Classifier:
+        y = (y > np.median(y)).astype(int)
+    seen = []
+    value = _hyper_l2._FoldObjective.value
+
+    def record(self, phi):
+        out = value(self, phi)
+        seen.append((out, float(self.value_and_grad(phi)[0]), float(phi[1])))
+        return out
+
+    monkeypatch.setattr(_hyper_l2._FoldObjective, "value", record)
+    Est(random_state=0, max_iter=5).fit(X, y)
+    assert seen
+    for fast, full, _ in seen:
+        assert fast == pytest.approx(full, rel=1e-5 if Est is HyperL2Classifier else 1e-12)
+    losses = [s[0] for s in seen]
+    rises = [b > a for a, b in zip(losses, losses[1:])]
+    # no two consecutive rises before the last scanned exponent
+    assert not any(r1 and r2 for r1, r2 in zip(rises[:-1], rises[1:-1]))
+    if len(seen) < len(_hyper_l2._ADAPTIVE_GAMMA_SCAN):
+        assert rises[-2:] == [True, True]
