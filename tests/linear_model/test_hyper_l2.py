@@ -358,22 +358,48 @@ def test_adaptive_scan_values_match_the_hypergradient_path(Est, monkeypatch):
     X, y = _hetero(n=200, p=12)
     if Est is HyperL2Classifier:
         y = (y > np.median(y)).astype(int)
-    seen = []
+    seen = {}  # per scanned objective (one per candidate pilot)
     value = _hyper_l2._FoldObjective.value
 
     def record(self, phi):
         out = value(self, phi)
-        seen.append((out, float(self.value_and_grad(phi)[0]), float(phi[1])))
+        seen.setdefault(id(self), []).append((out, float(self.value_and_grad(phi)[0])))
         return out
 
     monkeypatch.setattr(_hyper_l2._FoldObjective, "value", record)
-    Est(random_state=0, max_iter=5).fit(X, y)
-    assert seen
-    for fast, full, _ in seen:
-        assert fast == pytest.approx(full, rel=1e-5 if Est is HyperL2Classifier else 1e-12)
-    losses = [s[0] for s in seen]
-    rises = [b > a for a, b in zip(losses, losses[1:])]
-    # no two consecutive rises before the last scanned exponent
-    assert not any(r1 and r2 for r1, r2 in zip(rises[:-1], rises[1:-1]))
-    if len(seen) < len(_hyper_l2._ADAPTIVE_GAMMA_SCAN):
-        assert rises[-2:] == [True, True]
+    model = Est(random_state=0, max_iter=5).fit(X, y)
+    # the regressor scans a ridge and a lasso-like pilot, the classifier a ridge one
+    assert len(seen) == len(model._pilot_reweights)
+    for scan in seen.values():
+        for fast, full in scan:
+            assert fast == pytest.approx(full, rel=1e-5 if Est is HyperL2Classifier else 1e-12)
+        losses = [s[0] for s in scan]
+        rises = [b > a for a, b in zip(losses, losses[1:])]
+        # no two consecutive rises before the last scanned exponent
+        assert not any(r1 and r2 for r1, r2 in zip(rises[:-1], rises[1:-1]))
+        if len(scan) < len(_hyper_l2._ADAPTIVE_GAMMA_SCAN):
+            assert rises[-2:] == [True, True]
+
+
+def test_regressor_sparse_pilot_is_chosen_on_a_sparse_wide_problem():
+    # 5 relevant features among 160, n = 80: the lasso-like reweighted pilot
+    # validates better than the ridge one, and predicts better too
+    rng = np.random.RandomState(3)
+    n, p = 80, 160
+    w = np.zeros(p)
+    w[:5] = rng.uniform(1, 2, 5) * rng.choice([-1, 1], 5)
+    X = rng.randn(n + 1000, p)
+    y = X @ w + 0.5 * rng.randn(n + 1000)
+    model = HyperL2Regressor(random_state=0).fit(X[:n], y[:n])
+    assert model.adaptive_pilot_ == "lasso"
+    ridge_only = HyperL2Regressor(random_state=0)
+    ridge_only._pilot_reweights = {"ridge": 0}
+    ridge_only.fit(X[:n], y[:n])
+    assert ridge_only.adaptive_pilot_ == "ridge"
+    assert model.cv_loss_ < ridge_only.cv_loss_
+    assert model.score(X[n:], y[n:]) > ridge_only.score(X[n:], y[n:])
+    # a warm start continues around the same pilot
+    loss = model.cv_loss_
+    model.set_params(warm_start=True).fit(X[:n], y[:n])
+    assert model.adaptive_pilot_ == "lasso"
+    assert model.cv_loss_ <= loss * (1 + 1e-9)
