@@ -498,7 +498,7 @@ class _HyperL2Base(BaseEstimator):
             and (previous is not None) == use_adaptive
         )
         history, n_iter = [], 0
-        stage1 = None
+        stage1 = shared_loss = None  # shared_loss: the CV loss at the shared penalty
         self.adaptive_params_ = self.adaptive_pilot_ = None
         original = objective
 
@@ -533,7 +533,7 @@ class _HyperL2Base(BaseEstimator):
                     max_iter=max_iter,
                 )
             shared = center = float(stage1.x[0])
-            base = float(stage1.fun[0])
+            base = shared_loss = float(stage1.fun[0])
             n_iter += int(stage1.n_iter)
             history.extend(
                 float(self._nll(torch.tensor(h), base)) for h in stage1.history
@@ -550,7 +550,6 @@ class _HyperL2Base(BaseEstimator):
         info = objective.last_info
         if n_groups == 1 and not warm and kind != "array":
             return phi0, shared, center, history, n_iter, info, objective
-        shared_loss = base if stage1 is not None else None
         if stage1 is None:
             base = float(objective.value_and_grad(phi0)[0])
         if not base > 0 and not warm and kind != "array":

@@ -1,5 +1,7 @@
 """Fold-batched penalized models: closed forms, LOO and hypergradients vs references."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -467,3 +469,19 @@ def test_ridge_hessian_diagonal_is_exact_and_preconditions_cg(method):
         _, grad, info, _ = folds.value_and_grad(phi, hypergradient=ImplicitCG(tol=1e-10))
     assert info.extra["preconditioned"]
     torch.testing.assert_close(grad, ref, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_ridge_folds_validation_curve_matches_the_solves(method):
+    # the dual curve diagonalizes Xs Xs^T once; the values are those of coef()
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(30, 45, generator=g, dtype=torch.float64)
+    y = X[:, :3].sum(1) + 0.1 * torch.randn(30, generator=g, dtype=torch.float64)
+    T = torch.ones(3, 30, dtype=torch.float64)
+    for k in range(3):
+        T[k, 10 * k:10 * (k + 1)] = 0
+    folds = RidgeFolds(X, y, T, val_weights=1 - T, method=method)
+    grid = [-6.0, -1.0, 0.5, 4.0]
+    curve = folds.validation_curve(grid)
+    ref = [folds.validation_loss(folds.coef(X.new_full((45,), math.exp(la)))) for la in grid]
+    torch.testing.assert_close(curve, torch.stack(ref), rtol=1e-9, atol=0)
