@@ -1061,10 +1061,15 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         adaptive and per-feature stages; also caps the refinements of the
         shared stage when it is the answer (``penalty="scalar"``; before
         per-feature stages it takes one refinement).
-    tol : float, default=1e-4
+    tol : float, default=3e-4
         Stop when the outer objective has not improved by a relative
         ``tol`` for ``n_iter_no_change`` iterations; the best iterate is kept.
-    n_iter_no_change : int, default=3
+        Looser than the regressor's ``1e-5``: the classifier's outer values
+        are only as exact as its inner solves, and closer steps chase that
+        noise (``1e-4`` and a patience of 3 gave the same test log-loss on
+        the benchmark sets and 8 others, to 1e-4, at up to 1.4 times the
+        time).
+    n_iter_no_change : int, default=2
         Patience of that criterion.
     learning_rate : float, default=0.1
         Length of the first L-BFGS step on the log-penalties, or Adam's
@@ -1149,8 +1154,8 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         hypergradient="cg",
         solver="newton-cg",
         max_iter=100,
-        tol=1e-4,
-        n_iter_no_change=3,
+        tol=3e-4,
+        n_iter_no_change=2,
         learning_rate=0.1,
         outer_optimizer="lbfgs",
         fit_intercept=True,
