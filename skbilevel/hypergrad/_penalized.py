@@ -1326,7 +1326,9 @@ class LogisticFolds(_PenaltyModel):
         """Summed validation loss at many shared log-penalties (no autograd).
 
         Solved in decreasing order of penalty, each warm-started from the
-        previous solution (the regularization path).
+        previous solution (the regularization path). The next warm start
+        (``theta_``) is the solution at the best penalty of the curve: the
+        search that follows a scan looks near there.
         """
         log_alphas = torch.as_tensor(log_alphas, dtype=self.X.dtype).reshape(-1)
         order = torch.argsort(log_alphas, descending=True)
@@ -1335,12 +1337,15 @@ class LogisticFolds(_PenaltyModel):
         shared = self.reparametrized(
             groups=torch.zeros(self.X.shape[1], dtype=torch.long, device=self.X.device)
         )
+        best = None
         for i in order.tolist():
             phi = self.X.new_full((1,), float(log_alphas[i]))
             theta, _ = shared.solve(phi, solver)
             with torch.no_grad():
                 out[i] = self.validation_loss(theta)
-        self.theta_ = shared.theta_
+            if best is None or out[i] < out[best[0]]:
+                best = (i, theta)
+        self.theta_ = shared.theta_ if best is None else best[1]
         return out
 
     def value_and_grad(self, phi, hypergradient="cg", solver=None):
