@@ -501,6 +501,8 @@ class ImplicitCG(_Implicit):
         if not result.converged:
             if "curvature" in result.message:
                 method = f"CG (stopped at {result.message})"
+            elif result.message.startswith("stagnated"):
+                method = f"CG ({result.message})"
             warn_linear_solve(info, tol, method)
         return v
 

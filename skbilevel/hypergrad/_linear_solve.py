@@ -180,6 +180,14 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     ``z^T A z = 0``) rather than the zero start, and ``result.fallback``
     records it. ``b = 0`` returns exactly zero.
 
+    When the recursive residual has passed ``tol`` but the true one has not,
+    CG restarts from the true residual (iterative refinement). If a restart
+    does not halve the true residual, the iteration stops, not converged,
+    and ``result.message`` says it stagnated: the residual is then at the
+    accuracy the system allows in floating point (penalties spanning 18
+    decades left ``2e-9`` with an exact preconditioner), and iterating on
+    would spend every remaining iteration there.
+
     Examples
     --------
     >>> import torch
@@ -249,6 +257,7 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     best_x = x
     fallback, message = None, ""
     iterations, converged, curvature_stop = 0, False, False
+    last_true_res = math.inf  # true residual at the last restart
     while True:
         while iterations < maxiter and math.sqrt(rs) / b_norm > tol:
             Ap = flat_matvec(p)
@@ -290,6 +299,17 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
         converged = true_res <= tol
         if converged or curvature_stop or iterations >= maxiter:
             break
+        if true_res > 0.5 * last_true_res:
+            # a restart did not halve the true residual: it is at the accuracy
+            # this system allows in this precision (iterating on would spend
+            # every remaining iteration there)
+            message = (
+                f"stagnated at relative residual {true_res:.3e} after {iterations} "
+                "iterations: restarts from the true residual no longer reduce it "
+                "(the attainable accuracy for this system in this precision)"
+            )
+            break
+        last_true_res = true_res
         # The recursive residual drifted below tol but the true one did not:
         # restart from the best iterate with the true residual.
         x, r = best_x, r_true

@@ -377,6 +377,29 @@ def _cho_solve(L, b):
     return torch.linalg.solve_triangular(L.mT, z, upper=True)[..., 0]
 
 
+def _primal_factor(gram, alpha):
+    """Cholesky factor of every fold's ``G_k + diag(alpha_k)``: ``(L, info)``."""
+    A = gram.clone()
+    A.diagonal(dim1=-2, dim2=-1).add_(alpha)
+    return torch.linalg.cholesky_ex(A)
+
+
+def _dual_factor(Xs, alpha):
+    """``Xs A^{-1}`` and the Cholesky factor of ``I + Xs A^{-1} Xs^T`` (``A =
+    diag(alpha_k)``) of every fold: ``(XA, L, info)``."""
+    XA = Xs / alpha[:, None, :]
+    M = XA @ Xs.mT
+    M.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    L, info = torch.linalg.cholesky_ex(M)
+    return XA, L, info
+
+
+def _dual_inverse(L, XA, Xs, alpha, r):
+    """``(Xs^T Xs + A)^{-1} r = A^{-1} r - A^{-1} Xs^T M^{-1} Xs A^{-1} r`` (Woodbury)."""
+    u = r / alpha
+    return u - _bmv(XA.mT, _cho_solve(L, _bmv(Xs, u)))
+
+
 class _PrimalRidgeSolve(torch.autograd.Function):
     """``w_k = (G_k + diag(alpha_k))^{-1} r_k`` by Cholesky; gradient in ``alpha`` only.
 
@@ -387,9 +410,7 @@ class _PrimalRidgeSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha, gram, rhs):
-        A = gram.clone()
-        A.diagonal(dim1=-2, dim2=-1).add_(alpha)
-        L, info = torch.linalg.cholesky_ex(A)
+        L, info = _primal_factor(gram, alpha)
         if bool((info != 0).any()):
             return None
         w = _cho_solve(L, rhs)
@@ -414,10 +435,7 @@ class _DualRidgeSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha, Xs, ys):
-        XA = Xs / alpha[:, None, :]  # Xs A^{-1}
-        M = XA @ Xs.mT
-        M.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        L, info = torch.linalg.cholesky_ex(M)
+        XA, L, info = _dual_factor(Xs, alpha)
         if bool((info != 0).any()):
             return None
         w = _bmv(XA.mT, _cho_solve(L, ys))
@@ -428,8 +446,7 @@ class _DualRidgeSolve(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_w):
         L, XA, Xs, alpha, w = ctx.saved_tensors
-        u = grad_w / alpha
-        v = u - _bmv(XA.mT, _cho_solve(L, _bmv(Xs, u)))
+        v = _dual_inverse(L, XA, Xs, alpha, grad_w)
         return -(v * w), None, None
 
 
@@ -629,6 +646,47 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
     def __call__(self, theta, phi):
         """:meth:`inner_loss`: the object is the inner loss it carries a diagonal for."""
         return self.inner_loss(theta, phi)
+
+    def hessian_preconditioner(self, theta, phi):
+        """The exact inverse Hessian of :meth:`inner_loss`, per fold (``None``
+        if a factorization fails).
+
+        The Hessian ``C_k + diag(alpha_k)`` does not depend on ``theta``; it
+        is factored as in :meth:`coef` (``p x p`` Cholesky, or the Woodbury
+        form's ``n x n`` one), so the implicit strategies' conjugate gradient
+        converges in one or two products whatever the spread of the
+        penalties. (With the Jacobi diagonal alone, penalties spanning 18
+        decades left a relative residual of ``2e-9`` after 1000 iterations.)
+
+        Returns
+        -------
+        callable or None
+            ``r -> H^{-1} r`` on tensors shaped like ``theta``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skbilevel.hypergrad import RidgeFolds
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> folds = RidgeFolds(X, X[:, 0], torch.ones(3, dtype=torch.float64), fit_intercept=False)
+        >>> phi = torch.zeros(2, dtype=torch.float64)  # alpha = 1
+        >>> inv = folds.hessian_preconditioner(folds.init_theta(), phi)
+        >>> H = torch.tensor([[3.0, 2.0], [2.0, 9.0]], dtype=torch.float64)  # X^T X + I
+        >>> torch.allclose(inv(torch.tensor([[1.0, 0.0]], dtype=torch.float64)),
+        ...                torch.linalg.inv(H)[0:1], atol=1e-12)
+        True
+        """
+        with torch.no_grad():
+            a = self._alpha(phi.detach()).expand(self.n_folds, -1)
+            if self.method == "primal":
+                L, info = _primal_factor(self.gram, a)
+            else:
+                XA, L, info = _dual_factor(self.Xs, a)
+        if bool((info != 0).any()):
+            return None
+        if self.method == "primal":
+            return lambda r: _cho_solve(L, r.detach())
+        return lambda r: _dual_inverse(L, XA, self.Xs, a, r.detach())
 
     def hessian_diagonal(self, theta, phi):
         """Exact diagonal of the Hessian of :meth:`inner_loss`: ``diag(C_k) + alpha``.

@@ -270,3 +270,17 @@ def test_identity():
     assert res.residual == pytest.approx(_rel(A @ x, b)) and res.n_matvec == 1
     x, res = solve_identity(torch.tensor(3.0), step=2.0)
     assert float(x) == 6.0
+
+
+def test_cg_stops_when_restarts_stagnate_at_rounding():
+    # a residual of 1e-16 relative is below what float64 allows for this
+    # system: CG stops after a restart that gains nothing, not at maxiter
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.logspace(0, 12, 40, dtype=torch.float64)) @ Q.T
+    b = torch.randn(40, generator=g, dtype=torch.float64)
+    x, res = solve_cg(lambda v: A @ v, b, tol=1e-16, maxiter=2000,
+                      preconditioner=lambda r: torch.linalg.solve(A, r))
+    assert not res.converged and res.message.startswith("stagnated")
+    assert res.iterations < 20
+    assert res.residual < 1e-3  # about cond(A) * eps = 1e12 * 2e-16
