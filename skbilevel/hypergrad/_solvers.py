@@ -271,14 +271,21 @@ class _LBFGSMemory:
     def __bool__(self):
         return bool(self.S)
 
-    def direction(self, g, g_norm):
+    def direction(self, g, g_norm, h0=None):
         """``(d, g^T d)``: the quasi-Newton direction, or steepest descent (with
-        the memory cleared) when that is not a descent direction."""
-        d = self._two_loop(g) if self.S else -g
+        the memory cleared) when that is not a descent direction.
+
+        ``h0``, when given, is a positive diagonal (flat) initial inverse
+        Hessian, e.g. ``1 / diag(H)``: the two-loop recursion starts from it
+        instead of the scalar ``s^T y / y^T y``, and steepest descent becomes
+        ``-h0 g``.
+        """
+        d = self._two_loop(g, h0) if self.S else (-g if h0 is None else -h0 * g)
         gtd = float(g @ d)
         if not gtd < 0.0 or not math.isfinite(gtd):
             self.reset()
-            d, gtd = -g, -(g_norm**2)
+            d = -g if h0 is None else -h0 * g
+            gtd = float(g @ d)
         return d, gtd
 
     def update(self, s, y):
@@ -291,7 +298,7 @@ class _LBFGSMemory:
             if len(self.S) > self.size:
                 self.S.pop(0), self.Y.pop(0), self.rho.pop(0)
 
-    def _two_loop(self, g):
+    def _two_loop(self, g, h0=None):
         S, Y, rho = self.S, self.Y, self.rho
         q = -g
         alphas = []
@@ -299,8 +306,10 @@ class _LBFGSMemory:
             a = r * (s @ q)
             q = q - a * y
             alphas.append(a)
-        gamma = (S[-1] @ Y[-1]) / (Y[-1] @ Y[-1])
-        z = gamma * q
+        if h0 is None:
+            z = ((S[-1] @ Y[-1]) / (Y[-1] @ Y[-1])) * q
+        else:
+            z = h0 * q
         for s, y, r, a in zip(S, Y, rho, reversed(alphas)):
             b = r * (y @ z)
             z = z + (a - b) * s
@@ -332,7 +341,12 @@ class LBFGS(InnerSolver):
     says so. The returned :class:`SolveResult` also carries ``n_grad`` (the
     gradient evaluations spent) and ``message``. When ``fun`` has a method
     ``loss_and_grad(theta)`` returning the value and a gradient tree, it
-    replaces autograd.
+    replaces autograd. When it has ``hessian_diagonal(theta)`` (see
+    :class:`NewtonCG`), the inverse of that diagonal at the current iterate
+    is the initial inverse Hessian of the two-loop recursion (a diagonally
+    preconditioned L-BFGS): L2 penalties spanning many decades make the
+    Hessian's diagonal itself span them, which the scalar scaling of plain
+    L-BFGS cannot follow.
 
     Examples
     --------
@@ -371,10 +385,18 @@ class LBFGS(InnerSolver):
             )
         g_norm = float(torch.linalg.vector_norm(g))
         memory = _LBFGSMemory(self.history_size)
+        diagonal = getattr(fun, "hessian_diagonal", None)
         n_iter, converged, message = 0, _within_tol(g_norm, tol), ""
         while not converged and n_iter < self.max_iter:
-            d, gtd = memory.direction(g, g_norm)
-            t0 = 1.0 if memory else min(1.0, 1.0 / max(g_norm, 1e-300))
+            h0 = None
+            if diagonal is not None:
+                d_h = _jacobi_diagonal(diagonal, vector_to_tree(x, like))
+                h0 = None if d_h is None else 1.0 / d_h
+            d, gtd = memory.direction(g, g_norm, h0)
+            if memory or h0 is not None:
+                t0 = 1.0  # a (diagonally) scaled quasi-Newton step
+            else:
+                t0 = min(1.0, 1.0 / max(g_norm, 1e-300))
             t, f_new, g_new, ok = _strong_wolfe(
                 problem, x, d, f, gtd, t0, max_evals=self.max_ls
             )

@@ -1057,8 +1057,11 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         residual of ``1e-4``, warm-started between outer iterations),
         ``"dense"``, or an instance (e.g. ``ImplicitCG(tol=1e-8)``).
     solver : {"newton-cg", "lbfgs"} or InnerSolver, default="newton-cg"
-        Inner solver (Newton-CG copes better than L-BFGS with the nearly
-        separable problems small penalties create); a string uses the gradient tolerance ``1e-5`` (float64)
+        Inner solver. Newton-CG copes better with the nearly separable
+        problems small penalties create; L-BFGS, preconditioned by the
+        Hessian diagonal, reached the same test log-loss on the benchmark
+        sets at 2 to 3.7 times the fit time. A string uses the gradient
+        tolerance ``1e-5`` (float64)
         or ``1e-4`` (float32) on the inner objective divided by the mean
         number of training samples per fold.
     max_iter : int, default=100

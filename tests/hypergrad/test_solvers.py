@@ -142,3 +142,36 @@ def test_newton_cg_repairs_or_drops_unusable_diagonals():
     fun = _ScaledQuadratic(diagonal=torch.ones(79, dtype=DT))
     with pytest.raises(ValueError, match="shaped like theta"):
         NewtonCG().solve(fun, w0)
+
+
+class _StiffLogistic:
+    """A logistic loss with L2 penalties spanning 12 decades, with its exact
+    Hessian diagonal (the protocol LogisticFolds implements)."""
+
+    def __init__(self, with_diagonal):
+        g = torch.Generator().manual_seed(0)
+        self.X = torch.randn(200, 15, generator=g, dtype=torch.float64)
+        self.y = (self.X[:, 0] + 0.5 * torch.randn(200, generator=g, dtype=torch.float64) > 0).to(
+            torch.float64
+        )
+        self.alpha = torch.logspace(-4, 8, 15, dtype=torch.float64)
+        if with_diagonal:
+            self.hessian_diagonal = self._diagonal
+
+    def __call__(self, w):
+        z = self.X @ w
+        return (torch.nn.functional.softplus(z) - self.y * z).sum() + 0.5 * (self.alpha * w * w).sum()
+
+    def _diagonal(self, w):
+        p = torch.sigmoid(self.X @ w)
+        return (p * (1 - p)) @ (self.X * self.X) + self.alpha
+
+
+def test_lbfgs_uses_the_hessian_diagonal_as_initial_inverse_hessian():
+    w0 = torch.zeros(15, dtype=torch.float64)
+    plain_w, plain = LBFGS(tol=1e-8, max_iter=5000, warn=False).solve(_StiffLogistic(False), w0)
+    pre_w, pre = LBFGS(tol=1e-8, max_iter=5000).solve(_StiffLogistic(True), w0)
+    assert pre.converged and pre.n_iter < 40
+    assert pre.n_iter * 5 < plain.n_iter or not plain.converged
+    ref, _ = NewtonCG(tol=1e-10).solve(_StiffLogistic(True), w0)
+    torch.testing.assert_close(pre_w, ref, rtol=1e-6, atol=1e-9)
