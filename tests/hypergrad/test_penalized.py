@@ -471,16 +471,22 @@ def test_ridge_hessian_diagonal_is_exact_and_preconditions_cg(method):
     torch.testing.assert_close(grad, ref, rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["primal", "dual"])
-def test_ridge_folds_validation_curve_matches_the_solves(method):
-    # the dual curve diagonalizes Xs Xs^T once; the values are those of coef()
-    g = torch.Generator().manual_seed(3)
-    X = torch.randn(30, 45, generator=g, dtype=torch.float64)
+def _three_ridge_folds(n_features, seed, method):
+    """3 folds of 10 rows out of 30, three relevant features."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(30, n_features, generator=g, dtype=torch.float64)
     y = X[:, :3].sum(1) + 0.1 * torch.randn(30, generator=g, dtype=torch.float64)
     T = torch.ones(3, 30, dtype=torch.float64)
     for k in range(3):
         T[k, 10 * k:10 * (k + 1)] = 0
-    folds = RidgeFolds(X, y, T, val_weights=1 - T, method=method)
+    return RidgeFolds(X, y, T, val_weights=1 - T, method=method)
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_ridge_folds_validation_curve_matches_the_solves(method):
+    # the dual curve diagonalizes Xs Xs^T once; the values are those of coef()
+    folds = _three_ridge_folds(45, 3, method)
+    X = folds.X
     grid = [-6.0, -1.0, 0.5, 4.0]
     curve = folds.validation_curve(grid)
     ref = [folds.validation_loss(folds.coef(X.new_full((45,), math.exp(la)))) for la in grid]
@@ -493,13 +499,7 @@ def test_ridge_folds_exact_preconditioner_makes_cg_direct(method):
 
     # penalties spanning 16 decades: with the folds' exact inverse Hessian, the
     # implicit CG takes one or two products and matches the closed form
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(30, 20, generator=g, dtype=torch.float64)
-    y = X[:, :3].sum(1) + 0.1 * torch.randn(30, generator=g, dtype=torch.float64)
-    T = torch.ones(3, 30, dtype=torch.float64)
-    for k in range(3):
-        T[k, 10 * k:10 * (k + 1)] = 0
-    folds = RidgeFolds(X, y, T, val_weights=1 - T, method=method)
+    folds = _three_ridge_folds(20, 1, method)
     phi = torch.linspace(-12.0, 25.0, 20, dtype=torch.float64)
     value, grad, _, _ = folds.value_and_grad(phi)
     v_cg, g_cg, info, _ = folds.value_and_grad(phi, hypergradient=ImplicitCG(tol=1e-8))
