@@ -1395,16 +1395,42 @@ class LogisticFolds(_PenaltyModel):
         shared = self.reparametrized(
             groups=torch.zeros(self.X.shape[1], dtype=torch.long, device=self.X.device)
         )
-        best = None
+        best, previous = None, None
         for i in order.tolist():
             phi = self.X.new_full((1,), float(log_alphas[i]))
+            if previous is not None:
+                shared.theta_ = shared._path_predictor(*previous, phi)
             theta, _ = shared.solve(phi, solver)
+            previous = (theta, phi)
             with torch.no_grad():
                 out[i] = self.validation_loss(theta)
             if best is None or out[i] < out[best[0]]:
                 best = (i, theta)
         self.theta_ = shared.theta_ if best is None else best[1]
         return out
+
+    def _path_predictor(self, theta, phi, phi_next):
+        """First-order prediction of the solution at ``phi_next`` from the
+        solution ``theta`` at ``phi`` (a warm start for the path).
+
+        At a solution the gradient vanishes, so along the path ``H dtheta =
+        -d(grad)/dphi dphi``; the penalty's term ``a W / s`` gives
+        ``dtheta = -H^{-1} (a W / s) dlog(a)`` for every penalty moved by the
+        same ``dlog(a)`` (a shared penalty). Needs the exact inverse Hessian
+        (:meth:`hessian_preconditioner`, binary problems); otherwise
+        ``theta`` itself.
+        """
+        inverse = self.hessian_preconditioner(theta, phi)
+        step = float((phi_next - phi).mean())
+        if inverse is None or not (phi_next - phi == step).all():
+            return theta
+        with torch.no_grad():
+            a = self._penalty(phi)  # (p, K)
+            rhs = {"coef": a[..., None] * theta["coef"] / self._scale}
+            if self.fit_intercept:
+                rhs["intercept"] = torch.zeros_like(theta["intercept"])
+            d = inverse(rhs)
+            return {k: v - step * d[k] for k, v in theta.items()}
 
     def value_and_grad(self, phi, hypergradient="cg", solver=None):
         """Validation loss summed over folds, its hypergradient, info, and theta.

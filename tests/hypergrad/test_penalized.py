@@ -9,6 +9,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 from skbilevel.hypergrad import (
     LogisticFolds,
+    NewtonCG,
     RidgeFolds,
     RidgeLOO,
     attach_gradient,
@@ -223,6 +224,20 @@ def test_logistic_validation_curve_warm_path():
     )
     curve = folds.validation_curve([-2.0, 0.0, 2.0])
     assert curve.shape == (3,) and bool(torch.isfinite(curve).all())
+    # the warm path (with its first-order predictor) gives the cold solutions' values
+    solver = NewtonCG(tol=1e-10)
+    for la, value in zip([-2.0, 0.0, 2.0], curve):
+        cold = folds.reparametrized(groups=torch.zeros(X.shape[1], dtype=torch.long))
+        theta, _ = cold.solve(torch.full((1,), la, dtype=DT), solver, init=cold.init_theta())
+        assert float(folds.validation_loss(theta)) == pytest.approx(float(value), rel=1e-6)
+    # the predictor is first-order accurate along the path
+    shared = folds.reparametrized(groups=torch.zeros(X.shape[1], dtype=torch.long))
+    phi0, phi1 = torch.full((1,), 0.0, dtype=DT), torch.full((1,), -0.1, dtype=DT)
+    theta0, _ = shared.solve(phi0, solver, init=shared.init_theta())
+    theta1, _ = shared.solve(phi1, solver, init=shared.init_theta())
+    predicted = shared._path_predictor(theta0, phi0, phi1)
+    gap = lambda t: float(sum((t[k] - theta1[k]).norm() ** 2 for k in t)) ** 0.5
+    assert gap(predicted) < 0.05 * gap(theta0)
 
 
 def test_attach_gradient_and_penalty():
