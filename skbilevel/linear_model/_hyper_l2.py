@@ -207,6 +207,7 @@ class _FoldObjective:
         self._curve = curve
         self._value = value
         self.last_info = None
+        self._last = None  # (phi, value, grad, info) of the last evaluation
 
     def _map(self, fn, *args):
         if len(self.batches) == 1:
@@ -215,12 +216,29 @@ class _FoldObjective:
             delayed(fn)(b, *args) for b in self.batches
         )
 
-    def value_and_grad(self, phi):
-        """Mean loss over folds (float tensor) and its gradient in phi."""
-        out = self._map(self._vg, phi.detach())
+    def value_and_grad(self, phi, need_inner=False):
+        """Mean loss over folds (float tensor) and its gradient in phi.
+
+        The last evaluation is kept: the same ``phi`` again (a stage that
+        starts where the previous one stopped, the final checks) costs
+        nothing. ``need_inner`` asks for an evaluation whose health record
+        has the inner gradient norm (the regressor's loop skips it).
+        """
+        phi = phi.detach()
+        last = self._last
+        if (
+            last is not None
+            and last[0].shape == phi.shape
+            and torch.equal(last[0], phi)
+            and not (need_inner and last[3] is not None and last[3].inner_grad_norm is None)
+        ):
+            self.last_info = last[3]
+            return last[1], last[2]
+        out = self._map(self._vg, phi)
         value = sum(o[0] for o in out) / self.n_folds
         grad = sum(o[1] for o in out) / self.n_folds
         self.last_info = _merge_infos([o[2] for o in out])
+        self._last = (phi.clone(), value, grad, self.last_info)
         return value, grad
 
     def value(self, phi):
@@ -458,7 +476,7 @@ class _HyperL2Base(BaseEstimator):
         start, start_loss, pilot = 0.0, base, None
         for name, bases in candidates.items():
             staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k]))
-            previous, rises = math.inf, 0
+            previous, rises = base, 0  # gamma = 0 is the shared penalty
             for gamma in _ADAPTIVE_GAMMA_SCAN:
                 loss = staged.value(bases[0].new_tensor([center, gamma]))
                 if loss < start_loss:
@@ -622,7 +640,7 @@ class _HyperL2Base(BaseEstimator):
         self.n_iter_ = int(n_iter)
         self.history_ = np.asarray(history, dtype=float)
         with torch.no_grad():
-            value, _ = objective.value_and_grad(phi)
+            value, _ = objective.value_and_grad(phi, need_inner=True)
         self.cv_loss_ = float(value)
         # the health record at the fitted penalties (the last loop one if none)
         info = objective.last_info or info
