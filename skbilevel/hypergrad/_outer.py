@@ -164,6 +164,13 @@ def _leaf_bounds(bounds, leaves):
     return lower, upper
 
 
+def _clamp_leaves(leaves, bounds):
+    """Clamp ``leaves`` in place into ``bounds`` (from :func:`_leaf_bounds`)."""
+    with torch.no_grad():
+        for leaf, lo, hi in zip(leaves, *bounds):
+            leaf.copy_(torch.maximum(torch.minimum(leaf, hi), lo))
+
+
 def _free(x, g, lower, upper):
     """Mask of the variables a descent step may move: not held at a bound
     by a gradient that points out of the box."""
@@ -187,9 +194,7 @@ class _OptimizerStepper:
     def step(self):
         self.opt.step()
         if self.bounds is not None:
-            with torch.no_grad():
-                for leaf, lo, hi in zip(self.leaves, *self.bounds):
-                    leaf.copy_(torch.maximum(torch.minimum(leaf, hi), lo))
+            _clamp_leaves(self.leaves, self.bounds)
         return True
 
 
@@ -487,9 +492,7 @@ def minimize_outer(
         raise ValueError("Every leaf of phi passed to minimize_outer must require grad.")
     box = _leaf_bounds(bounds, leaves)
     if box is not None:  # start inside the box
-        with torch.no_grad():
-            for leaf, lo, hi in zip(leaves, *box):
-                leaf.copy_(torch.maximum(torch.minimum(leaf, hi), lo))
+        _clamp_leaves(leaves, box)
     if isinstance(optimizer, str) and optimizer == "lbfgs":
         stepper = _QuasiNewtonStepper(
             objective, phi, leaves, learning_rate, bounds=box, tol=tol if early_stopping else 0.0
