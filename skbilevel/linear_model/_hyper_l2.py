@@ -577,7 +577,7 @@ class _HyperL2Base(BaseEstimator):
             return phi0, shared, shared, history, n_iter, info, objective
         adaptive = bases = None
         if use_adaptive and self.max_iter > 0 and warm:
-            reweights = self._pilot_reweights[pilot]
+            reweights = self._pilot_reweights.get(pilot, 0)
             bases = [self._adaptive_basis(b, shared, gt, reweights) for b in objective.batches]
             adaptive = torch.as_tensor(previous, dtype=dtype, device=device)
         elif use_adaptive and self.max_iter > 0 and kind != "array":
