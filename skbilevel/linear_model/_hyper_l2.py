@@ -1064,8 +1064,8 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
     adaptive : bool, default=True
         Fit the two-parameter adaptive model before the per-feature
         corrections (as for :class:`HyperL2Regressor`). On the benchmark
-        splits it lowered the test log-loss on digits (.1039 -> .1018) and
-        make_classification (.4804 -> .4718), at 1.6 to 2.7 times the fit time.
+        splits it lowered the test log-loss on digits (.1042 -> .1018) and
+        make_classification (.4812 -> .4716), at 1.6 to 2.2 times the fit time.
     prior_scale : float > 0 or None, default=1.0
         Standard deviation of the Gaussian prior on the log-penalties around
         the adaptive model (around the shared penalty when
