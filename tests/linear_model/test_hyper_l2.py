@@ -325,6 +325,7 @@ def test_regressor_auto_prior_scale_depends_on_the_centre():
     X, y = _hetero(n=150, p=8)
     kw = dict(random_state=0, max_iter=10)
     auto = HyperL2Regressor(**kw).fit(X, y)
+    assert auto.adaptive_params_ is not None
     np.testing.assert_allclose(
         auto.alphas_, HyperL2Regressor(prior_scale=2.0, **kw).fit(X, y).alphas_
     )
@@ -333,20 +334,49 @@ def test_regressor_auto_prior_scale_depends_on_the_centre():
         auto.alphas_,
         HyperL2Regressor(adaptive=False, prior_scale=8.0, **kw).fit(X, y).alphas_,
     )
-    with pytest.raises(ValueError, match="prior_scale"):
-        HyperL2Classifier(prior_scale="auto").fit(X, (y > y.mean()).astype(int))
+    # fewer than ten samples per correction tighten the prior around the adaptive model
+    X, y = _hetero(n=150, p=40)
+    auto = HyperL2Regressor(**kw).fit(X, y)
+    assert auto.adaptive_params_ is not None
+    tight = HyperL2Regressor(prior_scale=2.0 * np.sqrt(150 / 400), **kw).fit(X, y)
+    np.testing.assert_allclose(auto.alphas_, tight.alphas_)
+    yc = (y > np.median(y)).astype(int)
+    clf = HyperL2Classifier(**kw).fit(X, yc)
+    ref = HyperL2Classifier(prior_scale=np.sqrt(150 / 400), **kw).fit(X, yc)
+    np.testing.assert_allclose(clf.alphas_, ref.alphas_, rtol=1e-6)
 
 
 def test_regressor_skips_the_adaptive_model_when_no_gamma_helps():
     # every feature equally relevant: following the pilot's coefficient sizes
-    # only adds noise, so the free stage starts from the shared penalty
+    # only adds noise, and so would free per-feature corrections: the shared
+    # penalty is the answer
     rng = np.random.RandomState(0)
     X = rng.randn(200, 10)
     y = X @ np.ones(10) + 3 * rng.randn(200)
     model = HyperL2Regressor(random_state=0).fit(X, y)
-    assert model.adaptive_params_ is None
-    ref = HyperL2Regressor(random_state=0, adaptive=False).fit(X, y)
-    np.testing.assert_allclose(model.alphas_, ref.alphas_, rtol=1e-10)
+    assert model.adaptive_params_ is None and model.adaptive_pilot_ is None
+    np.testing.assert_allclose(model.alphas_, model.shared_alpha_, rtol=1e-12)
+    # adaptive=False still runs the free stage around the shared penalty
+    free = HyperL2Regressor(random_state=0, adaptive=False).fit(X, y)
+    assert np.ptp(np.log(free.alphas_)) > 0
+
+
+def test_dense_truth_with_p_near_n_stays_level_with_ridge_cv():
+    # the overfitting guard where free corrections would fit the folds' noise:
+    # 300 relevant features, 200 samples (free corrections around the shared
+    # penalty with tau = 8 scored .20 against RidgeCV's .67)
+    rng = np.random.RandomState(0)
+    n, p = 200, 300
+    w = rng.uniform(1, 2, p) * rng.choice([-1, 1], p)
+    X = rng.randn(n + 1000, p)
+    X[:, 1::2] += 0.5 * X[:, ::2]
+    y = X @ w + 2.0 * rng.randn(n + 1000)
+    model = HyperL2Regressor(random_state=0).fit(X[:n], y[:n])
+    ours = model.score(X[n:], y[n:])
+    ridge = RidgeCV(alphas=np.logspace(-6, 6, 13)).fit(X[:n], y[:n]).score(X[n:], y[n:])
+    assert ours > ridge - 0.02
+    free = HyperL2Regressor(random_state=0, adaptive=False).fit(X[:n], y[:n])
+    assert free.score(X[n:], y[n:]) < ours - 0.1  # what the guard prevents
 
 
 @pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
