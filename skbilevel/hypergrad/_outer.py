@@ -226,7 +226,9 @@ class _QuasiNewtonStepper:
     gets a line search of two evaluations: such a step cannot reset the
     stall counter, and with an inexact hypergradient (an inner problem
     solved to tolerance) its direction may climb, where a full search only
-    bisects towards zero.
+    bisects towards zero. Below a tenth of it (with curvature pairs in
+    memory, so the prediction is a quasi-Newton one), the loop stops
+    ("tol"): the remaining iterations could only count as stalls.
     """
 
     def __init__(
@@ -307,9 +309,12 @@ class _QuasiNewtonStepper:
                 if not gtd < 0.0:
                     self.memory.reset()
                     d, gtd = -g, -(g_norm**2)
-            if self.memory and -0.5 * gtd <= 10.0 * torch.finfo(x.dtype).eps * abs(f):
+            if self.memory and -0.5 * gtd <= max(
+                10.0 * torch.finfo(x.dtype).eps, 0.1 * self.tol
+            ) * abs(f):
                 # the quasi-Newton step would gain less than the rounding of the
-                # objective: converged (a line search would only chase noise)
+                # objective, or a tenth of the stall threshold: converged (the
+                # following iterations could only count as stalls)
                 return "tol"
             t0 = 1.0 if self.memory else self.learning_rate / max(g_norm, 1e-300)
             # a step predicted to gain less than the stall threshold tol * |f| is
@@ -404,7 +409,9 @@ def minimize_outer(
     tol : float, default=1e-6
         Stop when the loss has not improved on the best loss by a relative
         ``tol`` for ``n_iter_no_change`` consecutive iterations; also the
-        hypergradient-norm threshold when ``grad_tol`` is None.
+        hypergradient-norm threshold when ``grad_tol`` is None. With
+        ``"lbfgs"``, also stop when the quasi-Newton model predicts a gain
+        below a tenth of ``tol * |loss|`` for the next step.
     grad_tol : float or None, default=None
         Stop when the hypergradient norm is ``<= grad_tol`` (``None``: use
         ``tol``). ``0.0`` stops only on an exactly zero hypergradient, for
