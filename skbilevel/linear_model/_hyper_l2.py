@@ -138,7 +138,7 @@ _ADAPTIVE_EPS = 1e-3
 #: upper bound of the adaptive model's exponent ``gamma`` (``alpha ~ w^(-2 gamma)``)
 _ADAPTIVE_MAX_GAMMA = 4.0
 #: exponents tried before the adaptive model's descent starts (0 is the shared penalty)
-_ADAPTIVE_GAMMA_SCAN = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
+_ADAPTIVE_GAMMA_SCAN = (0.25, 0.5, 1.0, 2.0, 4.0)
 #: prior_scale="auto" around the adaptive model: at most this many samples' worth of
 #: overfitting per free correction before the prior tightens (tau is scaled by
 #: sqrt(n / (_SAMPLES_PER_CORRECTION * n_groups)) when that is below 1)
