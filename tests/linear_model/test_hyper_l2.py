@@ -398,8 +398,8 @@ def test_adaptive_scan_values_match_the_hypergradient_path(Est, monkeypatch):
 
     monkeypatch.setattr(_hyper_l2._FoldObjective, "value", record)
     model = Est(random_state=0, max_iter=5).fit(X, y)
-    # the regressor scans a ridge and a lasso-like pilot, the classifier a ridge one
-    assert len(seen) == len(model._pilot_reweights)
+    # n > p: the ridge pilot only (the regressor adds a sparse one when p > n)
+    assert len(seen) == 1
     for scan in seen.values():
         for fast, full in scan:
             assert fast == pytest.approx(full, rel=1e-5 if Est is HyperL2Classifier else 1e-12)
@@ -410,6 +410,11 @@ def test_adaptive_scan_values_match_the_hypergradient_path(Est, monkeypatch):
         assert not any(r1 and r2 for r1, r2 in zip(rises[:-1], rises[1:-1]))
         if len(scan) < len(_hyper_l2._ADAPTIVE_GAMMA_SCAN):
             assert len(scan) >= 2 and rises[-1]
+
+
+class RidgeFoldsStub:
+    def __init__(self, method):
+        self.method = method
 
 
 def test_regressor_sparse_pilot_is_chosen_on_a_sparse_wide_problem():
@@ -423,6 +428,9 @@ def test_regressor_sparse_pilot_is_chosen_on_a_sparse_wide_problem():
     y = X @ w + 0.5 * rng.randn(n + 1000)
     model = HyperL2Regressor(random_state=0).fit(X[:n], y[:n])
     assert model.adaptive_pilot_ == "lasso"
+    # ... which is only tried when the folds have more features than rows
+    assert set(model._candidate_pilots(RidgeFoldsStub("dual"))) == {"ridge", "lasso"}
+    assert set(model._candidate_pilots(RidgeFoldsStub("primal"))) == {"ridge"}
     ridge_only = HyperL2Regressor(random_state=0)
     ridge_only._pilot_reweights = {"ridge": 0}
     ridge_only.fit(X[:n], y[:n])
