@@ -1310,6 +1310,7 @@ def minimize_log_alpha(
     max_iter=100,
     step=1.0,
     bounds=(-120.0, 120.0),
+    expand=False,
 ):
     """Minimize k independent 1-D objectives of log-alpha with exact derivatives.
 
@@ -1361,6 +1362,14 @@ def minimize_log_alpha(
         First bracketing step from ``x0``.
     bounds : tuple of float
         Limits on log-alpha.
+    expand : bool, default=False
+        With a grid: when the best grid point is an end of the grid and the
+        slope points outwards, search beyond it (steps of the grid spacing,
+        doubled until the objective rises, stops falling by more than a
+        relative ``1e-8`` (an asymptote) or the slope flips, within
+        ``bounds``; at most 60 such evaluations, not counted in
+        ``max_iter``). By default the grid is the domain, as for a grid
+        search.
 
     Returns
     -------
@@ -1421,20 +1430,20 @@ def minimize_log_alpha(
                 if min(b.xb, b.e) < v < max(b.xb, b.e):  # the vertex is a nearer far end
                     b.e, b.fe, b.ge = v, f1[j], g1[j]
                 brackets[j] = b
+        if expand:
+            spacing = float(grid[1] - grid[0]) if len(grid) > 1 else step
+            for b in brackets:
+                # the best point at an end of the grid, sloping outwards
+                if not _finite(b.e) and b.gb != 0 and _finite(b.gb):
+                    b.expanding, b.h = True, spacing
+            n_expand += _expand(brackets, evaluate, lo_b, hi_b, 60)
     else:
         if x0 is None:
             raise ValueError("Pass either grid and values, or x0.")
         x_init = np.atleast_1d(np.asarray(x0, dtype=float))
         f0, g0 = evaluate(x_init)
         brackets = [_Bracket.from_point(x, f, g, step) for x, f, g in zip(x_init.tolist(), f0, g0)]
-        n_expand = 1
-        # expand downhill until the objective rises or the slope flips
-        while any(b.expanding for b in brackets) and n_expand < max_iter:
-            xt = [b.expansion_trial(lo_b, hi_b) for b in brackets]
-            ft, gt = evaluate(xt)
-            n_expand += 1
-            for b, x, f, g in zip(brackets, xt, ft, gt):
-                b.expansion_update(x, f, g, lo_b, hi_b)
+        n_expand = 1 + _expand(brackets, evaluate, lo_b, hi_b, max_iter - 1)
     for b in brackets:
         b.start()
     history = [float(np.mean([b.fb for b in brackets]))]
@@ -1461,6 +1470,19 @@ def minimize_log_alpha(
         grid=grid,
         grid_values=V,
     )
+
+
+def _expand(brackets, evaluate, lo, hi, max_evals):
+    """Step the expanding brackets downhill until the objective rises or the
+    slope flips (or ``max_evals`` evaluations); returns the evaluations spent."""
+    n = 0
+    while any(b.expanding for b in brackets) and n < max_evals:
+        xt = [b.expansion_trial(lo, hi) for b in brackets]
+        ft, gt = evaluate(xt)
+        n += 1
+        for b, x, f, g in zip(brackets, xt, ft, gt):
+            b.expansion_update(x, f, g, lo, hi)
+    return n
 
 
 def _finite(z):
@@ -1549,7 +1571,9 @@ class _Bracket:
     def expansion_update(self, x, f, g, lo, hi):
         if not self.expanding:
             return
-        if not f < self.fb:  # rose (or not finite): the bracket is (xb, x)
+        # rose, flat to 1e-8 (an asymptote, e.g. least squares as alpha -> 0), or
+        # not finite: the bracket is (xb, x)
+        if not f < self.fb - 1e-8 * abs(self.fb):
             self.e, self.fe, self.ge = x, f, g
             self.expanding = False
             return

@@ -575,12 +575,20 @@ class _HyperL2Base(BaseEstimator):
             if kind == "scalar":
                 stage1 = minimize_log_alpha(vg_np, x0=init, tol=tol, max_iter=max_iter)
             else:
+                # the grid is relative to the mean feature scale: with features of
+                # very different scales the best penalty can lie beyond it (up to
+                # ten more decades: far enough for least squares, near enough for
+                # the solves to stay finite in float32)
+                grid = self._grid(scale)
+                beyond = 10.0 * math.log(10.0)
                 stage1 = minimize_log_alpha(
                     vg_np,
                     values=lambda g: objective.curve(g)[:, None],
-                    grid=self._grid(scale),
+                    grid=grid,
                     tol=tol,
                     max_iter=max_iter,
+                    bounds=(grid[0] - beyond, grid[-1] + beyond),
+                    expand=True,
                 )
             shared = center = float(stage1.x[0])
             base = shared_loss = float(stage1.fun[0])

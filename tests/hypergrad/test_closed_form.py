@@ -387,3 +387,21 @@ def test_ridge_coef_numpy_and_autograd_paths_agree():
         c2, b2 = ridge_coef(d, la.clone().requires_grad_(True))
         torch.testing.assert_close(c2.detach(), c1, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(b2.detach(), b1, rtol=1e-12, atol=1e-14)
+
+
+def test_minimize_log_alpha_expands_beyond_the_grid_on_request():
+    # the minimum at x = -9 lies below a grid over [-5, 5]: by default the grid is
+    # the domain (its lower end, as a grid search); expand=True follows the slope
+    def f(x):
+        return np.log1p((x + 9.0) ** 2), 2 * (x + 9.0) / (1 + (x + 9.0) ** 2)
+
+    grid = np.linspace(-5.0, 5.0, 11)
+    values = lambda z: f(z)[0][:, None]
+    res = minimize_log_alpha(f, values=values, grid=grid)
+    assert res.x[0] == -5.0
+    res = minimize_log_alpha(f, values=values, grid=grid, expand=True, tol=1e-8)
+    assert abs(res.x[0] + 9.0) < 1e-6
+    assert res.n_evaluations < 20
+    # within the bounds only
+    res = minimize_log_alpha(f, values=values, grid=grid, expand=True, bounds=(-7.0, 5.0))
+    assert res.x[0] == -7.0

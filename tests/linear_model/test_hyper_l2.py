@@ -477,3 +477,17 @@ def test_fold_objective_reuses_the_last_evaluation(monkeypatch):
     assert cached < len(calls)
     np.testing.assert_allclose(model.alphas_, ref.alphas_, rtol=1e-12)
     assert model.cv_loss_ == ref.cv_loss_
+
+
+def test_regressor_features_on_very_different_scales():
+    # unstandardized features (scales 1e-3 to 1e3), each contributing alike: the
+    # best shared penalty lies below the grid (which follows the mean scale), and
+    # the search goes past its end instead of stopping there (R2 .66 before)
+    rng = np.random.RandomState(0)
+    n, p = 200, 30
+    scales = np.logspace(-3, 3, p)
+    X = rng.randn(n + 1000, p) * scales
+    y = X @ (rng.randn(p) / scales) + 0.5 * rng.randn(n + 1000)
+    ours = HyperL2Regressor(random_state=0).fit(X[:n], y[:n]).score(X[n:], y[n:])
+    ridge = RidgeCV(alphas=np.logspace(-12, 12, 49)).fit(X[:n], y[:n]).score(X[n:], y[n:])
+    assert ridge > 0.98 and ours > ridge - 0.005
