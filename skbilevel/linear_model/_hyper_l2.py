@@ -498,8 +498,7 @@ class _HyperL2Base(BaseEstimator):
         :class:`OuterResult` and the chosen pilot's name, or ``(None, None,
         None)`` when no scanned ``gamma`` beats the shared penalty (loss
         ``base``) with any pilot: the data then do not ask for penalties
-        that follow a pilot, and the free stage starts from the shared
-        penalty, as with ``adaptive=False``.
+        that differ between features, and the shared penalty is the answer.
         """
         # the loss is not convex in gamma: start from the best of a scan (a is the
         # u-weighted mean log-penalty whatever gamma, so it stays at the centre);
