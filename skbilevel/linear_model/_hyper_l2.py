@@ -520,12 +520,21 @@ class _HyperL2Base(BaseEstimator):
             return None, None, None
         bases = candidates[pilot]
         like = bases[0]
-        staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k]))
-        psi = like.new_tensor([center, start]).requires_grad_(True)
+        # descend in (a, gamma * spread), with spread the standard deviation of
+        # the basis' second column over all folds (whatever the fold batches,
+        # so n_jobs does not change the iterates): a unit of gamma moves the
+        # log-penalties `spread` times more than a unit of a, and L-BFGS's first
+        # steps (before it has curvature pairs) treat both alike
+        # (evaluations: hetero 14 -> 12, wide 14 -> 12)
+        spread = float(torch.cat([b[..., 1].reshape(-1) for b in bases]).std())
+        spread = spread if spread > 0 and math.isfinite(spread) else 1.0
+        unit = like.new_tensor([1.0, 1.0 / spread])
+        staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k] * unit))
+        psi = like.new_tensor([center, start * spread]).requires_grad_(True)
         lo = like.new_tensor([center - _LOG_ALPHA_BOX, 0.0])
-        hi = like.new_tensor([center + _LOG_ALPHA_BOX, _ADAPTIVE_MAX_GAMMA])
+        hi = like.new_tensor([center + _LOG_ALPHA_BOX, _ADAPTIVE_MAX_GAMMA * spread])
         res = self._outer_stage(staged, psi, base, 0.0, 0.0, lo, hi)
-        return psi.detach(), res, pilot
+        return psi.detach() * unit, res, pilot
 
     def _run_outer(self, objective, n_groups, n_samples, scale, groups, dtype, device):
         """The stages; returns phi (tensor), shared log-alpha, prior centre, history,
