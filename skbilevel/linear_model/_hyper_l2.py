@@ -429,16 +429,21 @@ class _HyperL2Base(BaseEstimator):
         The pilot is the fit at the shared log-penalty, then ``reweights``
         times the adaptive-ridge fit at ``gamma = 1/2`` around it (each
         from the last one's basis): iterated, that is the lasso's fixed
-        point (Grandvalet 1998), a sparse pilot.
+        point (Grandvalet 1998), a sparse pilot. ``reweights`` may also be
+        a tuple of counts: the bases along one chain of reweightings, one
+        per count.
         """
+        counts = reweights if isinstance(reweights, tuple) else (reweights,)
         n_groups = int(groups.max()) + 1
         coef = self._pilot(problem, problem.X.new_full((n_groups,), shared))
         basis = adaptive_penalty_basis(coef, groups, eps=_ADAPTIVE_EPS)
         half = problem.X.new_tensor([shared, 0.5])
-        for _ in range(reweights):
+        out = {0: basis}
+        for step in range(1, max(counts) + 1):
             coef = self._pilot(problem.reparametrized(basis=basis), half)
-            basis = adaptive_penalty_basis(coef, groups, eps=_ADAPTIVE_EPS)
-        return basis
+            basis = out[step] = adaptive_penalty_basis(coef, groups, eps=_ADAPTIVE_EPS)
+        bases = tuple(out[c] for c in counts)
+        return bases if isinstance(reweights, tuple) else bases[0]
 
     def _outer_stage(self, objective, phi, base, center, prior_weight, lo, hi):
         """One L-BFGS (or Adam) descent of the outer objective from ``phi`` (in
@@ -629,9 +634,14 @@ class _HyperL2Base(BaseEstimator):
             bases = [self._adaptive_basis(b, shared, gt, reweights) for b in objective.batches]
             adaptive = torch.as_tensor(previous, dtype=dtype, device=device)
         elif use_adaptive and self.max_iter > 0 and kind != "array":
+            pilots = self._candidate_pilots(objective.batches[0])
+            # one chain of reweightings per fold batch serves every pilot
+            chains = [
+                self._adaptive_basis(b, shared, gt, tuple(pilots.values()))
+                for b in objective.batches
+            ]
             candidates = {
-                name: [self._adaptive_basis(b, shared, gt, r) for b in objective.batches]
-                for name, r in self._candidate_pilots(objective.batches[0]).items()
+                name: [chain[i] for chain in chains] for i, name in enumerate(pilots)
             }
             adaptive, res, pilot = self._adaptive_stage(objective, candidates, center, base)
             bases = candidates.get(pilot)
