@@ -397,7 +397,7 @@ def test_adaptive_scan_values_match_the_hypergradient_path(Est, monkeypatch):
         return out
 
     monkeypatch.setattr(_hyper_l2._FoldObjective, "value", record)
-    model = Est(random_state=0, max_iter=5).fit(X, y)
+    Est(random_state=0, max_iter=5).fit(X, y)
     # n > p: the ridge pilot only (the regressor adds a sparse one when p > n)
     assert len(seen) == 1
     for scan in seen.values():
