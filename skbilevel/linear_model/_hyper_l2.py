@@ -422,18 +422,16 @@ class _HyperL2Base(BaseEstimator):
         :func:`adaptive_penalty_basis`."""
         raise NotImplementedError
 
-    def _adaptive_basis(self, problem, shared, groups, reweights=0):
-        """:func:`adaptive_penalty_basis` of ``problem``'s pilot:
-        ``(n_folds, n_features, 2)``.
+    def _adaptive_bases(self, problem, shared, groups, counts):
+        """:func:`adaptive_penalty_basis` of ``problem``'s pilots, one
+        ``(n_folds, n_features, 2)`` basis per entry of ``counts``.
 
-        The pilot is the fit at the shared log-penalty, then ``reweights``
-        times the adaptive-ridge fit at ``gamma = 1/2`` around it (each
-        from the last one's basis): iterated, that is the lasso's fixed
-        point (Grandvalet 1998), a sparse pilot. ``reweights`` may also be
-        a tuple of counts: the bases along one chain of reweightings, one
-        per count.
+        The pilot is the fit at the shared log-penalty, then ``count`` times
+        the adaptive-ridge fit at ``gamma = 1/2`` around it (each from the
+        last one's basis): iterated, that is the lasso's fixed point
+        (Grandvalet 1998), a sparse pilot. All counts come from one chain of
+        reweightings.
         """
-        counts = reweights if isinstance(reweights, tuple) else (reweights,)
         n_groups = int(groups.max()) + 1
         coef = self._pilot(problem, problem.X.new_full((n_groups,), shared))
         basis = adaptive_penalty_basis(coef, groups, eps=_ADAPTIVE_EPS)
@@ -442,8 +440,19 @@ class _HyperL2Base(BaseEstimator):
         for step in range(1, max(counts) + 1):
             coef = self._pilot(problem.reparametrized(basis=basis), half)
             basis = out[step] = adaptive_penalty_basis(coef, groups, eps=_ADAPTIVE_EPS)
-        bases = tuple(out[c] for c in counts)
-        return bases if isinstance(reweights, tuple) else bases[0]
+        return tuple(out[c] for c in counts)
+
+    def _final_problem(self, full, shared, groups, dtype, device):
+        """The all-data problem ``full`` in the fitted parametrization: around
+        the adaptive model (its pilot refitted on all the data) when there is
+        one, else as is."""
+        if self.adaptive_params_ is None:
+            return full
+        params = torch.as_tensor(self.adaptive_params_, dtype=dtype, device=device)
+        (basis,) = self._adaptive_bases(
+            full, shared, groups, (self._pilot_reweights.get(self.adaptive_pilot_, 0),)
+        )
+        return full.reparametrized(groups=groups, log_offset=basis[0] @ params)
 
     def _outer_stage(self, objective, phi, base, center, prior_weight, lo, hi):
         """One L-BFGS (or Adam) descent of the outer objective from ``phi`` (in
@@ -631,13 +640,15 @@ class _HyperL2Base(BaseEstimator):
         adaptive = bases = None
         if use_adaptive and self.max_iter > 0 and warm:
             reweights = self._pilot_reweights.get(pilot, 0)
-            bases = [self._adaptive_basis(b, shared, gt, reweights) for b in objective.batches]
+            bases = [
+                self._adaptive_bases(b, shared, gt, (reweights,))[0] for b in objective.batches
+            ]
             adaptive = torch.as_tensor(previous, dtype=dtype, device=device)
         elif use_adaptive and self.max_iter > 0 and kind != "array":
             pilots = self._candidate_pilots(objective.batches[0])
             # one chain of reweightings per fold batch serves every pilot
             chains = [
-                self._adaptive_basis(b, shared, gt, tuple(pilots.values()))
+                self._adaptive_bases(b, shared, gt, tuple(pilots.values()))
                 for b in objective.batches
             ]
             candidates = {
@@ -1063,16 +1074,13 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
                 objective, n_groups, n, scale, groups, dtype, device
             )
-            full = RidgeFolds(Xt, yt, swt, groups=gt, fit_intercept=self.fit_intercept)
-            if self.adaptive_params_ is not None:
-                params = torch.as_tensor(self.adaptive_params_, dtype=dtype, device=device)
-                full = full.reparametrized(
-                    groups=gt,
-                    log_offset=self._adaptive_basis(
-                        full, shared, gt, self._pilot_reweights[self.adaptive_pilot_]
-                    )[0]
-                    @ params,
-                )
+            full = self._final_problem(
+                RidgeFolds(Xt, yt, swt, groups=gt, fit_intercept=self.fit_intercept),
+                shared,
+                gt,
+                dtype,
+                device,
+            )
             with torch.no_grad():
                 alphas = full._alpha(phi)
                 coef = full.coef(alphas)
@@ -1407,18 +1415,15 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
                 objective, n_groups, n, scale, groups, dtype, device
             )
-            full = LogisticFolds(
-                Xt, yt, n_classes, swt, groups=gt, fit_intercept=self.fit_intercept
+            full = self._final_problem(
+                LogisticFolds(
+                    Xt, yt, n_classes, swt, groups=gt, fit_intercept=self.fit_intercept
+                ),
+                shared,
+                gt,
+                dtype,
+                device,
             )
-            if self.adaptive_params_ is not None:
-                params = torch.as_tensor(self.adaptive_params_, dtype=dtype, device=device)
-                full = full.reparametrized(
-                    groups=gt,
-                    log_offset=self._adaptive_basis(
-                        full, shared, gt, self._pilot_reweights[self.adaptive_pilot_]
-                    )[0]
-                    @ params,
-                )
             batches = objective.batches
             init = None
             if all(b.theta_ is not None for b in batches):
