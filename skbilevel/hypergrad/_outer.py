@@ -258,6 +258,10 @@ class _QuasiNewtonStepper:
     def _flat(self):
         return tree_to_vector([leaf.detach() for leaf in self.leaves])
 
+    def _project(self, x):
+        """``x`` (flat) clamped into the box."""
+        return torch.maximum(torch.minimum(x, self.upper), self.lower)
+
     def _assign(self, x):
         with torch.no_grad():
             for leaf, value in zip(self.leaves, vector_to_tree(x, self.leaves)):
@@ -268,7 +272,7 @@ class _QuasiNewtonStepper:
         on the box; the slope of a coordinate cut by the box is zero)."""
         outside = None
         if self.lower is not None:
-            projected = torch.maximum(torch.minimum(x, self.upper), self.lower)
+            projected = self._project(x)
             outside = projected != x
             x = projected
         self._assign(x)
@@ -329,17 +333,14 @@ class _QuasiNewtonStepper:
                 self._assign(x)
                 return "line_search"
             self.memory.reset()  # retry along steepest descent
-        x_new = x + t * d
-        if self.lower is not None:
-            x_new = torch.maximum(torch.minimum(x_new, self.upper), self.lower)
+        x_new = x + t * d if self.lower is None else self._project(x + t * d)
         seen = self._seen if torch.equal(self._seen["x"], x_new) else None
         if seen is not None:
             g_new = seen["g"]  # the full gradient (the line search's is cut by the box)
+        y = g_new - self.g
         if free is not None:
-            # the pair on the free variables (the fixed ones did not move)
-            self.memory.update(x_new - x, (g_new - self.g) * free)
-        else:
-            self.memory.update(x_new - x, g_new - g)
+            y = y * free  # the pair on the free variables (the fixed ones did not move)
+        self.memory.update(x_new - x, y)
         self._assign(x_new)
         self.cached = (self._flat(), f_new, g_new, None if seen is None else seen["info"])
         return True
