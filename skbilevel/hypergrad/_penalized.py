@@ -1298,7 +1298,7 @@ class LogisticFolds(_PenaltyModel):
             rc = r["coef"][:, :, 0].T  # (K, p)
             if self.fit_intercept:
                 rc = torch.cat([rc, r["intercept"]], dim=1)
-            z = torch.cholesky_solve(rc[..., None], L)[..., 0]
+            z = _cho_solve(L, rc)
             out = {"coef": z[:, :p].T[..., None]}
             if self.fit_intercept:
                 out["intercept"] = z[:, p:]
