@@ -715,8 +715,13 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             return d + a
 
     def intercepts(self, theta):
-        """Intercept of every fold, ``y_offset - X_offset @ w``: shape ``(n_folds,)``."""
-        return self.y_offset - (self.X_offset * theta).sum(-1)
+        """Intercept of every fold, ``y_offset - X_offset @ w``: shape ``(n_folds,)``
+        (``(n_folds, S)`` for ``S`` coefficient vectors per fold, ``theta`` of
+        shape ``(n_folds, S, n_features)``)."""
+        X_offset, y_offset = self.X_offset, self.y_offset
+        if theta.ndim == 3:
+            X_offset, y_offset = X_offset[:, None], y_offset[:, None]
+        return y_offset - (X_offset * theta).sum(-1)
 
     def predict(self, theta, X):
         """Predictions of every fold's model on ``X``: shape ``(n_folds, len(X))``."""
@@ -726,6 +731,8 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         """Sum over folds of the ``val_weights``-weighted mean squared error.
 
         Only each fold's validation rows are predicted (gathered once).
+        ``theta`` of shape ``(n_folds, S, n_features)`` (``S`` coefficient
+        vectors per fold) gives the ``S`` losses.
         """
         if self.val_weights is None:
             raise ValueError("validation_loss needs val_weights.")
@@ -734,33 +741,60 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         # one matrix-vector product per fold: several times faster than a batched
         # product over zero-padded rows, backward pass included
         for k, (Xv, yv, wv) in enumerate(self._val_rows):
-            resid = yv - Xv @ theta[k] - b[k]
-            out = out + (wv * resid * resid).sum()
+            pred = Xv @ theta[k] if theta.ndim == 2 else theta[k] @ Xv.T
+            resid = yv - pred - b[k][..., None]
+            out = out + (wv * resid * resid).sum(-1)
         return out
 
-    def validation_curve(self, log_alphas):
+    def validation_curve(self, log_alphas, phi=None):
         """Summed validation loss at many shared log-penalties (no autograd).
 
         Every feature gets the penalty ``exp(log_alpha)`` (whatever the
-        penalty model); returns a tensor of shape ``(len(log_alphas),)``.
-        In the dual form each fold's ``Xs Xs^T`` is diagonalized once, so a
-        penalty costs matrix-vector products instead of a factorization
-        (``w = Xs^T U diag(1 / (lambda + alpha)) U^T ys``); in the primal
-        form a ``p x p`` eigendecomposition costs more than the Cholesky
-        factorizations of a scan, which are used instead.
+        penalty model); with ``phi``, the model's penalties at ``phi`` are
+        scaled by it instead (``log_alpha`` shifts every log-penalty, a curve
+        along the model's level). Returns a tensor of shape
+        ``(len(log_alphas),)``. In the dual form each fold's ``Xs Xs^T`` (of
+        the rows scaled by ``alpha^(-1/2)`` with ``phi``) is diagonalized
+        once, so a penalty costs matrix-vector products instead of a
+        factorization (``w = Xs^T U diag(1 / (lambda + alpha)) U^T ys``); in
+        the primal form a ``p x p`` eigendecomposition costs more than the
+        Cholesky factorizations of a scan, which are used instead.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skbilevel.hypergrad import RidgeFolds
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(30, 50, generator=g, dtype=torch.float64)
+        >>> y = X[:, 0] + 0.1 * torch.randn(30, generator=g, dtype=torch.float64)
+        >>> train = torch.ones(2, 30, dtype=torch.float64)
+        >>> train[0, :15] = 0
+        >>> train[1, 15:] = 0
+        >>> folds = RidgeFolds(X, y, train, val_weights=1 - train)  # 50 > 15: dual form
+        >>> phi = torch.linspace(-2.0, 2.0, 50, dtype=torch.float64)
+        >>> curve = folds.validation_curve([-1.0, 1.0], phi=phi)
+        >>> shifted = folds.validation_loss(folds.closed_form(phi + 1.0))
+        >>> bool(torch.isclose(curve[1], shifted))
+        True
         """
         log_alphas = torch.as_tensor(log_alphas, dtype=self.X.dtype).reshape(-1)
         out = []
         with torch.no_grad():
+            p = self.X.shape[1]
+            base = (
+                self.X.new_ones(self.n_folds, p)
+                if phi is None
+                else self._alpha(phi.detach()).expand(self.n_folds, -1)
+            )
             if self.method == "dual":
-                lam, U = torch.linalg.eigh(self.Xs @ self.Xs.mT)  # (K, m), (K, m, m)
-                c = _bmv(U.mT, self.ys)
+                # every penalty at once: coefficients (K, S, p)
+                root = base.rsqrt()[:, None, :]  # (K, 1, p)
+                Xs = self.Xs * root
+                lam, U = torch.linalg.eigh(Xs @ Xs.mT)  # (K, m), (K, m, m)
+                d = _bmv(U.mT, self.ys)[..., None] / (lam[..., None] + log_alphas.exp())
+                return self.validation_loss((Xs.mT @ (U @ d)).mT * root)
             for la in log_alphas.tolist():
-                if self.method == "dual":
-                    coef = _bmv(self.Xs.mT, _bmv(U, c / (lam + math.exp(la))))
-                else:
-                    coef = self.coef(self.X.new_full((self.X.shape[1],), math.exp(la)))
-                out.append(self.validation_loss(coef))
+                out.append(self.validation_loss(self.coef(base * math.exp(la))))
         return torch.stack(out)
 
     def value_and_grad(self, phi, hypergradient="closed_form", init=None):

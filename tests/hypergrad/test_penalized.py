@@ -12,6 +12,7 @@ from skbilevel.hypergrad import (
     NewtonCG,
     RidgeFolds,
     RidgeLOO,
+    adaptive_penalty_basis,
     attach_gradient,
     penalty_per_feature,
 )
@@ -505,6 +506,24 @@ def test_ridge_folds_validation_curve_matches_the_solves(method):
     grid = [-6.0, -1.0, 0.5, 4.0]
     curve = folds.validation_curve(grid)
     ref = [folds.validation_loss(folds.coef(X.new_full((45,), math.exp(la)))) for la in grid]
+    torch.testing.assert_close(curve, torch.stack(ref), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_ridge_folds_validation_curve_along_a_penalty_model(method):
+    # with phi, the curve shifts the model's log-penalties (here an adaptive
+    # basis, one per fold): the values of the solves at the shifted point
+    folds = _three_ridge_folds(45, 3, method)
+    g = torch.Generator().manual_seed(3)
+    basis = adaptive_penalty_basis(torch.randn(3, 45, generator=g, dtype=torch.float64))
+    model = folds.reparametrized(basis=basis)
+    phi = torch.tensor([0.3, 1.5], dtype=torch.float64)
+    shifts = [-4.0, 0.0, 2.5]
+    curve = model.validation_curve(shifts, phi=phi)
+    ref = [
+        model.validation_loss(model.closed_form(phi + torch.tensor([s, 0.0], dtype=phi.dtype)))
+        for s in shifts
+    ]
     torch.testing.assert_close(curve, torch.stack(ref), rtol=1e-9, atol=0)
 
 
