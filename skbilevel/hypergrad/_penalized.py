@@ -34,7 +34,7 @@ import math
 import torch
 
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
-from ._closed_form import ClosedForm
+from ._closed_form import ClosedForm, _gram
 from ._solvers import LBFGS, _FixedPhi
 from ._tree import tree_detach
 
@@ -339,20 +339,18 @@ def _fold_grams(X, y, T, X_offset, y_offset, center=True):
     X0, y0 = X - cx, y - cy
     dx, dy = X_offset - cx, y_offset - cy  # fold means - common centre (0 if not center)
     if bool(((T == 0) | (T == w)).all()) and K > 2:
-        Xw = X0 * w[:, None]
-        gram_w, rhs_w = Xw.T @ X0, Xw.T @ y0
+        root = w.sqrt()
+        gram_w, rhs_w = _gram(X0 * root[:, None]), (X0 * w[:, None]).T @ y0
         grams, rhs = [], []
         for k in range(K):
             rows = torch.nonzero((T[k] == 0) & (w > 0)).reshape(-1)
             Xo = X0[rows]
-            Xow = Xo * w[rows, None]
-            grams.append(gram_w - Xow.T @ Xo)
-            rhs.append(rhs_w - Xow.T @ y0[rows])
+            grams.append(gram_w - _gram(Xo * root[rows, None]))
+            rhs.append(rhs_w - (Xo * w[rows, None]).T @ y0[rows])
         gram, rhs = torch.stack(grams), torch.stack(rhs)
     else:
-        XT = X0[None] * T[..., None]  # (K, n, p)
-        gram = XT.mT @ X0
-        rhs = (XT.mT @ y0[:, None])[..., 0]
+        gram = _gram(X0[None] * T.sqrt()[..., None])  # (K, p, p)
+        rhs = ((X0[None] * T[..., None]).mT @ y0[:, None])[..., 0]
     # remove the fold means: sum_i t_ki (x_i - c)(x_i - c)^T - t_k (mu_k - c)(mu_k - c)^T
     gram = gram - t_sum[:, None, None] * dx[:, :, None] * dx[:, None, :]
     rhs = rhs - t_sum[:, None] * dx * dy[:, None]
@@ -1320,7 +1318,7 @@ class LogisticFolds(_PenaltyModel):
                     [self.X, self.X.new_ones(self.X.shape[0], 1)], dim=1
                 )
             Xa = self._X_aug
-            H = (Xa.T[None] * w[:, None, :]) @ Xa  # (K, q, q)
+            H = _gram(Xa[None] * w.sqrt()[..., None])  # (K, q, q)
             a = self._penalty(phi.detach()).T  # (K, p)
             idx = torch.arange(p, device=self.X.device)
             H[:, idx, idx] += a
