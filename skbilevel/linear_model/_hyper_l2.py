@@ -852,9 +852,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         ``"dense"`` (or any implicit strategy instance) use the implicit
         function theorem at that solution. ``"cg"`` is preconditioned by the
         exact inverse Hessian of the folds and solved to a relative residual
-        of ``1e-6``: with penalties spanning 18 decades, rounding alone left
-        ``2e-9`` to ``5e-8`` (an outer step needs a direction, not ten
-        digits). ``cv="loo"`` needs ``"closed_form"``.
+        of ``1e-8`` (where rounding leaves more, in the energy norm: see
+        :func:`skbilevel.hypergrad.solve_cg`). ``cv="loo"`` needs
+        ``"closed_form"``.
     max_iter : int, default=100
         Maximum number of outer (hypergradient) iterations of each of the
         adaptive and per-feature stages; also caps the refinements of the
@@ -1075,7 +1075,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         if loo and self.validation_fraction is not None:
             raise ValueError("cv='loo' and validation_fraction cannot both be set.")
         if isinstance(self.hypergradient, str) and self.hypergradient == "cg":
-            strategy = get_strategy("cg", tol=1e-6)
+            strategy = get_strategy("cg", tol=1e-8)
         else:
             strategy = get_strategy(self.hypergradient)
         # the closed form is exact: skip the health record's inner gradient in the
