@@ -1007,7 +1007,7 @@ class RidgeSolver(ClosedFormSolver):
                 "X_offset": X_offset,
                 "y_offset": y_offset,
                 "primal": p <= n,
-                "C": Xs.T @ Xs if p <= n else None,
+                "C": _gram(Xs) if p <= n else None,
                 "Xty": Xs.T @ ys,
             }
         c = self._cov

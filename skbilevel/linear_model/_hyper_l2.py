@@ -1455,16 +1455,18 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                 )
                 for idx in self._batches(len(splits))
             ]
-            # a strategy per fold batch (and penalty model): CG warm starts must not mix
-            strategies = {}
+            # one strategy per fold batch, whatever its penalty model (the stages
+            # reparametrize copies that share its training weights): its CG warm
+            # start follows that batch through the fit and never mixes batches.
+            # (Keyed by the id of the batch object itself, a copy could reuse a
+            # dead copy's id, and fits differed from run to run by 4e-5.)
+            strategies = {id(b.train_weights): self._strategy() for b in batches}
             objective = _FoldObjective(
                 batches,
                 len(splits),
                 self.n_jobs,
                 lambda b, phi: b.value_and_grad(
-                    phi,
-                    hypergradient=strategies.setdefault(id(b), self._strategy()),
-                    solver=solver,
+                    phi, hypergradient=strategies[id(b.train_weights)], solver=solver
                 )[:3],
                 lambda b, g: b.validation_curve(g, solver=solver),
                 lambda b, phi: b.validation_loss(b.solve(phi, solver)[0]),
