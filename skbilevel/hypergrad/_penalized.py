@@ -385,11 +385,12 @@ def _primal_factor(gram, alpha):
 def _dual_factor(Xs, alpha):
     """``Xs A^{-1}`` and the Cholesky factor of ``I + Xs A^{-1} Xs^T`` (``A =
     diag(alpha_k)``) of every fold: ``(XA, L, info)``."""
-    XA = Xs / alpha[:, None, :]
-    M = XA @ Xs.mT
+    root = alpha.rsqrt()[:, None, :]
+    scaled = Xs * root
+    M = _gram(scaled.mT)  # Xs A^-1 Xs^T, by a symmetric product
     M.diagonal(dim1=-2, dim2=-1).add_(1.0)
     L, info = torch.linalg.cholesky_ex(M)
-    return XA, L, info
+    return scaled * root, L, info
 
 
 def _dual_inverse(L, XA, Xs, alpha, r):
@@ -788,7 +789,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
                 # every penalty at once: coefficients (K, S, p)
                 root = base.rsqrt()[:, None, :]  # (K, 1, p)
                 Xs = self.Xs * root
-                lam, U = torch.linalg.eigh(Xs @ Xs.mT)  # (K, m), (K, m, m)
+                lam, U = torch.linalg.eigh(_gram(Xs.mT))  # (K, m), (K, m, m)
                 d = _bmv(U.mT, self.ys)[..., None] / (lam[..., None] + log_alphas.exp())
                 return self.validation_loss((Xs.mT @ (U @ d)).mT * root)
             for la in log_alphas.tolist():
@@ -896,7 +897,7 @@ class RidgeLOO:
             self.q_sq = X.new_zeros(n)
         self.Xs = (X - X_offset) * sqrt_s[:, None]
         self.ys = (y - y_offset) * sqrt_s
-        self.gram = self.Xs.T @ self.Xs if method == "primal" else None
+        self.gram = _gram(self.Xs) if method == "primal" else None
 
     def residuals(self, phi):
         """Leave-one-out residuals ``sqrt(s_i) (y_i - y_loo,i)``, differentiable."""
