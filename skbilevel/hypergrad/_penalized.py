@@ -266,6 +266,9 @@ class _PenaltyModel:
         return out
 
 
+#: LogisticFolds.hessian_preconditioner reuses its last weighted Gram matrix while the
+#: curvature weights have moved by at most this relative L1 distance (per fold)
+_GRAM_REFRESH = 0.1
 #: LogisticFolds.hessian_preconditioner: most features for which the exact
 #: per-fold Hessian (n (p + 1)^2 to form, (p + 1)^3 / 3 to factor per fold) is
 #: built as the preconditioner
@@ -1051,6 +1054,7 @@ class LogisticFolds(_PenaltyModel):
         self._X_aug = None  # [X, 1], built on the first hessian_preconditioner call
         self._curvature_at = None  # (theta leaves, versions, probabilities) of _curvature
         self._XT = None  # X.T contiguous, built on the first hvp call
+        self._gram_at = None  # (curvature weights, weighted Gram) of hessian_preconditioner
 
     @property
     def n_folds(self):
@@ -1270,8 +1274,8 @@ class LogisticFolds(_PenaltyModel):
         pen = 0.5 * (a[..., None] * W * W).sum()
         return (data + pen) / self._scale
 
-    def hessian_preconditioner(self, theta, phi):
-        """The exact inverse Hessian of a binary problem, per fold; ``None`` otherwise.
+    def hessian_preconditioner(self, theta, phi, exact=False):
+        """The inverse Hessian of a binary problem, per fold; ``None`` otherwise.
 
         With one logit the folds' Hessians are independent blocks of size
         ``p + 1`` (coefficients and intercept)::
@@ -1289,6 +1293,26 @@ class LogisticFolds(_PenaltyModel):
         classes (on digits it cut the CG iterations only from 34 to 25, not
         worth forming ``K n_classes`` blocks), and beyond
         ``_BLOCK_MAX_FEATURES`` features.
+
+        The weighted Gram matrix ``X^T diag(w_k) X`` is the expensive part;
+        unless ``exact``, the last one is reused while the weights ``w_k``
+        have moved by at most 10% (relative L1 distance, every fold) since it
+        was formed (the penalties are always current). Conjugate gradient
+        then takes a few more products, which are far cheaper: along the
+        Newton iterations and outer steps of a fit, most calls reuse it
+        (make_classification: fit 0.148 -> 0.121 s, the same log-loss to
+        1e-5).
+
+        Parameters
+        ----------
+        theta : dict
+            The point of the Hessian, shaped like :meth:`init_theta`.
+        phi : tensor
+            The outer variables (penalties).
+        exact : bool, default=False
+            Form the Gram matrix at ``theta`` whatever the last one (the
+            path predictor of :meth:`validation_curve` needs the exact
+            inverse).
 
         Returns
         -------
@@ -1319,7 +1343,16 @@ class LogisticFolds(_PenaltyModel):
                     [self.X, self.X.new_ones(self.X.shape[0], 1)], dim=1
                 )
             Xa = self._X_aug
-            H = _gram(Xa[None] * w.sqrt()[..., None])  # (K, q, q)
+            cached = self._gram_at
+            if (
+                exact
+                or cached is None
+                or cached[0].shape != w.shape
+                or float(((w - cached[0]).abs().sum(-1) / cached[0].sum(-1)).max())
+                > _GRAM_REFRESH
+            ):
+                cached = self._gram_at = (w, _gram(Xa[None] * w.sqrt()[..., None]))
+            H = cached[1].clone()  # (K, q, q)
             a = self._penalty(phi.detach()).T  # (K, p)
             idx = torch.arange(p, device=self.X.device)
             H[:, idx, idx] += a
@@ -1453,7 +1486,7 @@ class LogisticFolds(_PenaltyModel):
         (:meth:`hessian_preconditioner`, binary problems); otherwise
         ``theta`` itself.
         """
-        inverse = self.hessian_preconditioner(theta, phi)
+        inverse = self.hessian_preconditioner(theta, phi, exact=True)
         step = float((phi_next - phi).mean())
         if inverse is None or not (phi_next - phi == step).all():
             return theta

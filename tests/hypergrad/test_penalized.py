@@ -241,6 +241,33 @@ def test_logistic_validation_curve_warm_path():
     assert gap(predicted) < 0.05 * gap(theta0)
 
 
+def test_logistic_preconditioner_reuses_its_gram_while_the_weights_barely_move(monkeypatch):
+    from skbilevel.hypergrad import _penalized
+
+    X, y = _class_data(n=120, p=5)
+    T = _folds(len(y), k=3)
+    folds = LogisticFolds(
+        torch.tensor(X), torch.tensor(y), 2, torch.tensor(T), torch.tensor(1.0 - T)
+    )
+    phi = torch.zeros(5, dtype=DT)
+    theta, _ = folds.solve(phi, NewtonCG(tol=1e-10))
+    formed = []
+    gram = _penalized._gram
+    monkeypatch.setattr(_penalized, "_gram", lambda A: formed.append(1) or gram(A))
+    near = {k: v * 1.001 for k, v in theta.items()}  # weights move by far less than 10%
+    folds.hessian_preconditioner(theta, phi, exact=True)
+    reused = folds.hessian_preconditioner(near, phi)
+    exact = folds.hessian_preconditioner(near, phi, exact=True)
+    assert len(formed) == 2  # the near point reuses the Gram matrix; exact=True does not
+    folds.hessian_preconditioner(folds.init_theta(), phi)  # all weights 1/4: far
+    assert len(formed) == 3
+    # the reused inverse is close to the exact one, and exact is exact
+    r = folds.hvp(near, phi, {k: torch.ones_like(v) for k, v in near.items()})
+    for k, v in exact(r).items():
+        torch.testing.assert_close(v, torch.ones_like(v), rtol=1e-10, atol=1e-10)
+        assert float((reused(r)[k] - v).norm() / v.norm()) < 0.05
+
+
 def test_attach_gradient_and_penalty():
     phi = torch.zeros(3, dtype=DT, requires_grad=True)
     out = attach_gradient(
