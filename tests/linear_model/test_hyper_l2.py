@@ -328,7 +328,7 @@ def test_regressor_auto_prior_scale_depends_on_the_centre():
     auto = HyperL2Regressor(**kw).fit(X, y)
     assert auto.adaptive_params_ is not None
     np.testing.assert_allclose(
-        auto.alphas_, HyperL2Regressor(prior_scale=2.0, **kw).fit(X, y).alphas_
+        auto.alphas_, HyperL2Regressor(prior_scale=0.2, **kw).fit(X, y).alphas_
     )
     auto = HyperL2Regressor(adaptive=False, **kw).fit(X, y)
     np.testing.assert_allclose(
@@ -339,11 +339,11 @@ def test_regressor_auto_prior_scale_depends_on_the_centre():
     X, y = _hetero(n=150, p=40)
     auto = HyperL2Regressor(**kw).fit(X, y)
     assert auto.adaptive_params_ is not None
-    tight = HyperL2Regressor(prior_scale=2.0 * np.sqrt(150 / 400), **kw).fit(X, y)
+    tight = HyperL2Regressor(prior_scale=0.2 * np.sqrt(150 / 400), **kw).fit(X, y)
     np.testing.assert_allclose(auto.alphas_, tight.alphas_)
     yc = (y > np.median(y)).astype(int)
     clf = HyperL2Classifier(**kw).fit(X, yc)
-    ref = HyperL2Classifier(prior_scale=np.sqrt(150 / 400), **kw).fit(X, yc)
+    ref = HyperL2Classifier(prior_scale=0.2 * np.sqrt(150 / 400), **kw).fit(X, yc)
     np.testing.assert_allclose(clf.alphas_, ref.alphas_, rtol=1e-6)
 
 
