@@ -570,7 +570,7 @@ class _HyperL2Base(BaseEstimator):
             # 8 fold draws of `wide` and its descent ended at a CV loss 50% above
             # the sparse pilot's (test R^2 .929 against .94-.96). So each pilot is
             # rated on a grid of (a, gamma): a curve along a (one
-            # eigendecomposition per fold) at a few exponents. On 12 wide problems
+            # eigendecomposition per fold) at a few exponents. On 16 wide problems
             # its ranking of the pilots was that of their descents' final losses
             for gamma in _ADAPTIVE_GAMMA_GRID:
                 curve = staged.curve(
