@@ -34,7 +34,7 @@ import math
 import torch
 
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
-from ._closed_form import ClosedForm, _gram
+from ._closed_form import ClosedForm, _cholesky_ex, _gram
 from ._solvers import LBFGS, _FixedPhi
 from ._tree import tree_detach
 
@@ -382,7 +382,7 @@ def _primal_factor(gram, alpha):
     """Cholesky factor of every fold's ``G_k + diag(alpha_k)``: ``(L, info)``."""
     A = gram.clone()
     A.diagonal(dim1=-2, dim2=-1).add_(alpha)
-    return torch.linalg.cholesky_ex(A)
+    return _cholesky_ex(A)
 
 
 def _dual_factor(Xs, alpha):
@@ -392,7 +392,7 @@ def _dual_factor(Xs, alpha):
     scaled = Xs * root
     M = _gram(scaled.mT)  # Xs A^-1 Xs^T, by a symmetric product
     M.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    L, info = torch.linalg.cholesky_ex(M)
+    L, info = _cholesky_ex(M)
     return scaled * root, L, info
 
 
@@ -1356,7 +1356,7 @@ class LogisticFolds(_PenaltyModel):
             a = self._penalty(phi.detach()).T  # (K, p)
             idx = torch.arange(p, device=self.X.device)
             H[:, idx, idx] += a
-            L, info = torch.linalg.cholesky_ex(H / self._scale)
+            L, info = _cholesky_ex(H / self._scale)
             if bool((info != 0).any()):
                 return None
 

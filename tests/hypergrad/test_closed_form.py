@@ -405,3 +405,25 @@ def test_minimize_log_alpha_expands_beyond_the_grid_on_request():
     # within the bounds only
     res = minimize_log_alpha(f, values=values, grid=grid, expand=True, bounds=(-7.0, 5.0))
     assert res.x[0] == -7.0
+
+
+def test_numpy_gram_and_cholesky_match_torch():
+    from skbilevel.hypergrad._closed_form import _cholesky_ex, _gram
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 40, 6, generator=g, dtype=torch.float64)
+    G = _gram(A)
+    torch.testing.assert_close(G, A.mT @ A, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(G, G.mT, rtol=0, atol=0)  # symmetric by construction
+    L, info = _cholesky_ex(G)
+    ref, ref_info = torch.linalg.cholesky_ex(G)
+    torch.testing.assert_close(L, ref, rtol=1e-12, atol=1e-12)
+    assert info.shape == ref_info.shape and not bool(info.any())
+    # a matrix that is not positive definite: torch's info code, not an exception
+    bad = G.clone()
+    bad[1, 2, 2] = -1.0
+    _, info = _cholesky_ex(bad)
+    assert info.tolist()[0] == 0 and info.tolist()[1] > 0 and info.tolist()[2] == 0
+    # tensors that need autograd stay in torch
+    A.requires_grad_(True)
+    assert _gram(A).requires_grad
