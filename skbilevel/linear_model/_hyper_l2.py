@@ -156,9 +156,9 @@ _ADAPTIVE_MAX_GAMMA = 4.0
 #: exponents tried before the adaptive model's descent starts (0 is the shared penalty)
 _ADAPTIVE_GAMMA_SCAN = (0.25, 0.5, 1.0, 2.0, 4.0)
 #: the grid on which several pilots are compared: exponents, and shifts of the
-#: level a from the shared log-penalty
+#: level a from the shared log-penalty (inside the descent's box)
 _ADAPTIVE_GAMMA_GRID = (0.5, 2.0)
-_ADAPTIVE_LEVEL_SCAN = np.arange(-20.0, 4.5, 1.0)
+_ADAPTIVE_LEVEL_SCAN = np.arange(-_LOG_ALPHA_BOX, 4.5, 1.0)
 #: prior_scale="auto" around the adaptive model: at most this many samples' worth of
 #: overfitting per free correction before the prior tightens (tau is scaled by
 #: sqrt(n / (_SAMPLES_PER_CORRECTION * n_groups)) when that is below 1)
