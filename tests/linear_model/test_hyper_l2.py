@@ -461,6 +461,9 @@ def test_regressor_sparse_pilot_is_chosen_on_a_sparse_wide_problem():
         "lasso_low": (math.log(10.0) + _hyper_l2._LOG_ALPHA_FLOOR, 10),
     }
     assert set(model._candidate_pilots(RidgeFoldsStub("primal"), 1.0, 10.0)) == {"ridge"}
+    # a shared level at or below the floor's: the same sparse chain twice, run once
+    low = model._candidate_pilots(RidgeFoldsStub("dual"), -20.0, 10.0)
+    assert set(low) == {"ridge", "lasso_low"} and low["ridge"] == (-20.0, 0)
     ridge_only = HyperL2Regressor(random_state=0)
     ridge_only._pilots = {"ridge": ("shared", 0)}
     ridge_only.fit(X[:n], y[:n])
