@@ -342,18 +342,18 @@ def _fold_grams(X, y, T, X_offset, y_offset, center=True):
     X0, y0 = X - cx, y - cy
     dx, dy = X_offset - cx, y_offset - cy  # fold means - common centre (0 if not center)
     if bool(((T == 0) | (T == w)).all()) and K > 2:
-        root = w.sqrt()
-        gram_w, rhs_w = _gram(X0 * root[:, None]), (X0 * w[:, None]).T @ y0
+        root, wy = w.sqrt(), w * y0
+        gram_w, rhs_w = _gram(X0 * root[:, None]), X0.T @ wy
         grams, rhs = [], []
         for k in range(K):
             rows = torch.nonzero((T[k] == 0) & (w > 0)).reshape(-1)
             Xo = X0[rows]
             grams.append(gram_w - _gram(Xo * root[rows, None]))
-            rhs.append(rhs_w - (Xo * w[rows, None]).T @ y0[rows])
+            rhs.append(rhs_w - Xo.T @ wy[rows])
         gram, rhs = torch.stack(grams), torch.stack(rhs)
     else:
         gram = _gram(X0[None] * T.sqrt()[..., None])  # (K, p, p)
-        rhs = ((X0[None] * T[..., None]).mT @ y0[:, None])[..., 0]
+        rhs = (T * y0) @ X0
     # remove the fold means: sum_i t_ki (x_i - c)(x_i - c)^T - t_k (mu_k - c)(mu_k - c)^T
     gram = gram - t_sum[:, None, None] * dx[:, :, None] * dx[:, None, :]
     rhs = rhs - t_sum[:, None] * dx * dy[:, None]
