@@ -323,7 +323,9 @@ def _value_and_grad(problem, phi, hypergradient, solver, init, inner_loss=None):
 
 
 def _fold_grams(X, y, T, X_offset, y_offset, center=True):
-    """Centred weighted Gram matrices and right-hand sides of K folds: ``(K, p, p)``, ``(K, p)``.
+    """Centred weighted Gram matrices and right-hand sides of K folds: ``(K, p, p)``,
+    ``(K, p)``, and the all-rows problem ``(w, centre of X, centre of y, Gram,
+    right-hand side)`` when it was computed on the way (else ``None``).
 
     ``C_k = sum_i t_ki (x_i - mu_k)(x_i - mu_k)^T``, ``r_k = sum_i t_ki (x_i - mu_k)(y_i - m_k)``
     with ``mu_k``, ``m_k`` the fold's weighted means (``X_offset``, ``y_offset``;
@@ -351,13 +353,15 @@ def _fold_grams(X, y, T, X_offset, y_offset, center=True):
             grams.append(gram_w - _gram(Xo * root[rows, None]))
             rhs.append(rhs_w - Xo.T @ wy[rows])
         gram, rhs = torch.stack(grams), torch.stack(rhs)
+        common = (w, cx, cy, gram_w, rhs_w)
     else:
         gram = _gram(X0[None] * T.sqrt()[..., None])  # (K, p, p)
         rhs = (T * y0) @ X0
+        common = None
     # remove the fold means: sum_i t_ki (x_i - c)(x_i - c)^T - t_k (mu_k - c)(mu_k - c)^T
     gram = gram - t_sum[:, None, None] * dx[:, :, None] * dx[:, None, :]
     rhs = rhs - t_sum[:, None] * dx * dy[:, None]
-    return gram, rhs
+    return gram, rhs, common
 
 
 def _bmv(A, x):
@@ -544,23 +548,76 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         )
         self._set_penalty(groups, basis, log_offset)
         self.fit_intercept = bool(fit_intercept)
-        self.method = method = _ridge_method(method, n, p)
+        self.method = _ridge_method(method, n, p)
         self.last_fallback = None
-        T = self.train_weights
+        self._set_training(self.train_weights)
+        self._set_validation_rows()
+
+    def _set_training(self, T):
+        """Offsets, and Gram matrices (primal) or scaled rows (dual), of the
+        training weights ``T`` (``(K, n)``)."""
+        X, y = self.X, self.y
+        self.train_weights = T
+        self._all_rows = None
         t_sum = T.sum(1)
         if self.fit_intercept:
             self.X_offset = (T @ X) / t_sum[:, None]  # (K, p)
             self.y_offset = (T @ y) / t_sum  # (K,)
         else:
-            self.X_offset = X.new_zeros(T.shape[0], p)
+            self.X_offset = X.new_zeros(T.shape[0], X.shape[1])
             self.y_offset = X.new_zeros(T.shape[0])
-        if method == "primal":
-            self.gram, self.rhs = _fold_grams(
+        if self.method == "primal":
+            self.gram, self.rhs, self._all_rows = _fold_grams(
                 X, y, T, self.X_offset, self.y_offset, self.fit_intercept
             )
         else:
             self._set_dual(X, y, T)
-        self._set_validation_rows()
+
+    def all_rows(self, sample_weight):
+        """The same ridge problem fitted on all rows, with weights ``sample_weight``.
+
+        One fold, no validation part, the same penalty model: the final fit
+        after cross-validation. In the primal form, when every row is in
+        some fold's training part with ``sample_weight`` as its weight (a
+        K-fold layout), the folds' Gram matrices were computed from that of
+        all rows, which is reused (``n p^2`` operations saved).
+
+        Parameters
+        ----------
+        sample_weight : tensor of shape (n_samples,)
+            Non-negative weights of the rows.
+
+        Returns
+        -------
+        RidgeFolds
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skbilevel.hypergrad import RidgeFolds
+        >>> X = torch.randn(30, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> train = torch.ones(3, 30, dtype=torch.float64)
+        >>> for k in range(3):
+        ...     train[k, 10 * k:10 * (k + 1)] = 0
+        >>> folds = RidgeFolds(X, X[:, 0], train, val_weights=1 - train)
+        >>> full = folds.all_rows(torch.ones(30, dtype=torch.float64))
+        >>> fresh = RidgeFolds(X, X[:, 0], torch.ones(30, dtype=torch.float64))
+        >>> phi = torch.zeros(3, dtype=torch.float64)
+        >>> bool(torch.allclose(full.closed_form(phi), fresh.closed_form(phi), atol=1e-12))
+        True
+        """
+        sw = _check_weights(sample_weight, self.X.shape[0], self.X, "sample_weight")
+        out = copy.copy(self)
+        out.val_weights = out._val_rows = None
+        common = self._all_rows
+        if common is None or not torch.equal(common[0], sw[0]):
+            out._set_training(sw)
+            return out
+        w, cx, cy, gram, rhs = common
+        out.train_weights = sw
+        out.X_offset, out.y_offset = cx[None], cy.reshape(1)
+        out.gram, out.rhs, out._all_rows = gram[None], rhs[None], None
+        return out
 
     def _set_dual(self, X, y, T):
         """Scaled centred training rows of every fold, zero-padded: ``Xs``, ``ys``."""

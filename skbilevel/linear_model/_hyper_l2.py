@@ -1146,8 +1146,11 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
                 objective, n_groups, n_eff, scale, groups, dtype, device
             )
+            # the folds' all-rows Gram matrix serves the final fit (K-fold layouts)
             full = self._final_problem(
-                RidgeFolds(Xt, yt, swt, groups=gt, fit_intercept=self.fit_intercept),
+                RidgeFolds(Xt, yt, swt, groups=gt, fit_intercept=self.fit_intercept)
+                if loo
+                else batches[0].all_rows(swt),
                 gt,
                 dtype,
                 device,

@@ -268,6 +268,26 @@ def test_logistic_preconditioner_reuses_its_gram_while_the_weights_barely_move(m
         assert float((reused(r)[k] - v).norm() / v.norm()) < 0.05
 
 
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_ridge_folds_all_rows_is_the_problem_on_all_rows(fit_intercept, method):
+    X, y, sw = (torch.tensor(a) for a in _data(n=30, p=5 if method == "primal" else 40))
+    T = torch.tensor(_folds(30, k=3)) * sw
+    folds = RidgeFolds(X, y, T, sw - T, fit_intercept=fit_intercept, method=method)
+    phi = torch.linspace(-1.0, 1.0, X.shape[1], dtype=DT)
+    full = folds.all_rows(sw)
+    fresh = RidgeFolds(X, y, sw, fit_intercept=fit_intercept, method=method)
+    torch.testing.assert_close(full.closed_form(phi), fresh.closed_form(phi), rtol=1e-10, atol=1e-12)
+    theta = full.closed_form(phi)
+    torch.testing.assert_close(full.intercepts(theta), fresh.intercepts(theta), rtol=1e-10, atol=1e-12)
+    if method == "primal":  # the folds' all-rows Gram matrix, reused
+        assert full.gram[0].data_ptr() == folds._all_rows[3].data_ptr()
+    # other weights: built anew, still right
+    other = folds.all_rows(torch.ones(30, dtype=DT))
+    ref = RidgeFolds(X, y, torch.ones(30, dtype=DT), fit_intercept=fit_intercept, method=method)
+    torch.testing.assert_close(other.closed_form(phi), ref.closed_form(phi), rtol=1e-10, atol=1e-12)
+
+
 def test_attach_gradient_and_penalty():
     phi = torch.zeros(3, dtype=DT, requires_grad=True)
     out = attach_gradient(
@@ -478,7 +498,7 @@ def test_fold_grams_match_direct_computation(fit_intercept, layout):
     t_sum = T.sum(1)
     mx = (T @ X) / t_sum[:, None] if fit_intercept else torch.zeros(4, p, dtype=DT)
     my = (T @ y) / t_sum if fit_intercept else torch.zeros(4, dtype=DT)
-    gram, rhs = _fold_grams(X, y, T, mx, my, center=fit_intercept)
+    gram, rhs, _ = _fold_grams(X, y, T, mx, my, center=fit_intercept)
     for k in range(4):
         Xc, yc = X - mx[k], y - my[k]
         torch.testing.assert_close(gram[k], (Xc * T[k][:, None]).T @ Xc, rtol=1e-9, atol=1e-6)
