@@ -87,7 +87,7 @@ chain at the shared penalty was too sparse on 4 more. With the chain also
 started at a small penalty, and each pilot rated at its best point on a
 grid (``gamma`` = 0.5 and 2, ``a`` along a curve), the same draws score
 .954-.960 (mean .9575; ``LassoCV`` with the same folds .954-.956). On
-seeds 1 to 5 the scores are unchanged (.9565, .9439, .9485, .9495, .9511).
+seeds 1 to 5 the scores are unchanged (.9565, .9439, .9484, .9495, .9511).
 """
 
 import math
