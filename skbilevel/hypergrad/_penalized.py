@@ -609,11 +609,10 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         sw = _check_weights(sample_weight, self.X.shape[0], self.X, "sample_weight")
         out = copy.copy(self)
         out.val_weights = out._val_rows = None
-        common = self._all_rows
-        if common is None or not torch.equal(common[0], sw[0]):
+        if self._all_rows is None or not torch.equal(self._all_rows[0], sw[0]):
             out._set_training(sw)
             return out
-        w, cx, cy, gram, rhs = common
+        _, cx, cy, gram, rhs = self._all_rows
         out.train_weights = sw
         out.X_offset, out.y_offset = cx[None], cy.reshape(1)
         out.gram, out.rhs, out._all_rows = gram[None], rhs[None], None
@@ -1404,7 +1403,6 @@ class LogisticFolds(_PenaltyModel):
             if (
                 exact
                 or cached is None
-                or cached[0].shape != w.shape
                 or float(((w - cached[0]).abs().sum(-1) / cached[0].sum(-1)).max())
                 > _GRAM_REFRESH
             ):
