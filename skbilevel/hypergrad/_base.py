@@ -234,7 +234,14 @@ class ClosedFormSolver(InnerSolver):
 
 
 def _grad_norm(fun, theta):
-    """Norm of ``grad fun(theta)`` (a float), computed without keeping a graph."""
+    """Norm of ``grad fun(theta)`` (a float), computed without keeping a graph:
+    by ``fun.loss_and_grad(theta)`` when ``fun`` has it (a closed-form
+    gradient, see :class:`~skbilevel.hypergrad._solvers._FixedPhi`), else
+    by autograd."""
+    loss_and_grad = getattr(fun, "loss_and_grad", None)
+    if loss_and_grad is not None:
+        grads, _ = tree_flatten(loss_and_grad(theta)[1])
+        return math.sqrt(sum(float((g.detach() ** 2).sum()) for g in grads))
     with torch.enable_grad():
         theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
         leaves, _ = tree_flatten(theta)

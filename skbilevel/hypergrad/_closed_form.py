@@ -37,6 +37,7 @@ from ._base import (
     argmin,
     register_strategy,
 )
+from ._solvers import _FixedPhi
 from ._tree import tree_detach
 
 __all__ = [
@@ -121,7 +122,7 @@ class ClosedForm(HypergradientStrategy):
         info.fallback = getattr(solver, "last_fallback", None)
         if self.check_inner and inner_loss is not None:
             phi_d = tree_detach(phi)
-            info.inner_grad_norm = _grad_norm(lambda t: inner_loss(t, phi_d), tree_detach(theta))
+            info.inner_grad_norm = _grad_norm(_FixedPhi(inner_loss, phi_d), tree_detach(theta))
             info.n_grad += 1
         return theta
 

@@ -60,6 +60,7 @@ from torch.autograd.function import once_differentiable
 from ._base import (
     HypergradientStrategy,
     LinearSolveWarning,
+    _grad_norm,
     _within_tol,
     register_strategy,
     warn_inner_solve,
@@ -77,7 +78,6 @@ from ._tree import (
     _cat_flat,
     tree_detach,
     tree_flatten,
-    tree_map,
     tree_to_vector,
     tree_unflatten,
     vector_to_tree,
@@ -363,15 +363,6 @@ class _Implicit(HypergradientStrategy):
         the strategies that use it.
         """
         raise NotImplementedError
-
-
-def _grad_norm(fun, theta):
-    with torch.enable_grad():
-        theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
-        leaves, _ = tree_flatten(theta)
-        grads = torch.autograd.grad(fun(theta), leaves, allow_unused=True)
-    squares = [float((g.detach() ** 2).sum()) for g in grads if g is not None]
-    return math.sqrt(sum(squares))
 
 
 @register_strategy("cg")

@@ -31,10 +31,11 @@ workers and still drive :func:`~skbilevel.hypergrad.minimize_outer`.
 import copy
 import math
 
+import numpy as np
 import torch
 
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
-from ._closed_form import ClosedForm, _cholesky_ex, _gram
+from ._closed_form import ClosedForm, _cholesky_ex, _gram, _use_numpy
 from ._solvers import LBFGS, _FixedPhi
 from ._tree import tree_detach
 
@@ -333,7 +334,8 @@ def _fold_grams(X, y, T, X_offset, y_offset, center=True):
     When every fold's weights are a common weight vector ``w`` or zero (the
     usual K-fold layout), ``C_k`` is the ``w``-weighted Gram matrix of all
     rows minus that of the rows fold ``k`` leaves out: about ``2 n p^2``
-    operations instead of ``K n p^2``. Rows are first centred at the
+    operations instead of ``K n p^2``, and ``n p^2`` when the left-out
+    parts partition the rows (K-fold: the all-rows matrix is their sum). Rows are first centred at the
     ``w``-weighted mean, so the subtraction loses no digits to large means.
     """
     K = T.shape[0]
@@ -345,14 +347,18 @@ def _fold_grams(X, y, T, X_offset, y_offset, center=True):
     dx, dy = X_offset - cx, y_offset - cy  # fold means - common centre (0 if not center)
     if bool(((T == 0) | (T == w)).all()) and K > 2:
         root, wy = w.sqrt(), w * y0
-        gram_w, rhs_w = _gram(X0 * root[:, None]), X0.T @ wy
-        grams, rhs = [], []
-        for k in range(K):
-            rows = torch.nonzero((T[k] == 0) & (w > 0)).reshape(-1)
-            Xo = X0[rows]
-            grams.append(gram_w - _gram(Xo * root[rows, None]))
-            rhs.append(rhs_w - Xo.T @ wy[rows])
-        gram, rhs = torch.stack(grams), torch.stack(rhs)
+        out = (T == 0) & (w > 0)  # (K, n): the rows each fold leaves out
+        rows = [torch.nonzero(o).reshape(-1) for o in out]
+        grams_out = [_gram(X0[r] * root[r, None]) for r in rows]
+        if bool((out.sum(0) == (w > 0)).all()):
+            # the left-out parts partition the rows (K-fold): their Gram
+            # matrices add up to that of all rows (hetero: 5.3 -> 3.6 ms)
+            gram_w = sum(grams_out[1:], grams_out[0])
+        else:
+            gram_w = _gram(X0 * root[:, None])
+        rhs_w = X0.T @ wy
+        gram = torch.stack([gram_w - g for g in grams_out])
+        rhs = torch.stack([rhs_w - X0[r].T @ wy[r] for r in rows])
         common = (w, cx, cy, gram_w, rhs_w)
     else:
         gram = _gram(X0[None] * T.sqrt()[..., None])  # (K, p, p)
@@ -454,6 +460,43 @@ class _DualRidgeSolve(torch.autograd.Function):
         L, XA, Xs, alpha, w = ctx.saved_tensors
         v = _dual_inverse(L, XA, Xs, alpha, grad_w)
         return -(v * w), None, None
+
+
+class _FoldValidationLoss(torch.autograd.Function):
+    """Sum over folds of the weighted squared validation error; gradient in ``theta`` only.
+
+    ``rows`` holds, per fold, the validation rows and targets centred at the
+    fold's training means and the normalized weights ``(Xc, yc, v)`` (numpy
+    arrays on CPU, else tensors), so the residual of coefficients ``w`` is
+    ``yc - Xc w`` (intercept included) and its gradient is
+    ``-2 Xc^T (v r)``. One autograd node instead of the ~40 of the per-fold
+    products, intercepts and sums (hetero's 5 folds of 400 x 200: 0.46 ms
+    per evaluation, forward and backward, against 0.12 ms).
+    ``theta`` of shape ``(n_folds, p)`` gives a scalar, ``(n_folds, S, p)``
+    the ``S`` losses.
+    """
+
+    @staticmethod
+    def forward(ctx, theta, rows):
+        numpy = not isinstance(rows[0][0], torch.Tensor)
+        th = theta.detach()
+        th = th.numpy() if numpy else th
+        out, weighted = 0.0, []
+        for k, (Xc, yc, v) in enumerate(rows):
+            r = yc - (Xc @ th[k].T).T  # (m,) or (S, m)
+            weighted.append(v * r)
+            out = out + (weighted[-1] * r).sum(-1)
+        ctx.rows, ctx.weighted, ctx.numpy = rows, weighted, numpy
+        return torch.from_numpy(np.asarray(out)) if numpy else out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        g = grad_out[..., None]
+        g = g.numpy() if ctx.numpy else g
+        grad = [-2.0 * g * (wr @ Xc) for wr, (Xc, _, _) in zip(ctx.weighted, ctx.rows)]
+        grad = np.stack(grad) if ctx.numpy else torch.stack(grad)
+        return (torch.from_numpy(grad) if ctx.numpy else grad), None
 
 
 class RidgeFolds(_PenaltyModel, ClosedFormSolver):
@@ -638,15 +681,23 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         self.ys = torch.stack(targets)  # (K, m)
 
     def _set_validation_rows(self):
-        """Each fold's validation rows, targets and normalized weights (a list)."""
+        """Each fold's validation rows and targets, centred at the fold's
+        training means, and normalized weights (a list; numpy arrays where
+        :func:`_use_numpy` allows), for :class:`_FoldValidationLoss`."""
         self._val_rows = None
         V = self.val_weights
         if V is None:
             return
+        numpy = _use_numpy(self.X, self.y, V)
         self._val_rows = []
         for k in range(V.shape[0]):
             rows = torch.nonzero(V[k] > 0).reshape(-1)
-            self._val_rows.append((self.X[rows], self.y[rows], V[k, rows] / V[k].sum()))
+            part = (
+                self.X[rows] - self.X_offset[k],
+                self.y[rows] - self.y_offset[k],
+                V[k, rows] / V[k].sum(),
+            )
+            self._val_rows.append(tuple(t.numpy() for t in part) if numpy else part)
 
     @property
     def n_folds(self):
@@ -704,6 +755,40 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
     def __call__(self, theta, phi):
         """:meth:`inner_loss`: the object is the inner loss it carries a diagonal for."""
         return self.inner_loss(theta, phi)
+
+    def loss_and_grad(self, theta, phi):
+        """:meth:`inner_loss` and its gradient in ``theta``, in closed form.
+
+        ``(C_k + diag(alpha_k)) w_k - r_k`` per fold (``-Xs^T (ys - Xs w) +
+        alpha w`` in the dual form): one matrix-vector product per fold, which
+        the health record's inner-gradient check and the implicit strategies
+        use instead of a backward pass. No graph in ``theta``; the penalty
+        terms keep ``phi``'s graph when ``phi`` requires grad.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skbilevel.hypergrad import RidgeFolds
+        >>> X = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 2.0]], dtype=torch.float64)
+        >>> folds = RidgeFolds(X, X[:, 0], torch.ones(3, dtype=torch.float64), fit_intercept=False)
+        >>> phi = torch.zeros(2, dtype=torch.float64)
+        >>> value, grad = folds.loss_and_grad(folds.closed_form(phi), phi)
+        >>> bool(grad.abs().max() < 1e-12)
+        True
+        """
+        theta = theta.detach()
+        with torch.no_grad():
+            if self.method == "primal":
+                Gw = _bmv(self.gram, theta)
+                data_grad = Gw - self.rhs
+                value = 0.5 * (theta * Gw).sum() - (self.rhs * theta).sum()
+            else:
+                resid = self.ys - _bmv(self.Xs, theta)
+                data_grad = -_bmv(self.Xs.mT, resid)
+                value = 0.5 * (resid * resid).sum()
+        # the penalty terms keep phi's graph (the implicit strategies' mixed term)
+        a = self._alpha(phi)
+        return value + 0.5 * (a * theta * theta).sum(), data_grad + a * theta
 
     def hessian_preconditioner(self, theta, phi):
         """The exact inverse Hessian of :meth:`inner_loss`, per fold (``None``
@@ -790,19 +875,14 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
 
         Only each fold's validation rows are predicted (gathered once).
         ``theta`` of shape ``(n_folds, S, n_features)`` (``S`` coefficient
-        vectors per fold) gives the ``S`` losses.
+        vectors per fold) gives the ``S`` losses. Differentiable in ``theta``
+        (first order; ``X`` and ``y`` are data, not differentiated).
         """
         if self.val_weights is None:
             raise ValueError("validation_loss needs val_weights.")
-        b = self.intercepts(theta)
-        out = 0.0
-        # one matrix-vector product per fold: several times faster than a batched
-        # product over zero-padded rows, backward pass included
-        for k, (Xv, yv, wv) in enumerate(self._val_rows):
-            pred = Xv @ theta[k] if theta.ndim == 2 else theta[k] @ Xv.T
-            resid = yv - pred - b[k][..., None]
-            out = out + (wv * resid * resid).sum(-1)
-        return out
+        # one matrix-vector product per fold (several times faster than a batched
+        # product over zero-padded rows), in one autograd node
+        return _FoldValidationLoss.apply(theta, self._val_rows)
 
     def validation_curve(self, log_alphas, phi=None):
         """Summed validation loss at many shared log-penalties (no autograd).

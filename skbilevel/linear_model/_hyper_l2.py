@@ -227,6 +227,9 @@ def _merge_infos(infos):
 class _FoldObjective:
     """Mean validation loss over folds, split in batches run in parallel threads."""
 
+    #: evaluations remembered: a descent's best iterate is usually among its last few
+    _MEMO_SIZE = 8
+
     def __init__(self, batches, n_folds, n_jobs, value_and_grad, curve, value=None):
         self.batches = batches
         self.n_folds = n_folds
@@ -235,7 +238,7 @@ class _FoldObjective:
         self._curve = curve
         self._value = value
         self.last_info = None
-        self._last = None  # (phi, value, grad, info) of the last evaluation
+        self._memo = {}  # phi's bytes -> (value, grad, info), oldest first
 
     def _map(self, fn, *args):
         if len(self.batches) == 1:
@@ -244,29 +247,25 @@ class _FoldObjective:
             delayed(fn)(b, *args) for b in self.batches
         )
 
-    def value_and_grad(self, phi, need_inner=False):
+    def value_and_grad(self, phi):
         """Mean loss over folds (float tensor) and its gradient in phi.
 
-        The last evaluation is kept: the same ``phi`` again (a stage that
-        starts where the previous one stopped, the final checks) costs
-        nothing. ``need_inner`` asks for an evaluation whose health record
-        has the inner gradient norm (the regressor's loop skips it).
+        The last few evaluations are remembered: a ``phi`` seen again (a
+        stage that starts where the previous one stopped, the best iterate
+        checked against the shared penalty and recorded) costs nothing.
         """
         phi = phi.detach()
-        last = self._last
-        if (
-            last is not None
-            and last[0].shape == phi.shape
-            and torch.equal(last[0], phi)
-            and not (need_inner and last[3] is not None and last[3].inner_grad_norm is None)
-        ):
-            self.last_info = last[3]
-            return last[1], last[2]
+        key = (tuple(phi.shape), phi.cpu().numpy().tobytes())
+        if key in self._memo:
+            value, grad, self.last_info = self._memo[key]
+            return value, grad
         out = self._map(self._vg, phi)
         value = sum(o[0] for o in out) / self.n_folds
         grad = sum(o[1] for o in out) / self.n_folds
         self.last_info = _merge_infos([o[2] for o in out])
-        self._last = (phi.clone(), value, grad, self.last_info)
+        if len(self._memo) >= self._MEMO_SIZE:
+            del self._memo[next(iter(self._memo))]
+        self._memo[key] = (value, grad, self.last_info)
         return value, grad
 
     def value(self, phi):
@@ -777,7 +776,7 @@ class _HyperL2Base(BaseEstimator):
         self.n_iter_ = int(n_iter)
         self.history_ = np.asarray(history, dtype=float)
         with torch.no_grad():
-            value, _ = objective.value_and_grad(phi, need_inner=True)
+            value, _ = objective.value_and_grad(phi)
         self.cv_loss_ = float(value)
         # the health record at the fitted penalties (the last loop one if none)
         info = objective.last_info or info
@@ -1091,11 +1090,6 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
             strategy = get_strategy("cg", tol=1e-8)
         else:
             strategy = get_strategy(self.hypergradient)
-        # the closed form is exact: skip the health record's inner gradient in the
-        # loop (a backward pass per iteration) and check it at the fitted penalties
-        quiet = isinstance(self.hypergradient, str) and strategy.name == "closed_form"
-        if quiet:
-            strategy.check_inner = False
         if loo and strategy.name != "closed_form":
             raise ValueError(
                 f"cv='loo' is differentiated in closed form; hypergradient="
@@ -1161,8 +1155,6 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 intercept = full.intercepts(coef)
         self.coef_ = to_numpy(coef[0]).astype(np.float64)
         self.intercept_ = float(intercept[0]) if self.fit_intercept else 0.0
-        if quiet:
-            strategy.check_inner = True
         self._set_common(phi, shared, center, history, n_iter, info, objective, alphas)
         return self
 

@@ -483,8 +483,10 @@ def test_cholesky_solve_gradient_matches_lu_autograd(method):
 
 
 @pytest.mark.parametrize("fit_intercept", [True, False])
-@pytest.mark.parametrize("layout", ["kfold", "general"])
+@pytest.mark.parametrize("layout", ["kfold", "shuffle", "general"])
 def test_fold_grams_match_direct_computation(fit_intercept, layout):
+    # kfold: the left-out parts partition the rows (all-rows Gram = their sum);
+    # shuffle: common weights, overlapping left-out parts; general: neither
     from skbilevel.hypergrad._penalized import _fold_grams
 
     rng = np.random.RandomState(0)
@@ -495,6 +497,8 @@ def test_fold_grams_match_direct_computation(fit_intercept, layout):
     T = torch.tensor(_folds(n, k=4)) * sw
     if layout == "general":
         T = T * torch.tensor(rng.uniform(0.5, 1.5, (4, n)))
+    elif layout == "shuffle":
+        T = torch.tensor(rng.uniform(size=(4, n)) > 0.3) * sw
     t_sum = T.sum(1)
     mx = (T @ X) / t_sum[:, None] if fit_intercept else torch.zeros(4, p, dtype=DT)
     my = (T @ y) / t_sum if fit_intercept else torch.zeros(4, dtype=DT)
@@ -607,3 +611,50 @@ def test_ridge_folds_exact_preconditioner_makes_cg_direct(method):
     assert info.linear_solve_iterations <= 2
     torch.testing.assert_close(v_cg, value, rtol=1e-12, atol=0)
     torch.testing.assert_close(g_cg, grad, rtol=1e-6, atol=1e-12 * float(grad.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_ridge_folds_loss_and_grad_match_autograd(method):
+    # the closed-form inner gradient (the health record's check) and its graph
+    # in phi (the implicit strategies' mixed term) agree with autograd
+    X, y, sw = _data(n=30, p=40 if method == "dual" else 5)
+    T = torch.tensor(_folds(30)) * torch.tensor(sw)
+    folds = RidgeFolds(torch.tensor(X), torch.tensor(y), T, method=method)
+    p = X.shape[1]
+    phi = torch.linspace(-1.0, 1.0, p, dtype=DT, requires_grad=True)
+    theta = torch.randn(3, p, dtype=DT, generator=torch.Generator().manual_seed(0))
+    value, grad = folds.loss_and_grad(theta, phi)
+    leaf = theta.clone().requires_grad_(True)
+    ref_value = folds.inner_loss(leaf, phi)
+    (ref_grad,) = torch.autograd.grad(ref_value, leaf, create_graph=True)
+    torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-10)
+    v = torch.randn(3, p, dtype=DT, generator=torch.Generator().manual_seed(1))
+    (mixed,) = torch.autograd.grad((grad * v).sum(), phi)
+    (ref_mixed,) = torch.autograd.grad((ref_grad * v).sum(), phi)
+    torch.testing.assert_close(mixed, ref_mixed, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_ridge_folds_validation_loss_and_its_gradient(batched):
+    # the one-node validation loss against the residuals written out (with the
+    # intercepts), for one or several coefficient vectors per fold
+    X, y, sw = _data(n=30, p=5)
+    T = torch.tensor(_folds(30)) * torch.tensor(sw)
+    V = (T == 0) * torch.tensor(sw)
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    folds = RidgeFolds(Xt, yt, T, val_weights=V)
+    shape = (3, 4, 5) if batched else (3, 5)
+    theta = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(0))
+    theta.requires_grad_(True)
+    loss = folds.validation_loss(theta)
+    ref = 0.0
+    b = folds.intercepts(theta)
+    for k in range(3):
+        resid = yt - (theta[k] @ Xt.T) - b[k][..., None]
+        ref = ref + (V[k] * resid * resid).sum(-1) / V[k].sum()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    g = torch.linspace(0.5, 1.5, 4, dtype=DT) if batched else torch.tensor(1.0, dtype=DT)
+    (grad,) = torch.autograd.grad((loss * g).sum(), theta)
+    (ref_grad,) = torch.autograd.grad((ref * g).sum(), theta)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)

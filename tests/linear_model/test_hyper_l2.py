@@ -525,10 +525,10 @@ def test_regressor_pilots_are_compared_at_their_best_level():
     assert model.score(X[n:], y[n:]) > 0.95
 
 
-def test_fold_objective_reuses_the_last_evaluation(monkeypatch):
-    # a stage starting where the previous one stopped, and the final checks,
-    # do not solve the folds again; the regressor's health record is still
-    # taken with the inner gradient norm at the fitted penalties
+def test_fold_objective_reuses_recent_evaluations(monkeypatch):
+    # a stage starting where the previous one stopped, and the final checks of
+    # the best iterate, do not solve the folds again; the regressor's health
+    # record still has the inner gradient norm at the fitted penalties
     from skbilevel.hypergrad import RidgeFolds
     from skbilevel.linear_model import _hyper_l2
 
@@ -548,9 +548,9 @@ def test_fold_objective_reuses_the_last_evaluation(monkeypatch):
 
     cached_vg = _hyper_l2._FoldObjective.value_and_grad
 
-    def uncached(self, phi, need_inner=False):
-        self._last = None
-        return cached_vg(self, phi, need_inner)
+    def uncached(self, phi):
+        self._memo.clear()
+        return cached_vg(self, phi)
 
     monkeypatch.setattr(_hyper_l2._FoldObjective, "value_and_grad", uncached)
     calls.clear()
