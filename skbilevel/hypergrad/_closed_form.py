@@ -28,6 +28,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 
 from ._base import (
     ClosedFormSolver,
@@ -198,21 +199,29 @@ def _gram(A):
     return torch.from_numpy(a.T @ a)
 
 
-def _cholesky_ex(A):
+def _cholesky_ex(A, overwrite_a=False):
     """``torch.linalg.cholesky_ex(A)``: the lower factor and the info code.
 
-    Where :func:`_use_numpy` allows, through numpy's LAPACK (5 x 200 x 200
-    in float64: 0.51 against 0.62 ms; 5 x 120 x 120: 0.16 against 0.26 ms);
-    a matrix numpy cannot factor goes to torch for its info code.
+    Where :func:`_use_numpy` allows, by LAPACK's ``potrf`` (scipy's
+    wrapper) on each matrix, in the memory of ``A`` itself when
+    ``overwrite_a`` (a temporary the caller no longer needs; otherwise a
+    copy): 5 x 200 x 200 in float64, 0.49 ms against numpy's 0.54 ms
+    (which copies every matrix twice and clears its upper triangle
+    separately) and torch's 0.62 ms.
     """
-    if _use_numpy(A):
-        try:
-            L = np.linalg.cholesky(A.numpy())
-        except np.linalg.LinAlgError:
-            pass
-        else:
-            return torch.from_numpy(L), torch.zeros(A.shape[:-2], dtype=torch.int32)
-    return torch.linalg.cholesky_ex(A)
+    if not _use_numpy(A):
+        return torch.linalg.cholesky_ex(A)
+    L = A if overwrite_a and A.is_contiguous() else A.contiguous().clone()
+    a = L.numpy()
+    potrf = lapack.dpotrf if a.dtype == np.float64 else lapack.spotrf
+    info = np.zeros(a.shape[:-2], dtype=np.int32)
+    for idx in np.ndindex(*a.shape[:-2]):
+        # the transpose of a C-ordered symmetric matrix is itself, in Fortran
+        # order: its upper factor there is the lower factor here
+        out, info[idx] = potrf(a[idx].T, lower=0, clean=1, overwrite_a=1)
+        if not np.shares_memory(out, a):
+            a[idx] = out.T
+    return L, torch.from_numpy(info)
 
 
 def _center_and_rescale(X, y2, sample_weight, fit_intercept):

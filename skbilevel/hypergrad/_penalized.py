@@ -392,7 +392,7 @@ def _primal_factor(gram, alpha):
     """Cholesky factor of every fold's ``G_k + diag(alpha_k)``: ``(L, info)``."""
     A = gram.clone()
     A.diagonal(dim1=-2, dim2=-1).add_(alpha)
-    return _cholesky_ex(A)
+    return _cholesky_ex(A, overwrite_a=True)
 
 
 def _dual_factor(Xs, alpha):
@@ -402,7 +402,7 @@ def _dual_factor(Xs, alpha):
     scaled = Xs * root
     M = _gram(scaled.mT)  # Xs A^-1 Xs^T, by a symmetric product
     M.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    L, info = _cholesky_ex(M)
+    L, info = _cholesky_ex(M, overwrite_a=True)
     return scaled * root, L, info
 
 
@@ -1491,7 +1491,7 @@ class LogisticFolds(_PenaltyModel):
             a = self._penalty(phi.detach()).T  # (K, p)
             idx = torch.arange(p, device=self.X.device)
             H[:, idx, idx] += a
-            L, info = _cholesky_ex(H / self._scale)
+            L, info = _cholesky_ex(H / self._scale, overwrite_a=True)
             if bool((info != 0).any()):
                 return None
 

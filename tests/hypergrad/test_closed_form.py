@@ -423,7 +423,19 @@ def test_numpy_gram_and_cholesky_match_torch():
     bad = G.clone()
     bad[1, 2, 2] = -1.0
     _, info = _cholesky_ex(bad)
+    assert info.tolist() == torch.linalg.cholesky_ex(bad).info.tolist()
     assert info.tolist()[0] == 0 and info.tolist()[1] > 0 and info.tolist()[2] == 0
+    # the input is left alone, unless overwrite_a: then the factor is in its memory
+    kept = G.clone()
+    _cholesky_ex(G)
+    torch.testing.assert_close(G, kept, rtol=0, atol=0)
+    L, _ = _cholesky_ex(G, overwrite_a=True)
+    assert L.data_ptr() == G.data_ptr()
+    torch.testing.assert_close(L, ref, rtol=1e-12, atol=1e-12)
+    # float32 and a transposed (non-contiguous) view
+    L32, info = _cholesky_ex(kept.float().mT)
+    torch.testing.assert_close(L32, ref.float(), rtol=1e-5, atol=1e-5)
+    assert not bool(info.any())
     # tensors that need autograd stay in torch
     A.requires_grad_(True)
     assert _gram(A).requires_grad
