@@ -346,26 +346,30 @@ def _fold_grams(X, y, T, X_offset, y_offset, center=True):
     X0, y0 = X - cx, y - cy
     dx, dy = X_offset - cx, y_offset - cy  # fold means - common centre (0 if not center)
     if bool(((T == 0) | (T == w)).all()) and K > 2:
-        root, wy = w.sqrt(), w * y0
+        root = w.sqrt()
+        wy = root * y0  # the root-weighted targets: X0^T w y0 = (root X0)^T wy
         out = (T == 0) & (w > 0)  # (K, n): the rows each fold leaves out
         rows = [torch.nonzero(o).reshape(-1) for o in out]
-        grams_out = [_gram(X0[r] * root[r, None]) for r in rows]
+        parts = [X0[r] * root[r, None] for r in rows]
+        grams_out = torch.stack([_gram(part) for part in parts])
+        rhs_out = torch.stack([part.T @ wy[r] for part, r in zip(parts, rows)])
         if bool((out.sum(0) == (w > 0)).all()):
             # the left-out parts partition the rows (K-fold): their Gram
             # matrices add up to that of all rows (hetero: 5.3 -> 3.6 ms)
-            gram_w = sum(grams_out[1:], grams_out[0])
+            gram_w, rhs_w = grams_out.sum(0), rhs_out.sum(0)
         else:
-            gram_w = _gram(X0 * root[:, None])
-        rhs_w = X0.T @ wy
-        gram = torch.stack([gram_w - g for g in grams_out])
-        rhs = torch.stack([rhs_w - X0[r].T @ wy[r] for r in rows])
+            gram_w, rhs_w = _gram(X0 * root[:, None]), X0.T @ (root * wy)
+        # in place: (K, p, p) temporaries cost page faults on CPU
+        gram = grams_out.neg_().add_(gram_w)
+        rhs = rhs_w - rhs_out
         common = (w, cx, cy, gram_w, rhs_w)
     else:
         gram = _gram(X0[None] * T.sqrt()[..., None])  # (K, p, p)
         rhs = (T * y0) @ X0
         common = None
     # remove the fold means: sum_i t_ki (x_i - c)(x_i - c)^T - t_k (mu_k - c)(mu_k - c)^T
-    gram = gram - t_sum[:, None, None] * dx[:, :, None] * dx[:, None, :]
+    d = dx * t_sum.sqrt()[:, None]
+    gram = gram.baddbmm_(d[:, :, None], d[:, None, :], alpha=-1.0)
     rhs = rhs - t_sum[:, None] * dx * dy[:, None]
     return gram, rhs, common
 
