@@ -1193,7 +1193,7 @@ class LogisticFolds(_PenaltyModel):
         self._X_sq = None  # X ** 2, built on the first hessian_diagonal call
         self._X_aug = None  # [X, 1], built on the first hessian_preconditioner call
         self._curvature_at = None  # (theta leaves, versions, probabilities) of _curvature
-        self._XT = None  # X.T contiguous, built on the first hvp call
+        self._XT = None  # X.T contiguous, built on the first logits or hvp call
         self._gram_at = None  # (curvature weights, weighted Gram) of hessian_preconditioner
 
     @property
@@ -1219,12 +1219,23 @@ class LogisticFolds(_PenaltyModel):
 
         One matrix product for all folds: ``X @ coef.reshape(p, K * n_out)``
         (its backward pass is one product too, several times cheaper than a
-        batched product over an expanded ``X``).
+        batched product over an expanded ``X``). Binary logits on the
+        training data are computed as ``(coef^T X^T)^T`` with ``X^T`` stored
+        contiguous: twice as fast on CPU for a column per fold (1400 x 50 by
+        50 x 5: 29 against 60 microseconds), and their samples-last layout
+        is the one :meth:`_curvature` wants. (Multinomial logits keep the
+        classes last, where the softmax reduces.)
         """
-        X = self.X if X is None else X
         W = theta["coef"]
         p, K, c = W.shape
-        out = (X @ W.reshape(p, K * c)).reshape(X.shape[0], K, c)
+        if X is None and c == 1:
+            if self._XT is None:
+                self._XT = self.X.T.contiguous()
+            n = self.X.shape[0]
+            out = (W.reshape(p, K * c).T @ self._XT).T.reshape(n, K, c)
+        else:
+            X = self.X if X is None else X
+            out = (X @ W.reshape(p, K * c)).reshape(X.shape[0], K, c)
         if self.fit_intercept:
             b = theta["intercept"]
             if self.n_out > 1:
