@@ -262,6 +262,14 @@ class _QuasiNewtonStepper:
         """``x`` (flat) clamped into the box."""
         return torch.maximum(torch.minimum(x, self.upper), self.lower)
 
+    def _step_to_bound(self, x, d):
+        """The largest ``t`` with ``x + t d`` in the box (``inf`` if none binds)."""
+        room = torch.where(d < 0, self.lower - x, self.upper - x)
+        moving = d != 0
+        if not bool(moving.any()):
+            return math.inf
+        return max(0.0, float((room[moving] / d[moving]).min()))
+
     def _assign(self, x):
         with torch.no_grad():
             for leaf, value in zip(self.leaves, vector_to_tree(x, self.leaves)):
@@ -321,12 +329,26 @@ class _QuasiNewtonStepper:
                 # following iterations could only count as stalls)
                 return "tol"
             t0 = 1.0 if self.memory else self.learning_rate / max(g_norm, 1e-300)
+            # the search stops where d leaves the box: a variable that reaches its
+            # bound there is then held by the free mask. (Projected, the longer
+            # trial is a point off the search direction: a variable a hair inside
+            # its bound and pushed against it took searches of 10 evaluations for
+            # steps of 1e-6, four times over, on a hetero seed.)
+            t_max = self._step_to_bound(x, d) if self.lower is not None else math.inf
+            if t_max <= 0.0 and self.memory:
+                # the quasi-Newton direction leaves the box at once (a free
+                # variable on its bound): projected steepest descent instead
+                self.memory.reset()
+                continue
+            t0 = min(t0, t_max)
             # a step predicted to gain less than the stall threshold tol * |f| is
             # judged on two evaluations: with an inexact hypergradient such a
             # search mostly bisects towards zero on the objective's noise
             small = -t0 * gtd <= self.tol * abs(f)
             max_ls = 2 if small else self.max_ls
-            t, f_new, g_new, ok = _strong_wolfe(self, x, d, f, gtd, t0, max_evals=max_ls)
+            t, f_new, g_new, ok = _strong_wolfe(
+                self, x, d, f, gtd, t0, max_evals=max_ls, t_max=t_max
+            )
             if ok:
                 break
             if not self.memory:

@@ -186,12 +186,14 @@ def _cubic_minimizer(x1, f1, g1, x2, f2, g2, lo, hi):
     return 0.5 * (lo + hi)
 
 
-def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25):
+def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25, t_max=math.inf):
     """Line search for a strong Wolfe step (Nocedal & Wright, Algorithms 3.5-3.6).
 
     Returns ``(t, f, g, ok)``; when no Wolfe point is found within
     ``max_evals`` evaluations, the best point satisfying sufficient decrease
-    is returned (``ok=True``) if there is one, else ``ok=False``.
+    is returned (``ok=True``) if there is one, else ``ok=False``. Steps are
+    at most ``t_max`` (the edge of a feasible box): a point there with
+    sufficient decrease that still descends is accepted.
     """
 
     def evaluate(step):
@@ -220,7 +222,10 @@ def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25):
         if gtd_t >= 0.0:
             bracket = ((t, f_t, g_t, gtd_t), (t_prev, f_prev, g_prev, gtd_prev))
             break
-        lo, hi = t + 0.01 * (t - t_prev), 10.0 * t  # extrapolate
+        if t >= t_max:
+            return t, f_t, g_t, True  # descending at the edge of the box
+        hi = min(10.0 * t, t_max)  # extrapolate
+        lo = min(t + 0.01 * (t - t_prev), hi)
         t_next = _cubic_minimizer(t_prev, f_prev, gtd_prev, t, f_t, gtd_t, lo, hi)
         t_prev, f_prev, g_prev, gtd_prev = t, f_t, g_t, gtd_t
         t = t_next

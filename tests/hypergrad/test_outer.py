@@ -261,6 +261,26 @@ def test_lbfgs_bounds_face_then_interior_coordinate():
     assert res.stop_reason == "tol" and res.n_eval <= 20
 
 
+def test_lbfgs_bound_reached_along_a_valley_is_held():
+    # a long valley whose floor runs out of the box through p[0]'s lower bound
+    # (the hetero seed-2 adaptive stage): once near the bound, a step that would
+    # cross it stops on it, and the bound then holds p[0]. Projected trials past
+    # the bound took 10-evaluation searches for steps of 1e-6 instead.
+    def valley(p):
+        return 1e-4 * (p[0] + 0.5 * p[1]) ** 2 + (p[1] - 0.3 * p[0] - 1.0) ** 2 + 0.01 * p[0]
+
+    lo = torch.tensor([-14.0, -10.0], dtype=torch.float64)
+    hi = torch.tensor([14.0, 10.0], dtype=torch.float64)
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(valley, x, optimizer="lbfgs", learning_rate=0.1, max_iter=100,
+                         tol=1e-5, grad_tol=0.0, n_iter_no_change=2, bounds=(lo, hi))
+    # p[0] on its bound, p[1] at its minimum there: 1e-4 (-14 + p1 / 2) + 2 (p1 + 3.2) = 0
+    p0, p1 = x.detach().tolist()
+    assert p0 == -14.0
+    assert p1 == pytest.approx((1.4e-3 - 6.4) / 2.00005, abs=1e-5)
+    assert res.n_eval <= 20  # 69 evaluations, ending at p[1] = -3.374, before
+
+
 def test_lbfgs_stops_when_a_step_would_gain_less_than_rounding():
     # an optimum where the gradient is rounding noise: the loop stops on "tol"
     # instead of spending whole line searches on it
