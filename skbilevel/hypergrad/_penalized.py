@@ -335,8 +335,9 @@ def _fold_grams(X, y, T, X_offset, y_offset, center=True):
     usual K-fold layout), ``C_k`` is the ``w``-weighted Gram matrix of all
     rows minus that of the rows fold ``k`` leaves out: about ``2 n p^2``
     operations instead of ``K n p^2``, and ``n p^2`` when the left-out
-    parts partition the rows (K-fold: the all-rows matrix is their sum). Rows are first centred at the
-    ``w``-weighted mean, so the subtraction loses no digits to large means.
+    parts partition the rows (K-fold: the all-rows matrix is their sum).
+    Rows are first centred at the ``w``-weighted mean, so the subtraction
+    loses no digits to large means.
     """
     K = T.shape[0]
     w = T.max(0).values
