@@ -488,7 +488,7 @@ class _FoldValidationLoss(torch.autograd.Function):
         th = th.numpy() if numpy else th
         out, weighted = 0.0, []
         for k, (Xc, yc, v) in enumerate(rows):
-            r = yc - (Xc @ th[k].T).T  # (m,) or (S, m)
+            r = yc - th[k] @ Xc.T  # (m,) or (S, m)
             weighted.append(v * r)
             out = out + (weighted[-1] * r).sum(-1)
         ctx.rows, ctx.weighted, ctx.numpy = rows, weighted, numpy

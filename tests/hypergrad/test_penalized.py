@@ -635,10 +635,16 @@ def test_ridge_folds_loss_and_grad_match_autograd(method):
     torch.testing.assert_close(mixed, ref_mixed, rtol=1e-12, atol=1e-10)
 
 
+@pytest.mark.parametrize("numpy", [True, False])
 @pytest.mark.parametrize("batched", [False, True])
-def test_ridge_folds_validation_loss_and_its_gradient(batched):
+def test_ridge_folds_validation_loss_and_its_gradient(batched, numpy, monkeypatch):
     # the one-node validation loss against the residuals written out (with the
-    # intercepts), for one or several coefficient vectors per fold
+    # intercepts), for one or several coefficient vectors per fold; through
+    # numpy (CPU) or torch (the GPU path)
+    from skbilevel.hypergrad import _penalized
+
+    if not numpy:
+        monkeypatch.setattr(_penalized, "_use_numpy", lambda *tensors: False)
     X, y, sw = _data(n=30, p=5)
     T = torch.tensor(_folds(30)) * torch.tensor(sw)
     V = (T == 0) * torch.tensor(sw)
