@@ -287,6 +287,19 @@ class _FoldObjective:
             self._value,
         )
 
+    def warm_starts(self):
+        """The batches' inner warm starts (their ``theta_``; ``None`` for a
+        closed-form batch, which keeps none)."""
+        return [getattr(b, "theta_", None) for b in self.batches]
+
+    def set_warm_starts(self, starts):
+        """Start the batches' next inner solves from ``starts`` (from
+        :meth:`warm_starts` of the same batches in another parametrization:
+        the solutions do not depend on it)."""
+        for b, start in zip(self.batches, starts or ()):
+            if start is not None:
+                b.theta_ = start
+
     def curve(self, log_alphas, phi=None):
         """Mean loss over folds at shared log-penalties (numpy array); with
         ``phi``, along the penalty model's level at ``phi`` (shifted by them)."""
@@ -554,6 +567,7 @@ class _HyperL2Base(BaseEstimator):
         # the loss is not convex in gamma: start from the best of a scan, values
         # only (no hypergradient)
         best = {}  # pilot -> (loss, a, gamma)
+        starts = {}  # pilot -> the inner solutions at its best scanned point
         for name, bases in candidates.items():
             staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k]))
             if len(candidates) == 1:
@@ -565,6 +579,7 @@ class _HyperL2Base(BaseEstimator):
                     loss = staged.value(bases[0].new_tensor([center, gamma]))
                     if name not in best or loss < best[name][0]:
                         best[name] = (loss, center, gamma)
+                        starts[name] = staged.warm_starts()
                     rises = rises + 1 if loss > previous else 0
                     previous = loss
                     if rises == 2:
@@ -603,10 +618,15 @@ class _HyperL2Base(BaseEstimator):
         spread = spread if spread > 0 and math.isfinite(spread) else 1.0
         unit = like.new_tensor([1.0, 1.0 / spread])
         staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k] * unit))
+        # the classifier's inner solves continue from the scan's best point, not
+        # from the shared penalty's solution (a 3-class problem: its first
+        # descent step took 5 Newton iterations)
+        staged.set_warm_starts(starts.get(pilot))
         psi = like.new_tensor([level, start * spread]).requires_grad_(True)
         lo = like.new_tensor([center - _LOG_ALPHA_BOX, 0.0])
         hi = like.new_tensor([center + _LOG_ALPHA_BOX, _ADAPTIVE_MAX_GAMMA * spread])
         res = self._outer_stage(staged, psi, base, 0.0, 0.0, lo, hi)
+        self._adaptive_starts = staged.warm_starts()
         return psi.detach() * unit, res, pilot
 
     def _run_outer(self, objective, n_groups, n_samples, scale, groups, dtype, device):
@@ -729,6 +749,10 @@ class _HyperL2Base(BaseEstimator):
             objective = objective.map_batches(
                 lambda b, k: b.reparametrized(groups=gt, log_offset=bases[k] @ adaptive)
             )
+            # and the corrections' from the adaptive descent's last solutions (a
+            # 3-class problem: 9 Newton iterations and 675 Hessian-vector products
+            # from the shared penalty's, 111 of the fit's 551 ms)
+            objective.set_warm_starts(getattr(self, "_adaptive_starts", None))
             if not warm:
                 phi0 = torch.zeros(n_groups, dtype=dtype, device=device)
                 center = 0.0

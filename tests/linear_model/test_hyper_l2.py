@@ -313,6 +313,32 @@ def test_classifier_adaptive_stage_and_alphas_of_the_final_model():
     assert clf.cv_loss_ < shared.cv_loss_
 
 
+def test_classifier_stages_hand_their_inner_solutions_on(monkeypatch):
+    # the adaptive descent starts its inner solves from the scan's best point,
+    # and the per-feature stage from the adaptive model's: both first
+    # evaluations take no Newton iteration (5 and 6 from the shared penalty's)
+    from skbilevel.hypergrad import LogisticFolds
+
+    X, y = make_classification(
+        300, 15, n_informative=5, n_redundant=4, n_classes=3, random_state=3
+    )
+    calls = []
+    solve = LogisticFolds.value_and_grad
+
+    def record(self, phi, *args, **kwargs):
+        out = solve(self, phi, *args, **kwargs)
+        calls.append((phi.numel(), out[2].inner_iterations))
+        return out
+
+    monkeypatch.setattr(LogisticFolds, "value_and_grad", record)
+    clf = HyperL2Classifier(random_state=0).fit(X, y)
+    assert clf.adaptive_params_ is not None
+    sizes = [size for size, _ in calls]
+    first_adaptive, first_corrections = sizes.index(2), sizes.index(15, sizes.index(2))
+    assert calls[first_adaptive][1] == 0
+    assert calls[first_corrections][1] == 0
+
+
 def test_regressor_constant_target_is_fitted_without_warnings():
     X = np.random.RandomState(0).randn(50, 5)
     with warnings.catch_warnings():
