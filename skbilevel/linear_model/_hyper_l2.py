@@ -745,6 +745,9 @@ class _HyperL2Base(BaseEstimator):
             n_iter += res.n_iter
             info = res.info if res.info is not None else info
         if adaptive is not None:
+            # the folds' pilot solutions (at the shared penalty): a start for the
+            # final model's pilot
+            self._pilot_starts = objective.warm_starts()
             # stage 3 works on per-group corrections around the adaptive model
             objective = objective.map_batches(
                 lambda b, k: b.reparametrized(groups=gt, log_offset=bases[k] @ adaptive)
@@ -794,6 +797,9 @@ class _HyperL2Base(BaseEstimator):
 
     def _set_common(self, phi, shared, center, history, n_iter, info, objective, alphas):
         """Fitted attributes; ``alphas`` are the final model's penalties."""
+        # the stages' inner solutions, handed on during the fit, are not kept
+        self.__dict__.pop("_adaptive_starts", None)
+        self.__dict__.pop("_pilot_starts", None)
         self._phi_fitted = to_numpy(phi).copy()
         self.alphas_ = to_numpy(alphas).astype(np.float64).reshape(-1)
         self._prior_center = center
@@ -1411,6 +1417,19 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             return NewtonCG(tol=tol, max_iter=100)
         return LBFGS(tol=tol, max_iter=1000)
 
+    def _fold_mean(self, starts):
+        """The mean over folds of the batches' solutions ``starts`` (from
+        :meth:`_FoldObjective.warm_starts`), shaped for one fold: a start for
+        a fit on all the data (``None`` if a batch has none)."""
+        if not starts or any(t is None for t in starts):
+            return None
+        mean = {"coef": torch.cat([t["coef"] for t in starts], 1).mean(1, keepdim=True)}
+        if self.fit_intercept:
+            mean["intercept"] = torch.cat([t["intercept"] for t in starts]).mean(
+                0, keepdim=True
+            )
+        return mean
+
     def _strategy(self):
         """A fresh strategy per fold batch (CG warm starts must not mix batches)."""
         if isinstance(self.hypergradient, str) and self.hypergradient == "cg":
@@ -1511,26 +1530,14 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
                 objective, n_groups, n_eff, scale, groups, dtype, device
             )
-            full = self._final_problem(
-                LogisticFolds(
-                    Xt, yt, n_classes, swt, groups=gt, fit_intercept=self.fit_intercept
-                ),
-                gt,
-                dtype,
-                device,
+            full = LogisticFolds(
+                Xt, yt, n_classes, swt, groups=gt, fit_intercept=self.fit_intercept
             )
-            batches = objective.batches
-            init = None
-            if all(b.theta_ is not None for b in batches):
-                init = {
-                    "coef": torch.cat([b.theta_["coef"] for b in batches], 1).mean(
-                        1, keepdim=True
-                    )
-                }
-                if self.fit_intercept:
-                    init["intercept"] = torch.cat(
-                        [b.theta_["intercept"] for b in batches]
-                    ).mean(0, keepdim=True)
+            if self.adaptive_params_ is not None:
+                # its pilot starts from the folds' (digits: 9 Newton iterations from 0)
+                full.theta_ = self._fold_mean(self._pilot_starts)
+            full = self._final_problem(full, gt, dtype, device)
+            init = self._fold_mean(objective.warm_starts())
             theta, _ = full.solve(phi, self._inner_solver(dtype, final=True), init=init)
         W = to_numpy(theta["coef"][:, 0]).astype(np.float64)  # (p, n_out)
         self.coef_ = W.T.copy()
