@@ -1401,7 +1401,11 @@ def minimize_log_alpha(
     tol : float, default=1e-4
         Tolerance on log-alpha.
     max_iter : int, default=100
-        Maximum number of refinement evaluations.
+        Maximum number of refinement evaluations. With a grid, ``0`` returns
+        the best grid points as they are, without calling
+        ``value_and_grad`` (``grad`` is then NaN), unless one of them is at
+        an end of the grid: that case is searched as usual (bracket or
+        expansion), without refinement.
     step : float, default=1.0
         First bracketing step from ``x0``.
     bounds : tuple of float
@@ -1447,6 +1451,20 @@ def minimize_log_alpha(
             V = V[:, None]
         V = np.where(np.isfinite(V), V, np.inf)
         idx = np.argmin(V, axis=0).tolist()
+        if max_iter == 0 and all(0 < i < len(grid) - 1 for i in idx):
+            # the grid search's answer, without a derivative evaluation
+            best = V[idx, np.arange(len(idx))]
+            return LogAlphaSearchResult(
+                x=grid[idx],
+                fun=best,
+                grad=np.full(len(idx), np.nan),
+                n_iter=0,
+                n_evaluations=0,
+                converged=np.zeros(len(idx), dtype=bool),
+                history=[float(np.mean(best))],
+                grid=grid,
+                grid_values=V,
+            )
         # first point: the vertex of the parabola through the best grid point and
         # its neighbours (one hypergradient evaluation saved when it is lower)
         starts = [_parabola_vertex(grid, V[:, j], i) for j, i in enumerate(idx)]

@@ -355,6 +355,12 @@ class _HyperL2Base(BaseEstimator):
     _pilots = {"ridge": ("shared", 0), "lasso": ("shared", 10), "lasso_low": ("floor", 10)}
     _grid_points_per_decade = 1
     _grid_decades = (-7.0, 3.0)
+    #: before the per-feature stages, refine the best point of the shared grid
+    #: (the vertex of its parabola and one step: two or three evaluations)
+    #: rather than take it as is. The regressor's pilot depends on it
+    #: (diabetes-poly2: .4318 refined, .4253 from the grid point); see the
+    #: classifier's for the other side
+    _refine_shared = True
 
     # -- shared fitting ------------------------------------------------------
 
@@ -690,7 +696,9 @@ class _HyperL2Base(BaseEstimator):
                     values=lambda g: objective.curve(g)[:, None],
                     grid=grid,
                     tol=tol,
-                    max_iter=max_iter,
+                    # the best grid point as is before the classifier's
+                    # per-feature stages (see _refine_shared)
+                    max_iter=max_iter if self._refine_shared or n_groups == 1 else 0,
                     bounds=(grid[0] - beyond, grid[-1] + beyond),
                     expand=True,
                 )
@@ -1253,7 +1261,9 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         .1019 at 1, in two thirds of the time).
     hypergradient : str or HypergradientStrategy, default="cg"
         An implicit strategy: ``"cg"`` (conjugate gradient to a relative
-        residual of ``1e-4``, warm-started between outer iterations),
+        residual of ``1e-3``, warm-started between outer iterations; ``1e-4``
+        gave test log-losses within ``6e-4`` of these on the benchmark sets
+        and 9 synthetic ones, at up to 1.2 times the fit time),
         ``"dense"``, or an instance (e.g. ``ImplicitCG(tol=1e-8)``).
     solver : {"newton-cg", "lbfgs"} or InnerSolver, default="newton-cg"
         Inner solver. Newton-CG copes better with the nearly separable
@@ -1270,7 +1280,9 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         Maximum number of outer (hypergradient) iterations of each of the
         adaptive and per-feature stages; also caps the refinements of the
         shared stage when it is the answer (``penalty="scalar"``; before
-        per-feature stages it takes one refinement).
+        per-feature stages it takes the best point of its grid as is: each
+        refinement solves the folds again, and the stages that follow move
+        the level anyway).
     tol : float, default=3e-4
         Stop when the outer objective has not improved by a relative
         ``tol`` for ``n_iter_no_change`` iterations; the best iterate is kept.
@@ -1345,6 +1357,12 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
     _pilots = {"ridge": ("shared", 0)}
     _grid_points_per_decade = 1
     _grid_decades = (-4.0, 1.0)
+    # the best grid point as is: each refinement solves the folds and a linear
+    # system, and the stages that follow move the level anyway. Test log-loss,
+    # refined -> grid point: breast_cancer .0852 -> .0823, digits .0975 ->
+    # .0972, make_classification .4717 -> .4716, and within 2e-3 either way on
+    # 9 synthetic sets; digits 1.14 -> 0.92 s
+    _refine_shared = False
 
     _parameter_constraints: dict = {
         **_HyperL2Base._parameter_constraints,
@@ -1433,8 +1451,8 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
     def _strategy(self):
         """A fresh strategy per fold batch (CG warm starts must not mix batches)."""
         if isinstance(self.hypergradient, str) and self.hypergradient == "cg":
-            # an outer step needs a direction, not 10 digits: 1e-4 relative residual
-            return get_strategy("cg", tol=1e-4, warm_start=True)
+            # an outer step needs a direction, not 10 digits: 1e-3 relative residual
+            return get_strategy("cg", tol=1e-3, warm_start=True)
         if isinstance(self.hypergradient, str):
             return get_strategy(self.hypergradient)
         return self.hypergradient

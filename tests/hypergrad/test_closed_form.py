@@ -407,6 +407,28 @@ def test_minimize_log_alpha_expands_beyond_the_grid_on_request():
     assert res.x[0] == -7.0
 
 
+def test_log_alpha_search_max_iter_zero_is_the_grid_search():
+    # max_iter=0: the best grid point as is, without a derivative evaluation;
+    # at an end of the grid the slope is still needed (to search beyond it)
+    calls = []
+
+    def objective(centre):
+        def f(x):
+            calls.append(x)
+            return (x - centre) ** 2, 2 * (x - centre)
+
+        return f, lambda g: ((g - centre) ** 2)[:, None]
+
+    grid = np.linspace(-5, 5, 11)
+    f, values = objective(0.3)
+    res = minimize_log_alpha(f, values=values, grid=grid, max_iter=0)
+    assert res.x[0] == 0.0 and res.fun[0] == pytest.approx(0.09) and not calls
+    assert res.n_evaluations == 0 and np.isnan(res.grad[0])
+    f, values = objective(7.0)
+    res = minimize_log_alpha(f, values=values, grid=grid, max_iter=0, expand=True)
+    assert calls and res.x[0] > 5.0
+
+
 def test_numpy_gram_and_cholesky_match_torch():
     from skbilevel.hypergrad._closed_form import _cholesky_ex, _gram
 
