@@ -29,6 +29,7 @@ workers and still drive :func:`~skbilevel.hypergrad.minimize_outer`.
 """
 
 import copy
+import functools
 import math
 
 import numpy as np
@@ -232,6 +233,14 @@ class _LogPenalty:
             log_a = log_a + self.log_offset.to(phi)
         return log_a.exp()
 
+    def jacobian(self, n_folds, like):
+        """``d log(alpha) / d phi`` of every fold, dense: ``(n_folds, p, m)``."""
+        if self.basis is None:
+            B = torch.nn.functional.one_hot(self.groups, self.n_params).to(like)
+        else:
+            B = self.basis.to(like)
+        return B.expand(n_folds, *B.shape[-2:])
+
 
 class _PenaltyModel:
     """The penalty model of a fold problem (``X``, ``n_folds``): ``groups``,
@@ -417,6 +426,30 @@ def _dual_inverse(L, XA, Xs, alpha, r):
     return u - _bmv(XA.mT, _cho_solve(L, _bmv(Xs, u)))
 
 
+def _first_order(backward):
+    """The backward pass of a first-order Function, refusing a second derivative.
+
+    ``create_graph=True`` runs a backward pass with grad mode on; it is
+    refused with a clear error. (torch's ``once_differentiable`` refuses it
+    only when the incoming gradient carries a graph: through these Functions
+    the rest of the chain, the log-penalties' exponential, does, and a
+    double backward silently returned a partial second derivative.)
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "RidgeFolds' solves and validation loss are differentiable once; "
+                "for second derivatives in phi use RidgeFolds.value_grad_hessian "
+                "(exact, for models with few parameters) or finite differences of "
+                "value_and_grad."
+            )
+        return backward(ctx, *grads)
+
+    return wrapper
+
+
 class _PrimalRidgeSolve(torch.autograd.Function):
     """``w_k = (G_k + diag(alpha_k))^{-1} r_k`` by Cholesky; gradient in ``alpha`` only.
 
@@ -435,7 +468,7 @@ class _PrimalRidgeSolve(torch.autograd.Function):
         return w
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order
     def backward(ctx, grad_w):
         L, w = ctx.saved_tensors
         v = _cho_solve(L, grad_w)
@@ -460,7 +493,7 @@ class _DualRidgeSolve(torch.autograd.Function):
         return w
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order
     def backward(ctx, grad_w):
         L, XA, Xs, alpha, w = ctx.saved_tensors
         v = _dual_inverse(L, XA, Xs, alpha, grad_w)
@@ -495,7 +528,7 @@ class _FoldValidationLoss(torch.autograd.Function):
         return torch.from_numpy(np.asarray(out)) if numpy else out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @_first_order
     def backward(ctx, grad_out):
         g = grad_out[..., None]
         g = g.numpy() if ctx.numpy else g
@@ -939,6 +972,88 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             for la in log_alphas.tolist():
                 out.append(self.validation_loss(self.coef(base * math.exp(la))))
         return torch.stack(out)
+
+    def value_grad_hessian(self, phi):
+        """Validation loss summed over folds, its gradient and its Hessian in ``phi``.
+
+        In closed form, for penalty models with few parameters ``m`` (the
+        adaptive model's two): with ``S = C + diag(alpha)`` (per fold), ``w =
+        S^-1 r``, the validation gradient ``g = -2 Xc^T (v res)``, ``lam = S^-1
+        g``, ``D_a = alpha * B_a`` (``B = d log(alpha) / d phi``) and ``J_a =
+        -S^-1 (D_a w)`` (``d w / d phi_a``)::
+
+            grad_a = -lam^T (D_a w)
+            H_ab = 2 sum_i v_i (Xc J_a)_i (Xc J_b)_i
+                   - lam^T (D_b J_a + D_a J_b + alpha B_a B_b w)
+
+        One factorization and ``m + 2`` solves per fold (``m`` for ``J``):
+        a Newton step on the outer problem costs little more than a gradient.
+
+        Returns
+        -------
+        value : tensor
+        grad : tensor of shape (m,)
+        hessian : tensor of shape (m, m)
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skbilevel.hypergrad import RidgeFolds
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(40, 3, generator=g, dtype=torch.float64)
+        >>> y = X @ torch.tensor([1.0, 0.0, -2.0], dtype=torch.float64)
+        >>> y = y + torch.randn(40, generator=g, dtype=torch.float64)
+        >>> train = torch.ones(2, 40, dtype=torch.float64)
+        >>> train[0, :20] = 0
+        >>> train[1, 20:] = 0
+        >>> folds = RidgeFolds(X, y, train, val_weights=1 - train)
+        >>> phi = torch.zeros(3, dtype=torch.float64)
+        >>> value, grad, hess = folds.value_grad_hessian(phi)
+        >>> bool(torch.allclose(grad, folds.value_and_grad(phi)[1], atol=1e-12))
+        True
+        >>> e = torch.tensor([1e-6, 0.0, 0.0], dtype=torch.float64)  # first column
+        >>> fd = (folds.value_and_grad(phi + e)[1] - folds.value_and_grad(phi - e)[1]) / 2e-6
+        >>> bool(torch.allclose(hess[:, 0], fd, rtol=1e-6, atol=1e-8))
+        True
+        """
+        if self.val_weights is None:
+            raise ValueError("value_grad_hessian needs val_weights.")
+        with torch.no_grad():
+            phi = phi.detach()
+            a = self._alpha(phi).expand(self.n_folds, -1)  # (K, p)
+            B = self._log_penalty.jacobian(self.n_folds, a)  # (K, p, m)
+            m = B.shape[-1]
+            if self.method == "primal":
+                L, info = _primal_factor(self.gram, a)
+                solve = lambda r: _cho_solve(L, r)  # noqa: E731
+                rhs = self.rhs
+            else:
+                XA, L, info = _dual_factor(self.Xs, a)
+                solve = lambda r: _dual_inverse(L, XA, self.Xs, a, r)  # noqa: E731
+                rhs = _bmv(self.Xs.mT, self.ys)
+            if bool((info != 0).any()):
+                raise ValueError(
+                    "value_grad_hessian: a fold's ridge system is not positive "
+                    "definite at these penalties; use value_and_grad."
+                )
+            w = solve(rhs)
+            D = a[..., None] * B  # (K, p, m)
+            J = -torch.stack([solve(D[..., j] * w) for j in range(m)], -1)  # (K, p, m)
+            value, g, XJ = 0.0, [], []
+            for k, (Xc, yc, v) in enumerate(self._val_rows):
+                Xc, yc, v = (torch.as_tensor(t, device=a.device) for t in (Xc, yc, v))
+                res = yc - Xc @ w[k]
+                value = value + (v * res * res).sum()
+                g.append(-2.0 * Xc.T @ (v * res))
+                XJ.append((Xc @ J[k]) * v.sqrt()[:, None])
+            lam = solve(torch.stack(g))  # (K, p)
+            grad = -((D * w[..., None]) * lam[..., None]).sum((0, 1))
+            gauss = 2.0 * sum(xj.T @ xj for xj in XJ)
+            lamD = lam[..., None] * D  # (K, p, m)
+            cross = torch.einsum("kpa,kpb->ab", lamD, J)
+            curv = torch.einsum("kp,kpa,kpb->ab", lam * a * w, B, B)
+            hess = gauss - cross - cross.T - curv
+        return torch.as_tensor(value, dtype=a.dtype), grad, 0.5 * (hess + hess.T)
 
     def value_and_grad(self, phi, hypergradient="closed_form", init=None):
         """Validation loss summed over folds, its gradient in ``phi``, info, coefficients.

@@ -664,3 +664,40 @@ def test_ridge_folds_validation_loss_and_its_gradient(batched, numpy, monkeypatc
     (grad,) = torch.autograd.grad((loss * g).sum(), theta)
     (ref_grad,) = torch.autograd.grad((ref * g).sum(), theta)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_ridge_folds_value_grad_hessian_matches_finite_differences(method):
+    # the adaptive model's two parameters and a per-feature model
+    X, y, sw = _data(n=30, p=40 if method == "dual" else 6)
+    T = torch.tensor(_folds(30)) * torch.tensor(sw)
+    folds = RidgeFolds(torch.tensor(X), torch.tensor(y), T, val_weights=(T == 0) * 1.0,
+                       method=method)
+    p = X.shape[1]
+    pilot = folds.closed_form(torch.zeros(p, dtype=DT)).detach()
+    for problem, phi in [
+        (folds.reparametrized(basis=adaptive_penalty_basis(pilot)), torch.tensor([0.3, 0.8], dtype=DT)),
+        (folds, torch.linspace(-1.0, 1.0, p, dtype=DT)),
+    ]:
+        value, grad, hess = problem.value_grad_hessian(phi)
+        ref_value, ref_grad = problem.value_and_grad(phi)[:2]
+        torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+        m, h = phi.numel(), 1e-5
+        fd = torch.stack([
+            (problem.value_and_grad(phi + h * e)[1] - problem.value_and_grad(phi - h * e)[1]) / (2 * h)
+            for e in torch.eye(m, dtype=DT)
+        ], 1)
+        torch.testing.assert_close(hess, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_ridge_folds_refuse_a_second_derivative():
+    # a double backward through the first-order solves is an error, not a
+    # partial (silently wrong) second derivative
+    X, y, sw = _data(n=30, p=5)
+    T = torch.tensor(_folds(30))
+    folds = RidgeFolds(torch.tensor(X), torch.tensor(y), T, val_weights=1 - T)
+    phi = torch.zeros(5, dtype=DT, requires_grad=True)
+    loss = folds.validation_loss(folds.closed_form(phi))
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, phi, create_graph=True)
