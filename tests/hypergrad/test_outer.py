@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from skbilevel.hypergrad import DivergenceWarning, minimize_outer
+from skbilevel.hypergrad import DivergenceWarning, minimize_newton, minimize_outer
 
 
 def _quadratic(target):
@@ -344,3 +344,47 @@ def test_lbfgs_stops_once_a_step_could_only_stall():
     assert res.stop_reason == "tol"
     assert float(f(x.detach())) - 1.0 < 1e-4  # within the tolerance of the optimum
     assert res.n_eval <= 15  # 20 when the stalls ran out (18 iterations)
+
+
+def _autograd_vgh(f):
+    """``x -> (value, grad, hessian)`` of a torch function, for minimize_newton."""
+
+    def fun(x):
+        x = x.detach().requires_grad_(True)
+        value = f(x)
+        (grad,) = torch.autograd.grad(value, x, create_graph=True)
+        hess = torch.stack([torch.autograd.grad(gi, x, retain_graph=True)[0] for gi in grad])
+        return float(value), grad.detach(), hess.detach()
+
+    return fun
+
+
+def test_newton_on_a_curved_valley_and_in_a_box():
+    # Rosenbrock: Newton (shifted where the Hessian is indefinite) reaches the
+    # minimum in far fewer evaluations than L-BFGS needs
+    def rosen(p):
+        return (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
+
+    x0 = torch.tensor([-1.2, 1.0], dtype=torch.float64)
+    x, res = minimize_newton(_autograd_vgh(rosen), x0, tol=1e-12, max_iter=200)
+    torch.testing.assert_close(x, torch.ones(2, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    assert res.converged and res.n_eval < 40
+    y = x0.clone().requires_grad_(True)
+    ref = minimize_outer(rosen, y, optimizer="lbfgs", learning_rate=0.1, max_iter=200,
+                         tol=1e-12, grad_tol=1e-10)
+    assert res.n_eval < ref.n_eval
+    # the box: the valley's end is cut by p[0] <= 0.5; p[1] then sits at 0.25
+    lo = torch.tensor([-2.0, -2.0], dtype=torch.float64)
+    hi = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    x, res = minimize_newton(_autograd_vgh(rosen), x0, bounds=(lo, hi), tol=1e-12)
+    torch.testing.assert_close(x, torch.tensor([0.5, 0.25], dtype=torch.float64), atol=1e-6, rtol=0)
+    assert res.stop_reason == "tol"
+
+
+def test_newton_stops_on_a_callback_and_keeps_the_best_point():
+    seen = []
+    fun = _autograd_vgh(lambda p: ((p - 3.0) ** 4).sum())
+    x, res = minimize_newton(fun, torch.zeros(2, dtype=torch.float64),
+                             callbacks=[lambda s: seen.append(s.loss) or s.iteration == 2])
+    assert res.stop_reason == "callback" and res.n_iter == 2 and len(seen) == 2
+    assert res.best_loss == min(res.history) == pytest.approx(float(((x - 3.0) ** 4).sum()))

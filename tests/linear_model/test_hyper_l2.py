@@ -339,6 +339,31 @@ def test_classifier_stages_hand_their_inner_solutions_on(monkeypatch):
     assert calls[first_corrections][1] == 0
 
 
+def test_regressor_adaptive_stage_takes_newton_steps(monkeypatch):
+    # the folds give the exact Hessian of the two-parameter model: Newton's
+    # method reaches L-BFGS's answer in fewer fold solves
+    from skbilevel.hypergrad import _penalized
+    from skbilevel.linear_model import _hyper_l2
+
+    X, y = _hetero(n=300, p=20)
+    solves = []
+    factor = _penalized._primal_factor
+    monkeypatch.setattr(
+        _penalized, "_primal_factor", lambda *a: solves.append(1) or factor(*a)
+    )
+    newton = HyperL2Regressor(random_state=0).fit(X, y)
+    n_newton = len(solves)
+    solves.clear()
+    monkeypatch.setattr(_hyper_l2, "_NEWTON_MAX_PARAMS", 0)
+    lbfgs = HyperL2Regressor(random_state=0).fit(X, y)
+    assert newton.adaptive_params_ is not None
+    # the same valley (its floor is flat along the level a: 0.3 apart in a,
+    # 1e-6 in CV loss), at least as low, in fewer solves (32 against 40)
+    np.testing.assert_allclose(newton.adaptive_params_, lbfgs.adaptive_params_, atol=0.5)
+    assert newton.cv_loss_ <= lbfgs.cv_loss_ * (1 + 1e-9)
+    assert n_newton < len(solves)
+
+
 def test_regressor_constant_target_is_fitted_without_warnings():
     X = np.random.RandomState(0).randn(50, 5)
     with warnings.catch_warnings():
