@@ -995,6 +995,11 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         grad : tensor of shape (m,)
         hessian : tensor of shape (m, m)
 
+        Raises
+        ------
+        torch.linalg.LinAlgError
+            When a fold's system cannot be factored by Cholesky.
+
         Examples
         --------
         >>> import torch
@@ -1032,9 +1037,10 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
                 solve = lambda r: _dual_inverse(L, XA, self.Xs, a, r)  # noqa: E731
                 rhs = _bmv(self.Xs.mT, self.ys)
             if bool((info != 0).any()):
-                raise ValueError(
-                    "value_grad_hessian: a fold's ridge system is not positive "
-                    "definite at these penalties; use value_and_grad."
+                raise torch.linalg.LinAlgError(
+                    "value_grad_hessian: a fold's ridge system is not numerically "
+                    "positive definite at these penalties (value_and_grad falls back "
+                    "to an LU solve there)."
                 )
             w = solve(rhs)
             D = a[..., None] * B  # (K, p, m)

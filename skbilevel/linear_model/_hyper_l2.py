@@ -525,7 +525,12 @@ class _HyperL2Base(BaseEstimator):
             and phi.numel() <= _NEWTON_MAX_PARAMS
             and objective.has_hessian
         ):
-            return self._newton_stage(objective, phi, base, center, prior_weight, lo, hi)
+            try:
+                return self._newton_stage(
+                    objective, phi, base, center, prior_weight, lo, hi
+                )
+            except torch.linalg.LinAlgError:
+                pass  # a fold cannot be factored by Cholesky: L-BFGS from phi
 
         def outer(p):
             value, grad = objective.value_and_grad(p)

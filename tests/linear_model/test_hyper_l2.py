@@ -364,6 +364,23 @@ def test_regressor_adaptive_stage_takes_newton_steps(monkeypatch):
     assert n_newton < len(solves)
 
 
+def test_regressor_newton_stage_falls_back_to_lbfgs(monkeypatch):
+    # a fold that Cholesky cannot factor in the Newton stage: L-BFGS takes over
+    from skbilevel.hypergrad import RidgeFolds
+    from skbilevel.linear_model import _hyper_l2
+
+    X, y = _hetero(n=300, p=20)
+
+    def fail(self, phi):
+        raise torch.linalg.LinAlgError("not positive definite")
+
+    monkeypatch.setattr(RidgeFolds, "value_grad_hessian", fail)
+    fallback = HyperL2Regressor(random_state=0).fit(X, y)
+    monkeypatch.setattr(_hyper_l2, "_NEWTON_MAX_PARAMS", 0)
+    lbfgs = HyperL2Regressor(random_state=0).fit(X, y)
+    np.testing.assert_allclose(fallback.alphas_, lbfgs.alphas_)
+
+
 def test_regressor_constant_target_is_fitted_without_warnings():
     X = np.random.RandomState(0).randn(50, 5)
     with warnings.catch_warnings():
