@@ -681,8 +681,9 @@ class _HyperL2Base(BaseEstimator):
         # so n_jobs does not change the iterates): a unit of gamma moves the
         # log-penalties `spread` times more than a unit of a, and L-BFGS's first
         # steps (before it has curvature pairs) treat both alike
-        # (L-BFGS evaluations: hetero 14 -> 12, wide 14 -> 12; the classifier's.
-        # Newton's steps, which the regressor takes, do not depend on the scale)
+        # (L-BFGS evaluations: hetero 14 -> 12, wide 14 -> 12. The regressor now
+        # takes Newton steps, which do not depend on the scale; the classifier
+        # still descends by L-BFGS)
         spread = float(torch.cat([b[..., 1].reshape(-1) for b in bases]).std())
         spread = spread if spread > 0 and math.isfinite(spread) else 1.0
         unit = like.new_tensor([1.0, 1.0 / spread])
