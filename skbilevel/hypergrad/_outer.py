@@ -686,7 +686,7 @@ def minimize_newton(
     c1 : float, default=1e-4
         Armijo's sufficient-decrease constant.
     callbacks : list of callable, optional
-        Called with an :class:`OuterState` after each iteration (``leaves``
+        Called with an :class:`OuterState` after each iteration (its ``phi``
         is ``[x]``); a true return value stops the loop (``"callback"``).
 
     Returns
@@ -729,8 +729,18 @@ def minimize_newton(
             free = _free(x, g, lower, upper)
         gf = g * free
         grad_norms.append(float(torch.linalg.vector_norm(gf)))
-        if grad_norms[-1] == 0.0 or not math.isfinite(f):
-            stop_reason = "tol" if math.isfinite(f) else "diverged"
+        if not (math.isfinite(f) and math.isfinite(grad_norms[-1])):
+            warnings.warn(
+                f"Newton iteration {n_iter}: value {f:.3e}, gradient norm "
+                f"{grad_norms[-1]:.3e} is not finite; stopped and kept the best "
+                "finite point. Check the data and the bounds.",
+                DivergenceWarning,
+                stacklevel=2,
+            )
+            stop_reason = "diverged"
+            break
+        if grad_norms[-1] == 0.0:
+            stop_reason = "tol"
             break
         while True:
             step = _newton_step(H, g, free)

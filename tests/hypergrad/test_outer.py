@@ -388,3 +388,12 @@ def test_newton_stops_on_a_callback_and_keeps_the_best_point():
                              callbacks=[lambda s: seen.append(s.loss) or s.iteration == 2])
     assert res.stop_reason == "callback" and res.n_iter == 2 and len(seen) == 2
     assert res.best_loss == min(res.history) == pytest.approx(float(((x - 3.0) ** 4).sum()))
+
+
+def test_newton_warns_and_stops_on_a_non_finite_start():
+    def fun(x):
+        return float("nan"), torch.zeros_like(x), torch.eye(len(x), dtype=x.dtype)
+
+    with pytest.warns(DivergenceWarning, match="not finite"):
+        x, res = minimize_newton(fun, torch.ones(2, dtype=torch.float64))
+    assert res.stop_reason == "diverged" and x.tolist() == [1.0, 1.0]
