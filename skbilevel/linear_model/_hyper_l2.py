@@ -625,8 +625,9 @@ class _HyperL2Base(BaseEstimator):
 
         ``candidates`` maps a pilot's name to its bases (one per fold
         batch). Returns the fitted ``(a, gamma)`` tensor, the descent's
-        :class:`OuterResult` and the chosen pilot's name, or ``(None, None,
-        None)`` when no scanned point beats the shared penalty (loss
+        :class:`OuterResult`, the chosen pilot's name and the fold batches'
+        last inner solutions (warm starts for the next stage), or four
+        ``None`` when no scanned point beats the shared penalty (loss
         ``base``) with any pilot: the data then do not ask for penalties
         that differ between features, and the shared penalty is the answer.
         One pilot is scanned along ``gamma`` at ``a = center``; several are
@@ -671,7 +672,7 @@ class _HyperL2Base(BaseEstimator):
                     best[name] = (float(curve[i]), center + _ADAPTIVE_LEVEL_SCAN[i], gamma)
         best = {name: b for name, b in best.items() if b[0] < base}
         if not best:
-            return None, None, None
+            return None, None, None, None
         pilot = min(best, key=lambda name: best[name][0])
         _, level, start = best[pilot]
         bases = candidates[pilot]
@@ -696,8 +697,7 @@ class _HyperL2Base(BaseEstimator):
         lo = like.new_tensor([center - _LOG_ALPHA_BOX, 0.0])
         hi = like.new_tensor([center + _LOG_ALPHA_BOX, _ADAPTIVE_MAX_GAMMA * spread])
         res = self._outer_stage(staged, psi, base, 0.0, 0.0, lo, hi)
-        self._adaptive_starts = staged.warm_starts()
-        return psi.detach() * unit, res, pilot
+        return psi.detach() * unit, res, pilot, staged.warm_starts()
 
     def _run_outer(self, objective, n_groups, n_samples, scale, groups, dtype, device):
         """The stages; returns phi (tensor), shared log-alpha, prior centre, history,
@@ -791,7 +791,7 @@ class _HyperL2Base(BaseEstimator):
             # and the relative objective MSE / MSE_shared is undefined
             phi0 = torch.full_like(phi0, shared)
             return phi0, shared, shared, history, n_iter, info, objective
-        adaptive = bases = None
+        adaptive = bases = starts = None
         if use_adaptive and self.max_iter > 0 and warm:
             bases = [self._adaptive_bases(b, gt, [spec])[0] for b in objective.batches]
             adaptive = torch.as_tensor(previous, dtype=dtype, device=device)
@@ -804,7 +804,9 @@ class _HyperL2Base(BaseEstimator):
             candidates = {
                 name: [chain[i] for chain in chains] for i, name in enumerate(pilots)
             }
-            adaptive, res, pilot = self._adaptive_stage(objective, candidates, center, base)
+            adaptive, res, pilot, starts = self._adaptive_stage(
+                objective, candidates, center, base
+            )
             bases, spec = candidates.get(pilot), pilots.get(pilot)
             if res is None:
                 # no exponent with any pilot beats the shared penalty: the data do
@@ -827,7 +829,7 @@ class _HyperL2Base(BaseEstimator):
             # and the corrections' from the adaptive descent's last solutions (a
             # 3-class problem: 9 Newton iterations and 675 Hessian-vector products
             # from the shared penalty's, 111 of the fit's 551 ms)
-            objective.set_warm_starts(getattr(self, "_adaptive_starts", None))
+            objective.set_warm_starts(starts)
             if not warm:
                 phi0 = torch.zeros(n_groups, dtype=dtype, device=device)
                 center = 0.0
@@ -869,8 +871,7 @@ class _HyperL2Base(BaseEstimator):
 
     def _set_common(self, phi, shared, center, history, n_iter, info, objective, alphas):
         """Fitted attributes; ``alphas`` are the final model's penalties."""
-        # the stages' inner solutions, handed on during the fit, are not kept
-        self.__dict__.pop("_adaptive_starts", None)
+        # the folds' pilot solutions, handed to the final fit, are not kept
         self.__dict__.pop("_pilot_starts", None)
         self._phi_fitted = to_numpy(phi).copy()
         self.alphas_ = to_numpy(alphas).astype(np.float64).reshape(-1)
