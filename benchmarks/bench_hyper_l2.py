@@ -20,7 +20,7 @@ Targets (issue 4): regressor R^2 above the best of RidgeCV and ARD on
 time; classifier log-loss <= LogisticRegressionCV's at <= 0.5x its time.
 
 ``time_ratio`` is the row's fit time divided by the HyperL2 fit time on the
-same data set; a fit time is the median of three fits (one in ``--quick``
+same data set; a fit time is the median of five fits (one in ``--quick``
 mode). Every model is timed after a warm-up fit (the first
 torch optimizer built in a process imports torch._dynamo, several seconds,
 which is not a cost of the method). Timings on a shared machine are noisy.
@@ -152,9 +152,9 @@ def _warm_up():
 
 
 def run(quick):
-    # the median of three fits: single fits of 50-150 ms moved by 10-20% between
-    # runs on a shared 2-core machine
-    repeats = 1 if quick else 3
+    # the median of five fits: single fits of 40-150 ms moved by 10-20% between
+    # runs on a shared 2-core machine (three left ratios near 1 to chance)
+    repeats = 1 if quick else 5
     rows = []
     for name, splits in regression_sets(quick):
         res = {}
