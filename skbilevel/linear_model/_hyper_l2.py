@@ -7,13 +7,16 @@ stages, each started where the previous one stopped:
 1. **Shared penalty.** One ``alpha`` for every feature, found by the
    one-dimensional search :func:`skbilevel.hypergrad.minimize_log_alpha`
    (a scan of the cross-validated loss, then secant steps on its exact
-   hypergradient). With ``penalty="scalar"`` this is the whole fit.
+   hypergradient; before stage 2 the classifier takes the best scanned
+   penalty as is). With ``penalty="scalar"`` this is the whole fit.
 2. **Adaptive model.** ``log alpha_j = a - gamma (log(u_j + eps) - c)``,
    ``u_j`` the normalized squared coefficient of feature ``j`` in a pilot
    fit at the shared penalty (each fold's pilot on that fold's training
    part; :func:`skbilevel.hypergrad.adaptive_penalty_basis`). Two
-   hyperparameters, ``(a, gamma)``, descend the exact hypergradient with
-   L-BFGS from the best ``gamma`` of a short scan. When no scanned
+   hyperparameters, ``(a, gamma)``, descend from the best ``gamma`` of a
+   short scan: by Newton's method on the exact Hessian of the regressor's
+   cross-validated loss (:func:`skbilevel.hypergrad.minimize_newton`), by
+   L-BFGS on the classifier's hypergradient. When no scanned
    ``gamma`` beats the shared penalty (breast_cancer in the benchmark), the
    data do not support penalties that differ between features: the shared
    penalty is the answer and stage 3 does not run. ``gamma = 1`` is the
@@ -895,8 +898,8 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     error, in three stages: a shared penalty (one-dimensional search); the
     two-parameter adaptive model ``log alpha_j = a - gamma log(u_j + eps)``
     (``u_j`` the normalized squared coefficient of a pilot fit, see
-    :func:`skbilevel.hypergrad.adaptive_penalty_basis`), fitted by L-BFGS on
-    its exact hypergradient; then a free correction per feature (or per
+    :func:`skbilevel.hypergrad.adaptive_penalty_basis`), fitted by Newton's
+    method on the exact Hessian of its loss; then a free correction per feature (or per
     group) with a Gaussian prior centred on the adaptive model. The
     low-dimensional model is the guard against overfitting the validation
     folds with hundreds of penalties (see Notes). With more features than
