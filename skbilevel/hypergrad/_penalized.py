@@ -1702,6 +1702,102 @@ class LogisticFolds(_PenaltyModel):
         V = self._val_t
         return ((V * self._losses(theta)).sum(0) / V.sum(0)).sum()
 
+    def value_grad_hessian(self, phi, solver=None):
+        """Validation loss summed over folds, its gradient and its Hessian in
+        ``phi``, for binary problems (one logit per fold).
+
+        The folds are solved first (as :meth:`solve`, warm-started). With
+        ``H`` the unscaled inner Hessian at the solution (its exact per-fold
+        blocks, :meth:`hessian_preconditioner`), ``g`` the validation
+        gradient in ``theta``, ``lam = H^-1 g``, ``D_a = alpha * B_a`` on the
+        coefficients (``B = d log(alpha) / d phi``), ``t_a = -H^-1 (D_a W)``
+        (``d theta / d phi_a``), ``u_a = X t_a`` (logits; an intercept
+        column included) and ``q = P (1 - P)``::
+
+            grad_a = -lam^T (D_a W)
+            H_ab = sum_i v_i q_i u_ai u_bi
+                   - lam^T (X^T (tr q (1 - 2P) u_a u_b)
+                            + D_b t_a + D_a t_b + alpha B_a B_b W)
+
+        (``v`` the normalized validation weights, ``tr`` the training
+        weights; the ``1 - 2P`` term is the logistic loss's third
+        derivative, absent for ridge, :meth:`RidgeFolds.value_grad_hessian`).
+        ``m + 1`` solves with the factored Hessian per fold.
+
+        Returns
+        -------
+        value : tensor
+        grad : tensor of shape (m,)
+        hessian : tensor of shape (m, m)
+
+        Raises
+        ------
+        NotImplementedError
+            For a multinomial problem.
+        torch.linalg.LinAlgError
+            When a fold's Hessian cannot be factored by Cholesky.
+        """
+        if self.n_out != 1:
+            raise NotImplementedError(
+                "value_grad_hessian is implemented for binary problems only."
+            )
+        if self.val_weights is None:
+            raise ValueError("value_grad_hessian needs val_weights.")
+        theta, _ = self.solve(phi, solver)
+        phi = phi.detach()
+        inverse = self.hessian_preconditioner(theta, phi, exact=True)
+        if inverse is None:
+            raise torch.linalg.LinAlgError(
+                "value_grad_hessian: a fold's logistic Hessian could not be factored "
+                "by Cholesky (or the problem has too many features for the exact "
+                "per-fold Hessian)."
+            )
+        with torch.no_grad():
+            K, p = self.n_folds, self.X.shape[1]
+            Xa = self._X_aug  # (n, q): X, and a column of ones with an intercept
+            a = self._penalty(phi).T  # (K, p)
+            B = self._log_penalty.jacobian(K, a)  # (K, p, m)
+            m = B.shape[-1]
+
+            def flat(tree):  # (K, q)
+                out = tree["coef"][:, :, 0].T
+                if self.fit_intercept:
+                    out = torch.cat([out, tree["intercept"]], dim=1)
+                return out
+
+            def solve(r):  # H^-1 r for (K, q), H unscaled
+                tree = {"coef": r[:, :p].T[..., None]}
+                if self.fit_intercept:
+                    tree["intercept"] = r[:, p:]
+                return flat(inverse(tree)) / self._scale
+
+            def pad(c):  # (K, p) coefficient part -> (K, q)
+                return torch.cat([c, c.new_zeros(K, Xa.shape[1] - p)], dim=1)
+
+            W = flat(theta)[:, :p]
+            z = self.logits(theta)[:, :, 0].T  # (K, n)
+            P = torch.sigmoid(z)
+            q = P * torch.sigmoid(-z)
+            y = self.y.to(P)
+            V = self._val_t.T  # (K, n)
+            v = V / V.sum(1, keepdim=True)
+            value = (v * self._binary_losses(z.T[..., None]).T).sum()
+            g = (v * (P - y)) @ Xa  # (K, q): the validation gradient
+            lam = solve(g)
+            D = a[..., None] * B  # (K, p, m)
+            T = torch.stack([-solve(pad(D[..., j] * W)) for j in range(m)], -1)  # (K, q, m)
+            U = torch.einsum("nq,kqm->knm", Xa, T)  # logits' derivatives (K, n, m)
+            grad = -(lam[:, :p, None] * D * W[..., None]).sum((0, 1))
+            vq = v * q
+            gauss = torch.einsum("kn,kna,knb->ab", vq, U, U)
+            third = self.train_weights * q * (1.0 - 2.0 * P) * (lam @ Xa.T)  # (K, n)
+            third = torch.einsum("kn,kna,knb->ab", third, U, U)
+            lD = lam[:, :p, None] * D  # (K, p, m)
+            cross = torch.einsum("kpa,kpb->ab", lD, T[:, :p, :])
+            curv = torch.einsum("kp,kpa,kpb->ab", lam[:, :p] * a * W, B, B)
+            hess = gauss - third - cross - cross.T - curv
+        return value, grad, 0.5 * (hess + hess.T)
+
     def default_solver(self, tol=None, max_iter=500):
         """:class:`~skbilevel.hypergrad.LBFGS` with a gradient tolerance for this scaling."""
         if tol is None:

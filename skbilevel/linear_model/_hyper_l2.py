@@ -14,9 +14,10 @@ stages, each started where the previous one stopped:
    fit at the shared penalty (each fold's pilot on that fold's training
    part; :func:`skbilevel.hypergrad.adaptive_penalty_basis`). Two
    hyperparameters, ``(a, gamma)``, descend from the best ``gamma`` of a
-   short scan: by Newton's method on the exact Hessian of the regressor's
-   cross-validated loss (:func:`skbilevel.hypergrad.minimize_newton`), by
-   L-BFGS on the classifier's hypergradient. When no scanned
+   short scan: by Newton's method on the exact Hessian of the
+   cross-validated loss (:func:`skbilevel.hypergrad.minimize_newton`;
+   ``RidgeFolds`` and binary ``LogisticFolds`` give it), by L-BFGS on the
+   multinomial classifier's hypergradient. When no scanned
    ``gamma`` beats the shared penalty (breast_cancer in the benchmark), the
    data do not support penalties that differ between features: the shared
    penalty is the answer and stage 3 does not run. ``gamma = 1`` is the
@@ -238,13 +239,23 @@ class _FoldObjective:
     #: evaluations remembered: a descent's best iterate is usually among its last few
     _MEMO_SIZE = 8
 
-    def __init__(self, batches, n_folds, n_jobs, value_and_grad, curve, value=None):
+    def __init__(
+        self,
+        batches,
+        n_folds,
+        n_jobs,
+        value_and_grad,
+        curve,
+        value=None,
+        value_grad_hessian=None,
+    ):
         self.batches = batches
         self.n_folds = n_folds
         self.n_jobs = n_jobs
         self._vg = value_and_grad
         self._curve = curve
         self._value = value
+        self._vgh = value_grad_hessian
         self.last_info = None
         self._memo = {}  # phi's bytes -> (value, grad, info), oldest first
 
@@ -278,12 +289,12 @@ class _FoldObjective:
 
     @property
     def has_hessian(self):
-        """Whether every batch gives the exact Hessian (``value_grad_hessian``)."""
-        return all(hasattr(b, "value_grad_hessian") for b in self.batches)
+        """Whether the batches give the exact Hessian (:meth:`value_grad_hessian`)."""
+        return self._vgh is not None
 
     def value_grad_hessian(self, phi):
         """Mean loss over folds, its gradient and its Hessian in ``phi`` (tensors)."""
-        out = self._map(lambda b, p: b.value_grad_hessian(p), phi.detach())
+        out = self._map(self._vgh, phi.detach())
         return tuple(sum(o[i] for o in out) / self.n_folds for i in range(3))
 
     def value(self, phi):
@@ -302,6 +313,7 @@ class _FoldObjective:
             self._vg,
             self._curve,
             self._value,
+            self._vgh,
         )
 
     def warm_starts(self):
@@ -521,8 +533,8 @@ class _HyperL2Base(BaseEstimator):
         place), inside the box ``[lo, hi]`` (tensors shaped like ``phi``).
         With ``outer_optimizer="lbfgs"``, a model of at most
         ``_NEWTON_MAX_PARAMS`` parameters whose folds give their exact
-        Hessian (the regressor's adaptive model) takes Newton steps instead
-        (:func:`minimize_newton`)."""
+        Hessian (the adaptive model of the regressor and of a binary
+        classifier) takes Newton steps instead (:func:`minimize_newton`)."""
         if (
             self.outer_optimizer == "lbfgs"
             and phi.numel() <= _NEWTON_MAX_PARAMS
@@ -685,9 +697,9 @@ class _HyperL2Base(BaseEstimator):
         # so n_jobs does not change the iterates): a unit of gamma moves the
         # log-penalties `spread` times more than a unit of a, and L-BFGS's first
         # steps (before it has curvature pairs) treat both alike
-        # (L-BFGS evaluations: hetero 14 -> 12, wide 14 -> 12. The regressor now
-        # takes Newton steps, which do not depend on the scale; the classifier
-        # still descends by L-BFGS)
+        # (L-BFGS evaluations: hetero 14 -> 12, wide 14 -> 12. The regressor and
+        # a binary classifier now take Newton steps, which do not depend on the
+        # scale; a multinomial classifier still descends by L-BFGS)
         spread = float(torch.cat([b[..., 1].reshape(-1) for b in bases]).std())
         spread = spread if spread > 0 and math.isfinite(spread) else 1.0
         unit = like.new_tensor([1.0, 1.0 / spread])
@@ -1248,6 +1260,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     lambda b, phi: b.value_and_grad(phi, hypergradient=strategy)[:3],
                     lambda b, g, phi=None: b.validation_curve(g, phi),
                     lambda b, phi: b.validation_loss(b.closed_form(phi)),
+                    lambda b, phi: b.value_grad_hessian(phi),
                 )
             scale = _penalty_scale(Xt, swt, self.fit_intercept)
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
@@ -1617,6 +1630,8 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                 )[:3],
                 lambda b, g: b.validation_curve(g, solver=solver),
                 lambda b, phi: b.validation_loss(b.solve(phi, solver)[0]),
+                # the exact Hessian (binary problems): Newton steps for the adaptive model
+                (lambda b, phi: b.value_grad_hessian(phi, solver)) if n_classes == 2 else None,
             )
             scale = _penalty_scale(Xt, swt, self.fit_intercept)
             phi, shared, center, history, n_iter, info, objective = self._run_outer(

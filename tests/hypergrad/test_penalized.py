@@ -701,3 +701,37 @@ def test_ridge_folds_refuse_a_second_derivative():
     loss = folds.validation_loss(folds.closed_form(phi))
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(loss, phi, create_graph=True)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_logistic_value_grad_hessian_matches_finite_differences(fit_intercept):
+    # binary: the logistic loss's third derivative enters the Hessian
+    from skbilevel.hypergrad import ImplicitCG
+
+    g = torch.Generator().manual_seed(0)
+    n, p = 120, 6
+    X = torch.randn(n, p, generator=g, dtype=DT)
+    y = (X[:, 0] - X[:, 1] + 0.5 * torch.randn(n, generator=g, dtype=DT) > 0).long()
+    T = torch.tensor(_folds(n))
+    folds = LogisticFolds(X, y, 2, T, 1 - T, fit_intercept=fit_intercept)
+    solver = NewtonCG(tol=1e-12, max_iter=100)
+    coef = folds.solve(torch.zeros(p, dtype=DT), solver)[0]["coef"][:, :, 0].T
+    for problem, phi in [
+        (folds.reparametrized(basis=adaptive_penalty_basis(coef)), torch.tensor([0.3, 0.8], dtype=DT)),
+        (folds, torch.linspace(-1.0, 1.0, p, dtype=DT)),
+    ]:
+        def vg(q):
+            return problem.value_and_grad(q, hypergradient=ImplicitCG(tol=1e-12), solver=solver)[:2]
+
+        value, grad, hess = problem.value_grad_hessian(phi, solver)
+        ref_value, ref_grad = vg(phi)
+        torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12)
+        h = 1e-5
+        fd = torch.stack(
+            [(vg(phi + h * e)[1] - vg(phi - h * e)[1]) / (2 * h) for e in torch.eye(len(phi), dtype=DT)], 1
+        )
+        torch.testing.assert_close(hess, fd, rtol=1e-5, atol=1e-8)
+    multi = LogisticFolds(X, y % 2 + (X[:, 2] > 1).long(), 3, T, 1 - T)
+    with pytest.raises(NotImplementedError, match="binary"):
+        multi.value_grad_hessian(torch.zeros(p, dtype=DT))

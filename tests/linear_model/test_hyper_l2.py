@@ -364,6 +364,32 @@ def test_regressor_adaptive_stage_takes_newton_steps(monkeypatch):
     assert n_newton < len(solves)
 
 
+def test_binary_classifier_adaptive_stage_takes_newton_steps(monkeypatch):
+    # binary folds give the exact Hessian too (the multinomial ones do not)
+    from skbilevel.hypergrad import LogisticFolds
+    from skbilevel.linear_model import _hyper_l2
+
+    X, y = make_classification(400, 12, n_informative=4, n_redundant=2, random_state=1)
+    calls = []
+    exact = LogisticFolds.value_grad_hessian
+    monkeypatch.setattr(
+        LogisticFolds,
+        "value_grad_hessian",
+        lambda self, *a, **k: calls.append(1) or exact(self, *a, **k),
+    )
+    newton = HyperL2Classifier(random_state=0).fit(X, y)
+    assert newton.adaptive_params_ is not None and calls
+    monkeypatch.setattr(_hyper_l2, "_NEWTON_MAX_PARAMS", 0)
+    lbfgs = HyperL2Classifier(random_state=0).fit(X, y)
+    np.testing.assert_allclose(newton.adaptive_params_, lbfgs.adaptive_params_, atol=0.5)
+    np.testing.assert_allclose(newton.cv_loss_, lbfgs.cv_loss_, rtol=2e-3)
+    calls.clear()
+    monkeypatch.setattr(_hyper_l2, "_NEWTON_MAX_PARAMS", 8)
+    X3, y3 = make_classification(300, 10, n_informative=4, n_classes=3, random_state=0)
+    HyperL2Classifier(random_state=0, max_iter=5).fit(X3, y3)
+    assert not calls
+
+
 def test_regressor_newton_stage_falls_back_to_lbfgs(monkeypatch):
     # a fold that Cholesky cannot factor in the Newton stage: L-BFGS takes over
     from skbilevel.hypergrad import RidgeFolds
