@@ -500,6 +500,26 @@ class _DualRidgeSolve(torch.autograd.Function):
         return -(v * w), None, None
 
 
+def _penalty_derivatives(lam, alpha, B, w, J):
+    """The penalty's part of the outer gradient and Hessian (``value_grad_hessian``).
+
+    With ``lam = H^-1 g`` (the adjoint of the validation gradient, on the
+    coefficients), ``D_a = alpha * B_a`` and ``J_a = d w / d phi_a``, all per
+    fold (``(K, p)``, ``(K, p, m)``)::
+
+        grad_a = -lam^T (D_a w)
+        H_ab = -lam^T (D_b J_a + D_a J_b + alpha B_a B_b w)
+
+    the same for ridge and logistic folds, whose Hessians add their loss's
+    own terms. Returns ``(grad (m,), H (m, m))``.
+    """
+    D = alpha[..., None] * B
+    grad = -(lam[..., None] * D * w[..., None]).sum((0, 1))
+    cross = torch.einsum("kpa,kpb->ab", lam[..., None] * D, J)
+    curv = torch.einsum("kp,kpa,kpb->ab", lam * alpha * w, B, B)
+    return grad, -(cross + cross.T + curv)
+
+
 class _FoldValidationLoss(torch.autograd.Function):
     """Sum over folds of the weighted squared validation error; gradient in ``theta`` only.
 
@@ -1053,12 +1073,8 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
                 g.append(-2.0 * Xc.T @ (v * res))
                 XJ.append((Xc @ J[k]) * v.sqrt()[:, None])
             lam = solve(torch.stack(g))  # (K, p)
-            grad = -((D * w[..., None]) * lam[..., None]).sum((0, 1))
-            gauss = 2.0 * sum(xj.T @ xj for xj in XJ)
-            lamD = lam[..., None] * D  # (K, p, m)
-            cross = torch.einsum("kpa,kpb->ab", lamD, J)
-            curv = torch.einsum("kp,kpa,kpb->ab", lam * a * w, B, B)
-            hess = gauss - cross - cross.T - curv
+            grad, penalty = _penalty_derivatives(lam, a, B, w, J)
+            hess = 2.0 * sum(xj.T @ xj for xj in XJ) + penalty
         return torch.as_tensor(value, dtype=a.dtype), grad, 0.5 * (hess + hess.T)
 
     def value_and_grad(self, phi, hypergradient="closed_form", init=None):
@@ -1605,6 +1621,28 @@ class LogisticFolds(_PenaltyModel):
         >>> [round(x, 12) for x in back["coef"].flatten().tolist()], round(float(back["intercept"]), 12)
         ([1.0, -2.0], 0.5)
         """
+        L = self._hessian_factor(theta, phi, exact)
+        if L is None:
+            return None
+        p = self.X.shape[1]
+
+        def apply(r):
+            rc = r["coef"][:, :, 0].T  # (K, p)
+            if self.fit_intercept:
+                rc = torch.cat([rc, r["intercept"]], dim=1)
+            z = _cho_solve(L, rc)
+            out = {"coef": z[:, :p].T[..., None]}
+            if self.fit_intercept:
+                out["intercept"] = z[:, p:]
+            return out
+
+        return apply
+
+    def _hessian_factor(self, theta, phi, exact=False):
+        """Cholesky factor ``(K, q, q)`` of the binary per-fold Hessian blocks
+        of :meth:`inner_loss` (coefficients, then the intercept), or ``None``
+        (multinomial, too many features, or not positive definite); see
+        :meth:`hessian_preconditioner`."""
         p = self.X.shape[1]
         if self.n_out != 1 or p > _BLOCK_MAX_FEATURES:
             return None
@@ -1629,20 +1667,7 @@ class LogisticFolds(_PenaltyModel):
             idx = torch.arange(p, device=self.X.device)
             H[:, idx, idx] += a
             L, info = _cholesky_ex(H / self._scale, overwrite_a=True)
-            if bool((info != 0).any()):
-                return None
-
-        def apply(r):
-            rc = r["coef"][:, :, 0].T  # (K, p)
-            if self.fit_intercept:
-                rc = torch.cat([rc, r["intercept"]], dim=1)
-            z = _cho_solve(L, rc)
-            out = {"coef": z[:, :p].T[..., None]}
-            if self.fit_intercept:
-                out["intercept"] = z[:, p:]
-            return out
-
-        return apply
+        return None if bool((info != 0).any()) else L
 
     def hessian_diagonal(self, theta, phi):
         """Exact diagonal of the Hessian of :meth:`inner_loss` in ``theta``.
@@ -1745,8 +1770,8 @@ class LogisticFolds(_PenaltyModel):
             raise ValueError("value_grad_hessian needs val_weights.")
         theta, _ = self.solve(phi, solver)
         phi = phi.detach()
-        inverse = self.hessian_preconditioner(theta, phi, exact=True)
-        if inverse is None:
+        L = self._hessian_factor(theta, phi, exact=True)
+        if L is None:
             raise torch.linalg.LinAlgError(
                 "value_grad_hessian: a fold's logistic Hessian could not be factored "
                 "by Cholesky (or the problem has too many features for the exact "
@@ -1759,43 +1784,29 @@ class LogisticFolds(_PenaltyModel):
             B = self._log_penalty.jacobian(K, a)  # (K, p, m)
             m = B.shape[-1]
 
-            def flat(tree):  # (K, q)
-                out = tree["coef"][:, :, 0].T
-                if self.fit_intercept:
-                    out = torch.cat([out, tree["intercept"]], dim=1)
-                return out
-
-            def solve(r):  # H^-1 r for (K, q), H unscaled
-                tree = {"coef": r[:, :p].T[..., None]}
-                if self.fit_intercept:
-                    tree["intercept"] = r[:, p:]
-                return flat(inverse(tree)) / self._scale
+            def solve(r):  # H^-1 r for (K, q), H unscaled (L factors H / scale)
+                return _cho_solve(L, r) / self._scale
 
             def pad(c):  # (K, p) coefficient part -> (K, q)
                 return torch.cat([c, c.new_zeros(K, Xa.shape[1] - p)], dim=1)
 
-            W = flat(theta)[:, :p]
+            W = theta["coef"][:, :, 0].T  # (K, p)
             z = self.logits(theta)[:, :, 0].T  # (K, n)
             P = torch.sigmoid(z)
             q = P * torch.sigmoid(-z)
-            y = self.y.to(P)
-            V = self._val_t.T  # (K, n)
+            V = self.val_weights
             v = V / V.sum(1, keepdim=True)
-            value = (v * self._binary_losses(z.T[..., None]).T).sum()
-            g = (v * (P - y)) @ Xa  # (K, q): the validation gradient
+            value = self.validation_loss(theta)
+            g = (v * (P - self.y.to(P))) @ Xa  # (K, q): the validation gradient
             lam = solve(g)
             D = a[..., None] * B  # (K, p, m)
             T = torch.stack([-solve(pad(D[..., j] * W)) for j in range(m)], -1)  # (K, q, m)
             U = torch.einsum("nq,kqm->knm", Xa, T)  # logits' derivatives (K, n, m)
-            grad = -(lam[:, :p, None] * D * W[..., None]).sum((0, 1))
-            vq = v * q
-            gauss = torch.einsum("kn,kna,knb->ab", vq, U, U)
+            grad, penalty = _penalty_derivatives(lam[:, :p], a, B, W, T[:, :p, :])
+            gauss = torch.einsum("kn,kna,knb->ab", v * q, U, U)
             third = self.train_weights * q * (1.0 - 2.0 * P) * (lam @ Xa.T)  # (K, n)
             third = torch.einsum("kn,kna,knb->ab", third, U, U)
-            lD = lam[:, :p, None] * D  # (K, p, m)
-            cross = torch.einsum("kpa,kpb->ab", lD, T[:, :p, :])
-            curv = torch.einsum("kp,kpa,kpb->ab", lam[:, :p] * a * W, B, B)
-            hess = gauss - third - cross - cross.T - curv
+            hess = gauss - third + penalty
         return value, grad, 0.5 * (hess + hess.T)
 
     def default_solver(self, tol=None, max_iter=500):
