@@ -174,7 +174,21 @@ def _clamp_leaves(leaves, bounds):
     """Clamp ``leaves`` in place into ``bounds`` (from :func:`_leaf_bounds`)."""
     with torch.no_grad():
         for leaf, lo, hi in zip(leaves, *bounds):
-            leaf.copy_(torch.maximum(torch.minimum(leaf, hi), lo))
+            leaf.copy_(_project(leaf, lo, hi))
+
+
+def _project(x, lower, upper):
+    """``x`` (flat) clamped into the box ``[lower, upper]``."""
+    return torch.maximum(torch.minimum(x, upper), lower)
+
+
+def _step_to_bound(x, d, lower, upper):
+    """The largest ``t`` with ``x + t d`` in the box (``inf`` if none binds)."""
+    room = torch.where(d < 0, lower - x, upper - x)
+    moving = d != 0
+    if not bool(moving.any()):
+        return math.inf
+    return max(0.0, float((room[moving] / d[moving]).min()))
 
 
 def _free(x, g, lower, upper):
@@ -266,15 +280,7 @@ class _QuasiNewtonStepper:
 
     def _project(self, x):
         """``x`` (flat) clamped into the box."""
-        return torch.maximum(torch.minimum(x, self.upper), self.lower)
-
-    def _step_to_bound(self, x, d):
-        """The largest ``t`` with ``x + t d`` in the box (``inf`` if none binds)."""
-        room = torch.where(d < 0, self.lower - x, self.upper - x)
-        moving = d != 0
-        if not bool(moving.any()):
-            return math.inf
-        return max(0.0, float((room[moving] / d[moving]).min()))
+        return _project(x, self.lower, self.upper)
 
     def _assign(self, x):
         with torch.no_grad():
@@ -340,7 +346,9 @@ class _QuasiNewtonStepper:
             # trial is a point off the search direction: a variable a hair inside
             # its bound and pushed against it took searches of 10 evaluations for
             # steps of 1e-6, four times over, on a hetero seed.)
-            t_max = self._step_to_bound(x, d) if self.lower is not None else math.inf
+            t_max = (
+                math.inf if self.lower is None else _step_to_bound(x, d, self.lower, self.upper)
+            )
             if t_max <= 0.0 and self.memory:
                 # the quasi-Newton direction leaves the box at once (a free
                 # variable on its bound): projected steepest descent instead
@@ -716,7 +724,7 @@ def minimize_newton(
     lower = upper = None
     if bounds is not None:
         lower, upper = (torch.as_tensor(b).to(x) for b in bounds)
-        x = torch.maximum(torch.minimum(x, upper), lower)
+        x = _project(x, lower, upper)
     f, g, H, info = evaluate(x)
     n_eval = 1
     eps = torch.finfo(x.dtype).eps
@@ -763,17 +771,12 @@ def minimize_newton(
             # stall criterion would only spend n_iter_no_change more evaluations)
             stop_reason = "tol"
             break
-        t = 1.0
-        if lower is not None:
-            room = torch.where(step < 0, lower - x, upper - x)
-            moving = step != 0
-            if bool(moving.any()):
-                t = min(1.0, max(0.0, float((room[moving] / step[moving]).min())))
+        t = 1.0 if lower is None else min(1.0, _step_to_bound(x, step, lower, upper))
         accepted = False
         for _ in range(30):
             trial = x + t * step
             if lower is not None:
-                trial = torch.maximum(torch.minimum(trial, upper), lower)
+                trial = _project(trial, lower, upper)
             f_t, g_t, H_t, info_t = evaluate(trial)
             n_eval += 1
             if math.isfinite(f_t) and f_t <= f + c1 * t * gtd + 10.0 * eps * abs(f):
