@@ -1048,15 +1048,10 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             a = self._alpha(phi).expand(self.n_folds, -1)  # (K, p)
             B = self._log_penalty.jacobian(self.n_folds, a)  # (K, p, m)
             m = B.shape[-1]
-            if self.method == "primal":
-                L, info = _primal_factor(self.gram, a)
-                solve = lambda r: _cho_solve(L, r)  # noqa: E731
-                rhs = self.rhs
-            else:
-                XA, L, info = _dual_factor(self.Xs, a)
-                solve = lambda r: _dual_inverse(L, XA, self.Xs, a, r)  # noqa: E731
-                rhs = _bmv(self.Xs.mT, self.ys)
-            if bool((info != 0).any()):
+            # the exact inverse Hessian of the folds' ridge systems (its theta is unused)
+            solve = self.hessian_preconditioner(None, phi)
+            rhs = self.rhs if self.method == "primal" else _bmv(self.Xs.mT, self.ys)
+            if solve is None:
                 raise torch.linalg.LinAlgError(
                     "value_grad_hessian: a fold's ridge system is not numerically "
                     "positive definite at these penalties (value_and_grad falls back "
