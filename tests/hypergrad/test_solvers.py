@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from skbilevel.hypergrad import LBFGS, InnerSolveWarning, NewtonCG, SolveResult
+from skbilevel.hypergrad import LBFGS, InnerSolveWarning, NewtonCG, SolveResult, solve_cg
 
 DT = torch.float64
 
@@ -125,9 +125,28 @@ def test_newton_cg_preconditions_with_the_objective_diagonal():
     w_pre, pre = NewtonCG(tol=1e-9, cg_maxiter=2000).solve(fun, w0)
     w_off, off = NewtonCG(tol=1e-9, cg_maxiter=2000, precondition=False).solve(fun, w0)
     assert plain.converged and pre.converged and off.n_hvp == plain.n_hvp
-    torch.testing.assert_close(w_pre, w_ref, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(w_plain, w_ref, rtol=1e-9, atol=1e-12)
+    lam_min = float(torch.linalg.eigvalsh(fun.A)[0])
+    for w in (w_pre, w_plain):
+        assert float(torch.linalg.vector_norm(fun.A @ w - fun.b)) <= 1e-9
+        # the gradient's tolerance bounds the error: ||w - w*|| <= ||g|| / lambda_min
+        assert float(torch.linalg.vector_norm(w - w_ref)) <= 1e-9 / lam_min
     assert 5 * pre.n_hvp < plain.n_hvp
+
+
+def test_newton_cg_solves_no_more_accurately_than_the_tolerance_needs():
+    # from a point whose gradient is 4 tol, the Newton system needs a relative
+    # residual of 1/8 (Eisenstat-Walker's safeguard), not sqrt(||g||) = 2e-3
+    fun = _ScaledQuadratic()
+    w_ref = torch.linalg.solve(fun.A, fun.b)
+    g = torch.randn(80, generator=torch.Generator().manual_seed(1), dtype=DT)
+    g = 4e-6 * g / torch.linalg.vector_norm(g)
+    w0 = w_ref + torch.linalg.solve(fun.A, g)  # gradient g there
+    w, res = NewtonCG(tol=1e-6, cg_maxiter=2000, precondition=False).solve(fun, w0)
+    assert res.converged and res.n_iter == 1
+    assert float(torch.linalg.vector_norm(fun.A @ w - fun.b)) <= 1e-6
+    _, loose = solve_cg(lambda v: fun.A @ v, -g, tol=0.12, maxiter=2000)
+    _, tight = solve_cg(lambda v: fun.A @ v, -g, tol=2e-3, maxiter=2000)
+    assert res.n_hvp <= loose.n_matvec < tight.n_matvec / 1.5
 
 
 def test_newton_cg_repairs_or_drops_unusable_diagonals():
