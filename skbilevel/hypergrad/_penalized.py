@@ -38,6 +38,7 @@ import torch
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
 from ._closed_form import ClosedForm, _cholesky_ex, _gram, _use_numpy
 from ._solvers import LBFGS, _FixedPhi
+from ._sparse import csr_transpose, csr_with_values, to_csr
 from ._tree import tree_detach
 
 __all__ = [
@@ -1257,6 +1258,11 @@ class LogisticFolds(_PenaltyModel):
     Parameters
     ----------
     X : tensor of shape (n_samples, n_features)
+        Dense, or sparse (CSR, COO or CSC; kept as CSR): every product with
+        ``X`` is then a sparse one, so a term-document matrix of 1% density
+        costs about a hundredth of its dense form, in time and memory (its
+        dense form is only built when the per-fold Hessian blocks are, with
+        at most ``_BLOCK_MAX_FEATURES`` features).
     y : long tensor of shape (n_samples,)
         Class indices ``0..n_classes-1``.
     n_classes : int
@@ -1294,6 +1300,9 @@ class LogisticFolds(_PenaltyModel):
     ):
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
+        self._sparse = X.layout != torch.strided
+        if self._sparse:
+            X = to_csr(X)
         n, p = X.shape
         if int(n_classes) < 2:
             raise ValueError(f"n_classes must be at least 2, got {n_classes}.")
@@ -1317,16 +1326,16 @@ class LogisticFolds(_PenaltyModel):
             None if self.val_weights is None else self.val_weights.T.contiguous()
         )
         if self.n_out == 1:
-            self._sign = (2.0 * y.to(X) - 1.0)[:, None]
+            self._sign = (2.0 * y.to(X.dtype) - 1.0)[:, None]
         else:
-            self._onehot = torch.nn.functional.one_hot(y, self.n_classes).to(X)[
+            self._onehot = torch.nn.functional.one_hot(y, self.n_classes).to(X.dtype)[
                 :, None, :
             ]
         self.theta_ = None  # warm start
         self._X_sq = None  # X ** 2, built on the first hessian_diagonal call
-        self._X_aug = None  # [X, 1], built on the first hessian_preconditioner call
+        self._X_aug = None  # [X, 1] dense, built on the first hessian_preconditioner call
         self._curvature_at = None  # (theta leaves, versions, probabilities) of _curvature
-        self._XT = None  # X.T contiguous, built on the first logits or hvp call
+        self._XT = None  # X.T contiguous (or CSR), built on its first use (_transposed)
         self._gram_at = None  # (curvature weights, weighted Gram) of hessian_preconditioner
 
     @property
@@ -1340,9 +1349,9 @@ class LogisticFolds(_PenaltyModel):
     def init_theta(self):
         """Zero coefficients ``(p, n_folds, n_out)`` and intercepts ``(n_folds, .)``."""
         K, p = self.n_folds, self.X.shape[1]
-        theta = {"coef": self.X.new_zeros(p, K, self.n_out)}
+        theta = {"coef": self.train_weights.new_zeros(p, K, self.n_out)}
         if self.fit_intercept:
-            theta["intercept"] = self.X.new_zeros(
+            theta["intercept"] = self.train_weights.new_zeros(
                 K, 1 if self.n_out == 1 else self.n_out - 1
             )
         return theta
@@ -1361,11 +1370,9 @@ class LogisticFolds(_PenaltyModel):
         """
         W = theta["coef"]
         p, K, c = W.shape
-        if X is None and c == 1:
-            if self._XT is None:
-                self._XT = self.X.T.contiguous()
+        if X is None and c == 1 and not self._sparse:
             n = self.X.shape[0]
-            out = (W.reshape(p, K * c).T @ self._XT).T.reshape(n, K, c)
+            out = (W.reshape(p, K * c).T @ self._transposed()).T.reshape(n, K, c)
         else:
             X = self.X if X is None else X
             out = (X @ W.reshape(p, K * c)).reshape(X.shape[0], K, c)
@@ -1375,6 +1382,16 @@ class LogisticFolds(_PenaltyModel):
                 b = torch.cat([b, b.new_zeros(b.shape[0], 1)], dim=1)
             out = out + b
         return out
+
+    def _transposed(self):
+        """``X^T``, stored: contiguous (dense ``X``) or CSR (sparse ``X``)."""
+        if self._XT is None:
+            self._XT = csr_transpose(self.X) if self._sparse else self.X.T.contiguous()
+        return self._XT
+
+    def _dense_X(self):
+        """``X`` as a dense tensor (a copy when it is sparse)."""
+        return self.X.to_dense() if self._sparse else self.X
 
     def _penalty(self, phi):
         """Penalty of every feature in every fold, shape ``(p, n_folds)``.
@@ -1430,7 +1447,10 @@ class LogisticFolds(_PenaltyModel):
         coefficient part to penalize.
         """
         K, c, n = R.shape
-        XtR = (R.reshape(K * c, n) @ self.X).T.reshape(-1, K, c)
+        if self._sparse:
+            XtR = (self._transposed() @ R.reshape(K * c, n).T).reshape(-1, K, c)
+        else:
+            XtR = (R.reshape(K * c, n) @ self.X).T.reshape(-1, K, c)
         out = {"coef": (XtR + a[..., None] * V) / self._scale}
         if self.fit_intercept:
             b = R.sum(-1)
@@ -1523,9 +1543,10 @@ class LogisticFolds(_PenaltyModel):
             P, w = self._curvature(theta)  # (K, c, n)
             V = v["coef"].detach()
             p, K, c = V.shape
-            if self._XT is None:
-                self._XT = self.X.T.contiguous()
-            u = (V.reshape(p, K * c).T @ self._XT).reshape(K, c, -1)
+            if self._sparse:
+                u = (self.X @ V.reshape(p, K * c)).T.reshape(K, c, -1)
+            else:
+                u = (V.reshape(p, K * c).T @ self._transposed()).reshape(K, c, -1)
             if self.fit_intercept:
                 vb = v["intercept"].detach()
                 if self.n_out > 1:
@@ -1645,8 +1666,9 @@ class LogisticFolds(_PenaltyModel):
             _, W = self._curvature(theta)  # (K, 1, n)
             w = W[:, 0, :]
             if self._X_aug is None:  # X with a column of ones for the intercept
-                self._X_aug = self.X if not self.fit_intercept else torch.cat(
-                    [self.X, self.X.new_ones(self.X.shape[0], 1)], dim=1
+                X = self._dense_X()
+                self._X_aug = X if not self.fit_intercept else torch.cat(
+                    [X, X.new_ones(X.shape[0], 1)], dim=1
                 )
             Xa = self._X_aug
             cached = self._gram_at
@@ -1701,12 +1723,18 @@ class LogisticFolds(_PenaltyModel):
         """
         with torch.no_grad():
             a = self._penalty(phi.detach())  # (p, K)
-            if self._X_sq is None:
-                self._X_sq = self.X * self.X
+            if self._X_sq is None:  # sparse: (X ** 2)^T in CSR, for the product below
+                XT = self._transposed()
+                self._X_sq = (
+                    csr_with_values(XT, XT.values() ** 2) if self._sparse else self.X * self.X
+                )
             P, w = self._curvature(theta)  # (K, c, n)
             tq = w if self.n_out == 1 else w * (1.0 - P)  # t P (1 - P)
             K, c, n = tq.shape
-            coef = (tq.reshape(K * c, n) @ self._X_sq).T.reshape(-1, K, c)
+            if self._sparse:
+                coef = (self._X_sq @ tq.reshape(K * c, n).T).reshape(-1, K, c)
+            else:
+                coef = (tq.reshape(K * c, n) @ self._X_sq).T.reshape(-1, K, c)
             diag = {"coef": (coef + a[..., None]) / self._scale}
             if self.fit_intercept:
                 curv = tq.sum(-1)  # (K, c)
@@ -1837,7 +1865,7 @@ class LogisticFolds(_PenaltyModel):
         )
         best, previous = None, None
         for i in order.tolist():
-            phi = self.X.new_full((1,), float(log_alphas[i]))
+            phi = self.train_weights.new_full((1,), float(log_alphas[i]))
             if previous is not None:
                 shared.theta_ = shared._path_predictor(*previous, phi)
             theta, _ = shared.solve(phi, solver)

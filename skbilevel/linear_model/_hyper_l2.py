@@ -138,6 +138,7 @@ from ..hypergrad import (
     minimize_newton,
     minimize_outer,
 )
+from ..hypergrad._sparse import csr_with_values
 from ..utils import (
     core_warnings_as_sklearn,
     resolve_device,
@@ -198,6 +199,18 @@ def _penalty_scale(X, sw, fit_intercept):
     The natural unit of a penalty: the shared-penalty grid and the floor of
     the per-feature stage are placed relative to it (1.0 for degenerate data).
     """
+    if X.layout != torch.strided:
+        # sparse (CSR): centring would fill it in; sum_i sw_i ||x_i||^2 minus the
+        # mean's part, sum(sw) ||m||^2, instead
+        sq = csr_with_values(X, X.values() ** 2) @ torch.ones(
+            X.shape[1], dtype=X.dtype, device=X.device
+        )
+        total = float(sw @ sq)
+        if fit_intercept:
+            m = (sw[None] @ X) / sw.sum()
+            total = max(total - float(sw.sum()) * float((m * m).sum()), 0.0)
+        scale = total / max(X.shape[1], 1)
+        return scale if scale > 0 and math.isfinite(scale) else 1.0
     Xc = X - (sw @ X) / sw.sum() if fit_intercept else X
     # row norms, not Xc * Xc: one temporary fewer (2000 x 200: 2.6 -> 0.2 ms)
     scale = float(sw @ torch.linalg.vector_norm(Xc, dim=1).square()) / max(X.shape[1], 1)
@@ -510,9 +523,10 @@ class _HyperL2Base(BaseEstimator):
         n_groups = int(groups.max()) + 1
         chains = {}
         for level in {lv for lv, _ in pilots}:
-            coef = self._pilot(problem, problem.X.new_full((n_groups,), level))
+            like = dict(dtype=problem.X.dtype, device=problem.X.device)  # X may be sparse
+            coef = self._pilot(problem, torch.full((n_groups,), level, **like))
             chain = [adaptive_penalty_basis(coef, groups, eps=_ADAPTIVE_EPS)]
-            half = problem.X.new_tensor([level, 0.5])
+            half = torch.tensor([level, 0.5], **like)
             for _ in range(max(c for lv, c in pilots if lv == level)):
                 coef = self._pilot(problem.reparametrized(basis=chain[-1]), half)
                 chain.append(adaptive_penalty_basis(coef, groups, eps=_ADAPTIVE_EPS))
@@ -1207,6 +1221,8 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         Parameters
         ----------
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            A sparse matrix is made dense (the closed-form folds factor dense
+            Gram matrices).
         y : array-like of shape (n_samples,)
         sample_weight : float or array-like of shape (n_samples,), default=None
             Non-negative sample weights (in the inner and the validation losses).
@@ -1579,6 +1595,8 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         Parameters
         ----------
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            A sparse matrix stays sparse: the folds' products with it cost in
+            proportion to its nonzeros.
         y : array-like of shape (n_samples,)
         sample_weight : float or array-like of shape (n_samples,), default=None
 
@@ -1622,7 +1640,9 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             )
         solver = self._inner_solver(dtype)
 
-        Xt = to_tensor(X, device=device, dtype=dtype)
+        # sparse data stay sparse: the folds' products with X cost in proportion to
+        # its nonzeros (a 1000 x 5000 matrix of 1% density: 0.08 against 7 ms)
+        Xt = to_tensor(X, device=device, dtype=dtype, keep_sparse=True)
         yt = torch.as_tensor(y_idx, device=device)
         swt = to_tensor(sw, device=device, dtype=dtype)
         gt = torch.as_tensor(groups, device=device)

@@ -9,6 +9,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from ..hypergrad import HypergradientWarning
+from ..hypergrad._sparse import csr_tensor
 
 __all__ = [
     "resolve_device",
@@ -103,10 +104,33 @@ def resolve_dtype(dtype):
     return _DTYPES[name]
 
 
-def to_tensor(array, device=None, dtype=torch.float64):
-    """Convert an array-like (dense or scipy sparse) to a dense torch tensor."""
+def to_tensor(array, device=None, dtype=torch.float64, keep_sparse=False):
+    """Convert an array-like (dense or scipy sparse) to a torch tensor.
+
+    Dense, unless ``keep_sparse`` and ``array`` is a scipy sparse matrix:
+    then a CSR tensor (duplicate entries summed), whose products cost in
+    proportion to its nonzeros.
+
+    Examples
+    --------
+    >>> import scipy.sparse as sp
+    >>> from skbilevel.utils import to_tensor
+    >>> X = sp.csr_matrix([[0.0, 2.0], [1.0, 0.0]])
+    >>> to_tensor(X).tolist(), to_tensor(X, keep_sparse=True).layout
+    ([[0.0, 2.0], [1.0, 0.0]], torch.sparse_csr)
+    """
     if isinstance(array, torch.Tensor):
         return array.to(device=device, dtype=dtype)
+    if sp.issparse(array) and keep_sparse:
+        csr = sp.csr_matrix(array, copy=True)
+        csr.sum_duplicates()  # canonical: sorted column indices, no repeats
+        return csr_tensor(
+            torch.as_tensor(csr.indptr, dtype=torch.int64),
+            torch.as_tensor(csr.indices, dtype=torch.int64),
+            torch.as_tensor(csr.data, dtype=dtype),
+            csr.shape,
+            device=device,
+        )
     if sp.issparse(array):
         array = array.toarray()
     array = np.asarray(array)

@@ -1,6 +1,8 @@
 """LogisticFolds' closed-form gradient and Hessian-vector products, and the
 solvers' use of them (the ``hvp`` / ``loss_and_grad`` protocol) against autograd."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ from skbilevel.hypergrad import (
     argmin,
 )
 from skbilevel.hypergrad._solvers import _FixedPhi
+from skbilevel.hypergrad._sparse import to_csr
 from skbilevel.hypergrad._tree import tree_to_vector, vector_to_tree
 
 DT = torch.float64
@@ -254,3 +257,52 @@ def test_block_preconditioner_only_for_binary_problems():
     folds = _folds(4, True)
     phi = torch.zeros(folds.n_groups, dtype=DT)
     assert folds.hessian_preconditioner(folds.init_theta(), phi) is None
+
+
+def _sparsified(folds, layout):
+    """The same folds with X thinned to 30% nonzeros, dense and in ``layout``."""
+    g = torch.Generator().manual_seed(1)
+    X = folds.X * (torch.rand(folds.X.shape, generator=g) < 0.3)
+    # (a COO X is converted by LogisticFolds; a CSR one built without torch's warning)
+    sparse = X.to_sparse_coo() if layout == "coo" else to_csr(X)
+    args = (folds.y, folds.n_classes, folds.train_weights, folds.val_weights)
+    kw = dict(fit_intercept=folds.fit_intercept)
+    return LogisticFolds(X, *args, **kw), LogisticFolds(sparse, *args, **kw)
+
+
+@pytest.mark.parametrize("layout", ["csr", "coo"])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_sparse_X_gives_the_dense_results_without_warnings(n_classes, fit_intercept, layout):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's CSR "beta state" warning included
+        dense, sparse = _sparsified(_folds(n_classes, fit_intercept), layout)
+        assert sparse.X.layout == torch.sparse_csr
+        phi = torch.linspace(-1.0, 1.0, 4, dtype=DT)
+        solver = NewtonCG(tol=1e-11)
+        v_d, g_d, _, theta = dense.value_and_grad(phi, solver=solver)
+        v_s, g_s, _, _ = sparse.value_and_grad(phi, solver=solver)
+        torch.testing.assert_close(v_s, v_d, rtol=1e-10, atol=0.0)
+        torch.testing.assert_close(g_s, g_d, rtol=1e-8, atol=1e-12)
+        g = torch.Generator().manual_seed(2)
+        v = {k: torch.randn(t.shape, generator=g, dtype=DT) for k, t in theta.items()}
+        a, b = dense.hvp(theta, phi, v), sparse.hvp(theta, phi, v)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-12, atol=1e-14)
+        a, b = dense.hessian_diagonal(theta, phi), sparse.hessian_diagonal(theta, phi)
+        (f_d, gr_d), (f_s, gr_s) = dense.loss_and_grad(theta, phi), sparse.loss_and_grad(theta, phi)
+        torch.testing.assert_close(f_s, f_d, rtol=1e-12, atol=0.0)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(gr_s[k], gr_d[k], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(
+            sparse.validation_curve([1.0, -1.0], solver=solver),
+            dense.validation_curve([1.0, -1.0], solver=solver),
+            rtol=1e-9,
+            atol=0.0,
+        )
+        if n_classes == 2:  # the exact outer Hessian, from the dense Hessian blocks
+            out_d = dense.value_grad_hessian(phi, solver)
+            out_s = sparse.value_grad_hessian(phi, solver)
+            for a, b in zip(out_d, out_s):
+                torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-12)

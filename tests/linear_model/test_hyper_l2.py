@@ -164,6 +164,46 @@ def test_classifier_binary_matches_logistic_regression_at_its_alphas():
     assert clf.hypergradient_info_["strategy"] == "cg"
 
 
+@pytest.mark.parametrize("fmt", ["csr", "coo"])
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_classifier_sparse_input_fits_the_dense_model(n_classes, fmt):
+    import scipy.sparse as sp
+
+    X, y = make_classification(
+        150, 8, n_informative=4, n_classes=n_classes, n_clusters_per_class=1, random_state=0
+    )
+    X[np.random.RandomState(0).rand(*X.shape) < 0.6] = 0.0
+    kw = dict(max_iter=5, random_state=0, solver=LBFGS(tol=1e-10, max_iter=1000))
+    dense = HyperL2Classifier(**kw).fit(X, y)
+    sparse = HyperL2Classifier(**kw).fit(sp.csr_matrix(X).asformat(fmt), y)
+    np.testing.assert_allclose(sparse.alphas_, dense.alphas_, rtol=1e-5)
+    np.testing.assert_allclose(sparse.coef_, dense.coef_, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        sparse.predict_proba(sp.csr_matrix(X)), dense.predict_proba(X), rtol=1e-6, atol=1e-9
+    )
+
+
+def test_classifier_never_densifies_wide_sparse_data(monkeypatch):
+    # 5000 features (beyond the dense Hessian blocks): every product with X is a
+    # sparse one; a dense copy of X anywhere raises
+    import scipy.sparse as sp
+
+    rng = np.random.RandomState(0)
+    X = sp.random(300, 5000, density=0.01, random_state=0, format="csr")
+    w = np.zeros(5000)
+    w[:40] = 4.0 * rng.randn(40)
+    y = (X @ w + 0.1 * rng.randn(300) > 0).astype(int)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("X was densified")
+
+    monkeypatch.setattr(sp.csr_matrix, "toarray", refuse)
+    monkeypatch.setattr(torch.Tensor, "to_dense", refuse)
+    clf = HyperL2Classifier(max_iter=3, random_state=0).fit(X, y)
+    assert clf.coef_.shape == (1, 5000) and np.isfinite(clf.coef_).all()
+    assert clf.score(X, y) > 0.9
+
+
 def test_classifier_cg_and_dense_agree():
     X, y = make_classification(120, 4, n_informative=3, n_redundant=0, random_state=1)
     kw = dict(max_iter=4, random_state=0, solver=LBFGS(tol=1e-11, max_iter=1000))
