@@ -7,8 +7,6 @@ weight decay, MAML) are checked against central finite differences of the
 unrolled map itself.
 """
 
-import math
-
 import pytest
 import torch
 
