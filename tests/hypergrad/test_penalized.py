@@ -242,8 +242,6 @@ def test_logistic_validation_curve_warm_path():
 
 
 def test_logistic_preconditioner_reuses_its_gram_while_the_weights_barely_move(monkeypatch):
-    from skbilevel.hypergrad import _penalized
-
     X, y = _class_data(n=120, p=5)
     T = _folds(len(y), k=3)
     folds = LogisticFolds(
@@ -252,8 +250,10 @@ def test_logistic_preconditioner_reuses_its_gram_while_the_weights_barely_move(m
     phi = torch.zeros(5, dtype=DT)
     theta, _ = folds.solve(phi, NewtonCG(tol=1e-10))
     formed = []
-    gram = _penalized._gram
-    monkeypatch.setattr(_penalized, "_gram", lambda A: formed.append(1) or gram(A))
+    gram = LogisticFolds._weighted_gram
+    monkeypatch.setattr(
+        LogisticFolds, "_weighted_gram", lambda self, w: formed.append(1) or gram(self, w)
+    )
     near = {k: v * 1.001 for k, v in theta.items()}  # weights move by far less than 10%
     folds.hessian_preconditioner(theta, phi, exact=True)
     reused = folds.hessian_preconditioner(near, phi)
@@ -735,3 +735,15 @@ def test_logistic_value_grad_hessian_matches_finite_differences(fit_intercept):
     multi = LogisticFolds(X, y % 2 + (X[:, 2] > 1).long(), 3, T, 1 - T)
     with pytest.raises(NotImplementedError, match="binary"):
         multi.value_grad_hessian(torch.zeros(p, dtype=DT))
+
+
+def test_logistic_weighted_gram_uses_the_training_rows_only():
+    X, y = _class_data(n=60, p=4)
+    T = torch.tensor(_folds(len(y), k=3))
+    folds = LogisticFolds(torch.tensor(X), torch.tensor(y), 2, T, 1.0 - T)
+    phi = torch.zeros(4, dtype=DT)
+    folds.hessian_preconditioner(folds.init_theta(), phi)  # builds X_aug
+    w = T * torch.rand(T.shape, generator=torch.Generator().manual_seed(0), dtype=DT)
+    Xa = torch.cat([torch.tensor(X), torch.ones(len(y), 1, dtype=DT)], dim=1)
+    expected = torch.einsum("ni,kn,nj->kij", Xa, w, Xa)
+    torch.testing.assert_close(folds._weighted_gram(w), expected, rtol=1e-12, atol=1e-12)
