@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
-from ._closed_form import ClosedForm, _cholesky_ex, _gram, _use_numpy
+from ._closed_form import ClosedForm, _cholesky_ex, _gram, _matmul, _use_numpy
 from ._solvers import LBFGS, _FixedPhi
 from ._sparse import csr_transpose, csr_with_values, to_csr
 from ._tree import tree_detach
@@ -1373,10 +1373,10 @@ class LogisticFolds(_PenaltyModel):
         p, K, c = W.shape
         if X is None and c == 1 and not self._sparse:
             n = self.X.shape[0]
-            out = (W.reshape(p, K * c).T @ self._transposed()).T.reshape(n, K, c)
+            out = _matmul(W.reshape(p, K * c).T, self._transposed()).T.reshape(n, K, c)
         else:
             X = self.X if X is None else X
-            out = (X @ W.reshape(p, K * c)).reshape(X.shape[0], K, c)
+            out = _matmul(X, W.reshape(p, K * c)).reshape(X.shape[0], K, c)
         if self.fit_intercept:
             b = theta["intercept"]
             if self.n_out > 1:
@@ -1451,7 +1451,7 @@ class LogisticFolds(_PenaltyModel):
         if self._sparse:
             XtR = (self._transposed() @ R.reshape(K * c, n).T).reshape(-1, K, c)
         else:
-            XtR = (R.reshape(K * c, n) @ self.X).T.reshape(-1, K, c)
+            XtR = _matmul(R.reshape(K * c, n), self.X).T.reshape(-1, K, c)
         out = {"coef": (XtR + a[..., None] * V) / self._scale}
         if self.fit_intercept:
             b = R.sum(-1)
@@ -1547,7 +1547,7 @@ class LogisticFolds(_PenaltyModel):
             if self._sparse:
                 u = (self.X @ V.reshape(p, K * c)).T.reshape(K, c, -1)
             else:
-                u = (V.reshape(p, K * c).T @ self._transposed()).reshape(K, c, -1)
+                u = _matmul(V.reshape(p, K * c).T, self._transposed()).reshape(K, c, -1)
             if self.fit_intercept:
                 vb = v["intercept"].detach()
                 if self.n_out > 1:
@@ -1752,7 +1752,7 @@ class LogisticFolds(_PenaltyModel):
             if self._sparse:
                 coef = (self._X_sq @ tq.reshape(K * c, n).T).reshape(-1, K, c)
             else:
-                coef = (tq.reshape(K * c, n) @ self._X_sq).T.reshape(-1, K, c)
+                coef = _matmul(tq.reshape(K * c, n), self._X_sq).T.reshape(-1, K, c)
             diag = {"coef": (coef + a[..., None]) / self._scale}
             if self.fit_intercept:
                 curv = tq.sum(-1)  # (K, c)
