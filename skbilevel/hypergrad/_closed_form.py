@@ -1686,8 +1686,10 @@ class _Bracket:
             return None
         newton = xb - gb / self.curv if self.first and self.curv > 0 else self.nan
         t = e - xb  # quadratic q(t) = fb + gb t + c t^2 through f(e)
-        c = (self.fe - self.fb - gb * t) / (t * t)
-        quad = xb - gb / (2.0 * c) if c > 0 else self.nan
+        quad = self.nan
+        if _finite(self.fe) and _finite(t) and t != 0.0:  # (a far end may be inf)
+            c = (self.fe - self.fb - gb * t) / (t * t)
+            quad = xb - gb / (2.0 * c) if c > 0 else self.nan
         for trial in (sec, newton, quad, 0.5 * (xb + e)):
             if inside(trial):
                 break
