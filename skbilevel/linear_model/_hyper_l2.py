@@ -193,27 +193,29 @@ def _groups_from_penalty(penalty, n_features):
     return groups, int(groups.max()) + 1 if n_features else 0
 
 
-def _penalty_scale(X, sw, fit_intercept):
-    """Weighted sum of squared (centred) feature values, averaged over features.
+def _feature_scales(X, sw, fit_intercept):
+    """Weighted sum of squared (centred) values of every feature, ``(p,)``.
 
-    The natural unit of a penalty: the shared-penalty grid and the floor of
-    the per-feature stage are placed relative to it (1.0 for degenerate data).
+    A feature's natural unit of penalty: a penalty of ``1e-4`` times it
+    leaves that feature nearly unpenalized.
     """
     if X.layout != torch.strided:
-        # sparse (CSR): centring would fill it in; sum_i sw_i ||x_i||^2 minus the
-        # mean's part, sum(sw) ||m||^2, instead
-        sq = csr_with_values(X, X.values() ** 2) @ torch.ones(
-            X.shape[1], dtype=X.dtype, device=X.device
-        )
-        total = float(sw @ sq)
+        # sparse (CSR): centring would fill it in; sum_i sw_i x_ij^2 minus the
+        # mean's part, sum(sw) m_j^2, instead
+        out = (sw[None] @ csr_with_values(X, X.values() ** 2))[0]
         if fit_intercept:
-            m = (sw[None] @ X) / sw.sum()
-            total = max(total - float(sw.sum()) * float((m * m).sum()), 0.0)
-        scale = total / max(X.shape[1], 1)
-        return scale if scale > 0 and math.isfinite(scale) else 1.0
-    Xc = X - (sw @ X) / sw.sum() if fit_intercept else X
-    # row norms, not Xc * Xc: one temporary fewer (2000 x 200: 2.6 -> 0.2 ms)
-    scale = float(sw @ torch.linalg.vector_norm(Xc, dim=1).square()) / max(X.shape[1], 1)
+            m = (sw[None] @ X)[0] / sw.sum()
+            out = (out - sw.sum() * m * m).clamp_min(0.0)
+        return out
+    Xc = X - (sw @ X) / sw.sum() if fit_intercept else X.clone()
+    return sw @ Xc.square_()
+
+
+def _penalty_scale(scales):
+    """The mean of the feature scales (:func:`_feature_scales`), 1.0 for
+    degenerate data: the natural unit of a shared penalty. The shared-penalty
+    grid and the floor of the per-feature stage are placed relative to it."""
+    scale = float(scales.mean()) if len(scales) else 0.0
     return scale if scale > 0 and math.isfinite(scale) else 1.0
 
 
@@ -729,12 +731,17 @@ class _HyperL2Base(BaseEstimator):
         res = self._outer_stage(staged, psi, base, 0.0, 0.0, lo, hi)
         return psi.detach() * unit, res, pilot, staged.warm_starts()
 
-    def _run_outer(self, objective, n_groups, n_samples, scale, groups, dtype, device):
+    def _run_outer(
+        self, objective, n_groups, n_samples, scale, groups, dtype, device, low_scale=None
+    ):
         """The stages; returns phi (tensor), shared log-alpha, prior centre, history,
         n_iter, info, and the objective whose parametrization ``phi`` belongs to.
         Also sets ``adaptive_params_`` and ``adaptive_pilot_``. ``n_samples`` is
         the sum of the sample weights (an integer weight counts as repeats, as
-        for scikit-learn's sample-weight equivalence)."""
+        for scikit-learn's sample-weight equivalence). The shared search may
+        go ten decades below its grid; with ``low_scale`` (the classifier's
+        smallest feature scale), only as far below it as the grid's low end is
+        below ``scale``."""
         kind, init = self._check_alpha_init(len(groups), groups, n_groups)
         gt = torch.as_tensor(groups, device=device)
         # the adaptive stage needs fold problems that take another penalty model
@@ -783,9 +790,19 @@ class _HyperL2Base(BaseEstimator):
                 # the grid is relative to the mean feature scale: with features of
                 # very different scales the best penalty can lie beyond it (up to
                 # ten more decades: far enough for least squares, near enough for
-                # the solves to stay finite in float32)
+                # the solves to stay finite in float32). With low_scale (the
+                # classifier), no further down than where the smallest feature is
+                # as little penalized as the mean one at the grid's end: on (nearly)
+                # separable folds the validation log-loss keeps falling as the
+                # penalty vanishes and the fit diverges (standardized iris and wine:
+                # the search went 3 decades below the grid, test log-loss .096 and
+                # .084, against .079 and .070 stopped at the grid's end; in 5-fold
+                # cross-validation, 3 seeds)
                 grid = self._grid(scale)
                 beyond = 10.0 * math.log(10.0)
+                below = beyond
+                if low_scale is not None:
+                    below = min(beyond, max(0.0, math.log(scale / low_scale)))
                 stage1 = minimize_log_alpha(
                     vg_np,
                     values=lambda g: objective.curve(g)[:, None],
@@ -794,7 +811,7 @@ class _HyperL2Base(BaseEstimator):
                     # the best grid point as is before the classifier's
                     # per-feature stages (see _refine_shared)
                     max_iter=max_iter if self._refine_shared or n_groups == 1 else 0,
-                    bounds=(grid[0] - beyond, grid[-1] + beyond),
+                    bounds=(grid[0] - below, grid[-1] + beyond),
                     expand=True,
                 )
             shared = center = float(stage1.x[0])
@@ -1306,7 +1323,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     lambda b, phi: b.validation_loss(b.closed_form(phi)),
                     lambda b, phi: b.value_grad_hessian(phi),
                 )
-            scale = _penalty_scale(Xt, swt, self.fit_intercept)
+            scale = _penalty_scale(_feature_scales(Xt, swt, self.fit_intercept))
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
                 objective, n_groups, n_eff, scale, groups, dtype, device
             )
@@ -1681,9 +1698,13 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                 # the exact Hessian (binary problems): Newton steps for the adaptive model
                 (lambda b, phi: b.value_grad_hessian(phi, solver)) if n_classes == 2 else None,
             )
-            scale = _penalty_scale(Xt, swt, self.fit_intercept)
+            scales = _feature_scales(Xt, swt, self.fit_intercept)
+            scale = _penalty_scale(scales)
+            # the smallest scale of a feature that varies: the shared grid's low end
+            varying = scales[scales > 1e-12 * scale]
+            low_scale = float(varying.min()) if len(varying) else scale
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
-                objective, n_groups, n_eff, scale, groups, dtype, device
+                objective, n_groups, n_eff, scale, groups, dtype, device, low_scale
             )
             full = LogisticFolds(
                 Xt, yt, n_classes, swt, groups=gt, fit_intercept=self.fit_intercept

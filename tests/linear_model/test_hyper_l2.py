@@ -204,6 +204,39 @@ def test_classifier_never_densifies_wide_sparse_data(monkeypatch):
     assert clf.score(X, y) > 0.9
 
 
+def _separable(n=120, seed=0):
+    rng = np.random.RandomState(seed)
+    y = np.arange(n) % 2
+    X = rng.randn(n, 3)
+    X[:, 0] += np.where(y == 1, 3.0, -3.0)
+    return (X - X.mean(0)) / X.std(0), y, rng
+
+
+def test_classifier_shared_search_stops_at_the_grid_on_separable_data():
+    # the folds' validation log-loss keeps falling as the penalty vanishes: the
+    # search stops at the grid's low end, 1e-4 times the (standardized) feature
+    # scale n, instead of following the diverging fit below it
+    # (where the search, bounded there, once divided by an infinite bracket end:
+    # a numpy RuntimeWarning)
+    X, y, _ = _separable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        clf = HyperL2Classifier(penalty="scalar", random_state=0).fit(X, y)
+    assert clf.shared_alpha_ >= 1e-4 * len(y) * (1 - 1e-9)
+
+
+def test_classifier_shared_search_goes_below_the_grid_for_small_scale_features():
+    # the informative feature in units 100 times smaller than the others: its
+    # penalty lies below the grid (relative to the mean scale), and the search
+    # goes there, no further than 1e-4 times the smallest feature scale
+    X, _, rng = _separable()
+    X = X * np.array([1e-2, 1.0, 1.0])
+    y = (X[:, 0] * 1e2 + 1.5 * rng.randn(len(X)) > 0).astype(int)
+    scales = ((X - X.mean(0)) ** 2).sum(0)
+    clf = HyperL2Classifier(penalty="scalar", random_state=0).fit(X, y)
+    assert 1e-4 * scales.min() * (1 - 1e-9) <= clf.shared_alpha_ < 1e-4 * scales.mean()
+
+
 def test_classifier_cg_and_dense_agree():
     X, y = make_classification(120, 4, n_informative=3, n_redundant=0, random_state=1)
     kw = dict(max_iter=4, random_state=0, solver=LBFGS(tol=1e-11, max_iter=1000))
