@@ -521,6 +521,21 @@ def _penalty_derivatives(lam, alpha, B, w, J):
     return grad, -(cross + cross.T + curv)
 
 
+def _fold_squared_errors(theta, rows):
+    """Per fold (``rows`` as in :class:`_FoldValidationLoss`): whether ``rows``
+    are numpy arrays, the weighted residuals ``v r`` and the losses
+    ``sum(v r^2)`` (numpy or tensors, ``()`` or ``(S,)``)."""
+    numpy = not isinstance(rows[0][0], torch.Tensor)
+    th = theta.detach()
+    th = th.numpy() if numpy else th
+    weighted, losses = [], []
+    for k, (Xc, yc, v) in enumerate(rows):
+        r = yc - th[k] @ Xc.T  # (m,) or (S, m)
+        weighted.append(v * r)
+        losses.append((weighted[-1] * r).sum(-1))
+    return numpy, weighted, losses
+
+
 class _FoldValidationLoss(torch.autograd.Function):
     """Sum over folds of the weighted squared validation error; gradient in ``theta`` only.
 
@@ -537,14 +552,8 @@ class _FoldValidationLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta, rows):
-        numpy = not isinstance(rows[0][0], torch.Tensor)
-        th = theta.detach()
-        th = th.numpy() if numpy else th
-        out, weighted = 0.0, []
-        for k, (Xc, yc, v) in enumerate(rows):
-            r = yc - th[k] @ Xc.T  # (m,) or (S, m)
-            weighted.append(v * r)
-            out = out + (weighted[-1] * r).sum(-1)
+        numpy, weighted, losses = _fold_squared_errors(theta, rows)
+        out = sum(losses)
         ctx.rows, ctx.weighted, ctx.numpy = rows, weighted, numpy
         return torch.from_numpy(np.asarray(out)) if numpy else out
 
@@ -942,6 +951,14 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         # one matrix-vector product per fold (several times faster than a batched
         # product over zero-padded rows), in one autograd node
         return _FoldValidationLoss.apply(theta, self._val_rows)
+
+    def fold_losses(self, theta):
+        """Every fold's weighted mean squared validation error, ``(n_folds,)``
+        (no graph; :meth:`validation_loss` is their sum)."""
+        if self.val_weights is None:
+            raise ValueError("validation_loss needs val_weights.")
+        _, _, losses = _fold_squared_errors(theta, self._val_rows)
+        return torch.as_tensor(np.asarray([float(v) for v in losses]), dtype=theta.dtype)
 
     def validation_curve(self, log_alphas, phi=None):
         """Summed validation loss at many shared log-penalties (no autograd).
@@ -1763,10 +1780,14 @@ class LogisticFolds(_PenaltyModel):
 
     def validation_loss(self, theta):
         """Sum over folds of the ``val_weights``-weighted mean log-loss."""
+        return self.fold_losses(theta).sum()
+
+    def fold_losses(self, theta):
+        """Every fold's ``val_weights``-weighted mean log-loss, ``(n_folds,)``."""
         if self.val_weights is None:
             raise ValueError("validation_loss needs val_weights.")
         V = self._val_t
-        return ((V * self._losses(theta)).sum(0) / V.sum(0)).sum()
+        return (V * self._losses(theta)).sum(0) / V.sum(0)
 
     def value_grad_hessian(self, phi, solver=None):
         """Validation loss summed over folds, its gradient and its Hessian in

@@ -747,3 +747,20 @@ def test_logistic_weighted_gram_uses_the_training_rows_only():
     Xa = torch.cat([torch.tensor(X), torch.ones(len(y), 1, dtype=DT)], dim=1)
     expected = torch.einsum("ni,kn,nj->kij", Xa, w, Xa)
     torch.testing.assert_close(folds._weighted_gram(w), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fold_losses_sum_to_the_validation_loss():
+    X, y = _class_data(n=60, p=4)
+    T = torch.tensor(_folds(len(y), k=3))
+    folds = LogisticFolds(torch.tensor(X), torch.tensor(y), 2, T, 1.0 - T)
+    theta, _ = folds.solve(torch.zeros(4, dtype=DT), NewtonCG(tol=1e-10))
+    per_fold = folds.fold_losses(theta)
+    assert per_fold.shape == (3,)
+    torch.testing.assert_close(per_fold.sum(), folds.validation_loss(theta))
+    Xr, yr, sw = (torch.tensor(a) for a in _data(n=30, p=5))
+    Tr = torch.tensor(_folds(30, k=3))
+    ridge = RidgeFolds(Xr, yr, Tr, val_weights=1.0 - Tr)
+    w = ridge.closed_form(torch.zeros(5, dtype=DT))
+    per_fold = ridge.fold_losses(w)
+    assert per_fold.shape == (3,)
+    torch.testing.assert_close(per_fold.sum(), ridge.validation_loss(w).detach())
