@@ -515,7 +515,7 @@ def minimize_outer(
     >>> z = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
     >>> valley = lambda p: (p[0] - 1) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
     >>> res = minimize_outer(valley, z, optimizer="lbfgs", learning_rate=1.0, tol=1e-12)
-    >>> [round(float(t), 6) for t in z], res.stop_reason, res.n_iter < 60
+    >>> [round(float(t), 6) for t in z.detach()], res.stop_reason, res.n_iter < 60
     ([1.0, 1.0], 'tol', True)
 
     The same valley in the box ``p[0] <= 0.5``, whose answer is on its edge:
@@ -523,7 +523,7 @@ def minimize_outer(
     >>> z = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
     >>> res = minimize_outer(valley, z, optimizer="lbfgs", learning_rate=1.0, tol=1e-12,
     ...                      bounds=(None, torch.tensor([0.5, 10.0])))
-    >>> [round(float(t), 6) for t in z], res.grad_norms[-1] < 1e-6
+    >>> [round(float(t), 6) for t in z.detach()], res.grad_norms[-1] < 1e-6
     ([0.5, 0.25], True)
     """
     _check_stopping(early_stopping, grad_tol)

@@ -354,7 +354,7 @@ def _autograd_vgh(f):
         value = f(x)
         (grad,) = torch.autograd.grad(value, x, create_graph=True)
         hess = torch.stack([torch.autograd.grad(gi, x, retain_graph=True)[0] for gi in grad])
-        return float(value), grad.detach(), hess.detach()
+        return float(value.detach()), grad.detach(), hess.detach()
 
     return fun
 
