@@ -954,7 +954,23 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
 
     def fold_losses(self, theta):
         """Every fold's weighted mean squared validation error, ``(n_folds,)``
-        (no graph; :meth:`validation_loss` is their sum)."""
+        (no graph; :meth:`validation_loss` is their sum).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skbilevel.hypergrad import RidgeFolds
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(20, 3, generator=g, dtype=torch.float64)
+        >>> T = torch.ones(2, 20, dtype=torch.float64)
+        >>> T[0, :10] = 0
+        >>> T[1, 10:] = 0
+        >>> folds = RidgeFolds(X, X[:, 0], T, val_weights=1 - T)
+        >>> w = folds.closed_form(torch.zeros(3, dtype=torch.float64))
+        >>> per_fold = folds.fold_losses(w)
+        >>> per_fold.shape, bool(torch.isclose(per_fold.sum(), folds.validation_loss(w)))
+        (torch.Size([2]), True)
+        """
         if self.val_weights is None:
             raise ValueError("validation_loss needs val_weights.")
         _, _, losses = _fold_squared_errors(theta, self._val_rows)
@@ -1783,7 +1799,24 @@ class LogisticFolds(_PenaltyModel):
         return self.fold_losses(theta).sum()
 
     def fold_losses(self, theta):
-        """Every fold's ``val_weights``-weighted mean log-loss, ``(n_folds,)``."""
+        """Every fold's ``val_weights``-weighted mean log-loss, ``(n_folds,)``.
+
+        Their sum is :meth:`validation_loss`; their spread across folds is
+        what :class:`~skbilevel.linear_model.HyperL2Classifier` weighs a gain
+        in it against.
+
+        Examples
+        --------
+        At ``theta = 0`` every probability is 1/2, so each fold's loss is ``log 2``:
+
+        >>> import torch
+        >>> from skbilevel.hypergrad import LogisticFolds
+        >>> X = torch.tensor([[1.0], [-1.0], [2.0], [0.5]], dtype=torch.float64)
+        >>> T = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+        >>> folds = LogisticFolds(X, torch.tensor([0, 1, 0, 1]), 2, T, 1.0 - T)
+        >>> [round(v, 6) for v in folds.fold_losses(folds.init_theta()).tolist()]
+        [0.693147, 0.693147]
+        """
         if self.val_weights is None:
             raise ValueError("validation_loss needs val_weights.")
         V = self._val_t
