@@ -1324,6 +1324,8 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     1,
                     lambda b, phi: b.value_and_grad(phi),
                     lambda b, g: b.validation_curve(g),
+                    # each sample its own fold, for the one-standard-error rule
+                    fold_values=lambda b, phi: b.residuals(phi).square(),
                 )
             else:
                 splits = self._splits(X, y, classifier=False)

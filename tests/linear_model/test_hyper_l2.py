@@ -567,10 +567,15 @@ def test_per_feature_penalties_must_beat_the_shared_one_by_a_standard_error(monk
     model = HyperL2Regressor(random_state=0).fit(X, y)
     assert model.adaptive_params_ is None
     np.testing.assert_allclose(model.alphas_, model.shared_alpha_, rtol=1e-12)
+    # leave-one-out: every sample is a fold of its own
+    loo = HyperL2Regressor(cv="loo", random_state=0).fit(X, y)
+    np.testing.assert_allclose(loo.alphas_, loo.shared_alpha_, rtol=1e-12)
     monkeypatch.setattr(_hyper_l2._FoldObjective, "fold_values", lambda self, phi: None)
     mean_only = HyperL2Regressor(random_state=0).fit(X, y)
     assert mean_only.adaptive_params_ is not None
     assert mean_only.cv_loss_ < model.cv_loss_
+    loo_mean_only = HyperL2Regressor(cv="loo", random_state=0).fit(X, y)
+    assert np.ptp(np.log(loo_mean_only.alphas_)) > 0
 
 
 def test_regressor_skips_the_adaptive_model_when_no_gamma_helps():
