@@ -974,7 +974,9 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         if self.val_weights is None:
             raise ValueError("validation_loss needs val_weights.")
         _, _, losses = _fold_squared_errors(theta, self._val_rows)
-        return torch.as_tensor(np.asarray([float(v) for v in losses]), dtype=theta.dtype)
+        return torch.as_tensor(
+            np.asarray([float(v) for v in losses]), dtype=theta.dtype, device=theta.device
+        )
 
     def validation_curve(self, log_alphas, phi=None):
         """Summed validation loss at many shared log-penalties (no autograd).
