@@ -39,6 +39,7 @@ from ._base import (
     register_strategy,
 )
 from ._solvers import _FixedPhi
+from ._sparse import csr_transpose, to_scipy
 from ._tree import tree_detach
 
 __all__ = [
@@ -190,7 +191,16 @@ def _gram(A):
     of the general product torch runs (2000 x 200 in float64: 1.7 against
     2.9 ms; the logistic folds' 5 x 2000 x 51 Hessians: 1.0 against
     1.9 ms).
+
+    A CSR tensor ``(n, p)`` gives the dense ``(p, p)`` result of a sparse
+    product (scipy's on CPU: 32 against torch's 95 ms for 20000 x 1000 at
+    1% density; 420 ms dense).
     """
+    if A.layout == torch.sparse_csr:
+        if _use_numpy(A):
+            a = to_scipy(A)
+            return torch.from_numpy((a.T @ a).toarray())
+        return (csr_transpose(A) @ A).to_dense()
     if not _use_numpy(A):
         return A.mT @ A
     if A.ndim == 3:

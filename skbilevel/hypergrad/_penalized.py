@@ -38,7 +38,7 @@ import torch
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
 from ._closed_form import ClosedForm, _cholesky_ex, _gram, _matmul, _use_numpy
 from ._solvers import LBFGS, _FixedPhi
-from ._sparse import csr_transpose, csr_with_values, to_csr
+from ._sparse import csr_rows, csr_transpose, csr_with_values, to_csr, to_scipy
 from ._tree import tree_detach
 
 __all__ = [
@@ -349,6 +349,8 @@ def _fold_grams(X, y, T, X_offset, y_offset, center=True):
     Rows are first centred at the ``w``-weighted mean, so the subtraction
     loses no digits to large means.
     """
+    if X.layout == torch.sparse_csr:
+        return _sparse_fold_grams(X, y, T, X_offset, y_offset, center)
     K = T.shape[0]
     w = T.max(0).values
     t_sum = T.sum(1)
@@ -383,6 +385,88 @@ def _fold_grams(X, y, T, X_offset, y_offset, center=True):
     gram = gram.baddbmm_(d[:, :, None], d[:, None, :], alpha=-1.0)
     rhs = rhs - t_sum[:, None] * dx * dy[:, None]
     return gram, rhs, common
+
+
+def _sparse_fold_grams(X, y, T, X_offset, y_offset, center=True):
+    """:func:`_fold_grams` of a CSR ``X``, which stays sparse.
+
+    Centring would fill ``X`` in, so every Gram matrix is formed uncentred
+    (a sparse product over the rows with positive weight) and the fold's
+    weighted mean removed after: ``C_k = X^T diag(t_k) X - t_k mu_k mu_k^T``,
+    ``r_k = X^T (t_k y) - t_k mu_k m_k`` (``t_k`` the fold's weight sum). As
+    in scikit-learn's sparse ridge; the subtraction loses the digits of
+    ``mean^2 / variance``, small for sparse features (mostly zeros). The
+    K-fold layout takes each fold's Gram matrix as all rows' minus the
+    left-out rows', as the dense form does.
+    """
+    K = T.shape[0]
+    w = T.max(0).values
+
+    def part(s):  # uncentred X^T diag(s) X and X^T (s y), over the rows with s > 0
+        rows = torch.nonzero(s > 0).reshape(-1)
+        gram = _gram(csr_rows(X, rows, s[rows].sqrt()))
+        return gram.to(device=y.device), ((s * y)[None] @ X)[0]
+
+    common = None
+    if bool(((T == 0) | (T == w)).all()) and K > 2:
+        out = (T == 0) & (w > 0)
+        parts = [part(w * o) for o in out]
+        grams_out = torch.stack([g for g, _ in parts])
+        rhs_out = torch.stack([r for _, r in parts])
+        if bool((out.sum(0) == (w > 0)).all()):
+            gram_w, rhs_w = grams_out.sum(0), rhs_out.sum(0)
+        else:
+            gram_w, rhs_w = part(w)
+        gram = grams_out.neg_().add_(gram_w)
+        rhs = rhs_w - rhs_out
+        w_sum = w.sum()
+        cx = ((w[None] @ X)[0] / w_sum) if center else gram_w.new_zeros(X.shape[1])
+        cy = (w @ y) / w_sum if center else y.new_zeros(())
+        common = (
+            w,
+            cx,
+            cy,
+            gram_w - w_sum * torch.outer(cx, cx),
+            rhs_w - w_sum * cx * cy,
+        )
+    else:
+        parts = [part(t) for t in T]
+        gram = torch.stack([g for g, _ in parts])
+        rhs = torch.stack([r for _, r in parts])
+    if center:
+        t_sum = T.sum(1)
+        mu = X_offset * t_sum.sqrt()[:, None]
+        gram = gram.baddbmm_(mu[:, :, None], mu[:, None, :], alpha=-1.0)
+        rhs = rhs - t_sum[:, None] * X_offset * y_offset[:, None]
+    return gram, rhs, common
+
+
+class _CentredRows:
+    """Sparse rows ``R`` less a row ``mu`` (``R - 1 mu^T``) without filling
+    them in: the products ``Xc @ M`` and ``Xc.T @ M`` of the validation
+    losses (a scipy CSR matrix with numpy arrays, or a CSR tensor with
+    tensors)."""
+
+    def __init__(self, rows, mu, rows_t):
+        self.rows, self.mu, self._rows_t = rows, mu, rows_t
+
+    def __matmul__(self, M):  # (p,) or (p, s) -> (m,) or (m, s)
+        return self.rows @ M - self.mu @ M
+
+    @property
+    def T(self):
+        return _CentredRowsT(self)
+
+
+class _CentredRowsT:
+    """The transpose of :class:`_CentredRows`: ``R^T G - mu sum_i G_i``."""
+
+    def __init__(self, centred):
+        self.c = centred
+
+    def __matmul__(self, G):  # (m,) or (m, s) -> (p,) or (p, s)
+        mu = self.c.mu if G.ndim == 1 else self.c.mu[:, None]
+        return self.c._rows_t @ G - mu * G.sum(0)
 
 
 def _bmv(A, x):
@@ -521,16 +605,21 @@ def _penalty_derivatives(lam, alpha, B, w, J):
     return grad, -(cross + cross.T + curv)
 
 
+def _t(a):
+    """The transpose of a matrix, a vector as is (numpy arrays or tensors)."""
+    return a if a.ndim < 2 else a.T
+
+
 def _fold_squared_errors(theta, rows):
     """Per fold (``rows`` as in :class:`_FoldValidationLoss`): whether ``rows``
     are numpy arrays, the weighted residuals ``v r`` and the losses
     ``sum(v r^2)`` (numpy or tensors, ``()`` or ``(S,)``)."""
-    numpy = not isinstance(rows[0][0], torch.Tensor)
+    numpy = not isinstance(rows[0][1], torch.Tensor)  # yc: X may be sparse
     th = theta.detach()
     th = th.numpy() if numpy else th
     weighted, losses = [], []
     for k, (Xc, yc, v) in enumerate(rows):
-        r = yc - th[k] @ Xc.T  # (m,) or (S, m)
+        r = yc - _t(Xc @ _t(th[k]))  # (m,) or (S, m)
         weighted.append(v * r)
         losses.append((weighted[-1] * r).sum(-1))
     return numpy, weighted, losses
@@ -562,7 +651,7 @@ class _FoldValidationLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         g = grad_out[..., None]
         g = g.numpy() if ctx.numpy else g
-        grad = [-2.0 * g * (wr @ Xc) for wr, (Xc, _, _) in zip(ctx.weighted, ctx.rows)]
+        grad = [-2.0 * g * _t(Xc.T @ _t(wr)) for wr, (Xc, _, _) in zip(ctx.weighted, ctx.rows)]
         grad = np.stack(grad) if ctx.numpy else torch.stack(grad)
         return (torch.from_numpy(grad) if ctx.numpy else grad), None
 
@@ -647,9 +736,15 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
         n, p = X.shape
-        y = y.to(X)
+        y = y.to(dtype=X.dtype, device=X.device)
         if y.shape != (n,):
             raise ValueError(f"y must have shape ({n},); got {tuple(y.shape)}.")
+        self.method = _ridge_method(method, n, p)
+        if X.layout != torch.strided:
+            # sparse: kept so in the primal form (Gram matrices by sparse products,
+            # validation rows centred implicitly); the dual form's per-fold rows
+            # (K, m, p) are dense whatever X, so X is made dense there
+            X = to_csr(X) if self.method == "primal" else X.to_dense()
         self.X, self.y = X, y
         self.train_weights = _check_weights(train_weights, n, X, "train_weights")
         self.val_weights = (
@@ -659,7 +754,6 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         )
         self._set_penalty(groups, basis, log_offset)
         self.fit_intercept = bool(fit_intercept)
-        self.method = _ridge_method(method, n, p)
         self.last_fallback = None
         self._set_training(self.train_weights)
         self._set_validation_rows()
@@ -675,8 +769,8 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             self.X_offset = (T @ X) / t_sum[:, None]  # (K, p)
             self.y_offset = (T @ y) / t_sum  # (K,)
         else:
-            self.X_offset = X.new_zeros(T.shape[0], X.shape[1])
-            self.y_offset = X.new_zeros(T.shape[0])
+            self.X_offset = y.new_zeros(T.shape[0], X.shape[1])
+            self.y_offset = y.new_zeros(T.shape[0])
         if self.method == "primal":
             self.gram, self.rhs, self._all_rows = _fold_grams(
                 X, y, T, self.X_offset, self.y_offset, self.fit_intercept
@@ -760,6 +854,16 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         self._val_rows = []
         for k in range(V.shape[0]):
             rows = torch.nonzero(V[k] > 0).reshape(-1)
+            if self.X.layout == torch.sparse_csr:
+                R = csr_rows(self.X, rows)
+                mu, yc, v = self.X_offset[k], self.y[rows] - self.y_offset[k], V[k, rows] / V[k].sum()
+                if numpy:
+                    R = to_scipy(R)
+                    Xc = _CentredRows(R, mu.numpy(), R.T.tocsr())
+                    self._val_rows.append((Xc, yc.numpy(), v.numpy()))
+                else:
+                    self._val_rows.append((_CentredRows(R, mu, csr_transpose(R)), yc, v))
+                continue
             part = (
                 self.X[rows] - self.X_offset[k],
                 self.y[rows] - self.y_offset[k],
@@ -773,7 +877,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
 
     def init_theta(self):
         """Zero coefficients, shape ``(n_folds, n_features)``."""
-        return self.X.new_zeros(self.n_folds, self.X.shape[1])
+        return self.y.new_zeros(self.n_folds, self.X.shape[1])
 
     def closed_form(self, phi):
         """Coefficients of every fold at the penalties of ``phi``, in autograd."""
@@ -936,7 +1040,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
 
     def predict(self, theta, X):
         """Predictions of every fold's model on ``X``: shape ``(n_folds, len(X))``."""
-        return theta @ X.T + self.intercepts(theta)[:, None]
+        return (X @ theta.T).T + self.intercepts(theta)[:, None]
 
     def validation_loss(self, theta):
         """Sum over folds of the ``val_weights``-weighted mean squared error.
@@ -1014,7 +1118,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         with torch.no_grad():
             p = self.X.shape[1]
             base = (
-                self.X.new_ones(self.n_folds, p)
+                self.y.new_ones(self.n_folds, p)
                 if phi is None
                 else self._alpha(phi.detach()).expand(self.n_folds, -1)
             )
@@ -1097,13 +1201,16 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             D = a[..., None] * B  # (K, p, m)
             J = -torch.stack([solve(D[..., j] * w) for j in range(m)], -1)  # (K, p, m)
             value, g, XJ = 0.0, [], []
+            numpy = not isinstance(self._val_rows[0][1], torch.Tensor)
+            wn, Jn = (w.cpu().numpy(), J.cpu().numpy()) if numpy else (w, J)
             for k, (Xc, yc, v) in enumerate(self._val_rows):
-                Xc, yc, v = (torch.as_tensor(t, device=a.device) for t in (Xc, yc, v))
-                res = yc - Xc @ w[k]
-                value = value + (v * res * res).sum()
-                g.append(-2.0 * Xc.T @ (v * res))
-                XJ.append((Xc @ J[k]) * v.sqrt()[:, None])
-            lam = solve(torch.stack(g))  # (K, p)
+                res = yc - Xc @ wn[k]
+                value = value + float((v * res * res).sum())
+                g.append(-2.0 * (Xc.T @ (v * res)))
+                XJ.append((Xc @ Jn[k]) * (v**0.5)[:, None])
+            g = torch.as_tensor(np.stack(g) if numpy else torch.stack(g), device=a.device)
+            XJ = [torch.as_tensor(xj, device=a.device) for xj in XJ]
+            lam = solve(g)  # (K, p)
             grad, penalty = _penalty_derivatives(lam, a, B, w, J)
             hess = 2.0 * sum(xj.T @ xj for xj in XJ) + penalty
         return torch.as_tensor(value, dtype=a.dtype), grad, 0.5 * (hess + hess.T)

@@ -1180,7 +1180,14 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     best iterate is kept); the shared penalty is kept unless the later
     stages beat it on the validation loss by more than one standard error of
     the folds' paired differences. See the module
-    documentation for measured numbers. Sparse ``X`` is densified.
+    documentation for measured numbers.
+
+    Sparse ``X`` stays sparse with K-fold validation and ``n_features <=
+    n_samples`` (one-hot encoded categories, for instance): the folds'
+    Gram matrices come from sparse products and the validation rows are
+    centred implicitly. With more features than samples (the Woodbury
+    form, whose per-fold rows are dense) and with ``cv="loo"`` it is made
+    dense.
 
     Examples
     --------
@@ -1263,8 +1270,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         Parameters
         ----------
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
-            A sparse matrix is made dense (the closed-form folds factor dense
-            Gram matrices).
+            A sparse matrix stays sparse with K-fold validation and
+            ``n_features <= n_samples``; otherwise it is made dense (see
+            Notes).
         y : array-like of shape (n_samples,)
         sample_weight : float or array-like of shape (n_samples,), default=None
             Non-negative sample weights (in the inner and the validation losses).
@@ -1308,7 +1316,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 "hypergradient='closed_form' or an integer cv."
             )
 
-        Xt = to_tensor(X, device=device, dtype=dtype)
+        # sparse X stays sparse where the folds can use it: the primal form
+        # (p <= n), whose Gram matrices come from sparse products (RidgeFolds)
+        Xt = to_tensor(X, device=device, dtype=dtype, keep_sparse=not loo and p <= n)
         yt = to_tensor(y, device=device, dtype=dtype)
         swt = to_tensor(sw, device=device, dtype=dtype)
         gt = torch.as_tensor(groups, device=device)

@@ -16,6 +16,7 @@ from skbilevel.hypergrad import (
     attach_gradient,
     penalty_per_feature,
 )
+from skbilevel.hypergrad._sparse import to_csr
 
 DT = torch.float64
 
@@ -764,3 +765,88 @@ def test_fold_losses_sum_to_the_validation_loss():
     per_fold = ridge.fold_losses(w)
     assert per_fold.shape == (3,)
     torch.testing.assert_close(per_fold.sum(), ridge.validation_loss(w).detach())
+
+
+def _sparse_data(n=40, p=6, seed=0):
+    rng = np.random.RandomState(seed)
+    X = rng.randn(n, p) * rng.uniform(0.5, 2.0, p) + rng.uniform(-1.0, 1.0, p)
+    X[rng.rand(n, p) < 0.6] = 0.0
+    y = X @ rng.randn(p) + 0.3 * rng.randn(n) + 2.0
+    return torch.tensor(X), torch.tensor(y), torch.tensor(rng.uniform(0.2, 2.0, n))
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("layout", ["kfold", "shuffle", "general"])
+def test_sparse_fold_grams_match_the_dense_ones(fit_intercept, layout):
+    from skbilevel.hypergrad._penalized import _fold_grams
+
+    X, y, sw = _sparse_data()
+    rng = np.random.RandomState(1)
+    T = torch.tensor(_folds(40, k=4)) * sw
+    if layout == "general":
+        T = T * torch.tensor(rng.uniform(0.5, 1.5, (4, 40)))
+    elif layout == "shuffle":
+        T = torch.tensor(rng.uniform(size=(4, 40)) > 0.3) * sw
+    t_sum = T.sum(1)
+    mx = (T @ X) / t_sum[:, None] if fit_intercept else torch.zeros(4, 6, dtype=DT)
+    my = (T @ y) / t_sum if fit_intercept else torch.zeros(4, dtype=DT)
+    dense = _fold_grams(X, y, T, mx, my, center=fit_intercept)
+    sparse = _fold_grams(to_csr(X), y, T, mx, my, center=fit_intercept)
+    for a, b in zip(sparse[:2], dense[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert (sparse[2] is None) == (dense[2] is None)
+    if dense[2] is not None:  # the all-rows problem, centred at the common centre
+        for a, b in zip(sparse[2], dense[2]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("numpy", [True, False])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("layout", ["kfold", "general"])
+def test_ridge_folds_on_sparse_x_match_the_dense_folds(layout, fit_intercept, numpy, monkeypatch):
+    # everything the estimator asks of the folds, with X a CSR tensor (kept
+    # sparse in the primal form), against the same folds on the dense X;
+    # through scipy (CPU) or torch's sparse products (the GPU path)
+    from skbilevel.hypergrad import _closed_form, _penalized
+
+    if not numpy:
+        monkeypatch.setattr(_penalized, "_use_numpy", lambda *tensors: False)
+        monkeypatch.setattr(_closed_form, "_use_numpy", lambda *tensors: False)
+    X, y, sw = _sparse_data()
+    T = torch.tensor(_folds(40, k=4)) * sw
+    if layout == "general":
+        T = T * torch.tensor(np.random.RandomState(2).uniform(0.5, 1.5, (4, 40)))
+    V = (T == 0) * sw
+    kw = dict(val_weights=V, fit_intercept=fit_intercept)
+    dense = RidgeFolds(X, y, T, **kw)
+    sparse = RidgeFolds(to_csr(X), y, T, **kw)
+    assert sparse.method == "primal" and sparse.X.layout == torch.sparse_csr
+    phi = torch.linspace(-1.0, 1.0, 6, dtype=DT)
+    for a, b in zip(sparse.value_and_grad(phi)[:2], dense.value_and_grad(phi)[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(sparse.value_grad_hessian(phi), dense.value_grad_hessian(phi)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    coef = dense.closed_form(phi)
+    torch.testing.assert_close(sparse.closed_form(phi), coef, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(sparse.fold_losses(coef), dense.fold_losses(coef))
+    torch.testing.assert_close(
+        sparse.validation_curve([-2.0, 0.0, 3.0], phi=phi),
+        dense.validation_curve([-2.0, 0.0, 3.0], phi=phi),
+    )
+    torch.testing.assert_close(
+        sparse.predict(coef, to_csr(X)), dense.predict(coef, X), rtol=1e-9, atol=1e-12
+    )
+    a = sparse.all_rows(sw)
+    b = dense.all_rows(sw)
+    torch.testing.assert_close(a.closed_form(phi), b.closed_form(phi), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(a.intercepts(a.closed_form(phi)), b.intercepts(b.closed_form(phi)))
+
+
+def test_ridge_folds_make_sparse_x_dense_in_the_dual_form():
+    X, y, sw = _sparse_data(n=12, p=30)
+    T = torch.tensor(_folds(12, k=3))
+    sparse = RidgeFolds(to_csr(X), y, T, val_weights=1 - T)
+    dense = RidgeFolds(X, y, T, val_weights=1 - T)
+    assert sparse.method == "dual" and sparse.X.layout == torch.strided
+    phi = torch.zeros(30, dtype=DT)
+    torch.testing.assert_close(sparse.value_and_grad(phi)[1], dense.value_and_grad(phi)[1])

@@ -211,6 +211,50 @@ def test_classifier_never_densifies_wide_sparse_data(monkeypatch):
     assert clf.score(X, y) > 0.9
 
 
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
+def test_regressor_sparse_input_fits_the_dense_model(fmt):
+    import scipy.sparse as sp
+
+    rng = np.random.RandomState(0)
+    X = rng.randn(120, 10) + rng.uniform(-1.0, 1.0, 10)
+    X[rng.rand(*X.shape) < 0.6] = 0.0
+    y = X[:, :3] @ np.array([2.0, -1.0, 0.5]) + 0.3 * rng.randn(120) + 1.0
+    sw = rng.uniform(0.5, 2.0, 120)
+    dense = HyperL2Regressor(random_state=0).fit(X, y, sample_weight=sw)
+    sparse = HyperL2Regressor(random_state=0).fit(sp.csr_matrix(X).asformat(fmt), y, sample_weight=sw)
+    np.testing.assert_allclose(sparse.alphas_, dense.alphas_, rtol=1e-6)
+    np.testing.assert_allclose(sparse.coef_, dense.coef_, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(sparse.intercept_, dense.intercept_, rtol=1e-8)
+    np.testing.assert_allclose(sparse.predict(sp.csr_matrix(X)), dense.predict(X), rtol=1e-8)
+
+
+def test_regressor_never_densifies_one_hot_data(monkeypatch):
+    # one-hot encoded categories (OneHotEncoder's sparse output) with a penalty
+    # per original column: every product with X is a sparse one (a dense copy
+    # of X anywhere raises)
+    import scipy.sparse as sp
+    from sklearn.preprocessing import OneHotEncoder
+
+    rng = np.random.RandomState(0)
+    cats = rng.randint(0, 40, size=(3000, 5))
+    enc = OneHotEncoder().fit(cats)
+    X = enc.transform(cats)
+    effects = [rng.randn(40) * s for s in (2.0, 1.0, 0.3, 0.0, 0.0)]
+    y = sum(e[cats[:, j]] for j, e in enumerate(effects)) + 0.5 * rng.randn(3000)
+    groups = np.repeat(np.arange(5), [len(c) for c in enc.categories_])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("X was densified")
+
+    monkeypatch.setattr(sp.csr_matrix, "toarray", refuse)
+    monkeypatch.setattr(torch.Tensor, "to_dense", refuse)
+    reg = HyperL2Regressor(penalty=groups, random_state=0).fit(X, y)
+    monkeypatch.undo()
+    assert reg.score(X, y) > 0.8
+    # the two pure-noise columns are penalized far more than the strong one
+    assert reg.alphas_[groups == 3].min() > 10 * reg.alphas_[groups == 0].max()
+
+
 def _separable(n=120, seed=0):
     rng = np.random.RandomState(seed)
     y = np.arange(n) % 2
