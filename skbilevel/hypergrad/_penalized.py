@@ -38,7 +38,7 @@ import torch
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
 from ._closed_form import ClosedForm, _cholesky_ex, _gram, _matmul, _use_numpy
 from ._solvers import LBFGS, _FixedPhi
-from ._sparse import csr_rows, csr_transpose, csr_with_values, to_csr, to_scipy
+from ._sparse import csr_rows, csr_tensor, csr_transpose, csr_with_values, to_csr, to_scipy
 from ._tree import tree_detach
 
 __all__ = [
@@ -479,6 +479,102 @@ def _bmv(A, x):
     return torch.stack([a @ v for a, v in zip(A, x)])
 
 
+class _SparseFoldRows:
+    """The Woodbury form's ``Xs`` for a CSR ``X``, kept sparse.
+
+    Stands for the dense ``(K, m, p)`` tensor of every fold's training rows,
+    centred at the fold's means and scaled by the root weights (zero rows
+    padding the folds to a common ``m``): ``Xs_k = R_k - s_k mu_k^T`` with
+    ``R_k = diag(s_k) X_k`` sparse (CSR, and its transpose), ``s_k`` the root
+    weights (zero past the fold's rows) and ``mu_k`` the fold's mean (zero
+    without intercept). Gives the products the dual form needs, each a
+    sparse product and a rank-one correction per fold.
+    """
+
+    def __init__(self, X, T, mu):
+        K = T.shape[0]
+        m = int((T > 0).sum(1).max())
+        self.shape = (K, m, X.shape[1])
+        self.mu = mu
+        self.s = mu.new_zeros(K, m)
+        self.R, self.RT, self._rt_rows = [], [], []
+        for k in range(K):
+            rows = torch.nonzero(T[k] > 0).reshape(-1)
+            self.s[k, : len(rows)] = T[k, rows].sqrt()
+            R = csr_rows(X, rows, self.s[k, : len(rows)])
+            crow = R.crow_indices()
+            crow = torch.cat([crow, crow[-1:].expand(m - len(rows))])
+            R = csr_tensor(crow, R.col_indices(), R.values(), (m, X.shape[1]), device=X.device)
+            RT = csr_transpose(R)
+            self.R.append(R)
+            self.RT.append(RT)
+            # the row (feature) of every stored entry of R^T
+            counts = RT.crow_indices().diff()
+            self._rt_rows.append(
+                torch.repeat_interleave(torch.arange(len(counts), device=X.device), counts)
+            )
+
+    def mv(self, v):
+        """``Xs_k v_k``: ``(K, p) -> (K, m)``."""
+        return torch.stack(
+            [R @ vk - s * (mu @ vk) for R, s, mu, vk in zip(self.R, self.s, self.mu, v)]
+        )
+
+    def rmv(self, u):
+        """``Xs_k^T u_k``: ``(K, m) -> (K, p)``."""
+        return torch.stack(
+            [RT @ uk - mu * (s @ uk) for RT, s, mu, uk in zip(self.RT, self.s, self.mu, u)]
+        )
+
+    def rmm(self, U):
+        """``Xs_k^T U_k``: ``(K, m, S) -> (K, p, S)``."""
+        return torch.stack(
+            [
+                RT @ Uk - mu[:, None] * (s @ Uk)[None]
+                for RT, s, mu, Uk in zip(self.RT, self.s, self.mu, U)
+            ]
+        )
+
+    def kernel(self, d):
+        """``Xs_k diag(d_k) Xs_k^T``: ``(K, p) -> (K, m, m)``, dense."""
+        out = []
+        for R, RT, rows, s, mu, dk in zip(self.R, self.RT, self._rt_rows, self.s, self.mu, d):
+            # (R diag(d) R^T) as the Gram matrix of the row-scaled R^T
+            G = _gram(csr_with_values(RT, RT.values() * dk.sqrt()[rows])).to(d)
+            c = R @ (dk * mu)
+            G -= torch.outer(c, s) + torch.outer(s, c)
+            G += (mu @ (dk * mu)) * torch.outer(s, s)
+            out.append(G)
+        return torch.stack(out)
+
+    def col_sq_sums(self):
+        """``sum_i Xs_kij^2`` of every fold and feature: ``(K, p)``."""
+        return torch.stack(
+            [
+                csr_with_values(RT, RT.values() ** 2) @ torch.ones_like(s)
+                - 2.0 * mu * (RT @ s)
+                + mu * mu * (s @ s)
+                for RT, s, mu in zip(self.RT, self.s, self.mu)
+            ]
+        )
+
+    def to_dense(self):
+        """The dense ``(K, m, p)`` tensor (a fallback's: a singular system)."""
+        return torch.stack(
+            [R.to_dense() - torch.outer(s, mu) for R, s, mu in zip(self.R, self.s, self.mu)]
+        )
+
+
+def _rows_mv(Xs, v):
+    """``Xs_k v_k`` of the dual form's rows (dense ``(K, m, p)`` or sparse)."""
+    return Xs.mv(v) if isinstance(Xs, _SparseFoldRows) else _bmv(Xs, v)
+
+
+def _rows_rmv(Xs, u):
+    """``Xs_k^T u_k`` of the dual form's rows (dense ``(K, m, p)`` or sparse)."""
+    return Xs.rmv(u) if isinstance(Xs, _SparseFoldRows) else _bmv(Xs.mT, u)
+
+
 def _cho_solve(L, b):
     """``(L L^T)^{-1} b`` for a batch of Cholesky factors ``L`` and vectors ``b``
     (``(K, n)``): two triangular solves, half the time of ``cholesky_solve``
@@ -496,7 +592,13 @@ def _primal_factor(gram, alpha):
 
 def _dual_factor(Xs, alpha):
     """``Xs A^{-1}`` and the Cholesky factor of ``I + Xs A^{-1} Xs^T`` (``A =
-    diag(alpha_k)``) of every fold: ``(XA, L, info)``."""
+    diag(alpha_k)``) of every fold: ``(XA, L, info)`` (``XA`` is ``None``
+    for sparse rows, which apply ``A^{-1} Xs^T`` as a product instead)."""
+    if isinstance(Xs, _SparseFoldRows):
+        M = Xs.kernel(1.0 / alpha)
+        M.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        L, info = _cholesky_ex(M, overwrite_a=True)
+        return None, L, info
     root = alpha.rsqrt()[:, None, :]
     scaled = Xs * root
     M = _gram(scaled.mT)  # Xs A^-1 Xs^T, by a symmetric product
@@ -505,10 +607,15 @@ def _dual_factor(Xs, alpha):
     return scaled * root, L, info
 
 
+def _dual_apply(XA, Xs, alpha, z):
+    """``A^{-1} Xs^T z`` per fold (``XA`` from :func:`_dual_factor`)."""
+    return _rows_rmv(Xs, z) / alpha if XA is None else _bmv(XA.mT, z)
+
+
 def _dual_inverse(L, XA, Xs, alpha, r):
     """``(Xs^T Xs + A)^{-1} r = A^{-1} r - A^{-1} Xs^T M^{-1} Xs A^{-1} r`` (Woodbury)."""
     u = r / alpha
-    return u - _bmv(XA.mT, _cho_solve(L, _bmv(Xs, u)))
+    return u - _dual_apply(XA, Xs, alpha, _cho_solve(L, _rows_mv(Xs, u)))
 
 
 def _first_order(backward):
@@ -573,15 +680,16 @@ class _DualRidgeSolve(torch.autograd.Function):
         XA, L, info = _dual_factor(Xs, alpha)
         if bool((info != 0).any()):
             return None
-        w = _bmv(XA.mT, _cho_solve(L, ys))
-        ctx.save_for_backward(L, XA, Xs, alpha, w)
+        w = _dual_apply(XA, Xs, alpha, _cho_solve(L, ys))
+        ctx.rows = Xs  # a tensor, or sparse rows (not a tensor to save)
+        ctx.save_for_backward(L, XA, alpha, w)
         return w
 
     @staticmethod
     @_first_order
     def backward(ctx, grad_w):
-        L, XA, Xs, alpha, w = ctx.saved_tensors
-        v = _dual_inverse(L, XA, Xs, alpha, grad_w)
+        L, XA, alpha, w = ctx.saved_tensors
+        v = _dual_inverse(L, XA, ctx.rows, alpha, grad_w)
         return -(v * w), None, None
 
 
@@ -681,9 +789,14 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
     ``b`` profiled out), so the implicit strategies (``"cg"``, ``"dense"``)
     apply too, with this class as their exact inner solver.
 
+    A sparse ``X`` stays sparse: the Gram matrices (primal) and the kernels
+    ``Xs A^{-1} Xs^T`` (dual) come from sparse products, with the fold's
+    centring applied as a rank-one correction instead of filling ``X`` in.
+
     Parameters
     ----------
     X : tensor of shape (n_samples, n_features)
+        Dense, or sparse (CSR, CSC or COO layout).
     y : tensor of shape (n_samples,)
     train_weights : tensor of shape (n_folds, n_samples) or (n_samples,)
         Non-negative training weights of every fold (sample weights times a
@@ -741,10 +854,9 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             raise ValueError(f"y must have shape ({n},); got {tuple(y.shape)}.")
         self.method = _ridge_method(method, n, p)
         if X.layout != torch.strided:
-            # sparse: kept so in the primal form (Gram matrices by sparse products,
-            # validation rows centred implicitly); the dual form's per-fold rows
-            # (K, m, p) are dense whatever X, so X is made dense there
-            X = to_csr(X) if self.method == "primal" else X.to_dense()
+            # sparse stays sparse: Gram matrices (primal) or kernels (dual) by
+            # sparse products, rows centred implicitly
+            X = to_csr(X)
         self.X, self.y = X, y
         self.train_weights = _check_weights(train_weights, n, X, "train_weights")
         self.val_weights = (
@@ -824,8 +936,17 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         return out
 
     def _set_dual(self, X, y, T):
-        """Scaled centred training rows of every fold, zero-padded: ``Xs``, ``ys``."""
+        """Scaled centred training rows of every fold, zero-padded: ``Xs``, ``ys``
+        (``Xs`` kept sparse for a CSR ``X``: :class:`_SparseFoldRows`)."""
         p = X.shape[1]
+        if X.layout == torch.sparse_csr:
+            self.Xs = _SparseFoldRows(X, T, self.X_offset)
+            self.ys = torch.zeros_like(self.Xs.s)
+            for k in range(T.shape[0]):
+                rows = torch.nonzero(T[k] > 0).reshape(-1)
+                s = self.Xs.s[k, : len(rows)]
+                self.ys[k, : len(rows)] = (y[rows] - self.y_offset[k]) * s
+            return
         scaled, targets = [], []
         # only the rows with positive weight, zero-padded to a common count
         # (a zero row adds an identity row to Xs A^-1 Xs^T + I and changes nothing)
@@ -901,9 +1022,10 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         out = _DualRidgeSolve.apply(a, self.Xs, self.ys)
         if out is not None:
             return out
-        XA = self.Xs / a[:, None, :]  # (K, m, p): Xs diag(1/alpha)
-        n = self.Xs.shape[1]
-        G = XA @ self.Xs.mT + torch.eye(n, dtype=a.dtype, device=a.device)
+        Xs = self.Xs.to_dense() if isinstance(self.Xs, _SparseFoldRows) else self.Xs
+        XA = Xs / a[:, None, :]  # (K, m, p): Xs diag(1/alpha)
+        n = Xs.shape[1]
+        G = XA @ Xs.mT + torch.eye(n, dtype=a.dtype, device=a.device)
         dual = self._solve(G, self.ys[..., None])  # (K, m, 1)
         return (XA.mT @ dual)[..., 0]
 
@@ -921,7 +1043,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         if self.method == "primal":
             quad = 0.5 * (theta * (self.gram @ theta[..., None])[..., 0]).sum()
             return quad - (self.rhs * theta).sum() + pen
-        resid = self.ys - (self.Xs @ theta[..., None])[..., 0]
+        resid = self.ys - _rows_mv(self.Xs, theta)
         return 0.5 * (resid * resid).sum() + pen
 
     def __call__(self, theta, phi):
@@ -955,8 +1077,8 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
                 data_grad = Gw - self.rhs
                 value = 0.5 * (theta * Gw).sum() - (self.rhs * theta).sum()
             else:
-                resid = self.ys - _bmv(self.Xs, theta)
-                data_grad = -_bmv(self.Xs.mT, resid)
+                resid = self.ys - _rows_mv(self.Xs, theta)
+                data_grad = -_rows_rmv(self.Xs, resid)
                 value = 0.5 * (resid * resid).sum()
         # the penalty terms keep phi's graph (the implicit strategies' mixed term)
         a = self._alpha(phi)
@@ -1025,6 +1147,8 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             a = self._alpha(phi.detach()).expand(self.n_folds, -1)
             if self.method == "primal":
                 d = torch.diagonal(self.gram, dim1=-2, dim2=-1)
+            elif isinstance(self.Xs, _SparseFoldRows):
+                d = self.Xs.col_sq_sums()
             else:
                 d = (self.Xs * self.Xs).sum(1)
             return d + a
@@ -1122,6 +1246,11 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
                 if phi is None
                 else self._alpha(phi.detach()).expand(self.n_folds, -1)
             )
+            if self.method == "dual" and isinstance(self.Xs, _SparseFoldRows):
+                # the same with Xs A^-1 Xs^T from sparse products
+                lam, U = torch.linalg.eigh(self.Xs.kernel(1.0 / base))
+                d = _bmv(U.mT, self.ys)[..., None] / (lam[..., None] + log_alphas.exp())
+                return self.validation_loss((self.Xs.rmm(U @ d) / base[..., None]).mT)
             if self.method == "dual":
                 # every penalty at once: coefficients (K, S, p)
                 root = base.rsqrt()[:, None, :]  # (K, 1, p)
@@ -1190,7 +1319,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             m = B.shape[-1]
             # the exact inverse Hessian of the folds' ridge systems (its theta is unused)
             solve = self.hessian_preconditioner(None, phi)
-            rhs = self.rhs if self.method == "primal" else _bmv(self.Xs.mT, self.ys)
+            rhs = self.rhs if self.method == "primal" else _rows_rmv(self.Xs, self.ys)
             if solve is None:
                 raise torch.linalg.LinAlgError(
                     "value_grad_hessian: a fold's ridge system is not numerically "

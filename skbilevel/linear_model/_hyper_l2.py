@@ -1182,12 +1182,10 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     the folds' paired differences. See the module
     documentation for measured numbers.
 
-    Sparse ``X`` stays sparse with K-fold validation and ``n_features <=
-    n_samples`` (one-hot encoded categories, for instance): the folds'
-    Gram matrices come from sparse products and the validation rows are
-    centred implicitly. With more features than samples (the Woodbury
-    form, whose per-fold rows are dense) and with ``cv="loo"`` it is made
-    dense.
+    Sparse ``X`` (one-hot encoded categories, a term-document matrix)
+    stays sparse with K-fold validation: the folds' Gram matrices, or their
+    kernels in the Woodbury form, come from sparse products, and the rows
+    are centred implicitly. With ``cv="loo"`` it is made dense.
 
     Examples
     --------
@@ -1270,9 +1268,8 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         Parameters
         ----------
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
-            A sparse matrix stays sparse with K-fold validation and
-            ``n_features <= n_samples``; otherwise it is made dense (see
-            Notes).
+            A sparse matrix stays sparse with K-fold validation; with
+            ``cv="loo"`` it is made dense (see Notes).
         y : array-like of shape (n_samples,)
         sample_weight : float or array-like of shape (n_samples,), default=None
             Non-negative sample weights (in the inner and the validation losses).
@@ -1316,9 +1313,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 "hypergradient='closed_form' or an integer cv."
             )
 
-        # sparse X stays sparse where the folds can use it: the primal form
-        # (p <= n), whose Gram matrices come from sparse products (RidgeFolds)
-        Xt = to_tensor(X, device=device, dtype=dtype, keep_sparse=not loo and p <= n)
+        # sparse X stays sparse in the K-fold problems (RidgeFolds: Gram matrices
+        # or kernels from sparse products); the leave-one-out formulas are dense
+        Xt = to_tensor(X, device=device, dtype=dtype, keep_sparse=not loo)
         yt = to_tensor(y, device=device, dtype=dtype)
         swt = to_tensor(sw, device=device, dtype=dtype)
         gt = torch.as_tensor(groups, device=device)

@@ -803,7 +803,10 @@ def test_sparse_fold_grams_match_the_dense_ones(fit_intercept, layout):
 @pytest.mark.parametrize("numpy", [True, False])
 @pytest.mark.parametrize("fit_intercept", [True, False])
 @pytest.mark.parametrize("layout", ["kfold", "general"])
-def test_ridge_folds_on_sparse_x_match_the_dense_folds(layout, fit_intercept, numpy, monkeypatch):
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_ridge_folds_on_sparse_x_match_the_dense_folds(
+    method, layout, fit_intercept, numpy, monkeypatch
+):
     # everything the estimator asks of the folds, with X a CSR tensor (kept
     # sparse in the primal form), against the same folds on the dense X;
     # through scipy (CPU) or torch's sparse products (the GPU path)
@@ -812,7 +815,7 @@ def test_ridge_folds_on_sparse_x_match_the_dense_folds(layout, fit_intercept, nu
     if not numpy:
         monkeypatch.setattr(_penalized, "_use_numpy", lambda *tensors: False)
         monkeypatch.setattr(_closed_form, "_use_numpy", lambda *tensors: False)
-    X, y, sw = _sparse_data()
+    X, y, sw = _sparse_data(p=6 if method == "primal" else 60)
     T = torch.tensor(_folds(40, k=4)) * sw
     if layout == "general":
         T = T * torch.tensor(np.random.RandomState(2).uniform(0.5, 1.5, (4, 40)))
@@ -820,8 +823,9 @@ def test_ridge_folds_on_sparse_x_match_the_dense_folds(layout, fit_intercept, nu
     kw = dict(val_weights=V, fit_intercept=fit_intercept)
     dense = RidgeFolds(X, y, T, **kw)
     sparse = RidgeFolds(to_csr(X), y, T, **kw)
-    assert sparse.method == "primal" and sparse.X.layout == torch.sparse_csr
-    phi = torch.linspace(-1.0, 1.0, 6, dtype=DT)
+    assert sparse.method == dense.method == method
+    assert sparse.X.layout == torch.sparse_csr
+    phi = torch.linspace(-1.0, 1.0, X.shape[1], dtype=DT)
     for a, b in zip(sparse.value_and_grad(phi)[:2], dense.value_and_grad(phi)[:2]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     for a, b in zip(sparse.value_grad_hessian(phi), dense.value_grad_hessian(phi)):
@@ -840,13 +844,24 @@ def test_ridge_folds_on_sparse_x_match_the_dense_folds(layout, fit_intercept, nu
     b = dense.all_rows(sw)
     torch.testing.assert_close(a.closed_form(phi), b.closed_form(phi), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(a.intercepts(a.closed_form(phi)), b.intercepts(b.closed_form(phi)))
+    # the inner problem's pieces (the implicit strategies' and the health record's)
+    theta = coef + 0.1
+    for x, z in zip(sparse.loss_and_grad(theta, phi), dense.loss_and_grad(theta, phi)):
+        torch.testing.assert_close(x, z, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(sparse.inner_loss(theta, phi), dense.inner_loss(theta, phi))
+    torch.testing.assert_close(
+        sparse.hessian_diagonal(theta, phi), dense.hessian_diagonal(theta, phi)
+    )
+    r = torch.randn(coef.shape, dtype=DT, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(
+        sparse.hessian_preconditioner(theta, phi)(r), dense.hessian_preconditioner(theta, phi)(r)
+    )
+    for strategy in ("cg", "dense"):
+        torch.testing.assert_close(
+            sparse.value_and_grad(phi, hypergradient=strategy)[1],
+            dense.value_and_grad(phi, hypergradient=strategy)[1],
+            rtol=1e-7,
+            atol=1e-10,
+        )
 
 
-def test_ridge_folds_make_sparse_x_dense_in_the_dual_form():
-    X, y, sw = _sparse_data(n=12, p=30)
-    T = torch.tensor(_folds(12, k=3))
-    sparse = RidgeFolds(to_csr(X), y, T, val_weights=1 - T)
-    dense = RidgeFolds(X, y, T, val_weights=1 - T)
-    assert sparse.method == "dual" and sparse.X.layout == torch.strided
-    phi = torch.zeros(30, dtype=DT)
-    torch.testing.assert_close(sparse.value_and_grad(phi)[1], dense.value_and_grad(phi)[1])

@@ -212,14 +212,17 @@ def test_classifier_never_densifies_wide_sparse_data(monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
-def test_regressor_sparse_input_fits_the_dense_model(fmt):
+@pytest.mark.parametrize("shape", [(120, 10), (60, 150)])
+def test_regressor_sparse_input_fits_the_dense_model(shape, fmt):
+    # (60, 150): the Woodbury form, and the sparse pilots of the adaptive stage
     import scipy.sparse as sp
 
     rng = np.random.RandomState(0)
-    X = rng.randn(120, 10) + rng.uniform(-1.0, 1.0, 10)
+    n, p = shape
+    X = rng.randn(n, p) + rng.uniform(-1.0, 1.0, p)
     X[rng.rand(*X.shape) < 0.6] = 0.0
-    y = X[:, :3] @ np.array([2.0, -1.0, 0.5]) + 0.3 * rng.randn(120) + 1.0
-    sw = rng.uniform(0.5, 2.0, 120)
+    y = X[:, :3] @ np.array([2.0, -1.0, 0.5]) + 0.3 * rng.randn(n) + 1.0
+    sw = rng.uniform(0.5, 2.0, n)
     dense = HyperL2Regressor(random_state=0).fit(X, y, sample_weight=sw)
     sparse = HyperL2Regressor(random_state=0).fit(sp.csr_matrix(X).asformat(fmt), y, sample_weight=sw)
     np.testing.assert_allclose(sparse.alphas_, dense.alphas_, rtol=1e-6)
@@ -253,6 +256,28 @@ def test_regressor_never_densifies_one_hot_data(monkeypatch):
     assert reg.score(X, y) > 0.8
     # the two pure-noise columns are penalized far more than the strong one
     assert reg.alphas_[groups == 3].min() > 10 * reg.alphas_[groups == 0].max()
+
+
+def test_regressor_never_densifies_wide_sparse_data(monkeypatch):
+    # a term-document-like matrix, p >> n: the Woodbury form's kernels come
+    # from sparse products (a dense copy of X anywhere raises)
+    import scipy.sparse as sp
+
+    rng = np.random.RandomState(0)
+    X = sp.random(200, 5000, density=0.01, random_state=0, format="csr")
+    w = np.zeros(5000)
+    w[np.unique(X.indices)[:30]] = 3.0 * rng.randn(30)
+    y = X @ w + 0.1 * rng.randn(200)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("X was densified")
+
+    monkeypatch.setattr(sp.csr_matrix, "toarray", refuse)
+    monkeypatch.setattr(torch.Tensor, "to_dense", refuse)
+    reg = HyperL2Regressor(max_iter=5, random_state=0).fit(X, y)
+    monkeypatch.undo()
+    assert reg.coef_.shape == (5000,) and np.isfinite(reg.coef_).all()
+    assert reg.score(X, y) > 0.5
 
 
 def _separable(n=120, seed=0):
