@@ -9,15 +9,18 @@ and ElasticNetCV on
   (65), mean over random 70/30 splits;
 - ``wide``: p > n, n = 150, p = 400 (10 strong, 20 weak), 2000 test samples.
 
-Classification (test accuracy and log-loss): LogisticRegressionCV(Cs=20)
-and GridSearchCV(LogisticRegression, 20 values of C, 5 folds, log-loss) on
+Classification (test accuracy and log-loss): LogisticRegressionCV(Cs=20),
+selecting C by accuracy (its default up to scikit-learn 1.10) and by
+log-loss (the default from 1.11), and GridSearchCV(LogisticRegression, 20
+values of C, 5 folds, log-loss) on
 ``load_breast_cancer``, ``load_digits`` and ``make_classification`` (2000
 samples, 50 features: 10 informative, 10 redundant, 30 noise), 70/30
 stratified splits. Features are standardized on the training part.
 
 Targets (issue 4): regressor R^2 above the best of RidgeCV and ARD on
 ``hetero``, within 0.002 of the best peer elsewhere, in no more than ARD's
-time; classifier log-loss <= LogisticRegressionCV's at <= 0.5x its time.
+time; classifier log-loss <= LogisticRegressionCV's (either scoring) at
+<= 0.5x its time (the accuracy-scored one, the faster).
 
 ``time_ratio`` is the row's fit time divided by the HyperL2 fit time on the
 same data set; a fit time is the median of five fits (one in ``--quick``
@@ -122,11 +125,26 @@ def regressors():
     }
 
 
+def _lrcv(scoring):
+    """LogisticRegressionCV(Cs=20) selecting C by ``scoring``. Where this
+    scikit-learn has them, the L2-only ``l1_ratios`` and the new fitted
+    attributes are asked for explicitly (1.8 and 1.9 warn on every fit
+    otherwise)."""
+    params = LogisticRegressionCV().get_params()
+    kw = dict(Cs=20, max_iter=1000, scoring=scoring)
+    if "l1_ratios" in params:
+        kw["l1_ratios"] = (0.0,)
+    if "use_legacy_attributes" in params:
+        kw["use_legacy_attributes"] = False
+    return LogisticRegressionCV(**kw)
+
+
 def classifiers():
     Cs = np.logspace(-4, 4, 20)
     return {
         "HyperL2Classifier": lambda: HyperL2Classifier(random_state=0),
-        "LogisticRegressionCV": lambda: LogisticRegressionCV(Cs=20, max_iter=1000),
+        "LogisticRegressionCV": lambda: _lrcv("accuracy"),
+        "LogisticRegressionCV(log-loss)": lambda: _lrcv("neg_log_loss"),
         "GridSearchCV(LR)": lambda: GridSearchCV(
             LogisticRegression(max_iter=1000), {"C": Cs}, cv=5, scoring="neg_log_loss"
         ),
@@ -255,10 +273,11 @@ def check_targets(rows):
     ):
         ours = get(dataset, "HyperL2Classifier")
         ref = get(dataset, "LogisticRegressionCV")
+        best = min(ref["log_loss"], get(dataset, "LogisticRegressionCV(log-loss)")["log_loss"])
         out.append(
             (
-                f"{dataset}: log-loss {ours['log_loss']:.4f} <= LRCV {ref['log_loss']:.4f}",
-                ours["log_loss"] <= ref["log_loss"],
+                f"{dataset}: log-loss {ours['log_loss']:.4f} <= LRCV's (either scoring) {best:.4f}",
+                ours["log_loss"] <= best,
             )
         )
         out.append(
@@ -273,11 +292,6 @@ def check_targets(rows):
 def main():
     args = parse_args("hyper_l2", __doc__.splitlines()[0])
     warnings.simplefilter("ignore", ConvergenceWarning)
-    # scikit-learn >= 1.8 announces a change of LogisticRegressionCV's fitted
-    # attributes on every fit; the benchmark reads none of them
-    warnings.filterwarnings(
-        "ignore", message="The fitted attributes of LogisticRegressionCV", category=FutureWarning
-    )
     _warm_up()
     start = time.perf_counter()
     rows = run(args.quick)
