@@ -284,3 +284,21 @@ def test_cg_stops_when_restarts_stagnate_at_rounding():
     assert not res.converged and res.message.startswith("stagnated")
     assert res.iterations < 20
     assert res.residual < 1e-3  # about cond(A) * eps = 1e12 * 2e-16
+
+
+def test_dense_solve_at_the_rounding_floor_is_converged_a_failed_one_is_not():
+    # an SPD matrix with eigenvalues over 14 decades: Cholesky is backward
+    # stable, yet its relative residual exceeds sqrt(eps) (the default tol)
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=DT))
+    A = (Q * torch.logspace(-7, 7, 40, dtype=DT)) @ Q.T
+    A = 0.5 * (A + A.T)
+    b = torch.randn(40, generator=g, dtype=DT)
+    x, res = solve_dense(A, b)
+    assert res.residual > 1.5e-8  # the floor the old criterion flagged
+    assert res.converged and "backward error" in res.message
+    # b outside the range of a singular matrix: no x solves it, and the
+    # least-squares answer keeps a large backward error
+    S = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=DT)
+    x, res = solve_dense(S, torch.tensor([1.0, -1.0], dtype=DT))
+    assert not res.converged and "pseudo-inverse" in res.fallback
