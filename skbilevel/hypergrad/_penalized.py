@@ -488,13 +488,15 @@ class _SparseFoldRows:
     ``R_k = diag(s_k) X_k`` sparse (CSR, and its transpose), ``s_k`` the root
     weights (zero past the fold's rows) and ``mu_k`` the fold's mean (zero
     without intercept). Gives the products the dual form needs, each a
-    sparse product and a rank-one correction per fold.
+    sparse product and a rank-one correction per fold. Held in float64
+    (:func:`_wide`); products return in their argument's precision.
     """
 
     def __init__(self, X, T, mu):
         K = T.shape[0]
         m = int((T > 0).sum(1).max())
         self.shape = (K, m, X.shape[1])
+        X, T, mu = csr_with_values(X, _wide(X.values())), _wide(T), _wide(mu)
         self.mu = mu
         self.s = mu.new_zeros(K, m)
         self.R, self.RT, self._rt_rows = [], [], []
@@ -516,28 +518,32 @@ class _SparseFoldRows:
 
     def mv(self, v):
         """``Xs_k v_k``: ``(K, p) -> (K, m)``."""
+        w = v.to(self.s.dtype)
         return torch.stack(
-            [R @ vk - s * (mu @ vk) for R, s, mu, vk in zip(self.R, self.s, self.mu, v)]
-        )
+            [R @ vk - s * (mu @ vk) for R, s, mu, vk in zip(self.R, self.s, self.mu, w)]
+        ).to(v.dtype)
 
     def rmv(self, u):
         """``Xs_k^T u_k``: ``(K, m) -> (K, p)``."""
+        w = u.to(self.s.dtype)
         return torch.stack(
-            [RT @ uk - mu * (s @ uk) for RT, s, mu, uk in zip(self.RT, self.s, self.mu, u)]
-        )
+            [RT @ uk - mu * (s @ uk) for RT, s, mu, uk in zip(self.RT, self.s, self.mu, w)]
+        ).to(u.dtype)
 
     def rmm(self, U):
         """``Xs_k^T U_k``: ``(K, m, S) -> (K, p, S)``."""
+        W = U.to(self.s.dtype)
         return torch.stack(
             [
                 RT @ Uk - mu[:, None] * (s @ Uk)[None]
-                for RT, s, mu, Uk in zip(self.RT, self.s, self.mu, U)
+                for RT, s, mu, Uk in zip(self.RT, self.s, self.mu, W)
             ]
-        )
+        ).to(U.dtype)
 
     def kernel(self, d):
-        """``Xs_k diag(d_k) Xs_k^T``: ``(K, p) -> (K, m, m)``, dense."""
+        """``Xs_k diag(d_k) Xs_k^T``: ``(K, p) -> (K, m, m)``, dense, in float64."""
         out = []
+        d = d.to(self.s.dtype)
         for R, RT, rows, s, mu, dk in zip(self.R, self.RT, self._rt_rows, self.s, self.mu, d):
             # (R diag(d) R^T) as the Gram matrix of the row-scaled R^T
             G = _gram(csr_with_values(RT, RT.values() * dk.sqrt()[rows])).to(d)
@@ -548,7 +554,7 @@ class _SparseFoldRows:
         return torch.stack(out)
 
     def col_sq_sums(self):
-        """``sum_i Xs_kij^2`` of every fold and feature: ``(K, p)``."""
+        """``sum_i Xs_kij^2`` of every fold and feature: ``(K, p)``, in float64."""
         return torch.stack(
             [
                 csr_with_values(RT, RT.values() ** 2) @ torch.ones_like(s)
@@ -559,7 +565,7 @@ class _SparseFoldRows:
         )
 
     def to_dense(self):
-        """The dense ``(K, m, p)`` tensor (a fallback's: a singular system)."""
+        """The dense ``(K, m, p)`` tensor in float64 (a fallback's: a singular system)."""
         return torch.stack(
             [R.to_dense() - torch.outer(s, mu) for R, s, mu in zip(self.R, self.s, self.mu)]
         )
@@ -590,17 +596,36 @@ def _primal_factor(gram, alpha):
     return _cholesky_ex(A, overwrite_a=True)
 
 
+def _wide(t):
+    """``t`` in float64 when it is in a narrower floating type (else as is).
+
+    The Woodbury form runs in float64 whatever the data's precision: with
+    penalties over many decades (the adaptive model's, near interpolation)
+    the kernel ``I + Xs A^{-1} Xs^T`` has entries of ``1/alpha_min`` (1e7)
+    beside the identity, which float32 loses, and the inverse subtracts two
+    terms of that size (a float32 validation loss of 72.3 against 0.309 at
+    penalties from 1e-7 to 1e12). Its ``m x m`` factorization is the cheap
+    part; the products with the rows stay in the data's precision. (Not on
+    Apple's MPS, which has no float64.)
+    """
+    if t.dtype == torch.float64 or not t.is_floating_point() or t.device.type == "mps":
+        return t
+    return t.double()
+
+
 def _dual_factor(Xs, alpha):
     """``Xs A^{-1}`` and the Cholesky factor of ``I + Xs A^{-1} Xs^T`` (``A =
-    diag(alpha_k)``) of every fold: ``(XA, L, info)`` (``XA`` is ``None``
-    for sparse rows, which apply ``A^{-1} Xs^T`` as a product instead)."""
+    diag(alpha_k)``) of every fold, in float64 (:func:`_wide`): ``(XA, L,
+    info)`` (``XA`` is ``None`` for sparse rows, which apply ``A^{-1}
+    Xs^T`` as a product instead)."""
+    alpha = _wide(alpha)
     if isinstance(Xs, _SparseFoldRows):
         M = Xs.kernel(1.0 / alpha)
         M.diagonal(dim1=-2, dim2=-1).add_(1.0)
         L, info = _cholesky_ex(M, overwrite_a=True)
         return None, L, info
     root = alpha.rsqrt()[:, None, :]
-    scaled = Xs * root
+    scaled = _wide(Xs) * root
     M = _gram(scaled.mT)  # Xs A^-1 Xs^T, by a symmetric product
     M.diagonal(dim1=-2, dim2=-1).add_(1.0)
     L, info = _cholesky_ex(M, overwrite_a=True)
@@ -608,14 +633,19 @@ def _dual_factor(Xs, alpha):
 
 
 def _dual_apply(XA, Xs, alpha, z):
-    """``A^{-1} Xs^T z`` per fold (``XA`` from :func:`_dual_factor`)."""
-    return _rows_rmv(Xs, z) / alpha if XA is None else _bmv(XA.mT, z)
+    """``A^{-1} Xs^T z`` per fold (``XA`` from :func:`_dual_factor`), in
+    ``z``'s precision."""
+    return _rows_rmv(Xs, z) / _wide(alpha) if XA is None else _bmv(XA.mT, z)
 
 
 def _dual_inverse(L, XA, Xs, alpha, r):
-    """``(Xs^T Xs + A)^{-1} r = A^{-1} r - A^{-1} Xs^T M^{-1} Xs A^{-1} r`` (Woodbury)."""
-    u = r / alpha
-    return u - _dual_apply(XA, Xs, alpha, _cho_solve(L, _rows_mv(Xs, u)))
+    """``(Xs^T Xs + A)^{-1} r = A^{-1} r - A^{-1} Xs^T M^{-1} Xs A^{-1} r``
+    (Woodbury), in float64 (:func:`_wide`), returned in ``r``'s dtype.
+    ``Xs A^{-1} r`` is ``XA r`` (dense rows)."""
+    rw = _wide(r)
+    u = rw / _wide(alpha)
+    xu = _rows_mv(Xs, u) if XA is None else _bmv(XA, rw)
+    return (u - _dual_apply(XA, Xs, alpha, _cho_solve(L, xu))).to(r.dtype)
 
 
 def _first_order(backward):
@@ -680,7 +710,7 @@ class _DualRidgeSolve(torch.autograd.Function):
         XA, L, info = _dual_factor(Xs, alpha)
         if bool((info != 0).any()):
             return None
-        w = _dual_apply(XA, Xs, alpha, _cho_solve(L, ys))
+        w = _dual_apply(XA, Xs, alpha, _cho_solve(L, _wide(ys))).to(ys.dtype)
         ctx.rows = Xs  # a tensor, or sparse rows (not a tensor to save)
         ctx.save_for_backward(L, XA, alpha, w)
         return w
@@ -941,7 +971,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         p = X.shape[1]
         if X.layout == torch.sparse_csr:
             self.Xs = _SparseFoldRows(X, T, self.X_offset)
-            self.ys = torch.zeros_like(self.Xs.s)
+            self.ys = torch.zeros_like(self.Xs.s, dtype=y.dtype)
             for k in range(T.shape[0]):
                 rows = torch.nonzero(T[k] > 0).reshape(-1)
                 s = self.Xs.s[k, : len(rows)]
@@ -1022,7 +1052,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         out = _DualRidgeSolve.apply(a, self.Xs, self.ys)
         if out is not None:
             return out
-        Xs = self.Xs.to_dense() if isinstance(self.Xs, _SparseFoldRows) else self.Xs
+        Xs = self.Xs.to_dense().to(a.dtype) if isinstance(self.Xs, _SparseFoldRows) else self.Xs
         XA = Xs / a[:, None, :]  # (K, m, p): Xs diag(1/alpha)
         n = Xs.shape[1]
         G = XA @ Xs.mT + torch.eye(n, dtype=a.dtype, device=a.device)
@@ -1148,7 +1178,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             if self.method == "primal":
                 d = torch.diagonal(self.gram, dim1=-2, dim2=-1)
             elif isinstance(self.Xs, _SparseFoldRows):
-                d = self.Xs.col_sq_sums()
+                d = self.Xs.col_sq_sums().to(a.dtype)
             else:
                 d = (self.Xs * self.Xs).sum(1)
             return d + a
@@ -1246,18 +1276,24 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
                 if phi is None
                 else self._alpha(phi.detach()).expand(self.n_folds, -1)
             )
-            if self.method == "dual" and isinstance(self.Xs, _SparseFoldRows):
-                # the same with Xs A^-1 Xs^T from sparse products
-                lam, U = torch.linalg.eigh(self.Xs.kernel(1.0 / base))
-                d = _bmv(U.mT, self.ys)[..., None] / (lam[..., None] + log_alphas.exp())
-                return self.validation_loss((self.Xs.rmm(U @ d) / base[..., None]).mT)
             if self.method == "dual":
-                # every penalty at once: coefficients (K, S, p)
-                root = base.rsqrt()[:, None, :]  # (K, 1, p)
-                Xs = self.Xs * root
-                lam, U = torch.linalg.eigh(_gram(Xs.mT))  # (K, m), (K, m, m)
-                d = _bmv(U.mT, self.ys)[..., None] / (lam[..., None] + log_alphas.exp())
-                return self.validation_loss((Xs.mT @ (U @ d)).mT * root)
+                # every penalty at once, in float64 as the factorizations
+                # (_wide): coefficients (K, S, p)
+                base = _wide(base)
+                shifts = _wide(log_alphas).exp()
+                ys = _wide(self.ys)
+                if isinstance(self.Xs, _SparseFoldRows):
+                    # Xs A^-1 Xs^T from sparse products
+                    lam, U = torch.linalg.eigh(self.Xs.kernel(1.0 / base))
+                    d = _bmv(U.mT, ys)[..., None] / (lam[..., None] + shifts)
+                    coef = (self.Xs.rmm(U @ d) / base[..., None]).mT
+                else:
+                    root = base.rsqrt()[:, None, :]  # (K, 1, p)
+                    Xs = _wide(self.Xs) * root
+                    lam, U = torch.linalg.eigh(_gram(Xs.mT))  # (K, m), (K, m, m)
+                    d = _bmv(U.mT, ys)[..., None] / (lam[..., None] + shifts)
+                    coef = (Xs.mT @ (U @ d)).mT * root
+                return self.validation_loss(coef.to(self.ys.dtype))
             for la in log_alphas.tolist():
                 out.append(self.validation_loss(self.coef(base * math.exp(la))))
         return torch.stack(out)

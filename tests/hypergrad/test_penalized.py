@@ -865,3 +865,32 @@ def test_ridge_folds_on_sparse_x_match_the_dense_folds(
         )
 
 
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_ridge_folds_dual_in_float32_with_penalties_over_many_decades(sparse):
+    # penalties from 1e-7 to 1e12 (an adaptive model near interpolation): in
+    # float32 the kernel I + Xs A^-1 Xs^T lost its identity to entries of 1e7
+    # and the Woodbury inverse cancelled two huge terms (validation loss 72.3
+    # against 0.309); the dual form factors and inverts in float64
+    rng = np.random.RandomState(0)
+    X = rng.randn(40, 90)
+    X[rng.rand(40, 90) < 0.6] = 0.0
+    y = X[:, 0] * 2 + X[:, 2] + 0.2 * rng.randn(40)
+    T = torch.tensor(_folds(40, k=5))
+    log_a = torch.tensor(np.linspace(-7.5, 12.0, 90) * np.log(10.0))
+    log_a[[0, 2]] = -7.5 * np.log(10.0)
+    out = {}
+    for dt in (torch.float64, torch.float32):
+        Xt = torch.tensor(X, dtype=dt)
+        folds = RidgeFolds(to_csr(Xt) if sparse else Xt, torch.tensor(y, dtype=dt), T.to(dt), (1 - T).to(dt))
+        assert folds.method == "dual"
+        value, grad, _, coef = folds.value_and_grad(log_a.to(dt))
+        r = torch.ones_like(coef)
+        inv = folds.hessian_preconditioner(coef, log_a.to(dt))(r)
+        curve = folds.validation_curve([0.0, 1.0], phi=log_a.to(dt))
+        out[dt] = (value, grad, coef, inv, curve)
+        assert all(t.dtype == dt for t in out[dt])
+    for a, b in zip(out[torch.float32], out[torch.float64]):
+        scale = float(b.abs().max())
+        assert float((a.double() - b).abs().max()) <= 2e-3 * scale
