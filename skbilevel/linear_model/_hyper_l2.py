@@ -102,6 +102,7 @@ import numbers
 import numpy as np
 import torch
 from joblib import Parallel, delayed, effective_n_jobs
+import scipy.sparse as sp
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context
 from sklearn.linear_model._base import LinearClassifierMixin
@@ -176,6 +177,8 @@ _ADAPTIVE_LEVEL_SCAN = np.arange(-_LOG_ALPHA_BOX, 4.5, 1.0)
 _SAMPLES_PER_CORRECTION = 10.0
 #: most bytes of fold precomputations (Gram matrices, scaled rows) per fold batch
 _FOLD_BATCH_BYTES = 256 * 2**20
+#: most bytes the regressor's leave-one-out folds (one per sample) may hold
+_LOO_MAX_BYTES = 4 * 2**30
 
 
 def _groups_from_penalty(penalty, n_features):
@@ -1031,7 +1034,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         penalties fitted the samples' noise: test R^2 -.18 against the
         shared penalty's .018 on a dense low-SNR truth, 200 x 100): ``n``
         fold problems, ``n p^2`` floats of Gram matrices (2000 x 200: 34 s
-        and 640 MB, against 0.08 s with ``cv=5``), for small data. The loss
+        and 640 MB, against 0.08 s with ``cv=5``; ``n^2 p`` with more
+        features than samples), for small data: beyond 4 GiB a
+        ``ValueError`` asks for an integer ``cv`` instead. The loss
         is the mean over folds of the (sample-weighted) mean squared error;
         hypergradients are averaged over folds.
     validation_fraction : float in (0, 1) or None, default=None
@@ -1269,6 +1274,29 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         with torch.no_grad():
             return problem.closed_form(phi)
 
+    def _check_loo_memory(self, X, n_folds):
+        """Refuse ``cv="loo"`` with several penalties where its one fold problem
+        per sample would hold more than ``_LOO_MAX_BYTES``: a Gram matrix each
+        (p <= n), or each fold's rows (dense, or sparse and their transpose),
+        plus the folds' weight rows."""
+        n, p = X.shape
+        if p <= n:
+            per_fold = p * p
+        elif sp.issparse(X):
+            per_fold = 4 * X.nnz  # values and indices of the rows and their transpose
+        else:
+            per_fold = n * p
+        need = 8 * n_folds * (per_fold + 2 * n)
+        if need > _LOO_MAX_BYTES:
+            raise ValueError(
+                f"cv='loo' with several penalties solves one ridge problem per sample "
+                f"(so that the adaptive model's pilot for a sample does not see it), "
+                f"which would hold about {need / 2**30:.1f} GiB here ({n_folds} samples, "
+                f"{p} features; the limit is {_LOO_MAX_BYTES / 2**30:.0f} GiB). Use an "
+                "integer cv (e.g. cv=10), or penalty='scalar' for leave-one-out in "
+                "closed form."
+            )
+
     def _nll(self, loss, base):
         # 0.5 * MSE / MSE_shared: the Gaussian per-sample NLL 0.5 * log(MSE) to first
         # order around the shared stage, but positive, so a relative tol applies
@@ -1355,6 +1383,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
             else:
                 if loo:  # every sample with a positive weight is a fold of its own
                     pos = np.flatnonzero(sw > 0)
+                    self._check_loo_memory(X, len(pos))
                     splits = [(np.setdiff1d(pos, [i]), np.array([i])) for i in pos]
                 else:
                     splits = self._splits(X, y, classifier=False)

@@ -436,6 +436,24 @@ def test_regressor_loo_does_not_fit_the_samples_noise():
     assert per_feature > shared - 0.01
 
 
+def test_regressor_loo_refuses_folds_beyond_its_memory_limit(monkeypatch):
+    import scipy.sparse as sp
+
+    from skbilevel.linear_model import _hyper_l2
+
+    monkeypatch.setattr(_hyper_l2, "_LOO_MAX_BYTES", 2**20)
+    X, y = _hetero(n=60, p=6)
+    HyperL2Regressor(cv="loo", max_iter=2).fit(X, y)  # 60 x (36 + 120) floats
+    rng = np.random.RandomState(0)
+    wide = rng.randn(60, 400)  # one fold's rows each: 60 x 60 x 400 floats
+    with pytest.raises(ValueError, match=r"cv='loo'.*GiB.*integer cv"):
+        HyperL2Regressor(cv="loo").fit(wide, wide[:, 0])
+    # sparse rows count by their nonzeros: 60 x 4 x 240 (+ 120) floats
+    HyperL2Regressor(cv="loo", max_iter=2).fit(sp.random(60, 400, density=0.01, random_state=0), y)
+    # the closed form (one shared penalty) holds no fold problems
+    HyperL2Regressor(cv="loo", penalty="scalar").fit(wide, wide[:, 0])
+
+
 def test_regressor_fold_batches_bound_the_memory(monkeypatch):
     # leave-one-out folds split into batches of bounded precomputations: the
     # same fit as one batch
