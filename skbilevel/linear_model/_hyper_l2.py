@@ -1388,9 +1388,12 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 else:
                     splits = self._splits(X, y, classifier=False)
                 T, V = self._fold_weights(splits, sw, n, Xt)
-                # a fold's Gram matrix (twice, while they are formed) or scaled rows
-                # and kernel
-                fold_bytes = 8 * (2 * p * p if p <= n else n * p + n * n)
+                # leave-one-out's many folds in batches of bounded temporaries: a
+                # fold's Gram matrix (twice, while they are formed) or scaled rows
+                # and kernel. (K-fold keeps one batch: a batch of one fold forms
+                # its Gram matrix from all its rows, not as all rows' less the
+                # left-out ones')
+                fold_bytes = 8 * (2 * p * p if p <= n else n * p + n * n) if loo else 0
                 batches = [
                     RidgeFolds(
                         Xt,
