@@ -442,16 +442,21 @@ def _sparse_fold_grams(X, y, T, X_offset, y_offset, center=True):
 
 
 class _CentredRows:
-    """Sparse rows ``R`` less a row ``mu`` (``R - 1 mu^T``) without filling
-    them in: the products ``Xc @ M`` and ``Xc.T @ M`` of the validation
-    losses (a scipy CSR matrix with numpy arrays, or a CSR tensor with
-    tensors)."""
+    """Sparse rows centred at ``mu`` and scaled, without filling them in:
+    ``Xc = R - s mu^T`` with ``R = diag(s) X_rows`` sparse (``s = 1`` when
+    ``None``), given with its transpose ``rows_t``. Only the products
+    ``Xc @ M`` and ``Xc.T @ G`` (a scipy CSR matrix with numpy arrays, or a
+    CSR tensor with tensors): the validation rows of the primal form, and
+    each fold's training rows in the Woodbury form (:class:`_SparseFoldRows`)."""
 
-    def __init__(self, rows, mu, rows_t):
-        self.rows, self.mu, self._rows_t = rows, mu, rows_t
+    def __init__(self, rows, mu, rows_t, s=None):
+        self.rows, self.mu, self.rows_t, self.s = rows, mu, rows_t, s
 
-    def __matmul__(self, M):  # (p,) or (p, s) -> (m,) or (m, s)
-        return self.rows @ M - self.mu @ M
+    def __matmul__(self, M):  # (p,) or (p, S) -> (m,) or (m, S)
+        c = self.mu @ M
+        if self.s is not None:
+            c = self.s[:, None] * c if M.ndim == 2 else self.s * c
+        return self.rows @ M - c
 
     @property
     def T(self):
@@ -459,14 +464,16 @@ class _CentredRows:
 
 
 class _CentredRowsT:
-    """The transpose of :class:`_CentredRows`: ``R^T G - mu sum_i G_i``."""
+    """The transpose of :class:`_CentredRows`: ``R^T G - mu (s^T G)``."""
 
     def __init__(self, centred):
         self.c = centred
 
-    def __matmul__(self, G):  # (m,) or (m, s) -> (p,) or (p, s)
-        mu = self.c.mu if G.ndim == 1 else self.c.mu[:, None]
-        return self.c._rows_t @ G - mu * G.sum(0)
+    def __matmul__(self, G):  # (m,) or (m, S) -> (p,) or (p, S)
+        c = self.c
+        sg = G.sum(0) if c.s is None else c.s @ G
+        mu = c.mu if G.ndim == 1 else c.mu[:, None]
+        return c.rows_t @ G - mu * sg
 
 
 def _bmv(A, x):
@@ -487,9 +494,10 @@ class _SparseFoldRows:
     padding the folds to a common ``m``): ``Xs_k = R_k - s_k mu_k^T`` with
     ``R_k = diag(s_k) X_k`` sparse (CSR, and its transpose), ``s_k`` the root
     weights (zero past the fold's rows) and ``mu_k`` the fold's mean (zero
-    without intercept). Gives the products the dual form needs, each a
-    sparse product and a rank-one correction per fold. Held in float64
-    (:func:`_wide`); products return in their argument's precision.
+    without intercept): a :class:`_CentredRows` per fold. Gives the
+    products the dual form needs, each a sparse product and a rank-one
+    correction per fold. Held in float64 (:func:`_wide`); products return in
+    their argument's precision.
     """
 
     def __init__(self, X, T, mu):
@@ -497,9 +505,8 @@ class _SparseFoldRows:
         m = int((T > 0).sum(1).max())
         self.shape = (K, m, X.shape[1])
         X, T, mu = csr_with_values(X, _wide(X.values())), _wide(T), _wide(mu)
-        self.mu = mu
         self.s = mu.new_zeros(K, m)
-        self.R, self.RT, self._rt_rows = [], [], []
+        self.folds, self._rt_rows = [], []
         for k in range(K):
             rows = torch.nonzero(T[k] > 0).reshape(-1)
             self.s[k, : len(rows)] = T[k, rows].sqrt()
@@ -508,8 +515,7 @@ class _SparseFoldRows:
             crow = torch.cat([crow, crow[-1:].expand(m - len(rows))])
             R = csr_tensor(crow, R.col_indices(), R.values(), (m, X.shape[1]), device=X.device)
             RT = csr_transpose(R)
-            self.R.append(R)
-            self.RT.append(RT)
+            self.folds.append(_CentredRows(R, mu[k], RT, self.s[k]))
             # the row (feature) of every stored entry of R^T
             counts = RT.crow_indices().diff()
             self._rt_rows.append(
@@ -519,35 +525,22 @@ class _SparseFoldRows:
     def mv(self, v):
         """``Xs_k v_k``: ``(K, p) -> (K, m)``."""
         w = v.to(self.s.dtype)
-        return torch.stack(
-            [R @ vk - s * (mu @ vk) for R, s, mu, vk in zip(self.R, self.s, self.mu, w)]
-        ).to(v.dtype)
+        return torch.stack([Xc @ vk for Xc, vk in zip(self.folds, w)]).to(v.dtype)
 
     def rmv(self, u):
-        """``Xs_k^T u_k``: ``(K, m) -> (K, p)``."""
+        """``Xs_k^T u_k``: ``(K, m) -> (K, p)``, or ``(K, m, S) -> (K, p, S)``."""
         w = u.to(self.s.dtype)
-        return torch.stack(
-            [RT @ uk - mu * (s @ uk) for RT, s, mu, uk in zip(self.RT, self.s, self.mu, w)]
-        ).to(u.dtype)
-
-    def rmm(self, U):
-        """``Xs_k^T U_k``: ``(K, m, S) -> (K, p, S)``."""
-        W = U.to(self.s.dtype)
-        return torch.stack(
-            [
-                RT @ Uk - mu[:, None] * (s @ Uk)[None]
-                for RT, s, mu, Uk in zip(self.RT, self.s, self.mu, W)
-            ]
-        ).to(U.dtype)
+        return torch.stack([Xc.T @ uk for Xc, uk in zip(self.folds, w)]).to(u.dtype)
 
     def kernel(self, d):
         """``Xs_k diag(d_k) Xs_k^T``: ``(K, p) -> (K, m, m)``, dense, in float64."""
         out = []
         d = d.to(self.s.dtype)
-        for R, RT, rows, s, mu, dk in zip(self.R, self.RT, self._rt_rows, self.s, self.mu, d):
+        for Xc, rows, dk in zip(self.folds, self._rt_rows, d):
+            RT, s, mu = Xc.rows_t, Xc.s, Xc.mu
             # (R diag(d) R^T) as the Gram matrix of the row-scaled R^T
             G = _gram(csr_with_values(RT, RT.values() * dk.sqrt()[rows])).to(d)
-            c = R @ (dk * mu)
+            c = Xc.rows @ (dk * mu)
             G -= torch.outer(c, s) + torch.outer(s, c)
             G += (mu @ (dk * mu)) * torch.outer(s, s)
             out.append(G)
@@ -557,17 +550,17 @@ class _SparseFoldRows:
         """``sum_i Xs_kij^2`` of every fold and feature: ``(K, p)``, in float64."""
         return torch.stack(
             [
-                csr_with_values(RT, RT.values() ** 2) @ torch.ones_like(s)
-                - 2.0 * mu * (RT @ s)
-                + mu * mu * (s @ s)
-                for RT, s, mu in zip(self.RT, self.s, self.mu)
+                csr_with_values(Xc.rows_t, Xc.rows_t.values() ** 2) @ torch.ones_like(Xc.s)
+                - 2.0 * Xc.mu * (Xc.rows_t @ Xc.s)
+                + Xc.mu * Xc.mu * (Xc.s @ Xc.s)
+                for Xc in self.folds
             ]
         )
 
     def to_dense(self):
         """The dense ``(K, m, p)`` tensor in float64 (a fallback's: a singular system)."""
         return torch.stack(
-            [R.to_dense() - torch.outer(s, mu) for R, s, mu in zip(self.R, self.s, self.mu)]
+            [Xc.rows.to_dense() - torch.outer(Xc.s, Xc.mu) for Xc in self.folds]
         )
 
 
@@ -1286,7 +1279,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
                     # Xs A^-1 Xs^T from sparse products
                     lam, U = torch.linalg.eigh(self.Xs.kernel(1.0 / base))
                     d = _bmv(U.mT, ys)[..., None] / (lam[..., None] + shifts)
-                    coef = (self.Xs.rmm(U @ d) / base[..., None]).mT
+                    coef = (self.Xs.rmv(U @ d) / base[..., None]).mT
                 else:
                     root = base.rsqrt()[:, None, :]  # (K, 1, p)
                     Xs = _wide(self.Xs) * root
