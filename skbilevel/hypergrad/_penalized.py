@@ -346,98 +346,73 @@ def _fold_grams(X, y, T, X_offset, y_offset, center=True):
     rows minus that of the rows fold ``k`` leaves out: about ``2 n p^2``
     operations instead of ``K n p^2``, and ``n p^2`` when the left-out
     parts partition the rows (K-fold: the all-rows matrix is their sum).
-    Rows are first centred at the ``w``-weighted mean, so the subtraction
-    loses no digits to large means.
+    Dense rows are first centred at the ``w``-weighted mean, so the
+    subtraction loses no digits to large means. A CSR ``X`` stays sparse:
+    its Gram matrices are sparse products of uncentred rows (centring would
+    fill them in), and the subtraction of the fold means after loses the
+    digits of ``mean^2 / variance``, small for sparse features (mostly
+    zeros), as in scikit-learn's sparse ridge.
     """
-    if X.layout == torch.sparse_csr:
-        return _sparse_fold_grams(X, y, T, X_offset, y_offset, center)
+    sparse = X.layout == torch.sparse_csr
     K = T.shape[0]
     w = T.max(0).values
     t_sum = T.sum(1)
-    cx = (w @ X) / w.sum() if center else X.new_zeros(X.shape[1])
-    cy = (w @ y) / w.sum() if center else y.new_zeros(())
-    X0, y0 = X - cx, y - cy
-    dx, dy = X_offset - cx, y_offset - cy  # fold means - common centre (0 if not center)
+    w_sum = w.sum()
+    cx = ((w[None] @ X)[0] if sparse else w @ X) / w_sum if center else y.new_zeros(X.shape[1])
+    cy = (w @ y) / w_sum if center else y.new_zeros(())
+    # the centre of the rows the Gram matrices are formed from
+    c, c_y = (y.new_zeros(X.shape[1]), y.new_zeros(())) if sparse else (cx, cy)
+    if sparse:
+
+        def part(s):  # X^T diag(s) X and X^T (s y), over the rows with s > 0
+            rows = torch.nonzero(s > 0).reshape(-1)
+            gram = _gram(csr_rows(X, rows, s[rows].sqrt())).to(device=y.device)
+            return gram, ((s * y)[None] @ X)[0]
+
+    else:
+        X0, y0 = X - cx, y - cy
+
+        def part(s):  # the same of the centred rows
+            rows = torch.nonzero(s > 0).reshape(-1)
+            scaled = X0[rows] * s[rows].sqrt()[:, None]
+            return _gram(scaled), scaled.T @ (s[rows].sqrt() * y0[rows])
+
+    common = None
     if bool(((T == 0) | (T == w)).all()) and K > 2:
-        root = w.sqrt()
-        wy = root * y0  # the root-weighted targets: X0^T w y0 = (root X0)^T wy
         out = (T == 0) & (w > 0)  # (K, n): the rows each fold leaves out
-        rows = [torch.nonzero(o).reshape(-1) for o in out]
-        parts = [X0[r] * root[r, None] for r in rows]
-        grams_out = torch.stack([_gram(part) for part in parts])
-        rhs_out = torch.stack([part.T @ wy[r] for part, r in zip(parts, rows)])
+        parts = [part(w * o) for o in out]
+        grams_out = torch.stack([g for g, _ in parts])
+        rhs_out = torch.stack([r for _, r in parts])
         if bool((out.sum(0) == (w > 0)).all()):
             # the left-out parts partition the rows (K-fold): their Gram
             # matrices add up to that of all rows (hetero: 5.3 -> 3.6 ms)
             gram_w, rhs_w = grams_out.sum(0), rhs_out.sum(0)
         else:
-            gram_w, rhs_w = _gram(X0 * root[:, None]), X0.T @ (root * wy)
+            gram_w, rhs_w = part(w)
         # in place: (K, p, p) temporaries cost page faults on CPU
         gram = grams_out.neg_().add_(gram_w)
         rhs = rhs_w - rhs_out
-        common = (w, cx, cy, gram_w, rhs_w)
-    else:
-        gram = _gram(X0[None] * T.sqrt()[..., None])  # (K, p, p)
-        rhs = (T * y0) @ X0
-        common = None
-    # remove the fold means: sum_i t_ki (x_i - c)(x_i - c)^T - t_k (mu_k - c)(mu_k - c)^T
-    d = dx * t_sum.sqrt()[:, None]
-    gram = gram.baddbmm_(d[:, :, None], d[:, None, :], alpha=-1.0)
-    rhs = rhs - t_sum[:, None] * dx * dy[:, None]
-    return gram, rhs, common
-
-
-def _sparse_fold_grams(X, y, T, X_offset, y_offset, center=True):
-    """:func:`_fold_grams` of a CSR ``X``, which stays sparse.
-
-    Centring would fill ``X`` in, so every Gram matrix is formed uncentred
-    (a sparse product over the rows with positive weight) and the fold's
-    weighted mean removed after: ``C_k = X^T diag(t_k) X - t_k mu_k mu_k^T``,
-    ``r_k = X^T (t_k y) - t_k mu_k m_k`` (``t_k`` the fold's weight sum). As
-    in scikit-learn's sparse ridge; the subtraction loses the digits of
-    ``mean^2 / variance``, small for sparse features (mostly zeros). The
-    K-fold layout takes each fold's Gram matrix as all rows' minus the
-    left-out rows', as the dense form does.
-    """
-    K = T.shape[0]
-    w = T.max(0).values
-
-    def part(s):  # uncentred X^T diag(s) X and X^T (s y), over the rows with s > 0
-        rows = torch.nonzero(s > 0).reshape(-1)
-        gram = _gram(csr_rows(X, rows, s[rows].sqrt()))
-        return gram.to(device=y.device), ((s * y)[None] @ X)[0]
-
-    common = None
-    if bool(((T == 0) | (T == w)).all()) and K > 2:
-        out = (T == 0) & (w > 0)
-        parts = [part(w * o) for o in out]
-        grams_out = torch.stack([g for g, _ in parts])
-        rhs_out = torch.stack([r for _, r in parts])
-        if bool((out.sum(0) == (w > 0)).all()):
-            gram_w, rhs_w = grams_out.sum(0), rhs_out.sum(0)
-        else:
-            gram_w, rhs_w = part(w)
-        gram = grams_out.neg_().add_(gram_w)
-        rhs = rhs_w - rhs_out
-        w_sum = w.sum()
-        cx = ((w[None] @ X)[0] / w_sum) if center else gram_w.new_zeros(X.shape[1])
-        cy = (w @ y) / w_sum if center else y.new_zeros(())
+        # the all-rows problem centred at (cx, cy) (zero shift for dense rows)
+        e = cx - c
         common = (
             w,
             cx,
             cy,
-            gram_w - w_sum * torch.outer(cx, cx),
-            rhs_w - w_sum * cx * cy,
+            gram_w - w_sum * torch.outer(e, e),
+            rhs_w - w_sum * e * (cy - c_y),
         )
-    else:
+    elif sparse:
         parts = [part(t) for t in T]
         gram = torch.stack([g for g, _ in parts])
         rhs = torch.stack([r for _, r in parts])
-    if center:
-        t_sum = T.sum(1)
-        mu = X_offset * t_sum.sqrt()[:, None]
-        gram = gram.baddbmm_(mu[:, :, None], mu[:, None, :], alpha=-1.0)
-        rhs = rhs - t_sum[:, None] * X_offset * y_offset[:, None]
+    else:
+        gram = _gram(X0[None] * T.sqrt()[..., None])  # (K, p, p)
+        rhs = (T * y0) @ X0
+    # remove the fold means: sum_i t_ki (x_i - c)(x_i - c)^T - t_k (mu_k - c)(mu_k - c)^T
+    dx, dy = X_offset - c, y_offset - c_y  # (zero without intercept)
+    d = dx * t_sum.sqrt()[:, None]
+    gram = gram.baddbmm_(d[:, :, None], d[:, None, :], alpha=-1.0)
+    rhs = rhs - t_sum[:, None] * dx * dy[:, None]
     return gram, rhs, common
 
 
