@@ -152,6 +152,12 @@ _LINE_SEARCH_FAILED = (
 )
 
 
+def _done(converged, n_iter, min_iter, g_norm):
+    """Whether an iterative solver stops: converged, after at least
+    ``min_iter`` iterations unless the gradient vanishes (nowhere to go)."""
+    return converged and (n_iter >= min_iter or g_norm == 0.0)
+
+
 def _solver_tol(tol, dtype):
     return _default_tol(dtype) if tol is None else tol
 
@@ -336,6 +342,14 @@ class LBFGS(InnerSolver):
         Number of curvature pairs kept.
     max_ls : int, default=25
         Maximum function evaluations per line search.
+    min_iter : int, default=0
+        Iterations taken even when the start already meets ``tol`` (while
+        the gradient is nonzero). With a loose ``tol`` and a warm start from
+        a nearby problem's solution (an outer step, the next point of a
+        regularization path), the start often meets ``tol`` already and
+        would be returned as is: the solution would not follow the outer
+        variable, and the outer objective would look flat. One iteration
+        makes the warm-started solve track it.
     warn : bool, default=True
         Emit :class:`InnerSolveWarning` when ``tol`` is not reached.
 
@@ -365,11 +379,14 @@ class LBFGS(InnerSolver):
     ([0.6, -0.8], True)
     """
 
-    def __init__(self, tol=None, max_iter=500, history_size=10, max_ls=25, warn=True):
+    def __init__(
+        self, tol=None, max_iter=500, history_size=10, max_ls=25, min_iter=0, warn=True
+    ):
         self.tol = tol
         self.max_iter = max_iter
         self.history_size = history_size
         self.max_ls = max_ls
+        self.min_iter = min_iter
         self.warn = warn
 
     def __repr__(self):
@@ -392,7 +409,7 @@ class LBFGS(InnerSolver):
         memory = _LBFGSMemory(self.history_size)
         diagonal = getattr(fun, "hessian_diagonal", None)
         n_iter, converged, message = 0, _within_tol(g_norm, tol), ""
-        while not converged and n_iter < self.max_iter:
+        while n_iter < self.max_iter and not _done(converged, n_iter, self.min_iter, g_norm):
             h0 = None
             if diagonal is not None:
                 d_h = _jacobi_diagonal(diagonal, vector_to_tree(x, like))
@@ -475,6 +492,16 @@ class NewtonCG(InnerSolver):
         Maximum Newton iterations.
     cg_maxiter : int, optional
         Maximum CG iterations per Newton step; default ``min(dim, 200)``.
+    min_iter : int, default=0
+        Iterations taken even when the start already meets ``tol`` (while
+        the gradient is nonzero). With a loose ``tol`` and a warm start from
+        a nearby problem's solution (an outer step, the next point of a
+        regularization path), the start often meets ``tol`` already and
+        would be returned as is: the solution would not follow the outer
+        variable, and the outer objective would look flat. One iteration
+        makes the warm-started solve track it (its CG solve stops at the
+        forcing term's cap, a relative residual of 0.5, when ``tol`` is
+        already met).
     warn : bool, default=True
         Emit :class:`InnerSolveWarning` when ``tol`` is not reached.
     precondition : bool, default=True
@@ -493,11 +520,18 @@ class NewtonCG(InnerSolver):
     """
 
     def __init__(
-        self, tol=None, max_iter=100, cg_maxiter=None, warn=True, precondition=True
+        self,
+        tol=None,
+        max_iter=100,
+        cg_maxiter=None,
+        warn=True,
+        precondition=True,
+        min_iter=0,
     ):
         self.tol = tol
         self.max_iter = max_iter
         self.cg_maxiter = cg_maxiter
+        self.min_iter = min_iter
         self.warn = warn
         self.precondition = precondition
 
@@ -536,7 +570,7 @@ class NewtonCG(InnerSolver):
                     "check the initialization and the data."
                 )
             converged = _within_tol(g_norm, tol)
-            if converged or n_iter >= self.max_iter:
+            if n_iter >= self.max_iter or _done(converged, n_iter, self.min_iter, g_norm):
                 break
             if tree_hvp is not None:
 
