@@ -69,6 +69,26 @@ def test_solvers_silent_with_warn_false():
     assert not res.converged
 
 
+@pytest.mark.parametrize("Solver", [LBFGS, NewtonCG])
+def test_min_iter_moves_a_start_that_already_meets_the_tolerance(Solver):
+    # a warm start from a nearby problem's solution: within a loose tol already
+    fun, init = _logistic()
+    exact, _ = Solver(tol=1e-12).solve(fun, init)
+    start = {k: v + 1e-4 for k, v in exact.items()}
+    loose = 10 * _grad_norm(fun, start)
+    same, res = Solver(tol=loose).solve(fun, start)
+    assert res.n_iter == 0 and all(torch.equal(same[k], start[k]) for k in start)
+    moved, res = Solver(tol=loose, min_iter=1).solve(fun, start)
+    assert res.n_iter == 1 and res.converged
+    assert float(fun(moved)) < float(fun(start))
+    assert _grad_norm(fun, moved) < _grad_norm(fun, start)
+    # a vanishing gradient: nowhere to go, no iteration
+    zero_fun = lambda p: (p["w"] ** 2).sum() + (p["b"] ** 2)  # noqa: E731
+    zero = {"w": torch.zeros(3, dtype=DT), "b": torch.zeros((), dtype=DT)}
+    _, res = Solver(tol=1e-3, min_iter=2).solve(zero_fun, zero)
+    assert res.n_iter == 0 and res.converged
+
+
 def test_float32_default_tolerance():
     fun, init = _logistic(n=60, d=4, dtype=torch.float32)
     scaled = lambda p: fun(p) / 60  # noqa: E731 - O(1) gradients reachable in float32
