@@ -1544,6 +1544,10 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         validation losses.
     device : str or torch.device, default="cpu"
     dtype : str or dtype, default="float64"
+        Precision of the fit. In float64 with ``hypergradient="cg"``, the
+        folds' Hessian-vector products (conjugate gradient's directions) run
+        in float32, with half the memory traffic; gradients, losses and
+        solutions stay in float64 (see ``LogisticFolds``' ``hvp_dtype``).
     verbose : int, default=0
     random_state : int, RandomState instance or None, default=None
     warm_start : bool, default=False
@@ -1776,6 +1780,16 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         with core_warnings_as_sklearn():
             splits = self._splits(X, y_idx, classifier=True)
             T, V = self._fold_weights(splits, sw, n, Xt)
+            # float64 fits with the default strategy run their Hessian-vector
+            # products (conjugate gradient's directions, to relative residuals of
+            # 1e-2) in float32: half the memory streamed per product (a wide
+            # binary fit, 500 x 2000: 3.4 -> 2.1 s; digits 0.58 -> 0.53 s). Any
+            # other strategy may ask for residuals float32 products cannot reach
+            # (about 1e-7): float64 products then. Sparse X keeps its own: its
+            # products stream int64 indices (1500 x 5000 at 1%: no gain)
+            default = isinstance(self.hypergradient, str) and self.hypergradient == "cg"
+            low = dtype == torch.float64 and default and Xt.layout == torch.strided
+            hvp_dtype = torch.float32 if low else None
             batches = [
                 LogisticFolds(
                     Xt,
@@ -1785,6 +1799,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                     V[idx],
                     groups=gt,
                     fit_intercept=self.fit_intercept,
+                    hvp_dtype=hvp_dtype,
                 )
                 for idx in self._batches(len(splits))
             ]
@@ -1816,7 +1831,13 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                 objective, n_groups, n_eff, scale, groups, dtype, device, low_scale
             )
             full = LogisticFolds(
-                Xt, yt, n_classes, swt, groups=gt, fit_intercept=self.fit_intercept
+                Xt,
+                yt,
+                n_classes,
+                swt,
+                groups=gt,
+                fit_intercept=self.fit_intercept,
+                hvp_dtype=hvp_dtype,
             )
             if self.adaptive_params_ is not None:
                 # its pilot starts from the folds' (digits: 9 Newton iterations from 0)

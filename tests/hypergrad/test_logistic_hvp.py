@@ -217,7 +217,7 @@ def test_classifier_unchanged_without_protocol(monkeypatch, binary):
     X = (X - X.mean(0)) / X.std(0)
     if binary:
         y = (y == 2).astype(int)
-    # hypergradients to 1e-5 (the default's 1e-3 residual would add its own
+    # hypergradients to 1e-5 (the default's 1e-2 residual would add its own
     # differences between the two paths)
     kw = dict(max_iter=8, random_state=0, hypergradient=ImplicitCG(tol=1e-5))
     est = HyperL2Classifier(**kw).fit(X, y)
@@ -306,3 +306,42 @@ def test_sparse_X_gives_the_dense_results_without_warnings(n_classes, fit_interc
             out_s = sparse.value_grad_hessian(phi, solver)
             for a, b in zip(out_d, out_s):
                 torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("n_classes, fit_intercept", CASES)
+def test_float32_hvp_gives_the_float64_solution(n_classes, fit_intercept, sparse):
+    exact = _folds(n_classes, fit_intercept)
+    args = (exact.y, n_classes, exact.train_weights, exact.val_weights)
+    X = to_csr(exact.X) if sparse else exact.X
+    low = LogisticFolds(X, *args, fit_intercept=fit_intercept, hvp_dtype=torch.float32)
+    assert low.hvp_dtype == torch.float32 and exact.hvp_dtype == DT
+    # the copies in float32 are built once and shared by reparametrized folds
+    assert low.reparametrized(groups=torch.zeros(4, dtype=torch.long))._hvp_X is low._hvp_X
+    phi = torch.linspace(-1.0, 1.0, 4, dtype=DT)
+    theta, _ = exact.solve(phi, NewtonCG(tol=1e-11))
+    v = _random_tree(theta, seed=3)
+    a, b = exact.hvp(theta, phi, v), low.hvp(theta, phi, v)
+    for k in a:
+        assert b[k].dtype == DT
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    # Newton's steps and the implicit system carry float32 products, yet the
+    # solution and the hypergradient are float64's to the solver's tolerance
+    # (CG's attainable residual with float32 products is about 1e-7)
+    _, g_exact, _, t_exact = exact.value_and_grad(phi, ImplicitCG(tol=1e-6), NewtonCG(tol=1e-11))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, g_low, info, t_low = low.value_and_grad(
+            phi, ImplicitCG(tol=1e-6), NewtonCG(tol=1e-11)
+        )
+    assert info.inner_converged and info.linear_solve_converged
+    torch.testing.assert_close(tree_to_vector(t_low), tree_to_vector(t_exact), rtol=0, atol=1e-10)
+    torch.testing.assert_close(g_low, g_exact, rtol=1e-5, atol=1e-9)
+
+
+def test_hvp_dtype_is_checked():
+    folds = _folds(2, True)
+    with pytest.raises(ValueError, match="hvp_dtype must be None or a floating torch dtype"):
+        LogisticFolds(folds.X, folds.y, 2, folds.train_weights, hvp_dtype="float32")
+    with pytest.raises(ValueError, match="hvp_dtype"):
+        LogisticFolds(folds.X, folds.y, 2, folds.train_weights, hvp_dtype=torch.int64)

@@ -931,3 +931,40 @@ def test_regressor_features_on_very_different_scales():
     ours = HyperL2Regressor(random_state=0).fit(X[:n], y[:n]).score(X[n:], y[n:])
     ridge = RidgeCV(alphas=np.logspace(-12, 12, 49)).fit(X[:n], y[:n]).score(X[n:], y[n:])
     assert ridge > 0.98 and ours > ridge - 0.005
+
+
+def test_classifier_float32_products_keep_the_float64_fit(monkeypatch):
+    # the default strategy's Hessian-vector products run in float32 for float64
+    # data; the fit is the one float64 products give
+    from scipy import sparse
+    from sklearn.datasets import load_wine
+    from sklearn.preprocessing import StandardScaler
+
+    from skbilevel.hypergrad import LogisticFolds
+
+    X, y = load_wine(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    fast = HyperL2Classifier(random_state=0).fit(X, y)
+    seen = []
+    init = LogisticFolds.__init__
+
+    def record(self, *args, hvp_dtype=None, **kwargs):
+        seen.append(hvp_dtype)
+        init(self, *args, **kwargs)  # float64 products
+
+    monkeypatch.setattr(LogisticFolds, "__init__", record)
+    ref = HyperL2Classifier(random_state=0).fit(X, y)
+    assert set(seen) == {torch.float32}
+    np.testing.assert_allclose(fast.alphas_, ref.alphas_, rtol=1e-4)
+    # (the same to the fold solves' tolerance)
+    np.testing.assert_allclose(fast.predict_proba(X), ref.predict_proba(X), atol=1e-4)
+    # a strategy of the user's may ask for residuals below float32's reach
+    seen.clear()
+    HyperL2Classifier(hypergradient=ImplicitCG(tol=1e-8), max_iter=2).fit(X, y)
+    assert set(seen) == {None}
+    seen.clear()
+    HyperL2Classifier(dtype="float32", max_iter=2).fit(X, y)
+    assert set(seen) == {None}
+    seen.clear()  # sparse X: its products stream indices as much as values
+    HyperL2Classifier(max_iter=2).fit(sparse.csr_matrix(X), y)
+    assert set(seen) == {None}
