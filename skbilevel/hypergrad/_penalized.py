@@ -1625,7 +1625,7 @@ class LogisticFolds(_PenaltyModel):
         self.theta_ = None  # warm start
         self._X_sq = None  # X ** 2, built on the first hessian_diagonal call
         self._X_aug = None  # [X, 1] dense, built on the first hessian_preconditioner call
-        self._curvature_at = None  # (theta leaves, versions, probabilities) of _curvature
+        self._curvature_at = None  # [theta leaves, versions, (P, w), copies] of _curvature
         self._XT = None  # X.T contiguous (or CSR), built on its first use (_transposed)
         self._gram_at = None  # (curvature weights, weighted Gram) of hessian_preconditioner
         self._train_rows = None  # each fold's rows of nonzero training weight (_weighted_gram)
@@ -1703,10 +1703,11 @@ class LogisticFolds(_PenaltyModel):
             return a[:, None].expand(a.shape[0], self.n_folds)
         return a.T
 
-    def _curvature(self, theta, z=None):
+    def _curvature(self, theta, z=None, dtype=None):
         """Probabilities ``P`` (sigmoid, or softmax over classes) and the logit
         curvature's weight (binary: ``t P (1 - P)``; multinomial: ``t P``,
         with ``t`` the training weights), both ``(K, n_out, n)``; no graph.
+        With ``dtype``, in that precision (copies cached with them).
 
         Samples last: products with ``X`` as ``(K n_out, n) @ (n, p)`` are
         about twice as fast as ``(p, n) @ (n, K n_out)`` for few columns.
@@ -1723,7 +1724,11 @@ class LogisticFolds(_PenaltyModel):
             and all(a is b for a, b in zip(cached[0], leaves))
             and cached[1] == versions
         ):
-            return cached[2]
+            if dtype is None or dtype == cached[2][0].dtype:
+                return cached[2]
+            if cached[3] is None:
+                cached[3] = tuple(t.to(dtype) for t in cached[2])
+            return cached[3]
         with torch.no_grad():
             if z is None:
                 z = self.logits({k: v.detach() for k, v in theta.items()})
@@ -1735,8 +1740,8 @@ class LogisticFolds(_PenaltyModel):
             else:
                 P = torch.softmax(z, dim=1)
                 out = (P, t * P)
-        self._curvature_at = (leaves, versions, out)
-        return out
+        self._curvature_at = [leaves, versions, out, None]
+        return out if dtype is None else self._curvature(theta, dtype=dtype)
 
     def _to_theta(self, R, V, a, X=None, XT=None):
         """``(X^T R + a V, sum_i R)``, divided by the scale, shaped like ``theta``.
@@ -1756,7 +1761,7 @@ class LogisticFolds(_PenaltyModel):
         XtR = XtR.to(V.dtype)
         out = {"coef": (XtR + a[..., None] * V) / self._scale}
         if self.fit_intercept:
-            b = R.sum(-1)
+            b = R.sum(-1).to(V.dtype)
             out["intercept"] = (b if self.n_out == 1 else b[:, :-1]) / self._scale
         return out
 
@@ -1844,18 +1849,18 @@ class LogisticFolds(_PenaltyModel):
         """
         with torch.no_grad():
             a = self._penalty(phi.detach())
-            P, w = self._curvature(theta)  # (K, c, n)
+            X, XT = (self.X, self._transposed()) if self._hvp_X is None else self._hvp_X
+            # the per-sample terms in the products' precision as well
+            P, w = self._curvature(theta, dtype=X.dtype)  # (K, c, n)
             V = v["coef"].detach()
             p, K, c = V.shape
-            X, XT = (self.X, self._transposed()) if self._hvp_X is None else self._hvp_X
             Vh = V.reshape(p, K * c).to(X.dtype)
             if self._sparse:
                 u = (X @ Vh).T.reshape(K, c, -1)
             else:
                 u = _matmul(Vh.T, XT).reshape(K, c, -1)
-            u = u.to(V.dtype)
             if self.fit_intercept:
-                vb = v["intercept"].detach()
+                vb = v["intercept"].detach().to(X.dtype)
                 if self.n_out > 1:
                     vb = torch.cat([vb, vb.new_zeros(vb.shape[0], 1)], dim=1)
                 u = u + vb[..., None]
