@@ -493,15 +493,10 @@ class NewtonCG(InnerSolver):
     cg_maxiter : int, optional
         Maximum CG iterations per Newton step; default ``min(dim, 200)``.
     min_iter : int, default=0
-        Iterations taken even when the start already meets ``tol`` (while
-        the gradient is nonzero). With a loose ``tol`` and a warm start from
-        a nearby problem's solution (an outer step, the next point of a
-        regularization path), the start often meets ``tol`` already and
-        would be returned as is: the solution would not follow the outer
-        variable, and the outer objective would look flat. One iteration
-        makes the warm-started solve track it (its CG solve stops at the
-        forcing term's cap, a relative residual of 0.5, when ``tol`` is
-        already met).
+        Newton iterations taken even when the start already meets ``tol``
+        (see :class:`LBFGS`: a warm start then still follows the outer
+        variable). Such a step's CG solve stops at the forcing term's cap,
+        a relative residual of 0.5.
     warn : bool, default=True
         Emit :class:`InnerSolveWarning` when ``tol`` is not reached.
     precondition : bool, default=True
