@@ -15,3 +15,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def _seed_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one CPU thread for the test (restored after): the numpy and
+    scipy routes of the heavy products are taken only then."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -357,9 +357,11 @@ def test_cuda_matches_cpu():
     assert theta["coef"].is_cuda
 
 
-def test_torch_path_equals_numpy_path(monkeypatch):
+def test_torch_path_equals_numpy_path(monkeypatch, one_torch_thread):
     """The pure-torch formulas (used on GPU) agree with the CPU numpy fast path."""
     import skbilevel.hypergrad._closed_form as cf
+
+    assert cf._use_numpy(torch.zeros(2, dtype=DT))
 
     X, y, sw = _data(30, 6, k=2)
     Xw, yw, sww = _data(10, 25, k=2)
@@ -461,3 +463,21 @@ def test_numpy_gram_and_cholesky_match_torch():
     # tensors that need autograd stay in torch
     A.requires_grad_(True)
     assert _gram(A).requires_grad
+
+
+def test_numpy_route_only_with_one_torch_thread():
+    # torch's spinning OpenMP threads and numpy's BLAS threads would share the
+    # cores (a 30x slower classifier fit on two): several torch threads keep
+    # every product in torch
+    import skbilevel.hypergrad._closed_form as cf
+
+    before = torch.get_num_threads()
+    x = torch.zeros(2, dtype=DT)
+    try:
+        torch.set_num_threads(2)
+        assert not cf._use_numpy(x)
+        torch.set_num_threads(1)
+        assert cf._use_numpy(x)
+        assert not cf._use_numpy(x.requires_grad_(True))
+    finally:
+        torch.set_num_threads(before)

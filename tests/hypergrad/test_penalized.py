@@ -638,7 +638,9 @@ def test_ridge_folds_loss_and_grad_match_autograd(method):
 
 @pytest.mark.parametrize("numpy", [True, False])
 @pytest.mark.parametrize("batched", [False, True])
-def test_ridge_folds_validation_loss_and_its_gradient(batched, numpy, monkeypatch):
+def test_ridge_folds_validation_loss_and_its_gradient(
+    batched, numpy, monkeypatch, one_torch_thread
+):
     # the one-node validation loss against the residuals written out (with the
     # intercepts), for one or several coefficient vectors per fold; through
     # numpy (CPU) or torch (the GPU path)
@@ -805,7 +807,7 @@ def test_sparse_fold_grams_match_the_dense_ones(fit_intercept, layout):
 @pytest.mark.parametrize("layout", ["kfold", "general"])
 @pytest.mark.parametrize("method", ["primal", "dual"])
 def test_ridge_folds_on_sparse_x_match_the_dense_folds(
-    method, layout, fit_intercept, numpy, monkeypatch
+    method, layout, fit_intercept, numpy, monkeypatch, one_torch_thread
 ):
     # everything the estimator asks of the folds, with X a CSR tensor (kept
     # sparse in the primal form), against the same folds on the dense X;
