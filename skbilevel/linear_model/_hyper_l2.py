@@ -98,8 +98,8 @@ seeds 1 to 5 the scores are unchanged (.9565, .9439, .9484, .9495, .9511).
 
 import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 import numbers
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
