@@ -1625,7 +1625,7 @@ class LogisticFolds(_PenaltyModel):
         self.theta_ = None  # warm start
         self._X_sq = None  # X ** 2, built on the first hessian_diagonal call
         self._X_aug = None  # [X, 1] dense, built on the first hessian_preconditioner call
-        self._curvature_at = None  # [theta leaves, versions, (P, w), copies] of _curvature
+        self._curvature_at = None  # [leaves, versions, (P, w), copies]: _curvature
         self._XT = None  # X.T contiguous (or CSR), built on its first use (_transposed)
         self._gram_at = None  # (curvature weights, weighted Gram) of hessian_preconditioner
         self._train_rows = None  # each fold's rows of nonzero training weight (_weighted_gram)

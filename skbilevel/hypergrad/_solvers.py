@@ -409,7 +409,9 @@ class LBFGS(InnerSolver):
         memory = _LBFGSMemory(self.history_size)
         diagonal = getattr(fun, "hessian_diagonal", None)
         n_iter, converged, message = 0, _within_tol(g_norm, tol), ""
-        while n_iter < self.max_iter and not _done(converged, n_iter, self.min_iter, g_norm):
+        while n_iter < self.max_iter and not _done(
+            converged, n_iter, self.min_iter, g_norm
+        ):
             h0 = None
             if diagonal is not None:
                 d_h = _jacobi_diagonal(diagonal, vector_to_tree(x, like))
@@ -565,7 +567,8 @@ class NewtonCG(InnerSolver):
                     "check the initialization and the data."
                 )
             converged = _within_tol(g_norm, tol)
-            if n_iter >= self.max_iter or _done(converged, n_iter, self.min_iter, g_norm):
+            done = _done(converged, n_iter, self.min_iter, g_norm)
+            if done or n_iter >= self.max_iter:
                 break
             if tree_hvp is not None:
 
