@@ -482,8 +482,8 @@ class _SparseFoldRows:
         X, T, mu = csr_with_values(X, _wide(X.values())), _wide(T), _wide(mu)
         self.s = mu.new_zeros(K, m)
         self.folds, self._rt_rows = [], []
-        for k in range(K):
-            rows = torch.nonzero(T[k] > 0).reshape(-1)
+        self.rows = [torch.nonzero(t > 0).reshape(-1) for t in T]  # each fold's rows
+        for k, rows in enumerate(self.rows):
             self.s[k, : len(rows)] = T[k, rows].sqrt()
             R = csr_rows(X, rows, self.s[k, : len(rows)])
             crow = R.crow_indices()
@@ -940,8 +940,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         if X.layout == torch.sparse_csr:
             self.Xs = _SparseFoldRows(X, T, self.X_offset)
             self.ys = torch.zeros_like(self.Xs.s, dtype=y.dtype)
-            for k in range(T.shape[0]):
-                rows = torch.nonzero(T[k] > 0).reshape(-1)
+            for k, rows in enumerate(self.Xs.rows):
                 s = self.Xs.s[k, : len(rows)]
                 self.ys[k, : len(rows)] = (y[rows] - self.y_offset[k]) * s
             return
@@ -1333,14 +1332,13 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             w = solve(rhs)
             D = a[..., None] * B  # (K, p, m)
             J = -torch.stack([solve(D[..., j] * w) for j in range(m)], -1)  # (K, p, m)
-            value, g, XJ = 0.0, [], []
-            numpy = not isinstance(self._val_rows[0][1], torch.Tensor)
-            wn, Jn = (w.cpu().numpy(), J.cpu().numpy()) if numpy else (w, J)
-            for k, (Xc, yc, v) in enumerate(self._val_rows):
-                res = yc - Xc @ wn[k]
-                value = value + float((v * res * res).sum())
-                g.append(-2.0 * (Xc.T @ (v * res)))
-                XJ.append((Xc @ Jn[k]) * (v**0.5)[:, None])
+            numpy, weighted, losses = _fold_squared_errors(w, self._val_rows)
+            value = sum(float(loss) for loss in losses)
+            Jn = J.cpu().numpy() if numpy else J
+            g, XJ = [], []
+            for (Xc, _, v), wr, Jk in zip(self._val_rows, weighted, Jn):
+                g.append(-2.0 * (Xc.T @ wr))
+                XJ.append((Xc @ Jk) * (v**0.5)[:, None])
             g = torch.as_tensor(np.stack(g) if numpy else torch.stack(g), device=a.device)
             XJ = [torch.as_tensor(xj, device=a.device) for xj in XJ]
             lam = solve(g)  # (K, p)

@@ -56,7 +56,8 @@ def csr_with_values(X, values):
 
 def csr_rows(X, rows, scale=None):
     """The rows ``rows`` of a CSR tensor, each times ``scale`` (one factor
-    per selected row) when given: a CSR tensor of shape ``(len(rows), n)``.
+    per selected row) when given: a CSR tensor of shape ``(len(rows), p)``
+    (``p = X.shape[1]``).
 
     Torch's ``index_select`` does not take CSR tensors; the selection is
     read from ``crow_indices`` directly (any device).
