@@ -536,6 +536,11 @@ class _HyperL2Base(BaseEstimator):
         n_batches = max(1, min(K, max(n_jobs, by_memory)))
         return [list(c) for c in np.array_split(np.arange(K), n_batches)]
 
+    def _cg_by_name(self):
+        """Whether ``hypergradient`` is the name ``"cg"``: the estimator then
+        sets its tolerance (a strategy instance keeps its own)."""
+        return isinstance(self.hypergradient, str) and self.hypergradient == "cg"
+
     def _grid(self, scale):
         lo, hi = self._grid_decades
         step = 1.0 / self._grid_points_per_decade
@@ -1372,7 +1377,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         # it (the same error, with honest pilots: with the pilot fitted on all the
         # data, or no adaptive stage, the penalties fitted the samples' noise)
         closed_loo = loo and n_groups == 1
-        if isinstance(self.hypergradient, str) and self.hypergradient == "cg":
+        if self._cg_by_name():
             strategy = get_strategy("cg", tol=1e-8)
         else:
             strategy = get_strategy(self.hypergradient)
@@ -1736,7 +1741,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
 
     def _strategy(self):
         """A fresh strategy per fold batch (CG warm starts must not mix batches)."""
-        if isinstance(self.hypergradient, str) and self.hypergradient == "cg":
+        if self._cg_by_name():
             # an outer step needs a direction, not 10 digits: a relative residual
             # of 1e-2 (1e-4 before: digits' adjoint solves took 57-107 CG
             # iterations, now 9-47, with the same test log-loss)
@@ -1811,12 +1816,11 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             # float64 fits with the default strategy run their Hessian-vector
             # products (conjugate gradient's directions, to relative residuals of
             # 1e-2) in float32: half the memory streamed per product (a wide
-            # binary fit, 500 x 2000: 3.4 -> 2.1 s; digits 0.58 -> 0.53 s). Any
+            # binary fit, 500 x 2000: 3.4 -> 2.2 s; digits 0.57 -> 0.50 s). Any
             # other strategy may ask for residuals float32 products cannot reach
             # (about 1e-7): float64 products then. Sparse X keeps its own: its
             # products stream int64 indices (1500 x 5000 at 1%: no gain)
-            default = isinstance(self.hypergradient, str) and self.hypergradient == "cg"
-            low = dtype == torch.float64 and default and Xt.layout == torch.strided
+            low = dtype == torch.float64 and self._cg_by_name() and Xt.layout == torch.strided
             hvp_dtype = torch.float32 if low else None
             batches = [
                 LogisticFolds(
