@@ -82,6 +82,16 @@ class HypergradientInfo:
         Inner-gradient evaluations spent, forward and backward.
     n_hvp : int
         Hessian-vector (or mixed second-order) products spent.
+    value_correction : float or None
+        Implicit strategies: ``-v^T g``, with ``v = H^{-1} b`` the backward
+        pass's linear solve (``b`` the gradient of the differentiated output
+        in ``theta``) and ``g`` the inner gradient at the returned
+        ``theta``. The output's value plus this is its value at the exact
+        inner solution to first order in ``g``: an inner problem solved to a
+        loose tolerance then gives values as consistent as its
+        hypergradients. Set only when the solve's relative residual is at
+        most 0.1 and the inner solver is iterative; ``None`` otherwise and
+        for the other families.
     extra : dict
         Strategy-specific numbers.
 
@@ -103,6 +113,7 @@ class HypergradientInfo:
     fallback: Optional[str] = None
     n_grad: int = 0
     n_hvp: int = 0
+    value_correction: Optional[float] = None
     extra: dict = dataclasses.field(default_factory=dict)
 
     def as_dict(self):

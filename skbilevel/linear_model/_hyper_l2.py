@@ -252,6 +252,8 @@ def _merge_infos(infos):
     out.fallback = "; ".join(fallbacks) or None
     out.n_grad = sum(i.n_grad for i in infos)
     out.n_hvp = sum(i.n_hvp for i in infos)
+    corrections = [i.value_correction for i in infos if i.value_correction is not None]
+    out.value_correction = sum(corrections) if corrections else None
     out.extra = dict(infos[0].extra)
     out.extra["n_fold_batches"] = len(infos)
     return out

@@ -740,6 +740,35 @@ def test_logistic_value_grad_hessian_matches_finite_differences(fit_intercept):
         multi.value_grad_hessian(torch.zeros(p, dtype=DT))
 
 
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_logistic_folds_values_of_loose_solves_do_not_depend_on_the_warm_start(fit_intercept):
+    # a loose solve ends wherever its start leads; the validation loss there moves
+    # with it. value_and_grad and value_grad_hessian give it at the exact
+    # solutions to first order (HypergradientInfo.value_correction)
+    g = torch.Generator().manual_seed(1)
+    n, p = 150, 8
+    X = torch.randn(n, p, generator=g, dtype=DT)
+    y = (X[:, 0] - X[:, 1] + 0.8 * torch.randn(n, generator=g, dtype=DT) > 0).long()
+    T = torch.tensor(_folds(n))
+    folds = LogisticFolds(X, y, 2, T, 1 - T, fit_intercept=fit_intercept)
+    phi = torch.linspace(-1.0, 1.0, p, dtype=DT)
+    exact = float(folds.value_and_grad(phi, solver=NewtonCG(tol=1e-12))[0])
+    loose = NewtonCG(tol=1e-3, min_iter=1)
+    raw, corrected, newton = [], [], []
+    for shift in (-2.0, 2.0):
+        start = folds.solve(phi + shift, NewtonCG(tol=1e-12))[0]
+        folds.theta_ = start
+        value, _, info, theta = folds.value_and_grad(phi, solver=loose)
+        assert info.value_correction is not None
+        raw.append(float(folds.validation_loss(theta)) - exact)
+        corrected.append(float(value) - exact)
+        folds.theta_ = start
+        newton.append(float(folds.value_grad_hessian(phi, loose)[0]) - exact)
+    assert max(map(abs, raw)) > 1e-6
+    assert max(map(abs, corrected)) < max(map(abs, raw)) / 20
+    assert max(map(abs, newton)) < max(map(abs, raw)) / 20
+
+
 def test_logistic_weighted_gram_uses_the_training_rows_only():
     X, y = _class_data(n=60, p=4)
     T = torch.tensor(_folds(len(y), k=3))
