@@ -231,7 +231,13 @@ class _QuasiNewtonStepper:
     solver's 20 halved): an outer evaluation is an inner solve, and its value
     is only as exact as that solve, so near the optimum the Wolfe conditions
     can fail on noise; 20 cost the classifier up to 40% more evaluations for
-    the same result.
+    the same result. For the same reason its bracket is not narrowed below
+    ``min_width = 0.01`` of the first trial step: a narrower one measures
+    the solve's noise, not the objective. (On nearly separable folds a
+    loose solve after a long step can still be off by 1% after the value
+    correction; the zoom then spent all its evaluations converging on that
+    point. Wine over 10 splits 2.3 -> 1.95 s, iris 1.7 -> 1.4 s, the same
+    fits but one better iris split.)
 
     With ``bounds``, a projected L-BFGS: the variables held at a bound by
     their gradient are fixed for the step (the direction is computed on the
@@ -261,11 +267,13 @@ class _QuasiNewtonStepper:
         max_ls=10,
         bounds=None,
         tol=0.0,
+        min_width=0.01,
     ):
         self.objective, self.phi, self.leaves = objective, phi, leaves
         self.learning_rate = float(learning_rate)
         self.memory = _LBFGSMemory(history_size)
         self.max_ls = max_ls
+        self.min_width = float(min_width)
         self.tol = float(tol)
         self.n_eval = 0
         self.cached = None  # (x, value, flat grad, info) of an accepted point
@@ -361,7 +369,8 @@ class _QuasiNewtonStepper:
             small = -t0 * gtd <= self.tol * abs(f)
             max_ls = 2 if small else self.max_ls
             t, f_new, g_new, ok = _strong_wolfe(
-                self, x, d, f, gtd, t0, max_evals=max_ls, t_max=t_max
+                self, x, d, f, gtd, t0, max_evals=max_ls, t_max=t_max,
+                min_width=self.min_width,
             )
             if ok:
                 break

@@ -192,14 +192,19 @@ def _cubic_minimizer(x1, f1, g1, x2, f2, g2, lo, hi):
     return 0.5 * (lo + hi)
 
 
-def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25, t_max=math.inf):
+def _strong_wolfe(
+    problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25, t_max=math.inf,
+    min_width=0.0,
+):
     """Line search for a strong Wolfe step (Nocedal & Wright, Algorithms 3.5-3.6).
 
     Returns ``(t, f, g, ok)``; when no Wolfe point is found within
     ``max_evals`` evaluations, the best point satisfying sufficient decrease
     is returned (``ok=True``) if there is one, else ``ok=False``. Steps are
     at most ``t_max`` (the edge of a feasible box): a point there with
-    sufficient decrease that still descends is accepted.
+    sufficient decrease that still descends is accepted. The zoom also stops
+    once its bracket is narrower than ``min_width`` times the first trial
+    step (an objective known only to a solver's tolerance).
     """
 
     def evaluate(step):
@@ -209,6 +214,7 @@ def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25, t_m
     # Objective changes below a few ulps of f are rounding noise: judge them
     # by the gradient, so the solver can reach gradient norms near eps.
     eps_f = 10.0 * torch.finfo(x.dtype).eps * abs(f0)
+    t_first = t
     d_norm = float(torch.linalg.vector_norm(d))
     x_norm = float(torch.linalg.vector_norm(x))
     evals = 0
@@ -243,7 +249,7 @@ def _strong_wolfe(problem, x, d, f0, gtd0, t, c1=1e-4, c2=0.9, max_evals=25, t_m
     while evals < max_evals:
         (t_lo, f_lo, g_lo, gtd_lo), (t_hi, f_hi, _, gtd_hi) = lo, hi
         width = abs(t_hi - t_lo)
-        if width * d_norm < 1e-14 * max(1.0, x_norm):
+        if width * d_norm < 1e-14 * max(1.0, x_norm) or width < min_width * t_first:
             break
         a, b = min(t_lo, t_hi), max(t_lo, t_hi)
         a, b = a + 0.1 * width, b - 0.1 * width  # stay inside the bracket

@@ -397,3 +397,31 @@ def test_newton_warns_and_stops_on_a_non_finite_start():
     with pytest.warns(DivergenceWarning, match="not finite"):
         x, res = minimize_newton(fun, torch.ones(2, dtype=torch.float64))
     assert res.stop_reason == "diverged" and x.tolist() == [1.0, 1.0]
+
+
+def test_lbfgs_line_search_does_not_narrow_below_a_hundredth_of_its_step():
+    # an outer value is known only to its inner solve's tolerance: a start
+    # evaluated luckily low leaves no point on the line with sufficient decrease,
+    # and the zoom then converged on the start (16 evaluations here; the outer
+    # stepper's min_width=0.01 stops it after 4)
+    from skbilevel.hypergrad._solvers import _strong_wolfe
+
+    class Line:
+        n = 0
+
+        def value_and_grad(self, x):
+            self.n += 1
+            return float(((x - 1.0) ** 2).sum()), 2.0 * (x - 1.0)
+
+    x, d = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    counts = []
+    for width in (0.0, 0.01):
+        line = Line()
+        *_, ok = _strong_wolfe(line, x, d, -1.0, -2.0, 1.0, max_evals=25, min_width=width)
+        assert not ok
+        counts.append(line.n)
+    assert counts[1] <= 5 < counts[0]
+    # an honest start: the same first step either way
+    line = Line()
+    t, f, _, ok = _strong_wolfe(line, x, d, 1.0, -2.0, 1.0, max_evals=25, min_width=0.01)
+    assert ok and t == 1.0 and line.n == 1
