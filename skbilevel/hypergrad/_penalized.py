@@ -1297,9 +1297,6 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         Returns
         -------
         value : tensor
-            The loss at the returned solutions minus ``lam^T r`` (``r`` their
-            inner gradient): its value at the exact solutions to first
-            order, as :meth:`value_and_grad` gives it.
         grad : tensor of shape (m,)
         hessian : tensor of shape (m, m)
 
