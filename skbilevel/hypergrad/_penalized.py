@@ -594,23 +594,27 @@ def _wide(t):
     return t.double()
 
 
+def _dual_kernel(Xs, alpha):
+    """Every fold's kernel ``Xs A^{-1} Xs^T`` (``A = diag(alpha_k)``) in
+    float64 (:func:`_wide`), and the scaled rows ``Xs A^{-1/2}`` it came
+    from (``None`` for sparse rows, whose kernel is a sparse product)."""
+    alpha = _wide(alpha)
+    if isinstance(Xs, _SparseFoldRows):
+        return Xs.kernel(1.0 / alpha), None
+    scaled = _wide(Xs) * alpha.rsqrt()[:, None, :]
+    return _gram(scaled.mT), scaled  # by a symmetric product
+
+
 def _dual_factor(Xs, alpha):
     """``Xs A^{-1}`` and the Cholesky factor of ``I + Xs A^{-1} Xs^T`` (``A =
     diag(alpha_k)``) of every fold, in float64 (:func:`_wide`): ``(XA, L,
     info)`` (``XA`` is ``None`` for sparse rows, which apply ``A^{-1}
     Xs^T`` as a product instead)."""
-    alpha = _wide(alpha)
-    if isinstance(Xs, _SparseFoldRows):
-        M = Xs.kernel(1.0 / alpha)
-        M.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        L, info = _cholesky_ex(M, overwrite_a=True)
-        return None, L, info
-    root = alpha.rsqrt()[:, None, :]
-    scaled = _wide(Xs) * root
-    M = _gram(scaled.mT)  # Xs A^-1 Xs^T, by a symmetric product
+    M, scaled = _dual_kernel(Xs, alpha)
     M.diagonal(dim1=-2, dim2=-1).add_(1.0)
     L, info = _cholesky_ex(M, overwrite_a=True)
-    return scaled * root, L, info
+    XA = None if scaled is None else scaled * _wide(alpha).rsqrt()[:, None, :]
+    return XA, L, info
 
 
 def _dual_apply(XA, Xs, alpha, z):
@@ -1261,18 +1265,13 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
                 # (_wide): coefficients (K, S, p)
                 base = _wide(base)
                 shifts = _wide(log_alphas).exp()
-                ys = _wide(self.ys)
-                if isinstance(self.Xs, _SparseFoldRows):
-                    # Xs A^-1 Xs^T from sparse products
-                    lam, U = torch.linalg.eigh(self.Xs.kernel(1.0 / base))
-                    d = _bmv(U.mT, ys)[..., None] / (lam[..., None] + shifts)
+                kernel, scaled = _dual_kernel(self.Xs, base)
+                lam, U = torch.linalg.eigh(kernel)  # (K, m), (K, m, m)
+                d = _bmv(U.mT, _wide(self.ys))[..., None] / (lam[..., None] + shifts)
+                if scaled is None:  # sparse rows: A^-1 Xs^T as a product
                     coef = (self.Xs.rmv(U @ d) / base[..., None]).mT
                 else:
-                    root = base.rsqrt()[:, None, :]  # (K, 1, p)
-                    Xs = _wide(self.Xs) * root
-                    lam, U = torch.linalg.eigh(_gram(Xs.mT))  # (K, m), (K, m, m)
-                    d = _bmv(U.mT, ys)[..., None] / (lam[..., None] + shifts)
-                    coef = (Xs.mT @ (U @ d)).mT * root
+                    coef = (scaled.mT @ (U @ d)).mT * base.rsqrt()[:, None, :]
                 return self.validation_loss(coef.to(self.ys.dtype))
             for la in log_alphas.tolist():
                 out.append(self.validation_loss(self.coef(base * math.exp(la))))
