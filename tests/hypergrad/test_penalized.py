@@ -706,17 +706,24 @@ def test_ridge_folds_refuse_a_second_derivative():
         torch.autograd.grad(loss, phi, create_graph=True)
 
 
+def _binary_folds(n, p, noise, seed, fit_intercept):
+    """Binary LogisticFolds on ``n x p`` Gaussian rows, the class of
+    ``x_0 - x_1 + noise`` (in :func:`_folds`' folds, validated on the rest)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, p, generator=g, dtype=DT)
+    y = (X[:, 0] - X[:, 1] + noise * torch.randn(n, generator=g, dtype=DT) > 0).long()
+    T = torch.tensor(_folds(n))
+    return LogisticFolds(X, y, 2, T, 1 - T, fit_intercept=fit_intercept)
+
+
 @pytest.mark.parametrize("fit_intercept", [True, False])
 def test_logistic_value_grad_hessian_matches_finite_differences(fit_intercept):
     # binary: the logistic loss's third derivative enters the Hessian
     from skbilevel.hypergrad import ImplicitCG
 
-    g = torch.Generator().manual_seed(0)
     n, p = 120, 6
-    X = torch.randn(n, p, generator=g, dtype=DT)
-    y = (X[:, 0] - X[:, 1] + 0.5 * torch.randn(n, generator=g, dtype=DT) > 0).long()
-    T = torch.tensor(_folds(n))
-    folds = LogisticFolds(X, y, 2, T, 1 - T, fit_intercept=fit_intercept)
+    folds = _binary_folds(n, p, noise=0.5, seed=0, fit_intercept=fit_intercept)
+    X, y, T = folds.X, folds.y, folds.train_weights
     solver = NewtonCG(tol=1e-12, max_iter=100)
     coef = folds.solve(torch.zeros(p, dtype=DT), solver)[0]["coef"][:, :, 0].T
     for problem, phi in [
@@ -745,12 +752,8 @@ def test_logistic_folds_values_of_loose_solves_do_not_depend_on_the_warm_start(f
     # a loose solve ends wherever its start leads; the validation loss there moves
     # with it. value_and_grad and value_grad_hessian give it at the exact
     # solutions to first order (HypergradientInfo.value_correction)
-    g = torch.Generator().manual_seed(1)
-    n, p = 150, 8
-    X = torch.randn(n, p, generator=g, dtype=DT)
-    y = (X[:, 0] - X[:, 1] + 0.8 * torch.randn(n, generator=g, dtype=DT) > 0).long()
-    T = torch.tensor(_folds(n))
-    folds = LogisticFolds(X, y, 2, T, 1 - T, fit_intercept=fit_intercept)
+    p = 8
+    folds = _binary_folds(150, p, noise=0.8, seed=1, fit_intercept=fit_intercept)
     phi = torch.linspace(-1.0, 1.0, p, dtype=DT)
     exact = float(folds.value_and_grad(phi, solver=NewtonCG(tol=1e-12))[0])
     loose = NewtonCG(tol=1e-3, min_iter=1)

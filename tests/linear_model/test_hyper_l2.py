@@ -15,6 +15,19 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from skbilevel.hypergrad import LBFGS, ImplicitCG
 from skbilevel.linear_model import HyperL2Classifier, HyperL2Regressor
 
+def _count_calls(monkeypatch, owner, name):
+    """Patch ``owner.name`` to count its calls: the list grows by one per call."""
+    calls = []
+    method = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return method(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 _SW_REASON = (
     "K-fold splits are drawn over rows: a repeated row and a weight of 2 give different "
     "folds, hence different penalties (as for any cross-validated estimator)."
@@ -349,14 +362,7 @@ def test_classifier_outer_searches_do_not_chase_the_folds_solver_noise(monkeypat
     X, y = load_digits(return_X_y=True)
     X, _, y, _ = train_test_split(X, y, test_size=0.3, random_state=2, stratify=y)
     X = StandardScaler().fit_transform(X)
-    calls = []
-    value_and_grad = LogisticFolds.value_and_grad
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return value_and_grad(self, *args, **kwargs)
-
-    monkeypatch.setattr(LogisticFolds, "value_and_grad", counted)
+    calls = _count_calls(monkeypatch, LogisticFolds, "value_and_grad")
     HyperL2Classifier(random_state=0).fit(X, y)
     assert len(calls) <= 25
 
@@ -611,13 +617,7 @@ def test_binary_classifier_adaptive_stage_takes_newton_steps(monkeypatch):
     from skbilevel.linear_model import _hyper_l2
 
     X, y = make_classification(400, 30, n_informative=4, n_redundant=2, random_state=1)
-    calls = []
-    exact = LogisticFolds.value_grad_hessian
-    monkeypatch.setattr(
-        LogisticFolds,
-        "value_grad_hessian",
-        lambda self, *a, **k: calls.append(1) or exact(self, *a, **k),
-    )
+    calls = _count_calls(monkeypatch, LogisticFolds, "value_grad_hessian")
     newton = HyperL2Classifier(random_state=0).fit(X, y)
     assert newton.adaptive_params_ is not None and calls
     monkeypatch.setattr(_hyper_l2, "_NEWTON_MAX_PARAMS", 0)
@@ -916,14 +916,7 @@ def test_fold_objective_reuses_recent_evaluations(monkeypatch):
     from skbilevel.hypergrad import RidgeFolds
     from skbilevel.linear_model import _hyper_l2
 
-    calls = []
-    solve = RidgeFolds.value_and_grad
-
-    def count(self, *args, **kwargs):
-        calls.append(1)
-        return solve(self, *args, **kwargs)
-
-    monkeypatch.setattr(RidgeFolds, "value_and_grad", count)
+    calls = _count_calls(monkeypatch, RidgeFolds, "value_and_grad")
     X, y = _hetero(n=120, p=6)
     kw = dict(random_state=0, adaptive=False, max_iter=5)
     model = HyperL2Regressor(**kw).fit(X, y)
