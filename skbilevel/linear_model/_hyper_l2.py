@@ -1463,9 +1463,10 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 alphas = full._alpha(phi)
                 coef = full.coef(alphas)
                 intercept = full.intercepts(coef)
+            # inside the pool's block: the CV loss at phi may need the folds again
+            self._set_common(phi, shared, center, history, n_iter, info, objective, alphas)
         self.coef_ = to_numpy(coef[0]).astype(np.float64)
         self.intercept_ = float(intercept[0]) if self.fit_intercept else 0.0
-        self._set_common(phi, shared, center, history, n_iter, info, objective, alphas)
         return self
 
     def predict(self, X):
@@ -1886,6 +1887,10 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             full = self._final_problem(full, gt, dtype, device)
             init = self._fold_mean(objective.warm_starts())
             theta, _ = full.solve(phi, self._inner_solver(dtype, final=True), init=init)
+            with torch.no_grad():
+                alphas = full._alpha(phi)
+            # inside the pool's block: the CV loss at phi may need the folds again
+            self._set_common(phi, shared, center, history, n_iter, info, objective, alphas)
         W = to_numpy(theta["coef"][:, 0]).astype(np.float64)  # (p, n_out)
         self.coef_ = W.T.copy()
         if self.fit_intercept:
@@ -1897,9 +1902,6 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         else:
             self.intercept_ = np.zeros(self.coef_.shape[0])
         self.classes_ = classes
-        with torch.no_grad():
-            alphas = full._alpha(phi)
-        self._set_common(phi, shared, center, history, n_iter, info, objective, alphas)
         return self
 
     def predict_proba(self, X):

@@ -722,6 +722,33 @@ def test_classifier_keeps_one_hypergradient_strategy_per_fold_batch(monkeypatch,
     assert all(s._x_prev is not None for s in made)
 
 
+@pytest.mark.parametrize("Estimator", [HyperL2Regressor, HyperL2Classifier])
+def test_fitted_cv_loss_is_evaluated_while_the_fold_threads_run(monkeypatch, Estimator):
+    # the fitted cv_loss_ is evaluated after the stages. At a point they never
+    # evaluated (the shared penalty refined after the per-feature stages lost) it
+    # needs the folds again, and the fit's thread pool used to be shut down by
+    # then: "cannot schedule new futures after shutdown" (wine, n_jobs=5). A
+    # forgetful memo makes every evaluation need the folds
+    from skbilevel.linear_model import _hyper_l2
+
+    remembered = _hyper_l2._FoldObjective.value_and_grad
+
+    def forgetful(self, phi):
+        self._memo.clear()
+        return remembered(self, phi)
+
+    monkeypatch.setattr(_hyper_l2._FoldObjective, "value_and_grad", forgetful)
+    X, y = _hetero(n=150, p=10)
+    if Estimator is HyperL2Classifier:
+        y = (y > np.median(y)).astype(int)
+    kw = dict(random_state=0, max_iter=5)
+    threads = Estimator(n_jobs=2, **kw).fit(X, y)
+    one = Estimator(**kw).fit(X, y)
+    assert np.isfinite(threads.cv_loss_)
+    # the batches' inner solves stop separately (the classifier's): not bitwise
+    np.testing.assert_allclose(threads.cv_loss_, one.cv_loss_, rtol=1e-4)
+
+
 def test_per_feature_penalties_must_beat_the_shared_one_by_a_standard_error(monkeypatch):
     # 6 noise features among 12, n = 300: the per-feature model lowers the 5-fold
     # loss by 1.5%, less than one standard error of the folds' paired
