@@ -233,7 +233,7 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         self : object
         """
         device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype)
+        dtype = resolve_dtype(self.dtype, supported=("float32", "float64"))
         strategy = get_strategy(self.hypergradient)
         X, y = validate_data(
             self,

@@ -1360,7 +1360,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         self : object
         """
         device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype)
+        dtype = resolve_dtype(self.dtype, supported=("float32", "float64"))
         X, y = validate_data(
             self,
             X,
@@ -1790,7 +1790,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         self : object
         """
         device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype)
+        dtype = resolve_dtype(self.dtype, supported=("float32", "float64"))
         X, y = validate_data(
             self,
             X,

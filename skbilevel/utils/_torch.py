@@ -77,8 +77,27 @@ def resolve_device(device):
     return dev
 
 
-def resolve_dtype(dtype):
+def resolve_dtype(dtype, supported=None):
     """Return a floating :class:`torch.dtype` from a name, numpy or torch dtype.
+
+    Parameters
+    ----------
+    dtype : str, numpy dtype, torch.dtype or None
+        ``None`` is float64.
+    supported : tuple of str, optional
+        The names of the precisions the caller computes in (default: float32,
+        float64, float16 and bfloat16). Estimators whose solves factorize
+        matrices pass ``("float32", "float64")``: torch has no half-precision
+        Cholesky or eigendecomposition on CPU.
+
+    Returns
+    -------
+    torch.dtype
+
+    Raises
+    ------
+    ValueError
+        When ``dtype`` is not a floating-point dtype of ``supported``.
 
     Examples
     --------
@@ -86,21 +105,27 @@ def resolve_dtype(dtype):
     >>> from skbilevel.utils import resolve_dtype
     >>> resolve_dtype(np.float32)
     torch.float32
+    >>> resolve_dtype("float16", supported=("float32", "float64"))
+    Traceback (most recent call last):
+    ...
+    ValueError: dtype='float16' is not supported here; use 'float32' or 'float64'.
     """
+    names = tuple(_DTYPES) if supported is None else tuple(supported)
     if dtype is None:
         return torch.float64
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ValueError(f"dtype={dtype!r} must be a floating-point dtype.")
-        return dtype
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:
-        name = str(dtype)
-    if name not in _DTYPES:
-        raise ValueError(
-            f"dtype={dtype!r} is not supported; use 'float32' or 'float64'."
-        )
+        name = str(dtype).replace("torch.", "")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+    if name not in _DTYPES or name not in names:
+        where = "" if supported is None else " here"
+        use = " or ".join(repr(n) for n in names[:2])
+        raise ValueError(f"dtype={dtype!r} is not supported{where}; use {use}.")
     return _DTYPES[name]
 
 

@@ -372,6 +372,8 @@ def test_nan_inf_rejected(bad):
         ({"hypergradient": "cg"}, "ok", "needs cv"),
         ({"hypergradient": "no_such"}, "ok", "Unknown hypergradient strategy"),
         ({"dtype": "int8"}, "ok", "dtype"),
+        # no half-precision eigendecomposition on CPU: not torch's NotImplementedError
+        ({"dtype": "float16"}, "ok", "dtype='float16' is not supported here"),
     ],
 )
 def test_bad_input_messages(kwargs, data, match):

@@ -416,6 +416,9 @@ def test_bad_input(Est):
             Est(device="cuda").fit(X, y)
     with pytest.raises(ValueError, match="cv=40"):
         Est(cv=40).fit(X, y)
+    # no half-precision Cholesky on CPU: not torch's NotImplementedError
+    with pytest.raises(ValueError, match="'float32' or 'float64'"):
+        Est(dtype="bfloat16").fit(X, y)
 
 
 def test_classifier_single_class_and_bad_strategy():

@@ -45,6 +45,11 @@ def test_resolve_dtype():
         resolve_dtype("int64")
     with pytest.raises(ValueError, match="floating-point"):
         resolve_dtype(torch.int32)
+    assert resolve_dtype(torch.float16) is torch.float16
+    assert resolve_dtype("float32", supported=("float32", "float64")) is torch.float32
+    for half in ("float16", torch.bfloat16, np.float16):
+        with pytest.raises(ValueError, match="not supported here; use 'float32'"):
+            resolve_dtype(half, supported=("float32", "float64"))
 
 
 def test_round_trip_dense_and_sparse():
