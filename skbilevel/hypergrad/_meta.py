@@ -667,7 +667,9 @@ class IMAML(MetaMethod):
                                lr=self.inner_lr, proximal=lam)
 
         theta = vmap(solve_inner, randomness="different")(xs, ys)
-        theta = tree_detach(theta)
+        # A copy per task: with no inner step vmap returns phi broadcast along the
+        # task axis, one memory location that the products below cannot write through.
+        theta = {k: v.detach().clone() for k, v in theta.items()}
 
         def query(t, c, d):
             return grad(lambda p: model.loss(p, c, d, n_outputs))(t), model.loss(t, c, d, n_outputs)
