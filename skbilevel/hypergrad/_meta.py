@@ -35,6 +35,7 @@ Methods (see :func:`available_meta_methods`):
 """
 
 import math
+from numbers import Real
 
 import torch
 from torch.func import functional_call, grad, jvp, vmap
@@ -629,7 +630,7 @@ class IMAML(MetaMethod):
     inner_steps : int, default=5
     inner_lr : float, default=0.01
     lam : float, default=1.0
-        Proximal strength; larger keeps ``theta*`` closer to ``phi``.
+        Proximal strength (> 0); larger keeps ``theta*`` closer to ``phi``.
     cg_maxiter : int, default=10
     cg_tol : float, default=1e-3
         Relative residual the CG aims for; the reached value is in
@@ -644,6 +645,21 @@ class IMAML(MetaMethod):
         self.lam = lam
         self.cg_maxiter = cg_maxiter
         self.cg_tol = cg_tol
+        self._check_lam()
+
+    def _check_lam(self):
+        # the meta-gradient solves (I + H/lam) v = g: lam = 0 divides by zero
+        if not (isinstance(self.lam, Real) and self.lam > 0):
+            raise ValueError(
+                f"iMAML's lam must be > 0; got lam={self.lam!r}. lam is the strength of "
+                "the proximal term lam/2 ||theta - phi||^2 that keeps each task's solution "
+                "near the meta-parameters (the implicit meta-gradient divides by it); use "
+                "e.g. lam=1.0, larger to stay closer to phi."
+            )
+
+    def init_meta(self, model):
+        self._check_lam()
+        return super().init_meta(model)
 
     def adapt(self, model, meta, x, y, *, n_outputs=None, steps=None):
         params = inner_adapt(
@@ -744,9 +760,9 @@ class R2D2(MetaMethod):
     Parameters
     ----------
     alpha : float, default=1.0
-        Initial ridge penalty.
+        Initial ridge penalty (> 0).
     scale : float, default=1.0
-        Initial logit scale (classification).
+        Initial logit scale (> 0; classification).
     """
 
     second_order = True
@@ -755,8 +771,21 @@ class R2D2(MetaMethod):
         super().__init__(inner_steps, inner_lr)
         self.alpha = alpha
         self.scale = scale
+        self._check_positive()
+
+    def _check_positive(self):
+        # both are meta-learned through their logarithms
+        for name, what in (("alpha", "the initial ridge penalty"),
+                           ("scale", "the initial logit scale")):
+            value = getattr(self, name)
+            if not (isinstance(value, Real) and value > 0):
+                raise ValueError(
+                    f"R2D2's {name} must be > 0; got {name}={value!r}. It is {what}, "
+                    f"meta-learned through its logarithm; use e.g. {name}=1.0."
+                )
 
     def init_meta(self, model):
+        self._check_positive()
         params = model.init_params()
         like = next(iter(params.values()))
         meta = {"params": params,
