@@ -1581,6 +1581,12 @@ def _expand(brackets, evaluate, lo, hi, max_evals):
     return n
 
 
+#: widest bracket (in log-alpha) over which the refinement trusts a secant or a
+#: quadratic model; wider ones are halved first. Above one decade (2.30), so
+#: the brackets of grids of one point per decade or more keep their models
+_MODEL_SPAN = 3.0
+
+
 def _finite(z):
     return z == z and z not in (math.inf, -math.inf)
 
@@ -1692,6 +1698,15 @@ class _Bracket:
             return None
         xb, gb, e = self.xb, self.gb, self.e
         lo, hi = min(xb, e), max(xb, e)
+        # stay off the far end, whose value is already >= f(x_b)
+        margin = 1e-3 * (hi - lo)
+        if hi - lo > _MODEL_SPAN:
+            # too wide for a secant or a quadratic: bracketing steps that overshot
+            # onto a plateau (least squares below the spectrum) leave a bracket
+            # of 16 units with a slope of 1e-7 at its best end, where both models
+            # proposed steps of 1e-6 and the search stopped far from the minimum
+            # (diabetes from alpha_init=1e6: alpha 3.4e-8 against 4.2e-3). Halve it
+            return 0.5 * (xb + e)
 
         def inside(z):
             return _finite(z) and lo < z < hi and z != xb
@@ -1712,8 +1727,6 @@ class _Bracket:
         for trial in (sec, newton, quad, 0.5 * (xb + e)):
             if inside(trial):
                 break
-        # stay off the far end, whose value is already >= f(x_b)
-        margin = 1e-3 * (hi - lo)
         return min(max(trial, e + margin), xb) if e < xb else max(min(trial, e - margin), xb)
 
     def update(self, x, f, g, tol):

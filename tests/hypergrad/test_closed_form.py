@@ -409,6 +409,30 @@ def test_minimize_log_alpha_expands_beyond_the_grid_on_request():
     assert res.x[0] == -7.0
 
 
+def _two_plateaus(x):
+    # a validation curve's shape in log(alpha): a high plateau above (the mean
+    # model), a lower one below (least squares), the minimum (x = -8.307) between
+    s_hi = 1.0 / (1.0 + np.exp(-(x + 4.0)))
+    s_lo = 1.0 / (1.0 + np.exp(x + 10.0))
+    return 10.0 * s_hi + s_lo, 10.0 * s_hi * (1 - s_hi) - s_lo * (1 - s_lo)
+
+
+def test_minimize_log_alpha_does_not_stop_on_a_plateau_of_a_wide_bracket():
+    # from x0 = 13.8 the bracketing steps (1, 2, 4, 8, 16) overshoot onto the lower
+    # plateau: a bracket 16 units wide, with a small slope at its best end and a
+    # large one at the other. Secant and quadratic models over that width proposed
+    # tiny steps: 106 evaluations ending at -13.85, not converged (on diabetes,
+    # BilevelRidgeCV(alpha_init=1e6) stopped at alpha 3.4e-8 instead of 4.2e-3);
+    # from -25, 51 evaluations. The wide bracket is now halved first
+    dense = np.linspace(-20, 10, 300001)
+    x_min = dense[np.argmin(_two_plateaus(dense)[0])]
+    for x0 in (13.8, 6.0, -2.0, -25.0):
+        res = minimize_log_alpha(_two_plateaus, x0=x0, tol=1e-8)
+        assert abs(res.x[0] - x_min) < 1e-4, x0
+        assert res.converged[0] and abs(res.grad[0]) < 1e-8
+        assert res.n_evaluations < 20
+
+
 def test_log_alpha_search_max_iter_zero_is_the_grid_search():
     # max_iter=0: the best grid point as is, without a derivative evaluation;
     # at an end of the grid the slope is still needed (to search beyond it)
