@@ -337,7 +337,8 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         def values(grid):
             return to_numpy(ridge_loo_curve(decomp, np.exp(grid), per_target=per_target))
 
-        result = self._minimize(value_and_grad, values, [to_numpy(decomp.eigvals)])
+        n_alphas = yt.shape[1] if per_target else 1
+        result = self._minimize(value_and_grad, values, [to_numpy(decomp.eigvals)], n_alphas)
         solver = RidgeSolver(
             Xt, yt, swt, self.fit_intercept, penalty=penalty, decomposition=decomp
         )
@@ -398,11 +399,15 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
                 return curve if per_target else curve.mean(1, keepdims=True)
 
             eigvals = [to_numpy(s.decomposition.eigvals) for s, _, _, _ in folds]
-            result = self._minimize(value_and_grad, values, eigvals)
+            result = self._minimize(
+                value_and_grad, values, eigvals, yt.shape[1] if per_target else 1
+            )
         solver = RidgeSolver(Xt, yt, swt, self.fit_intercept, penalty=penalty)
         return result, last["info"], solver
 
-    def _minimize(self, value_and_grad, values, eigvals_list):
+    def _minimize(self, value_and_grad, values, eigvals_list, n_alphas):
+        """The search for ``n_alphas`` independent log-alphas (one per target
+        with ``alpha_per_target``, else one)."""
         if self.alpha_init is None:
             return minimize_log_alpha(
                 value_and_grad,
@@ -412,7 +417,10 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
                 max_iter=self.max_iter,
             )
         return minimize_log_alpha(
-            value_and_grad, x0=math.log(self.alpha_init), tol=self.tol, max_iter=self.max_iter
+            value_and_grad,
+            x0=np.full(n_alphas, math.log(self.alpha_init)),
+            tol=self.tol,
+            max_iter=self.max_iter,
         )
 
     def _report(self, result):

@@ -239,6 +239,23 @@ def test_float32_and_alpha_init_local_search():
     assert f32.alpha_ == pytest.approx(ref.alpha_, rel=0.05)
     local = BilevelRidgeCV(alpha_init=1.0).fit(X, y)
     assert local.alpha_ == pytest.approx(ref.alpha_, rel=1e-3)
+    # far above the optimum the bracketing steps overshoot onto the least-squares
+    # plateau: the search stopped there (alpha 3.4e-8, LOO 3001.75 against 2999.77)
+    far = BilevelRidgeCV(alpha_init=1e6).fit(X, y)
+    assert far.alpha_ == pytest.approx(ref.alpha_, rel=1e-3)
+    assert far.best_score_ == pytest.approx(ref.best_score_, rel=1e-9)
+
+
+@pytest.mark.parametrize("cv", [None, 3])
+def test_alpha_init_with_one_alpha_per_target(cv):
+    # alpha_init started one search for all targets: a (1,) phi for a (2,)
+    # penalty (ValueError from the core) with cv=None, a RuntimeError with cv=3
+    X, Y = make_regression(40, 5, n_targets=2, noise=5.0, random_state=0)
+    Y[:, 1] *= 10.0  # different noise levels: different alphas
+    scan = BilevelRidgeCV(alpha_per_target=True, cv=cv).fit(X, Y)
+    local = BilevelRidgeCV(alpha_init=1.0, alpha_per_target=True, cv=cv).fit(X, Y)
+    assert local.alpha_.shape == (2,)
+    np.testing.assert_allclose(local.alpha_, scan.alpha_, rtol=1e-3)
 
 
 # ---------------------------------------------------------------- K-fold / holdout
