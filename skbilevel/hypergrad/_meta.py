@@ -104,7 +104,9 @@ class FunctionalModel:
         """Names of the parameters of the last submodule that owns parameters."""
         names = [k for k, _ in self.module.named_parameters()]
         if not names:
-            raise ValueError("The module has no parameters to meta-learn.")
+            raise ValueError(
+                "The module has no parameters to meta-learn; give a module with at least "
+                "one layer that has parameters (a torch.nn.Linear head, say).")
         prefix = names[-1].rpartition(".")[0]
         return [k for k in names if k.rpartition(".")[0] == prefix]
 
@@ -338,6 +340,12 @@ def _surrogate(value, meta, direction):
     return value.detach() + inner - inner.detach()
 
 
+def _adaptable_params(model):
+    """The module's parameters, or a clear error when it has none to adapt."""
+    model.head_keys()  # raises when the module has no parameters
+    return model.init_params()
+
+
 def _n_params(tree):
     return sum(leaf.numel() for leaf in tree_flatten(tree)[0])
 
@@ -368,7 +376,7 @@ class MetaMethod:
     # -- meta-parameters --------------------------------------------------
     def init_meta(self, model):
         """Initial meta-parameters (detached; the caller sets ``requires_grad``)."""
-        return {"params": model.init_params()}
+        return {"params": _adaptable_params(model)}
 
     def state_dict(self, meta):
         """Flatten meta-parameters to ``{name: tensor}`` (model parameters unprefixed)."""
@@ -563,7 +571,7 @@ class MetaSGD(MetaMethod):
     """
 
     def init_meta(self, model):
-        params = model.init_params()
+        params = _adaptable_params(model)
         return {"params": params,
                 "lr": {k: torch.full_like(v, float(self.inner_lr)) for k, v in params.items()}}
 

@@ -183,11 +183,12 @@ class _MetaLearnerMixin:
             module = self._build_module(n_features, n_outputs_head, is_r2d2)
             module_dev = copy.deepcopy(module).to(device=device, dtype=dtype)
             module_dev.train()
+            X_t, y_dev = _task_tensors(X, y_t, device, dtype)
+            self._check_module_shapes(module_dev, X_t, None if is_r2d2 else n_outputs_head)
             model = FunctionalModel(module_dev, self._loss)
             meta = method.init_meta(model)
             for leaf in _leaves(meta):
                 leaf.requires_grad_(True)
-            X_t, y_dev = _task_tensors(X, y_t, device, dtype)
 
             def objective(phi):
                 batch = sampler(X_t, y_dev)
@@ -210,6 +211,39 @@ class _MetaLearnerMixin:
                 "inaccurate. Raise method_params['cg_maxiter'] or lam.",
                 ConvergenceWarning,
             )
+
+    def _check_module_shapes(self, module, X_t, n_outputs):
+        """One forward pass on two rows of ``X``: the backbone must take
+        ``n_features_in_`` inputs and give ``n_outputs`` outputs (any number when
+        ``None``, as R2D2's feature map)."""
+        try:
+            with torch.no_grad():
+                out = module(X_t[:2])
+        except RuntimeError as exc:
+            expected = next((m.in_features for m in module.modules()
+                             if isinstance(getattr(m, "in_features", None), int)), None)
+            takes = f" takes {expected} input features" if expected is not None else ""
+            raise ValueError(
+                f"The module{takes} but X has {X_t.shape[1]} features: calling it on "
+                f"two rows of X failed with {type(exc).__name__}: {exc}. Give a module "
+                f"whose input size is {X_t.shape[1]}, or a module class or name, which "
+                "is built with the data's sizes."
+            ) from exc
+        width = out.shape[1] if out.dim() == 2 else (1 if out.dim() == 1 else None)
+        if n_outputs is None or width == n_outputs or (
+            width is not None and self._loss == "cross_entropy" and width > n_outputs
+        ):
+            return
+        need = ("one logit per class of a task: at least n_way_ = "
+                if self._loss == "cross_entropy" else "one output per target: ")
+        found = (f"{width} outputs" if width is not None
+                 else f"outputs of shape {tuple(out.shape)}")
+        raise ValueError(
+            f"The module gives {found} on two rows of X but {type(self).__name__} "
+            f"needs {need}{n_outputs}. Give a module whose output width is "
+            f"{n_outputs}, or a module class or name, which is built with the data's "
+            "sizes."
+        )
 
     def _adapt_state(self, X, y_t, n_outputs, inner_steps=None):
         """Task state (CPU tensors) of the meta-learner adapted on ``(X, y)``."""
@@ -339,7 +373,9 @@ _DOC_COMMON = """
         paper); ``"linear"`` a linear model; a module class is built with the
         ``module__*`` keyword parameters (constructor arguments named
         ``n_features`` / ``n_outputs`` and alike are filled from the data); an
-        instance is deep-copied and used as the starting point. For
+        instance is deep-copied and used as the starting point, and must take
+        ``n_features_in_`` inputs and give one output per target (regression)
+        or at least ``n_way`` logits (classification). For
         ``method="r2d2"`` the backbone's output is the feature map of the
         ridge head (the built-in MLP then outputs as many features as its
         last hidden layer has units).

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from skbilevel.meta import MetaLearnerClassifier, MetaLearnerRegressor
 
@@ -40,3 +41,39 @@ def test_r2d2_rejects_non_positive_alpha_and_scale(params):
     est = MetaLearnerClassifier(method="r2d2", method_params=params, max_iter=1)
     with pytest.raises(ValueError, match=f"{name} must be > 0"):
         est.fit(X, (y > 0).astype(int))
+
+
+def _four_classes():
+    X = np.random.RandomState(0).randn(80, 3)
+    return X, np.repeat([0, 1, 2, 3], 20)
+
+
+@pytest.mark.parametrize("module, match", [
+    (torch.nn.Linear(3, 2), "gives 2 outputs .* at least n_way_ = 4"),
+    (torch.nn.Linear(5, 4), "takes 5 input features but X has 3 features"),
+])
+def test_module_instance_with_wrong_sizes_is_a_clear_error(module, match):
+    X, y = _four_classes()
+    with pytest.raises(ValueError, match=match):
+        MetaLearnerClassifier(module, max_iter=1).fit(X, y)
+
+
+def test_regressor_module_with_wrong_output_width_is_a_clear_error():
+    X, y = _line()
+    with pytest.raises(ValueError, match="gives 3 outputs .* one output per target: 1"):
+        MetaLearnerRegressor(torch.nn.Linear(2, 3), max_iter=1).fit(X, y)
+
+
+def test_wider_classifier_head_and_r2d2_feature_map_are_accepted():
+    X, y = _four_classes()
+    kw = dict(k_shot=2, n_query=2, meta_batch_size=2, max_iter=1, random_state=0)
+    MetaLearnerClassifier(torch.nn.Linear(3, 6), **kw).fit(X, y)
+    MetaLearnerClassifier(torch.nn.Linear(3, 7), method="r2d2", **kw).fit(X, y)
+
+
+@pytest.mark.parametrize("method", ["anil", "maml"])
+def test_module_without_parameters_is_a_clear_error(method):
+    X, y = _four_classes()
+    with pytest.raises(ValueError, match="no parameters to meta-learn"):
+        MetaLearnerRegressor(torch.nn.Identity(), method=method, max_iter=1).fit(X, X)
+
