@@ -32,15 +32,19 @@ _LN10 = math.log(10.0)
 
 
 def _log_alpha_grid(eigvals_list, points_per_decade=4, span=(-6, 6)):
-    """Log-alphas to scan: RidgeCV's decades plus the range the spectrum makes relevant.
+    """Log-alphas to scan: RidgeCV's decades and the range the spectrum makes relevant.
 
-    The leave-one-out or validation curve is flat for ``alpha`` far above the
+    The leave-one-out or validation curve flattens for ``alpha`` far above the
     largest eigenvalue of ``Xs^T Xs`` (the model predicts the mean) and far
     below the smallest non-zero one (least squares), so the scan covers
-    ``[max(l_min / 100, l_max * 1e-12), 100 l_max]`` together with
-    ``[1e-6, 1e6]``, on a lattice of ``points_per_decade`` points per decade
-    that contains every power of ten (hence scikit-learn's
-    ``np.logspace(-6, 6, 13)``). Natural-log units.
+    ``[max(l_min / 100, l_max * 1e-12), 100 l_max]`` and ``[1e-6, 1e6]``,
+    and every decade between the two when they do not overlap (features
+    scaled by 1e8: the optimum at 3e14 lay in the gap between 1e6 and
+    2e15), on a lattice of ``points_per_decade`` points per decade that
+    contains every power of ten (hence scikit-learn's
+    ``np.logspace(-6, 6, 13)``). Natural-log units. The curve is not quite
+    flat at ``l_min / 100`` (one optimum lay at ``l_min / 640``): the search
+    goes on beyond an end of the grid that is its best point.
     """
     # integer lattice indices (k / points_per_decade decades): exact powers of ten
     ppd = points_per_decade
@@ -53,12 +57,9 @@ def _log_alpha_grid(eigvals_list, points_per_decade=4, span=(-6, 6)):
             ranges.append(
                 (math.floor(math.log10(lo) * ppd), math.ceil(math.log10(lam_max * 100.0) * ppd))
             )
-    ranges.sort()
-    idx = []
-    for lo, hi in ranges:
-        start = lo if not idx else max(lo, idx[-1] + 1)
-        idx.extend(range(start, hi + 1))
-    return np.asarray(idx, dtype=float) * (_LN10 / ppd)
+    lo = min(r[0] for r in ranges)
+    hi = max(r[1] for r in ranges)
+    return np.arange(lo, hi + 1, dtype=float) * (_LN10 / ppd)
 
 
 def _writable(a):
@@ -78,7 +79,8 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
     shape). The search over ``log(alpha)`` is one-dimensional and cheap after
     that decomposition, so it scans the LOO curve on a fine grid (4 points
     per decade, covering RidgeCV's grid and the range set by the spectrum of
-    ``X``), brackets the best grid point, and refines it with secant steps on
+    ``X``), brackets the best grid point (searching beyond the grid when
+    that point is an end of it), and refines it with secant steps on
     the exact hypergradient (autograd through :mod:`skbilevel.hypergrad`).
     The found alpha's LOO error is therefore never above the minimum over
     RidgeCV's 13-point grid. The final model is the ridge solution at
@@ -415,6 +417,7 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
                 grid=_log_alpha_grid(eigvals_list),
                 tol=self.tol,
                 max_iter=self.max_iter,
+                expand=True,
             )
         return minimize_log_alpha(
             value_and_grad,

@@ -247,6 +247,20 @@ def test_float32_and_alpha_init_local_search():
 
 
 @pytest.mark.parametrize("cv", [None, 3])
+def test_alpha_scales_with_the_features(cv):
+    # X * s has the same curve in alpha / s^2. The scan's two ranges (RidgeCV's
+    # [1e-6, 1e6] and the spectrum's) did not meet for s = 1e8 (the optimum at
+    # 3e14 lay in the gap), and for s = 1e-4 the optimum lay below the grid (the
+    # curve is not flat at l_min / 100): alpha_ / s^2 was 1e-10 and 0.178
+    X, y = make_regression(40, 6, noise=5.0, random_state=0)
+    ref = BilevelRidgeCV(cv=cv).fit(X, y)
+    for s in (1e-4, 1e8):
+        model = BilevelRidgeCV(cv=cv).fit(X * s, y)
+        assert model.alpha_ / s**2 == pytest.approx(ref.alpha_, rel=1e-4)
+        assert model.best_score_ == pytest.approx(ref.best_score_, rel=1e-9)
+
+
+@pytest.mark.parametrize("cv", [None, 3])
 def test_alpha_init_with_one_alpha_per_target(cv):
     # alpha_init started one search for all targets: a (1,) phi for a (2,)
     # penalty (ValueError from the core) with cv=None, a RuntimeError with cv=3
