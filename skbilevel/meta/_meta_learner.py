@@ -181,6 +181,7 @@ class _MetaLearnerMixin:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(torch_seed)
             module = self._build_module(n_features, n_outputs_head, is_r2d2)
+            _reject_batch_norm(module)
             module_dev = copy.deepcopy(module).to(device=device, dtype=dtype)
             module_dev.train()
             X_t, y_dev = _task_tensors(X, y_t, device, dtype)
@@ -268,6 +269,23 @@ class _MetaLearnerMixin:
         with torch.no_grad():
             out = method.predict(model, meta, task, X_t, n_outputs=n_outputs)
         return to_numpy(out).astype(np.float64)
+
+
+def _reject_batch_norm(module):
+    """Batch-norm layers normalize with the statistics of the batch they see:
+    each task is adapted on its own small support set and predictions would
+    depend on the batch a sample comes in (and fail for a single sample)."""
+    found = [name or type(module).__name__ for name, m in module.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if found:
+        raise ValueError(
+            f"The module has batch-norm layers ({', '.join(found)}), which meta-learning "
+            "cannot use: tasks are adapted one by one on small support sets, and batch "
+            "statistics would make a prediction depend on the other samples of its "
+            "batch (a single sample could not be predicted at all). Use "
+            "torch.nn.LayerNorm or torch.nn.GroupNorm instead, which normalize each "
+            "sample on its own."
+        )
 
 
 def _task_tensors(X, y_t, device, dtype):
@@ -378,7 +396,10 @@ _DOC_COMMON = """
         or at least ``n_way`` logits (classification). For
         ``method="r2d2"`` the backbone's output is the feature map of the
         ridge head (the built-in MLP then outputs as many features as its
-        last hidden layer has units).
+        last hidden layer has units). Batch-norm layers are rejected: tasks
+        are adapted on small support sets one by one, and batch statistics
+        would make a prediction depend on the other samples of its batch; use
+        ``torch.nn.LayerNorm`` or ``torch.nn.GroupNorm``.
     method : {"maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "r2d2"} \
 or MetaMethod, default="maml"
         How the meta-parameters are learned; see

@@ -77,3 +77,11 @@ def test_module_without_parameters_is_a_clear_error(method):
     with pytest.raises(ValueError, match="no parameters to meta-learn"):
         MetaLearnerRegressor(torch.nn.Identity(), method=method, max_iter=1).fit(X, X)
 
+
+@pytest.mark.parametrize("norm", [torch.nn.BatchNorm1d(8), torch.nn.SyncBatchNorm(8)])
+def test_batch_norm_is_rejected(norm):
+    X, y = _four_classes()
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), norm, torch.nn.ReLU(),
+                              torch.nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="batch-norm layers .*LayerNorm"):
+        MetaLearnerClassifier(net, max_iter=1).fit(X, y)
