@@ -105,8 +105,8 @@ class FunctionalModel:
         names = [k for k, _ in self.module.named_parameters()]
         if not names:
             raise ValueError(
-                "The module has no parameters to meta-learn; give a module with at least "
-                "one layer that has parameters (a torch.nn.Linear head, say).")
+                "The module has no parameters to meta-learn; give a module with at "
+                "least one layer that has parameters (a torch.nn.Linear head, say).")
         prefix = names[-1].rpartition(".")[0]
         return [k for k in names if k.rpartition(".")[0] == prefix]
 
@@ -659,10 +659,10 @@ class IMAML(MetaMethod):
         # the meta-gradient solves (I + H/lam) v = g: lam = 0 divides by zero
         if not (isinstance(self.lam, Real) and self.lam > 0):
             raise ValueError(
-                f"iMAML's lam must be > 0; got lam={self.lam!r}. lam is the strength of "
-                "the proximal term lam/2 ||theta - phi||^2 that keeps each task's solution "
-                "near the meta-parameters (the implicit meta-gradient divides by it); use "
-                "e.g. lam=1.0, larger to stay closer to phi."
+                f"iMAML's lam must be > 0; got lam={self.lam!r}. lam is the strength "
+                "of the proximal term lam/2 ||theta - phi||^2 that keeps each task's "
+                "solution near the meta-parameters (the implicit meta-gradient "
+                "divides by it); use e.g. lam=1.0, larger to stay closer to phi."
             )
 
     def init_meta(self, model):

@@ -185,7 +185,8 @@ class _MetaLearnerMixin:
             module_dev = copy.deepcopy(module).to(device=device, dtype=dtype)
             module_dev.train()
             X_t, y_dev = _task_tensors(X, y_t, device, dtype)
-            self._check_module_shapes(module_dev, X_t, None if is_r2d2 else n_outputs_head)
+            self._check_module_shapes(module_dev, X_t,
+                                      None if is_r2d2 else n_outputs_head)
             model = FunctionalModel(module_dev, self._loss)
             meta = method.init_meta(model)
             for leaf in _leaves(meta):
@@ -275,12 +276,13 @@ def _reject_batch_norm(module):
     """Batch-norm layers normalize with the statistics of the batch they see:
     each task is adapted on its own small support set and predictions would
     depend on the batch a sample comes in (and fail for a single sample)."""
-    found = [name or type(module).__name__ for name, m in module.named_modules()
+    found = [f"{name or 'the module'}: {type(m).__name__}"
+             for name, m in module.named_modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if found:
         raise ValueError(
-            f"The module has batch-norm layers ({', '.join(found)}), which meta-learning "
-            "cannot use: tasks are adapted one by one on small support sets, and batch "
+            f"The module has batch-norm layers ({', '.join(found)}), which "
+            "meta-learning cannot use: tasks are adapted one by one on small support sets, and batch "
             "statistics would make a prediction depend on the other samples of its "
             "batch (a single sample could not be predicted at all). Use "
             "torch.nn.LayerNorm or torch.nn.GroupNorm instead, which normalize each "

@@ -83,5 +83,6 @@ def test_batch_norm_is_rejected(norm):
     X, y = _four_classes()
     net = torch.nn.Sequential(torch.nn.Linear(3, 8), norm, torch.nn.ReLU(),
                               torch.nn.Linear(8, 4))
-    with pytest.raises(ValueError, match="batch-norm layers .*LayerNorm"):
+    match = r"batch-norm layers \(1: .*BatchNorm.*LayerNorm"
+    with pytest.raises(ValueError, match=match):
         MetaLearnerClassifier(net, max_iter=1).fit(X, y)
