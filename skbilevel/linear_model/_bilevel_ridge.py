@@ -16,6 +16,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 from ..hypergrad import (
     HypergradientStrategy,
     RidgeSolver,
+    available_strategies,
     get_strategy,
     minimize_log_alpha,
     ridge_loo_curve,
@@ -24,7 +25,15 @@ from ..hypergrad import (
     ridge_validation_curve,
     ridge_validation_value_and_grad,
 )
-from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
+from ..utils import (
+    check_numeric_target,
+    check_splits,
+    core_warnings_as_sklearn,
+    resolve_device,
+    resolve_dtype,
+    to_numpy,
+    to_tensor,
+)
 
 __all__ = ["BilevelRidgeCV"]
 
@@ -237,6 +246,17 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, supported=("float32", "float64"))
         strategy = get_strategy(self.hypergradient)
+        if strategy.family == "unrolled":
+            exact = [
+                name
+                for name in available_strategies()
+                if get_strategy(name).family != "unrolled"
+            ]
+            raise ValueError(
+                f"hypergradient={self.hypergradient!r} differentiates through the steps "
+                "of an iterative inner solver, but BilevelRidgeCV solves ridge exactly. "
+                f"Use one of {exact} ('closed_form' is exact)."
+            )
         X, y = validate_data(
             self,
             X,
@@ -246,6 +266,7 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             multi_output=True,
             y_numeric=True,
         )
+        check_numeric_target(y, type(self).__name__)
         n_samples = X.shape[0]
         if n_samples < 2:
             raise ValueError(
@@ -353,15 +374,7 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             )
         else:
             splitter = check_cv(self.cv, y, classifier=False)
-        splits = [
-            (np.asarray(train), np.asarray(test)) for train, test in splitter.split(X, y)
-        ]
-        for train, test in splits:
-            if len(train) < 1 or len(test) < 1:
-                raise ValueError(
-                    "A validation split has an empty train or validation part; use "
-                    "fewer folds or a validation_fraction closer to 0.5."
-                )
+        splits = check_splits(splitter, X, y)
         device = Xt.device
 
         def take(t, idx):

@@ -144,6 +144,8 @@ from ..hypergrad import (
 )
 from ..hypergrad._sparse import csr_with_values
 from ..utils import (
+    check_numeric_target,
+    check_splits,
     core_warnings_as_sklearn,
     resolve_device,
     resolve_dtype,
@@ -508,16 +510,7 @@ class _HyperL2Base(BaseEstimator):
             )
         else:
             splitter = check_cv(self.cv, y, classifier=classifier)
-        splits = [(np.asarray(tr), np.asarray(te)) for tr, te in splitter.split(X, y)]
-        if not splits:
-            raise ValueError("The cross-validation splitter produced no split.")
-        for tr, te in splits:
-            if len(tr) == 0 or len(te) == 0:
-                raise ValueError(
-                    "A validation split has an empty training or validation part; use "
-                    "fewer folds or a validation_fraction closer to 0.5."
-                )
-        return splits
+        return check_splits(splitter, X, y)
 
     def _fold_weights(self, splits, sw, n, like):
         """(K, n) training and validation weight matrices from index splits."""
@@ -1369,6 +1362,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
             dtype=[np.float64, np.float32],
             y_numeric=True,
         )
+        check_numeric_target(y, type(self).__name__)
         n, p = X.shape
         if n < 2:
             raise ValueError(

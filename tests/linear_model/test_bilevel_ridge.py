@@ -403,6 +403,14 @@ def test_nan_inf_rejected(bad):
         ({"hypergradient": "cg"}, "ok", "needs cv"),
         ({"hypergradient": "no_such"}, "ok", "Unknown hypergradient strategy"),
         ({"dtype": "int8"}, "ok", "dtype"),
+        # unrolled strategies need an iterative inner solver: it said "Pass
+        # solver=GradientDescent(...)", a parameter BilevelRidgeCV does not have
+        ({"hypergradient": "reverse", "cv": 3}, "ok", "solves ridge exactly"),
+        ({"hypergradient": "darts", "cv": 3}, "ok", "'closed_form' is exact"),
+        # these failed inside numpy or torch
+        ({}, "strings", "numeric target"),
+        ({"cv": []}, "ok", "produced no split"),
+        ({"cv": [(np.arange(30), np.arange(430, 445))]}, "ok", "out of range"),
         # no half-precision eigendecomposition on CPU: not torch's NotImplementedError
         ({"dtype": "float16"}, "ok", "dtype='float16' is not supported here"),
     ],
@@ -415,6 +423,8 @@ def test_bad_input_messages(kwargs, data, match):
         X, y = X[:1], y[:1]
     elif data == "small":
         X, y = X[:20], y[:20]
+    elif data == "strings":
+        y = np.where(y > np.median(y), "high", "low")
     with pytest.raises(ValueError, match=match):
         BilevelRidgeCV(**kwargs).fit(X, y)
 

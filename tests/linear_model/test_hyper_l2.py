@@ -419,6 +419,14 @@ def test_bad_input(Est):
     # no half-precision Cholesky on CPU: not torch's NotImplementedError
     with pytest.raises(ValueError, match="'float32' or 'float64'"):
         Est(dtype="bfloat16").fit(X, y)
+    # splits that failed inside numpy: none, out of range
+    with pytest.raises(ValueError, match="produced no split"):
+        Est(cv=[]).fit(X, y)
+    with pytest.raises(ValueError, match="out of range"):
+        Est(cv=[(np.arange(20), np.arange(25, 35))]).fit(X, y)
+    if Est is HyperL2Regressor:  # strings reached torch.as_tensor
+        with pytest.raises(ValueError, match="numeric target"):
+            Est().fit(X, np.where(y == 1, "yes", "no"))
 
 
 def test_classifier_single_class_and_bad_strategy():
