@@ -522,12 +522,33 @@ class DatasetDistiller(BaseEstimator):
 
     @staticmethod
     def _kmeans(Xz, k, rng):
+        """k-means centroids and labels of ``Xz``, with no empty cluster.
+
+        With fewer distinct rows than ``k`` some clusters are empty; each is
+        seeded with a real row moved out of a cluster that has others (the
+        row farthest from its centroid, ties at random), so every cluster
+        has a member and a finite mean target.
+        """
         from sklearn.cluster import KMeans
 
         km = KMeans(n_clusters=k, n_init=3, random_state=rng.randint(0, 2**31 - 1))
         labels = km.fit_predict(Xz)
-        # empty clusters cannot happen with k <= n distinct points; duplicates can
-        return km.cluster_centers_, labels
+        centers = km.cluster_centers_
+        sizes = np.bincount(labels, minlength=k)
+        if sizes.all():
+            return centers, labels
+        labels = labels.copy()
+        dist = ((Xz - centers[labels]) ** 2).sum(axis=1)
+        # random order first, then a stable sort: ties are broken at random
+        order = rng.permutation(len(Xz))
+        order = order[np.argsort(-dist[order], kind="stable")]
+        for j in np.flatnonzero(sizes == 0):
+            # k <= n_samples, so a row in a cluster of size >= 2 always remains
+            row = next(i for i in order if sizes[labels[i]] >= 2)
+            sizes[labels[row]] -= 1
+            labels[row], sizes[j] = j, 1
+        centers = np.stack([Xz[labels == j].mean(axis=0) for j in range(k)])
+        return centers, labels
 
     def _current_targets(self, phi, targets0, task):
         if not self.learn_labels:

@@ -231,3 +231,27 @@ def test_sklearn_compatible(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check(estimator)
+
+
+# ------------------------------------------------------------ QA regressions
+
+
+@pytest.mark.parametrize("method", ["kip", "unrolled"])
+def test_kmeans_init_with_fewer_distinct_rows_than_samples(method):
+    # 4 distinct rows for 6 synthetic samples: k-means leaves clusters empty,
+    # whose mean target was NaN
+    rng = np.random.RandomState(0)
+    X = rng.randint(0, 2, (100, 2)).astype(float)
+    y = X @ [1.0, 2.0] + 0.1 * rng.randn(100)
+    dd = DatasetDistiller(n_distilled=6, max_iter=3, method=method, random_state=0,
+                          n_inner_steps=3, hidden_layer_sizes=(8,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k-means: fewer distinct clusters found
+        dd.fit(X, y)
+        pred = dd.predict(X)
+    assert np.isfinite(dd.y_distilled_).all() and np.isfinite(pred).all()
+    # constant X with a regression target
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dd.fit(np.ones((30, 2)), rng.randn(30))
+        assert np.isfinite(dd.y_distilled_).all() and np.isfinite(dd.predict(X)).all()
