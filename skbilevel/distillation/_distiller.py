@@ -155,7 +155,9 @@ class DatasetDistiller(BaseEstimator):
     n_inner_steps : int, default=20
         Gradient steps of the inner network (``method="unrolled"``).
     inner_learning_rate : float, default=0.1
-        Step size of those steps.
+        Step size of those steps. If the network trained on the distilled
+        set diverges (non-finite parameters), ``fit`` raises a ValueError
+        saying whether to lower it or ``reg``.
     device : str, default="cpu"
         Torch device (``"cuda"``, ``"auto"``...). Fitted state is stored on
         the CPU.
@@ -388,6 +390,8 @@ class DatasetDistiller(BaseEstimator):
 
         Xs = phi["X"].detach()
         targets = self._current_targets(phi, targets0, task).detach()
+        if self.method == "unrolled":
+            network_params = self._train_final_network(model, Xs, targets, gen, task)
         self.X_distilled_ = to_numpy(Xs) * self._x_scale + self._x_mean
         self.X_distilled_ = self.X_distilled_.astype(X.dtype, copy=False)
         self._Xs_scaled = to_numpy(Xs)
@@ -402,7 +406,7 @@ class DatasetDistiller(BaseEstimator):
             self._predict_kernel = (name, params)
             soft = to_numpy(targets) + self._t_offset
         else:
-            self.network_params_ = self._train_final_network(model, Xs, targets, gen, task)
+            self.network_params_ = network_params
             if task == "classification" and self.learn_labels:
                 soft = to_numpy(torch.softmax(targets, dim=1))
             else:
@@ -616,6 +620,20 @@ class DatasetDistiller(BaseEstimator):
             return loss
 
         theta, _ = solver.solve(fun, _fresh_params(shapes, gen, to))
+        if not all(bool(torch.isfinite(v).all()) for v in theta.values()):
+            # the last finite iterate of a diverging descent is no model either
+            lr, reg = self.inner_learning_rate, self.reg
+            advice = (
+                f"lower reg (gradient descent with weight decay needs "
+                f"inner_learning_rate * reg < 2; here it is {lr * reg:.3g})"
+                if lr * reg >= 2
+                else "lower inner_learning_rate"
+            )
+            raise ValueError(
+                "The network trained on the distilled set diverged: its parameters "
+                f"are not finite after n_inner_steps={self.n_inner_steps} gradient "
+                f"steps with inner_learning_rate={lr:g} and reg={reg:g}; {advice}."
+            )
         return {k: to_numpy(v) for k, v in theta.items()}
 
     # -------------------------------------------------------------- predict

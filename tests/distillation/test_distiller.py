@@ -255,3 +255,26 @@ def test_kmeans_init_with_fewer_distinct_rows_than_samples(method):
         warnings.simplefilter("ignore")
         dd.fit(np.ones((30, 2)), rng.randn(30))
         assert np.isfinite(dd.y_distilled_).all() and np.isfinite(dd.predict(X)).all()
+
+
+@pytest.mark.parametrize(
+    "task, params, match",
+    [
+        ("classification", dict(reg=1e12), "lower reg"),
+        ("regression", dict(inner_learning_rate=1e6), "lower inner_learning_rate"),
+    ],
+)
+def test_unrolled_diverging_network_raises(task, params, match):
+    # the final network was retrained with the same diverging settings and its
+    # NaN parameters reached predict (all-NaN predict_proba, predict = classes_[0])
+    if task == "classification":
+        X, y = load_iris(return_X_y=True)
+    else:
+        X, y = make_regression(60, 4, random_state=0)
+    dd = DatasetDistiller(n_per_class=2, method="unrolled", max_iter=3,
+                          hidden_layer_sizes=(8,), random_state=0, **params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the outer loop's own divergence warning
+        with pytest.raises(ValueError, match=f"diverged.*{match}"):
+            dd.fit(X, y)
+    assert not hasattr(dd, "network_params_")
