@@ -25,7 +25,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import type_of_target
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from ..hypergrad import (
     FunctionalModel,
@@ -319,6 +319,8 @@ class DatasetDistiller(BaseEstimator):
 
         task = self._target_task(y)
         self._task = task
+        if task == "classification" and y.ndim == 2:
+            y = column_or_1d(y, warn=True)  # labels as a column, as classifiers do
         # one global scale: keeps the geometry of the inputs (see class docstring)
         self._x_mean = X.mean(axis=0)
         scale = float(np.sqrt(((X - self._x_mean) ** 2).mean()))

@@ -278,3 +278,14 @@ def test_unrolled_diverging_network_raises(task, params, match):
         with pytest.raises(ValueError, match=f"diverged.*{match}"):
             dd.fit(X, y)
     assert not hasattr(dd, "network_params_")
+
+
+def test_column_vector_class_target_is_raveled_with_warning():
+    # shape (n, 1) labels crashed in _class_counts ("object too deep")
+    from sklearn.exceptions import DataConversionWarning
+
+    X, y = load_iris(return_X_y=True)
+    dd = DatasetDistiller(n_per_class=1, max_iter=2, random_state=0)
+    with pytest.warns(DataConversionWarning, match="column-vector y"):
+        dd.fit(X, y.reshape(-1, 1))
+    assert dd.predict(X).shape == (150,) and dd.y_distilled_.shape == (3,)
