@@ -510,6 +510,15 @@ class _BaseSampleReweighter(BaseEstimator):
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype)
         n, n_features = X.shape
+        limit = torch.finfo(dtype).max
+        if X.size and np.abs(X).max() > limit:
+            # X is finite in float64 (validate_data) but not in the computing dtype
+            raise ValueError(
+                f"X has values up to {np.abs(X).max():.3g}, beyond the range of "
+                f"{str(dtype).replace('torch.', '')} (largest {limit:.3g}), the dtype "
+                "of the computation. Pass dtype='float64' or scale X (e.g. with "
+                "StandardScaler)."
+            )
         sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
         if self._is_classifier:
             check_classification_targets(y)

@@ -319,3 +319,32 @@ def test_diverging_run_warns_and_keeps_finite_state():
     assert all(torch.isfinite(p).all() for p in clf.module_.parameters())
     assert np.all(np.isfinite(clf.sample_weight_))
     assert np.all(np.isfinite(clf.predict_proba(X)))
+
+
+# ------------------------------------------------------------ QA regressions
+
+
+def _small_problem(n=60, regression=False):
+    from sklearn.datasets import make_regression
+
+    if regression:
+        X, y = make_regression(n, 4, random_state=0)
+    else:
+        X, y = make_classification(n, 4, n_informative=3, n_redundant=0, random_state=0)
+    trusted = np.zeros(n, bool)
+    trusted[::6] = True
+    return X, y, trusted
+
+
+@pytest.mark.parametrize("final_estimator", [None, "joint"])
+def test_X_beyond_float32_range_is_rejected_up_front(final_estimator):
+    # X * 1e39 overflows float32: 'joint' gave NaN silently, the default a
+    # misleading 'inner objective is not finite' after the whole loop
+    X, y, trusted = _small_problem()
+    clf = SampleReweighter(max_iter=2, final_estimator=final_estimator)
+    with pytest.raises(ValueError, match="beyond the range of float32.*dtype='float64'"):
+        clf.fit(X * 1e39, y, trusted=trusted)
+    reg = SampleReweighterRegressor(max_iter=2, final_estimator=final_estimator)
+    Xr, yr, trusted = _small_problem(regression=True)
+    with pytest.raises(ValueError, match="beyond the range of float32"):
+        reg.fit(Xr * 1e39, yr, trusted=trusted)
