@@ -665,7 +665,6 @@ class _BaseSampleReweighter(BaseEstimator):
         self.sample_weight_[train_idx] = w
         self.trusted_ = np.zeros(n, dtype=bool)
         self.trusted_[trusted_idx] = True
-        self.n_iter_ = max(self.n_iter_, 1)
         self.stop_reason_ = result.stop_reason
 
         self.module_ = copy.deepcopy(load_parameters(module, theta)).cpu().eval()
@@ -692,7 +691,7 @@ class _BaseSampleReweighter(BaseEstimator):
         All samples take part (the trusted ones at weight 1). When one batch
         holds all training samples the weighted problem is solved by L-BFGS
         (up to ``max(max_iter, 100)`` iterations), otherwise by ``n_iter_``
-        mini-batch steps of the inner optimizer.
+        (at least one) mini-batch steps of the inner optimizer.
         """
         module.load_state_dict(init_state)
         theta0 = {k: p.detach().clone() for k, p in module.named_parameters()}
@@ -713,7 +712,7 @@ class _BaseSampleReweighter(BaseEstimator):
             theta = {k: t.requires_grad_(True) for k, t in theta0.items()}
             opt = _make_inner_optimizer(self.optimizer, list(theta.values()), self.learning_rate)
             batches = _batches(n, min(batch, n), rng)
-            for _ in range(self.n_iter_):
+            for _ in range(max(self.n_iter_, 1)):
                 pos = torch.as_tensor(next(batches), device=device)
                 opt.zero_grad(set_to_none=True)
                 loss = full.weighted_loss(theta, ones[: len(pos)], pos)
@@ -910,7 +909,9 @@ _COMMON_DOC = """
         The final model refitted with the learned weights; predictions come
         from it.
     n_iter_ : int
-        Outer iterations performed.
+        Outer iterations completed with a finite loss. An iteration whose
+        loss or hypergradient is not finite (``stop_reason_="diverged"``) is
+        not counted, so ``n_iter_`` is 0 when the first one diverges.
     history_ : ndarray of shape (``n_iter_``,)
         Trusted-batch loss after the look-ahead (the outer loss) per
         iteration.

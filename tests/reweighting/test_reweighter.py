@@ -342,9 +342,23 @@ def test_X_beyond_float32_range_is_rejected_up_front(final_estimator):
     # misleading 'inner objective is not finite' after the whole loop
     X, y, trusted = _small_problem()
     clf = SampleReweighter(max_iter=2, final_estimator=final_estimator)
-    with pytest.raises(ValueError, match="beyond the range of float32.*dtype='float64'"):
+    match = "beyond the range of float32.*dtype='float64'"
+    with pytest.raises(ValueError, match=match):
         clf.fit(X * 1e39, y, trusted=trusted)
     reg = SampleReweighterRegressor(max_iter=2, final_estimator=final_estimator)
     Xr, yr, trusted = _small_problem(regression=True)
     with pytest.raises(ValueError, match="beyond the range of float32"):
         reg.fit(Xr * 1e39, yr, trusted=trusted)
+
+
+@pytest.mark.parametrize("batch_size", ["auto", 8])
+def test_divergence_at_first_iteration_history_matches_n_iter(batch_size):
+    # history_ had shape (0,) while n_iter_ was forced to 1
+    X, y, trusted = _small_problem(regression=True)
+    reg = SampleReweighterRegressor(max_iter=3, batch_size=batch_size, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reg.fit(X * 1e8, y, trusted=trusted)
+    assert reg.stop_reason_ == "diverged"
+    assert reg.n_iter_ == 0 and reg.history_.shape == (reg.n_iter_,)
+    assert np.isfinite(reg.predict(X)).all()
