@@ -304,6 +304,9 @@ class DatasetDistiller(BaseEstimator):
         -------
         self : DatasetDistiller
         """
+        # fitted state that only some methods / tasks set must not survive a refit
+        for name in ("classes_", "dual_coef_", "network_params_"):
+            self.__dict__.pop(name, None)
         X, y = validate_data(
             self, X, y, dtype=[np.float64, np.float32], multi_output=True, y_numeric=False
         )

@@ -289,3 +289,17 @@ def test_column_vector_class_target_is_raveled_with_warning():
     with pytest.warns(DataConversionWarning, match="column-vector y"):
         dd.fit(X, y.reshape(-1, 1))
     assert dd.predict(X).shape == (150,) and dd.y_distilled_.shape == (3,)
+
+
+def test_refit_drops_attributes_of_the_other_method_and_task():
+    # unrolled then kip kept network_params_; kip then unrolled kept dual_coef_
+    X, y = load_iris(return_X_y=True)
+    dd = DatasetDistiller(n_per_class=1, max_iter=2, method="unrolled", n_inner_steps=2,
+                          hidden_layer_sizes=(4,), random_state=0).fit(X, y)
+    dd.set_params(method="kip").fit(X, y)
+    assert hasattr(dd, "dual_coef_") and not hasattr(dd, "network_params_")
+    dd.set_params(method="unrolled").fit(X, y)
+    assert hasattr(dd, "network_params_") and not hasattr(dd, "dual_coef_")
+    # classification then regression kept classes_ (and predict_proba)
+    dd.set_params(n_per_class=2).fit(X, X[:, 0])
+    assert not hasattr(dd, "classes_") and not hasattr(dd, "predict_proba")
