@@ -519,7 +519,9 @@ class _BaseSampleReweighter(BaseEstimator):
                 "of the computation. Pass dtype='float64' or scale X (e.g. with "
                 "StandardScaler)."
             )
-        sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64)
+        sample_weight = _check_sample_weight(
+            sample_weight, X, dtype=np.float64, ensure_non_negative=True
+        )
         if self._is_classifier:
             check_classification_targets(y)
             self.classes_, y_enc = np.unique(y, return_inverse=True)

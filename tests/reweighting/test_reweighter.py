@@ -362,3 +362,16 @@ def test_divergence_at_first_iteration_history_matches_n_iter(batch_size):
     assert reg.stop_reason_ == "diverged"
     assert reg.n_iter_ == 0 and reg.history_.shape == (reg.n_iter_,)
     assert np.isfinite(reg.predict(X)).all()
+
+
+@pytest.mark.parametrize("Est", [SampleReweighter, SampleReweighterRegressor])
+def test_negative_sample_weight_is_rejected(Est):
+    # one negative prior weight was accepted and multiplied into the losses
+    X, y, trusted = _small_problem(regression=Est is SampleReweighterRegressor)
+    sw = np.ones(len(y))
+    sw[1] = -5
+    with pytest.raises(ValueError, match="Negative values.*sample_weight"):
+        Est(max_iter=2).fit(X, y, trusted=trusted, sample_weight=sw)
+    # all zero: the classifier's message said "Only 1 class ([])"
+    with pytest.raises(ValueError, match="at least one non-zero"):
+        Est(max_iter=2).fit(X, y, trusted=trusted, sample_weight=np.zeros(len(y)))
