@@ -162,7 +162,9 @@ class DatasetDistiller(BaseEstimator):
         Torch device (``"cuda"``, ``"auto"``...). Fitted state is stored on
         the CPU.
     dtype : str, default="float64"
-        Torch dtype of the computation.
+        Torch dtype of the computation: ``"float64"`` or ``"float32"``;
+        ``method="unrolled"`` also runs in ``"bfloat16"``. Kernel ridge has no
+        half-precision Cholesky, and Adam fails in ``"float16"``.
     random_state : int, RandomState instance or None, default=None
         Seeds the initial samples, the mini-batches, kernel draws and network
         initializations.
@@ -311,7 +313,7 @@ class DatasetDistiller(BaseEstimator):
             self, X, y, dtype=[np.float64, np.float32], multi_output=True, y_numeric=False
         )
         device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype)
+        dtype = self._resolve_dtype()
         specs = _kernel_specs(self.kernel, self.kernel_params)
         if self.method == "kip" and self.reg <= 0:
             raise ValueError(
@@ -445,6 +447,26 @@ class DatasetDistiller(BaseEstimator):
         return self.X_distilled_.copy(), self.y_distilled_.copy()
 
     # ----------------------------------------------------------- fit helpers
+
+    def _resolve_dtype(self):
+        """The computing dtype; half precision only where it works."""
+        if self.method == "kip":
+            supported = ("float32", "float64")
+            why = (
+                "Kernel ridge (method='kip') needs a Cholesky factorization, which "
+                "torch has only in float32 and float64."
+            )
+        else:
+            supported = ("float32", "float64", "bfloat16")
+            why = (
+                "In float16 the outer Adam steps turn zero or tiny gradients into "
+                "NaN or inf; use 'bfloat16' for half precision."
+            )
+        try:
+            return resolve_dtype(self.dtype, supported=supported)
+        except ValueError as exc:
+            resolve_dtype(self.dtype)  # not a floating dtype at all: its own message
+            raise ValueError(f"{exc} {why}") from None
 
     def _target_task(self, y):
         kind = type_of_target(y, input_name="y", raise_unknown=True)

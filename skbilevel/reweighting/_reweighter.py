@@ -490,6 +490,26 @@ class _BaseSampleReweighter(BaseEstimator):
                 + ". Fix the module's output layer (or its module__* size parameters)."
             )
 
+    def _resolve_dtype(self):
+        """The computing dtype; half precision only where it works."""
+        if get_strategy(self.hypergradient).name == "dense":
+            supported = ("float32", "float64")
+            why = (
+                "The 'dense' hypergradient factorizes a matrix, which torch does "
+                "only in float32 and float64."
+            )
+        else:
+            supported = ("float32", "float64", "bfloat16")
+            why = (
+                "In float16 Adam turns zero or tiny gradients into NaN or inf and "
+                "the fit diverges; use 'bfloat16' for half precision."
+            )
+        try:
+            return resolve_dtype(self.dtype, supported=supported)
+        except ValueError as exc:
+            resolve_dtype(self.dtype)  # not a floating dtype at all: its own message
+            raise ValueError(f"{exc} {why}") from None
+
     def _strategy_and_solver(self):
         strategy = get_strategy(self.hypergradient)
         if strategy.solver_kind == "step":
@@ -508,7 +528,7 @@ class _BaseSampleReweighter(BaseEstimator):
             )
         self._seed = check_random_state(self.random_state).randint(0, 2**31 - 1)
         device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype)
+        dtype = self._resolve_dtype()
         n, n_features = X.shape
         limit = torch.finfo(dtype).max
         if X.size and np.abs(X).max() > limit:
@@ -883,7 +903,10 @@ _COMMON_DOC = """
         modules are moved to the CPU, so a fitted estimator pickles and
         predicts anywhere.
     dtype : str or dtype, default="float32"
-        Floating-point type of the computation.
+        Floating-point type of the computation: ``"float32"``, ``"float64"``
+        or ``"bfloat16"`` (not with ``hypergradient="dense"``, which
+        factorizes a matrix). ``"float16"`` is rejected: Adam's steps turn
+        zero or tiny gradients into NaN in it.
     random_state : int, RandomState instance or None, default=None
         Seeds the model initialization, the validation split and the batches.
     verbose : int, default=0

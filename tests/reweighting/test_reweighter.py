@@ -375,3 +375,22 @@ def test_negative_sample_weight_is_rejected(Est):
     # all zero: the classifier's message said "Only 1 class ([])"
     with pytest.raises(ValueError, match="at least one non-zero"):
         Est(max_iter=2).fit(X, y, trusted=trusted, sample_weight=np.zeros(len(y)))
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(dtype="float16"), "use 'bfloat16'"),
+        (dict(dtype="bfloat16", hypergradient="dense"), "factorizes"),
+    ],
+)
+def test_half_precision_rejected_where_it_fails(params, match):
+    # float16 diverged at the second iteration (torch's Adam gives NaN on a zero
+    # gradient in float16); 'dense' crashed in torch's LU in bfloat16
+    X, y, trusted = _small_problem()
+    dtype = params["dtype"]
+    with pytest.raises(ValueError, match=f"dtype='{dtype}' is not supported.*{match}"):
+        SampleReweighter(max_iter=2, **params).fit(X, y, trusted=trusted)
+    # bfloat16 works with the default look-ahead
+    clf = SampleReweighter(max_iter=5, dtype="bfloat16", random_state=0)
+    assert clf.fit(X, y, trusted=trusted).stop_reason_ == "max_iter"
