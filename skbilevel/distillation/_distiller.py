@@ -315,6 +315,8 @@ class DatasetDistiller(BaseEstimator):
         device = resolve_device(self.device)
         dtype = self._resolve_dtype()
         specs = _kernel_specs(self.kernel, self.kernel_params)
+        if self.method == "unrolled":
+            _check_hidden_layer_sizes(self.hidden_layer_sizes, "hidden_layer_sizes")
         if self.method == "kip" and self.reg <= 0:
             raise ValueError(
                 f"reg must be > 0 for method='kip' (kernel ridge); got {self.reg}."
@@ -765,6 +767,19 @@ class DatasetDistiller(BaseEstimator):
         tags.target_tags.multi_output = True
         tags.target_tags.single_output = True
         return tags
+
+
+def _check_hidden_layer_sizes(sizes, name):
+    """Raise a ValueError unless ``sizes`` lists integers >= 1 (units per layer)."""
+    ok = isinstance(sizes, (tuple, list)) and all(
+        isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1
+        for h in sizes
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} must be a tuple of integers >= 1, the units of each hidden "
+            f"layer, e.g. (100,) or (64, 64); got {sizes!r}."
+        )
 
 
 def _sq_norm(params):

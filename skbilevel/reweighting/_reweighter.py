@@ -46,6 +46,7 @@ from ..hypergrad import LBFGS, GradientDescent, StepSolver, argmin, get_strategy
 from ..utils import resolve_device, resolve_dtype, to_numpy, to_tensor
 from ..utils._fit import fit_outer
 from ..utils._modules import (
+    MLP,
     WeightNet,
     build_module,
     functional_forward,
@@ -229,6 +230,19 @@ def _outer_objective(problem, theta, phi, pos, tpos, strategy, solver):
         problem.inner_loss(pos, inputs), phi, theta, hypergradient=strategy, solver=solver
     )
     return problem.outer_loss(theta_new, tpos), theta_new, info
+
+
+def _check_hidden_layer_sizes(sizes, name):
+    """Raise a ValueError unless ``sizes`` lists integers >= 1 (units per layer)."""
+    ok = isinstance(sizes, (tuple, list)) and all(
+        isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1
+        for h in sizes
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} must be a tuple of integers >= 1, the units of each hidden "
+            f"layer, e.g. (100,) or (64, 64); got {sizes!r}."
+        )
 
 
 def _batches(n, batch_size, rng):
@@ -467,7 +481,14 @@ class _BaseSampleReweighter(BaseEstimator):
                     )
                 return module, kinds[name], None
             return module, "criterion", criterion
-        module = build_module(self.module, module_params(self), n_features, n_outputs)
+        params = module_params(self)
+        if (isinstance(self.module, str) or self.module is MLP) and (
+            "hidden_layer_sizes" in params
+        ):
+            _check_hidden_layer_sizes(
+                params["hidden_layer_sizes"], "module__hidden_layer_sizes"
+            )
+        module = build_module(self.module, params, n_features, n_outputs)
         return module, ("ce" if self._is_classifier else "mse"), None
 
     def _check_output_shape(self, module, X):

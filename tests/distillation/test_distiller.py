@@ -328,3 +328,12 @@ def test_unrolled_runs_in_bfloat16():
                           dtype="bfloat16", n_inner_steps=5, hidden_layer_sizes=(8,),
                           random_state=0)
     assert np.isfinite(dd.fit(X, y).predict_proba(X)).all()
+
+
+@pytest.mark.parametrize("sizes", [(0,), (-3,), (2.5,), (8, True)])
+def test_unrolled_hidden_layer_sizes_validated(sizes):
+    # (0,) ZeroDivisionError, (-3,) torch's negative dimension, (2.5,) accepted
+    X, y = load_iris(return_X_y=True)
+    dd = DatasetDistiller(method="unrolled", hidden_layer_sizes=sizes, max_iter=2)
+    with pytest.raises(ValueError, match="hidden_layer_sizes must be a tuple of int"):
+        dd.fit(X, y)

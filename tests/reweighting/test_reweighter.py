@@ -394,3 +394,14 @@ def test_half_precision_rejected_where_it_fails(params, match):
     # bfloat16 works with the default look-ahead
     clf = SampleReweighter(max_iter=5, dtype="bfloat16", random_state=0)
     assert clf.fit(X, y, trusted=trusted).stop_reason_ == "max_iter"
+
+
+@pytest.mark.parametrize("module", ["mlp", MLP])
+@pytest.mark.parametrize("sizes", [(0,), (-1,), (2.5,)])
+def test_module_hidden_layer_sizes_validated(module, sizes):
+    # (-1,) torch's negative dimension; (0,) and (2.5,) were accepted
+    X, y, trusted = _small_problem()
+    clf = SampleReweighter(module=module, module__hidden_layer_sizes=sizes, max_iter=2)
+    match = "module__hidden_layer_sizes must be a tuple of integers >= 1"
+    with pytest.raises(ValueError, match=match):
+        clf.fit(X, y, trusted=trusted)
