@@ -492,8 +492,28 @@ class _BaseSampleReweighter(BaseEstimator):
         return module, ("ce" if self._is_classifier else "mse"), None
 
     def _check_output_shape(self, module, X):
-        with torch.no_grad():
-            out = module(X[:2])
+        """One forward pass on two rows of ``X``: the module must have parameters,
+        take ``n_features_in_`` inputs and give one logit per class (one output
+        for regression)."""
+        if next(module.parameters(), None) is None:
+            raise ValueError(
+                f"The inner module {type(module).__name__} has no parameters, so "
+                "there is no model to train with the learned weights. Give a module "
+                "with parameters, e.g. module='linear' or module='mlp'."
+            )
+        try:
+            with torch.no_grad():
+                out = module(X[:2])
+        except RuntimeError as exc:
+            expected = next((m.in_features for m in module.modules()
+                             if isinstance(getattr(m, "in_features", None), int)), None)
+            takes = f" takes {expected} input features" if expected is not None else ""
+            raise ValueError(
+                f"The inner module{takes} but X has {X.shape[1]} features: calling it "
+                f"on two rows of X failed with {type(exc).__name__}: {exc}. Give a "
+                f"module whose input size is {X.shape[1]}, or a module class or name, "
+                "which is built with the data's sizes."
+            ) from exc
         n = X[:2].shape[0]
         if self._is_classifier:
             k = len(self.classes_)

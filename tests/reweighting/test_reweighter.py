@@ -405,3 +405,15 @@ def test_module_hidden_layer_sizes_validated(module, sizes):
     match = "module__hidden_layer_sizes must be a tuple of integers >= 1"
     with pytest.raises(ValueError, match=match):
         clf.fit(X, y, trusted=trusted)
+
+
+def test_module_instance_input_size_and_parameters_checked():
+    # torch's 'mat1 and mat2 shapes cannot be multiplied' / 'optimizer got an
+    # empty parameter list'
+    X, y, trusted = _small_problem()
+    clf = SampleReweighter(module=torch.nn.Linear(3, 2), max_iter=2)
+    with pytest.raises(ValueError, match="takes 3 input features but X has 4 features"):
+        clf.fit(X, y, trusted=trusted)
+    clf = SampleReweighter(module=torch.nn.Identity(), max_iter=2)
+    with pytest.raises(ValueError, match="Identity has no parameters"):
+        clf.fit(X[:, :2], y, trusted=trusted)
