@@ -42,7 +42,14 @@ from sklearn.utils.validation import (
 from sklearn.base import _fit_context
 from torch import nn
 
-from ..hypergrad import LBFGS, GradientDescent, StepSolver, argmin, get_strategy
+from ..hypergrad import (
+    LBFGS,
+    GradientDescent,
+    StepSolver,
+    argmin,
+    available_strategies,
+    get_strategy,
+)
 from ..utils import resolve_device, resolve_dtype, to_numpy, to_tensor
 from ..utils._fit import fit_outer
 from ..utils._modules import (
@@ -531,6 +538,19 @@ class _BaseSampleReweighter(BaseEstimator):
                 + ". Fix the module's output layer (or its module__* size parameters)."
             )
 
+    def _check_hypergradient(self):
+        """Reject the closed-form family: the weighted model has no closed form."""
+        family = get_strategy(self.hypergradient).family
+        if family == "closed_form":
+            names = [n for n in available_strategies()
+                     if get_strategy(n).family != "closed_form"]
+            raise ValueError(
+                f"hypergradient={self.hypergradient!r} needs an inner problem with a "
+                f"closed-form solution, which the weighted inner model of "
+                f"{type(self).__name__} has not. Use one of {names} (default "
+                "'lookahead')."
+            )
+
     def _resolve_dtype(self):
         """The computing dtype; half precision only where it works."""
         if get_strategy(self.hypergradient).name == "dense":
@@ -569,6 +589,7 @@ class _BaseSampleReweighter(BaseEstimator):
             )
         self._seed = check_random_state(self.random_state).randint(0, 2**31 - 1)
         device = resolve_device(self.device)
+        self._check_hypergradient()
         dtype = self._resolve_dtype()
         n, n_features = X.shape
         limit = torch.finfo(dtype).max

@@ -337,3 +337,22 @@ def test_unrolled_hidden_layer_sizes_validated(sizes):
     dd = DatasetDistiller(method="unrolled", hidden_layer_sizes=sizes, max_iter=2)
     with pytest.raises(ValueError, match="hidden_layer_sizes must be a tuple of int"):
         dd.fit(X, y)
+
+
+@pytest.mark.parametrize(
+    "method, hypergradient, match",
+    [
+        ("kip", "reverse", "no gradient steps to unroll"),
+        ("kip", "first_order", "no gradient steps to unroll"),
+        ("kip", "bome", "does not learn"),
+        ("unrolled", "closed_form", "no closed form"),
+    ],
+)
+def test_hypergradient_that_does_not_fit_the_method(method, hypergradient, match):
+    # the core's message advised a solver= argument DatasetDistiller does not have
+    X, y = load_iris(return_X_y=True)
+    dd = DatasetDistiller(n_per_class=1, max_iter=2, method=method,
+                          hypergradient=hypergradient)
+    with pytest.raises(ValueError, match=f"not fit method='{method}': .*{match}") as e:
+        dd.fit(X, y)
+    assert "solver=" not in str(e.value) and "'auto'" in str(e.value)

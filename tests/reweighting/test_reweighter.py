@@ -417,3 +417,13 @@ def test_module_instance_input_size_and_parameters_checked():
     clf = SampleReweighter(module=torch.nn.Identity(), max_iter=2)
     with pytest.raises(ValueError, match="Identity has no parameters"):
         clf.fit(X[:, :2], y, trusted=trusted)
+
+
+def test_closed_form_hypergradient_rejected_up_front():
+    # the core's message advised a solver= argument SampleReweighter does not have
+    X, y, trusted = _small_problem()
+    with pytest.raises(ValueError, match="closed-form solution.*'lookahead'") as e:
+        SampleReweighter(hypergradient="closed_form", max_iter=2).fit(
+            X, y, trusted=trusted
+        )
+    assert "solver=" not in str(e.value)
