@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 import torch
+from sklearn import get_config
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
@@ -37,6 +38,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import (
     _check_sample_weight,
     check_is_fitted,
+    has_fit_parameter,
     validate_data,
 )
 from sklearn.base import _fit_context
@@ -538,6 +540,29 @@ class _BaseSampleReweighter(BaseEstimator):
                 + ". Fix the module's output layer (or its module__* size parameters)."
             )
 
+    def _final_weight_key(self):
+        """The ``fit`` keyword that gives ``final_estimator`` the learned weights
+        (``None`` for the torch model), checked before any training."""
+        est = self.final_estimator
+        if est is None or isinstance(est, str):
+            return None
+        if has_fit_parameter(est, "sample_weight"):
+            return "sample_weight"
+        steps = getattr(est, "steps", None)
+        if steps:
+            if get_config().get("enable_metadata_routing", False):
+                return "sample_weight"  # routed by the steps' fit requests
+            name, last = steps[-1]
+            if hasattr(last, "fit") and has_fit_parameter(last, "sample_weight"):
+                return f"{name}__sample_weight"
+            est = last
+        raise ValueError(
+            f"final_estimator {est!r} does not take sample_weight in fit, so it "
+            "cannot be refitted with the learned weights. Use an estimator whose fit "
+            "takes sample_weight (e.g. LogisticRegression, or a Pipeline ending in "
+            "one), or final_estimator=None / 'joint' for the inner torch model."
+        )
+
     def _check_hypergradient(self):
         """Reject the closed-form family: the weighted model has no closed form."""
         family = get_strategy(self.hypergradient).family
@@ -590,6 +615,7 @@ class _BaseSampleReweighter(BaseEstimator):
         self._seed = check_random_state(self.random_state).randint(0, 2**31 - 1)
         device = resolve_device(self.device)
         self._check_hypergradient()
+        weight_key = self._final_weight_key()
         dtype = self._resolve_dtype()
         n, n_features = X.shape
         limit = torch.finfo(dtype).max
@@ -766,7 +792,9 @@ class _BaseSampleReweighter(BaseEstimator):
             self.estimator_ = _TorchModel(self.module_, kind, criterion, getattr(self, "classes_", None),
                                           y_mean, y_scale, dtype)
         else:
-            self.estimator_ = clone(self.final_estimator).fit(X, y, sample_weight=refit_weight)
+            self.estimator_ = clone(self.final_estimator).fit(
+                X, y, **{weight_key: refit_weight}
+            )
         return self
 
     def _refit_inner(self, module, init_state, problem, weight, device, dtype, batch, rng):
@@ -922,7 +950,8 @@ _COMMON_DOC = """
         samples at weight 1) as ``estimator_``. ``None`` retrains the inner
         model from its initialization; ``"joint"`` keeps the model trained
         alongside the weights; a scikit-learn estimator is cloned and fitted
-        with ``sample_weight``.
+        with ``sample_weight`` (a Pipeline passes it to its last step), so its
+        ``fit`` must take it.
     max_iter : int, default=300
         Outer iterations; each processes one batch of training samples.
     batch_size : int or "auto", default="auto"

@@ -427,3 +427,26 @@ def test_closed_form_hypergradient_rejected_up_front():
             X, y, trusted=trusted
         )
     assert "solver=" not in str(e.value)
+
+
+def test_final_estimator_without_sample_weight_rejected_before_training():
+    # KNeighborsClassifier failed with a TypeError only after the whole loop
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, y, trusted = _small_problem()
+    seen = []
+    for final in (KNeighborsClassifier(), make_pipeline(StandardScaler(),
+                                                        KNeighborsClassifier())):
+        clf = SampleReweighter(final_estimator=final, max_iter=2,
+                               callbacks=[lambda state: seen.append(1)])
+        with pytest.raises(ValueError, match="KNeighborsClassifier.*sample_weight"):
+            clf.fit(X, y, trusted=trusted)
+    assert seen == []  # no outer iteration ran
+    # a Pipeline gets the weights through its last step
+    pipe = make_pipeline(StandardScaler(), LogisticRegression())
+    clf = SampleReweighter(final_estimator=pipe, max_iter=3, random_state=0)
+    clf.fit(X, y, trusted=trusted)
+    expected = sklearn.base.clone(pipe).fit(
+        X, y, logisticregression__sample_weight=clf.sample_weight_
+    )
+    np.testing.assert_allclose(clf.predict_proba(X), expected.predict_proba(X))
