@@ -321,6 +321,7 @@ class DatasetDistiller(BaseEstimator):
         device = resolve_device(self.device)
         dtype = self._resolve_dtype()
         self._check_hypergradient()
+        _check_callbacks(self.callbacks)
         specs = _kernel_specs(self.kernel, self.kernel_params)
         if self.method == "unrolled":
             _check_hidden_layer_sizes(self.hidden_layer_sizes, "hidden_layer_sizes")
@@ -343,6 +344,11 @@ class DatasetDistiller(BaseEstimator):
 
         if task == "classification":
             self.classes_, y_idx = np.unique(y, return_inverse=True)
+            if len(self.classes_) < 2:
+                raise ValueError(
+                    "DatasetDistiller needs samples of at least 2 classes; got 1 class "
+                    f"({self.classes_.tolist()})."
+                )
             counts = self._class_counts(y_idx)
             T = np.eye(len(self.classes_))[y_idx]  # one-hot targets
             Xs0, Ts0 = self._init_classification(Xz, y_idx, T, counts, rng)
@@ -802,6 +808,16 @@ class DatasetDistiller(BaseEstimator):
         tags.target_tags.multi_output = True
         tags.target_tags.single_output = True
         return tags
+
+
+def _check_callbacks(callbacks):
+    """Raise a ValueError for a callback that is not callable."""
+    bad = [cb for cb in callbacks or () if not callable(cb)]
+    if bad:
+        raise ValueError(
+            f"callbacks must be callables cb(state); got {bad[0]!r} of type "
+            f"{type(bad[0]).__name__}."
+        )
 
 
 def _check_hidden_layer_sizes(sizes, name):

@@ -241,6 +241,16 @@ def _outer_objective(problem, theta, phi, pos, tpos, strategy, solver):
     return problem.outer_loss(theta_new, tpos), theta_new, info
 
 
+def _check_callbacks(callbacks):
+    """Raise a ValueError for a callback that is not callable."""
+    bad = [cb for cb in callbacks or () if not callable(cb)]
+    if bad:
+        raise ValueError(
+            f"callbacks must be callables cb(state); got {bad[0]!r} of type "
+            f"{type(bad[0]).__name__}."
+        )
+
+
 def _check_hidden_layer_sizes(sizes, name):
     """Raise a ValueError unless ``sizes`` lists integers >= 1 (units per layer)."""
     ok = isinstance(sizes, (tuple, list)) and all(
@@ -615,6 +625,7 @@ class _BaseSampleReweighter(BaseEstimator):
         self._seed = check_random_state(self.random_state).randint(0, 2**31 - 1)
         device = resolve_device(self.device)
         self._check_hypergradient()
+        _check_callbacks(self.callbacks)
         weight_key = self._final_weight_key()
         dtype = self._resolve_dtype()
         n, n_features = X.shape

@@ -356,3 +356,13 @@ def test_hypergradient_that_does_not_fit_the_method(method, hypergradient, match
     with pytest.raises(ValueError, match=f"not fit method='{method}': .*{match}") as e:
         dd.fit(X, y)
     assert "solver=" not in str(e.value) and "'auto'" in str(e.value)
+
+
+def test_single_class_and_non_callable_callback_rejected():
+    # one class was accepted silently; callbacks=[1] failed in the core with
+    # "'int' object is not callable"
+    X, y = load_iris(return_X_y=True)
+    with pytest.raises(ValueError, match="at least 2 classes; got 1 class"):
+        DatasetDistiller(n_per_class=1, max_iter=2).fit(X, np.zeros(150, int))
+    with pytest.raises(ValueError, match="callbacks must be callables.*int"):
+        DatasetDistiller(n_per_class=1, max_iter=2, callbacks=[1]).fit(X, y)

@@ -450,3 +450,9 @@ def test_final_estimator_without_sample_weight_rejected_before_training():
         X, y, logisticregression__sample_weight=clf.sample_weight_
     )
     np.testing.assert_allclose(clf.predict_proba(X), expected.predict_proba(X))
+
+
+def test_non_callable_callback_rejected():
+    X, y, trusted = _small_problem()
+    with pytest.raises(ValueError, match="callbacks must be callables.*int"):
+        SampleReweighter(max_iter=2, callbacks=[1]).fit(X, y, trusted=trusted)
