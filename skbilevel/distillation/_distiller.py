@@ -78,8 +78,39 @@ def _kernel_specs(kernel, kernel_params):
                 f"kernel entries must be a kernel name, a callable or a (name, params) "
                 f"pair; got {item!r}."
             )
+        degree = params.get("degree")
+        if name == "poly" and degree is not None and not (
+            isinstance(degree, numbers.Integral) and degree >= 1
+        ):
+            # a fractional power of a negative inner product is NaN
+            raise ValueError(
+                f"The 'poly' kernel's degree must be an integer >= 1; got {degree!r}."
+            )
         specs.append((name, dict(params)))
     return specs
+
+
+def _check_kernels(specs, Xz, dtype):
+    """Call each callable kernel on 2 x 3 rows of ``Xz``: it must return a torch
+    Gram matrix of shape (2, 3), which autograd can differentiate."""
+    A = torch.as_tensor(Xz[:2], dtype=dtype)
+    B = torch.as_tensor(Xz[:3], dtype=dtype)
+    for kernel, params in specs:
+        if isinstance(kernel, str):
+            continue
+        params = {k: v for k, v in params.items() if k != "reg"}
+        K = kernel(A, B, **params)
+        if not isinstance(K, torch.Tensor) or K.shape != (len(A), len(B)):
+            got = (
+                f"a {type(K).__name__}" if not isinstance(K, torch.Tensor)
+                else f"shape {tuple(K.shape)}"
+            )
+            raise ValueError(
+                f"A callable kernel must return the torch Gram matrix kernel(A, B) of "
+                f"shape (len(A), len(B)), built with torch operations so that it can "
+                f"be differentiated; {kernel!r} returned {got} for A with {len(A)} "
+                f"rows and B with {len(B)}."
+            )
 
 
 class DatasetDistiller(BaseEstimator):
@@ -341,6 +372,8 @@ class DatasetDistiller(BaseEstimator):
         scale = float(np.sqrt(((X - self._x_mean) ** 2).mean()))
         self._x_scale = scale if scale > 0 and np.isfinite(scale) else 1.0
         Xz = (X - self._x_mean) / self._x_scale
+        if self.method == "kip":
+            _check_kernels(specs, Xz, dtype)
 
         if task == "classification":
             self.classes_, y_idx = np.unique(y, return_inverse=True)

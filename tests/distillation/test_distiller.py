@@ -366,3 +366,18 @@ def test_single_class_and_non_callable_callback_rejected():
         DatasetDistiller(n_per_class=1, max_iter=2).fit(X, np.zeros(150, int))
     with pytest.raises(ValueError, match="callbacks must be callables.*int"):
         DatasetDistiller(n_per_class=1, max_iter=2, callbacks=[1]).fit(X, y)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(kernel=lambda A, B: (A @ B.T).numpy()), "returned a ndarray"),
+        (dict(kernel=lambda A, B: A @ A.T), r"returned shape \(2, 2\)"),
+        (dict(kernel="poly", kernel_params={"degree": 2.5}), "degree must be an int"),
+    ],
+)
+def test_kernel_validated(params, match):
+    # numpy / wrong shape failed deep in torch; a fractional poly degree gave NaN
+    X, y = load_iris(return_X_y=True)
+    with pytest.raises(ValueError, match=match):
+        DatasetDistiller(n_per_class=1, max_iter=2, **params).fit(X, y)
