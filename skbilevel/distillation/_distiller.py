@@ -192,9 +192,10 @@ class DatasetDistiller(BaseEstimator):
     n_inner_steps : int, default=20
         Gradient steps of the inner network (``method="unrolled"``).
     inner_learning_rate : float, default=0.1
-        Step size of those steps. If the network trained on the distilled
-        set diverges (non-finite parameters), ``fit`` raises a ValueError
-        saying whether to lower it or ``reg``.
+        Step size of those steps; ``inner_learning_rate * reg`` must not
+        exceed 2 (the weight decay alone would diverge). If the network
+        trained on the distilled set diverges (non-finite parameters),
+        ``fit`` raises a ValueError.
     device : str, default="cpu"
         Torch device (``"cuda"``, ``"auto"``...). Fitted state is stored on
         the CPU.
@@ -356,6 +357,14 @@ class DatasetDistiller(BaseEstimator):
         specs = _kernel_specs(self.kernel, self.kernel_params)
         if self.method == "unrolled":
             _check_hidden_layer_sizes(self.hidden_layer_sizes, "hidden_layer_sizes")
+            if self.inner_learning_rate * self.reg > 2:
+                # each step scales the weights by (1 - lr * reg) on top of the loss
+                raise ValueError(
+                    "Gradient descent on the weight decay alone diverges when "
+                    "inner_learning_rate * reg > 2; got "
+                    f"{self.inner_learning_rate:g} * {self.reg:g}. Lower reg (the "
+                    "weight decay of method='unrolled') or inner_learning_rate."
+                )
         if self.method == "kip" and self.reg <= 0:
             raise ValueError(
                 f"reg must be > 0 for method='kip' (kernel ridge); got {self.reg}."
@@ -725,17 +734,12 @@ class DatasetDistiller(BaseEstimator):
         theta, _ = solver.solve(fun, _fresh_params(shapes, gen, to))
         if not all(bool(torch.isfinite(v).all()) for v in theta.values()):
             # the last finite iterate of a diverging descent is no model either
-            lr, reg = self.inner_learning_rate, self.reg
-            advice = (
-                f"lower reg (gradient descent with weight decay needs "
-                f"inner_learning_rate * reg < 2; here it is {lr * reg:.3g})"
-                if lr * reg >= 2
-                else "lower inner_learning_rate"
-            )
+            # (inner_learning_rate * reg > 2 was rejected before the outer loop)
             raise ValueError(
                 "The network trained on the distilled set diverged: its parameters "
                 f"are not finite after n_inner_steps={self.n_inner_steps} gradient "
-                f"steps with inner_learning_rate={lr:g} and reg={reg:g}; {advice}."
+                f"steps with inner_learning_rate={self.inner_learning_rate:g} and "
+                f"reg={self.reg:g}; lower inner_learning_rate."
             )
         return {k: to_numpy(v) for k, v in theta.items()}
 
