@@ -42,6 +42,7 @@ from ..hypergrad import (
 from ..utils import resolve_device, resolve_dtype, to_numpy, torch_generator
 from ..utils._fit import fit_outer
 from ..utils._modules import MLP
+from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 
 __all__ = ["DatasetDistiller"]
 
@@ -353,10 +354,10 @@ class DatasetDistiller(BaseEstimator):
         device = resolve_device(self.device)
         dtype = self._resolve_dtype()
         self._check_hypergradient()
-        _check_callbacks(self.callbacks)
+        check_callbacks(self.callbacks)
         specs = _kernel_specs(self.kernel, self.kernel_params)
         if self.method == "unrolled":
-            _check_hidden_layer_sizes(self.hidden_layer_sizes, "hidden_layer_sizes")
+            check_hidden_layer_sizes(self.hidden_layer_sizes, "hidden_layer_sizes")
             if self.inner_learning_rate * self.reg > 2:
                 # each step scales the weights by (1 - lr * reg) on top of the loss
                 raise ValueError(
@@ -845,29 +846,6 @@ class DatasetDistiller(BaseEstimator):
         tags.target_tags.multi_output = True
         tags.target_tags.single_output = True
         return tags
-
-
-def _check_callbacks(callbacks):
-    """Raise a ValueError for a callback that is not callable."""
-    bad = [cb for cb in callbacks or () if not callable(cb)]
-    if bad:
-        raise ValueError(
-            f"callbacks must be callables cb(state); got {bad[0]!r} of type "
-            f"{type(bad[0]).__name__}."
-        )
-
-
-def _check_hidden_layer_sizes(sizes, name):
-    """Raise a ValueError unless ``sizes`` lists integers >= 1 (units per layer)."""
-    ok = isinstance(sizes, (tuple, list)) and all(
-        isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1
-        for h in sizes
-    )
-    if not ok:
-        raise ValueError(
-            f"{name} must be a tuple of integers >= 1, the units of each hidden "
-            f"layer, e.g. (100,) or (64, 64); got {sizes!r}."
-        )
 
 
 def _sq_norm(params):

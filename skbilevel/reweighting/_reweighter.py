@@ -63,6 +63,7 @@ from ..utils._modules import (
     module_params,
     skorch_parts,
 )
+from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 
 __all__ = ["SampleReweighter", "SampleReweighterRegressor"]
 
@@ -239,29 +240,6 @@ def _outer_objective(problem, theta, phi, pos, tpos, strategy, solver):
         problem.inner_loss(pos, inputs), phi, theta, hypergradient=strategy, solver=solver
     )
     return problem.outer_loss(theta_new, tpos), theta_new, info
-
-
-def _check_callbacks(callbacks):
-    """Raise a ValueError for a callback that is not callable."""
-    bad = [cb for cb in callbacks or () if not callable(cb)]
-    if bad:
-        raise ValueError(
-            f"callbacks must be callables cb(state); got {bad[0]!r} of type "
-            f"{type(bad[0]).__name__}."
-        )
-
-
-def _check_hidden_layer_sizes(sizes, name):
-    """Raise a ValueError unless ``sizes`` lists integers >= 1 (units per layer)."""
-    ok = isinstance(sizes, (tuple, list)) and all(
-        isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1
-        for h in sizes
-    )
-    if not ok:
-        raise ValueError(
-            f"{name} must be a tuple of integers >= 1, the units of each hidden "
-            f"layer, e.g. (100,) or (64, 64); got {sizes!r}."
-        )
 
 
 def _batches(n, batch_size, rng):
@@ -504,7 +482,7 @@ class _BaseSampleReweighter(BaseEstimator):
         if (isinstance(self.module, str) or self.module is MLP) and (
             "hidden_layer_sizes" in params
         ):
-            _check_hidden_layer_sizes(
+            check_hidden_layer_sizes(
                 params["hidden_layer_sizes"], "module__hidden_layer_sizes"
             )
         module = build_module(self.module, params, n_features, n_outputs)
@@ -625,7 +603,7 @@ class _BaseSampleReweighter(BaseEstimator):
         self._seed = check_random_state(self.random_state).randint(0, 2**31 - 1)
         device = resolve_device(self.device)
         self._check_hypergradient()
-        _check_callbacks(self.callbacks)
+        check_callbacks(self.callbacks)
         weight_key = self._final_weight_key()
         dtype = self._resolve_dtype()
         n, n_features = X.shape

@@ -1,8 +1,15 @@
 """Checks of the estimators' inputs that scikit-learn's validation leaves to them."""
 
+import numbers
+
 import numpy as np
 
-__all__ = ["check_numeric_target", "check_splits"]
+__all__ = [
+    "check_callbacks",
+    "check_hidden_layer_sizes",
+    "check_numeric_target",
+    "check_splits",
+]
 
 
 def check_splits(splitter, X, y=None):
@@ -108,4 +115,52 @@ def check_numeric_target(y, estimator):
         raise ValueError(
             f"{estimator} fits a numeric target; y has dtype {y.dtype}. Encode class "
             "labels as numbers, or use a classifier."
+        )
+
+
+def check_callbacks(callbacks):
+    """Raise a ``ValueError`` for a callback that is not callable.
+
+    Checked before an outer loop starts: the core calls them only after its
+    first iteration.
+
+    Examples
+    --------
+    >>> from skbilevel.utils._validation import check_callbacks
+    >>> check_callbacks([print])
+    >>> check_callbacks([1])
+    Traceback (most recent call last):
+    ...
+    ValueError: callbacks must be callables cb(state); got 1 of type int.
+    """
+    bad = [cb for cb in callbacks or () if not callable(cb)]
+    if bad:
+        raise ValueError(
+            f"callbacks must be callables cb(state); got {bad[0]!r} of type "
+            f"{type(bad[0]).__name__}."
+        )
+
+
+def check_hidden_layer_sizes(sizes, name):
+    """Raise a ``ValueError`` unless ``sizes`` lists integers >= 1 (units per layer).
+
+    ``name`` is the parameter's name, for the message.
+
+    Examples
+    --------
+    >>> from skbilevel.utils._validation import check_hidden_layer_sizes
+    >>> check_hidden_layer_sizes((64, 64), "hidden_layer_sizes")
+    >>> check_hidden_layer_sizes((0,), "hidden_layer_sizes")
+    Traceback (most recent call last):
+    ...
+    ValueError: hidden_layer_sizes must be a tuple of integers >= 1, ... got (0,).
+    """
+    ok = isinstance(sizes, (tuple, list)) and all(
+        isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 1
+        for h in sizes
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} must be a tuple of integers >= 1, the units of each hidden "
+            f"layer, e.g. (100,) or (64, 64); got {sizes!r}."
         )
