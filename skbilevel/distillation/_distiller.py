@@ -548,11 +548,7 @@ class DatasetDistiller(BaseEstimator):
                 "In float16 the outer Adam steps turn zero or tiny gradients into "
                 "NaN or inf; use 'bfloat16' for half precision."
             )
-        try:
-            return resolve_dtype(self.dtype, supported=supported)
-        except ValueError as exc:
-            resolve_dtype(self.dtype)  # not a floating dtype at all: its own message
-            raise ValueError(f"{exc} {why}") from None
+        return resolve_dtype(self.dtype, supported=supported, why=why)
 
     def _target_task(self, y):
         kind = type_of_target(y, input_name="y", raise_unknown=True)

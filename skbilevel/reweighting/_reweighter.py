@@ -578,11 +578,7 @@ class _BaseSampleReweighter(BaseEstimator):
                 "In float16 Adam turns zero or tiny gradients into NaN or inf and "
                 "the fit diverges; use 'bfloat16' for half precision."
             )
-        try:
-            return resolve_dtype(self.dtype, supported=supported)
-        except ValueError as exc:
-            resolve_dtype(self.dtype)  # not a floating dtype at all: its own message
-            raise ValueError(f"{exc} {why}") from None
+        return resolve_dtype(self.dtype, supported=supported, why=why)
 
     def _strategy_and_solver(self):
         strategy = get_strategy(self.hypergradient)

@@ -77,7 +77,7 @@ def resolve_device(device):
     return dev
 
 
-def resolve_dtype(dtype, supported=None):
+def resolve_dtype(dtype, supported=None, why=None):
     """Return a floating :class:`torch.dtype` from a name, numpy or torch dtype.
 
     Parameters
@@ -89,6 +89,8 @@ def resolve_dtype(dtype, supported=None):
         float64, float16 and bfloat16). Estimators whose solves factorize
         matrices pass ``("float32", "float64")``: torch has no half-precision
         Cholesky or eigendecomposition on CPU.
+    why : str, optional
+        Why the others are not supported: appended to the error message.
 
     Returns
     -------
@@ -124,8 +126,10 @@ def resolve_dtype(dtype, supported=None):
             name = str(dtype)
     if name not in _DTYPES or name not in names:
         where = "" if supported is None else " here"
-        use = " or ".join(repr(n) for n in names[:2])
-        raise ValueError(f"dtype={dtype!r} is not supported{where}; use {use}.")
+        shown = [repr(n) for n in (names[:2] if supported is None else names)]
+        use = " or ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown)
+        reason = "" if why is None else f" {why}"
+        raise ValueError(f"dtype={dtype!r} is not supported{where}; use {use}.{reason}")
     return _DTYPES[name]
 
 
