@@ -58,6 +58,7 @@ from ..utils._modules import (
     MLP,
     WeightNet,
     build_module,
+    check_forward,
     functional_forward,
     load_parameters,
     module_params,
@@ -498,19 +499,7 @@ class _BaseSampleReweighter(BaseEstimator):
                 "there is no model to train with the learned weights. Give a module "
                 "with parameters, e.g. module='linear' or module='mlp'."
             )
-        try:
-            with torch.no_grad():
-                out = module(X[:2])
-        except RuntimeError as exc:
-            expected = next((m.in_features for m in module.modules()
-                             if isinstance(getattr(m, "in_features", None), int)), None)
-            takes = f" takes {expected} input features" if expected is not None else ""
-            raise ValueError(
-                f"The inner module{takes} but X has {X.shape[1]} features: calling it "
-                f"on two rows of X failed with {type(exc).__name__}: {exc}. Give a "
-                f"module whose input size is {X.shape[1]}, or a module class or name, "
-                "which is built with the data's sizes."
-            ) from exc
+        out = check_forward(module, X, "inner module")
         n = X[:2].shape[0]
         if self._is_classifier:
             k = len(self.classes_)

@@ -21,6 +21,7 @@ __all__ = [
     "MLP",
     "WeightNet",
     "build_module",
+    "check_forward",
     "functional_forward",
     "load_parameters",
     "module_params",
@@ -250,6 +251,58 @@ def build_module(module, params, n_features, n_outputs, builtin=None):
         f"module={module!r} is not supported; use 'linear', 'mlp', a torch.nn.Module "
         "class or instance, or a skorch NeuralNet."
     )
+
+
+def check_forward(module, X, name="module"):
+    """The outputs of ``module`` on the first two rows of ``X`` (no graph).
+
+    A module instance given by the user may not take ``X``'s features: the
+    failure of this one small forward pass becomes a ``ValueError`` that
+    names the module's input size (its first ``in_features``) and ``X``'s,
+    instead of a matrix-shape error deep inside a fit.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+    X : tensor of shape (n_samples, n_features)
+    name : str, default="module"
+        What the message calls the module.
+
+    Returns
+    -------
+    tensor
+        ``module(X[:2])``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skbilevel.utils._modules import check_forward
+    >>> check_forward(torch.nn.Linear(3, 2), torch.zeros(5, 3)).shape
+    torch.Size([2, 2])
+    >>> check_forward(torch.nn.Linear(4, 2), torch.zeros(5, 3))
+    Traceback (most recent call last):
+    ...
+    ValueError: The module takes 4 input features but X has 3 features: ...
+    """
+    try:
+        with torch.no_grad():
+            return module(X[:2])
+    except RuntimeError as exc:
+        expected = next(
+            (
+                m.in_features
+                for m in module.modules()
+                if isinstance(getattr(m, "in_features", None), int)
+            ),
+            None,
+        )
+        takes = f" takes {expected} input features" if expected is not None else ""
+        raise ValueError(
+            f"The {name}{takes} but X has {X.shape[1]} features: calling it on two "
+            f"rows of X failed with {type(exc).__name__}: {exc}. Give a module whose "
+            f"input size is {X.shape[1]}, or a module class or name, which is built "
+            "with the data's sizes."
+        ) from exc
 
 
 def skorch_parts(net):
