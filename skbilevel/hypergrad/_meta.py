@@ -8,7 +8,7 @@ the adapted models over a batch of tasks::
     F(phi) = mean_i L(adapt(phi, x_s[i], y_s[i]), x_q[i], y_q[i])
 
 Everything here is written per task with :mod:`torch.func` (``grad``,
-``jvp``, ``functional_call``) and vectorized over the tasks of a meta-batch
+``vjp``, ``functional_call``) and vectorized over the tasks of a meta-batch
 with :func:`torch.func.vmap`, so a meta-batch costs one batched computation
 instead of a Python loop. The meta-gradient reaches ``phi`` through ordinary
 autograd: :meth:`MetaMethod.meta_loss` returns a scalar whose ``backward``
@@ -38,7 +38,7 @@ import math
 from numbers import Real
 
 import torch
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, vjp, vmap
 
 from ._base import HypergradientInfo
 from ._linear_solve import LinearSolveResult
@@ -250,7 +250,7 @@ def ridge_head(features, targets, alpha, fit_intercept=True):
 
 
 def batched_cg(matvec, b, tol=1e-10, maxiter=10):
-    """Conjugate gradient on ``B`` independent SPD systems ``A_i x_i = b_i`` at once.
+    """Conjugate gradient on ``B`` independent systems ``A_i x_i = b_i`` at once.
 
     Each row of ``b`` (shape ``(B, d)``) is one system with its own step
     sizes, as a per-task CG would run; ``matvec`` maps a ``(B, d)`` batch of
@@ -258,9 +258,19 @@ def batched_cg(matvec, b, tol=1e-10, maxiter=10):
     under :func:`torch.func.vmap`). :func:`~skbilevel.hypergrad.solve_cg`
     solves one system with scalar control flow; run on the block-diagonal
     stack of the tasks' systems it would share its Krylov steps between the
-    tasks and converge more slowly, hence this batched form. A row whose
-    curvature ``p^T A p`` is not positive stops moving (its last iterate is
-    kept and the record says so); a zero right-hand side gives zero.
+    tasks and converge more slowly, hence this batched form.
+
+    ``A`` need not be positive definite (iMAML's ``I + H/lam`` is not when
+    the inner loss has curvature below ``-lam``). A row that meets a
+    direction of non-positive curvature ``p^T A p <= 0`` stops there and
+    returns an iterate it has already reached, as truncated Newton-CG does
+    (Nocedal & Wright, Algorithm 7.1; CG-Steihaug without a trust region):
+    the one of smallest residual among ``b`` itself (the identity
+    approximation ``A ~ I``) and its CG iterates, since near-zero curvature
+    met before the sign shows can blow the last iterate up. On the first
+    step that is ``b``: never a silent zero. A zero right-hand side
+    gives zero. Stopping at ``maxiter`` is not a failure: a few CG steps is
+    a deliberate approximation (iMAML uses 5).
 
     Parameters
     ----------
@@ -275,8 +285,13 @@ def batched_cg(matvec, b, tol=1e-10, maxiter=10):
     -------
     x : tensor of shape (B, d)
     result : LinearSolveResult
-        ``residual`` is the largest true relative residual over the rows
-        (one extra product computes it).
+        ``residual`` is the largest relative residual ``||b - A x|| / ||b||``
+        over the rows, from CG's recurrence (no extra product).
+    negative_curvature : dict
+        ``"rows"``: the number of rows stopped by non-positive curvature
+        (``"first_step"`` of them returned ``b``); ``"min_rayleigh"``: the
+        smallest ``p^T A p / p^T p`` met (an upper bound on the smallest
+        eigenvalue of the ``A_i``; ``nan`` if ``maxiter`` is 0).
 
     Examples
     --------
@@ -284,9 +299,11 @@ def batched_cg(matvec, b, tol=1e-10, maxiter=10):
     >>> from skbilevel.hypergrad import batched_cg
     >>> A = torch.tensor([[[4.0, 1.0], [1.0, 3.0]], [[2.0, 0.0], [0.0, 5.0]]], dtype=torch.float64)
     >>> b = torch.tensor([[1.0, 2.0], [2.0, 5.0]], dtype=torch.float64)
-    >>> x, res = batched_cg(lambda v: torch.einsum("bij,bj->bi", A, v), b, maxiter=5)
-    >>> [[round(float(t), 6) for t in row] for row in x], res.converged
-    ([[0.090909, 0.636364], [1.0, 1.0]], True)
+    >>> def mv(v):
+    ...     return torch.einsum("bij,bj->bi", A, v)
+    >>> x, res, neg = batched_cg(mv, b, maxiter=5)
+    >>> [[round(float(t), 6) for t in row] for row in x], res.converged, neg["rows"]
+    ([[0.090909, 0.636364], [1.0, 1.0]], True, 0)
     """
     b_norm = torch.linalg.vector_norm(b, dim=1)
     safe = torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
@@ -295,41 +312,68 @@ def batched_cg(matvec, b, tol=1e-10, maxiter=10):
     p = r.clone()
     rs = (r * r).sum(1)
     active = b_norm > 0
-    iterations, n_matvec, curvature_rows = 0, 0, 0
+    # Smallest-residual candidate of each row, b included: what a row that meets
+    # non-positive curvature returns (its last iterates may have blown up on
+    # near-zero curvature before the sign showed).
+    best_x, best_r, best_rs = b.clone(), None, None
+    iterations, n_matvec, curvature_rows, first_step_rows = 0, 0, 0, 0
+    min_rayleigh = math.nan
     for _ in range(int(maxiter)):
-        if not bool(active.any()) or float((rs.sqrt() / safe).max()) <= tol:
+        # rows stopped by curvature keep their residual and must not hold the others
+        pending = torch.where(active, rs.sqrt() / safe, torch.zeros_like(rs))
+        if not bool(active.any()) or float(pending.max()) <= tol:
             break
         Ap = matvec(p)
         n_matvec += 1
+        if best_r is None:  # p = b: the residual of x = b comes for free
+            best_r = b - Ap
+            best_rs = (best_r * best_r).sum(1)
         pAp = (p * Ap).sum(1)
+        rayleigh = pAp[active] / (p * p).sum(1)[active]
+        if rayleigh.numel():
+            low = float(rayleigh.min())
+            min_rayleigh = low if math.isnan(min_rayleigh) else min(min_rayleigh, low)
         bad = active & ~(pAp > 0)
-        curvature_rows += int(bad.sum())
+        if bool(bad.any()):
+            curvature_rows += int(bad.sum())
+            first_step_rows += int(bad.sum()) if iterations == 0 else 0
+            x = torch.where(bad[:, None], best_x, x)
+            r = torch.where(bad[:, None], best_r, r)
         active = active & ~bad
         alpha = torch.where(active, rs / torch.where(pAp > 0, pAp, torch.ones_like(pAp)),
                             torch.zeros_like(rs))
         x = x + alpha[:, None] * p
         r = r - alpha[:, None] * Ap
         rs_new = (r * r).sum(1)
+        better = active & (rs_new < best_rs)
+        best_x = torch.where(better[:, None], x, best_x)
+        best_r = torch.where(better[:, None], r, best_r)
+        best_rs = torch.where(better, rs_new, best_rs)
         beta = torch.where(active, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)),
                            torch.zeros_like(rs))
         p = r + beta[:, None] * p
         rs = rs_new
         iterations += 1
-    residual = torch.linalg.vector_norm(b - matvec(x), dim=1) / safe
-    n_matvec += 1
-    worst = float(residual.max())
+    residual = torch.linalg.vector_norm(r, dim=1) / safe
+    worst = float(residual.max()) if residual.numel() else 0.0
     converged = worst <= tol
-    if curvature_rows:
-        message = (f"{curvature_rows} system(s) met non-positive curvature p^T A p <= 0 "
-                   "(A not positive definite) and kept their last iterate")
+    if not math.isfinite(worst):
+        message = f"non-finite residual {worst} (the products A v overflowed)"
     elif converged:
         message = f"largest relative residual {worst:.3e} <= tol {tol:.1e}"
     else:
-        message = f"maxiter={maxiter} reached with largest relative residual {worst:.3e}"
+        message = (f"stopped after {iterations} step(s) with largest relative "
+                   f"residual {worst:.3e}")
+    if curvature_rows:
+        message += (f"; {curvature_rows} of {b.shape[0]} system(s) met non-positive "
+                    f"curvature (smallest p^T A p / p^T p {min_rayleigh:.3e}) and kept "
+                    f"their smallest-residual iterate ({first_step_rows} on the first "
+                    "step: x = b)")
     return x, LinearSolveResult(
         iterations=iterations, residual=worst, converged=bool(converged), n_matvec=n_matvec,
         fallback="cg stopped on non-positive curvature" if curvature_rows else None,
-        message=message)
+        message=message), {"rows": curvature_rows, "first_step": first_step_rows,
+                           "min_rayleigh": min_rayleigh}
 
 
 def _surrogate(value, meta, direction):
@@ -627,11 +671,25 @@ class IMAML(MetaMethod):
     implicit function theorem gives ``d theta*/d phi = (I + H_s/lam)^{-1}``,
     so the task's meta-gradient is ``v = (I + H_s/lam)^{-1} grad L_q(theta*)``.
     The tasks' systems are solved together, each with its own CG steps, by
-    :func:`batched_cg` with Hessian-vector products (forward-over-reverse,
-    vectorized over tasks). The formula is exact only at the inner optimum:
-    choose ``inner_steps * inner_lr * lam`` large enough (>= 2 or so) that
-    the proximal problem is nearly solved, and ``lam`` large enough that
-    ``I + H/lam`` stays positive definite.
+    :func:`batched_cg`; its Hessian-vector products are reverse-over-reverse
+    products of one linearization of the tasks' support gradients, reused by
+    every CG step. The formula is exact only at the inner optimum: choose
+    ``inner_steps * inner_lr * lam`` large enough (>= 2 or so) that the
+    proximal problem is nearly solved. With ``inner_steps=0`` the adapted
+    parameters are ``phi`` itself and the meta-gradient is exactly
+    ``grad L_q(phi)`` (no linear solve).
+
+    As in the paper (Rajeswaran et al. 2019), CG runs a fixed small number of
+    steps (``cg_maxiter``, 5 there): its residual is reported in
+    ``info.linear_solve_residual``, not warned about. ``I + H_s/lam`` is
+    positive definite only when the support loss has no curvature below
+    ``-lam``; a network's loss can have some, and then the task's CG stops
+    at the first direction of non-positive curvature and keeps its iterate
+    (the first-order meta-gradient ``grad L_q(theta*)`` if it is the first
+    direction), see :func:`batched_cg`. ``info.extra`` counts those tasks
+    (``"cg_negative_curvature"`` of ``"n_tasks"``) and gives the smallest
+    ``p^T (I + H/lam) p / p^T p`` met (``"cg_min_rayleigh"``): below 0 it
+    shows ``H`` has an eigenvalue ``<= lam * (cg_min_rayleigh - 1)``.
 
     Parameters
     ----------
@@ -639,16 +697,17 @@ class IMAML(MetaMethod):
     inner_lr : float, default=0.01
     lam : float, default=1.0
         Proximal strength (> 0); larger keeps ``theta*`` closer to ``phi``.
-    cg_maxiter : int, default=10
+    cg_maxiter : int, default=5
+        CG steps per meta-iteration (the paper's 5).
     cg_tol : float, default=1e-3
-        Relative residual the CG aims for; the reached value is in
-        ``info.linear_solve_residual`` and ``info.linear_solve_converged``
-        (few CG steps is iMAML's design, so no warning is raised here).
+        Relative residual at which CG stops early; the reached value is in
+        ``info.linear_solve_residual`` and ``info.linear_solve_converged``.
     """
 
     second_order = False
 
-    def __init__(self, inner_steps=5, inner_lr=0.01, lam=1.0, cg_maxiter=10, cg_tol=1e-3):
+    def __init__(self, inner_steps=5, inner_lr=0.01, lam=1.0, cg_maxiter=5,
+                 cg_tol=1e-3):
         super().__init__(inner_steps, inner_lr)
         self.lam = lam
         self.cg_maxiter = cg_maxiter
@@ -680,15 +739,19 @@ class IMAML(MetaMethod):
     def implicit_meta_gradient(self, model, phi, batch, n_outputs=None):
         """Per-task implicit meta-gradients, query losses, inner solutions and CG record.
 
-        Returns ``(v, losses, theta, result)`` where ``v`` and ``theta`` are
-        dicts of ``(B, ...)`` tensors.
+        Returns ``(v, losses, theta, result, curvature)`` where ``v`` and
+        ``theta`` are dicts of ``(B, ...)`` tensors, ``result`` the
+        :class:`LinearSolveResult` and ``curvature`` the negative-curvature
+        record of :func:`batched_cg`.
         """
         xs, ys, xq, yq = batch
         lam = float(self.lam)
+        steps = int(self.inner_steps)
+        no_curvature = {"rows": 0, "first_step": 0, "min_rayleigh": math.nan}
 
         def solve_inner(a, b):
-            return inner_adapt(lambda p: model.loss(p, a, b, n_outputs), phi, steps=self.inner_steps,
-                               lr=self.inner_lr, proximal=lam)
+            return inner_adapt(lambda p: model.loss(p, a, b, n_outputs), phi,
+                               steps=steps, lr=self.inner_lr, proximal=lam)
 
         theta = vmap(solve_inner, randomness="different")(xs, ys)
         # A copy per task: with no inner step vmap returns phi broadcast along the
@@ -699,9 +762,23 @@ class IMAML(MetaMethod):
             return grad(lambda p: model.loss(p, c, d, n_outputs))(t), model.loss(t, c, d, n_outputs)
 
         gq, losses = vmap(query, randomness="different")(theta, xq, yq)
-
-        def hvp(t, v, a, b):
-            return jvp(grad(lambda p: model.loss(p, a, b, n_outputs)), (t,), (v,))[1]
+        gq = {k: v.detach() for k, v in gq.items()}
+        if not all(bool(torch.isfinite(v).all()) for v in gq.values()):
+            # The inner solve diverged: hand back NaN (never a silent zero) so the
+            # outer loop's divergence guard stops and keeps the last finite state.
+            result = LinearSolveResult(
+                iterations=0, residual=math.nan, converged=False, n_matvec=0,
+                message="non-finite query gradient at the inner solution: the inner "
+                        "solve diverged (lower inner_lr or raise lam)")
+            nan = {k: torch.full_like(v, math.nan) for k, v in gq.items()}
+            return nan, losses, theta, result, no_curvature
+        if steps == 0:
+            # theta = phi exactly: d theta / d phi = I solves the system (I) v = g.
+            result = LinearSolveResult(
+                iterations=0, residual=0.0, converged=True, n_matvec=0,
+                message="inner_steps=0: the adapted parameters are phi, so "
+                        "d theta/d phi = I and the meta-gradient is the query gradient")
+            return gq, losses, theta, result, no_curvature
 
         keys = list(theta)
         n_tasks = int(xs.shape[0])
@@ -718,30 +795,32 @@ class IMAML(MetaMethod):
         def flat(tree):
             return torch.cat([tree[k].reshape(n_tasks, -1) for k in keys], dim=1)
 
-        def matvec(mat):
-            v = unflat(mat)
-            hv = vmap(hvp, randomness="different")(theta, v, xs, ys)
-            return flat({k: v[k] + hv[k] / lam for k in keys})
+        def support_grads(t):
+            def one(t1, a, b):
+                return grad(lambda p: model.loss(p, a, b, n_outputs))(t1)
 
-        rhs = flat(gq).detach()
-        if not bool(torch.isfinite(rhs).all()):
-            # The inner solve diverged: hand back NaN (never a silent zero) so the
-            # outer loop's divergence guard stops and keeps the last finite state.
-            result = LinearSolveResult(
-                iterations=0, residual=math.nan, converged=False, n_matvec=0,
-                message="non-finite query gradient at the inner solution: the inner "
-                        "solve diverged (lower inner_lr or raise lam)")
-            return unflat(torch.full_like(rhs, math.nan)), losses, theta, result
+            return vmap(one, randomness="different")(t, xs, ys)
+
+        # One linearization of the tasks' support gradients (block diagonal in the
+        # tasks); each CG step is one backward pass through it. H is symmetric,
+        # so the vector-Jacobian product is the Hessian-vector product.
+        _, hvp = vjp(support_grads, theta)
+
+        def matvec(mat):
+            hv = hvp(unflat(mat))[0]
+            return mat + flat(hv) / lam
+
         with torch.no_grad():
-            sol, result = batched_cg(matvec, rhs, tol=self.cg_tol, maxiter=self.cg_maxiter)
-        return unflat(sol), losses, theta, result
+            sol, result, curvature = batched_cg(matvec, flat(gq), tol=self.cg_tol,
+                                                maxiter=self.cg_maxiter)
+        return unflat(sol), losses, theta, result, curvature
 
     def meta_loss(self, model, meta, batch, *, n_outputs=None):
         phi = tree_detach(meta["params"])
-        v, losses, theta, result = self.implicit_meta_gradient(model, phi, batch, n_outputs)
+        v, losses, theta, result, curvature = self.implicit_meta_gradient(
+            model, phi, batch, n_outputs)
         direction = {"params": {k: v[k].mean(0) for k in phi}}
         n_tasks = int(batch[0].shape[0])
-        # Inner stationarity residual of the proximal problem (mean over tasks).
         info = HypergradientInfo(
             strategy=self.name, inner_iterations=int(self.inner_steps),
             linear_solve_iterations=result.iterations,
@@ -749,7 +828,10 @@ class IMAML(MetaMethod):
             linear_solve_converged=result.converged,
             fallback=result.fallback,
             n_grad=n_tasks * (int(self.inner_steps) + 1), n_hvp=n_tasks * result.n_matvec,
-            extra={"cg_message": result.message},
+            extra={"cg_message": result.message, "n_tasks": n_tasks,
+                   "cg_negative_curvature": curvature["rows"],
+                   "cg_first_step_fallback": curvature["first_step"],
+                   "cg_min_rayleigh": curvature["min_rayleigh"]},
         )
         return _surrogate(losses.mean(), meta, direction), info
 

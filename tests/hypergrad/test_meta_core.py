@@ -233,11 +233,16 @@ def test_batched_cg_solves_each_system_and_flags_indefinite_rows():
     def mv(v):
         return torch.einsum("bij,bj->bi", A, v)
 
-    x, res = batched_cg(mv, b, tol=1e-12, maxiter=50)
+    x, res, neg = batched_cg(mv, b, tol=1e-12, maxiter=50)
     assert res.converged and res.residual <= 1e-12 and res.fallback is None
+    assert neg["rows"] == 0
     np.testing.assert_allclose(x.numpy(), torch.linalg.solve(A, b).numpy(), rtol=1e-9, atol=1e-12)
     assert torch.equal(x[2], torch.zeros(6, dtype=DT))
     A[1] = -A[1]  # indefinite row: stops, the record says so, others unaffected
-    x, res = batched_cg(mv, b, tol=1e-12, maxiter=50)
+    x, res, neg = batched_cg(mv, b, tol=1e-12, maxiter=50)
     assert not res.converged and "non-positive curvature" in res.message
+    # its first direction is b itself: it returns b (A ~ I), not a silent zero
+    assert neg == {"rows": 1, "first_step": 1, "min_rayleigh": neg["min_rayleigh"]}
+    assert neg["min_rayleigh"] < 0
+    assert torch.equal(x[1], b[1])
     np.testing.assert_allclose(x[0].numpy(), torch.linalg.solve(A[0], b[0]).numpy(), rtol=1e-9)
