@@ -31,7 +31,13 @@ from ..hypergrad import (
 )
 from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
 from ..utils._fit import fit_outer
-from ..utils._modules import MLP, build_module, load_parameters, module_params
+from ..utils._modules import (
+    MLP,
+    build_module,
+    check_forward,
+    load_parameters,
+    module_params,
+)
 
 __all__ = [
     "MetaLearnerClassifier",
@@ -253,19 +259,7 @@ class _MetaLearnerMixin:
         """One forward pass on two rows of ``X``: the backbone must take
         ``n_features_in_`` inputs and give ``n_outputs`` outputs (any number when
         ``None``, as R2D2's feature map)."""
-        try:
-            with torch.no_grad():
-                out = module(X_t[:2])
-        except RuntimeError as exc:
-            expected = next((m.in_features for m in module.modules()
-                             if isinstance(getattr(m, "in_features", None), int)), None)
-            takes = f" takes {expected} input features" if expected is not None else ""
-            raise ValueError(
-                f"The module{takes} but X has {X_t.shape[1]} features: calling it on "
-                f"two rows of X failed with {type(exc).__name__}: {exc}. Give a module "
-                f"whose input size is {X_t.shape[1]}, or a module class or name, which "
-                "is built with the data's sizes."
-            ) from exc
+        out = check_forward(module, X_t)
         width = out.shape[1] if out.dim() == 2 else (1 if out.dim() == 1 else None)
         if n_outputs is None or width == n_outputs or (
             width is not None and self._loss == "cross_entropy" and width > n_outputs
