@@ -217,8 +217,8 @@ class _MetaLearnerMixin:
                         curvature["min_rayleigh"] = extra["cg_min_rayleigh"]
                 return loss, info
 
-            result = fit_outer(self, objective, meta, early_stopping=False,
-                               desc=f"{type(self).__name__}({method.name})")
+            fit_outer(self, objective, meta, early_stopping=False,
+                      desc=f"{type(self).__name__}({method.name})")
         # module_ carries the meta-learned backbone weights (in the module's own dtype)
         self.module_ = load_parameters(module, meta["params"])
         self.meta_params_ = {k: v.detach().to("cpu").clone()
