@@ -723,6 +723,17 @@ class IMAML(MetaMethod):
                 "solution near the meta-parameters (the implicit meta-gradient "
                 "divides by it); use e.g. lam=1.0, larger to stay closer to phi."
             )
+        if isinstance(self.inner_lr, Real) and self.inner_lr * self.lam >= 2:
+            # each inner step scales theta - phi by (1 - inner_lr * lam) on top of the
+            # loss's own step: at 2 or more the proximal term alone diverges
+            raise ValueError(
+                f"iMAML's inner steps diverge with inner_lr * lam = "
+                f"{self.inner_lr * self.lam:g} >= 2 (inner_lr={self.inner_lr!r}, "
+                f"lam={self.lam!r}): each step multiplies theta - phi by "
+                "1 - inner_lr * lam. Lower inner_lr or lam so that their product is "
+                "below 2 (below 1 to approach the proximal solution without "
+                "oscillating)."
+            )
 
     def init_meta(self, model):
         self._check_lam()

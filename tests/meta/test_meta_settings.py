@@ -33,6 +33,17 @@ def test_imaml_rejects_non_positive_lam(lam):
         est.fit(X, y)
 
 
+def test_imaml_rejects_inner_steps_the_proximal_term_makes_diverge():
+    # theta - phi is multiplied by 1 - inner_lr * lam at every inner step
+    X, y = _line()
+    est = MetaLearnerRegressor(method="imaml", inner_lr=0.5, method_params={"lam": 4.0},
+                               max_iter=1)
+    with pytest.raises(ValueError, match=r"inner_lr \* lam = 2 >= 2"):
+        est.fit(X, y)
+    MetaLearnerRegressor(method="imaml", inner_lr=0.1, method_params={"lam": 19.0},
+                         max_iter=1, random_state=0).fit(X, y)
+
+
 @pytest.mark.parametrize("params", [{"alpha": 0.0}, {"alpha": -1.0}, {"scale": 0.0},
                                     {"scale": -2.0}])
 def test_r2d2_rejects_non_positive_alpha_and_scale(params):
