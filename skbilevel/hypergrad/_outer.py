@@ -320,7 +320,10 @@ class _QuasiNewtonStepper:
             value, g = self.value_and_grad(x)
             info = self._seen["info"]
         self.x, self.f, self.g, self.cached = x, value, g, None
-        return value, [g], info
+        # shaped like the leaves, as the other stepper's: the loop projects them
+        # leaf by leaf (one flat tensor crashed with several leaves or broadcast
+        # against a leaf of shape (n, 1))
+        return value, list(vector_to_tree(g, self.leaves)), info
 
     def step(self):
         """One quasi-Newton step: True, or why the loop stops (``"tol"`` at

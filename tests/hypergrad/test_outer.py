@@ -300,6 +300,28 @@ def test_first_order_bounds_clamp_and_start_inside():
     torch.testing.assert_close(x.detach(), _box_answer(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(2,), (2, 1), (1, 2)])
+def test_lbfgs_bounds_with_any_leaf_shape_and_several_leaves(shape):
+    # the L-BFGS stepper handed the loop one flat gradient, which it projects leaf
+    # by leaf: a (2, 1) leaf broadcast it to (2, 2) (wrong grad_norms: 4.0 at the
+    # optimum instead of 0), and several leaves crashed
+    target = torch.tensor([3.0, 0.5], dtype=torch.float64).reshape(shape)
+    x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(lambda p: ((p - target) ** 2).sum(), x, optimizer="lbfgs",
+                         bounds=(None, 1.0), tol=1e-12)
+    torch.testing.assert_close(x.detach(), target.clamp(max=1.0))
+    assert res.grad_norms[-1] == 0.0
+    phi = {"a": torch.zeros(2, dtype=torch.float64, requires_grad=True),
+           "b": torch.zeros(1, dtype=torch.float64, requires_grad=True)}
+    res = minimize_outer(
+        lambda d: ((d["a"] - 3) ** 2).sum() + ((d["b"] + 3) ** 2).sum(), phi,
+        optimizer="lbfgs", bounds=(-1.0, 1.0), tol=1e-12,
+    )
+    torch.testing.assert_close(phi["a"].detach(), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(phi["b"].detach(), -torch.ones(1, dtype=torch.float64))
+    assert res.grad_norms[-1] == 0.0
+
+
 @pytest.mark.parametrize("bounds, match", [
     ((1.0,), "pair"),
     ((torch.zeros(3), None), "shaped like phi"),
