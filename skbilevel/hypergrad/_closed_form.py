@@ -1431,7 +1431,7 @@ def minimize_log_alpha(
     grid : ndarray of shape (a,), optional
         Sorted log-alphas to scan; requires ``values``.
     x0 : float or ndarray of shape (k,), optional
-        Starting point when no grid is given.
+        Starting point when no grid is given (clamped into ``bounds``).
     tol : float, default=1e-4
         Tolerance on log-alpha.
     max_iter : int, default=100
@@ -1440,10 +1440,10 @@ def minimize_log_alpha(
         ``value_and_grad`` (``grad`` is then NaN), unless one of them is at
         an end of the grid: that case is searched as usual (bracket or
         expansion), without refinement.
-    step : float, default=1.0
+    step : float > 0, default=1.0
         First bracketing step from ``x0``.
     bounds : tuple of float
-        Limits on log-alpha.
+        Limits on log-alpha, ``(lower, upper)`` with ``lower < upper``.
     expand : bool, default=False
         With a grid: when the best grid point is an end of the grid and the
         slope points outwards, search beyond it (steps of the grid spacing,
@@ -1467,7 +1467,11 @@ def minimize_log_alpha(
     >>> round(float(res.x[0]), 6)
     1.5
     """
-    lo_b, hi_b = bounds
+    lo_b, hi_b = (float(b) for b in bounds)
+    if not lo_b < hi_b:
+        raise ValueError(f"bounds={bounds!r} must be (lower, upper) with lower < upper.")
+    if not (math.isfinite(step) and step > 0):
+        raise ValueError(f"step={step!r} must be a positive number (a bracketing step).")
 
     def evaluate(x):
         f, g = value_and_grad(np.asarray(x, dtype=float))
@@ -1536,7 +1540,8 @@ def minimize_log_alpha(
     else:
         if x0 is None:
             raise ValueError("Pass either grid and values, or x0.")
-        x_init = np.atleast_1d(np.asarray(x0, dtype=float))
+        # a start outside the bounds is clamped into them (the result stays inside)
+        x_init = np.clip(np.atleast_1d(np.asarray(x0, dtype=float)), lo_b, hi_b)
         f0, g0 = evaluate(x_init)
         brackets = [_Bracket.from_point(x, f, g, step) for x, f, g in zip(x_init.tolist(), f0, g0)]
         n_expand = 1 + _expand(brackets, evaluate, lo_b, hi_b, max_iter - 1)
@@ -1561,7 +1566,10 @@ def minimize_log_alpha(
         grad=np.array([b.gb for b in brackets]),
         n_iter=n_iter + n_expand,
         n_evaluations=n_iter + n_expand,
-        converged=np.array([not b.active for b in brackets]),
+        # a non-finite value or slope is no answer (a NaN objective stopped at once)
+        converged=np.array(
+            [not b.active and _finite(b.fb) and _finite(b.gb) for b in brackets]
+        ),
         history=history,
         grid=grid,
         grid_values=V,

@@ -433,6 +433,21 @@ def test_minimize_log_alpha_does_not_stop_on_a_plateau_of_a_wide_bracket():
         assert res.n_evaluations < 20
 
 
+def test_minimize_log_alpha_bounds_step_and_non_finite_objectives():
+    f = lambda x: ((x - 1.5) ** 2, 2 * (x - 1.5))  # noqa: E731
+    # a start outside the bounds is clamped: the answer is the bound (was 1.5)
+    res = minimize_log_alpha(f, x0=5.0, bounds=(-1.0, 1.0))
+    assert res.x[0] == 1.0 and res.converged[0]
+    # a NaN objective is not "converged" (it stopped at once with converged=True)
+    nan = lambda x: (x * np.nan, x * np.nan)  # noqa: E731
+    assert not minimize_log_alpha(nan, x0=0.0).converged[0]
+    # step=0 never moved and reported a slope of -3 as converged
+    with pytest.raises(ValueError, match="step=0.0 must be a positive number"):
+        minimize_log_alpha(f, x0=0.0, step=0.0)
+    with pytest.raises(ValueError, match="lower < upper"):
+        minimize_log_alpha(f, x0=0.0, bounds=(1.0, -1.0))
+
+
 def test_log_alpha_search_max_iter_zero_is_the_grid_search():
     # max_iter=0: the best grid point as is, without a derivative evaluation;
     # at an end of the grid the slope is still needed (to search beyond it)
