@@ -165,6 +165,8 @@ def _leaf_bounds(bounds, leaves):
             )
         out.append([torch.as_tensor(b).to(leaf).detach() for b, leaf in zip(parts, leaves)])
     lower, upper = out
+    if any(bool(torch.isnan(b).any()) for b in lower + upper):
+        raise ValueError("bounds must not contain NaN (use None or inf for no bound).")
     if any(bool((lo > hi).any()) for lo, hi in zip(lower, upper)):
         raise ValueError("bounds: every lower bound must be <= its upper bound.")
     return lower, upper
@@ -394,8 +396,13 @@ class _QuasiNewtonStepper:
         return True
 
 
-def _check_stopping(early_stopping, grad_tol):
-    """Raise ``ValueError`` on a bad ``early_stopping`` or ``grad_tol``."""
+def _check_stopping(early_stopping, grad_tol, tol=0.0, max_iter=0):
+    """Raise ``ValueError`` on a bad ``early_stopping``, ``grad_tol``, ``tol``
+    or ``max_iter``."""
+    if not (isinstance(tol, numbers.Real) and math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0; got {tol!r}.")
+    if not (isinstance(max_iter, numbers.Integral) and max_iter >= 0):
+        raise ValueError(f"max_iter must be an integer >= 0; got {max_iter!r}.")
     if not isinstance(early_stopping, bool):
         raise ValueError(
             f"early_stopping must be True or False; got {early_stopping!r}."
@@ -538,7 +545,15 @@ def minimize_outer(
     >>> [round(float(t), 6) for t in z.detach()], res.grad_norms[-1] < 1e-6
     ([0.5, 0.25], True)
     """
-    _check_stopping(early_stopping, grad_tol)
+    _check_stopping(early_stopping, grad_tol, tol, max_iter)
+    if isinstance(optimizer, str) and optimizer == "lbfgs" and not (
+        isinstance(learning_rate, numbers.Real) and learning_rate > 0
+    ):
+        # (the other optimizers are built by torch, which checks it)
+        raise ValueError(
+            f"learning_rate={learning_rate!r} must be > 0: with 'lbfgs' it is the "
+            "length of the first step."
+        )
     if restore_best is None:
         restore_best = early_stopping
     if grad_tol is None:
@@ -696,8 +711,9 @@ def minimize_newton(
         ``x (tensor of shape (m,)) -> (value, grad, hessian[, info])``.
     x0 : tensor of shape (m,)
         Start, inside the box.
-    bounds : tuple of two tensors of shape (m,), optional
-        Lower and upper bounds.
+    bounds : tuple (lower, upper), optional
+        Each side ``None`` (unbounded), a number, or a tensor of shape
+        ``(m,)``; every lower bound at most its upper bound.
     tol : float, default=1e-5
         Stop when the value has not improved by a relative ``tol`` for
         ``n_iter_no_change`` iterations.
@@ -729,13 +745,21 @@ def minimize_newton(
 
     def evaluate(x):
         out = fun(x)
+        if not isinstance(out, (tuple, list)) or len(out) not in (3, 4):
+            got = len(out) if isinstance(out, (tuple, list)) else type(out).__name__
+            raise ValueError(
+                "fun must return (value, grad, hessian) or (value, grad, hessian, "
+                f"info); got {got}{' values' if isinstance(got, int) else ''}."
+            )
         info = out[3] if len(out) > 3 else None
         return float(out[0]), out[1].detach(), out[2].detach(), info
 
+    _check_stopping(True, None, tol, max_iter)
     x = x0.detach().clone()
     lower = upper = None
     if bounds is not None:
-        lower, upper = (torch.as_tensor(b).to(x) for b in bounds)
+        # None, numbers or tensors shaped like x, checked as minimize_outer's
+        (lower,), (upper,) = _leaf_bounds(bounds, [x])
         x = _project(x, lower, upper)
     f, g, H, info = evaluate(x)
     n_eval = 1

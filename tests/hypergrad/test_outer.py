@@ -381,6 +381,41 @@ def _autograd_vgh(f):
     return fun
 
 
+def test_newton_checks_its_bounds_and_what_fun_returns():
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+
+    def fq(x):
+        return float(0.5 * x @ A @ x - x.sum()), A @ x - 1.0, A
+
+    x0 = torch.zeros(2, dtype=torch.float64)
+    # crossed bounds were taken as given (x = [1, 1], "converged")
+    with pytest.raises(ValueError, match="lower bound must be <="):
+        minimize_newton(fq, x0, bounds=(torch.ones(2), -torch.ones(2)))
+    # a None side failed in torch ("Could not infer dtype of NoneType")
+    x, _ = minimize_newton(fq, x0, bounds=(None, torch.tensor([0.1, 10.0])))
+    torch.testing.assert_close(x, torch.tensor([0.1, 0.45], dtype=torch.float64))
+    with pytest.raises(ValueError, match="NaN"):
+        minimize_newton(fq, x0, bounds=(float("nan"), 1.0))
+    # no Hessian: an IndexError before
+    with pytest.raises(ValueError, match=r"\(value, grad, hessian\).*got 2 values"):
+        minimize_newton(lambda x: (float((x ** 2).sum()), 2 * x), x0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(optimizer="lbfgs", learning_rate=0.0), "learning_rate=0.0 must be > 0"),
+    (dict(optimizer="lbfgs", learning_rate=-1.0), "must be > 0"),
+    (dict(max_iter=-1), "max_iter must be an integer >= 0"),
+    (dict(tol=-1.0), "tol must be a finite number >= 0"),
+    (dict(bounds=(float("nan"), 1.0)), "NaN"),
+])
+def test_minimize_outer_rejects_bad_settings(kwargs, match):
+    # these ran: lbfgs returned 'line_search' without moving, NaN bounds clamped
+    # phi to NaN ('diverged'), a negative max_iter or tol was taken as given
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=match):
+        minimize_outer(_quadratic(1.0), x, **kwargs)
+
+
 def test_newton_on_a_curved_valley_and_in_a_box():
     # Rosenbrock: Newton (shifted where the Hessian is indefinite) reaches the
     # minimum in far fewer evaluations than L-BFGS needs

@@ -289,12 +289,12 @@ def _run(strategy, solver, restore_best=True, max_iter=150):
         warm["w"] = w.detach()
         return outer_loss(w), info
 
-    # tol < 0 disables early stopping: BOME's first directions are exactly zero
-    # (lambda = 0 until its theta iterate leaves the inner optimum), which the
-    # driver would otherwise take for convergence.
+    # no early stopping: BOME's first directions are exactly zero (lambda = 0
+    # until its theta iterate leaves the inner optimum), which the driver would
+    # otherwise take for convergence
     res = minimize_outer(
-        objective, phi, learning_rate=0.1, max_iter=max_iter, tol=-1.0,
-        n_iter_no_change=max_iter, projection=_clamp, restore_best=restore_best,
+        objective, phi, learning_rate=0.1, max_iter=max_iter, early_stopping=False,
+        projection=_clamp, restore_best=restore_best,
     )
     return float(outer_loss(solve_ridge(phi.detach()))), res
 
