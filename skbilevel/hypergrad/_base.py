@@ -11,6 +11,7 @@ outer loss then composes with it: ``F(argmin(...), phi).backward()`` fills
 
 import dataclasses
 import math
+import numbers
 import warnings
 from typing import Optional
 
@@ -154,6 +155,48 @@ class SolveResult:
     n_hvp: int = 0
     message: str = ""
     tol: Optional[float] = None
+
+
+def _check_positive(value, name, allow_none=True):
+    """Validate a positive finite number (a tolerance, a step); ``None`` passes
+    when ``allow_none``. Returns ``value`` unchanged.
+
+    Zero and infinity are rejected too: a tolerance of 0 is never met (every
+    call warns), one of ``inf`` is always met (nothing is solved), and a step
+    of 0 turns the hypergradient into an exact zero.
+    """
+    if value is None and allow_none:
+        return value
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+    if not ok:
+        none = "None or " if allow_none else ""
+        raise ValueError(
+            f"{name} must be {none}a positive finite number; got {value!r}."
+        )
+    return value
+
+
+def _check_int(value, name, minimum=1, allow_none=False):
+    """Validate an integer ``>= minimum`` (an iteration budget); ``None`` passes
+    when ``allow_none``. Returns ``value`` unchanged."""
+    if value is None and allow_none:
+        return value
+    ok = (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and value >= minimum
+    )
+    if not ok:
+        none = "None or " if allow_none else ""
+        raise ValueError(
+            f"{name} must be {none}an integer >= {minimum}; got {value!r}."
+        )
+    return value
 
 
 def _within_tol(grad_norm, tol):
@@ -388,7 +431,8 @@ def argmin(inner_loss, phi, init, *, hypergradient="cg", solver=None):
         How ``theta*(phi)`` is differentiated; see
         :func:`available_strategies`.
     solver : InnerSolver, optional
-        Inner solver; each strategy has a default.
+        Inner solver, an instance (e.g. ``LBFGS()``); each strategy has a
+        default. Anything without a ``solve`` method raises ``TypeError``.
 
     Returns
     -------
@@ -417,11 +461,31 @@ def argmin(inner_loss, phi, init, *, hypergradient="cg", solver=None):
     strategy = get_strategy(hypergradient)
     _check_tree(phi, "phi")
     _check_tree(init, "init")
+    _check_solver(solver)
     if solver is None:
         solver = strategy.default_solver()
     info = HypergradientInfo(strategy=strategy.name)
     theta = strategy.argmin(inner_loss, phi, init, solver, info)
     return _keep_connected(theta, phi, info), info
+
+
+def _check_solver(solver):
+    """``solver`` must be ``None`` or an inner solver: an object with ``solve``."""
+    if solver is None:
+        return
+    if isinstance(solver, type):
+        raise TypeError(
+            "solver must be an InnerSolver instance (e.g. LBFGS() or "
+            f"GradientDescent(lr=0.1, n_steps=100)); got the class {solver.__name__}: "
+            f"pass {solver.__name__}() instead."
+        )
+    if not callable(getattr(solver, "solve", None)):
+        raise TypeError(
+            "solver must be an InnerSolver instance (e.g. LBFGS() or "
+            "GradientDescent(lr=0.1, n_steps=100)); got "
+            f"{type(solver).__name__} {solver!r}. Choose the differentiation "
+            "method with hypergradient=..., the inner solver with solver=..."
+        )
 
 
 def _keep_connected(theta, phi, info):

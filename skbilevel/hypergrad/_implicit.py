@@ -60,6 +60,8 @@ from torch.autograd.function import once_differentiable
 from ._base import (
     HypergradientStrategy,
     LinearSolveWarning,
+    _check_int,
+    _check_positive,
     _grad_norm,
     _within_tol,
     register_strategy,
@@ -397,10 +399,12 @@ class ImplicitCG(_Implicit):
     Parameters
     ----------
     tol : float, optional
-        Tolerance on the relative residual ``||H v - g|| / ||g||``. Default
-        ``1e-10`` in float64, ``1e-5`` in float32.
+        Tolerance on the relative residual ``||H v - g|| / ||g||`` (a
+        positive finite number). Default ``1e-10`` in float64, ``1e-5`` in
+        float32.
     maxiter : int, optional
-        Maximum CG iterations; default ``min(10 * dim(theta), 1000)``.
+        Maximum CG iterations (at least 1); default
+        ``min(10 * dim(theta), 1000)``.
     warm_start : bool, default=False
         Start CG from the previous call's solution when its shape, dtype and
         device match (useful when the outer loop calls :func:`argmin`
@@ -463,8 +467,8 @@ class ImplicitCG(_Implicit):
         self, tol=None, maxiter=None, warm_start=False, fallback=None,
         dense_max_dim=1000, inner_tol=None, precondition=True,
     ):
-        self.tol = tol
-        self.maxiter = maxiter
+        self.tol = _check_positive(tol, "tol")
+        self.maxiter = _check_int(maxiter, "maxiter", allow_none=True)
         self.warm_start = warm_start
         self.fallback = fallback
         self.dense_max_dim = dense_max_dim
@@ -531,19 +535,21 @@ class ImplicitNeumann(_Implicit):
     Parameters
     ----------
     n_terms : int, default=50
-        Number of terms ``K``.
+        Number of terms ``K`` (at least 1).
     step : float, optional
-        Scale of the series. Default ``1 / lambda``, with ``lambda`` the
-        Rayleigh-quotient estimate of ``lambda_max(H)`` after
+        Scale of the series, a positive finite number. Default
+        ``1 / lambda``, with ``lambda`` the Rayleigh-quotient estimate of
+        ``lambda_max(H)`` after
         ``power_iterations`` power-iteration steps started from ``g`` (which
         costs that many extra products). For an inner problem solved by
         gradient descent its learning rate is the classic choice.
     tol : float, optional
-        Stop early at this relative residual, and warn when it is not
-        reached. Without it, the ``K`` terms are summed and only divergence
-        warns.
+        Stop early at this relative residual (a positive finite number),
+        and warn when it is not reached. Without it, the ``K`` terms are
+        summed and only divergence warns.
     power_iterations : int, default=20
-        Power-iteration steps used to choose ``step`` when it is ``None``.
+        Power-iteration steps (at least 1) used to choose ``step`` when it is
+        ``None``.
     inner_tol : float, optional
         Gradient-norm tolerance at which the inner solution counts as an
         optimum (``info.inner_converged``; above it an
@@ -573,10 +579,10 @@ class ImplicitNeumann(_Implicit):
     def __init__(
         self, n_terms=50, step=None, tol=None, power_iterations=20, inner_tol=None
     ):
-        self.n_terms = n_terms
-        self.step = step
-        self.tol = tol
-        self.power_iterations = power_iterations
+        self.n_terms = _check_int(n_terms, "n_terms")
+        self.step = _check_positive(step, "step")
+        self.tol = _check_positive(tol, "tol")
+        self.power_iterations = _check_int(power_iterations, "power_iterations")
         self.inner_tol = inner_tol
 
     def _solve(self, matvec, matrix, b, info, preconditioner=None):
@@ -635,7 +641,9 @@ class ImplicitIdentity(_Implicit):
     Parameters
     ----------
     step : float, optional
-        ``H ~ I / step``. Default: ``step = ||g||^2 / (g^T H g)``, the scale
+        ``H ~ I / step``, a positive finite number (0 would make the
+        hypergradient an exact zero, a negative step flip its sign).
+        Default: ``step = ||g||^2 / (g^T H g)``, the scale
         that minimizes the ``H``-norm error along ``g`` (one Hessian-vector
         product; the result equals one CG iteration) with the residual
         reported for free. With a float, only the mixed product is spent
@@ -667,7 +675,7 @@ class ImplicitIdentity(_Implicit):
     name = "identity"
 
     def __init__(self, step=None, inner_tol=None):
-        self.step = step
+        self.step = _check_positive(step, "step")
         self.inner_tol = inner_tol
 
     def _solve(self, matvec, matrix, b, info, preconditioner=None):
@@ -710,8 +718,8 @@ class ImplicitDense(_Implicit):
         positive definite and LU to the pseudo-inverse when it is singular
         (recorded in ``info.fallback``).
     tol : float, optional
-        Relative residual above which a warning is emitted; default
-        ``sqrt(eps)`` of the dtype.
+        Relative residual above which a warning is emitted (a positive
+        finite number); default ``sqrt(eps)`` of the dtype.
     inner_tol : float, optional
         Gradient-norm tolerance at which the inner solution counts as an
         optimum (``info.inner_converged``; above it an
@@ -739,7 +747,7 @@ class ImplicitDense(_Implicit):
 
     def __init__(self, method="auto", tol=None, inner_tol=None):
         self.method = method
-        self.tol = tol
+        self.tol = _check_positive(tol, "tol")
         self.inner_tol = inner_tol
 
     def _solve(self, matvec, matrix, b, info, preconditioner=None):

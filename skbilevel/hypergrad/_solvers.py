@@ -24,7 +24,14 @@ import warnings
 
 import torch
 
-from ._base import InnerSolver, InnerSolveWarning, SolveResult, _within_tol
+from ._base import (
+    InnerSolver,
+    InnerSolveWarning,
+    SolveResult,
+    _check_int,
+    _check_positive,
+    _within_tol,
+)
 from ._linear_solve import _default_tol, solve_cg
 from ._tree import tree_detach, tree_to_vector, vector_to_tree
 
@@ -340,10 +347,11 @@ class LBFGS(InnerSolver):
     ----------
     tol : float, optional
         Stop when the Euclidean norm of the gradient (over all leaves) is at
-        most ``tol``. Default: ``1e-10`` in float64, ``1e-5`` in float32
-        (``1e-3`` in half precision), chosen from ``theta0``'s dtype.
+        most ``tol`` (a positive finite number). Default: ``1e-10`` in
+        float64, ``1e-5`` in float32 (``1e-3`` in half precision), chosen
+        from ``theta0``'s dtype.
     max_iter : int, default=500
-        Maximum number of iterations.
+        Maximum number of iterations (at least 1).
     history_size : int, default=10
         Number of curvature pairs kept.
     max_ls : int, default=25
@@ -388,11 +396,11 @@ class LBFGS(InnerSolver):
     def __init__(
         self, tol=None, max_iter=500, history_size=10, max_ls=25, min_iter=0, warn=True
     ):
-        self.tol = tol
-        self.max_iter = max_iter
-        self.history_size = history_size
-        self.max_ls = max_ls
-        self.min_iter = min_iter
+        self.tol = _check_positive(tol, "tol")
+        self.max_iter = _check_int(max_iter, "max_iter")
+        self.history_size = _check_int(history_size, "history_size")
+        self.max_ls = _check_int(max_ls, "max_ls")
+        self.min_iter = _check_int(min_iter, "min_iter", minimum=0)
         self.warn = warn
 
     def __repr__(self):
@@ -494,10 +502,11 @@ class NewtonCG(InnerSolver):
     Parameters
     ----------
     tol : float, optional
-        Tolerance on the gradient norm; default ``1e-10`` in float64,
-        ``1e-5`` in float32 (chosen from ``theta0``'s dtype).
+        Tolerance on the gradient norm (a positive finite number); default
+        ``1e-10`` in float64, ``1e-5`` in float32 (chosen from ``theta0``'s
+        dtype).
     max_iter : int, default=100
-        Maximum Newton iterations.
+        Maximum Newton iterations (at least 1).
     cg_maxiter : int, optional
         Maximum CG iterations per Newton step; default ``min(dim, 200)``.
     min_iter : int, default=0
@@ -531,10 +540,10 @@ class NewtonCG(InnerSolver):
         precondition=True,
         min_iter=0,
     ):
-        self.tol = tol
-        self.max_iter = max_iter
-        self.cg_maxiter = cg_maxiter
-        self.min_iter = min_iter
+        self.tol = _check_positive(tol, "tol")
+        self.max_iter = _check_int(max_iter, "max_iter")
+        self.cg_maxiter = _check_int(cg_maxiter, "cg_maxiter", allow_none=True)
+        self.min_iter = _check_int(min_iter, "min_iter", minimum=0)
         self.warn = warn
         self.precondition = precondition
 

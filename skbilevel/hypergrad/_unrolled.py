@@ -27,23 +27,39 @@ as ``T`` grows and the inner optimizer converges. What each one computes:
 - :class:`FiniteDifferenceDARTS` (``"darts"``): one step, with the mixed
   second-order product replaced by a central finite difference of
   gradients (Liu et al. 2019).
+
+The health record judges the returned ``theta_T`` as
+:class:`~skbilevel.hypergrad.HypergradientInfo` says for a fixed-step
+solver: ``info.inner_converged`` is whether the inner gradient norm there is
+within the dtype's default tolerance (``1e-10`` in float64, ``1e-5`` in
+float32). A finite but unconverged ``theta_T`` does not warn, since the
+T-step map is what these strategies differentiate; a non-finite one (the
+steps diverged, or the objective is not finite at the start) emits an
+:class:`~skbilevel.hypergrad.InnerSolveWarning` with the step at which the
+iterates failed and the gradient norms before it. It does not raise as the
+implicit strategies' solvers do: the non-finite outer loss it leads to is
+what outer loops (``minimize_outer``, the estimators) detect and stop on.
 """
 
 import copy
 import math
 import numbers
+import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
 from ._base import (
     HypergradientStrategy,
+    InnerSolveWarning,
     StepSolver,
     _grad_norm,
+    _within_tol,
     register_strategy,
 )
+from ._linear_solve import _default_tol
 from ._steps import GradientDescent, GradientStepSolver, _per_leaf, _tree_grad
-from ._tree import tree_detach, tree_flatten, tree_unflatten
+from ._tree import tree_detach, tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
     "UnrolledReverse",
@@ -189,13 +205,114 @@ def _check_inner_flag(value):
     return value
 
 
-def _record_inner(info, fun, theta, n_steps, check_inner=True):
-    """Steps taken and, with ``check_inner``, the inner gradient norm at ``theta``."""
+def _record_inner(info, fun, theta, n_steps, check_inner, strategy, solver, init):
+    """Fill the inner-solve fields of ``info``; warn when ``theta`` is not finite.
+
+    With ``check_inner``: the inner gradient norm at ``theta`` and the verdict
+    ``info.inner_converged``, by the rule of a fixed-step solver (that norm
+    within the dtype's default tolerance, ``info.extra["inner_tol"]``).
+    Without it only the finiteness of ``theta`` is checked (no gradient), and
+    ``inner_converged`` stays ``None`` unless that fails. An unconverged but
+    finite result does not warn: a step budget is what these strategies
+    differentiate. A non-finite one does
+    (:class:`~skbilevel.hypergrad.InnerSolveWarning`, see
+    :func:`_warn_not_finite`), and ``inner_converged`` is ``False``.
+    """
     info.inner_iterations = n_steps
     info.n_grad += n_steps
+    leaves = tree_flatten(theta)[0]
+    finite = _all_finite(leaves)
     if check_inner:
         info.inner_grad_norm = _grad_norm(fun, theta)
         info.n_grad += 1
+        tol = _default_tol(leaves[0].dtype)
+        info.extra["inner_tol"] = tol
+        info.inner_converged = finite and _within_tol(info.inner_grad_norm, tol)
+        finite = finite and math.isfinite(info.inner_grad_norm)
+    if not finite:
+        info.inner_converged = False
+        _warn_not_finite(info, fun, strategy, solver, init, n_steps)
+
+
+def _all_finite(leaves):
+    """Whether every entry of every tensor is finite (one device sync)."""
+    flags = [torch.isfinite(t.detach()).all() for t in leaves]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _replay(fun, solver, init, n_steps, info):
+    """Rerun the steps from ``init`` without a graph, to find where they fail.
+
+    Returns ``(step, value0, grad0, grad_last)``: the first step whose
+    iterate or inner gradient is not finite (``0`` when the start fails: a
+    non-finite objective, gradient or ``init``; ``None`` when none fails),
+    the inner objective and its gradient norm at the start, and the gradient
+    norm at the last step before ``step``. Run only once the result is known
+    to be non-finite: it costs two gradients per step.
+    """
+    theta = tree_detach(init)
+    with torch.no_grad():
+        value0 = float(fun(theta))
+    grad0 = _grad_norm(fun, theta)
+    info.n_grad += 1
+    if not (
+        math.isfinite(value0)
+        and math.isfinite(grad0)
+        and _all_finite(tree_flatten(theta)[0])
+    ):
+        return 0, value0, grad0, None
+    state = _detach_state(solver.init_state(theta))
+    grad_last = grad0
+    for k in range(1, n_steps + 1):
+        with torch.enable_grad():
+            theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
+            theta, state = solver.step(fun, theta, state, create_graph=False)
+        theta, state = tree_detach(theta), _detach_state(state)
+        info.n_grad += 1
+        norm = math.nan
+        if _all_finite(tree_flatten(theta)[0]):
+            norm = _grad_norm(fun, theta)
+            info.n_grad += 1
+        if not math.isfinite(norm):
+            return k, value0, grad0, grad_last
+        grad_last = norm
+    return None, value0, grad0, grad_last
+
+
+def _warn_not_finite(info, fun, strategy, solver, init, n_steps):
+    """Emit :class:`InnerSolveWarning` for a non-finite unrolled result, with
+    the step at which the iterates failed and the gradient norms before it."""
+    step, value0, grad0, grad_last = _replay(fun, solver, init, n_steps, info)
+    info.extra["nonfinite_step"] = step
+    name = type(solver).__name__
+    lr = getattr(solver, "lr", None)
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        lr = float(lr.detach())
+    lr_text = f"lr={lr:g}" if isinstance(lr, numbers.Real) else "lr"
+    if step == 0:
+        what = (
+            f"the inner objective is not finite at the starting point (value "
+            f"{value0:.3e}, gradient norm {grad0:.3e}); check the data, phi and init"
+        )
+    elif step is None:
+        what = (
+            f"the result of {name}'s {n_steps} steps is not finite, although a "
+            f"replay of them stayed finite (inner gradient norm {grad0:.3e} at the "
+            f"start, {grad_last:.3e} at the end): is the inner loss random? A "
+            f"lower {lr_text} may help"
+        )
+    else:
+        what = (
+            f"the inner gradient norm of {name}'s iterates went from {grad0:.3e} "
+            f"at the start to {grad_last:.3e} at step {step - 1} and was not "
+            f"finite at step {step} of {n_steps}: the steps diverge; lower the "
+            f"solver's {lr_text}"
+        )
+    warnings.warn(
+        f"The {strategy.name!r} hypergradient is not finite: {what}.",
+        InnerSolveWarning,
+        stacklevel=5,  # the user's argmin call
+    )
 
 
 # --------------------------------------------------------------------------- reverse
@@ -292,7 +409,7 @@ class UnrolledReverse(HypergradientStrategy):
             theta = _straight_through(init, theta)
         for _ in range(kept):
             theta, state = solver.step(fun, theta, state, create_graph=True)
-        _record_inner(info, fun, theta, n_steps, self.check_inner)
+        _record_inner(info, fun, theta, n_steps, self.check_inner, self, solver, init)
         info.extra["differentiable_steps"] = kept
         if self.truncate is not None:
             info.extra["truncate"] = kept
@@ -629,7 +746,7 @@ class UnrolledForward(HypergradientStrategy):
                 th, st = solver.step(fun, th, st, create_graph=False)
                 th, st = tree_detach(th), _detach_state(st)
             info.extra["method"] = None
-            _record_inner(info, fun, th, n_steps, self.check_inner)
+            _record_inner(info, fun, th, n_steps, self.check_inner, self, solver, init)
             return th
 
         batching = _Batching(info)
@@ -667,7 +784,10 @@ class UnrolledForward(HypergradientStrategy):
             result = _forward_double_vjp(theta, state, z_theta, z_state, *problem, batching)
         info.extra["method"] = method
         theta, z_theta = result
-        _record_inner(info, fun, tree_unflatten(spec, theta), n_steps, self.check_inner)
+        theta_tree = tree_unflatten(spec, theta)
+        _record_inner(
+            info, fun, theta_tree, n_steps, self.check_inner, self, solver, init
+        )
         info.n_hvp += n_steps * (m + 1 if method == "double_vjp" else m)
         out = _ForwardModeOutput.apply(z_theta, theta, *hyper)
         return tree_unflatten(spec, list(out))
@@ -838,7 +958,7 @@ class FirstOrder(HypergradientStrategy):
         theta, state = init, solver.init_state(tree_detach(init))
         for _ in range(n_steps):
             theta, state = solver.step(fun, theta, state, create_graph=False)
-        _record_inner(info, fun, theta, n_steps, self.check_inner)
+        _record_inner(info, fun, theta, n_steps, self.check_inner, self, solver, init)
         return theta
 
 
@@ -978,5 +1098,5 @@ class FiniteDifferenceDARTS(HypergradientStrategy):
             new = [n + c for n, c in zip(new, corrections)]
         theta_next = tree_unflatten(spec, new)
         info.extra["fd_perturbation_norm"] = self.epsilon
-        _record_inner(info, fun, theta_next, 1, self.check_inner)
+        _record_inner(info, fun, theta_next, 1, self.check_inner, self, solver, init)
         return theta_next

@@ -209,8 +209,9 @@ def test_forward_jvp_falls_back_when_loss_is_not_vmappable():
 
 
 def test_unrolled_strategies_reject_non_step_solver():
-    class Other:
-        pass
+    class Other:  # an inner solver, but not one made of steps
+        def solve(self, fun, theta0, phi=None):
+            raise AssertionError("not reached")
 
     inner, _, phi0, _, _ = ridge_problem()
     for name in ("reverse", "forward", "first_order", "truncated"):
