@@ -909,6 +909,15 @@ class RidgeSolver(ClosedFormSolver):
     ):
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
+        if not X.dtype.is_floating_point:
+            raise ValueError(
+                f"X must hold floating-point values; got dtype {X.dtype}. Convert it "
+                "first, e.g. X.double()."
+            )
+        values = X if X.layout == torch.strided else X.values()
+        # a NaN gave numpy's "Eigenvalues did not converge", or a NaN hypergradient
+        if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(y).all())):
+            raise ValueError("X and y must be finite (no NaN or infinity).")
         self.X = X
         self.y = y.to(dtype=X.dtype, device=X.device)
         self.sample_weight = sample_weight

@@ -292,6 +292,21 @@ def test_kernel_ridge_matches_sklearn_and_gradients_reach_support():
     assert float(grad.norm()) < 1e-10
 
 
+def test_ridge_solver_rejects_non_float_or_non_finite_data():
+    X, y, _ = _data(20, 3)
+    Xn = X.clone()
+    Xn[0, 0] = float("nan")
+    # NaN: numpy's "Eigenvalues did not converge" (eigen) or a NaN hypergradient
+    for method in ("eigen", "cholesky"):
+        with pytest.raises(ValueError, match="finite"):
+            RidgeSolver(Xn, y, method=method)
+    with pytest.raises(ValueError, match="finite"):
+        RidgeSolver(X, y * float("inf"))
+    # integers: argmin's message named init, not X
+    with pytest.raises(ValueError, match="floating-point.*int64"):
+        RidgeSolver(X.round().long(), y)
+
+
 def test_kernel_ridge_solver_precomputed_and_bad_phi():
     K = torch.eye(3, dtype=DT) * 2.0
     y = torch.tensor([1.0, 2.0, 3.0], dtype=DT)
