@@ -22,7 +22,7 @@ def parse_args(topic, description):
     parser.add_argument(
         "--json",
         default=os.path.join(RESULTS_DIR, f"{topic}.json"),
-        help="where to write the results (default: benchmarks/results/%(default)s)",
+        help=f"where to write the results (default: benchmarks/results/{topic}.json)",
     )
     return parser.parse_args()
 
