@@ -129,7 +129,10 @@ class _TorchModel:
 
     def _outputs(self, X, batch_size=4096):
         self.module_.eval()
-        X = torch.as_tensor(np.asarray(X), dtype=self.dtype)
+        # a copy where numpy's array is read-only (pandas 3 frames, joblib memmaps):
+        # torch warns on those
+        X = np.asarray(X)
+        X = torch.as_tensor(X if X.flags.writeable else X.copy(), dtype=self.dtype)
         with torch.no_grad():
             outs = [self.module_(X[i : i + batch_size]) for i in range(0, len(X), batch_size)]
         return torch.cat(outs) if outs else self.module_(X)
@@ -364,12 +367,15 @@ class _BaseSampleReweighter(BaseEstimator):
         return params
 
     def set_params(self, **params):
+        # module__* keywords are parameters too; any other unknown name goes to
+        # scikit-learn's set_params, which rejects it at once (a misspelled name
+        # was stored, cloned, and failed only in fit: in a grid search, every fit)
         known = set(self._get_param_names())
         nested = hasattr(self.module, "set_params")
         for key in list(params):
             if key in known or (nested and key.startswith("module__")):
                 continue
-            if key.startswith("module__") or "__" not in key:
+            if key.startswith("module__"):
                 setattr(self, key, params.pop(key))
         return super().set_params(**params)
 

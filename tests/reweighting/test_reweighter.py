@@ -456,3 +456,24 @@ def test_non_callable_callback_rejected():
     X, y, trusted = _small_problem()
     with pytest.raises(ValueError, match="callbacks must be callables.*int"):
         SampleReweighter(max_iter=2, callbacks=[1]).fit(X, y, trusted=trusted)
+
+
+def test_set_params_rejects_a_misspelled_name_at_once():
+    # it was stored (get_params, clone) and failed only in fit: in a grid search,
+    # every fit; module__* keywords stay parameters
+    est = SampleReweighter()
+    with pytest.raises(ValueError, match="Invalid parameter 'max_iters'"):
+        est.set_params(max_iters=5)
+    est.set_params(module="mlp", module__hidden_layer_sizes=(8,))
+    assert est.get_params()["module__hidden_layer_sizes"] == (8,)
+
+
+def test_predict_on_a_read_only_array_does_not_warn():
+    # torch warned "The given NumPy array is not writable" (pandas 3 frames, memmaps)
+    X, _, y, trusted, _ = _noisy_problem(n=120)
+    est = SampleReweighter(max_iter=3, random_state=0).fit(X, y, trusted=trusted)
+    X_ro = X.copy()
+    X_ro.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(est.predict(X_ro), est.predict(X))
