@@ -1150,7 +1150,11 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     warm_start : bool, default=False
         Start from the previous fit's penalties (skipping the shared and the
         adaptive stages, whose results are kept) when the number of
-        penalties is unchanged.
+        penalties is unchanged and the previous fit's answer has the
+        parametrization this fit would descend in: per-feature corrections
+        around an adaptive model with ``adaptive=True``, plain log-penalties
+        with ``adaptive=False``. Otherwise (for instance when the previous
+        fit kept the shared penalty) the fit starts afresh.
     n_jobs : int, default=None
         Fold batches computed in parallel threads (``None``: one batch, all
         folds in one batched torch computation), at most one per CPU core
