@@ -593,6 +593,14 @@ class _BaseSampleReweighter(BaseEstimator):
             )
         self._seed = check_random_state(self.random_state).randint(0, 2**31 - 1)
         device = resolve_device(self.device)
+        # The whole fit draws from torch's global generator seeded by random_state
+        # (dropout and other random layers of the inner module): two fits with the
+        # same seed are identical, and the caller's generator is left as it was.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self._seed)
+            return self._fit_seeded(X, y, trusted, sample_weight, device)
+
+    def _fit_seeded(self, X, y, trusted, sample_weight, device):
         self._check_hypergradient()
         check_callbacks(self.callbacks)
         weight_key = self._final_weight_key()

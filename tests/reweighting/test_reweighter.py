@@ -477,3 +477,32 @@ def test_predict_on_a_read_only_array_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(est.predict(X_ro), est.predict(X))
+
+
+class _DropoutNet(torch.nn.Module):
+    def __init__(self, n_features, n_outputs):
+        super().__init__()
+        self.hidden = torch.nn.Linear(n_features, 16)
+        self.drop = torch.nn.Dropout(0.5)
+        self.out = torch.nn.Linear(16, n_outputs)
+
+    def forward(self, x):
+        return self.out(self.drop(torch.relu(self.hidden(x))))
+
+
+def test_random_state_makes_fits_with_dropout_identical():
+    # dropout masks came from torch's unseeded global generator: two fits with
+    # random_state=0 gave different weights and predictions
+    X, y = make_classification(n_samples=80, n_features=4, random_state=0)
+    fits = [
+        SampleReweighter(_DropoutNet, max_iter=5, random_state=0).fit(X, y)
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(fits[0].sample_weight_, fits[1].sample_weight_)
+    np.testing.assert_array_equal(fits[0].predict_proba(X), fits[1].predict_proba(X))
+    # and the caller's generator is untouched
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    SampleReweighter(_DropoutNet, max_iter=2, random_state=0).fit(X, y)
+    torch.testing.assert_close(torch.rand(3), expected)
