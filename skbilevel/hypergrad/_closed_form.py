@@ -258,6 +258,67 @@ def _cholesky_ex(A, overwrite_a=False):
     return L, torch.from_numpy(info)
 
 
+def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver"):
+    """Validate the data of a ridge problem; return ``y`` and ``sample_weight``
+    as tensors of ``X``'s dtype and device.
+
+    ``X`` must be a 2-D floating-point tensor, ``y`` a tensor with one row
+    per sample and ``sample_weight`` (optional) a tensor of ``n_samples``
+    finite, non-negative weights with a positive sum; all finite. (A NaN
+    gave numpy's "Eigenvalues did not converge" or a NaN hypergradient;
+    all-zero weights divided the weighted means by zero.)
+    """
+    for name, a in (("X", X), ("y", y), ("sample_weight", sample_weight)):
+        if a is not None and not isinstance(a, torch.Tensor):
+            raise TypeError(
+                f"{where}: {name} must be a torch tensor; got {type(a).__name__}. "
+                f"Convert it first, e.g. torch.as_tensor({name}, dtype=torch.float64)."
+            )
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
+    if not X.dtype.is_floating_point:
+        raise ValueError(
+            f"X must hold floating-point values; got dtype {X.dtype}. Convert it "
+            "first, e.g. X.double()."
+        )
+    n = X.shape[0]
+    if y.ndim == 0 or y.shape[0] != n:
+        raise ValueError(f"X has {n} samples but y has shape {tuple(y.shape)}.")
+    y = y.to(dtype=X.dtype, device=X.device)
+    values = X if X.layout == torch.strided else X.values()
+    if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(y).all())):
+        raise ValueError("X and y must be finite (no NaN or infinity).")
+    if sample_weight is not None:
+        if tuple(sample_weight.shape) != (n,):
+            raise ValueError(
+                f"sample_weight has shape {tuple(sample_weight.shape)}; expected ({n},)."
+            )
+        sample_weight = sample_weight.to(dtype=X.dtype, device=X.device)
+        if not bool(torch.isfinite(sample_weight).all()):
+            raise ValueError("sample_weight must be finite (no NaN or infinity).")
+        if bool((sample_weight < 0).any()):
+            raise ValueError("sample_weight must be non-negative.")
+        if not float(sample_weight.sum()) > 0:
+            raise ValueError(
+                "sample_weight sums to zero: no sample carries weight. Give at least "
+                "one sample a positive weight."
+            )
+    return y, sample_weight
+
+
+def _check_no_overflow(A, what, fix):
+    """``ValueError`` when ``A`` (a product of the data) overflowed its dtype."""
+    if isinstance(A, torch.Tensor):
+        ok, dtype = bool(torch.isfinite(A).all()), str(A.dtype).replace("torch.", "")
+    else:
+        ok, dtype = bool(np.isfinite(A).all()), str(np.asarray(A).dtype)
+    if not ok:
+        raise ValueError(
+            f"{what} overflows {dtype}: the data are too large "
+            f"in magnitude. {fix}"
+        )
+
+
 def _center_and_rescale(X, y2, sample_weight, fit_intercept):
     """Weighted centering, then rows scaled by ``sqrt(s)`` (torch or numpy arrays).
 
@@ -424,19 +485,13 @@ def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="
     >>> ridge_loo_decomposition(X, y).mode
     'cov'
     """
-    if X.ndim != 2:
-        raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
-    y = y.to(dtype=X.dtype, device=X.device)
+    y, sample_weight = _check_ridge_data(X, y, sample_weight, "ridge_loo_decomposition")
     y2, y_1d = _as_2d_targets(y)
     n, p = X.shape
-    if y2.shape[0] != n:
-        raise ValueError(f"X has {n} samples but y has {y2.shape[0]}.")
     if mode == "auto":
         mode = "gram" if n <= p else "cov"
     if mode not in ("gram", "cov"):
         raise ValueError(f"mode must be 'auto', 'gram' or 'cov', got {mode!r}.")
-    if sample_weight is not None:
-        sample_weight = sample_weight.to(dtype=X.dtype, device=X.device)
     numpy_path = _use_numpy(X, y2, sample_weight)
     if numpy_path:
         X, y2 = X.numpy(), y2.numpy()
@@ -445,6 +500,11 @@ def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="
         X, y2, sample_weight, fit_intercept
     )
     deflated = mode == "gram" and fit_intercept and n > 1
+    # squares of the data beyond the dtype's range: numpy's "Eigenvalues did not
+    # converge" (X * 1e200) or an infinite objective at every alpha (y * 1e200)
+    fix = "Rescale X and y, e.g. with StandardScaler, or divide by their largest values."
+    _check_no_overflow((Xs * Xs).sum(), "The sum of squares of X", fix)
+    _check_no_overflow((ys * ys).sum(), "The sum of squares of y", fix)
     V = None
     if deflated:
         eigvals, basis = _deflated_gram_eigh(Xs, sqrt_sw)
@@ -907,19 +967,9 @@ class RidgeSolver(ClosedFormSolver):
         method="auto",
         decomposition=None,
     ):
-        if X.ndim != 2:
-            raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
-        if not X.dtype.is_floating_point:
-            raise ValueError(
-                f"X must hold floating-point values; got dtype {X.dtype}. Convert it "
-                "first, e.g. X.double()."
-            )
-        values = X if X.layout == torch.strided else X.values()
-        # a NaN gave numpy's "Eigenvalues did not converge", or a NaN hypergradient
-        if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(y).all())):
-            raise ValueError("X and y must be finite (no NaN or infinity).")
+        y, sample_weight = _check_ridge_data(X, y, sample_weight, "RidgeSolver")
         self.X = X
-        self.y = y.to(dtype=X.dtype, device=X.device)
+        self.y = y
         self.sample_weight = sample_weight
         self.fit_intercept = bool(fit_intercept)
         y2, self._y_1d = _as_2d_targets(self.y)
@@ -954,6 +1004,22 @@ class RidgeSolver(ClosedFormSolver):
             )
         self.method = method
         self.last_fallback = None
+        if decomposition is not None:
+            if not isinstance(decomposition, RidgeDecomposition):
+                raise TypeError(
+                    "decomposition must be a RidgeDecomposition from "
+                    f"ridge_loo_decomposition; got {type(decomposition).__name__}."
+                )
+            got = (decomposition.n_samples, decomposition.n_features,
+                   decomposition.n_targets, decomposition.fit_intercept)
+            if got != (n, p, self.n_targets, self.fit_intercept):
+                raise ValueError(
+                    "decomposition does not describe this problem: it has (n_samples, "
+                    f"n_features, n_targets, fit_intercept) = {got}, the solver "
+                    f"{(n, p, self.n_targets, self.fit_intercept)}. Build it with "
+                    "ridge_loo_decomposition(X, y, sample_weight, fit_intercept) of "
+                    "the same data."
+                )
         self._decomp = decomposition
         self._cov = None
 

@@ -307,6 +307,48 @@ def test_ridge_solver_rejects_non_float_or_non_finite_data():
         RidgeSolver(X.round().long(), y)
 
 
+def test_ridge_data_checks_weights_types_overflow_and_decomposition():
+    X, y, sw = _data(20, 3)
+    phi = torch.tensor(0.0, dtype=DT)
+    # all-zero weights divided the weighted means by zero: "Eigenvalues did not
+    # converge" (eigen), a float/double RuntimeError (cholesky, float32 weights)
+    for build in (
+        lambda w: ridge_loo_decomposition(X, y, w),
+        lambda w: RidgeSolver(X, y, w).closed_form(phi),
+        lambda w: RidgeSolver(X, y, w, method="cholesky").closed_form(phi),
+    ):
+        with pytest.raises(ValueError, match="sums to zero"):
+            build(torch.zeros(20))
+        with pytest.raises(ValueError, match="sample_weight must be finite"):
+            build(torch.full((20,), float("nan"), dtype=DT))
+    # float32 weights with float64 data: converted, not a dtype RuntimeError
+    theta = RidgeSolver(X, y, sw.float(), method="cholesky").closed_form(phi)
+    ref = RidgeSolver(X, y, sw).closed_form(phi)
+    assert torch.allclose(theta["coef"], ref["coef"], rtol=1e-6)
+    # NaN data in the decomposition: numpy's "Eigenvalues did not converge" before
+    with pytest.raises(ValueError, match="finite"):
+        ridge_loo_decomposition(X * float("nan"), y)
+    with pytest.raises(ValueError, match="finite"):
+        ridge_loo_decomposition(X, y * float("nan"))  # a silent NaN objective before
+    # numpy arrays: AttributeError deep inside before
+    with pytest.raises(TypeError, match="X must be a torch tensor"):
+        RidgeSolver(X.numpy(), y)
+    with pytest.raises(TypeError, match="sample_weight must be a torch tensor"):
+        ridge_loo_decomposition(X, y, sw.numpy())
+    # squares beyond float64: LinAlgError (X) or an infinite objective (y) before
+    with pytest.raises(ValueError, match="sum of squares of X overflows float64"):
+        ridge_loo_decomposition(X * 1e200, y)
+    with pytest.raises(ValueError, match="sum of squares of y overflows float64"):
+        ridge_loo_decomposition(X, y * 1e200)
+    # a decomposition of other data was used silently (coefficients of 5 samples)
+    with pytest.raises(ValueError, match="does not describe this problem"):
+        RidgeSolver(X, y, decomposition=ridge_loo_decomposition(X[:5], y[:5]))
+    with pytest.raises(ValueError, match="does not describe this problem"):
+        RidgeSolver(X, y, fit_intercept=False, decomposition=ridge_loo_decomposition(X, y))
+    with pytest.raises(TypeError, match="RidgeDecomposition"):
+        RidgeSolver(X, y, decomposition="eigen")
+
+
 def test_kernel_ridge_solver_precomputed_and_bad_phi():
     K = torch.eye(3, dtype=DT) * 2.0
     y = torch.tensor([1.0, 2.0, 3.0], dtype=DT)
