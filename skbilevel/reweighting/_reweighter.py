@@ -721,7 +721,8 @@ class _BaseSampleReweighter(BaseEstimator):
         def early_stop(state):
             with torch.no_grad():
                 value = float(problem.outer_loss(theta, torch.arange(n_trusted, device=device)))
-            if value < ctx["best_loss"] - self.tol * abs(ctx["best_loss"]):
+            # the first value is an improvement (inf - tol * inf would be NaN)
+            if ctx["best"] is None or value < ctx["best_loss"] - self.tol * abs(ctx["best_loss"]):
                 ctx["stall"] = 0
             else:
                 ctx["stall"] += 1

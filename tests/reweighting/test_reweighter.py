@@ -506,3 +506,14 @@ def test_random_state_makes_fits_with_dropout_identical():
     torch.manual_seed(1)
     SampleReweighter(_DropoutNet, max_iter=2, random_state=0).fit(X, y)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_early_stopping_counts_the_first_iteration_as_an_improvement():
+    # the first comparison was value < inf - tol * inf = NaN, always False: the
+    # first iteration counted as a stall and n_iter_no_change=1 stopped after it
+    X, y = make_classification(n_samples=80, n_features=4, random_state=0)
+    clf = SampleReweighter(max_iter=20, early_stopping=True, n_iter_no_change=1, tol=0,
+                           random_state=0).fit(X, y)
+    assert clf.history_[1] < clf.history_[0]  # the trusted loss is still falling
+    assert clf.n_iter_ > 1
+    assert len(clf.history_) == clf.n_iter_
