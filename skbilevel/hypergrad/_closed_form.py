@@ -602,8 +602,42 @@ def _loo_residuals(decomp, D):
     return num / den
 
 
+def _check_log_alpha(la, n_targets, name="log_alpha", batched=False):
+    """``ValueError`` unless ``la`` (numpy array or tensor) is finite and has one
+    entry or one per target (in its last axis when ``batched``)."""
+    values = la.detach() if isinstance(la, torch.Tensor) else np.asarray(la)
+    last = values.shape[-1] if values.ndim else 1
+    if (values.ndim > (2 if batched else 1)) or last not in (1, n_targets) or (
+        values.ndim and values.shape[0] == 0
+    ):
+        what = "a scalar, one entry per target, or rows of those" if batched else (
+            "a scalar or have one entry per target"
+        )
+        raise ValueError(
+            f"{name} must be {what} ({n_targets}); got shape {tuple(values.shape)}."
+        )
+    finite = bool(torch.isfinite(values).all()) if isinstance(values, torch.Tensor) else bool(
+        np.isfinite(values).all()
+    )
+    if not finite:
+        raise ValueError(
+            f"{name} must be finite (natural logs of penalties); got "
+            f"{values.tolist()}."
+        )
+
+
+def _check_loo(decomp):
+    """Leave-one-out with an intercept needs a second sample to fit the intercept."""
+    if decomp.fit_intercept and decomp.n_samples < 2:
+        raise ValueError(
+            f"Leave-one-out errors with fit_intercept=True need at least 2 samples; the "
+            f"decomposition has n_samples={decomp.n_samples}. Use more samples."
+        )
+
+
 def _alpha_column(decomp, log_alpha):
     log_alpha = torch.as_tensor(log_alpha, dtype=decomp.eigvals.dtype, device=decomp.eigvals.device)
+    _check_log_alpha(log_alpha, decomp.n_targets)
     if log_alpha.ndim == 0:
         log_alpha = log_alpha.reshape(1)
     if log_alpha.ndim != 1 or log_alpha.shape[0] not in (1, decomp.n_targets):
@@ -645,6 +679,7 @@ def ridge_loo_errors(decomp, log_alpha):
     >>> ridge_loo_errors(d, torch.tensor(-20.0, dtype=torch.float64)).round(decimals=3)
     tensor([0.1110, 0.0050, 0.0820, 0.2500], dtype=torch.float64)
     """
+    _check_loo(decomp)
     resid = _loo_residuals(decomp, _alpha_column(decomp, log_alpha))
     sq = resid * resid
     return sq[:, 0] if decomp.y_1d else sq
@@ -722,6 +757,7 @@ def ridge_loo_value_and_grad(decomp, log_alpha, autograd=False):
     (True, 'closed_form')
     """
     dtype, device = decomp.eigvals.dtype, decomp.eigvals.device
+    _check_loo(decomp)
     nv = None if autograd else _numpy_view(decomp)
     if nv is not None:
         # same formulas on numpy views of the CPU tensors: no per-op torch overhead
@@ -729,11 +765,7 @@ def ridge_loo_value_and_grad(decomp, log_alpha, autograd=False):
             log_alpha = log_alpha.detach().cpu().numpy()
         la = np.asarray(log_alpha, dtype=nv.eigvals.dtype).reshape(-1)
         per_target = la.shape[0] > 1
-        if la.shape[0] not in (1, nv.n_targets):
-            raise ValueError(
-                f"log_alpha must be a scalar or have one entry per target "
-                f"({nv.n_targets}); got shape {la.shape}."
-            )
+        _check_log_alpha(la, nv.n_targets)
         alpha = np.exp(la)
         D = 1.0 / (nv.eigvals[:, None] + alpha[None, :])
         e, de = _loo_residuals_and_tangent(nv, D, -alpha * D * D)
@@ -747,6 +779,7 @@ def ridge_loo_value_and_grad(decomp, log_alpha, autograd=False):
     else:
         phi = torch.as_tensor(log_alpha, dtype=dtype, device=device).detach().reshape(-1)
         per_target = phi.shape[0] > 1
+        _check_log_alpha(phi, decomp.n_targets)
     if nv is not None:
         pass  # computed above
     elif autograd:
@@ -773,6 +806,21 @@ def ridge_loo_value_and_grad(decomp, log_alpha, autograd=False):
         extra={"objective": "leave_one_out", "mode": decomp.mode, "autograd": bool(autograd)},
     )
     return value, grad, info
+
+
+def _check_alphas(alphas):
+    """Penalties of a curve: a non-empty 1-D array of finite, non-negative values."""
+    a = np.asarray(
+        alphas.detach().cpu() if isinstance(alphas, torch.Tensor) else alphas, dtype=float
+    )
+    if a.ndim != 1 or a.shape[0] == 0:
+        raise ValueError(f"alphas must be a non-empty 1-D array; got shape {a.shape}.")
+    if not (np.isfinite(a).all() and (a >= 0).all()):
+        raise ValueError(
+            f"alphas must be finite and non-negative (penalties, not their logs); got "
+            f"{a[~(np.isfinite(a) & (a >= 0))].tolist()[:5]}."
+        )
+    return a
 
 
 def ridge_loo_curve(decomp, alphas, per_target=False, max_elements=2**22):
@@ -803,6 +851,8 @@ def ridge_loo_curve(decomp, alphas, per_target=False, max_elements=2**22):
             [2.9720]], dtype=torch.float64)
     """
     dtype, device = decomp.eigvals.dtype, decomp.eigvals.device
+    _check_loo(decomp)
+    alphas = _check_alphas(alphas)
     n, k = decomp.n_samples, decomp.n_targets
     chunk = max(1, int(max_elements // max(1, n * k)))
     nv = _numpy_view(decomp)
@@ -876,6 +926,7 @@ def ridge_coef(decomp, log_alpha):
         if isinstance(log_alpha, torch.Tensor):
             log_alpha = log_alpha.detach().cpu().numpy()
         la = np.asarray(log_alpha, dtype=nv.eigvals.dtype)
+        _check_log_alpha(la, nv.n_targets, batched=True)
         batched = la.ndim == 2
         la = la if batched else la.reshape(1, -1)
         DBy = nv.basis_t_y[None, :, :] / (nv.eigvals[None, :, None] + np.exp(la)[:, None, :])
@@ -888,6 +939,7 @@ def ridge_coef(decomp, log_alpha):
             coef, intercept = coef[0], intercept[0]
         return torch.from_numpy(np.ascontiguousarray(coef)), torch.from_numpy(intercept)
     la = torch.as_tensor(log_alpha, dtype=dtype, device=device)
+    _check_log_alpha(la, decomp.n_targets, batched=True)
     batched = la.ndim == 2
     if not batched:
         la = la.reshape(1, -1)  # (1, 1) or (1, k)
@@ -1043,6 +1095,10 @@ class RidgeSolver(ClosedFormSolver):
                 f"phi has shape {tuple(phi.shape)} but penalty={self.penalty!r} needs "
                 f"shape {shape}."
             )
+        if not bool(torch.isfinite(phi.detach()).all()):
+            raise ValueError(
+                f"phi (log-penalties) must be finite; got {phi.detach().tolist()}."
+            )
         return phi
 
     def _alpha(self, phi):
@@ -1123,7 +1179,13 @@ class RidgeSolver(ClosedFormSolver):
         Returns ``coef`` of shape (n_alphas, p, k) and ``intercept`` (n_alphas, k).
         """
         dtype, device = self.X.dtype, self.X.device
-        la = torch.as_tensor(np.log(np.asarray(alphas, dtype=float)), dtype=dtype, device=device)
+        alphas = _check_alphas(alphas)
+        if not (alphas > 0).all():
+            raise ValueError(
+                f"alphas must be positive (penalties, not their logs); got "
+                f"{alphas[alphas <= 0].tolist()[:5]}."
+            )
+        la = torch.as_tensor(np.log(alphas), dtype=dtype, device=device)
         with torch.no_grad():
             if self.method == "eigen":
                 return ridge_coef(self.decomposition, la.reshape(-1, 1))

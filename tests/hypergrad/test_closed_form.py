@@ -349,6 +349,41 @@ def test_ridge_data_checks_weights_types_overflow_and_decomposition():
         RidgeSolver(X, y, decomposition="eigen")
 
 
+def test_ridge_penalties_must_be_finite_and_shaped():
+    X, y, _ = _data(20, 3)
+    d = ridge_loo_decomposition(X, y)
+    # NaN / inf log-alphas returned NaN values and hypergradients silently
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for autograd in (False, True):
+            with pytest.raises(ValueError, match="log_alpha must be finite"):
+                ridge_loo_value_and_grad(d, bad, autograd=autograd)
+        with pytest.raises(ValueError, match="log_alpha must be finite"):
+            ridge_loo_errors(d, torch.tensor(bad, dtype=DT))
+        with pytest.raises(ValueError, match="phi .* must be finite"):
+            RidgeSolver(X, y).closed_form(torch.tensor(bad, dtype=DT))
+    # three log-alphas for one target gave three columns of coefficients
+    with pytest.raises(ValueError, match="one entry per target"):
+        ridge_coef(d, [0.0, 1.0, 2.0])
+    coef, _ = ridge_coef(d, [[0.0], [1.0]])  # a batch of rows stays allowed
+    assert coef.shape == (2, 3, 1)
+    # a negative or NaN alpha gave a curve value or NaN; a 2-D or empty one a
+    # bare unpacking / concatenation error
+    for bad in ([-1.0, 1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            ridge_loo_curve(d, bad)
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            ridge_validation_curve(RidgeSolver(X, y), X, y, bad)
+    for bad in ([[1.0]], []):
+        with pytest.raises(ValueError, match="non-empty 1-D"):
+            ridge_loo_curve(d, bad)
+    # n=1 with an intercept: 0/0, a NaN objective and a RuntimeWarning
+    d1 = ridge_loo_decomposition(X[:1], y[:1])
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        ridge_loo_value_and_grad(d1, 0.0)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        ridge_loo_curve(d1, [1.0])
+
+
 def test_kernel_ridge_solver_precomputed_and_bad_phi():
     K = torch.eye(3, dtype=DT) * 2.0
     y = torch.tensor([1.0, 2.0, 3.0], dtype=DT)
