@@ -1262,6 +1262,54 @@ def _weighted_mse(pred, y, sample_weight):
     return (w @ sq) / w.sum()
 
 
+def _check_validation_data(solver, X_val, y_val, sample_weight, where):
+    """Validation data of a ridge solver, as tensors of its dtype and device.
+
+    Shapes are checked against the solver (torch's "size mismatch" or a
+    silent broadcast of one target against two before), values must be
+    finite and weights non-negative with a positive sum (``0 / 0`` before).
+    """
+    for name, a in (("X_val", X_val), ("y_val", y_val), ("sample_weight", sample_weight)):
+        if a is not None and not isinstance(a, torch.Tensor):
+            raise TypeError(
+                f"{where}: {name} must be a torch tensor; got {type(a).__name__}. "
+                f"Convert it first, e.g. torch.as_tensor({name}, dtype=torch.float64)."
+            )
+    dtype, device = solver.X.dtype, solver.X.device
+    if X_val.ndim != 2 or X_val.shape[1] != solver.n_features:
+        raise ValueError(
+            f"{where}: X_val has shape {tuple(X_val.shape)}; expected (n_val, "
+            f"{solver.n_features}), the solver's number of features."
+        )
+    n_val = X_val.shape[0]
+    k = 1 if y_val.ndim == 1 else (y_val.shape[1] if y_val.ndim == 2 else -1)
+    if y_val.ndim == 0 or y_val.shape[0] != n_val or k != solver.n_targets:
+        raise ValueError(
+            f"{where}: y_val has shape {tuple(y_val.shape)}; expected ({n_val},) or "
+            f"({n_val}, {solver.n_targets}): one row per row of X_val and the solver's "
+            f"{solver.n_targets} target(s)."
+        )
+    X_val = X_val.to(dtype=dtype, device=device)
+    y_val = y_val.to(dtype=dtype, device=device)
+    if not (bool(torch.isfinite(X_val).all()) and bool(torch.isfinite(y_val).all())):
+        raise ValueError(f"{where}: X_val and y_val must be finite (no NaN or infinity).")
+    if sample_weight is not None:
+        if tuple(sample_weight.shape) != (n_val,):
+            raise ValueError(
+                f"{where}: sample_weight has shape {tuple(sample_weight.shape)}; expected "
+                f"({n_val},), one weight per validation sample."
+            )
+        sample_weight = sample_weight.to(dtype=dtype, device=device)
+        if not (bool(torch.isfinite(sample_weight).all()) and bool((sample_weight >= 0).all())):
+            raise ValueError(f"{where}: sample_weight must be finite and non-negative.")
+        if not float(sample_weight.sum()) > 0:
+            raise ValueError(
+                f"{where}: the validation sample_weight sums to zero, so the weighted "
+                "validation error is 0/0. Give a validation sample a positive weight."
+            )
+    return X_val, y_val, sample_weight
+
+
 def ridge_validation_curve(solver, X_val, y_val, alphas, sample_weight=None):
     """Validation MSE per target of ridge at many scalar alphas (no autograd).
 
@@ -1279,6 +1327,9 @@ def ridge_validation_curve(solver, X_val, y_val, alphas, sample_weight=None):
     >>> ridge_validation_curve(RidgeSolver(X[:20], y[:20]), X[20:], y[20:], [1e-8, 1e8]).shape
     torch.Size([2, 1])
     """
+    X_val, y_val, sample_weight = _check_validation_data(
+        solver, X_val, y_val, sample_weight, "ridge_validation_curve"
+    )
     coef, intercept = solver.coef_path(alphas)  # (na, p, k), (na, k)
     with torch.no_grad():
         pred = X_val[None] @ coef + intercept[:, None, :]  # (na, nv, k)
@@ -1320,6 +1371,9 @@ def ridge_validation_value_and_grad(
     ('closed_form', torch.Size([1]))
     """
     dtype, device = solver.X.dtype, solver.X.device
+    X_val, y_val, sample_weight = _check_validation_data(
+        solver, X_val, y_val, sample_weight, "ridge_validation_value_and_grad"
+    )
     phi = torch.as_tensor(log_alpha, dtype=dtype, device=device).detach().clone()
     phi = phi.reshape(solver.phi_shape()).requires_grad_(True)
     if init is None:

@@ -384,6 +384,39 @@ def test_ridge_penalties_must_be_finite_and_shaped():
         ridge_loo_curve(d1, [1.0])
 
 
+def test_ridge_validation_functions_check_their_data():
+    X, y, sw = _data(30, 3)
+    solver = RidgeSolver(X[:20], y[:20])
+    Xv, yv = X[20:], y[20:]
+    for fn, extra in (
+        (ridge_validation_value_and_grad, (0.0,)),
+        (ridge_validation_curve, ([1.0, 2.0],)),
+    ):
+        # torch's "size mismatch" / "size of tensor a" RuntimeErrors before
+        with pytest.raises(ValueError, match="X_val has shape"):
+            fn(solver, Xv[:, :2], yv, *extra)
+        with pytest.raises(ValueError, match="y_val has shape"):
+            fn(solver, Xv, yv[:3], *extra)
+        # two validation targets against one fitted: silently broadcast before
+        with pytest.raises(ValueError, match="y_val has shape"):
+            fn(solver, Xv, torch.stack([yv, yv], 1), *extra)
+        with pytest.raises(ValueError, match="sample_weight has shape"):
+            fn(solver, Xv, yv, *extra, sample_weight=torch.ones(3, dtype=DT))
+        # a NaN value / 0/0 weighted error before
+        with pytest.raises(ValueError, match="finite"):
+            fn(solver, Xv * float("nan"), yv, *extra)
+        with pytest.raises(ValueError, match="sums to zero"):
+            fn(solver, Xv, yv, *extra, sample_weight=torch.zeros(10, dtype=DT))
+        with pytest.raises(TypeError, match="X_val must be a torch tensor"):
+            fn(solver, Xv.numpy(), yv, *extra)
+    # float32 validation data with a float64 solver: a dtype RuntimeError before
+    ref = ridge_validation_value_and_grad(solver, Xv, yv, 0.0)[0]
+    got = ridge_validation_value_and_grad(solver, Xv.float(), yv, 0.0)[0]
+    assert torch.allclose(got, ref, rtol=1e-6)
+    got = ridge_validation_curve(solver, Xv.float(), yv, [1.0])[0]
+    assert torch.allclose(got, ref, rtol=1e-6)
+
+
 def test_kernel_ridge_solver_precomputed_and_bad_phi():
     K = torch.eye(3, dtype=DT) * 2.0
     y = torch.tensor([1.0, 2.0, 3.0], dtype=DT)
