@@ -137,6 +137,22 @@ class _MetaLearnerMixin:
             n_outputs = int(sizes[-1]) if len(sizes) else int(n_features)
         return build_module(self.module, params, n_features, n_outputs, builtin=_BUILTIN)
 
+    def _resolve_dtype(self, method):
+        """The computing dtype; half precision only where it works."""
+        if method.name == "r2d2":
+            supported = ("float32", "float64")
+            why = (
+                "R2D2's ridge head solves a linear system, which torch does only "
+                "in float32 and float64."
+            )
+        else:
+            supported = ("float32", "float64", "bfloat16")
+            why = (
+                "In float16 the outer Adam steps turn zero or tiny gradients into "
+                "NaN or inf; use 'bfloat16' for half precision."
+            )
+        return resolve_dtype(self.dtype, supported=supported, why=why)
+
     def _runtime(self):
         """FunctionalModel, method and meta-parameter tree on a usable device.
 
@@ -196,8 +212,8 @@ class _MetaLearnerMixin:
         """Build the backbone, run the outer loop, store the fitted state."""
         n_features = X.shape[1]
         device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype)
         method = self._method()
+        dtype = self._resolve_dtype(method)
         is_r2d2 = method.name == "r2d2"
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -497,7 +513,11 @@ or MetaMethod, default="maml"
     device : str or torch.device, default="cpu"
         Where meta-training runs (``"cuda"``, ``"auto"``, ...). Fitted state is
         kept on the CPU, so a fitted model pickles and predicts anywhere.
-    dtype : {"float32", "float64"}, default="float32"
+    dtype : {"float32", "float64", "bfloat16"}, default="float32"
+        Floating-point type of meta-training. ``"bfloat16"`` is not available
+        with ``method="r2d2"``, whose ridge head solves a linear system (torch
+        does that only in float32 and float64); ``"float16"`` is rejected, as
+        the outer Adam steps turn zero or tiny gradients into NaN in it.
     random_state : int, RandomState instance or None, default=None
         Seeds the backbone initialization and the task sampling.
     verbose : int, default=0

@@ -118,3 +118,27 @@ def test_adaptation_exploding_to_finite_garbage_is_a_clear_error():
     # outputs of ~1e19 for targets of ~1e3: finite, but the loss grew 1e31-fold
     with pytest.raises(ValueError, match=r"diverged.*loss on them is .*e\+"):
         meta.adapt(X[:10], 1000 * y[:10])
+
+
+@pytest.mark.parametrize(
+    "method, dtype, match",
+    [("maml", "float16", "bfloat16"), ("r2d2", "bfloat16", "linear system"),
+     ("r2d2", "float16", "linear system")],
+)
+def test_half_precision_rejected_where_it_fails(method, dtype, match):
+    # float16 fits stopped at their second iteration on a NaN loss (Adam), keeping
+    # the initialization; R2D2 in half precision crashed inside torch ("lu_cpu" not
+    # implemented for 'Half')
+    X, y = _line()
+    est = MetaLearnerRegressor("linear", method=method, dtype=dtype, k_shot=2,
+                               n_query=2, meta_batch_size=2, max_iter=3, random_state=0)
+    with pytest.raises(ValueError, match=match):
+        est.fit(X, y)
+
+
+def test_bfloat16_still_fits():
+    X, y = _line()
+    est = MetaLearnerRegressor("linear", dtype="bfloat16", k_shot=2, n_query=2,
+                               meta_batch_size=2, max_iter=3, random_state=0).fit(X, y)
+    assert est.n_iter_ == 3
+    assert np.isfinite(est.predict(X[:3])).all()
