@@ -379,7 +379,7 @@ class DatasetDistiller(BaseEstimator):
             y = column_or_1d(y, warn=True)  # labels as a column, as classifiers do
         # one global scale: keeps the geometry of the inputs (see class docstring)
         self._x_mean = X.mean(axis=0)
-        scale = float(np.sqrt(((X - self._x_mean) ** 2).mean()))
+        scale = float(_rms(X - self._x_mean))
         self._x_scale = scale if scale > 0 and np.isfinite(scale) else 1.0
         Xz = (X - self._x_mean) / self._x_scale
         if self.method == "kip":
@@ -399,7 +399,7 @@ class DatasetDistiller(BaseEstimator):
         else:
             Y = y.reshape(len(y), -1).astype(np.float64)
             self._y_mean = Y.mean(axis=0)
-            ysd = Y.std(axis=0)
+            ysd = _rms(Y - self._y_mean, axis=0)
             self._y_scale = np.where(ysd > 0, ysd, 1.0)
             T = (Y - self._y_mean) / self._y_scale
             Xs0, Ts0 = self._init_regression(Xz, T, rng)
@@ -842,6 +842,17 @@ class DatasetDistiller(BaseEstimator):
         tags.target_tags.multi_output = True
         tags.target_tags.single_output = True
         return tags
+
+
+def _rms(A, axis=None):
+    """Root mean square of ``A`` (along ``axis``), also where its squares would
+    overflow (``|A|`` beyond 1e154) or underflow to zero (below 1e-154): those
+    are computed on ``A`` divided by its largest magnitude."""
+    m = np.abs(A).max(axis=axis)
+    with np.errstate(over="ignore", under="ignore"):
+        plain = np.sqrt((A**2).mean(axis=axis))
+        scaled = m * np.sqrt(((A / np.where(m > 0, m, 1.0)) ** 2).mean(axis=axis))
+    return np.where((m > 1e-150) & (m < 1e150), plain, scaled)
 
 
 def _sq_norm(params):

@@ -382,3 +382,21 @@ def test_kernel_validated(params, match):
     X, y = load_iris(return_X_y=True)
     with pytest.raises(ValueError, match=match):
         DatasetDistiller(n_per_class=1, max_iter=2, **params).fit(X, y)
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e160, 1e300])
+def test_inputs_and_targets_of_extreme_scale_are_standardized(scale):
+    # the squares in the standard deviations underflowed to 0 or overflowed to inf,
+    # which fell back to no scaling: iris at 1e-300 or 1e160 scored 0.33 (every
+    # input at one point, or far beyond the kernel's range); regression targets at
+    # 1e160 predicted NaN
+    X, y = load_iris(return_X_y=True)
+    ref = DatasetDistiller(n_per_class=2, max_iter=3, random_state=0).fit(X, y)
+    dd = DatasetDistiller(n_per_class=2, max_iter=3, random_state=0).fit(X * scale, y)
+    assert dd.score(X * scale, y) == ref.score(X, y)
+    np.testing.assert_allclose(dd.X_distilled_ / scale, ref.X_distilled_, rtol=1e-6)
+    ref = DatasetDistiller(n_distilled=3, max_iter=3, random_state=0).fit(X[:, 1:], X[:, 0])
+    dd = DatasetDistiller(n_distilled=3, max_iter=3, random_state=0)
+    dd.fit(X[:, 1:], X[:, 0] * scale)
+    np.testing.assert_allclose(dd.predict(X[:5, 1:]) / scale, ref.predict(X[:5, 1:]),
+                               rtol=1e-6)
