@@ -375,6 +375,18 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         else:
             splitter = check_cv(self.cv, y, classifier=False)
         splits = check_splits(splitter, X, y)
+        if sample_weight is not None:
+            # a part of a fold without weight: an unweighted refit (train) or a 0/0
+            # error (validation); name the fold rather than fail inside the core
+            for i, (train, test) in enumerate(splits):
+                for part, idx in (("training", train), ("validation", test)):
+                    if not float(np.sum(sample_weight[idx])) > 0:
+                        raise ValueError(
+                            f"sample_weight sums to zero on the {part} samples of fold "
+                            f"{i} (of {len(splits)}), so its {part} error is undefined. "
+                            "Shuffle the folds (e.g. cv=KFold(5, shuffle=True)), drop the "
+                            "zero-weight samples, or use cv=None (leave-one-out)."
+                        )
         device = Xt.device
 
         def take(t, idx):

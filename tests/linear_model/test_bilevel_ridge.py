@@ -450,3 +450,31 @@ def test_predict_before_fit():
 
     with pytest.raises(NotFittedError):
         BilevelRidgeCV().predict(np.zeros((2, 3)))
+
+
+def test_folds_without_weight_name_the_fold():
+    rng = np.random.RandomState(0)
+    X, y = rng.randn(20, 3), rng.randn(20)
+    sw = np.r_[np.zeros(10), np.ones(10)]
+    # validation part of folds 0 and 1 without weight: a 0/0 error made every
+    # alpha NaN, and the fit returned alpha=1e-6 with a ConvergenceWarning
+    with pytest.raises(ValueError, match="validation samples of fold 0 \\(of 5\\)"):
+        BilevelRidgeCV(cv=5).fit(X, y, sample_weight=sw)
+    # training part of fold 0 without weight: LinAlgError 'Eigenvalues did not converge'
+    with pytest.raises(ValueError, match="training samples of fold 0 \\(of 2\\)"):
+        BilevelRidgeCV(cv=2).fit(X, y, sample_weight=sw[::-1])
+    # shuffled folds all carry weight: the fit goes through
+    BilevelRidgeCV(cv=KFold(5, shuffle=True, random_state=0)).fit(X, y, sample_weight=sw)
+
+
+def test_data_too_large_for_the_dtype_is_a_clear_error():
+    rng = np.random.RandomState(0)
+    X, y = rng.randn(20, 3), rng.randn(20)
+    # X * 1e200: LinAlgError 'Eigenvalues did not converge'; y * 1e200: overflow
+    # warnings, then alpha=1e-6 with a ConvergenceWarning
+    with pytest.raises(ValueError, match="sum of squares of X overflows float64.*Rescale"):
+        BilevelRidgeCV().fit(X * 1e200, y)
+    with pytest.raises(ValueError, match="sum of squares of y overflows float64"):
+        BilevelRidgeCV().fit(X, y * 1e200)
+    with pytest.raises(ValueError, match="sum of squares of X overflows float32"):
+        BilevelRidgeCV(dtype="float32").fit(X * 1e20, y)
