@@ -457,7 +457,9 @@ class DatasetDistiller(BaseEstimator):
         targets = self._current_targets(phi, targets0, task).detach()
         if self.method == "unrolled":
             network_params = self._train_final_network(model, Xs, targets, gen, task)
-        self.X_distilled_ = to_numpy(Xs) * self._x_scale + self._x_mean
+        # back to X's units in float64: the scale need not fit the computing dtype
+        Xs_np = to_numpy(Xs).astype(np.float64)
+        self.X_distilled_ = Xs_np * self._x_scale + self._x_mean
         self.X_distilled_ = self.X_distilled_.astype(X.dtype, copy=False)
         self._Xs_scaled = to_numpy(Xs)
         if self.method == "kip":

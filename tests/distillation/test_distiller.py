@@ -400,3 +400,17 @@ def test_inputs_and_targets_of_extreme_scale_are_standardized(scale):
     dd.fit(X[:, 1:], X[:, 0] * scale)
     np.testing.assert_allclose(dd.predict(X[:5, 1:]) / scale, ref.predict(X[:5, 1:]),
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["kip", "unrolled"])
+def test_float32_distilled_inputs_beyond_float32_range_stay_finite(method):
+    # float64 inputs at 1e39 are standardized before the float32 computation, but
+    # the distilled set was scaled back in float32: X_distilled_ was all +-inf
+    X, y = load_iris(return_X_y=True)
+    dd = DatasetDistiller(n_per_class=1, max_iter=3, dtype="float32", method=method,
+                          random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dd.fit(X * 1e39, y)
+    assert np.isfinite(dd.X_distilled_).all()
+    assert (dd.X_distilled_ > 5e37).all()  # iris is >= 0.1, and clipped to its range
