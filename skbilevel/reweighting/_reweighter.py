@@ -37,6 +37,7 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import (
     _check_sample_weight,
+    assert_all_finite,
     check_is_fitted,
     has_fit_parameter,
     validate_data,
@@ -891,8 +892,9 @@ class _BaseSampleReweighter(BaseEstimator):
                 )
             y_t = torch.as_tensor(np.searchsorted(self.classes_, y))
         else:
-            y_t = torch.as_tensor((y.astype(np.float64) - self._y_mean) / self._y_scale,
-                                  dtype=self._torch_dtype)
+            y = y.astype(np.float64)
+            assert_all_finite(y, input_name="y")  # a NaN target gave a NaN weight
+            y_t = torch.as_tensor((y - self._y_mean) / self._y_scale, dtype=self._torch_dtype)
         X_t = torch.as_tensor(X, dtype=self._torch_dtype)
         with torch.no_grad():
             out = self.module_(X_t)

@@ -517,3 +517,14 @@ def test_early_stopping_counts_the_first_iteration_as_an_improvement():
     assert clf.history_[1] < clf.history_[0]  # the trusted loss is still falling
     assert clf.n_iter_ > 1
     assert len(clf.history_) == clf.n_iter_
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_weigh_rejects_non_finite_targets(bad):
+    # a NaN target got a NaN weight, silently
+    rng = np.random.RandomState(0)
+    X = rng.randn(40, 2)
+    reg = SampleReweighterRegressor(max_iter=2, random_state=0).fit(X, X[:, 0])
+    with pytest.raises(ValueError, match="y contains"):
+        reg.weigh(X[:3], [bad, 0.0, 1.0])
+    assert np.isfinite(reg.weigh(X[:3], X[:3, 0])).all()
