@@ -232,6 +232,50 @@ def _offsets(X, y, sw, fit_intercept):
     return X, y, x_offset, y_offset
 
 
+def _check_magnitudes(X, y, dtype, name, headroom=1.0, floor=1.0):
+    """Refuse features (and a target) whose squares leave the range of ``dtype``.
+
+    The fit works with sums of squared values (feature scales, Gram matrices,
+    penalties placed relative to them): where a square (over ``floor``)
+    underflows the feature looks constant, where a sum of squares (times
+    ``headroom``: how far the penalty search goes beyond it) overflows the
+    solves return infinities.
+    Both gave a silent R^2 of 0 (``X * 1e-170`` or ``X * 1e200`` in float64)
+    or an error deep in the solvers naming neither the data nor the remedy.
+    ``X`` (dense or sparse) and ``y`` as they go to the tensors, i.e. after
+    :func:`_offsets`."""
+    finfo = np.finfo(np.float32 if dtype == torch.float32 else np.float64)
+    n = max(X.shape[0], 1)
+    if sp.issparse(X):
+        col_max = np.asarray(abs(X).max(axis=0).todense()).reshape(-1)
+    else:
+        col_max = np.abs(X).max(axis=0) if X.shape[0] else np.zeros(X.shape[1])
+    col_max = col_max.astype(np.float64)
+    with np.errstate(over="ignore", under="ignore"):
+        big = col_max * col_max * n * headroom > finfo.max
+        small = (col_max > 0) & (col_max * col_max < finfo.tiny * floor)
+    precision = str(finfo.dtype)
+    if big.any() or small.any():
+        j = int(np.flatnonzero(big | small)[0])
+        which = "large" if big[j] else "small"
+        raise ValueError(
+            f"{name}: X has features whose values are too {which} to be squared and "
+            f"summed in {precision} (feature {j}: largest |value| {col_max[j]:.3g}; "
+            f"{int(big.sum())} too large, {int(small.sum())} too small). Rescale X, e.g. "
+            "with sklearn.preprocessing.StandardScaler"
+            + (", or use dtype='float64'." if precision == "float32" else ".")
+        )
+    if y is not None and len(y):
+        y_max = float(np.max(np.abs(y)))
+        with np.errstate(over="ignore"):
+            if y_max * y_max * n > finfo.max:
+                raise ValueError(
+                    f"{name}: y's values (largest |value| {y_max:.3g}) are too large to "
+                    f"be squared and summed in {precision}. Rescale y (e.g. divide it by "
+                    "its standard deviation) or use sklearn.compose.TransformedTargetRegressor."
+                )
+
+
 def _feature_scales(X, sw, fit_intercept):
     """Weighted sum of squared (centred) values of every feature, ``(p,)``.
 
@@ -1429,6 +1473,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         # sparse X stays sparse in the K-fold problems (RidgeFolds: Gram matrices
         # or kernels from sparse products); the leave-one-out formulas are dense
         Xc, yc, x_offset, y_offset = _offsets(X, y, sw, self.fit_intercept)
+        _check_magnitudes(Xc, yc, dtype, self._name, headroom=1.0)
         Xt = to_tensor(Xc, device=device, dtype=dtype, keep_sparse=not closed_loo)
         yt = to_tensor(yc, device=device, dtype=dtype)
         swt = to_tensor(sw, device=device, dtype=dtype)
@@ -1860,6 +1905,11 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         # sparse data stay sparse: the folds' products with X cost in proportion to
         # its nonzeros (a 1000 x 5000 matrix of 1% density: 0.08 against 7 ms)
         Xc, _, x_offset, _ = _offsets(X, None, sw, self.fit_intercept)
+        # the shared search and the per-feature box reach about 1e18 times the
+        # mean feature scale: the logistic solves failed from 1e7 below the
+        # largest float (X * 1e150 in float64, X * 1e15 in float32), and from
+        # squares within 10 of the smallest normal one (X * 1e-19 in float32)
+        _check_magnitudes(Xc, None, dtype, self._name, headroom=1e10, floor=1e4)
         Xt = to_tensor(Xc, device=device, dtype=dtype, keep_sparse=True)
         yt = torch.as_tensor(y_idx, device=device)
         swt = to_tensor(sw, device=device, dtype=dtype)

@@ -1072,3 +1072,35 @@ def test_shifted_data_fit_like_centred_data():
         np.testing.assert_allclose(
             clf.predict_proba(X + shift), ref.predict_proba(X), atol=2e-3
         )
+
+
+@pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
+def test_values_whose_squares_leave_the_dtype_are_a_value_error(Est):
+    # the regressor returned R^2 = 0 without a word on X * 1e-170 and X * 1e200
+    # (float64), y * 1e200 gave NaN predictions; the classifier failed in its
+    # solvers ("not finite at the starting point", "math domain error")
+    import scipy.sparse as sp
+
+    rng = np.random.RandomState(0)
+    X = rng.randn(60, 4)
+    y = X @ [1.0, 2.0, 0.0, 0.0] + rng.randn(60)
+    if Est is HyperL2Classifier:
+        y = (y > 0).astype(int)
+    for Xbad, dtype, word in [
+        (X * 1e-170, "float64", "too small"),
+        (X * 1e200, "float64", "too large"),
+        (sp.csr_matrix(X * 1e200), "float64", "too large"),
+        (X * 1e20, "float32", "too large"),
+    ]:
+        with pytest.raises(ValueError, match=f"{word} to be squared.*{dtype}.*StandardScaler"):
+            Est(dtype=dtype).fit(Xbad, y)
+    if Est is HyperL2Regressor:
+        with pytest.raises(ValueError, match="y's values .* too large.*Rescale y"):
+            Est().fit(X, y * 1e200)
+    else:
+        for Xbad, dtype in [(X * 1e150, "float64"), (X * 1e-19, "float32")]:
+            with pytest.raises(ValueError, match="to be squared"):
+                Est(dtype=dtype).fit(Xbad, y)
+    # well inside the range the fits are those of X (up to the solvers' tolerances)
+    ref = Est(random_state=0).fit(X, y).score(X, y)
+    assert Est(random_state=0).fit(X * 1e6, y).score(X * 1e6, y) == pytest.approx(ref, abs=1e-3)
