@@ -143,6 +143,7 @@ from ..hypergrad import (
     minimize_outer,
 )
 from ..hypergrad._sparse import csr_with_values
+from ..utils._validation import check_callbacks
 from ..utils import (
     check_numeric_target,
     check_splits,
@@ -1431,6 +1432,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         """
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, supported=("float32", "float64"))
+        check_callbacks(self.callbacks)
         X, y = validate_data(
             self,
             X,
@@ -1868,6 +1870,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         """
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, supported=("float32", "float64"))
+        check_callbacks(self.callbacks)
         X, y = validate_data(
             self,
             X,

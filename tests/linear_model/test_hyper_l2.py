@@ -1104,3 +1104,14 @@ def test_values_whose_squares_leave_the_dtype_are_a_value_error(Est):
     # well inside the range the fits are those of X (up to the solvers' tolerances)
     ref = Est(random_state=0).fit(X, y).score(X, y)
     assert Est(random_state=0).fit(X * 1e6, y).score(X * 1e6, y) == pytest.approx(ref, abs=1e-3)
+
+
+@pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
+def test_callbacks_that_are_not_callable_are_refused_before_the_fit(Est, monkeypatch):
+    # a TypeError "'int' object is not callable" came after the shared stage's
+    # scan and the adaptive stage (the first outer iteration)
+    X, y = make_classification(60, 4, random_state=0)
+    calls = _count_calls(monkeypatch, Est, "_run_outer")
+    with pytest.raises(ValueError, match="callbacks must be callables.*got 1 of type int"):
+        Est(callbacks=[print, 1]).fit(X, y)
+    assert not calls
