@@ -102,6 +102,16 @@ def _per_sample_loss(kind, criterion, outputs, y):
     return losses.reshape(losses.shape[0], -1).mean(dim=1)
 
 
+def _std(y):
+    """Standard deviation of ``y``, also where the squares of its deviations would
+    overflow (beyond 1e154) or underflow to zero (below 1e-154): those are
+    computed on ``y`` divided by its largest deviation."""
+    dev = float(np.abs(y - y.mean()).max())
+    if dev == 0 or 1e-150 < dev < 1e150:
+        return float(np.std(y))
+    return dev * float(np.std(y / dev))
+
+
 def _as_logits(outputs, n_classes):
     """Classifier outputs as an ``(n, n_classes)`` tensor (a single logit column
     ``z`` for two classes becomes ``[0, z]``)."""
@@ -638,7 +648,7 @@ class _BaseSampleReweighter(BaseEstimator):
         else:
             n_outputs = 1
             y_mean = float(np.average(y, weights=sample_weight)) if sample_weight.sum() > 0 else 0.0
-            y_scale = float(np.std(y)) or 1.0
+            y_scale = _std(y) or 1.0
             y_fit = (y - y_mean) / y_scale
         train_idx, trusted_idx = self._split_trusted(y_enc if self._is_classifier else y, trusted, sample_weight)
         if sample_weight[trusted_idx].sum() <= 0:

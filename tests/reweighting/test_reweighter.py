@@ -528,3 +528,15 @@ def test_weigh_rejects_non_finite_targets(bad):
     with pytest.raises(ValueError, match="y contains"):
         reg.weigh(X[:3], [bad, 0.0, 1.0])
     assert np.isfinite(reg.weigh(X[:3], X[:3, 0])).all()
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e160])
+def test_regressor_standardizes_targets_of_extreme_scale(scale):
+    # np.std(y) underflowed to 0 (fell back to 1) or overflowed to inf: targets at
+    # 1e-300 were predicted at ~1e294, targets at 1e160 as -inf
+    rng = np.random.RandomState(0)
+    X = rng.randn(60, 2)
+    y = X @ np.array([1.0, -0.5])
+    ref = SampleReweighterRegressor(max_iter=5, random_state=0).fit(X, y)
+    reg = SampleReweighterRegressor(max_iter=5, random_state=0).fit(X, y * scale)
+    np.testing.assert_allclose(reg.predict(X[:5]) / scale, ref.predict(X[:5]), rtol=1e-5)
