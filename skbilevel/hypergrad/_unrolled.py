@@ -36,7 +36,10 @@ float32). A finite but unconverged ``theta_T`` does not warn, since the
 T-step map is what these strategies differentiate; a non-finite one (the
 steps diverged, or the objective is not finite at the start) emits an
 :class:`~skbilevel.hypergrad.InnerSolveWarning` with the step at which the
-iterates failed and the gradient norms before it. It does not raise as the
+iterates failed and the gradient norms before it. So do finite iterates of
+two steps or more that diverged: the inner objective ended above its value
+at ``init`` and its gradient norm more than ten times larger
+(``info.extra["diverged"]``). It does not raise as the
 implicit strategies' solvers do: the non-finite outer loss it leads to is
 what outer loops (``minimize_outer``, the estimators) detect and stop on.
 """
@@ -223,15 +226,65 @@ def _record_inner(info, fun, theta, n_steps, check_inner, strategy, solver, init
     leaves = tree_flatten(theta)[0]
     finite = _all_finite(leaves)
     if check_inner:
-        info.inner_grad_norm = _grad_norm(fun, theta)
+        value, info.inner_grad_norm = _value_and_grad_norm(fun, theta)
         info.n_grad += 1
         tol = _default_tol(leaves[0].dtype)
         info.extra["inner_tol"] = tol
         info.inner_converged = finite and _within_tol(info.inner_grad_norm, tol)
-        finite = finite and math.isfinite(info.inner_grad_norm)
+        finite = finite and math.isfinite(info.inner_grad_norm) and math.isfinite(value)
+        if finite and n_steps > 1:  # (one-step lookahead / DARTS: no extra pass)
+            _check_diverging(info, fun, value, strategy, solver, init, n_steps)
     if not finite:
         info.inner_converged = False
         _warn_not_finite(info, fun, strategy, solver, init, n_steps)
+
+
+def _value_and_grad_norm(fun, theta):
+    """``fun(theta)`` and the norm of its gradient, in one pass (floats)."""
+    with torch.enable_grad():
+        theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
+        leaves = tree_flatten(theta)[0]
+        value = fun(theta)
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    sq = sum(float((g.detach() ** 2).sum()) for g in grads if g is not None)
+    return float(value.detach()), math.sqrt(sq)
+
+
+def _check_diverging(info, fun, value, strategy, solver, init, n_steps):
+    """Warn when finite iterates diverged: the inner objective rose over the
+    steps and the inner gradient norm grew more than tenfold.
+
+    Steps of a descent method that end above their start, and steeper, have
+    diverged (``GradientDescent()``'s ``lr=0.1`` on a quadratic of curvature
+    above 20: a gradient norm of 5e62 after 100 steps, a hypergradient of
+    6e122, no warning). One forward pass at ``init``; the gradient there only
+    when the objective rose. Not run for a single step (the one-step
+    lookahead and DARTS approximations, called at every outer step).
+    """
+    with torch.no_grad():
+        value0 = float(fun(tree_detach(init)))
+    if not (math.isfinite(value0) and value > value0 + 1e-8 * abs(value0)):
+        return
+    grad0 = _grad_norm(fun, tree_detach(init))
+    info.n_grad += 1
+    if not info.inner_grad_norm > 10.0 * grad0:
+        return
+    info.inner_converged = False
+    info.extra["diverged"] = True
+    name = type(solver).__name__
+    lr = getattr(solver, "lr", None)
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        lr = float(lr.detach())
+    lr_text = f"lr={lr:g}" if isinstance(lr, numbers.Real) else "lr"
+    warnings.warn(
+        f"The {strategy.name!r} hypergradient comes from diverging inner steps: over "
+        f"{n_steps} steps of {name}, the inner objective rose from {value0:.3e} to "
+        f"{value:.3e} and its gradient norm from {grad0:.3e} to "
+        f"{info.inner_grad_norm:.3e}. Lower the solver's {lr_text} (below 2 / the "
+        "largest curvature of the inner objective for gradient descent).",
+        InnerSolveWarning,
+        stacklevel=5,  # the user's argmin call
+    )
 
 
 def _all_finite(leaves):

@@ -7,6 +7,8 @@ weight decay, MAML) are checked against central finite differences of the
 unrolled map itself.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from skbilevel.hypergrad import (
     FiniteDifferenceDARTS,
     FirstOrder,
     GradientDescent,
+    InnerSolveWarning,
     Momentum,
     OneStepLookahead,
     StepSolver,
@@ -596,3 +599,21 @@ def test_check_inner_must_be_bool():
         with pytest.raises(ValueError, match="check_inner"):
             cls(check_inner="no")
     assert get_strategy("reverse", check_inner=False).check_inner is False
+
+
+@pytest.mark.parametrize("name", ["reverse", "truncated", "forward", "first_order"])
+def test_finite_but_diverging_steps_warn_with_numbers(name):
+    # lr twice the stability limit: finite iterates whose gradient norm reached
+    # ~1e9 and a hypergradient of ~1e17, with no warning and inner_converged False
+    inner, outer, phi0, exact, lr = ridge_problem()
+    solver = GradientDescent(lr=2.2 * lr, n_steps=60)
+    with pytest.warns(InnerSolveWarning, match="diverging inner steps: over 60 steps of "
+                      "GradientDescent, the inner objective rose from .* Lower the solver's lr"):
+        _, w, info = hypergrad(inner, outer, phi0, name, solver)
+    assert bool(torch.isfinite(w).all())
+    assert info.inner_converged is False and info.extra["diverged"] is True
+    # a stable run: no warning, no flag
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, _, info = hypergrad(inner, outer, phi0, name, GradientDescent(lr=lr, n_steps=60))
+    assert "diverged" not in info.extra
