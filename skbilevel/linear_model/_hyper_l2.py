@@ -222,7 +222,8 @@ def _offsets(X, y, sw, fit_intercept):
         return X, y, x_offset, y_offset
     if not sp.issparse(X):
         mean = np.average(X, axis=0, weights=sw).astype(np.float64)
-        var = np.average((X - mean) ** 2, axis=0, weights=sw)
+        with np.errstate(over="ignore"):  # out-of-range X: _check_magnitudes says so
+            var = np.average((X - mean) ** 2, axis=0, weights=sw)
         shifted = np.abs(mean) > np.sqrt(var)
         if shifted.any():
             x_offset = np.where(shifted, mean, 0.0)

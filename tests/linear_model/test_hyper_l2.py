@@ -1092,8 +1092,10 @@ def test_values_whose_squares_leave_the_dtype_are_a_value_error(Est):
         (sp.csr_matrix(X * 1e200), "float64", "too large"),
         (X * 1e20, "float32", "too large"),
     ]:
-        with pytest.raises(ValueError, match=f"{word} to be squared.*{dtype}.*StandardScaler"):
-            Est(dtype=dtype).fit(Xbad, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no overflow on the way
+            with pytest.raises(ValueError, match=f"{word} to be squared.*{dtype}.*StandardScaler"):
+                Est(dtype=dtype).fit(Xbad, y)
     if Est is HyperL2Regressor:
         with pytest.raises(ValueError, match="y's values .* too large.*Rescale y"):
             Est().fit(X, y * 1e200)
