@@ -31,6 +31,7 @@ from ..hypergrad import (
 )
 from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
 from ..utils._fit import fit_outer
+from ..utils._validation import check_hidden_layer_sizes
 from ..utils._modules import (
     MLP,
     build_module,
@@ -131,6 +132,12 @@ class _MetaLearnerMixin:
 
     def _build_module(self, n_features, n_outputs, is_r2d2):
         params = module_params(self)
+        if (isinstance(self.module, str) or self.module is MLP) and (
+            "hidden_layer_sizes" in params
+        ):
+            check_hidden_layer_sizes(
+                params["hidden_layer_sizes"], "module__hidden_layer_sizes"
+            )
         if is_r2d2:
             # R2D2: the backbone's output is the feature map of the ridge head.
             sizes = params.get("hidden_layer_sizes", _BUILTIN["mlp"][1]["hidden_layer_sizes"])

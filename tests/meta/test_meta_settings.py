@@ -142,3 +142,16 @@ def test_bfloat16_still_fits():
                                meta_batch_size=2, max_iter=3, random_state=0).fit(X, y)
     assert est.n_iter_ == 3
     assert np.isfinite(est.predict(X[:3])).all()
+
+
+@pytest.mark.parametrize("method", ["maml", "r2d2"])
+@pytest.mark.parametrize("sizes", [(0,), (8, -1), 5, (2.5,)])
+def test_module_hidden_layer_sizes_validated(method, sizes):
+    # (0,) fitted a network with an empty hidden layer (torch only warned
+    # 'Initializing zero-element tensors is a no-op'); 5 failed with "'int' object
+    # is not iterable" (R2D2: "object of type 'int' has no len()")
+    X, y = _line()
+    est = MetaLearnerRegressor(method=method, module__hidden_layer_sizes=sizes,
+                               k_shot=2, n_query=2, meta_batch_size=2, max_iter=2)
+    with pytest.raises(ValueError, match="module__hidden_layer_sizes must be a tuple"):
+        est.fit(X, y)
