@@ -10,10 +10,11 @@ is that ``theta`` is an iterate of the joint method, not an inner minimizer.
 """
 
 import math
+import warnings
 
 import torch
 
-from ._base import HypergradientStrategy, register_strategy
+from ._base import HypergradientStrategy, InnerSolveWarning, register_strategy
 from ._proxy import _solver_grads
 from ._steps import GradientDescent
 from ._tree import tree_detach, tree_flatten, tree_unflatten
@@ -97,7 +98,11 @@ class BOME(HypergradientStrategy):
     ``info.extra`` holds ``q`` (the gap at ``theta_t``), ``grad_q_norm`` and,
     after backward, ``lambda``. ``info.inner_grad_norm`` is the norm of
     ``grad_theta f`` at ``theta_t``. Cost: the inner solver's steps plus two
-    gradient evaluations; no Hessian-vector product.
+    gradient evaluations; no Hessian-vector product. An inner solver that
+    raises the inner objective (a negative gap ``q``, e.g. gradient steps
+    too long for its curvature) emits an
+    :class:`~skbilevel.hypergrad.InnerSolveWarning` and sets
+    ``info.inner_converged`` to ``False``.
 
     Examples
     --------
@@ -172,9 +177,9 @@ class BOME(HypergradientStrategy):
             th = [t.detach().requires_grad_(True) for t in theta_leaves]
             ph = [p.detach().requires_grad_(p.requires_grad) for p in phi_leaves]
             ph_tree = tree_unflatten(phi_spec, ph)
-            q = inner_loss(tree_unflatten(theta_spec, th), ph_tree) - inner_loss(
-                theta_hat, ph_tree
-            )
+            f_theta = inner_loss(tree_unflatten(theta_spec, th), ph_tree)
+            f_hat = inner_loss(theta_hat, ph_tree)
+            q = f_theta - f_hat
             wrt = th + [p for p in ph if p.requires_grad]
             grads = torch.autograd.grad(q, wrt, allow_unused=True)
         grads = [
@@ -188,6 +193,21 @@ class BOME(HypergradientStrategy):
         info.n_hvp += getattr(res, "n_hvp", 0) or 0
         info.inner_grad_norm = math.sqrt(sum(float((g**2).sum()) for g in gq_theta))
         info.extra.update(q=float(q.detach()), grad_q_norm=math.sqrt(sq))
+        f0, f1 = float(f_theta.detach()), float(f_hat.detach())
+        if not f1 <= f0 + 1e-8 * abs(f0):
+            # the gap q = f(theta) - min f must be >= 0: the solver went uphill
+            # (GradientDescent(lr=0.1) on a curvature of 300: q = -7e13 and a
+            # direction of 1e12, silently)
+            info.inner_converged = False
+            warnings.warn(
+                f"BOME's inner solver raised the inner objective from {f0:.3e} to "
+                f"{f1:.3e} in {res.n_iter} iterations of {type(solver).__name__}, so "
+                f"the value-function gap q = {f0 - f1:.3e} is negative and BOME's "
+                "direction is meaningless. Lower the solver's lr (below 2 / the largest "
+                "curvature of the inner objective for gradient descent) or use LBFGS().",
+                InnerSolveWarning,
+                stacklevel=3,  # the user's argmin call
+            )
 
         state = {
             "strategy": self,

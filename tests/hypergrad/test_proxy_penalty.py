@@ -21,6 +21,7 @@ from skbilevel.hypergrad import (
     ClosedFormSolver,
     EvoGrad,
     HypergradientWarning,
+    InnerSolveWarning,
     StepSolver,
     argmin,
     get_strategy,
@@ -480,3 +481,17 @@ def test_evograd_orthogonal_draws():
     again = EvoGrad(random_state=0)._orthogonal_draws(10, leaves)
     for a, b in zip(eps, again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_bome_warns_when_its_inner_solver_goes_uphill():
+    # steps far too long for the curvature (~1.5): theta_hat's objective grew to
+    # ~1e30, q was hugely negative and the direction ~1e30, with no warning
+    phi = torch.zeros(N_FEAT, dtype=DT, requires_grad=True)
+    with pytest.warns(InnerSolveWarning, match="raised the inner objective from .* "
+                      "value-function gap q = -.* Lower the solver's lr"):
+        w, info = _argmin(phi, BOME(), solver=GradientSteps(n_steps=10, lr=5.0))
+    assert info.inner_converged is False and info.extra["q"] < 0
+    # a stable solver: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _argmin(phi, BOME(), solver=GradientSteps(n_steps=10, lr=0.5))
