@@ -1037,9 +1037,16 @@ class _HyperL2Base(BaseEstimator):
             if adaptive is not None:
                 # fewer than ten samples per free correction tighten the prior
                 tau *= min(1.0, math.sqrt(n_samples / (_SAMPLES_PER_CORRECTION * n_groups)))
-        prior_weight = 0.0 if tau is None else 1.0 / (2.0 * n_samples * float(tau) ** 2)
+        prior_weight = 0.0
+        if tau is not None:
+            denom = 2.0 * n_samples * float(tau) ** 2
+            prior_weight = 1.0 / denom if denom > 0 else math.inf
+        # a prior too tight for the dtype (a tiny prior_scale, or sample weights
+        # summing to 1e-200: 1 / (2 n tau^2) underflowed to a ZeroDivisionError)
+        # holds the corrections at its centre: no descent
+        pinned = not prior_weight * _LOG_ALPHA_BOX**2 < torch.finfo(dtype).max
         phi = phi0.clone().requires_grad_(True)
-        if self.max_iter > 0:
+        if self.max_iter > 0 and not pinned:
             res = self._outer_stage(
                 objective,
                 phi,

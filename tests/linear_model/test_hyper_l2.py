@@ -1117,3 +1117,23 @@ def test_callbacks_that_are_not_callable_are_refused_before_the_fit(Est, monkeyp
     with pytest.raises(ValueError, match="callbacks must be callables.*got 1 of type int"):
         Est(callbacks=[print, 1]).fit(X, y)
     assert not calls
+
+
+@pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
+def test_a_prior_too_tight_for_the_dtype_holds_the_corrections(Est):
+    # 1 / (2 n tau^2) underflowed to ZeroDivisionError with prior_scale=1e-200 or
+    # sample weights of 1e-200 (n is their sum); now the corrections stay at the
+    # centre, as a very tight prior would hold them
+    X, y = make_classification(80, 4, n_informative=2, random_state=0)
+    if Est is HyperL2Regressor:
+        y = X @ [2.0, 1.0, 0.0, 0.0] + 0.3 * np.random.RandomState(0).randn(80)
+    kw = dict(adaptive=False, random_state=0)
+    tight = Est(prior_scale=1e-6, **kw).fit(X, y)
+    cases = [(Est(prior_scale=1e-200, **kw), None)]
+    if Est is HyperL2Regressor:  # (the classifier's float32 products underflow)
+        cases.append((Est(**kw), np.full(80, 1e-200)))
+    for est, sw in cases:
+        est.fit(X, y, sample_weight=sw)
+        assert np.all(np.isfinite(est.alphas_)) and np.ptp(np.log(est.alphas_)) < 1e-9
+        if sw is None:
+            np.testing.assert_allclose(est.alphas_, tight.alphas_, rtol=1e-4)
