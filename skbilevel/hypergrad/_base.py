@@ -405,7 +405,17 @@ def get_strategy(spec, **params):
 
 
 def _check_tree(tree, what):
-    leaves, _ = tree_flatten(tree)
+    try:
+        leaves, _ = tree_flatten(tree)
+    except TypeError as exc:
+        # (the bare message named neither the argument nor the fix)
+        leaf = str(exc).rsplit("got ", 1)[-1].rstrip(".")
+        raise TypeError(
+            f"{what} must be a torch tensor or a dict, tuple or list of tensors; "
+            f"got {type(tree).__name__}"
+            + ("" if leaf == type(tree).__name__ else f" holding a {leaf}")
+            + ". Wrap numbers with torch.tensor(..., dtype=torch.float64)."
+        ) from None
     for leaf in leaves:
         if not torch.is_floating_point(leaf):
             raise ValueError(
@@ -459,6 +469,11 @@ def argmin(inner_loss, phi, init, *, hypergradient="cg", solver=None):
     True
     """
     strategy = get_strategy(hypergradient)
+    if not callable(inner_loss):
+        raise TypeError(
+            "inner_loss must be a callable inner_loss(theta, phi) -> scalar tensor; "
+            f"got {type(inner_loss).__name__}."
+        )
     _check_tree(phi, "phi")
     _check_tree(init, "init")
     _check_solver(solver)

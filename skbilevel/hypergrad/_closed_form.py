@@ -101,6 +101,8 @@ class ClosedForm(HypergradientStrategy):
     solver_kind = "closed_form"
 
     def __init__(self, check_inner=True):
+        if not isinstance(check_inner, bool):
+            raise ValueError(f"check_inner must be True or False; got {check_inner!r}.")
         self.check_inner = check_inner
 
     def default_solver(self):

@@ -158,9 +158,13 @@ class BOME(HypergradientStrategy):
     def argmin(self, inner_loss, phi, init, solver, info):
         for name in ("eta", "step_size"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0):
+            # (step_size=inf was accepted and made the iterate NaN after one call)
+            if not (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and value > 0
+            ):
                 raise ValueError(
-                    f"BOME: {name} must be a positive number; got {value!r}."
+                    f"BOME: {name} must be a positive finite number; got {value!r}."
                 )
         theta = self._start(init)
         self.theta_ = theta

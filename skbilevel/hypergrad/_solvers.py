@@ -66,10 +66,11 @@ class _FlatProblem:
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             val = self.fun(vector_to_tree(xr, self.like))
-            if val.numel() != 1:
+            if not isinstance(val, torch.Tensor) or val.numel() != 1:
+                # (a Python float: AttributeError "'float' object has no attribute 'numel'")
                 raise ValueError(
-                    "The inner objective must return a scalar; got shape "
-                    f"{tuple(val.shape)}."
+                    "The inner objective must return a scalar tensor; got "
+                    f"{type(val).__name__} with shape {tuple(getattr(val, 'shape', ()))}."
                 )
             if val.requires_grad:
                 (g,) = torch.autograd.grad(

@@ -57,3 +57,31 @@ def test_first_order_drops_the_indirect_term_without_breaking_backward():
     ((X @ w - y) ** 2).mean().backward()
     assert torch.equal(phi.grad, torch.zeros(4, dtype=torch.float64))
     assert info.extra["theta_independent_of_phi"] is True
+
+
+def test_bad_arguments_name_themselves():
+    X = torch.randn(10, 3, dtype=torch.float64)
+    w0 = torch.zeros(3, dtype=torch.float64)
+    phi = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+
+    def inner(w, p):
+        return 0.5 * ((X @ w) ** 2).sum() + 0.5 * p.exp() * (w**2).sum()
+
+    # "Expected a torch.Tensor or a dict, tuple or list of tensors, got float."
+    # named neither phi nor init
+    with pytest.raises(TypeError, match="phi must be a torch tensor.*got float"):
+        argmin(inner, 0.0, w0)
+    with pytest.raises(TypeError, match="init must be a torch tensor.*got list holding a float"):
+        argmin(inner, phi, [0.0, 0.0, 0.0])
+    # "'NoneType' object is not callable" from inside a solver
+    with pytest.raises(TypeError, match="inner_loss must be a callable"):
+        argmin(None, phi, w0)
+    # a float objective: AttributeError "'float' object has no attribute 'numel'"
+    for strategy in ("cg", "dense", "best_response"):
+        with pytest.raises(ValueError, match="scalar tensor; got float"):
+            argmin(lambda w, p: 1.0, phi, w0, hypergradient=strategy)
+    # step_size=inf was accepted (a NaN iterate after one call); check_inner="no" too
+    with pytest.raises(ValueError, match="step_size must be a positive finite number"):
+        argmin(inner, phi, w0, hypergradient=get_strategy("bome", step_size=float("inf")))
+    with pytest.raises(ValueError, match="check_inner must be True or False"):
+        get_strategy("closed_form", check_inner="no")
