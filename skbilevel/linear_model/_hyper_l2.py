@@ -99,6 +99,7 @@ seeds 1 to 5 the scores are unchanged (.9565, .9439, .9484, .9495, .9511).
 import contextlib
 import math
 import numbers
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -107,6 +108,7 @@ from joblib import cpu_count, effective_n_jobs
 import scipy.sparse as sp
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model._base import LinearClassifierMixin
 from sklearn.model_selection import (
     KFold,
@@ -667,13 +669,35 @@ class _HyperL2Base(BaseEstimator):
         (basis,) = self._adaptive_bases(full, groups, [self._pilot_spec])
         return full.reparametrized(groups=groups, log_offset=basis[0] @ params)
 
-    def _outer_stage(self, objective, phi, base, center, prior_weight, lo, hi):
+    def _outer_stage(self, objective, phi, base, center, prior_weight, lo, hi, stage):
         """One L-BFGS (or Adam) descent of the outer objective from ``phi`` (in
         place), inside the box ``[lo, hi]`` (tensors shaped like ``phi``).
         With ``outer_optimizer="lbfgs"``, a model of at most
         ``_NEWTON_MAX_PARAMS`` parameters whose folds give their exact
         Hessian (the adaptive model of the regressor and of a binary
-        classifier) takes Newton steps instead (:func:`minimize_newton`)."""
+        classifier) takes Newton steps instead (:func:`minimize_newton`).
+        A descent stopped by ``max_iter`` while its objective still fell by
+        more than a relative ``tol`` is a ``ConvergenceWarning`` naming
+        ``stage``."""
+        res = self._descend(objective, phi, base, center, prior_weight, lo, hi)
+        h = np.asarray(res.history, dtype=float)
+        k = min(self.n_iter_no_change, len(h) - 1)
+        if res.stop_reason == "max_iter" and k > 0 and np.all(np.isfinite(h[-k - 1 :])):
+            gain = (h[-k - 1] - h[-k:].min()) / max(abs(h[-k - 1]), 1e-300)
+            if gain > self.tol:
+                warnings.warn(
+                    f"{self._name}: the {stage} stage stopped at max_iter={self.max_iter} "
+                    f"outer iterations with its objective still falling (by a relative "
+                    f"{gain:.3g} over the last {k} iterations, tol={self.tol:g}; best "
+                    f"{res.best_loss:.6g}); its best iterate is kept. Raise max_iter or "
+                    "loosen tol.",
+                    ConvergenceWarning,
+                    stacklevel=2,
+                )
+        return res
+
+    def _descend(self, objective, phi, base, center, prior_weight, lo, hi):
+        """The descent of :meth:`_outer_stage`."""
         if (
             self.outer_optimizer == "lbfgs"
             and phi.numel() <= _NEWTON_MAX_PARAMS
@@ -850,7 +874,7 @@ class _HyperL2Base(BaseEstimator):
         psi = like.new_tensor([level, start * spread]).requires_grad_(True)
         lo = like.new_tensor([center - _LOG_ALPHA_BOX, 0.0])
         hi = like.new_tensor([center + _LOG_ALPHA_BOX, _ADAPTIVE_MAX_GAMMA * spread])
-        res = self._outer_stage(staged, psi, base, 0.0, 0.0, lo, hi)
+        res = self._outer_stage(staged, psi, base, 0.0, 0.0, lo, hi, "adaptive")
         return psi.detach() * unit, res, pilot, staged.warm_starts()
 
     def _run_outer(
@@ -1055,6 +1079,7 @@ class _HyperL2Base(BaseEstimator):
                 prior_weight,
                 torch.full_like(phi0, center - _LOG_ALPHA_BOX),
                 torch.full_like(phi0, center + _LOG_ALPHA_BOX),
+                "per-feature" if n_groups == len(groups) else "per-group",
             )
             history.extend(res.history)
             n_iter += res.n_iter
@@ -1197,7 +1222,10 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         Maximum number of outer (hypergradient) iterations of each of the
         adaptive and per-feature stages; also caps the refinements of the
         shared stage when it is the answer (``penalty="scalar"``; before
-        per-feature stages it takes one refinement).
+        per-feature stages it takes one refinement). An adaptive or
+        per-feature stage that reaches it while its objective still falls by
+        more than a relative ``tol`` raises a ``ConvergenceWarning`` (its
+        best iterate is kept).
     tol : float, default=1e-5
         Stop when the outer objective has not improved by a relative
         ``tol`` for ``n_iter_no_change`` iterations (or L-BFGS's line search
@@ -1650,7 +1678,9 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         shared stage when it is the answer (``penalty="scalar"``; before
         per-feature stages it takes the best point of its grid as is, and
         refines it only if it is the answer: each refinement solves the folds
-        again, and the stages that follow move the level anyway).
+        again, and the stages that follow move the level anyway). A stage
+        stopped by it is a ``ConvergenceWarning``, as for
+        :class:`HyperL2Regressor`.
     tol : float, default=3e-4
         Stop when the outer objective has not improved by a relative
         ``tol`` for ``n_iter_no_change`` iterations; the best iterate is kept.
