@@ -102,6 +102,12 @@ def _per_sample_loss(kind, criterion, outputs, y):
     return losses.reshape(losses.shape[0], -1).mean(dim=1)
 
 
+def _trainable(module):
+    """``(name, parameter)`` pairs of the module's parameters that require grad:
+    those the fit trains (a frozen layer keeps its values, as in torch)."""
+    return [(k, p) for k, p in module.named_parameters() if p.requires_grad]
+
+
 def _std(y):
     """Standard deviation of ``y``, also where the squares of its deviations would
     overflow (beyond 1e154) or underflow to zero (below 1e-154): those are
@@ -516,6 +522,12 @@ class _BaseSampleReweighter(BaseEstimator):
                 "there is no model to train with the learned weights. Give a module "
                 "with parameters, e.g. module='linear' or module='mlp'."
             )
+        if not _trainable(module):
+            raise ValueError(
+                f"Every parameter of the inner module {type(module).__name__} has "
+                "requires_grad=False, so there is no model to train with the learned "
+                "weights. Unfreeze the layers to train (e.g. the output layer)."
+            )
         out = check_forward(module, X, "inner module")
         n = X[:2].shape[0]
         if self._is_classifier:
@@ -696,7 +708,8 @@ class _BaseSampleReweighter(BaseEstimator):
         one_step = isinstance(solver, StepSolver) and (
             getattr(strategy, "n_steps", None) or solver.n_steps) == 1
 
-        theta = {k: p.detach().clone().requires_grad_(True) for k, p in module.named_parameters()}
+        # frozen parameters (requires_grad=False) stay the module's own constants
+        theta = {k: p.detach().clone().requires_grad_(True) for k, p in _trainable(module)}
         opt = _make_inner_optimizer(self.optimizer, list(theta.values()), self.learning_rate)
         ctx = {"pending": None, "snapshot": None, "best": None, "best_loss": math.inf, "stall": 0}
 
@@ -806,7 +819,7 @@ class _BaseSampleReweighter(BaseEstimator):
         (at least one) mini-batch steps of the inner optimizer.
         """
         module.load_state_dict(init_state)
-        theta0 = {k: p.detach().clone() for k, p in module.named_parameters()}
+        theta0 = {k: p.detach().clone() for k, p in _trainable(module)}
         n = problem.X.shape[0]
         full = _WeightedProblem(
             module, problem.kind, problem.criterion, problem.X, problem.y,
@@ -925,7 +938,8 @@ _COMMON_DOC = """
         module class is built with the ``module__*`` keywords (its
         ``n_features`` / ``in_features`` and ``n_outputs`` / ``out_features`` /
         ``n_classes`` arguments are filled from the data when not given); an
-        instance is copied. A skorch ``NeuralNet`` contributes its module
+        instance is copied; its parameters with ``requires_grad=False`` are
+        not trained. A skorch ``NeuralNet`` contributes its module
         (trained ``module_`` if initialized) and its criterion
         (``NLLLoss`` on probabilities or ``CrossEntropyLoss`` on logits for
         classification).

@@ -540,3 +540,22 @@ def test_regressor_standardizes_targets_of_extreme_scale(scale):
     ref = SampleReweighterRegressor(max_iter=5, random_state=0).fit(X, y)
     reg = SampleReweighterRegressor(max_iter=5, random_state=0).fit(X, y * scale)
     np.testing.assert_allclose(reg.predict(X[:5]) / scale, ref.predict(X[:5]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("final_estimator", [None, "joint"])
+def test_frozen_parameters_of_a_module_instance_stay_fixed(final_estimator):
+    # parameters with requires_grad=False were trained like the others: a frozen
+    # first layer moved by 0.05 in module_ and by 3.4 in the refitted estimator_
+    X, y = make_classification(n_samples=80, n_features=4, random_state=0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    net[0].requires_grad_(False)
+    clf = SampleReweighter(net, max_iter=5, final_estimator=final_estimator,
+                           random_state=0).fit(X, y)
+    for fitted in (clf.module_, clf.estimator_.module_):
+        torch.testing.assert_close(fitted[0].weight, net[0].weight)
+        torch.testing.assert_close(fitted[0].bias, net[0].bias)
+        assert not torch.equal(fitted[2].weight, net[2].weight)  # the head trains
+    net[2].requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        SampleReweighter(net, max_iter=2).fit(X, y)
