@@ -201,7 +201,20 @@ def _groups_from_penalty(penalty, n_features):
             f"{n_features} features but penalty has shape {labels.shape}. Pass "
             "penalty='per_feature', 'scalar', or an array of length n_features."
         )
-    _, groups = np.unique(labels, return_inverse=True)
+    bad = "non-finite (NaN or inf)"
+    try:
+        missing = labels.dtype.kind in "fc" and not np.all(np.isfinite(labels))
+        if not missing:
+            bad = "missing or unorderable"
+            _, groups = np.unique(labels, return_inverse=True)
+    except TypeError:  # None, or ids of types that do not compare (np.unique sorts)
+        missing = True
+    if missing:
+        raise ValueError(
+            f"penalty as group ids needs one comparable id per feature (integers or "
+            f"strings); got {bad} ids: {labels.tolist()[:10]}. Give every "
+            "feature a group, e.g. its own id for a group of one."
+        )
     groups = groups.reshape(-1).astype(np.int64)
     return groups, int(groups.max()) + 1 if n_features else 0
 

@@ -1155,3 +1155,19 @@ def test_stage_stopped_by_max_iter_is_a_convergence_warning(Est):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         Est(random_state=0).fit(X, y)  # converges within the default budget
+
+
+@pytest.mark.parametrize(
+    "penalty, word",
+    [([0, None, 1, 1], "missing"), ([0, np.nan, 1, 1], "NaN"), ([0.0, 1.0, np.inf, 1.0], "inf"),
+     ([{}, 1, 2, 3], "unorderable")],
+)
+def test_penalty_group_ids_must_be_comparable_and_finite(penalty, word):
+    # NaN and inf ids were taken as groups of their own; None or a dict failed in
+    # np.unique with "TypeError: '<' not supported between instances"
+    rng = np.random.RandomState(0)
+    X = rng.randn(30, 4)
+    with pytest.raises(ValueError, match=f"penalty as group ids.*{word}"):
+        HyperL2Regressor(penalty=penalty).fit(X, X[:, 0])
+    with pytest.raises(ValueError, match=f"penalty as group ids.*{word}"):
+        HyperL2Classifier(penalty=penalty).fit(X, X[:, 0] > 0)
