@@ -23,6 +23,7 @@ points (KIP) dataset distillation needs.
 
 import dataclasses
 import math
+import numbers
 import types
 from typing import Optional
 
@@ -260,7 +261,7 @@ def _cholesky_ex(A, overwrite_a=False):
     return L, torch.from_numpy(info)
 
 
-def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver"):
+def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver", check_X=True):
     """Validate the data of a ridge problem; return ``y`` and ``sample_weight``
     as tensors of ``X``'s dtype and device.
 
@@ -268,7 +269,9 @@ def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver"):
     per sample and ``sample_weight`` (optional) a tensor of ``n_samples``
     finite, non-negative weights with a positive sum; all finite. (A NaN
     gave numpy's "Eigenvalues did not converge" or a NaN hypergradient;
-    all-zero weights divided the weighted means by zero.)
+    all-zero weights divided the weighted means by zero.) ``check_X=False``
+    leaves the finiteness of ``X`` to the caller (the decomposition checks
+    its Gram matrix instead: no extra pass over ``X``).
     """
     for name, a in (("X", X), ("y", y), ("sample_weight", sample_weight)):
         if a is not None and not isinstance(a, torch.Tensor):
@@ -287,8 +290,9 @@ def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver"):
     if y.ndim == 0 or y.shape[0] != n:
         raise ValueError(f"X has {n} samples but y has shape {tuple(y.shape)}.")
     y = y.to(dtype=X.dtype, device=X.device)
-    values = X if X.layout == torch.strided else X.values()
-    if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(y).all())):
+    if check_X:
+        _check_finite_X(X)
+    if not bool(torch.isfinite(y).all()):
         raise ValueError("X and y must be finite (no NaN or infinity).")
     if sample_weight is not None:
         if tuple(sample_weight.shape) != (n,):
@@ -308,13 +312,28 @@ def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver"):
     return y, sample_weight
 
 
-def _check_no_overflow(A, what, fix):
-    """``ValueError`` when ``A`` (a product of the data) overflowed its dtype."""
+def _check_finite_X(X):
+    values = X if not isinstance(X, torch.Tensor) or X.layout == torch.strided else X.values()
+    ok = bool(np.isfinite(values).all()) if isinstance(values, np.ndarray) else bool(
+        torch.isfinite(values).all()
+    )
+    if not ok:
+        raise ValueError("X and y must be finite (no NaN or infinity).")
+
+
+_OVERFLOW_FIX = "Rescale X and y, e.g. with StandardScaler, or divide by their largest values."
+
+
+def _check_no_overflow(A, what, fix=_OVERFLOW_FIX, X=None):
+    """``ValueError`` when ``A`` (a product of the data) is not finite: ``X``
+    (when given) not finite, else an overflow of ``A``'s dtype."""
     if isinstance(A, torch.Tensor):
         ok, dtype = bool(torch.isfinite(A).all()), str(A.dtype).replace("torch.", "")
     else:
         ok, dtype = bool(np.isfinite(A).all()), str(np.asarray(A).dtype)
     if not ok:
+        if X is not None:
+            _check_finite_X(X)  # a NaN or infinity in X itself
         raise ValueError(
             f"{what} overflows {dtype}: the data are too large "
             f"in magnitude. {fix}"
@@ -360,7 +379,7 @@ def _center_and_rescale(X, y2, sample_weight, fit_intercept):
 # --------------------------------------------------------------------------
 
 
-def _deflated_gram_eigh(Xs, sqrt_sw):
+def _deflated_gram_eigh(Xs, sqrt_sw, X=None):
     """Eigendecomposition of the centered Gram matrix on the complement of ``sqrt(s)``.
 
     After weighted centering ``Xs^T sqrt(s) = 0``, so ``q0 = sqrt(s)/||sqrt(s)||``
@@ -378,6 +397,7 @@ def _deflated_gram_eigh(Xs, sqrt_sw):
     v[0] = v[0] + (1.0 if float(q0[0]) >= 0 else -1.0)
     beta = 2.0 / (v @ v)
     K = Xs @ Xs.T
+    _check_no_overflow(K, "X X^T (the Gram matrix of X)", X=X)
     Kv = K @ v
     # H K H = K - beta (v Kv^T + Kv v^T) + beta^2 (v^T K v) v v^T, rows/cols 1:
     v1, Kv1 = v[1:], Kv[1:]
@@ -487,7 +507,10 @@ def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="
     >>> ridge_loo_decomposition(X, y).mode
     'cov'
     """
-    y, sample_weight = _check_ridge_data(X, y, sample_weight, "ridge_loo_decomposition")
+    # X's finiteness is judged on its Gram matrix below (no extra pass over X)
+    y, sample_weight = _check_ridge_data(
+        X, y, sample_weight, "ridge_loo_decomposition", check_X=False
+    )
     y2, y_1d = _as_2d_targets(y)
     n, p = X.shape
     if mode == "auto":
@@ -502,18 +525,21 @@ def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="
         X, y2, sample_weight, fit_intercept
     )
     deflated = mode == "gram" and fit_intercept and n > 1
-    # squares of the data beyond the dtype's range: numpy's "Eigenvalues did not
-    # converge" (X * 1e200) or an infinite objective at every alpha (y * 1e200)
-    fix = "Rescale X and y, e.g. with StandardScaler, or divide by their largest values."
-    _check_no_overflow((Xs * Xs).sum(), "The sum of squares of X", fix)
-    _check_no_overflow((ys * ys).sum(), "The sum of squares of y", fix)
+    # NaN in X, or squares of the data beyond the dtype's range: numpy's
+    # "Eigenvalues did not converge" (X * 1e200) or an infinite objective at
+    # every alpha (y * 1e200)
+    _check_no_overflow((ys * ys).sum(), "The sum of squares of y")
     V = None
     if deflated:
-        eigvals, basis = _deflated_gram_eigh(Xs, sqrt_sw)
+        eigvals, basis = _deflated_gram_eigh(Xs, sqrt_sw, X=X)
     elif mode == "gram":
-        eigvals, basis = _eigh(Xs @ Xs.T)
+        K = Xs @ Xs.T
+        _check_no_overflow(K, "X X^T (the Gram matrix of X)", X=X)
+        eigvals, basis = _eigh(K)
     else:
-        eigvals, V = _eigh(Xs.T @ Xs)
+        C = Xs.T @ Xs
+        _check_no_overflow(C, "X^T X", X=X)
+        eigvals, V = _eigh(C)
         basis = Xs @ V
     parts = dict(
         eigvals=eigvals,
@@ -1625,7 +1651,8 @@ def minimize_log_alpha(
         ``values(grid: ndarray (a,)) -> ndarray (a, k)``, the objective at
         many points (no derivatives needed).
     grid : ndarray of shape (a,), optional
-        Sorted log-alphas to scan; requires ``values``.
+        Strictly increasing, finite log-alphas to scan; requires ``values``
+        and excludes ``x0``.
     x0 : float or ndarray of shape (k,), optional
         Starting point when no grid is given (clamped into ``bounds``).
     tol : float, default=1e-4
@@ -1639,7 +1666,11 @@ def minimize_log_alpha(
     step : float > 0, default=1.0
         First bracketing step from ``x0``.
     bounds : tuple of float
-        Limits on log-alpha, ``(lower, upper)`` with ``lower < upper``.
+        Limits on log-alpha, ``(lower, upper)`` with ``lower < upper``, for
+        the search from ``x0`` and the expansion beyond a grid. The points of
+        a grid are taken as given, inside the bounds or not: the refinement
+        stays between grid points, so a grid reaching beyond the bounds can
+        return a point beyond them.
     expand : bool, default=False
         With a grid: when the best grid point is an end of the grid and the
         slope points outwards, search beyond it (steps of the grid spacing,
@@ -1668,11 +1699,27 @@ def minimize_log_alpha(
         raise ValueError(f"bounds={bounds!r} must be (lower, upper) with lower < upper.")
     if not (math.isfinite(step) and step > 0):
         raise ValueError(f"step={step!r} must be a positive number (a bracketing step).")
+    # (a negative or NaN tol, or max_iter=-1 or 1.5, were taken as given)
+    if not (isinstance(tol, numbers.Real) and math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol={tol!r} must be a finite number >= 0 (in log-alpha).")
+    if not (
+        isinstance(max_iter, numbers.Integral) and not isinstance(max_iter, bool)
+        and max_iter >= 0
+    ):
+        raise ValueError(f"max_iter={max_iter!r} must be an integer >= 0.")
+    if grid is not None and x0 is not None:
+        raise ValueError("Pass either grid and values, or x0, not both (x0 was ignored).")
 
     def evaluate(x):
         f, g = value_and_grad(np.asarray(x, dtype=float))
         f = np.asarray(f, dtype=float).reshape(-1).tolist()
         g = np.asarray(g, dtype=float).reshape(-1).tolist()
+        if not len(f) == len(g) == len(x):
+            # (zip dropped the extra entries, or the missing ones, silently)
+            raise ValueError(
+                f"value_and_grad must return one value and one derivative per "
+                f"coordinate ({len(x)}); got {len(f)} values and {len(g)} derivatives."
+            )
         return f, g
 
     V = None
@@ -1680,9 +1727,27 @@ def minimize_log_alpha(
         if values is None:
             raise ValueError("A grid scan needs the values callable.")
         grid = np.asarray(grid, dtype=float)
+        # a reversed grid returned 2.0 for a minimum at 1.5 (the bracket of a
+        # neighbour on the wrong side); an empty or 2-D one failed in numpy
+        if grid.ndim != 1 or grid.shape[0] == 0 or not np.isfinite(grid).all():
+            raise ValueError(
+                f"grid must be a non-empty 1-D array of finite log-alphas; got shape "
+                f"{grid.shape}" + ("" if grid.ndim != 1 or not grid.size else
+                                   " with non-finite entries") + "."
+            )
+        if not (np.diff(grid) > 0).all():
+            raise ValueError(
+                "grid must be strictly increasing; sort it first (np.unique(grid))."
+            )
         V = np.asarray(values(grid), dtype=float)
         if V.ndim == 1:
             V = V[:, None]
+        if V.ndim != 2 or V.shape[0] != grid.shape[0]:
+            # (a curve one point short was matched to the wrong grid points)
+            raise ValueError(
+                f"values(grid) must return shape ({grid.shape[0]},) or "
+                f"({grid.shape[0]}, k), one row per grid point; got {V.shape}."
+            )
         V = np.where(np.isfinite(V), V, np.inf)
         idx = np.argmin(V, axis=0).tolist()
         if max_iter == 0 and all(0 < i < len(grid) - 1 for i in idx):
@@ -1736,8 +1801,12 @@ def minimize_log_alpha(
     else:
         if x0 is None:
             raise ValueError("Pass either grid and values, or x0.")
+        x_init = np.atleast_1d(np.asarray(x0, dtype=float))
+        if x_init.ndim != 1 or not np.isfinite(x_init).all():
+            # (x0=nan returned nan, silently)
+            raise ValueError(f"x0 must be finite log-alphas (a scalar or 1-D); got {x0!r}.")
         # a start outside the bounds is clamped into them (the result stays inside)
-        x_init = np.clip(np.atleast_1d(np.asarray(x0, dtype=float)), lo_b, hi_b)
+        x_init = np.clip(x_init, lo_b, hi_b)
         f0, g0 = evaluate(x_init)
         brackets = [_Bracket.from_point(x, f, g, step) for x, f, g in zip(x_init.tolist(), f0, g0)]
         n_expand = 1 + _expand(brackets, evaluate, lo_b, hi_b, max_iter - 1)

@@ -336,10 +336,19 @@ def test_ridge_data_checks_weights_types_overflow_and_decomposition():
     with pytest.raises(TypeError, match="sample_weight must be a torch tensor"):
         ridge_loo_decomposition(X, y, sw.numpy())
     # squares beyond float64: LinAlgError (X) or an infinite objective (y) before
-    with pytest.raises(ValueError, match="sum of squares of X overflows float64"):
+    with pytest.raises(ValueError, match=r"X\^T X overflows float64"):
         ridge_loo_decomposition(X * 1e200, y)
     with pytest.raises(ValueError, match="sum of squares of y overflows float64"):
         ridge_loo_decomposition(X, y * 1e200)
+    # the same in the Gram (n <= p) modes, with and without an intercept
+    Xw = torch.randn(5, 8, dtype=DT)
+    for fit_intercept in (True, False):
+        with pytest.raises(ValueError, match="Gram matrix of X.* overflows float64"):
+            ridge_loo_decomposition(Xw * 1e200, y[:5], fit_intercept=fit_intercept)
+        Xn = Xw.clone()
+        Xn[1, 2] = float("inf")
+        with pytest.raises(ValueError, match="finite"):
+            ridge_loo_decomposition(Xn, y[:5], fit_intercept=fit_intercept)
     # a decomposition of other data was used silently (coefficients of 5 samples)
     with pytest.raises(ValueError, match="does not describe this problem"):
         RidgeSolver(X, y, decomposition=ridge_loo_decomposition(X[:5], y[:5]))
@@ -594,6 +603,39 @@ def test_minimize_log_alpha_bounds_step_and_non_finite_objectives():
         minimize_log_alpha(f, x0=0.0, step=0.0)
     with pytest.raises(ValueError, match="lower < upper"):
         minimize_log_alpha(f, x0=0.0, bounds=(1.0, -1.0))
+
+
+def test_minimize_log_alpha_rejects_bad_grids_settings_and_callables():
+    f = lambda x: ((x - 1.5) ** 2, 2 * (x - 1.5))  # noqa: E731
+    vals = lambda g: ((g - 1.5) ** 2)[:, None]  # noqa: E731
+    grid = np.linspace(-5.0, 5.0, 11)
+    # a reversed grid returned 2.0 for the minimum at 1.5
+    with pytest.raises(ValueError, match="strictly increasing"):
+        minimize_log_alpha(f, values=vals, grid=grid[::-1])
+    # NaN entries were scanned; empty / 2-D grids failed inside numpy
+    for bad in (np.r_[np.nan, grid], [], grid[:, None]):
+        with pytest.raises(ValueError, match="non-empty 1-D array of finite"):
+            minimize_log_alpha(f, values=vals, grid=bad)
+    # a curve one point short was matched to the wrong grid points
+    with pytest.raises(ValueError, match=r"values\(grid\) must return shape \(11,\)"):
+        minimize_log_alpha(f, values=lambda g: vals(g)[:-1], grid=grid)
+    # an extra derivative was dropped by zip
+    extra = lambda x: (f(x)[0], np.r_[f(x)[1], 0.0])  # noqa: E731
+    with pytest.raises(ValueError, match="one value and one derivative per coordinate"):
+        minimize_log_alpha(extra, values=vals, grid=grid)
+    # tol < 0 or NaN, max_iter -1 or 1.5, x0=NaN (returned NaN), x0 with a grid
+    # (ignored): all taken silently before
+    for kwargs in ({"tol": -1.0}, {"tol": np.nan}):
+        with pytest.raises(ValueError, match="tol=.* must be a finite number >= 0"):
+            minimize_log_alpha(f, x0=0.0, **kwargs)
+    for max_iter in (-1, 1.5):
+        with pytest.raises(ValueError, match="max_iter=.* must be an integer >= 0"):
+            minimize_log_alpha(f, x0=0.0, max_iter=max_iter)
+    with pytest.raises(ValueError, match="x0 must be finite"):
+        minimize_log_alpha(f, x0=np.nan)
+    with pytest.raises(ValueError, match="not both"):
+        minimize_log_alpha(f, values=vals, grid=grid, x0=3.0)
+    assert minimize_log_alpha(f, x0=0.0, tol=0.0, max_iter=np.int64(5)).x[0] == pytest.approx(1.5)
 
 
 def test_log_alpha_search_max_iter_zero_is_the_grid_search():

@@ -472,9 +472,9 @@ def test_data_too_large_for_the_dtype_is_a_clear_error():
     X, y = rng.randn(20, 3), rng.randn(20)
     # X * 1e200: LinAlgError 'Eigenvalues did not converge'; y * 1e200: overflow
     # warnings, then alpha=1e-6 with a ConvergenceWarning
-    with pytest.raises(ValueError, match="sum of squares of X overflows float64.*Rescale"):
+    with pytest.raises(ValueError, match=r"X\^T X overflows float64.*Rescale"):
         BilevelRidgeCV().fit(X * 1e200, y)
     with pytest.raises(ValueError, match="sum of squares of y overflows float64"):
         BilevelRidgeCV().fit(X, y * 1e200)
-    with pytest.raises(ValueError, match="sum of squares of X overflows float32"):
+    with pytest.raises(ValueError, match=r"X\^T X overflows float32"):
         BilevelRidgeCV(dtype="float32").fit(X * 1e20, y)
