@@ -96,14 +96,26 @@ class FunctionalModel:
         self.loss_name = loss
         self.buffers = {k: v for k, v in module.named_buffers()}
 
+    def trainable_names(self):
+        """Names of the module's parameters that require grad: those meta-learned
+        and adapted (a frozen parameter keeps the module's value, as in torch)."""
+        return [k for k, v in self.module.named_parameters() if v.requires_grad]
+
     def init_params(self):
-        """Detached copies of the module's parameters (the starting meta-parameters)."""
-        return {k: v.detach().clone() for k, v in self.module.named_parameters()}
+        """Detached copies of the module's trainable parameters (the starting
+        meta-parameters)."""
+        named = dict(self.module.named_parameters())
+        return {k: named[k].detach().clone() for k in self.trainable_names()}
 
     def head_keys(self):
-        """Names of the parameters of the last submodule that owns parameters."""
-        names = [k for k, _ in self.module.named_parameters()]
+        """Names of the trainable parameters of the last submodule that owns any."""
+        names = self.trainable_names()
         if not names:
+            if next(self.module.parameters(), None) is not None:
+                raise ValueError(
+                    "Every parameter of the module has requires_grad=False, so there "
+                    "is nothing to meta-learn; unfreeze the layers to learn (the "
+                    "output layer, say).")
             raise ValueError(
                 "The module has no parameters to meta-learn; give a module with at "
                 "least one layer that has parameters (a torch.nn.Linear head, say).")
@@ -436,7 +448,7 @@ class MetaMethod:
 
     def load_state_dict(self, model, state):
         """Inverse of :meth:`state_dict`."""
-        names = [k for k, _ in model.module.named_parameters()]
+        names = model.trainable_names()
         meta = {"params": {k: state[k] for k in names}}
         for key, value in state.items():
             if key in meta["params"]:
@@ -887,7 +899,7 @@ class R2D2(MetaMethod):
 
     def init_meta(self, model):
         self._check_positive()
-        params = model.init_params()
+        params = _adaptable_params(model)
         like = next(iter(params.values()))
         meta = {"params": params,
                 "log_alpha": like.new_tensor(math.log(self.alpha))}

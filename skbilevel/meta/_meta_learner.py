@@ -485,7 +485,9 @@ _DOC_COMMON = """
         paper); ``"linear"`` a linear model; a module class is built with the
         ``module__*`` keyword parameters (constructor arguments named
         ``n_features`` / ``n_outputs`` and alike are filled from the data); an
-        instance is deep-copied and used as the starting point, and must take
+        instance is deep-copied and used as the starting point (its
+        parameters with ``requires_grad=False`` are neither meta-learned nor
+        adapted), and must take
         ``n_features_in_`` inputs and give one output per target (regression)
         or at least ``n_way`` logits (classification). For
         ``method="r2d2"`` the backbone's output is the feature map of the

@@ -155,3 +155,25 @@ def test_module_hidden_layer_sizes_validated(method, sizes):
                                k_shot=2, n_query=2, meta_batch_size=2, max_iter=2)
     with pytest.raises(ValueError, match="module__hidden_layer_sizes must be a tuple"):
         est.fit(X, y)
+
+
+@pytest.mark.parametrize("method", ["maml", "anil", "reptile", "r2d2"])
+def test_frozen_parameters_of_a_module_instance_stay_fixed(method):
+    # parameters with requires_grad=False were meta-learned and adapted like the
+    # others (a frozen first layer moved by 3e-3 in 3 iterations)
+    X = np.random.RandomState(0).randn(60, 3)
+    y = (X[:, 0] > 0).astype(int)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    net[0].requires_grad_(False)
+    meta = MetaLearnerClassifier(net, method=method, k_shot=2, n_query=2,
+                                 meta_batch_size=2, max_iter=3, random_state=0).fit(X, y)
+    torch.testing.assert_close(meta.module_[0].weight, net[0].weight)
+    assert not any(k.startswith("0.") for k in meta.meta_params_)
+    support = np.r_[np.flatnonzero(y == 0)[:4], np.flatnonzero(y == 1)[:4]]
+    task = meta.adapt(X[support], y[support])
+    assert not any(k.startswith("params/0.") for k in task._state)
+    assert task.predict_proba(X[:3]).shape == (3, 2)
+    net[2].requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        MetaLearnerClassifier(net, method=method, k_shot=2, n_query=2, max_iter=2).fit(X, y)
