@@ -629,6 +629,45 @@ class _HyperL2Base(BaseEstimator):
         n_batches = max(1, min(K, max(n_jobs, by_memory)))
         return [list(c) for c in np.array_split(np.arange(K), n_batches)]
 
+    def _warn_scales(self, X, scales, n_groups):
+        """Warn when the features' scales (:func:`_feature_scales`) span more
+        than the per-feature stages can: their log-penalties stay within
+        ``_LOG_ALPHA_BOX`` of the shared one (a factor of ``exp(30)``, 1e13,
+        from end to end), and a feature's natural penalty follows its scale.
+        On two features of scales 1e-12 and 1e12 among three of scale 1
+        (standard deviations 1e-6 and 1e6), the fit lost the small one: test
+        R^2 .644 against .836 on the same data standardized. A shared penalty
+        (``penalty="scalar"``) is the user's model, as for ``Ridge``: no
+        warning."""
+        if n_groups < 2:
+            return
+        scales = to_numpy(scales).astype(np.float64)
+        # features that vary (with an intercept; that are not all zeros without):
+        # a constant one's scale is rounding, whatever its size
+        lo_val, hi_val = X.min(axis=0), X.max(axis=0)
+        if sp.issparse(X):
+            lo_val, hi_val = lo_val.toarray().reshape(-1), hi_val.toarray().reshape(-1)
+        if self.fit_intercept:
+            counted = (hi_val > lo_val) & (scales > 0)
+        else:
+            counted = ((hi_val != 0) | (lo_val != 0)) & (scales > 0)
+        if counted.sum() < 2:
+            return
+        ratio = float(scales[counted].max() / scales[counted].min())
+        if ratio > math.exp(2.0 * _LOG_ALPHA_BOX):
+            lo = int(np.argmin(np.where(counted, scales, np.inf)))
+            hi = int(np.argmax(np.where(counted, scales, -np.inf)))
+            warnings.warn(
+                f"{self._name}: the features' scales (weighted sums of squared centred "
+                f"values) span a factor {ratio:.3g} (feature {lo}: {scales[lo]:.3g}, "
+                f"feature {hi}: {scales[hi]:.3g}), more than the per-feature penalties can "
+                f"follow ({math.exp(2.0 * _LOG_ALPHA_BOX):.3g} from end to end): the "
+                "small-scale features may be fitted as if they were irrelevant. Standardize "
+                "X (sklearn.preprocessing.StandardScaler in a Pipeline).",
+                UserWarning,
+                stacklevel=4,  # the caller of fit (through _fit_context's wrapper)
+            )
+
     def _cg_by_name(self):
         """Whether ``hypergradient`` is the name ``"cg"``: the estimator then
         sets its tolerance (a strategy instance keeps its own)."""
@@ -1579,7 +1618,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     lambda b, phi: b.value_grad_hessian(phi),
                     lambda b, phi: b.fold_losses(b.closed_form(phi)),
                 )
-            scale = _penalty_scale(_feature_scales(Xt, swt, self.fit_intercept))
+            scales = _feature_scales(Xt, swt, self.fit_intercept)
+            self._warn_scales(X, scales, n_groups)
+            scale = _penalty_scale(scales)
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
                 objective, n_groups, n_eff, scale, groups, dtype, device
             )
@@ -2015,6 +2056,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                 lambda b, phi: b.fold_losses(b.solve(phi, solver)[0]),
             )
             scales = _feature_scales(Xt, swt, self.fit_intercept)
+            self._warn_scales(X, scales, n_groups)
             scale = _penalty_scale(scales)
             # the smallest scale of a feature that varies: the shared grid's low end
             varying = scales[scales > 1e-12 * scale]

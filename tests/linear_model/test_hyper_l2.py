@@ -1171,3 +1171,28 @@ def test_penalty_group_ids_must_be_comparable_and_finite(penalty, word):
         HyperL2Regressor(penalty=penalty).fit(X, X[:, 0])
     with pytest.raises(ValueError, match=f"penalty as group ids.*{word}"):
         HyperL2Classifier(penalty=penalty).fit(X, X[:, 0] > 0)
+
+
+@pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
+def test_feature_scales_beyond_the_penalties_reach_warn(Est):
+    # standard deviations 1e-6 and 1e6 beside three of 1: the regressor fitted the
+    # small feature as irrelevant without a word (test R^2 .644 against .836 on
+    # the same data standardized); the log-penalties span exp(30) at most
+    rng = np.random.RandomState(0)
+    X = rng.randn(80, 5)
+    y = X @ [1.0, 2.0, 0.0, 0.0, 0.5] + rng.randn(80)
+    if Est is HyperL2Classifier:
+        y = y > 0
+    wide = X * np.array([1e-6, 1e6, 1.0, 1.0, 1.0])
+    with pytest.warns(UserWarning, match=r"span a factor 1\.03e\+24 \(feature 0.*Standardize X") as rec:
+        Est(max_iter=2, random_state=0).fit(wide, y)
+    assert rec[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter=2
+        # a shared penalty is the user's model; 1e-3 to 1e3 is within reach, and
+        # a constant column does not count
+        Est(penalty="scalar", random_state=0).fit(wide, y)
+        Est(max_iter=2, random_state=0).fit(
+            np.c_[X * np.array([1e-3, 1e3, 1.0, 1.0, 1.0]), np.full(80, 7.0)], y
+        )
