@@ -694,7 +694,7 @@ class MetaLearnerClassifier(_MetaLearnerMixin, ClassifierMixin, BaseEstimator):
         if n_classes < 2:
             raise ValueError(
                 f"{type(self).__name__} needs at least 2 classes in y; got 1 class "
-                f"({self.classes_[0]!r})."
+                f"({self.classes_.tolist()})."
             )
         torch_seed, sampler_rng = self._seeds()
         self._episodic = groups is None

@@ -177,3 +177,10 @@ def test_frozen_parameters_of_a_module_instance_stay_fixed(method):
     net[2].requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad=False"):
         MetaLearnerClassifier(net, method=method, k_shot=2, n_query=2, max_iter=2).fit(X, y)
+
+
+def test_single_class_message_shows_the_label_plainly():
+    # the label was shown as numpy's repr: "got 1 class (np.str_('x'))"
+    X, _ = _line()
+    with pytest.raises(ValueError, match=r"got 1 class \(\['x'\]\)"):
+        MetaLearnerClassifier(k_shot=2, n_query=2, max_iter=2).fit(X, ["x"] * len(X))
