@@ -15,6 +15,7 @@ final residual with one extra product ``A x``.
 
 import dataclasses
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -76,12 +77,52 @@ def _default_tol(dtype):
     return 1e-3
 
 
-def _as_flat(matvec, b):
+def _check_b(b, where):
+    """``b`` must be a floating-point tensor (a numpy array was an
+    AttributeError, an integer tensor a RuntimeError from vector_norm)."""
+    if not isinstance(b, torch.Tensor):
+        raise TypeError(
+            f"{where}: b must be a torch tensor; got {type(b).__name__}. Convert it "
+            "with torch.as_tensor(b, dtype=torch.float64)."
+        )
+    if not b.dtype.is_floating_point:
+        raise ValueError(
+            f"{where}: b must hold floating-point values; got dtype {b.dtype}. "
+            "Convert it with b.double() or b.float()."
+        )
+
+
+def _check_tol(tol, where, allow_none=False):
+    if tol is None and allow_none:
+        return
+    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool)
+            and math.isfinite(tol) and tol >= 0):
+        # (tol=-1 ran the solve and reported converged=False whatever the residual)
+        none = "None or " if allow_none else ""
+        raise ValueError(f"{where}: tol must be {none}a finite number >= 0; got {tol!r}.")
+
+
+def _as_flat(matvec, b, where="solve"):
     """Flatten ``b`` to 1-D and wrap ``matvec`` to act on flat vectors."""
+    _check_b(b, where)
+    if not callable(matvec):
+        raise TypeError(
+            f"{where}: matvec must be a callable v -> A v; got {type(matvec).__name__}"
+            + (" (pass lambda v: A @ v, or use solve_dense for a matrix)"
+               if isinstance(matvec, torch.Tensor) else "") + "."
+        )
     shape = b.shape
+    n = b.numel()
 
     def flat_matvec(v):
         out = matvec(v.reshape(shape))
+        if not isinstance(out, torch.Tensor) or out.numel() != n:
+            # (torch's "inconsistent tensor size" deep inside the solve)
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"{where}: matvec must return a tensor shaped like b, {tuple(shape)}; "
+                f"got {got}."
+            )
         return out.reshape(-1)
 
     return flat_matvec, b.reshape(-1), shape
@@ -216,7 +257,8 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     >>> jacobi[1].converged, jacobi[1].iterations < plain
     (True, True)
     """
-    flat_matvec, bf, shape = _as_flat(matvec, b)
+    flat_matvec, bf, shape = _as_flat(matvec, b, "solve_cg")
+    _check_tol(tol, "solve_cg")
     precondition = _check_preconditioner(preconditioner, bf, shape)
     n = bf.numel()
     if maxiter is None:
@@ -249,8 +291,14 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     x = torch.zeros_like(bf)
     r = bf.clone()
     if x0 is not None:
+        if not isinstance(x0, torch.Tensor) or x0.numel() != n:
+            # (a start of another shape was ignored silently)
+            got = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
+            raise ValueError(
+                f"solve_cg: x0 must be a tensor shaped like b, {tuple(shape)}; got {got}."
+            )
         x0f = x0.detach().reshape(-1).to(dtype=bf.dtype, device=bf.device)
-        if x0f.shape == bf.shape and bool(torch.isfinite(x0f).all()):
+        if bool(torch.isfinite(x0f).all()):
             r0 = bf - flat_matvec(x0f)
             n_matvec += 1
             if _norm(r0) < b_norm:
@@ -394,9 +442,9 @@ def solve_neumann(matvec, b, step, n_terms, tol=None):
     """
     if n_terms < 1:
         raise ValueError(f"n_terms must be at least 1, got {n_terms}.")
-    if not step > 0:
-        raise ValueError(f"step must be positive, got {step}.")
-    flat_matvec, bf, shape = _as_flat(matvec, b)
+    _check_step(step, "solve_neumann")
+    _check_tol(tol, "solve_neumann", allow_none=True)
+    flat_matvec, bf, shape = _as_flat(matvec, b, "solve_neumann")
     b_norm = _norm(bf)
     if b_norm == 0.0:
         return torch.zeros_like(b), LinearSolveResult(
@@ -470,6 +518,8 @@ def solve_identity(b, step, matvec=None):
     >>> x.tolist(), res.converged
     ([1.0, 2.0], None)
     """
+    _check_b(b, "solve_identity")
+    _check_step(step, "solve_identity")
     x = step * b
     residual, n_matvec = math.nan, 0
     if matvec is not None:
@@ -483,6 +533,16 @@ def solve_identity(b, step, matvec=None):
         n_matvec=n_matvec,
         message=f"identity approximation A ~ I / {step:.3e}",
     )
+
+
+def _check_step(step, where):
+    """A positive finite step (``step=0`` made ``solve_identity`` a silent zero)."""
+    value = step
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
+        value = float(step.detach())
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0):
+        raise ValueError(f"{where}: step must be a positive finite number; got {step!r}.")
 
 
 def _dense_matrix(matvec, like, vectorize=False):
@@ -545,16 +605,23 @@ def solve_dense(matvec_or_matrix, b, method="auto", tol=None, vectorize=False):
     """
     if method not in ("auto", "cholesky", "lu"):
         raise ValueError(f"method must be 'auto', 'cholesky' or 'lu', got {method!r}.")
+    _check_b(b, "solve_dense")
+    _check_tol(tol, "solve_dense", allow_none=True)
     shape = b.shape
     bf = b.reshape(-1)
     n = bf.numel()
     n_matvec = 0
     if callable(matvec_or_matrix) and not isinstance(matvec_or_matrix, torch.Tensor):
-        flat_matvec, _, _ = _as_flat(matvec_or_matrix, b)
+        flat_matvec, _, _ = _as_flat(matvec_or_matrix, b, "solve_dense")
         A, how = _dense_matrix(flat_matvec, bf, vectorize=vectorize)
         n_matvec = n if how == "columns" else 1
     else:
         A = matvec_or_matrix
+        if not isinstance(A, torch.Tensor):
+            raise TypeError(
+                "solve_dense: matvec_or_matrix must be a tensor (the matrix A) or a "
+                f"callable v -> A v; got {type(A).__name__}."
+            )
         if A.numel() != n * n:
             raise ValueError(
                 f"A has {A.numel()} entries; a system with {n} unknowns needs an "
@@ -564,6 +631,14 @@ def solve_dense(matvec_or_matrix, b, method="auto", tol=None, vectorize=False):
     if tol is None:
         tol = math.sqrt(torch.finfo(bf.dtype).eps)
     b_norm = _norm(bf)
+    if not (math.isfinite(b_norm) and bool(torch.isfinite(A).all())):
+        # (a NaN matrix: torch's "atol must be greater than or equal to zero, but
+        # got -nan"; a NaN b: a NaN solution reported by its NaN residual)
+        what = "b" if not math.isfinite(b_norm) else "the matrix A"
+        raise ValueError(
+            f"solve_dense: {what} is not finite (NaN or infinity); check the outer "
+            "loss and the inner problem for NaN or inf."
+        )
     if b_norm == 0.0:
         return torch.zeros_like(b), LinearSolveResult(
             0, 0.0, True, n_matvec, message="b = 0: the solution is 0."

@@ -302,3 +302,42 @@ def test_dense_solve_at_the_rounding_floor_is_converged_a_failed_one_is_not():
     S = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=DT)
     x, res = solve_dense(S, torch.tensor([1.0, -1.0], dtype=DT))
     assert not res.converged and "pseudo-inverse" in res.fallback
+
+
+def test_bad_arguments_are_clear_errors():
+    A, b = _spd(4)
+    mv = lambda v: A @ v  # noqa: E731
+    # numpy b: AttributeError 'numel'; integer b: a vector_norm RuntimeError
+    with pytest.raises(TypeError, match="solve_cg: b must be a torch tensor"):
+        solve_cg(mv, b.numpy())
+    with pytest.raises(ValueError, match="b must hold floating-point values"):
+        solve_cg(mv, torch.tensor([1, 2, 3, 4]))
+    # a matrix as matvec: "'Tensor' object is not callable"
+    with pytest.raises(TypeError, match="matvec must be a callable.*solve_dense"):
+        solve_cg(A, b)
+    # a matvec of the wrong size: torch's "inconsistent tensor size"
+    for solve in (lambda m: solve_cg(m, b), lambda m: solve_neumann(m, b, 0.1, 10),
+                  lambda m: solve_dense(m, b)):
+        with pytest.raises(ValueError, match="matvec must return a tensor shaped like b"):
+            solve(lambda v: torch.ones(3, dtype=DT))
+    # x0 of another shape was ignored silently
+    with pytest.raises(ValueError, match="x0 must be a tensor shaped like b"):
+        solve_cg(mv, b, x0=torch.zeros(3, dtype=DT))
+    # tol=-1 ran and reported converged=False whatever the residual
+    with pytest.raises(ValueError, match="solve_cg: tol must be a finite number >= 0"):
+        solve_cg(mv, b, tol=-1.0)
+    with pytest.raises(ValueError, match="solve_dense: tol must be None or"):
+        solve_dense(A, b, tol=float("nan"))
+    # a NaN matrix: "atol must be greater than or equal to zero, but got -nan"
+    with pytest.raises(ValueError, match="solve_dense: the matrix A is not finite"):
+        solve_dense(A * float("nan"), b)
+    with pytest.raises(ValueError, match="solve_dense: b is not finite"):
+        solve_dense(A, b * float("inf"))
+    # step=0 returned a silent zero; inf a NaN-free but meaningless infinity
+    for step in (0.0, float("inf"), -1.0):
+        with pytest.raises(ValueError, match="solve_identity: step must be a positive finite"):
+            solve_identity(b, step)
+        with pytest.raises(ValueError, match="solve_neumann: step must be a positive finite"):
+            solve_neumann(mv, b, step, 10)
+    x, _ = solve_identity(b, torch.tensor(0.5, dtype=DT))  # a 0-d tensor step is fine
+    assert torch.equal(x, 0.5 * b)
