@@ -1404,6 +1404,16 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     are centred implicitly. With ``cv="loo"`` and ``penalty="scalar"`` (the
     hat-matrix formulas) it is made dense.
 
+    Scales. With ``fit_intercept=True``, ``y`` and the dense features whose
+    mean exceeds their standard deviation are centred in float64 before the
+    data are cast to ``dtype`` (the shift goes into ``intercept_``), so
+    offsets such as ``y + 1e8`` survive float32. Values whose squares leave
+    the range of ``dtype`` are a ``ValueError``. The per-feature penalties
+    follow the features' scales over a factor of about ``1e13`` (squared
+    norms; standard deviations ``3e6`` apart): beyond it a ``UserWarning``
+    asks to standardize ``X``, since the smallest features may be fitted as
+    irrelevant.
+
     Examples
     --------
     Three relevant features among twenty: the seventeen others get larger
