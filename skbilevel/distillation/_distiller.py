@@ -462,6 +462,9 @@ class DatasetDistiller(BaseEstimator):
         self.X_distilled_ = Xs_np * self._x_scale + self._x_mean
         self.X_distilled_ = self.X_distilled_.astype(X.dtype, copy=False)
         self._Xs_scaled = to_numpy(Xs)
+        # what predict uses: the fitted model, whatever set_params changes later
+        self._predict_dtype = dtype
+        self._hidden = tuple(self.hidden_layer_sizes)
         if self.method == "kip":
             name, params = specs[0]
             params = dict(params)
@@ -748,11 +751,11 @@ class DatasetDistiller(BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
         Xz = (X - self._x_mean) / self._x_scale
-        dtype = resolve_dtype(self.dtype)
+        dtype = self._predict_dtype
         out = []
         with torch.no_grad():
             Xs = torch.as_tensor(self._Xs_scaled, dtype=dtype)
-            if self.method == "kip":
+            if self._fitted_kip():
                 name, params = self._predict_kernel
                 dual = torch.as_tensor(self.dual_coef_, dtype=dtype)
                 for start in range(0, Xz.shape[0], _PREDICT_CHUNK):
@@ -764,7 +767,7 @@ class DatasetDistiller(BaseEstimator):
                 }
                 module = MLP(
                     self.n_features_in_, next(iter(reversed(params.values()))).shape[0],
-                    tuple(self.hidden_layer_sizes),
+                    self._hidden,
                 ).to(dtype=dtype)
                 module.load_state_dict(params)
                 for start in range(0, Xz.shape[0], _PREDICT_CHUNK):
@@ -773,6 +776,10 @@ class DatasetDistiller(BaseEstimator):
         if not out:
             return np.zeros((0, len(getattr(self, "classes_", [0]))))
         return np.concatenate(out).reshape(Xz.shape[0], -1)
+
+    def _fitted_kip(self):
+        """Whether the fitted model is kernel ridge (KIP) rather than a network."""
+        return hasattr(self, "dual_coef_")
 
     def predict(self, X):
         """Predict with the model trained on the distilled set.
@@ -812,7 +819,7 @@ class DatasetDistiller(BaseEstimator):
         ndarray of shape (n_samples, n_classes)
         """
         F = self._decision(X)
-        if self.method == "unrolled":
+        if not self._fitted_kip():
             F = F - F.max(axis=1, keepdims=True)
             P = np.exp(F)
         else:

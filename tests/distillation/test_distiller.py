@@ -414,3 +414,21 @@ def test_float32_distilled_inputs_beyond_float32_range_stay_finite(method):
         dd.fit(X * 1e39, y)
     assert np.isfinite(dd.X_distilled_).all()
     assert (dd.X_distilled_ > 5e37).all()  # iris is >= 0.1, and clipped to its range
+
+
+@pytest.mark.parametrize(
+    "method, change",
+    [("kip", {"method": "unrolled"}), ("unrolled", {"method": "kip"}),
+     ("unrolled", {"hidden_layer_sizes": (5,)}), ("kip", {"dtype": "float32"})],
+)
+def test_predict_uses_the_fitted_model_after_set_params(method, change):
+    # predict read method / hidden_layer_sizes / dtype from the parameters: after
+    # set_params(method='unrolled') a KIP fit raised AttributeError
+    # ('network_params_'), a new hidden_layer_sizes a state-dict size mismatch
+    X, y = load_iris(return_X_y=True)
+    dd = DatasetDistiller(n_per_class=2, max_iter=2, method=method, random_state=0)
+    dd.fit(X, y)
+    expected, proba = dd.predict(X), dd.predict_proba(X)
+    dd.set_params(**change)
+    np.testing.assert_array_equal(dd.predict(X), expected)
+    np.testing.assert_array_equal(dd.predict_proba(X), proba)
