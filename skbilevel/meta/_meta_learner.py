@@ -180,7 +180,9 @@ class _MetaLearnerMixin:
         module = copy.deepcopy(self.module_).to(device=device, dtype=dtype)
         module.eval()
         model = FunctionalModel(module, self._loss)
-        method = self._method()
+        # the fitted method and its settings, whatever set_params changes later
+        fitted = getattr(self, "_fitted_method", None)
+        method = self._method() if fitted is None else copy.deepcopy(fitted)
         meta = method.load_state_dict(
             model, {k: v.to(device=device, dtype=dtype) for k, v in self.meta_params_.items()})
         return model, method, meta, device, dtype
@@ -222,6 +224,7 @@ class _MetaLearnerMixin:
         method = self._method()
         dtype = self._resolve_dtype(method)
         is_r2d2 = method.name == "r2d2"
+        self._fitted_method = copy.deepcopy(method)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(torch_seed)
@@ -332,7 +335,7 @@ class _MetaLearnerMixin:
         if not (all(bool(torch.isfinite(v).all()) for v in state.values())
                 and bool(torch.isfinite(out).all()) and math.isfinite(loss)
                 and loss <= _DIVERGED * max(start_loss, zero_loss, 1e-12)):
-            steps = self._inner_steps() if inner_steps is None else inner_steps
+            steps = method.inner_steps if inner_steps is None else inner_steps
             hint = "Lower inner_lr or standardize X."
             if y_t.dtype != torch.long:
                 hint = (
@@ -343,7 +346,7 @@ class _MetaLearnerMixin:
                 )
             raise ValueError(
                 f"Adaptation on {X.shape[0]} samples diverged: after {steps} steps "
-                f"with inner_lr={self.inner_lr} the adapted model's loss on them is "
+                f"with inner_lr={method.inner_lr} the adapted model's loss on them is "
                 f"{loss:.3g} (at the meta-initialization: {start_loss:.3g}); its "
                 f"parameters or outputs overflowed or exploded. {hint}"
             )
@@ -720,7 +723,7 @@ class MetaLearnerClassifier(_MetaLearnerMixin, ClassifierMixin, BaseEstimator):
         self._fit_meta(X, y_t, sampler, self.n_way_, n_task_outputs, torch_seed)
         # What predict uses: the meta-learned model adapted on the training set.
         self._fit_state = None
-        if n_classes <= self.n_way_ or self._method().name == "r2d2":
+        if n_classes <= self.n_way_ or self._fitted_method.name == "r2d2":
             self._fit_state = self._adapt_state(X, y_t, n_classes)
         return self
 

@@ -184,3 +184,19 @@ def test_single_class_message_shows_the_label_plainly():
     X, _ = _line()
     with pytest.raises(ValueError, match=r"got 1 class \(\['x'\]\)"):
         MetaLearnerClassifier(k_shot=2, n_query=2, max_iter=2).fit(X, ["x"] * len(X))
+
+
+@pytest.mark.parametrize("change", [{"method": "r2d2"}, {"method": "metasgd"},
+                                    {"inner_lr": 0.5}, {"inner_steps": 1}])
+def test_predict_and_adapt_use_the_fitted_method_after_set_params(change):
+    # predict and adapt rebuilt the method from the current parameters: after
+    # set_params(method='r2d2') a MAML fit raised KeyError('W') inside the core,
+    # and other changes silently altered the predictions without a refit
+    X = np.random.RandomState(0).randn(60, 3)
+    y = (X[:, 0] > 0).astype(int)
+    meta = MetaLearnerClassifier("linear", k_shot=2, n_query=2, meta_batch_size=2,
+                                 max_iter=2, random_state=0).fit(X, y)
+    proba, adapted = meta.predict_proba(X), meta.adapt(X[:20], y[:20]).predict_proba(X)
+    meta.set_params(**change)
+    np.testing.assert_array_equal(meta.predict_proba(X), proba)
+    np.testing.assert_array_equal(meta.adapt(X[:20], y[:20]).predict_proba(X), adapted)
