@@ -134,6 +134,21 @@ def _evaluate(objective, phi, leaves):
         leaf.grad = None
     out = objective(phi)
     loss, info = out if isinstance(out, tuple) else (out, None)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        # (a float: "'float' object has no attribute 'backward'"; a vector: "grad
+        # can be implicitly created only for scalar outputs")
+        got = (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+               else type(loss).__name__)
+        raise ValueError(
+            "objective(phi) must return a scalar tensor (or (loss, info)) "
+            f"differentiable in phi; got {got}."
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "objective(phi) returned a loss that does not depend on phi through "
+            "autograd (no grad_fn): build it from phi's leaves (e.g. through argmin), "
+            "without .detach(), .item() or torch.no_grad()."
+        )
     loss.backward()
     return float(loss.detach()), [leaf.grad for leaf in leaves], info
 
@@ -546,19 +561,63 @@ def minimize_outer(
     ([0.5, 0.25], True)
     """
     _check_stopping(early_stopping, grad_tol, tol, max_iter)
-    if isinstance(optimizer, str) and optimizer == "lbfgs" and not (
-        isinstance(learning_rate, numbers.Real) and learning_rate > 0
+    if not callable(objective):
+        raise TypeError(
+            "objective must be a callable objective(phi) -> loss tensor; got "
+            f"{type(objective).__name__}."
+        )
+    built_here = isinstance(optimizer, str) or (
+        isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)
+    )
+    if built_here and not (
+        isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool)
+        and math.isfinite(learning_rate) and learning_rate > 0
     ):
-        # (the other optimizers are built by torch, which checks it)
+        # (torch accepts lr=0: Adam never moved and the loop stopped on 'tol' after
+        # n_iter_no_change iterations, as if converged)
         raise ValueError(
-            f"learning_rate={learning_rate!r} must be > 0: with 'lbfgs' it is the "
-            "length of the first step."
+            f"learning_rate={learning_rate!r} must be > 0 and finite (the "
+            "step size; with 'lbfgs' the length of the first step)."
+        )
+    if not (
+        isinstance(n_iter_no_change, numbers.Integral) and not isinstance(n_iter_no_change, bool)
+        and n_iter_no_change >= 1
+    ):
+        # (0 or -1 stopped after the first iteration, reported as converged)
+        raise ValueError(
+            f"n_iter_no_change must be an integer >= 1; got {n_iter_no_change!r}."
+        )
+    if callbacks is not None and not callable(callbacks):
+        try:
+            callbacks = list(callbacks)  # (a generator is read once)
+        except TypeError:
+            pass
+    if callbacks is not None and (
+        callable(callbacks) or not isinstance(callbacks, list)
+        or not all(callable(cb) for cb in callbacks)
+    ):
+        raise TypeError(
+            "callbacks must be None or a list of callables cb(state); got "
+            + (f"a single {type(callbacks).__name__}: pass [callback]"
+               if callable(callbacks) else repr(callbacks)) + "."
+        )
+    if projection is not None and not callable(projection):
+        raise TypeError(
+            "projection must be None or a callable projection(leaves); got "
+            f"{type(projection).__name__}."
         )
     if restore_best is None:
         restore_best = early_stopping
     if grad_tol is None:
         grad_tol = tol
-    leaves, _ = tree_flatten(phi)
+    try:
+        leaves, _ = tree_flatten(phi)
+    except TypeError:
+        raise TypeError(
+            "phi must be a torch tensor (or a dict, tuple or list of tensors) that "
+            f"requires grad; got {type(phi).__name__}. Use torch.tensor(..., "
+            "dtype=torch.float64, requires_grad=True)."
+        ) from None
     if not all(leaf.requires_grad for leaf in leaves):
         raise ValueError("Every leaf of phi passed to minimize_outer must require grad.")
     box = _leaf_bounds(bounds, leaves)

@@ -482,3 +482,38 @@ def test_lbfgs_line_search_does_not_narrow_below_a_hundredth_of_its_step():
     line = Line()
     t, f, _, ok = _strong_wolfe(line, x, d, 1.0, -2.0, 1.0, max_evals=25, min_width=0.01)
     assert ok and t == 1.0 and line.n == 1
+
+
+def test_minimize_outer_names_bad_arguments():
+    x = lambda: torch.zeros(2, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    f = lambda p: ((p - 1.0) ** 2).sum()  # noqa: E731
+    # learning_rate=0 with a torch optimizer: no step, then stop_reason 'tol' after
+    # n_iter_no_change iterations, as if converged
+    for opt in ("adam", "sgd", torch.optim.Adam):
+        with pytest.raises(ValueError, match="learning_rate=0 must be > 0"):
+            minimize_outer(f, x(), optimizer=opt, learning_rate=0)
+    # n_iter_no_change <= 0 stopped after one iteration as converged
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="n_iter_no_change must be an integer >= 1"):
+            minimize_outer(f, x(), n_iter_no_change=bad)
+    # a float loss: "'float' object has no attribute 'backward'"; a vector one:
+    # "grad can be implicitly created only for scalar outputs"
+    with pytest.raises(ValueError, match="must return a scalar tensor.*got float"):
+        minimize_outer(lambda p: 1.0, x())
+    with pytest.raises(ValueError, match=r"must return a scalar tensor.*shape \(2,\)"):
+        minimize_outer(lambda p: p ** 2, x())
+    with pytest.raises(ValueError, match="does not depend on phi"):
+        minimize_outer(lambda p: f(p).detach(), x())
+    # bare "'NoneType' / 'int' object is not callable", "'function' object is not iterable"
+    with pytest.raises(TypeError, match="objective must be a callable"):
+        minimize_outer(None, x())
+    with pytest.raises(TypeError, match="projection must be None or a callable"):
+        minimize_outer(f, x(), projection=3)
+    with pytest.raises(TypeError, match=r"a single function: pass \[callback\]"):
+        minimize_outer(f, x(), callbacks=lambda state: False)
+    with pytest.raises(TypeError, match="phi must be a torch tensor"):
+        minimize_outer(f, 0.0)
+    # a generator of callbacks is still read (once)
+    seen = []
+    minimize_outer(f, x(), max_iter=3, callbacks=(cb for cb in [seen.append]))
+    assert len(seen) == 3
