@@ -882,6 +882,10 @@ class _BaseSampleReweighter(BaseEstimator):
         return self.estimator_.predict(X)
 
     def _has_weight_net(self):
+        # fitted: whether a weighting network was learned, whatever set_params
+        # changed since
+        if hasattr(self, "weight_net_"):
+            return self.weight_net_ is not None
         return self.method == "weight_net"
 
     @available_if(_has_weight_net)

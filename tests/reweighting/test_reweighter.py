@@ -559,3 +559,17 @@ def test_frozen_parameters_of_a_module_instance_stay_fixed(final_estimator):
     net[2].requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad=False"):
         SampleReweighter(net, max_iter=2).fit(X, y)
+
+
+def test_weigh_follows_the_fitted_method_after_set_params():
+    # weigh was offered by the current method: after a per_sample fit and
+    # set_params(method='weight_net') it failed on weight_net_ = None with an
+    # AttributeError ('NoneType' object has no attribute 'n_classes')
+    X, y = make_classification(n_samples=60, n_features=4, random_state=0)
+    clf = SampleReweighter(method="per_sample", max_iter=2, random_state=0).fit(X, y)
+    clf.set_params(method="weight_net")
+    assert not hasattr(clf, "weigh")
+    clf = SampleReweighter(max_iter=2, random_state=0).fit(X, y)
+    w = clf.weigh(X[:5], y[:5])
+    clf.set_params(method="per_sample")
+    np.testing.assert_array_equal(clf.weigh(X[:5], y[:5]), w)
