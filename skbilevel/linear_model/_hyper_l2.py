@@ -229,19 +229,35 @@ def _offsets(X, y, sw, fit_intercept):
     coefficient with the intercept in a Hessian its inner solver cannot
     handle. Only the features whose mean exceeds their standard deviation
     are centred (the others are left bit for bit as given: the fit is the
-    same, up to rounding and the solvers' tolerances); sparse ``X`` is not
-    centred (that would fill it in). ``y`` is ``None`` for the classifier."""
+    same, up to rounding and the solvers' tolerances). In sparse ``X`` such a
+    column is more than half filled already (a mean above the standard
+    deviation needs a density above 1/2), and is stored filled in: a
+    numeric column such as a year beside one-hot blocks (a float32
+    logistic fit of it took 19 ConvergenceWarnings). ``y`` is ``None`` for
+    the classifier."""
     x_offset = np.zeros(X.shape[1])
     y_offset = 0.0
     if not fit_intercept:
         return X, y, x_offset, y_offset
-    if not sp.issparse(X):
+    total = float(np.sum(sw))
+    if sp.issparse(X):
+        Xr = X.tocsr()
+        mean = np.asarray(sw @ Xr, dtype=np.float64).reshape(-1) / total
+        with np.errstate(over="ignore", invalid="ignore"):
+            second = np.asarray(sw @ Xr.multiply(Xr), dtype=np.float64).reshape(-1) / total
+            var = np.maximum(second - mean * mean, 0.0)
+    else:
         mean = np.average(X, axis=0, weights=sw).astype(np.float64)
         with np.errstate(over="ignore"):  # out-of-range X: _check_magnitudes says so
             var = np.average((X - mean) ** 2, axis=0, weights=sw)
-        shifted = np.abs(mean) > np.sqrt(var)
-        if shifted.any():
-            x_offset = np.where(shifted, mean, 0.0)
+    shifted = np.abs(mean) > np.sqrt(var)
+    if shifted.any():
+        x_offset = np.where(shifted, mean, 0.0)
+        if sp.issparse(X):
+            # the shifted columns filled in: every row less the offsets
+            fill = sp.csr_matrix(np.ones((X.shape[0], 1))) @ sp.csr_matrix(x_offset[None])
+            X = sp.csr_matrix(sp.csr_matrix(Xr, dtype=np.float64) - fill)
+        else:
             X = np.asarray(X, dtype=np.float64) - x_offset
     if y is not None:
         y_offset = float(np.average(y, weights=sw))
@@ -1404,10 +1420,11 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     are centred implicitly. With ``cv="loo"`` and ``penalty="scalar"`` (the
     hat-matrix formulas) it is made dense.
 
-    Scales. With ``fit_intercept=True``, ``y`` and the dense features whose
-    mean exceeds their standard deviation are centred in float64 before the
-    data are cast to ``dtype`` (the shift goes into ``intercept_``), so
-    offsets such as ``y + 1e8`` survive float32. Values whose squares leave
+    Scales. With ``fit_intercept=True``, ``y`` and the features whose mean
+    exceeds their standard deviation are centred in float64 before the data
+    are cast to ``dtype`` (the shift goes into ``intercept_``), so offsets
+    such as ``y + 1e8`` survive float32 (in sparse ``X`` such a column, more
+    than half filled already, is stored filled in). Values whose squares leave
     the range of ``dtype`` are a ``ValueError``. The per-feature penalties
     follow the features' scales over a factor of about ``1e13`` (squared
     norms; standard deviations ``3e6`` apart): beyond it a ``UserWarning``

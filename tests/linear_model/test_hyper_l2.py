@@ -1196,3 +1196,28 @@ def test_feature_scales_beyond_the_penalties_reach_warn(Est):
         Est(max_iter=2, random_state=0).fit(
             np.c_[X * np.array([1e-3, 1e3, 1.0, 1.0, 1.0]), np.full(80, 7.0)], y
         )
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_sparse_offset_column_is_centred_like_the_dense_one(fmt):
+    # one-hot columns beside a year (2000 +- 10): the sparse float32 classifier
+    # did not centre the year and its logistic solves stalled (19
+    # ConvergenceWarnings, NewtonCG gradient norms up to 1.8e-2 > 1e-3); the
+    # dense fit centred it and converged
+    import scipy.sparse as sp
+
+    rng = np.random.RandomState(0)
+    cat = rng.randint(0, 5, 300)
+    year = 2000 + 10 * rng.randn(300)
+    X = np.c_[np.eye(5)[cat], year]
+    y = ((cat == 2) * 2.0 - 1 + 0.15 * (year - 2000) + rng.logistic(size=300) > 0).astype(int)
+    dense = HyperL2Classifier(random_state=0, dtype="float32").fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        sparse = HyperL2Classifier(random_state=0, dtype="float32").fit(
+            sp.csr_matrix(X).asformat(fmt), y
+        )
+    np.testing.assert_allclose(sparse.predict_proba(X), dense.predict_proba(X), atol=1e-3)
+    # the regressor's sparse float32 fit of a year-valued target
+    reg = HyperL2Regressor(random_state=0, dtype="float32").fit(sp.csr_matrix(X), year * 0.01)
+    assert reg.score(X, year * 0.01) > 0.999
