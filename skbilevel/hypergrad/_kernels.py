@@ -174,9 +174,18 @@ def _arccos_recursion(X, Z, depth, weight_var, bias_var):
     eps = 10 * torch.finfo(X.dtype).eps
     for _ in range(int(depth)):
         norm = torch.sqrt((sxx[:, None] * szz[None, :]).clamp_min(tiny))
-        c = (sxz / norm).clamp(-1.0 + eps, 1.0 - eps)
+        c_raw = sxz / norm
+        c = c_raw.clamp(-1.0 + eps, 1.0 - eps)
+        # the angle itself is exact at |c| = 1: arccos(1 - eps) = 6.7e-8 made each
+        # layer's (pi - t) / pi on the diagonal 2e-8 too small (a depth-3 NTK's
+        # diagonal 6e-7 off kernel_diagonal); the clamp still keeps the gradient
+        # finite, and zero there, as before
         t = torch.arccos(c)
         j1 = torch.sqrt(1 - c * c) + (math.pi - t) * c  # arc-cosine kernel of degree 1
+        # at c = +-1 exactly: t = 0, j1 = pi and t = pi, j1 = 0
+        top, bottom = c_raw >= 1.0 - eps, c_raw <= -1.0 + eps
+        t = torch.where(top, torch.zeros_like(t), torch.where(bottom, math.pi, t))
+        j1 = torch.where(top, torch.full_like(j1, math.pi), torch.where(bottom, 0.0, j1))
         sxz_new = weight_var * norm / (2 * math.pi) * j1 + bias_var
         dot = weight_var * (math.pi - t) / (2 * math.pi)
         ntk = ntk * dot + sxz_new
