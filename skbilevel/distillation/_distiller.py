@@ -47,6 +47,9 @@ from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 __all__ = ["DatasetDistiller"]
 
 _PREDICT_CHUNK = 2048
+#: the final network diverged when its training loss ends this many times higher
+#: than at its initialization
+_DIVERGED = 1e4
 
 
 def _kernel_specs(kernel, kernel_params):
@@ -195,8 +198,8 @@ class DatasetDistiller(BaseEstimator):
     inner_learning_rate : float, default=0.1
         Step size of those steps; ``inner_learning_rate * reg`` must not
         exceed 2 (the weight decay alone would diverge). If the network
-        trained on the distilled set diverges (non-finite parameters),
-        ``fit`` raises a ValueError.
+        trained on the distilled set diverges (non-finite parameters, or a
+        training loss 1e4 times its initial one), ``fit`` raises a ValueError.
     device : str, default="cpu"
         Torch device (``"cuda"``, ``"auto"``...). Fitted state is stored on
         the CPU.
@@ -733,14 +736,24 @@ class DatasetDistiller(BaseEstimator):
                 loss = loss + 0.5 * weight_decay * _sq_norm(theta)
             return loss
 
-        theta, _ = solver.solve(fun, _fresh_params(shapes, gen, to))
-        if not all(bool(torch.isfinite(v).all()) for v in theta.values()):
+        theta0 = _fresh_params(shapes, gen, to)
+        with torch.no_grad():
+            start = float(fun(theta0))
+        theta, _ = solver.solve(fun, theta0)
+        with torch.no_grad():
+            end = float(fun(theta))
+        finite = all(bool(torch.isfinite(v).all()) for v in theta.values())
+        if not (finite and math.isfinite(end) and end <= _DIVERGED * max(start, 1e-12)):
             # the last finite iterate of a diverging descent is no model either
             # (inner_learning_rate * reg > 2 was rejected before the outer loop)
+            what = (
+                "its parameters are not finite" if not finite else
+                f"its training loss rose from {start:.3g} to {end:.3g}"
+            )
             raise ValueError(
-                "The network trained on the distilled set diverged: its parameters "
-                f"are not finite after n_inner_steps={self.n_inner_steps} gradient "
-                f"steps with inner_learning_rate={self.inner_learning_rate:g} and "
+                f"The network trained on the distilled set diverged: {what} after "
+                f"n_inner_steps={self.n_inner_steps} gradient steps with "
+                f"inner_learning_rate={self.inner_learning_rate:g} and "
                 f"reg={self.reg:g}; lower inner_learning_rate."
             )
         return {k: to_numpy(v) for k, v in theta.items()}

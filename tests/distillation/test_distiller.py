@@ -432,3 +432,16 @@ def test_predict_uses_the_fitted_model_after_set_params(method, change):
     dd.set_params(**change)
     np.testing.assert_array_equal(dd.predict(X), expected)
     np.testing.assert_array_equal(dd.predict_proba(X), proba)
+
+
+def test_unrolled_final_network_whose_loss_explodes_is_an_error():
+    # only non-finite parameters were caught: with inner_learning_rate=1 the final
+    # network's loss rose from 0.24 to 1e63 with finite parameters and fit returned
+    # a model scoring R^2 = -1.6e134 (with warnings only)
+    X, y = make_regression(100, 3, random_state=0)
+    dd = DatasetDistiller(n_distilled=3, max_iter=2, method="unrolled",
+                          inner_learning_rate=1.0, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the outer steps' hypergradient warnings
+        with pytest.raises(ValueError, match="training loss rose from"):
+            dd.fit(X, y)
