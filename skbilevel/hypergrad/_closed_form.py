@@ -1441,7 +1441,31 @@ def kernel_ridge_fit(K, y, reg):
     >>> [round(v, 6) for v in (K @ dual).tolist()]
     [0.5, 1.0]
     """
+    for name, a in (("K", K), ("y", y)):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(
+                f"kernel_ridge_fit: {name} must be a torch tensor; got {type(a).__name__}."
+            )
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"kernel_ridge_fit: K must be a square matrix; got shape {tuple(K.shape)}.")
     n = K.shape[0]
+    if y.ndim not in (1, 2) or y.shape[0] != n:
+        # (torch's "Incompatible matrix sizes for cholesky_solve")
+        raise ValueError(
+            f"kernel_ridge_fit: y must have one row per row of K ({n}); got shape "
+            f"{tuple(y.shape)}."
+        )
+    if isinstance(reg, torch.Tensor):
+        r = reg.detach()
+        reg_ok = bool(torch.isfinite(r).all()) and bool((r >= 0).all())
+    else:
+        reg_ok = isinstance(reg, numbers.Real) and math.isfinite(reg) and reg >= 0
+    if not reg_ok:
+        # (a negative reg was solved as K - |reg| I, NaN gave a NaN solution)
+        raise ValueError(f"kernel_ridge_fit: reg must be a finite number >= 0; got {reg!r}.")
+    if not bool(torch.isfinite(K.detach()).all()):
+        raise ValueError("kernel_ridge_fit: K is not finite (NaN or infinity).")
+    y = y.to(dtype=K.dtype)  # (float32 targets: a dtype RuntimeError in the solve)
     A = K + reg * torch.eye(n, dtype=K.dtype, device=K.device)
     y2 = y[:, None] if y.ndim == 1 else y
     L, status = torch.linalg.cholesky_ex(A)

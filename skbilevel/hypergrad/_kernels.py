@@ -52,6 +52,17 @@ __all__ = [
 
 def _check_pair(X, Z):
     Z = X if Z is None else Z
+    for name, a in (("X", X), ("Z", Z)):
+        if not isinstance(a, torch.Tensor):
+            # (AttributeError "'numpy.ndarray' object has no attribute 'dim'")
+            raise TypeError(
+                f"Kernels take torch tensors; {name} is a {type(a).__name__}. Convert it "
+                "with torch.as_tensor(..., dtype=torch.float64)."
+            )
+    if X.dtype != Z.dtype and X.dtype.is_floating_point and Z.dtype.is_floating_point:
+        # float32 against float64: "expected m1 and m2 to have the same dtype"
+        dtype = torch.promote_types(X.dtype, Z.dtype)
+        X, Z = X.to(dtype), Z.to(dtype)
     if X.dim() != 2 or Z.dim() != 2:
         raise ValueError(
             f"Kernels need 2-D inputs (n_samples, n_features); got shapes "
@@ -120,7 +131,15 @@ def rbf_kernel(X, Z=None, gamma=None):
     X, Z = _check_pair(X, Z)
     if gamma is None:
         gamma = 1.0 / X.shape[1]
+    _check_gamma(gamma)
     return torch.exp(-gamma * _sq_dists(X, Z))
+
+
+def _check_gamma(gamma):
+    """``gamma >= 0`` and finite (a tensor's values too): -1 gave values of 1e8, NaN NaN."""
+    values = gamma.detach() if isinstance(gamma, torch.Tensor) else torch.as_tensor(gamma)
+    if not (bool(torch.isfinite(values).all()) and bool((values >= 0).all())):
+        raise ValueError(f"gamma must be finite and >= 0; got {gamma!r}.")
 
 
 def poly_kernel(X, Z=None, degree=3, gamma=None, coef0=1.0):
@@ -413,6 +432,9 @@ def kernel_ridge_coef(K_train, y_train, reg):
     """
     from ._closed_form import kernel_ridge_fit
 
+    r = reg.detach() if isinstance(reg, torch.Tensor) else torch.as_tensor(reg)
+    if not (bool(torch.isfinite(r).all()) and bool((r > 0).all())):
+        raise ValueError(f"reg must be a finite number > 0 (relative penalty); got {reg!r}.")
     lam = reg * torch.diagonal(K_train).mean()
     return kernel_ridge_fit(K_train, y_train, lam)
 

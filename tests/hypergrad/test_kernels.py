@@ -177,3 +177,34 @@ def test_arccos_kernels_are_exact_on_identical_inputs(name):
     torch.testing.assert_close(Kz[0, 2], Kz[0, 0], rtol=1e-14, atol=0)
     (grad,) = torch.autograd.grad(Kz.sum(), X)
     assert bool(torch.isfinite(grad).all())
+
+
+def test_kernels_and_kernel_ridge_check_their_inputs():
+    from skbilevel.hypergrad import kernel_ridge_fit, rbf_kernel
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 3, generator=g, dtype=DT)
+    y = torch.randn(5, generator=g, dtype=DT)
+    # a numpy input: AttributeError 'dim'; float32 with float64: a dtype RuntimeError
+    with pytest.raises(TypeError, match="Kernels take torch tensors; X is a ndarray"):
+        rbf_kernel(A.numpy(), A)
+    torch.testing.assert_close(rbf_kernel(A.float(), A), rbf_kernel(A, A))
+    # gamma=-1 gave values of 1e8, NaN a NaN matrix
+    for gamma in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="gamma must be finite and >= 0"):
+            rbf_kernel(A, gamma=gamma)
+    K = rbf_kernel(A)
+    # a negative reg was solved as K - 0.1 I, NaN gave NaN, the wrong y or a
+    # non-square K torch RuntimeErrors, float32 y a dtype RuntimeError
+    for reg in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="reg must be a finite number >= 0"):
+            kernel_ridge_fit(K, y, reg)
+        with pytest.raises(ValueError, match="reg must be a finite number > 0"):
+            kernel_ridge_coef(K, y, reg)
+    with pytest.raises(ValueError, match="y must have one row per row of K"):
+        kernel_ridge_fit(K, y[:3], 0.1)
+    with pytest.raises(ValueError, match="K must be a square matrix"):
+        kernel_ridge_fit(K[:, :3], y, 0.1)
+    with pytest.raises(ValueError, match="K is not finite"):
+        kernel_ridge_fit(K * float("nan"), y, 0.1)
+    torch.testing.assert_close(kernel_ridge_fit(K, y.float(), 0.1), kernel_ridge_fit(K, y, 0.1))
