@@ -1221,3 +1221,19 @@ def test_sparse_offset_column_is_centred_like_the_dense_one(fmt):
     # the regressor's sparse float32 fit of a year-valued target
     reg = HyperL2Regressor(random_state=0, dtype="float32").fit(sp.csr_matrix(X), year * 0.01)
     assert reg.score(X, year * 0.01) > 0.999
+
+
+@pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
+def test_fewer_than_two_positive_weights_is_a_value_error(Est):
+    # cv="loo" with one shared penalty and one positive weight returned alpha = 1e-7
+    # (the grid's end) silently; K folds said a fold had zero weight, not why
+    rng = np.random.RandomState(0)
+    X = rng.randn(20, 3)
+    y = X[:, 0] + rng.randn(20)
+    if Est is HyperL2Classifier:
+        y = y > 0
+    sw = np.r_[1.0, np.zeros(19)]
+    kws = [dict(), dict(cv="loo", penalty="scalar"), dict(cv="loo")]
+    for kw in kws if Est is HyperL2Regressor else kws[:1]:
+        with pytest.raises(ValueError, match="at least 2 samples with a positive sample_weight.*got 1 of 20"):
+            Est(**kw).fit(X, y, sample_weight=sw)
