@@ -695,7 +695,7 @@ class DatasetDistiller(BaseEstimator):
 
     def _unrolled_objective(self, targets0, draw_batch, gen, task, to):
         n_out = targets0.shape[1]
-        module = MLP(self.n_features_in_, n_out, tuple(self.hidden_layer_sizes)).to(**to)
+        module = _mlp(self.n_features_in_, n_out, tuple(self.hidden_layer_sizes)).to(**to)
         model = FunctionalModel(module, "cross_entropy" if task == "classification" else "mse")
         strategy = "reverse" if self.hypergradient == "auto" else self.hypergradient
         solver = GradientDescent(lr=self.inner_learning_rate, n_steps=self.n_inner_steps)
@@ -778,7 +778,7 @@ class DatasetDistiller(BaseEstimator):
                 params = {
                     k: torch.as_tensor(v, dtype=dtype) for k, v in self.network_params_.items()
                 }
-                module = MLP(
+                module = _mlp(
                     self.n_features_in_, next(iter(reversed(params.values()))).shape[0],
                     self._hidden,
                 ).to(dtype=dtype)
@@ -875,6 +875,16 @@ def _rms(A, axis=None):
         plain = np.sqrt((A**2).mean(axis=axis))
         scaled = m * np.sqrt(((A / np.where(m > 0, m, 1.0)) ** 2).mean(axis=axis))
     return np.where((m > 1e-150) & (m < 1e150), plain, scaled)
+
+
+def _mlp(n_features, n_outputs, hidden_layer_sizes):
+    """The network of ``method="unrolled"``, built without drawing from torch's
+    global generator: its initial values are never used (each training starts
+    from :func:`_fresh_params`, drawn from the estimator's own generator, and
+    predict loads the fitted ones), and the caller's random stream must not
+    move."""
+    with torch.random.fork_rng(devices=[]):
+        return MLP(n_features, n_outputs, hidden_layer_sizes)
 
 
 def _sq_norm(params):

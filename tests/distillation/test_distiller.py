@@ -445,3 +445,16 @@ def test_unrolled_final_network_whose_loss_explodes_is_an_error():
         warnings.simplefilter("ignore")  # the outer steps' hypergradient warnings
         with pytest.raises(ValueError, match="training loss rose from"):
             dd.fit(X, y)
+
+
+def test_unrolled_fit_and_predict_leave_torch_global_generator_alone():
+    # fit and predict built the network with nn.Linear's default initialization,
+    # drawn from torch's global generator (values never used): a seeded fit moved
+    # the caller's random stream
+    X, y = load_iris(return_X_y=True)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    dd = DatasetDistiller(n_per_class=1, method="unrolled", max_iter=2, random_state=0)
+    dd.fit(X, y).predict(X[:3])
+    torch.testing.assert_close(torch.rand(3), expected)
