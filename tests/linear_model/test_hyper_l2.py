@@ -1237,3 +1237,17 @@ def test_fewer_than_two_positive_weights_is_a_value_error(Est):
     for kw in kws if Est is HyperL2Regressor else kws[:1]:
         with pytest.raises(ValueError, match="at least 2 samples with a positive sample_weight.*got 1 of 20"):
             Est(**kw).fit(X, y, sample_weight=sw)
+
+
+def test_regressor_cg_in_float32_does_not_ask_for_float64_residuals():
+    # hypergradient="cg" asked CG for a relative residual of 1e-8 in float32 too:
+    # it stagnated near 1e-7 with seven ConvergenceWarnings on a fit that matched
+    # the closed form's
+    rng = np.random.RandomState(0)
+    X = rng.randn(200, 30)
+    y = X[:, :5] @ rng.randn(5) * 2 + 0.5 * rng.randn(200)
+    ref = HyperL2Regressor(random_state=0, dtype="float32").fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        cg = HyperL2Regressor(random_state=0, dtype="float32", hypergradient="cg").fit(X, y)
+    np.testing.assert_allclose(cg.predict(X), ref.predict(X), rtol=1e-4, atol=1e-4)
