@@ -282,7 +282,8 @@ def _check_magnitudes(X, y, dtype, name, headroom=1.0, floor=1.0):
     if sp.issparse(X):
         col_max = np.asarray(abs(X).max(axis=0).todense()).reshape(-1)
     else:
-        col_max = np.abs(X).max(axis=0) if X.shape[0] else np.zeros(X.shape[1])
+        # (no |X| temporary: a copy of X)
+        col_max = np.maximum(X.max(axis=0), -X.min(axis=0))
     col_max = col_max.astype(np.float64)
     with np.errstate(over="ignore", under="ignore"):
         big = col_max * col_max * n * headroom > finfo.max
