@@ -47,8 +47,10 @@ def tree_unflatten(spec, leaves):
     """Inverse of :func:`tree_flatten`."""
     leaves = list(leaves)
     if spec is None:
-        (leaf,) = leaves
-        return leaf
+        if len(leaves) != 1:
+            # ("not enough values to unpack (expected 1, got 0)")
+            raise ValueError(f"A single-tensor tree needs 1 leaf; got {len(leaves)}.")
+        return leaves[0]
     kind, specs = spec
     out, start = [], 0
     for key, n, sub in specs:
@@ -64,28 +66,39 @@ def tree_map(fn, tree, *rest):
     """Apply ``fn`` leafwise to one or more trees of the same structure."""
     leaves, spec = tree_flatten(tree)
     others = [tree_flatten(t)[0] for t in rest]
+    for other in others:
+        if len(other) != len(leaves):
+            # (zip dropped the extra leaves silently)
+            raise ValueError(
+                f"tree_map: the trees have {len(leaves)} and {len(other)} leaves; they "
+                "must have the same structure."
+            )
     return tree_unflatten(spec, [fn(*args) for args in zip(leaves, *others)])
 
 
 def tree_to_vector(tree):
     """Concatenate the leaves of ``tree`` into one 1-D tensor."""
     leaves, _ = tree_flatten(tree)
+    if not leaves:
+        raise ValueError("tree_to_vector: the tree has no tensors.")
     return torch.cat([leaf.reshape(-1) for leaf in leaves])
 
 
 def vector_to_tree(vector, like):
     """Split a 1-D ``vector`` into a tree shaped like ``like``."""
     leaves, spec = tree_flatten(like)
+    total = sum(leaf.numel() for leaf in leaves)
+    if vector.ndim > 1 or vector.numel() != total:
+        # (a short or 2-D vector was torch's "shape '[2, 3]' is invalid for input")
+        raise ValueError(
+            f"Vector of shape {tuple(vector.shape)} does not match a tree with {total} "
+            f"entries; pass a 1-D tensor of length {total}."
+        )
     out, start = [], 0
     for leaf in leaves:
         n = leaf.numel()
         out.append(vector[start : start + n].reshape(leaf.shape))
         start += n
-    if start != vector.numel():
-        raise ValueError(
-            f"Vector of length {vector.numel()} does not match a tree with {start} "
-            "entries."
-        )
     return tree_unflatten(spec, out)
 
 
@@ -104,7 +117,14 @@ def _cat_flat(tensors, like):
 
 def tree_dot(a, b):
     """Sum over leaves of the elementwise product: the inner product of two trees."""
-    return sum((x * y).sum() for x, y in zip(tree_flatten(a)[0], tree_flatten(b)[0]))
+    xs, ys = tree_flatten(a)[0], tree_flatten(b)[0]
+    if len(xs) != len(ys) or any(x.shape != y.shape for x, y in zip(xs, ys)):
+        # (a tree with fewer leaves was zip-truncated to a partial product, silently)
+        raise ValueError(
+            "tree_dot: the trees must have the same structure and leaf shapes; got "
+            f"{[tuple(x.shape) for x in xs]} and {[tuple(y.shape) for y in ys]}."
+        )
+    return sum((x * y).sum() for x, y in zip(xs, ys))
 
 
 def tree_detach(tree):

@@ -85,3 +85,28 @@ def test_bad_arguments_name_themselves():
         argmin(inner, phi, w0, hypergradient=get_strategy("bome", step_size=float("inf")))
     with pytest.raises(ValueError, match="check_inner must be True or False"):
         get_strategy("closed_form", check_inner="no")
+
+
+def test_tree_helpers_reject_mismatched_trees():
+    from skbilevel.hypergrad import (
+        tree_dot, tree_flatten, tree_map, tree_to_vector, tree_unflatten, vector_to_tree,
+    )
+
+    a = {"w": torch.ones(2, 3), "b": (torch.zeros(2), torch.ones(()))}
+    # a tree with fewer leaves: zip-truncated to a partial inner product (6.0), silently
+    with pytest.raises(ValueError, match="tree_dot: the trees must have the same structure"):
+        tree_dot(a, {"w": torch.ones(2, 3)})
+    with pytest.raises(ValueError, match="tree_dot"):
+        tree_dot(torch.ones(3), torch.ones(2))
+    with pytest.raises(ValueError, match="tree_map: the trees have 3 and 1 leaves"):
+        tree_map(torch.add, a, {"w": torch.ones(2, 3)})
+    # a short or 2-D vector: torch's "shape '[2, 3]' is invalid for input of size 5"
+    for bad in (torch.arange(5.0), torch.arange(9.0).reshape(3, 3)):
+        with pytest.raises(ValueError, match="pass a 1-D tensor of length 9"):
+            vector_to_tree(bad, a)
+    with pytest.raises(ValueError, match="needs 1 leaf; got 0"):
+        tree_unflatten(tree_flatten(torch.ones(2))[1], [])
+    with pytest.raises(ValueError, match="no tensors"):
+        tree_to_vector({})
+    assert float(tree_dot(a, a)) == 7.0
+    assert torch.equal(tree_to_vector(vector_to_tree(torch.arange(9.0), a)), torch.arange(9.0))
