@@ -323,11 +323,13 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             )
             import warnings
 
-            warnings.warn(warnings_msg, ConvergenceWarning, stacklevel=2)
+            # the user's fit call (2 named the _fit_context wrapper in sklearn/base.py)
+            warnings.warn(warnings_msg, ConvergenceWarning, stacklevel=3)
 
         alphas = np.exp(result.x)
         self.alpha_ = alphas if per_target else float(alphas[0])
-        self.best_score_ = -result.fun if per_target else float(-result.fun[0])
+        # 0.0 - f: a zero error is a score of 0.0, not -0.0 (constant y)
+        self.best_score_ = 0.0 - result.fun if per_target else float(0.0 - result.fun[0])
         coef = to_numpy(theta["coef"])
         self.coef_ = coef if coef.ndim == 1 else coef.T.copy()
         if self.fit_intercept:

@@ -478,3 +478,17 @@ def test_data_too_large_for_the_dtype_is_a_clear_error():
         BilevelRidgeCV().fit(X, y * 1e200)
     with pytest.raises(ValueError, match=r"X\^T X overflows float32"):
         BilevelRidgeCV(dtype="float32").fit(X * 1e20, y)
+
+
+def test_zero_error_score_and_warning_location():
+    rng = np.random.RandomState(0)
+    X = rng.randn(20, 3)
+    # a constant target: best_score_ was -0.0 (RidgeCV: 0.0)
+    score = BilevelRidgeCV().fit(X, np.full(20, 5.0)).best_score_
+    assert score == 0.0 and np.copysign(1.0, score) == 1.0
+    scores = BilevelRidgeCV(alpha_per_target=True).fit(X, np.full((20, 2), 5.0)).best_score_
+    assert np.all(np.copysign(1.0, scores) == 1.0)
+    # the ConvergenceWarning pointed at sklearn/base.py's _fit_context wrapper
+    with pytest.warns(ConvergenceWarning) as record:
+        BilevelRidgeCV(max_iter=1).fit(X, rng.randn(20))
+    assert record[0].filename == __file__
