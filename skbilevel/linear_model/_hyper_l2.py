@@ -1803,6 +1803,8 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         folds' Hessian-vector products (conjugate gradient's directions) run
         in float32, with half the memory traffic; gradients, losses and
         solutions stay in float64 (see ``LogisticFolds``' ``hvp_dtype``).
+        Positive sample weights outside ``(1e-20, 1e20)`` keep float64
+        products (float32 would under- or overflow).
     verbose : int, default=0
     random_state : int, RandomState instance or None, default=None
     warm_start : bool, default=False
@@ -2066,6 +2068,11 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             # (about 1e-7): float64 products then. Sparse X keeps its own: its
             # products stream int64 indices (1500 x 5000 at 1%: no gain)
             low = dtype == torch.float64 and self._cg_by_name() and Xt.layout == torch.strided
+            # ... and with weights float32 holds with room to spare (sample weights
+            # of 1e40 or 1e-200 gave NaN products: 'invalid value encountered in
+            # matmul', CG stopped at p^T A p = nan)
+            positive = sw[sw > 0]
+            low = low and 1e-20 < positive.min() and positive.max() < 1e20
             hvp_dtype = torch.float32 if low else None
             batches = [
                 LogisticFolds(

@@ -1251,3 +1251,19 @@ def test_regressor_cg_in_float32_does_not_ask_for_float64_residuals():
         warnings.simplefilter("error", ConvergenceWarning)
         cg = HyperL2Regressor(random_state=0, dtype="float32", hypergradient="cg").fit(X, y)
     np.testing.assert_allclose(cg.predict(X), ref.predict(X), rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_extreme_sample_weights_keep_float64_products():
+    # the default's float32 Hessian-vector products under- or overflowed with
+    # sample weights of 1e-200 or 1e40 (CG stopped at p^T A p = nan, "invalid
+    # value encountered in matmul"); such weights now keep float64 products.
+    # (A weight's scale moves the fit only through the prior's sample count.)
+    X, y = make_classification(200, 10, n_informative=4, random_state=0)
+    ref = HyperL2Classifier(random_state=0).fit(X, y)
+    big = HyperL2Classifier(random_state=0).fit(X, y, sample_weight=np.full(200, 1e10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny = HyperL2Classifier(random_state=0).fit(X, y, sample_weight=np.full(200, 1e-200))
+        huge = HyperL2Classifier(random_state=0).fit(X, y, sample_weight=np.full(200, 1e40))
+    np.testing.assert_allclose(tiny.predict_proba(X), ref.predict_proba(X), atol=1e-6)
+    np.testing.assert_allclose(huge.predict_proba(X), big.predict_proba(X), atol=1e-6)
