@@ -360,7 +360,9 @@ class EvoGrad(HypergradientStrategy):
     ----------
     n_samples : int, default=32
         Number of perturbed copies of ``theta`` (pairs ``+-eps`` count as
-        two with ``antithetic=True``; an odd number gets one extra).
+        two with ``antithetic=True``; an odd number gets one extra). At
+        least 3 with ``antithetic=True``: the two losses of a single pair
+        differ only by rounding at an inner optimum.
     sigma : float, default=0.01
         Standard deviation of the perturbations of ``theta``.
     temperature : float or None, default=None
@@ -480,6 +482,17 @@ class EvoGrad(HypergradientStrategy):
         if self.temperature is not None:
             _check_positive("temperature", self.temperature)
         _check_positive("temperature_scale", self.temperature_scale)
+        if self.antithetic and int(self.n_samples) < 3:
+            # one antithetic pair: its two losses differ only by the odd-order terms
+            # (sigma * g.eps with g the inner gradient, ~0 at the optimum), so the
+            # adaptive temperature followed rounding and the weights' derivative was
+            # huge: hypergradients of -3e8 to -6e10 against an exact -0.64, silently
+            raise ValueError(
+                f"EvoGrad: n_samples={self.n_samples!r} with antithetic=True draws a "
+                "single antithetic pair, whose two losses differ only by rounding at an "
+                "inner optimum: use n_samples >= 3 (at least two pairs) or "
+                "antithetic=False."
+            )
         phi0 = tree_detach(phi)
         theta_hat, res = solver.solve(
             lambda t: inner_loss(t, phi0), tree_detach(init), phi=phi0

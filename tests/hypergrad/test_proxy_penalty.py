@@ -495,3 +495,14 @@ def test_bome_warns_when_its_inner_solver_goes_uphill():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _argmin(phi, BOME(), solver=GradientSteps(n_steps=10, lr=0.5))
+
+
+def test_evograd_rejects_a_single_antithetic_pair():
+    # n_samples=1 or 2 with antithetic=True: hypergradients of -3e8 to -6e10 (the
+    # exact one is of order 1), no warning
+    phi = torch.zeros(N_FEAT, dtype=DT, requires_grad=True)
+    for n in (1, 2):
+        with pytest.raises(ValueError, match="single antithetic pair.*n_samples >= 3"):
+            _argmin(phi, EvoGrad(n_samples=n, random_state=0))
+    _argmin(phi, EvoGrad(n_samples=2, antithetic=False, random_state=0))
+    _argmin(phi, EvoGrad(n_samples=3, random_state=0))
