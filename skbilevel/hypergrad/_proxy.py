@@ -70,11 +70,15 @@ class _Sampler:
 
 
 def _check_positive(name, value, integer=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    # (sigma=inf or temperature=inf passed: NaN perturbations or uniform weights)
+    ok = (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value) and value > 0
+    )
     if integer:
         ok = ok and float(value).is_integer()
     if not ok:
-        kind = "a positive integer" if integer else "a positive number"
+        kind = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"{name} must be {kind}; got {value!r}.")
 
 
@@ -274,6 +278,8 @@ class BestResponse(HypergradientStrategy):
         return D, P
 
     def argmin(self, inner_loss, phi, init, solver, info):
+        # (refit_every=0, -5 or 1.5 were read as 1)
+        _check_positive("refit_every", self.refit_every, integer=True)
         phi0 = tree_detach(phi)
         phi_leaves, phi_spec = tree_flatten(phi)
         phi0_leaves = [p.detach() for p in phi_leaves]

@@ -506,3 +506,16 @@ def test_evograd_rejects_a_single_antithetic_pair():
             _argmin(phi, EvoGrad(n_samples=n, random_state=0))
     _argmin(phi, EvoGrad(n_samples=2, antithetic=False, random_state=0))
     _argmin(phi, EvoGrad(n_samples=3, random_state=0))
+
+
+def test_proxy_settings_must_be_finite_and_refit_every_an_integer():
+    phi = torch.zeros(N_FEAT, dtype=DT, requires_grad=True)
+    # sigma=inf passed the positivity check; refit_every=0 / 1.5 were read as 1
+    for strategy, match in (
+        (EvoGrad(sigma=float("inf")), "sigma must be a positive finite number"),
+        (BestResponse(sigma=float("inf")), "sigma must be a positive finite number"),
+        (BestResponse(refit_every=0), "refit_every must be a positive integer"),
+        (BestResponse(refit_every=1.5), "refit_every must be a positive integer"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            _argmin(phi, strategy)
