@@ -446,15 +446,21 @@ class DatasetDistiller(BaseEstimator):
             objective, model = self._unrolled_objective(targets0, draw_batch, gen, task, to)
             deterministic = False
 
-        fit_outer(
-            self,
-            objective,
-            phi,
-            early_stopping=False,
-            restore_best=deterministic,
-            projection=project if self.clip else None,
-            desc="distill",
-        )
+        # strategies that draw from torch's global generator (the proxy ones:
+        # 'evograd', 'best_response') draw from one seeded by random_state, so two
+        # fits with the same seed are identical; the caller's stream is left alone
+        torch_seed = int(rng.randint(0, 2**31 - 1))  # rng's last use: init is done
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(torch_seed)
+            fit_outer(
+                self,
+                objective,
+                phi,
+                early_stopping=False,
+                restore_best=deterministic,
+                projection=project if self.clip else None,
+                desc="distill",
+            )
 
         Xs = phi["X"].detach()
         targets = self._current_targets(phi, targets0, task).detach()
