@@ -1431,7 +1431,8 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     stays sparse with K-fold validation: the folds' Gram matrices, or their
     kernels in the Woodbury form, come from sparse products, and the rows
     are centred implicitly. With ``cv="loo"`` and ``penalty="scalar"`` (the
-    hat-matrix formulas) it is made dense.
+    hat-matrix formulas) it is made dense (beyond 4 GiB a ``ValueError``
+    asks for an integer ``cv`` instead).
 
     Scales. With ``fit_intercept=True``, ``y`` and the features whose mean
     exceeds their standard deviation are centred in float64 before the data
@@ -1602,6 +1603,17 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 f"hypergradient={self.hypergradient!r} needs validation folds. Use "
                 "hypergradient='closed_form', per-feature penalties or an integer cv."
             )
+        if closed_loo and sp.issparse(X):
+            # the hat-matrix formulas densify X: refuse before toarray runs out of
+            # memory (a 200000 x 50000 term-document matrix: 75 GiB)
+            need = X.shape[0] * X.shape[1] * torch.finfo(dtype).bits // 8
+            if need > _LOO_MAX_BYTES:
+                raise ValueError(
+                    f"cv='loo' with penalty='scalar' uses the hat-matrix formulas, which "
+                    f"make sparse X dense: {need / 2**30:.3g} GiB here ({X.shape[0]} x "
+                    f"{X.shape[1]}; the limit is {_LOO_MAX_BYTES / 2**30:.0f} GiB). Use an "
+                    "integer cv (e.g. cv=10): K-fold validation keeps X sparse."
+                )
 
         # sparse X stays sparse in the K-fold problems (RidgeFolds: Gram matrices
         # or kernels from sparse products); the leave-one-out formulas are dense

@@ -1267,3 +1267,19 @@ def test_classifier_extreme_sample_weights_keep_float64_products():
         huge = HyperL2Classifier(random_state=0).fit(X, y, sample_weight=np.full(200, 1e40))
     np.testing.assert_allclose(tiny.predict_proba(X), ref.predict_proba(X), atol=1e-6)
     np.testing.assert_allclose(huge.predict_proba(X), big.predict_proba(X), atol=1e-6)
+
+
+def test_regressor_scalar_loo_refuses_to_densify_sparse_x_beyond_the_limit(monkeypatch):
+    # cv="loo" with one shared penalty makes sparse X dense (the hat-matrix
+    # formulas): a large term-document matrix ran into toarray's MemoryError
+    import scipy.sparse as sp
+
+    from skbilevel.linear_model import _hyper_l2
+
+    monkeypatch.setattr(_hyper_l2, "_LOO_MAX_BYTES", 2**20)
+    X = sp.random(400, 400, density=0.01, random_state=0, format="csr")  # 1.2 MiB dense
+    y = np.asarray(X.sum(1)).ravel()
+    with pytest.raises(ValueError, match=r"make sparse X dense: 0\.00119 GiB.*400 x 400.*integer cv"):
+        HyperL2Regressor(cv="loo", penalty="scalar").fit(X, y)
+    HyperL2Regressor(cv="loo", penalty="scalar", dtype="float32").fit(X, y)  # 0.6 MiB
+    HyperL2Regressor(penalty="scalar").fit(X, y)  # K folds stay sparse
