@@ -352,9 +352,33 @@ _REGISTRY = {}
 
 
 def register_strategy(*names):
-    """Class decorator registering a strategy under one or more string names."""
+    """Class decorator registering a strategy under one or more string names.
+
+    A name already taken by another class is a ``ValueError`` (registering
+    ``"cg"`` again replaced the library's conjugate-gradient strategy for
+    every later ``hypergradient="cg"``, silently); the same class (by module
+    and name, as after a module reload) may register again.
+    """
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Strategy names must be non-empty strings; got {name!r}.")
 
     def decorator(cls):
+        if not (isinstance(cls, type) and issubclass(cls, HypergradientStrategy)):
+            raise TypeError(
+                "register_strategy decorates HypergradientStrategy subclasses; got "
+                f"{cls!r}."
+            )
+        for name in names:
+            old = _REGISTRY.get(name)
+            if old is not None and (old.__module__, old.__qualname__) != (
+                cls.__module__, cls.__qualname__
+            ):
+                raise ValueError(
+                    f"The strategy name {name!r} is taken by {old.__module__}."
+                    f"{old.__qualname__}; register {cls.__qualname__} under another "
+                    "name (or pass an instance as hypergradient=...)."
+                )
         for name in names:
             _REGISTRY[name] = cls
         return cls

@@ -110,3 +110,28 @@ def test_tree_helpers_reject_mismatched_trees():
         tree_to_vector({})
     assert float(tree_dot(a, a)) == 7.0
     assert torch.equal(tree_to_vector(vector_to_tree(torch.arange(9.0), a)), torch.arange(9.0))
+
+
+def test_register_strategy_does_not_replace_another_class():
+    from skbilevel.hypergrad import register_strategy
+
+    class MyCG(HypergradientStrategy):
+        name = "my_cg"
+
+    # registering "cg" again silently replaced the library's CG for everyone
+    with pytest.raises(ValueError, match="'cg' is taken by skbilevel.hypergrad._implicit"):
+        register_strategy("cg")(MyCG)
+    assert type(get_strategy("cg")).__name__ == "ImplicitCG"
+    with pytest.raises(TypeError, match="HypergradientStrategy subclasses"):
+        register_strategy("not_a_strategy")(object)
+    with pytest.raises(ValueError, match="non-empty strings"):
+        register_strategy("")
+    # a new name works, and the same class may register again (a reload)
+    register_strategy("test_my_cg")(MyCG)
+    register_strategy("test_my_cg")(MyCG)
+    try:
+        assert isinstance(get_strategy("test_my_cg"), MyCG)
+    finally:
+        from skbilevel.hypergrad import _base
+
+        _base._REGISTRY.pop("test_my_cg", None)
