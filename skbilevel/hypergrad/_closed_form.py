@@ -279,6 +279,14 @@ def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver", check_X=Tru
                 f"{where}: {name} must be a torch tensor; got {type(a).__name__}. "
                 f"Convert it first, e.g. torch.as_tensor({name}, dtype=torch.float64)."
             )
+    if X.layout != torch.strided:
+        # (a CSR X failed inside: "can't convert SparseCsr layout tensor to numpy" or
+        # "torch.empty: Only batched sparse compressed tensors are supported")
+        raise ValueError(
+            f"{where}: X must be a dense tensor; got layout "
+            f"{str(X.layout).replace('torch.', '')}. Pass X.to_dense() (the "
+            "decomposition is dense anyway)."
+        )
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
     if not X.dtype.is_floating_point:
@@ -313,9 +321,8 @@ def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver", check_X=Tru
 
 
 def _check_finite_X(X):
-    values = X if not isinstance(X, torch.Tensor) or X.layout == torch.strided else X.values()
-    ok = bool(np.isfinite(values).all()) if isinstance(values, np.ndarray) else bool(
-        torch.isfinite(values).all()
+    ok = bool(np.isfinite(X).all()) if isinstance(X, np.ndarray) else bool(
+        torch.isfinite(X).all()
     )
     if not ok:
         raise ValueError("X and y must be finite (no NaN or infinity).")

@@ -356,6 +356,13 @@ def test_ridge_data_checks_weights_types_overflow_and_decomposition():
         RidgeSolver(X, y, fit_intercept=False, decomposition=ridge_loo_decomposition(X, y))
     with pytest.raises(TypeError, match="RidgeDecomposition"):
         RidgeSolver(X, y, decomposition="eigen")
+    # a CSR X: "can't convert SparseCsr layout tensor to numpy" (eigen) or
+    # "torch.empty: Only batched sparse compressed tensors are supported" (cholesky)
+    for method in ("eigen", "cholesky"):
+        with pytest.raises(ValueError, match="X must be a dense tensor.*to_dense"):
+            RidgeSolver(X.to_sparse_csr(), y, method=method)
+    with pytest.raises(ValueError, match="X must be a dense tensor"):
+        ridge_loo_decomposition(X.to_sparse_csr(), y)
 
 
 def test_ridge_penalties_must_be_finite_and_shaped():
