@@ -224,7 +224,7 @@ class _MetaLearnerMixin:
         method = self._method()
         dtype = self._resolve_dtype(method)
         is_r2d2 = method.name == "r2d2"
-        self._fitted_method = copy.deepcopy(method)
+        fitted_method = copy.deepcopy(method)  # before the fit can touch it
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(torch_seed)
@@ -260,6 +260,7 @@ class _MetaLearnerMixin:
         self.module_ = load_parameters(module, meta["params"])
         self.meta_params_ = {k: v.detach().to("cpu").clone()
                              for k, v in method.state_dict(meta).items()}
+        self._fitted_method = fitted_method
         if curvature["tasks"]:
             self._check_imaml_curvature(method, curvature)
 

@@ -219,3 +219,18 @@ def test_module_returning_a_tuple_is_a_clear_error(Est):
         y = (y > 0).astype(int)
     with pytest.raises(ValueError, match="returned a tuple"):
         Est(_TupleNet, k_shot=2, n_query=2, max_iter=2).fit(X, y)
+
+
+def test_failed_refit_keeps_the_fitted_method_with_its_parameters():
+    # the fitted method was recorded before the backbone checks: a refit with
+    # method='r2d2' that failed on the module left MAML's parameters with R2D2's
+    # method, and predict raised KeyError('W')
+    X = np.random.RandomState(0).randn(60, 3)
+    y = (X[:, 0] > 0).astype(int)
+    meta = MetaLearnerClassifier("linear", k_shot=2, n_query=2, meta_batch_size=2,
+                                 max_iter=2, random_state=0).fit(X, y)
+    proba = meta.predict_proba(X)
+    meta.set_params(method="r2d2", module=torch.nn.Linear(5, 4))
+    with pytest.raises(ValueError, match="input"):
+        meta.fit(X, y)
+    np.testing.assert_array_equal(meta.predict_proba(X), proba)
