@@ -233,7 +233,10 @@ class _BackwardState:
         """``-(d^2 f / d phi d theta) v`` for the targets: the hypergradient."""
         mixed = torch.autograd.grad(g_flat, targets, v, allow_unused=True)
         self.info.n_hvp += 1
-        return [None if m is None else -m.detach() for m in mixed]
+        # a leaf the inner gradient does not depend on has a zero indirect term:
+        # return it as zeros (None left phi.grad None after backward, so that
+        # phi.grad.norm() failed, unlike the strategies _keep_connected covers)
+        return [torch.zeros_like(t) if m is None else -m.detach() for m, t in zip(mixed, targets)]
 
     def _check_finite(self, v):
         if not bool(torch.isfinite(v).all()):

@@ -553,3 +553,22 @@ def test_cg_without_a_diagonal_is_not_preconditioned():
     )
     w.sum().backward()
     assert info.extra["preconditioned"] is False
+
+
+@pytest.mark.parametrize("strategy", ["cg", "dense", "neumann", "identity"])
+def test_a_phi_leaf_the_inner_gradient_ignores_gets_a_zero_gradient(strategy):
+    # phi["b"] enters the inner loss only as a constant: its indirect term is
+    # zero, but phi["b"].grad stayed None after backward (phi["b"].grad.norm()
+    # failed), unlike the other strategies
+    phi = {
+        "a": torch.tensor(0.5, dtype=torch.float64, requires_grad=True),
+        "b": torch.tensor(0.3, dtype=torch.float64, requires_grad=True),
+    }
+
+    def inner(w, p):
+        return ((w[:2] - p["a"]) ** 2).sum() + (w[2] - 1) ** 2 + p["b"] ** 2
+
+    w, _ = argmin(inner, phi, torch.zeros(3, dtype=torch.float64), hypergradient=strategy)
+    (w**2).sum().backward()
+    assert float(phi["a"].grad) == pytest.approx(2.0, rel=1e-6)
+    assert phi["b"].grad is not None and float(phi["b"].grad) == 0.0
