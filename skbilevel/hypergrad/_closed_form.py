@@ -1862,9 +1862,14 @@ def minimize_log_alpha(
         grad=np.array([b.gb for b in brackets]),
         n_iter=n_iter + n_expand,
         n_evaluations=n_iter + n_expand,
-        # a non-finite value or slope is no answer (a NaN objective stopped at once)
+        # a non-finite value or slope is no answer (a NaN objective stopped at once),
+        # nor is a bracketing search cut short by max_iter while still stepping
+        # downhill (it reported converged at its start point: alpha_init as is)
         converged=np.array(
-            [not b.active and _finite(b.fb) and _finite(b.gb) for b in brackets]
+            [
+                not b.active and not b.expanding and _finite(b.fb) and _finite(b.gb)
+                for b in brackets
+            ]
         ),
         history=history,
         grid=grid,

@@ -776,6 +776,21 @@ class _HyperL2Base(BaseEstimator):
                 )
         return res
 
+    def _warn_unlocated(self, res, tol):
+        """A ``ConvergenceWarning`` when the shared penalty's search ``res``
+        (the fit's answer) stopped at ``max_iter`` before locating
+        ``log(alpha)`` to ``tol``, as :class:`BilevelRidgeCV` does."""
+        if self.max_iter > 0 and not bool(np.all(res.converged)):
+            warnings.warn(
+                f"{self._name}: the shared penalty's search stopped after "
+                f"max_iter={self.max_iter} refinements before log(alpha) was located "
+                f"to {tol:g} (|d cv loss / d log(alpha)| = "
+                f"{float(np.max(np.abs(res.grad))):.3e}); the best alpha found, "
+                f"{math.exp(float(res.x[0])):.6g}, is kept. Raise max_iter.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
     def _descend(self, objective, phi, base, center, prior_weight, lo, hi):
         """The descent of :meth:`_outer_stage`."""
         if (
@@ -1078,9 +1093,11 @@ class _HyperL2Base(BaseEstimator):
             )
             n_iter += int(res.n_iter)
             history.extend(float(self._nll(torch.tensor(h), base)) for h in res.history)
+            self._warn_unlocated(res, 1e-3)
             return float(res.x[0])
 
         if n_groups == 1 and not warm and kind != "array":
+            self._warn_unlocated(stage1, tol)
             return phi0, shared, center, history, n_iter, info, objective
         if stage1 is None:
             base = float(objective.value_and_grad(phi0)[0])

@@ -483,6 +483,14 @@ def test_search_gives_up_at_max_iter():
     res = minimize_log_alpha(_bumpy, values=lambda z: _bumpy(z)[0][:, None],
                              grid=np.linspace(-6, 6, 5), tol=1e-14, max_iter=2)
     assert res.n_iter <= 3 and not res.converged.all()
+    # bracketing from x0 cut short while still stepping downhill: it reported
+    # converged at x0 (HyperL2Regressor(alpha_init=1e4, max_iter=1) kept 1e4 silently)
+    f = lambda x: ((x - 1.5) ** 2, 2 * (x - 1.5))  # noqa: E731
+    res = minimize_log_alpha(f, x0=9.0, max_iter=1)
+    assert res.x[0] == 9.0 and not res.converged[0]
+    res = minimize_log_alpha(f, x0=9.0, max_iter=3)  # 8, 6, 2: not bracketed yet
+    assert not res.converged[0]
+    assert minimize_log_alpha(f, x0=9.0).converged[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

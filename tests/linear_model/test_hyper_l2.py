@@ -1157,6 +1157,28 @@ def test_stage_stopped_by_max_iter_is_a_convergence_warning(Est):
         Est(random_state=0).fit(X, y)  # converges within the default budget
 
 
+def test_shared_search_stopped_by_max_iter_is_a_convergence_warning():
+    # penalty="scalar" (and a shared penalty kept as the answer) returned the best
+    # point of a search cut short by max_iter without a word, where BilevelRidgeCV
+    # warns: the classifier's slope was still 5e-3 at max_iter=1
+    from sklearn.datasets import load_breast_cancer
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = (X - X.mean(0)) / X.std(0)
+    with pytest.warns(ConvergenceWarning, match=r"shared penalty's search stopped after max_iter=1 "):
+        HyperL2Classifier(penalty="scalar", max_iter=1, random_state=0).fit(X, y)
+    rng = np.random.RandomState(0)
+    Xr = rng.randn(60, 5)
+    yr = Xr @ rng.randn(5) + rng.randn(60)
+    with pytest.warns(ConvergenceWarning, match=r"shared penalty's search .* Raise max_iter"):
+        HyperL2Regressor(penalty="scalar", alpha_init=1e4, max_iter=1).fit(Xr, yr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        HyperL2Classifier(penalty="scalar", random_state=0).fit(X, y)
+        HyperL2Regressor(penalty="scalar", alpha_init=1e4).fit(Xr, yr)
+        HyperL2Classifier(max_iter=0, random_state=0).fit(X, y)  # no refinement asked
+
+
 @pytest.mark.parametrize(
     "penalty, word",
     [([0, None, 1, 1], "missing"), ([0, np.nan, 1, 1], "NaN"), ([0.0, 1.0, np.inf, 1.0], "inf"),
