@@ -107,6 +107,8 @@ def resolve_dtype(dtype, supported=None, why=None):
     >>> from skbilevel.utils import resolve_dtype
     >>> resolve_dtype(np.float32)
     torch.float32
+    >>> resolve_dtype("torch.float64")
+    torch.float64
     >>> resolve_dtype("float16", supported=("float32", "float64"))
     Traceback (most recent call last):
     ...
@@ -120,6 +122,8 @@ def resolve_dtype(dtype, supported=None, why=None):
             raise ValueError(f"dtype={dtype!r} must be a floating-point dtype.")
         name = str(dtype).replace("torch.", "")
     else:
+        if isinstance(dtype, str) and dtype.startswith("torch."):
+            dtype = dtype[len("torch.") :]  # "torch.float32", as str(torch.float32) prints
         try:
             name = np.dtype(dtype).name
         except TypeError:
@@ -128,7 +132,8 @@ def resolve_dtype(dtype, supported=None, why=None):
         where = "" if supported is None else " here"
         shown = [repr(n) for n in (names[:2] if supported is None else names)]
         use = " or ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown)
-        reason = "" if why is None else f" {why}"
+        # ``why`` explains the floating precisions left out, not an integer dtype
+        reason = "" if why is None or name not in _DTYPES else f" {why}"
         raise ValueError(f"dtype={dtype!r} is not supported{where}; use {use}.{reason}")
     return _DTYPES[name]
 

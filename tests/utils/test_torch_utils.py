@@ -50,6 +50,14 @@ def test_resolve_dtype():
     for half in ("float16", torch.bfloat16, np.float16):
         with pytest.raises(ValueError, match="not supported here; use 'float32'"):
             resolve_dtype(half, supported=("float32", "float64"))
+    # the names torch prints are accepted ("torch.float32" was "not supported")
+    assert resolve_dtype("torch.float32") is torch.float32
+    # the reason given for leaving out half precisions is not given for integers
+    why = "Its solves factorize matrices."
+    with pytest.raises(ValueError, match="Its solves"):
+        resolve_dtype("float16", supported=("float32", "float64"), why=why)
+    with pytest.raises(ValueError, match=r"use 'float32' or 'float64'\.$"):
+        resolve_dtype("int32", supported=("float32", "float64"), why=why)
 
 
 def test_round_trip_dense_and_sparse():
