@@ -87,8 +87,23 @@ def _per_leaf(value, tree, name):
                 "must match the structure of theta."
             )
         return [v for sub_v, sub_t in zip(value, tree) for v in _per_leaf(sub_v, sub_t, name)]
-    n_leaves = len(tree_flatten(tree)[0])
-    return [value] * n_leaves
+    leaves = tree_flatten(tree)[0]
+    if isinstance(value, torch.Tensor) and value.ndim:
+        for leaf in leaves:
+            try:
+                ok = torch.broadcast_shapes(value.shape, leaf.shape) == leaf.shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                # (torch's "The size of tensor a (4) must match the size of tensor b
+                # (2)" from inside a step)
+                raise ValueError(
+                    f"{name} given as a tensor of shape {tuple(value.shape)} must be "
+                    f"broadcastable to every leaf of theta; a leaf has shape "
+                    f"{tuple(leaf.shape)}. Give a scalar, or a dict / list with one "
+                    "value per leaf."
+                )
+    return [value] * len(leaves)
 
 
 def _check_positive_tree(value, name):

@@ -179,3 +179,18 @@ def test_custom_update_rule():
     theta, res = Halving(n_steps=3).solve(lambda t: (t**2).sum(), torch.ones(2))
     assert torch.equal(theta, torch.zeros(2))  # grad 2t: t - t = 0 after one step
     assert isinstance(Halving(), StepSolver)
+
+
+def test_a_tensor_hyperparameter_must_broadcast_to_every_leaf():
+    theta = {"a": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
+
+    def f(t):
+        return ((t["a"] - 1) ** 2).sum() + ((t["b"] + 1) ** 2).sum()
+
+    # a (4,) learning rate: torch's "The size of tensor a (4) must match ..." mid-step
+    with pytest.raises(ValueError, match=r"lr given as a tensor of shape \(4,\) must be broadcastable"):
+        GradientDescent(lr=torch.ones(4, dtype=torch.float64), n_steps=2).solve(f, theta)
+    # per-leaf tensors shaped like their leaf, and 0-d tensors, stay fine
+    lr = {"a": torch.full((2,), 0.1, dtype=torch.float64), "b": torch.tensor(0.1, dtype=torch.float64)}
+    _, res = GradientDescent(lr=lr, n_steps=200).solve(f, theta)
+    assert res.grad_norm < 1e-8
