@@ -181,8 +181,8 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     b : torch.Tensor
         Right-hand side, 1-D or 0-d.
     x0 : torch.Tensor, optional
-        Starting point (a warm start). Ignored when its residual is larger
-        than that of the zero start.
+        Starting point (a warm start), shaped like ``b``. Ignored when it is
+        not finite or its residual is larger than that of the zero start.
     tol : float, default=1e-10
         Tolerance on the relative residual ``||A x - b|| / ||b||``.
     maxiter : int, optional
@@ -207,8 +207,12 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
 
     Raises
     ------
+    TypeError
+        When ``b`` is not a tensor or ``matvec`` is not callable.
     ValueError
-        When ``b`` is not finite, or the preconditioner is not shaped like
+        When ``b`` is not finite or not floating-point, ``matvec`` returns a
+        tensor of another size, ``x0`` is not shaped like ``b``, ``tol`` is
+        negative or not finite, or the preconditioner is not shaped like
         ``b``, not positive or not finite (a callable is checked on every
         application: ``r^T M^{-1} r`` must be positive).
 
