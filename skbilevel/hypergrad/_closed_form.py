@@ -21,6 +21,7 @@ targets, the support points and the regularization, as kernel inducing
 points (KIP) dataset distillation needs.
 """
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -528,23 +529,36 @@ def ridge_loo_decomposition(X, y, sample_weight=None, fit_intercept=True, mode="
     if numpy_path:
         X, y2 = X.numpy(), y2.numpy()
         sample_weight = None if sample_weight is None else sample_weight.numpy()
-    Xs, ys, sqrt_sw, X_offset, y_offset = _center_and_rescale(
-        X, y2, sample_weight, fit_intercept
-    )
+    # numpy's "overflow" and "invalid value encountered" warnings on data beyond
+    # the dtype's range (or infinite) would only precede the ValueErrors below
+    def quiet():
+        if numpy_path:
+            return np.errstate(over="ignore", invalid="ignore")
+        return contextlib.nullcontext()
+
+    with quiet():
+        Xs, ys, sqrt_sw, X_offset, y_offset = _center_and_rescale(
+            X, y2, sample_weight, fit_intercept
+        )
     deflated = mode == "gram" and fit_intercept and n > 1
     # NaN in X, or squares of the data beyond the dtype's range: numpy's
     # "Eigenvalues did not converge" (X * 1e200) or an infinite objective at
     # every alpha (y * 1e200)
-    _check_no_overflow((ys * ys).sum(), "The sum of squares of y")
+    with quiet():
+        y_sq = (ys * ys).sum()
+    _check_no_overflow(y_sq, "The sum of squares of y")
     V = None
     if deflated:
-        eigvals, basis = _deflated_gram_eigh(Xs, sqrt_sw, X=X)
+        with quiet():
+            eigvals, basis = _deflated_gram_eigh(Xs, sqrt_sw, X=X)
     elif mode == "gram":
-        K = Xs @ Xs.T
+        with quiet():
+            K = Xs @ Xs.T
         _check_no_overflow(K, "X X^T (the Gram matrix of X)", X=X)
         eigvals, basis = _eigh(K)
     else:
-        C = Xs.T @ Xs
+        with quiet():
+            C = Xs.T @ Xs
         _check_no_overflow(C, "X^T X", X=X)
         eigvals, V = _eigh(C)
         basis = Xs @ V

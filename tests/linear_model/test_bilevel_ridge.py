@@ -467,6 +467,9 @@ def test_folds_without_weight_name_the_fold():
     BilevelRidgeCV(cv=KFold(5, shuffle=True, random_state=0)).fit(X, y, sample_weight=sw)
 
 
+# numpy's "overflow encountered in matmul" (and "invalid value" on inf) came
+# before the ValueError
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_data_too_large_for_the_dtype_is_a_clear_error():
     rng = np.random.RandomState(0)
     X, y = rng.randn(20, 3), rng.randn(20)
