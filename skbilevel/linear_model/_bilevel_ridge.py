@@ -34,6 +34,7 @@ from ..utils import (
     to_numpy,
     to_tensor,
 )
+from ._base import _offsets
 
 __all__ = ["BilevelRidgeCV"]
 
@@ -126,7 +127,11 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
     device : str or torch.device, default="cpu"
         Where the computation runs (``"cuda"``, ``"auto"``, ...).
     dtype : str or dtype, default="float64"
-        Floating point precision of the computation.
+        Floating point precision of the computation. In ``"float32"`` with
+        ``fit_intercept=True``, ``y`` and the features whose mean exceeds their
+        standard deviation are centred in float64 before the cast (the shift
+        goes into ``intercept_``), so offsets such as ``y + 1e5`` do not cost
+        the fit its digits.
     verbose : int, default=0
         Print the scan and the refinement iterations.
     n_jobs : int, default=None
@@ -295,6 +300,14 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
                 sample_weight, X, dtype=np.float64, ensure_non_negative=True
             )
 
+        x_offset = y_offset = None
+        if self.fit_intercept and dtype == torch.float32:
+            # the means in float64 before the cast: the core centres in the fit's
+            # dtype, where y + 1e5 keeps 3 digits of its variation (cv=5: alpha 1.5%
+            # off the float64 fit's, LOO 0.7%; y + 1e3: 17% off with cv=5)
+            sw = np.ones(n_samples) if sample_weight is None else sample_weight
+            X, y, x_offset, y_offset = _offsets(X, y, sw, True)
+
         Xt = to_tensor(_writable(X), device=device, dtype=dtype)
         yt = to_tensor(_writable(y), device=device, dtype=dtype)
         swt = None if sample_weight is None else to_tensor(sample_weight, device, dtype)
@@ -337,6 +350,12 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             self.intercept_ = float(intercept) if intercept.ndim == 0 else intercept
         else:
             self.intercept_ = 0.0
+        if y_offset is not None:
+            # the fit saw X less x_offset and y less y_offset (in float64)
+            shift = y_offset - self.coef_ @ x_offset
+            self.intercept_ = (
+                float(self.intercept_ + shift) if np.ndim(shift) == 0 else self.intercept_ + shift
+            )
         self.n_iter_ = int(result.n_iter)
         self.history_ = np.asarray(result.history, dtype=float)
         info.extra = dict(info.extra)

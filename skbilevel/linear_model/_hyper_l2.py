@@ -155,6 +155,7 @@ from ..utils import (
     to_numpy,
     to_tensor,
 )
+from ._base import _offsets
 
 __all__ = ["HyperL2Regressor", "HyperL2Classifier"]
 
@@ -217,52 +218,6 @@ def _groups_from_penalty(penalty, n_features):
         )
     groups = groups.reshape(-1).astype(np.int64)
     return groups, int(groups.max()) + 1 if n_features else 0
-
-
-def _offsets(X, y, sw, fit_intercept):
-    """``X`` and ``y`` less their ``sw``-weighted means, computed in float64
-    before the data are cast to the fit's dtype, and the means
-    (``x_offset``, ``y_offset``; zeros without an intercept). With an
-    intercept a shift of the data changes nothing but the intercept, yet
-    uncentred data lose the fit: in float32 ``y + 1e8`` is rounded to
-    multiples of 8, and a logistic fit on ``X + 1e6`` (float64) pairs each
-    coefficient with the intercept in a Hessian its inner solver cannot
-    handle. Only the features whose mean exceeds their standard deviation
-    are centred (the others are left bit for bit as given: the fit is the
-    same, up to rounding and the solvers' tolerances). In sparse ``X`` such a
-    column is more than half filled already (a mean above the standard
-    deviation needs a density above 1/2), and is stored filled in: a
-    numeric column such as a year beside one-hot blocks (a float32
-    logistic fit of it took 19 ConvergenceWarnings). ``y`` is ``None`` for
-    the classifier."""
-    x_offset = np.zeros(X.shape[1])
-    y_offset = 0.0
-    if not fit_intercept:
-        return X, y, x_offset, y_offset
-    total = float(np.sum(sw))
-    if sp.issparse(X):
-        Xr = X.tocsr()
-        mean = np.asarray(sw @ Xr, dtype=np.float64).reshape(-1) / total
-        with np.errstate(over="ignore", invalid="ignore"):
-            second = np.asarray(sw @ Xr.multiply(Xr), dtype=np.float64).reshape(-1) / total
-            var = np.maximum(second - mean * mean, 0.0)
-    else:
-        mean = np.average(X, axis=0, weights=sw).astype(np.float64)
-        with np.errstate(over="ignore"):  # out-of-range X: _check_magnitudes says so
-            var = np.average((X - mean) ** 2, axis=0, weights=sw)
-    shifted = np.abs(mean) > np.sqrt(var)
-    if shifted.any():
-        x_offset = np.where(shifted, mean, 0.0)
-        if sp.issparse(X):
-            # the shifted columns filled in: every row less the offsets
-            fill = sp.csr_matrix(np.ones((X.shape[0], 1))) @ sp.csr_matrix(x_offset[None])
-            X = sp.csr_matrix(sp.csr_matrix(Xr, dtype=np.float64) - fill)
-        else:
-            X = np.asarray(X, dtype=np.float64) - x_offset
-    if y is not None:
-        y_offset = float(np.average(y, weights=sw))
-        y = np.asarray(y, dtype=np.float64) - y_offset
-    return X, y, x_offset, y_offset
 
 
 def _check_magnitudes(X, y, dtype, name, headroom=1.0, floor=1.0):

@@ -246,6 +246,27 @@ def test_float32_and_alpha_init_local_search():
     assert far.best_score_ == pytest.approx(ref.best_score_, rel=1e-9)
 
 
+@pytest.mark.parametrize("cv", [None, 5])
+def test_float32_fit_does_not_depend_on_offsets_of_the_data(cv):
+    # the core centres in the fit's dtype: float32 y + 1e5 keeps 3 digits of its
+    # variation and X + 1e4 loses its own. A two-target fit on both had alphas 1.5%
+    # (LOO) and 175% (cv=5) off the unshifted data's, and predicted 2.1 away from
+    # the float64 fit. The means are now taken in float64 first (what is left is
+    # float32's rounding: 8e-4 with cv=5)
+    X, y = load_diabetes(return_X_y=True)
+    Y = np.c_[y, 2 * y + 7]
+    ref = BilevelRidgeCV(cv=cv, alpha_per_target=True).fit(X + 1e4, Y + 1e5)
+    f32 = BilevelRidgeCV(cv=cv, alpha_per_target=True, dtype="float32")
+    base = clone(f32).fit(X, Y)
+    f32.fit(X + 1e4, Y + 1e5)
+    np.testing.assert_allclose(f32.alpha_, base.alpha_, rtol=5e-3)
+    assert np.abs(f32.predict(X + 1e4) - ref.predict(X + 1e4)).max() < 0.1
+    assert np.abs(f32.predict(X + 1e4) - base.predict(X) - 1e5).max() < 0.1
+    # one target: intercept_ stays a float
+    one = BilevelRidgeCV(cv=cv, dtype="float32").fit(X + 1e4, y + 1e5)
+    assert isinstance(one.intercept_, float)
+
+
 @pytest.mark.parametrize("cv", [None, 3])
 def test_alpha_scales_with_the_features(cv):
     # X * s has the same curve in alpha / s^2. The scan's two ranges (RidgeCV's
