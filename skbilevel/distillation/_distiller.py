@@ -243,6 +243,16 @@ class DatasetDistiller(BaseEstimator):
         Parameters of the network trained on the distilled set
         (``method="unrolled"``).
 
+    Notes
+    -----
+    One estimator serves class labels and continuous targets, so
+    scikit-learn does not take it for a classifier: ``cross_val_score`` and
+    ``GridSearchCV`` with an integer ``cv`` split it with unshuffled
+    ``KFold``, not ``StratifiedKFold``. On data sorted by class (iris as
+    loaded) every test fold then holds a class its training part never saw,
+    and scores 0. Pass ``cv=StratifiedKFold(5, shuffle=True)`` (or shuffle
+    the data) for class labels.
+
     See Also
     --------
     skbilevel.hypergrad.KernelRidgeSolver : the KIP inner problem.
