@@ -25,6 +25,7 @@ from ..hypergrad import (
     ridge_validation_curve,
     ridge_validation_value_and_grad,
 )
+from ..hypergrad._closed_form import _numpy_route_at_any_thread_count
 from ..utils import (
     check_numeric_target,
     check_splits,
@@ -370,7 +371,8 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         return self
 
     def _search_loo(self, Xt, yt, swt, per_target, penalty):
-        decomp = ridge_loo_decomposition(Xt, yt, swt, self.fit_intercept)
+        with _numpy_route_at_any_thread_count():
+            decomp = ridge_loo_decomposition(Xt, yt, swt, self.fit_intercept)
         last = {}
 
         def value_and_grad(x):
