@@ -298,12 +298,6 @@ class _MetaLearnerMixin:
         ``n_features_in_`` inputs and give ``n_outputs`` outputs (any number when
         ``None``, as R2D2's feature map)."""
         out = check_forward(module, X_t)
-        if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
-            raise ValueError(
-                f"The module must return a floating-point tensor of outputs; it "
-                f"returned {_describe(out)} on two rows of X. Return the outputs "
-                "alone (e.g. the logits, not a tuple)."
-            )
         width = out.shape[1] if out.dim() == 2 else (1 if out.dim() == 1 else None)
         if n_outputs is None or width == n_outputs or (
             width is not None and self._loss == "cross_entropy" and width > n_outputs
@@ -372,13 +366,6 @@ class _MetaLearnerMixin:
                 "Standardize X (and y for regression) or lower inner_lr, and refit."
             )
         return to_numpy(out).astype(np.float64)
-
-
-def _describe(out):
-    """What a module returned, for messages: a tensor's dtype, else the type."""
-    if isinstance(out, torch.Tensor):
-        return f"a {str(out.dtype).replace('torch.', '')} tensor"
-    return f"a {type(out).__name__}"
 
 
 def _reject_batch_norm(module):

@@ -529,14 +529,6 @@ class _BaseSampleReweighter(BaseEstimator):
                 "weights. Unfreeze the layers to train (e.g. the output layer)."
             )
         out = check_forward(module, X, "inner module")
-        if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
-            got = (f"a {str(out.dtype).replace('torch.', '')} tensor"
-                   if isinstance(out, torch.Tensor) else f"a {type(out).__name__}")
-            raise ValueError(
-                f"The inner module must return a floating-point tensor of outputs; it "
-                f"returned {got} on two rows of X. Return the outputs alone (e.g. "
-                "the logits, not a tuple)."
-            )
         n = X[:2].shape[0]
         if self._is_classifier:
             k = len(self.classes_)

@@ -259,7 +259,10 @@ def check_forward(module, X, name="module"):
     A module instance given by the user may not take ``X``'s features: the
     failure of this one small forward pass becomes a ``ValueError`` that
     names the module's input size (its first ``in_features``) and ``X``'s,
-    instead of a matrix-shape error deep inside a fit.
+    instead of a matrix-shape error deep inside a fit. So does an output
+    that is not a floating-point tensor (a tuple such as ``(logits,
+    features)``, or integer labels), which failed later with
+    ``AttributeError: 'tuple' object has no attribute 'dim'``.
 
     Parameters
     ----------
@@ -286,7 +289,7 @@ def check_forward(module, X, name="module"):
     """
     try:
         with torch.no_grad():
-            return module(X[:2])
+            out = module(X[:2])
     except RuntimeError as exc:
         expected = next(
             (
@@ -303,6 +306,18 @@ def check_forward(module, X, name="module"):
             f"input size is {X.shape[1]}, or a module class or name, which is built "
             "with the data's sizes."
         ) from exc
+    if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
+        got = (
+            f"a {str(out.dtype).replace('torch.', '')} tensor"
+            if isinstance(out, torch.Tensor)
+            else f"a {type(out).__name__}"
+        )
+        raise ValueError(
+            f"The {name} must return a floating-point tensor of outputs; it returned "
+            f"{got} on two rows of X. Return the outputs alone (e.g. the logits, not "
+            "a tuple)."
+        )
+    return out
 
 
 def skorch_parts(net):
