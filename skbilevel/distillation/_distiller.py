@@ -39,9 +39,10 @@ from ..hypergrad import (
     kip_loss,
     pairwise_kernel,
 )
-from ..utils import resolve_device, resolve_dtype, to_numpy, torch_generator
+from ..utils import resolve_device, to_numpy, torch_generator
 from ..utils._fit import fit_outer
 from ..utils._modules import MLP
+from ..utils._torch import _resolve_adam_dtype
 from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 
 __all__ = ["DatasetDistiller"]
@@ -560,19 +561,8 @@ class DatasetDistiller(BaseEstimator):
 
     def _resolve_dtype(self):
         """The computing dtype; half precision only where it works."""
-        if self.method == "kip":
-            supported = ("float32", "float64")
-            why = (
-                "Kernel ridge (method='kip') needs a Cholesky factorization, which "
-                "torch has only in float32 and float64."
-            )
-        else:
-            supported = ("float32", "float64", "bfloat16")
-            why = (
-                "In float16 the outer Adam steps turn zero or tiny gradients into "
-                "NaN or inf; use 'bfloat16' for half precision."
-            )
-        return resolve_dtype(self.dtype, supported=supported, why=why)
+        kip = "Kernel ridge (method='kip') needs a Cholesky factorization"
+        return _resolve_adam_dtype(self.dtype, kip if self.method == "kip" else None)
 
     def _target_task(self, y):
         kind = type_of_target(y, input_name="y", raise_unknown=True)

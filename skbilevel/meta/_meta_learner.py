@@ -31,6 +31,7 @@ from ..hypergrad import (
 )
 from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
 from ..utils._fit import fit_outer
+from ..utils._torch import _resolve_adam_dtype
 from ..utils._validation import check_hidden_layer_sizes
 from ..utils._modules import (
     MLP,
@@ -146,19 +147,8 @@ class _MetaLearnerMixin:
 
     def _resolve_dtype(self, method):
         """The computing dtype; half precision only where it works."""
-        if method.name == "r2d2":
-            supported = ("float32", "float64")
-            why = (
-                "R2D2's ridge head solves a linear system, which torch does only "
-                "in float32 and float64."
-            )
-        else:
-            supported = ("float32", "float64", "bfloat16")
-            why = (
-                "In float16 the outer Adam steps turn zero or tiny gradients into "
-                "NaN or inf; use 'bfloat16' for half precision."
-            )
-        return resolve_dtype(self.dtype, supported=supported, why=why)
+        r2d2 = "R2D2's ridge head solves a linear system"
+        return _resolve_adam_dtype(self.dtype, r2d2 if method.name == "r2d2" else None)
 
     def _runtime(self):
         """FunctionalModel, method and meta-parameter tree on a usable device.

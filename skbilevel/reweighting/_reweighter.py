@@ -53,7 +53,7 @@ from ..hypergrad import (
     available_strategies,
     get_strategy,
 )
-from ..utils import resolve_device, resolve_dtype, to_numpy, to_tensor
+from ..utils import resolve_device, to_numpy, to_tensor
 from ..utils._fit import fit_outer
 from ..utils._modules import (
     MLP,
@@ -65,6 +65,7 @@ from ..utils._modules import (
     module_params,
     skorch_parts,
 )
+from ..utils._torch import _resolve_adam_dtype
 from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 
 __all__ = ["SampleReweighter", "SampleReweighterRegressor"]
@@ -584,19 +585,10 @@ class _BaseSampleReweighter(BaseEstimator):
 
     def _resolve_dtype(self):
         """The computing dtype; half precision only where it works."""
-        if get_strategy(self.hypergradient).name == "dense":
-            supported = ("float32", "float64")
-            why = (
-                "The 'dense' hypergradient factorizes a matrix, which torch does "
-                "only in float32 and float64."
-            )
-        else:
-            supported = ("float32", "float64", "bfloat16")
-            why = (
-                "In float16 Adam turns zero or tiny gradients into NaN or inf and "
-                "the fit diverges; use 'bfloat16' for half precision."
-            )
-        return resolve_dtype(self.dtype, supported=supported, why=why)
+        dense = "The 'dense' hypergradient factorizes a matrix"
+        return _resolve_adam_dtype(
+            self.dtype, dense if get_strategy(self.hypergradient).name == "dense" else None
+        )
 
     def _strategy_and_solver(self):
         strategy = get_strategy(self.hypergradient)

@@ -138,6 +138,29 @@ def resolve_dtype(dtype, supported=None, why=None):
     return _DTYPES[name]
 
 
+def _resolve_adam_dtype(dtype, factorization=None):
+    """:func:`resolve_dtype` for the estimators whose outer loop runs Adam.
+
+    float16 is refused (Adam turns zero or tiny gradients into NaN or inf
+    there); bfloat16 is kept unless the fit factorizes a matrix:
+    ``factorization`` says which one (a sentence's subject, e.g. ``"R2D2's
+    ridge head solves a linear system"``), and only float32 and float64 are
+    then supported.
+    """
+    if factorization is not None:
+        return resolve_dtype(
+            dtype,
+            supported=("float32", "float64"),
+            why=f"{factorization}, which torch does only in float32 and float64.",
+        )
+    return resolve_dtype(
+        dtype,
+        supported=("float32", "float64", "bfloat16"),
+        why="In float16 the outer Adam steps turn zero or tiny gradients into NaN or "
+        "inf; use 'bfloat16' for half precision.",
+    )
+
+
 def to_tensor(array, device=None, dtype=torch.float64, keep_sparse=False):
     """Convert an array-like (dense or scipy sparse) to a torch tensor.
 
