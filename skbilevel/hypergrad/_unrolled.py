@@ -271,11 +271,7 @@ def _check_diverging(info, fun, value, strategy, solver, init, n_steps):
         return
     info.inner_converged = False
     info.extra["diverged"] = True
-    name = type(solver).__name__
-    lr = getattr(solver, "lr", None)
-    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-        lr = float(lr.detach())
-    lr_text = f"lr={lr:g}" if isinstance(lr, numbers.Real) else "lr"
+    name, lr_text = _solver_and_lr(solver)
     warnings.warn(
         f"The {strategy.name!r} hypergradient comes from diverging inner steps: over "
         f"{n_steps} steps of {name}, the inner objective rose from {value0:.3e} to "
@@ -285,6 +281,15 @@ def _check_diverging(info, fun, value, strategy, solver, init, n_steps):
         InnerSolveWarning,
         stacklevel=5,  # the user's argmin call
     )
+
+
+def _solver_and_lr(solver):
+    """The solver's class name and its step size as a message shows it
+    (``"lr=0.1"``, or ``"lr"`` when it has none or a tensor of several)."""
+    lr = getattr(solver, "lr", None)
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        lr = float(lr.detach())
+    return type(solver).__name__, f"lr={lr:g}" if isinstance(lr, numbers.Real) else "lr"
 
 
 def _all_finite(leaves):
@@ -337,11 +342,7 @@ def _warn_not_finite(info, fun, strategy, solver, init, n_steps):
     the step at which the iterates failed and the gradient norms before it."""
     step, value0, grad0, grad_last = _replay(fun, solver, init, n_steps, info)
     info.extra["nonfinite_step"] = step
-    name = type(solver).__name__
-    lr = getattr(solver, "lr", None)
-    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-        lr = float(lr.detach())
-    lr_text = f"lr={lr:g}" if isinstance(lr, numbers.Real) else "lr"
+    name, lr_text = _solver_and_lr(solver)
     if step == 0:
         what = (
             f"the inner objective is not finite at the starting point (value "
