@@ -42,6 +42,7 @@ from ..hypergrad import (
 from ..utils import resolve_device, to_numpy, torch_generator
 from ..utils._fit import fit_outer
 from ..utils._modules import MLP
+from ..utils._stats import _rms
 from ..utils._torch import _resolve_adam_dtype
 from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 
@@ -870,17 +871,6 @@ class DatasetDistiller(BaseEstimator):
         tags.target_tags.multi_output = True
         tags.target_tags.single_output = True
         return tags
-
-
-def _rms(A, axis=None):
-    """Root mean square of ``A`` (along ``axis``), also where its squares would
-    overflow (``|A|`` beyond 1e154) or underflow to zero (below 1e-154): those
-    are computed on ``A`` divided by its largest magnitude."""
-    m = np.abs(A).max(axis=axis)
-    with np.errstate(over="ignore", under="ignore"):
-        plain = np.sqrt((A**2).mean(axis=axis))
-        scaled = m * np.sqrt(((A / np.where(m > 0, m, 1.0)) ** 2).mean(axis=axis))
-    return np.where((m > 1e-150) & (m < 1e150), plain, scaled)
 
 
 def _mlp(n_features, n_outputs, hidden_layer_sizes):

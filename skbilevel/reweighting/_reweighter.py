@@ -65,6 +65,7 @@ from ..utils._modules import (
     module_params,
     skorch_parts,
 )
+from ..utils._stats import _rms
 from ..utils._torch import _resolve_adam_dtype
 from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 
@@ -107,16 +108,6 @@ def _trainable(module):
     """``(name, parameter)`` pairs of the module's parameters that require grad:
     those the fit trains (a frozen layer keeps its values, as in torch)."""
     return [(k, p) for k, p in module.named_parameters() if p.requires_grad]
-
-
-def _std(y):
-    """Standard deviation of ``y``, also where the squares of its deviations would
-    overflow (beyond 1e154) or underflow to zero (below 1e-154): those are
-    computed on ``y`` divided by its largest deviation."""
-    dev = float(np.abs(y - y.mean()).max())
-    if dev == 0 or 1e-150 < dev < 1e150:
-        return float(np.std(y))
-    return dev * float(np.std(y / dev))
 
 
 def _as_logits(outputs, n_classes):
@@ -652,7 +643,7 @@ class _BaseSampleReweighter(BaseEstimator):
         else:
             n_outputs = 1
             y_mean = float(np.average(y, weights=sample_weight)) if sample_weight.sum() > 0 else 0.0
-            y_scale = _std(y) or 1.0
+            y_scale = float(_rms(y - y.mean())) or 1.0
             y_fit = (y - y_mean) / y_scale
         train_idx, trusted_idx = self._split_trusted(y_enc if self._is_classifier else y, trusted, sample_weight)
         if sample_weight[trusted_idx].sum() <= 0:
