@@ -43,7 +43,7 @@ from ..utils import resolve_device, to_numpy, torch_generator
 from ..utils._fit import fit_outer
 from ..utils._modules import MLP
 from ..utils._stats import _rms
-from ..utils._torch import _resolve_adam_dtype
+from ..utils._torch import _resolve_adam_dtype, _seeded_global_rng
 from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 
 __all__ = ["DatasetDistiller"]
@@ -462,8 +462,7 @@ class DatasetDistiller(BaseEstimator):
         # 'evograd', 'best_response') draw from one seeded by random_state, so two
         # fits with the same seed are identical; the caller's stream is left alone
         torch_seed = int(rng.randint(0, 2**31 - 1))  # rng's last use: init is done
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(torch_seed)
+        with _seeded_global_rng(torch_seed, device):
             fit_outer(
                 self,
                 objective,

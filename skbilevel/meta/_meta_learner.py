@@ -31,7 +31,7 @@ from ..hypergrad import (
 )
 from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
 from ..utils._fit import fit_outer
-from ..utils._torch import _resolve_adam_dtype
+from ..utils._torch import _resolve_adam_dtype, _seeded_global_rng
 from ..utils._validation import check_hidden_layer_sizes
 from ..utils._modules import (
     MLP,
@@ -215,9 +215,7 @@ class _MetaLearnerMixin:
         dtype = self._resolve_dtype(method)
         is_r2d2 = method.name == "r2d2"
         fitted_method = copy.deepcopy(method)  # before the fit can touch it
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(torch_seed)
+        with _seeded_global_rng(torch_seed, device):
             module = self._build_module(n_features, n_outputs_head, is_r2d2)
             _reject_batch_norm(module)
             module_dev = copy.deepcopy(module).to(device=device, dtype=dtype)

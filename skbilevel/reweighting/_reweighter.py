@@ -66,7 +66,7 @@ from ..utils._modules import (
     skorch_parts,
 )
 from ..utils._stats import _rms
-from ..utils._torch import _resolve_adam_dtype
+from ..utils._torch import _resolve_adam_dtype, _seeded_global_rng
 from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 
 __all__ = ["SampleReweighter", "SampleReweighterRegressor"]
@@ -602,8 +602,7 @@ class _BaseSampleReweighter(BaseEstimator):
         # The whole fit draws from torch's global generator seeded by random_state
         # (dropout and other random layers of the inner module): two fits with the
         # same seed are identical, and the caller's generator is left as it was.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self._seed)
+        with _seeded_global_rng(self._seed, device):
             return self._fit_seeded(X, y, trusted, sample_weight, device)
 
     def _fit_seeded(self, X, y, trusted, sample_weight, device):
@@ -649,8 +648,7 @@ class _BaseSampleReweighter(BaseEstimator):
         if sample_weight[trusted_idx].sum() <= 0:
             raise ValueError("The trusted samples all have zero sample_weight.")
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._seed)
+        with _seeded_global_rng(self._seed):
             module, kind, criterion = self._resolve_model(n_features, n_outputs)
             module = module.to(device=device, dtype=dtype)
             X_t = to_tensor(X, device=device, dtype=dtype)

@@ -206,6 +206,18 @@ def to_numpy(tensor):
     return np.asarray(tensor)
 
 
+@contextlib.contextmanager
+def _seeded_global_rng(seed, device=None):
+    """Run the block on torch's global generator seeded with ``seed`` (and the
+    CUDA one of ``device``), restoring the caller's streams afterwards: for
+    draws an estimator does not make itself (dropout in a user's module, the
+    proxy hypergradients), so that two fits with one ``random_state`` agree."""
+    devices = [device] if device is not None and torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def torch_generator(random_state, device=None):
     """A :class:`torch.Generator` seeded from a scikit-learn ``random_state``."""
     from sklearn.utils import check_random_state
