@@ -1,7 +1,11 @@
 """Helpers shared by the linear estimators (no differentiation here)."""
 
+import math
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
+from sklearn.exceptions import ConvergenceWarning
 
 
 def _offsets(X, y, sw, fit_intercept):
@@ -49,3 +53,22 @@ def _offsets(X, y, sw, fit_intercept):
         y_offset = float(y_offset) if np.ndim(y_offset) == 0 else y_offset
         y = np.asarray(y, dtype=np.float64) - y_offset
     return X, y, x_offset, y_offset
+
+
+def _warn_unlocated(res, name, search, max_iter, tol, stacklevel, remedy="max_iter or tol"):
+    """scikit-learn's ``ConvergenceWarning`` when the search ``res`` of
+    :func:`~skbilevel.hypergrad.minimize_log_alpha` (the fit's answer)
+    stopped at ``max_iter`` before locating ``log(alpha)`` to ``tol``;
+    ``search`` names it, ``remedy`` the parameters to raise, ``stacklevel``
+    counts from this function."""
+    if bool(np.all(res.converged)):
+        return
+    alphas = ", ".join(f"{math.exp(float(x)):.6g}" for x in np.ravel(res.x))
+    warnings.warn(
+        f"{name}: {search} stopped after max_iter={max_iter} refinements before "
+        f"log(alpha) was located to tol={tol:g} (|d objective / d log(alpha)| = "
+        f"{float(np.max(np.abs(res.grad))):.3e}); the best alpha found, {alphas}, is "
+        f"kept. Raise {remedy}.",
+        ConvergenceWarning,
+        stacklevel=stacklevel + 1,
+    )

@@ -7,7 +7,6 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin, _fit_context
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import ShuffleSplit, check_cv
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.extmath import safe_sparse_dot
@@ -35,7 +34,7 @@ from ..utils import (
     to_numpy,
     to_tensor,
 )
-from ._base import _offsets
+from ._base import _offsets, _warn_unlocated
 
 __all__ = ["BilevelRidgeCV"]
 
@@ -328,17 +327,10 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             with torch.no_grad():
                 theta = solver.closed_form(phi)
 
-        if not bool(np.all(result.converged)):
-            warnings_msg = (
-                f"BilevelRidgeCV stopped after max_iter={self.max_iter} refinement "
-                f"iterations before log(alpha) was located to tol={self.tol:g} "
-                f"(|d objective / d log(alpha)| = {np.max(np.abs(result.grad)):.3e}). The "
-                "alpha returned is the best found. Increase max_iter or tol."
-            )
-            import warnings
-
-            # the user's fit call (2 named the _fit_context wrapper in sklearn/base.py)
-            warnings.warn(warnings_msg, ConvergenceWarning, stacklevel=3)
+        # the user's fit call (2 named the _fit_context wrapper in sklearn/base.py)
+        _warn_unlocated(
+            result, "BilevelRidgeCV", "the search for alpha", self.max_iter, self.tol, 3
+        )
 
         alphas = np.exp(result.x)
         self.alpha_ = alphas if per_target else float(alphas[0])

@@ -155,7 +155,7 @@ from ..utils import (
     to_numpy,
     to_tensor,
 )
-from ._base import _offsets
+from ._base import _offsets, _warn_unlocated
 
 __all__ = ["HyperL2Regressor", "HyperL2Classifier"]
 
@@ -732,18 +732,13 @@ class _HyperL2Base(BaseEstimator):
         return res
 
     def _warn_unlocated(self, res, tol):
-        """A ``ConvergenceWarning`` when the shared penalty's search ``res``
-        (the fit's answer) stopped at ``max_iter`` before locating
-        ``log(alpha)`` to ``tol``, as :class:`BilevelRidgeCV` does."""
-        if self.max_iter > 0 and not bool(np.all(res.converged)):
-            warnings.warn(
-                f"{self._name}: the shared penalty's search stopped after "
-                f"max_iter={self.max_iter} refinements before log(alpha) was located "
-                f"to {tol:g} (|d cv loss / d log(alpha)| = "
-                f"{float(np.max(np.abs(res.grad))):.3e}); the best alpha found, "
-                f"{math.exp(float(res.x[0])):.6g}, is kept. Raise max_iter.",
-                ConvergenceWarning,
-                stacklevel=3,
+        """:func:`_warn_unlocated` for the shared penalty's search when it is
+        the fit's answer, as :class:`BilevelRidgeCV` warns."""
+        if self.max_iter > 0:
+            # (its tol is the estimator's own, not the tol parameter)
+            _warn_unlocated(
+                res, self._name, "the shared penalty's search", self.max_iter, tol, 3,
+                remedy="max_iter",
             )
 
     def _descend(self, objective, phi, base, center, prior_weight, lo, hi):
