@@ -23,7 +23,12 @@ import warnings
 
 import torch
 
-from ._base import HypergradientStrategy, HypergradientWarning, register_strategy
+from ._base import (
+    HypergradientStrategy,
+    HypergradientWarning,
+    _check_positive as _check_positive_number,
+    register_strategy,
+)
 from ._solvers import LBFGS
 from ._tree import tree_detach, tree_flatten, tree_unflatten
 
@@ -71,15 +76,15 @@ class _Sampler:
 
 def _check_positive(name, value, integer=False):
     # (sigma=inf or temperature=inf passed: NaN perturbations or uniform weights)
+    if not integer:
+        _check_positive_number(value, name, allow_none=False)
+        return
     ok = (
         isinstance(value, (int, float)) and not isinstance(value, bool)
-        and math.isfinite(value) and value > 0
+        and math.isfinite(value) and value > 0 and float(value).is_integer()
     )
-    if integer:
-        ok = ok and float(value).is_integer()
     if not ok:
-        kind = "a positive integer" if integer else "a positive finite number"
-        raise ValueError(f"{name} must be {kind}; got {value!r}.")
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
 
 
 # ------------------------------------------------------------------------ best response
