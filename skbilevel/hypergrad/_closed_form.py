@@ -380,19 +380,14 @@ def _center_and_rescale(X, y2, sample_weight, fit_intercept):
     ``X_offset = sum_i s_i x_i / sum_i s_i`` (zero without intercept), and
     ``Xs = sqrt(s) (X - X_offset)``, ``ys = sqrt(s) (y - y_offset)``: the
     weighted, intercept-fitting ridge on ``(X, y)`` is the plain ridge on
-    ``(Xs, ys)``.
+    ``(Xs, ys)``. The data have passed :func:`_check_ridge_data` (weights
+    of the right shape, finite, non-negative, with a positive sum).
     """
     n = X.shape[0]
     if sample_weight is None:
         sw = np.ones(n, dtype=X.dtype) if isinstance(X, np.ndarray) else X.new_ones(n)
     else:
         sw = sample_weight
-        if tuple(sw.shape) != (n,):
-            raise ValueError(
-                f"sample_weight has shape {tuple(sw.shape)}; expected ({n},)."
-            )
-        if bool((sw < 0).any()):
-            raise ValueError("sample_weight must be non-negative.")
     sqrt_sw = sw ** 0.5
     if fit_intercept:
         sw_sum = sw.sum()
