@@ -288,6 +288,39 @@ def _cholesky_ex(A, overwrite_a=False):
     return L, torch.from_numpy(info)
 
 
+def _check_tensors(where, **arrays):
+    """``TypeError`` naming the first of ``arrays`` (name -> value or ``None``)
+    that is not a torch tensor."""
+    for name, a in arrays.items():
+        if a is not None and not isinstance(a, torch.Tensor):
+            raise TypeError(
+                f"{where}: {name} must be a torch tensor; got {type(a).__name__}. "
+                f"Convert it first, e.g. torch.as_tensor({name}, dtype=torch.float64)."
+            )
+
+
+def _check_sample_weight(sample_weight, n, like, where, per="sample", zero_sum=None):
+    """``sample_weight`` as a tensor of ``like``'s dtype and device, after
+    checking it: ``n`` weights (one per ``per``), finite, non-negative, with a
+    positive sum (``zero_sum`` says what a zero sum would break)."""
+    if tuple(sample_weight.shape) != (n,):
+        raise ValueError(
+            f"{where}: sample_weight has shape {tuple(sample_weight.shape)}; expected "
+            f"({n},), one weight per {per}."
+        )
+    sample_weight = sample_weight.to(dtype=like.dtype, device=like.device)
+    if not bool(torch.isfinite(sample_weight).all()):
+        raise ValueError(f"{where}: sample_weight must be finite (no NaN or infinity).")
+    if bool((sample_weight < 0).any()):
+        raise ValueError(f"{where}: sample_weight must be non-negative.")
+    if not float(sample_weight.sum()) > 0:
+        raise ValueError(
+            f"{where}: sample_weight sums to zero{zero_sum or ''}. Give a sample a "
+            "positive weight."
+        )
+    return sample_weight
+
+
 def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver", check_X=True):
     """Validate the data of a ridge problem; return ``y`` and ``sample_weight``
     as tensors of ``X``'s dtype and device.
@@ -300,12 +333,7 @@ def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver", check_X=Tru
     leaves the finiteness of ``X`` to the caller (the decomposition checks
     its Gram matrix instead: no extra pass over ``X``).
     """
-    for name, a in (("X", X), ("y", y), ("sample_weight", sample_weight)):
-        if a is not None and not isinstance(a, torch.Tensor):
-            raise TypeError(
-                f"{where}: {name} must be a torch tensor; got {type(a).__name__}. "
-                f"Convert it first, e.g. torch.as_tensor({name}, dtype=torch.float64)."
-            )
+    _check_tensors(where, X=X, y=y, sample_weight=sample_weight)
     if X.layout != torch.strided:
         # (a CSR X failed inside: "can't convert SparseCsr layout tensor to numpy" or
         # "torch.empty: Only batched sparse compressed tensors are supported")
@@ -330,20 +358,9 @@ def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver", check_X=Tru
     if not bool(torch.isfinite(y).all()):
         raise ValueError("X and y must be finite (no NaN or infinity).")
     if sample_weight is not None:
-        if tuple(sample_weight.shape) != (n,):
-            raise ValueError(
-                f"sample_weight has shape {tuple(sample_weight.shape)}; expected ({n},)."
-            )
-        sample_weight = sample_weight.to(dtype=X.dtype, device=X.device)
-        if not bool(torch.isfinite(sample_weight).all()):
-            raise ValueError("sample_weight must be finite (no NaN or infinity).")
-        if bool((sample_weight < 0).any()):
-            raise ValueError("sample_weight must be non-negative.")
-        if not float(sample_weight.sum()) > 0:
-            raise ValueError(
-                "sample_weight sums to zero: no sample carries weight. Give at least "
-                "one sample a positive weight."
-            )
+        sample_weight = _check_sample_weight(
+            sample_weight, n, X, where, zero_sum=": no sample carries weight"
+        )
     return y, sample_weight
 
 
@@ -1364,12 +1381,7 @@ def _check_validation_data(solver, X_val, y_val, sample_weight, where):
     silent broadcast of one target against two before), values must be
     finite and weights non-negative with a positive sum (``0 / 0`` before).
     """
-    for name, a in (("X_val", X_val), ("y_val", y_val), ("sample_weight", sample_weight)):
-        if a is not None and not isinstance(a, torch.Tensor):
-            raise TypeError(
-                f"{where}: {name} must be a torch tensor; got {type(a).__name__}. "
-                f"Convert it first, e.g. torch.as_tensor({name}, dtype=torch.float64)."
-            )
+    _check_tensors(where, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
     dtype, device = solver.X.dtype, solver.X.device
     if X_val.ndim != 2 or X_val.shape[1] != solver.n_features:
         raise ValueError(
@@ -1389,19 +1401,10 @@ def _check_validation_data(solver, X_val, y_val, sample_weight, where):
     if not (bool(torch.isfinite(X_val).all()) and bool(torch.isfinite(y_val).all())):
         raise ValueError(f"{where}: X_val and y_val must be finite (no NaN or infinity).")
     if sample_weight is not None:
-        if tuple(sample_weight.shape) != (n_val,):
-            raise ValueError(
-                f"{where}: sample_weight has shape {tuple(sample_weight.shape)}; expected "
-                f"({n_val},), one weight per validation sample."
-            )
-        sample_weight = sample_weight.to(dtype=dtype, device=device)
-        if not (bool(torch.isfinite(sample_weight).all()) and bool((sample_weight >= 0).all())):
-            raise ValueError(f"{where}: sample_weight must be finite and non-negative.")
-        if not float(sample_weight.sum()) > 0:
-            raise ValueError(
-                f"{where}: the validation sample_weight sums to zero, so the weighted "
-                "validation error is 0/0. Give a validation sample a positive weight."
-            )
+        sample_weight = _check_sample_weight(
+            sample_weight, n_val, X_val, where, per="validation sample",
+            zero_sum=", so the weighted validation error is 0/0",
+        )
     return X_val, y_val, sample_weight
 
 
