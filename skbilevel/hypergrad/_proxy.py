@@ -204,22 +204,29 @@ class BestResponse(HypergradientStrategy):
             u = u / u.norm(dim=0, keepdim=True)
         return u
 
-    def _refit(self, inner_loss, phi0_leaves, phi_spec, theta_hat, solver, info):
-        m = sum(p.numel() for p in phi0_leaves)
+    def _refit(
+        self, inner_loss, phi0_leaves, phi_spec, grad_idx, theta_hat, solver, info
+    ):
+        # only the leaves that require grad are perturbed: the others (data passed
+        # in phi) get no hypergradient, and perturbing them spent the directions
+        # on them, leaving a random projection of the wanted one (wrong in sign)
+        moved = [phi0_leaves[i] for i in grad_idx]
+        m = sum(p.numel() for p in moved)
         n = self.n_samples if self.n_samples is not None else min(m, 32)
         _check_positive("n_samples", n, integer=True)
         _check_positive("sigma", self.sigma)
         n = int(n)
-        like = phi0_leaves[0]
-        phi0 = torch.cat([p.reshape(-1) for p in phi0_leaves])
+        like = moved[0]
+        phi0 = torch.cat([p.reshape(-1) for p in moved])
         U = self._directions(m, n, like)
         sample_solver = self.sample_solver or solver
         theta_hat_vec = torch.cat([t.reshape(-1) for t in tree_flatten(theta_hat)[0]])
 
         def solve_at(vec):
-            leaves, start = [], 0
-            for p in phi0_leaves:
-                leaves.append(vec[start : start + p.numel()].reshape(p.shape))
+            leaves, start = list(phi0_leaves), 0
+            for i in grad_idx:
+                p = phi0_leaves[i]
+                leaves[i] = vec[start : start + p.numel()].reshape(p.shape)
                 start += p.numel()
             phi_k = tree_unflatten(phi_spec, leaves)
             theta_k, res = sample_solver.solve(
@@ -298,14 +305,20 @@ class BestResponse(HypergradientStrategy):
         info.n_grad += _solver_grads(res)
         info.n_hvp += getattr(res, "n_hvp", 0) or 0
 
-        refit = self._fit is None or self._calls % max(1, int(self.refit_every)) == 0
         theta_leaves, theta_spec = tree_flatten(theta_hat)
-        shapes = ([p.shape for p in phi0_leaves], [t.shape for t in theta_leaves])
+        grad_idx = [i for i, p in enumerate(phi_leaves) if p.requires_grad]
+        if not grad_idx:  # no hypergradient wanted: nothing to fit
+            info.extra["refit"] = False
+            return theta_hat
+        refit = self._fit is None or self._calls % max(1, int(self.refit_every)) == 0
+        shapes = (
+            [p.shape for p in phi0_leaves], grad_idx, [t.shape for t in theta_leaves]
+        )
         if not refit and self._fit[2] != shapes:
             refit = True
         if refit:
             D, P = self._refit(
-                inner_loss, phi0_leaves, phi_spec, theta_hat, solver, info
+                inner_loss, phi0_leaves, phi_spec, grad_idx, theta_hat, solver, info
             )
             self._fit = (D, P, shapes)
         else:
@@ -314,7 +327,7 @@ class BestResponse(HypergradientStrategy):
         self._calls += 1
 
         dphi = torch.cat(
-            [p.reshape(-1) - p0.reshape(-1) for p, p0 in zip(phi_leaves, phi0_leaves)]
+            [phi_leaves[i].reshape(-1) - phi0_leaves[i].reshape(-1) for i in grad_idx]
         )
         delta = D @ (P @ dphi)  # J (phi - phi0), differentiable in phi through dphi
         out, start = [], 0
