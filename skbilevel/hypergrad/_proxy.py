@@ -258,7 +258,9 @@ class BestResponse(HypergradientStrategy):
         else:
             D = plus - theta_hat_vec[:, None]
             second = None
-        dphi = self.sigma * U  # (m, n)
+        # in theta's dtype: phi of another dtype (float32 penalties, a float64
+        # model) made these products fail on mismatched dtypes
+        dphi = (self.sigma * U).to(D.dtype)  # (m, n)
         P = torch.linalg.pinv(dphi)  # (n, m); J = D P
         d_norm = float(D.norm())
         resid = D - (D @ P) @ dphi
@@ -329,10 +331,12 @@ class BestResponse(HypergradientStrategy):
         dphi = torch.cat(
             [phi_leaves[i].reshape(-1) - phi0_leaves[i].reshape(-1) for i in grad_idx]
         )
-        delta = D @ (P @ dphi)  # J (phi - phi0), differentiable in phi through dphi
+        # J (phi - phi0), differentiable in phi through dphi
+        delta = D @ (P @ dphi.to(P.dtype))
         out, start = [], 0
         for t in theta_leaves:
-            out.append(t + delta[start : start + t.numel()].reshape(t.shape))
+            piece = delta[start : start + t.numel()].reshape(t.shape)
+            out.append(t + piece.to(t.dtype))
             start += t.numel()
         return tree_unflatten(theta_spec, out)
 

@@ -54,3 +54,27 @@ def test_best_response_does_not_perturb_phi_leaves_without_grad():
     exact = _exact_ridge_hypergradient(X, y, Xv, yv, 0.3)
     assert info.extra["n_samples"] == 1
     assert torch.allclose(la.grad, exact, rtol=1e-3), (float(la.grad), float(exact))
+
+
+@pytest.mark.parametrize("phi_dtype, theta_dtype", [(torch.float32, DT), (DT, torch.float32)])
+def test_best_response_phi_and_theta_of_different_dtypes(phi_dtype, theta_dtype):
+    """A float32 log-penalty on a float64 model failed in the fit with torch's
+    'expected m1 and m2 to have the same dtype, but got: double != float' (the
+    implicit, unrolled and other proxy strategies ran). The fit's products now
+    run in theta's dtype; phi.grad keeps phi's dtype and theta theta's."""
+    X, y, Xv, yv = _ridge_data()
+    Xt, yt = X.to(theta_dtype), y.to(theta_dtype)
+
+    def inner(w, la):
+        return 0.5 * ((Xt @ w - yt) ** 2).sum() + 0.5 * la.to(theta_dtype).exp() * (w**2).sum()
+
+    la = torch.tensor(0.3, dtype=phi_dtype, requires_grad=True)
+    theta, _ = argmin(
+        inner, la, torch.zeros(4, dtype=theta_dtype),
+        hypergradient=BestResponse(random_state=0),
+    )
+    assert theta.dtype == theta_dtype
+    ((Xv @ theta.double() - yv) ** 2).mean().backward()
+    assert la.grad.dtype == phi_dtype
+    exact = _exact_ridge_hypergradient(X, y, Xv, yv, 0.3)
+    assert abs(float(la.grad) - float(exact)) <= 2e-3 * abs(float(exact))
