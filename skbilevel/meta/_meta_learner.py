@@ -30,7 +30,7 @@ from ..hypergrad import (
     get_meta_method,
 )
 from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
-from ..utils._fit import fit_outer
+from ..utils._fit import fit_outer, keep_state_on_error
 from ..utils._torch import _resolve_adam_dtype, _seeded_global_rng
 from ..utils._validation import check_hidden_layer_sizes
 from ..utils._modules import (
@@ -663,6 +663,7 @@ class MetaLearnerClassifier(_MetaLearnerMixin, ClassifierMixin, BaseEstimator):
         self._store_module_kwargs(kwargs)
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @keep_state_on_error
     def fit(self, X, y, groups=None):
         """Meta-learn from tasks drawn from ``(X, y)``.
 
@@ -884,6 +885,7 @@ class MetaLearnerRegressor(_MetaLearnerMixin, RegressorMixin, BaseEstimator):
         return tags
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @keep_state_on_error
     def fit(self, X, y, groups=None):
         """Meta-learn from the tasks in ``(X, y)``.
 
@@ -1019,6 +1021,7 @@ class AdaptedClassifier(_AdaptedMixin, ClassifierMixin, BaseEstimator):
         self.inner_steps = inner_steps
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @keep_state_on_error
     def fit(self, X, y):
         """Adapt the meta-learner on the support set ``(X, y)``.
 
@@ -1131,6 +1134,7 @@ class AdaptedRegressor(_AdaptedMixin, RegressorMixin, BaseEstimator):
         return tags
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @keep_state_on_error
     def fit(self, X, y):
         """Adapt the meta-learner on the support set ``(X, y)``.
 

@@ -1,11 +1,55 @@
 """The outer-loop step of ``fit``, shared by the estimators that learn by hypergradient."""
 
+import functools
+
 import numpy as np
 
 from ..hypergrad import minimize_outer
 from ._torch import core_warnings_as_sklearn
 
-__all__ = ["fit_outer"]
+__all__ = ["fit_outer", "keep_state_on_error"]
+
+
+def keep_state_on_error(fit):
+    """Decorate ``fit`` so that a call that raises leaves the estimator as it was.
+
+    The attributes are those of before the call: a fitted estimator keeps
+    its previous fit, whole (not the new ``classes_`` or ``n_features_in_``
+    beside the old model), and an unfitted one stays unfitted. Attributes
+    are reassigned by a fit, not modified in place, so the previous values
+    are kept by reference.
+
+    Examples
+    --------
+    >>> from sklearn.base import BaseEstimator
+    >>> from skbilevel.utils._fit import keep_state_on_error
+    >>> class Est(BaseEstimator):
+    ...     @keep_state_on_error
+    ...     def fit(self, X, y):
+    ...         self.classes_ = sorted(set(y))
+    ...         if len(self.classes_) < 2:
+    ...             raise ValueError("needs 2 classes")
+    ...         return self
+    >>> est = Est().fit([[0], [1]], [0, 1])
+    >>> try:
+    ...     est.fit([[0], [1]], ["a", "a"])
+    ... except ValueError:
+    ...     pass
+    >>> est.classes_
+    [0, 1]
+    """
+
+    @functools.wraps(fit)
+    def wrapper(estimator, *args, **kwargs):
+        saved = dict(vars(estimator))
+        try:
+            return fit(estimator, *args, **kwargs)
+        except BaseException:
+            vars(estimator).clear()
+            vars(estimator).update(saved)
+            raise
+
+    return wrapper
 
 
 def fit_outer(estimator, objective, phi, **options):

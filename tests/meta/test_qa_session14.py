@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import NotFittedError
+
+from skbilevel.meta import MetaLearnerClassifier, MetaLearnerRegressor
+
+_KW = dict(k_shot=2, n_query=2, meta_batch_size=2, max_iter=2, random_state=0)
+
+
+def _data():
+    X = np.random.RandomState(0).randn(60, 3)
+    return X, (X[:, 0] > 0).astype(int)
+
+
+def test_failed_refit_keeps_the_previous_fit_whole():
+    # classes_ and n_features_in_ were replaced before the fit failed: the old
+    # model then predicted the new labels ('b' for what it fitted as 1), and on
+    # a refit with 2 features every predict on the old 3 failed
+    X, y = _data()
+    meta = MetaLearnerClassifier("linear", **_KW).fit(X, y)
+    pred, proba = meta.predict(X), meta.predict_proba(X)
+    meta.set_params(module=torch.nn.Linear(5, 2))
+    with pytest.raises(ValueError, match="input features"):
+        meta.fit(X[:, :2], np.where(y, "b", "a"))
+    assert meta.classes_.tolist() == [0, 1] and meta.n_features_in_ == 3
+    np.testing.assert_array_equal(meta.predict(X), pred)
+    np.testing.assert_array_equal(meta.predict_proba(X), proba)
+
+
+@pytest.mark.parametrize("Est", [MetaLearnerClassifier, MetaLearnerRegressor])
+def test_failed_first_fit_leaves_the_estimator_unfitted(Est):
+    # it counted as fitted (classes_ / n_features_in_ were set), and predict
+    # failed with AttributeError: no attribute '_fit_state'
+    X, y = _data()
+    meta = Est(torch.nn.Linear(5, 2), **_KW)
+    with pytest.raises(ValueError, match="input features"):
+        meta.fit(X, y)
+    assert not hasattr(meta, "n_features_in_")
+    with pytest.raises(NotFittedError):
+        meta.predict(X)
+
+
+def test_failed_adapted_refit_keeps_its_previous_task():
+    # the support set's classes_ were stored before the n_way check failed, so
+    # the adapted model labelled its predictions with the rejected classes
+    X, y = _data()
+    meta = MetaLearnerClassifier("linear", **_KW).fit(X, y)
+    task = meta.adapt(X[:4], ["a", "b", "a", "b"])
+    pred = task.predict(X)
+    with pytest.raises(ValueError, match="2-way"):
+        task.fit(X[:6], ["x", "y", "z", "x", "y", "z"])
+    assert task.classes_.tolist() == ["a", "b"]
+    np.testing.assert_array_equal(task.predict(X), pred)
