@@ -119,6 +119,7 @@ class _BackwardState:
         self.theta_spec = theta_spec
         self.info = info
         self._theta = None
+        self._unused = []  # per theta leaf: not used by the inner loss
 
     def vjp(self, grad_outputs):
         info = self.info
@@ -128,10 +129,7 @@ class _BackwardState:
         ]
         b = torch.cat([g.reshape(-1) for g in b_leaves])
         if not bool(torch.any(b != 0)):
-            info.linear_solve_iterations = 0
-            info.linear_solve_residual = 0.0
-            info.linear_solve_converged = True
-            return [None] * len(self.grad_idx)
+            return self._no_solve()
         if getattr(self.inner_loss, "hvp", None) is not None:
             return self._vjp_supplied(b)
         with torch.enable_grad():
@@ -142,16 +140,32 @@ class _BackwardState:
                     "The inner gradient does not depend on theta or phi, so the "
                     "implicit function theorem does not apply (the Hessian is zero)."
                 )
+            # leaves of theta the inner loss does not use: their rows and columns
+            # of H are zero and so is their mixed product, so their part of v is
+            # irrelevant. Solved as it came, b's part there made the system
+            # inconsistent (CG diverged to a hypergradient of 1e151, the dense
+            # solve fell back to a pseudo-inverse and warned): they get b = 0 and
+            # an identity block, and v = 0 there
+            unused = self._unused_mask(theta)
+            if unused is not None:
+                b = torch.where(unused, torch.zeros_like(b), b)
+                info.extra["unused_theta_entries"] = int(unused.sum())
+                if not bool(torch.any(b != 0)):
+                    return self._no_solve()
 
             def matvec(v):
                 info.n_hvp += 1
                 hv = torch.autograd.grad(
                     g_flat, theta, v, retain_graph=True, allow_unused=True
                 )
-                return _cat_flat(hv, theta).detach()
+                hv = _cat_flat(hv, theta).detach()
+                return hv if unused is None else torch.where(unused, v, hv)
 
             def matrix():
-                return _hessian_matrix(g_flat, theta, info)
+                H = _hessian_matrix(g_flat, theta, info)
+                if unused is not None:
+                    H = H + torch.diag(unused.to(H.dtype))
+                return H
 
             v = self.strategy._solve(
                 matvec, matrix, b.detach(), info, preconditioner=self._preconditioner
@@ -159,6 +173,23 @@ class _BackwardState:
             self._check_finite(v)
             self._record_correction(v, g_flat)
             return self._mixed_product(g_flat, targets, v)
+
+    def _no_solve(self):
+        """The backward pass for ``b = 0``: ``v = 0``, nothing reaches ``phi``."""
+        self.info.linear_solve_iterations = 0
+        self.info.linear_solve_residual = 0.0
+        self.info.linear_solve_converged = True
+        return [None] * len(self.grad_idx)
+
+    def _unused_mask(self, theta):
+        """Flat mask of the entries of ``theta`` in leaves the inner loss does
+        not use (``None`` when it uses every leaf); from :meth:`_gradient_graph`."""
+        if not any(self._unused):
+            return None
+        return torch.cat(
+            [torch.full((t.numel(),), flag, dtype=torch.bool, device=t.device)
+             for flag, t in zip(self._unused, theta)]
+        )
 
     def _vjp_supplied(self, b):
         """:meth:`vjp` with the inner loss's own ``hvp`` (and ``loss_and_grad``)."""
@@ -220,13 +251,15 @@ class _BackwardState:
 
     def _gradient_graph(self, phi):
         """Leaves of ``theta*`` requiring grad and the flat inner gradient there,
-        with its graph (autograd, ``create_graph=True``)."""
+        with its graph (autograd, ``create_graph=True``). Records which leaves
+        the inner loss does not use (``self._unused``)."""
         theta = [t.detach().requires_grad_(True) for t in self.theta_leaves]
         loss = self.inner_loss(
             tree_unflatten(self.theta_spec, theta), tree_unflatten(self.phi_spec, phi)
         )
         grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
         self.info.n_grad += 1
+        self._unused = [g is None for g in grads]
         return theta, _cat_flat(grads, theta)
 
     def _mixed_product(self, g_flat, targets, v):

@@ -78,3 +78,29 @@ def test_best_response_phi_and_theta_of_different_dtypes(phi_dtype, theta_dtype)
     assert la.grad.dtype == phi_dtype
     exact = _exact_ridge_hypergradient(X, y, Xv, yv, 0.3)
     assert abs(float(la.grad) - float(exact)) <= 2e-3 * abs(float(exact))
+
+
+@pytest.mark.parametrize("strategy", ["cg", "dense", "neumann"])
+def test_implicit_theta_leaf_unused_by_inner_loss(strategy):
+    """A theta leaf the inner loss does not use, but the outer loss does: its
+    rows of H are zero and its part of b made H v = b inconsistent. CG diverged
+    to a hypergradient of 1.2e151 (residual 3.4e152), the dense solve fell back
+    to the pseudo-inverse and warned (residual 0.86). The leaf's mixed product is
+    zero, so its part of v does not matter: the answer is the used part's,
+    -0.0247, now solved to tolerance without a warning."""
+    X, y, Xv, yv = _ridge_data()
+
+    def inner(theta, la):
+        w = theta["w"]
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * la.exp() * (w**2).sum()
+
+    la = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    init = {"w": torch.zeros(4, dtype=DT), "u": torch.ones(2, dtype=DT)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        theta, info = argmin(inner, la, init, hypergradient=strategy)
+        (((Xv @ theta["w"] - yv) ** 2).mean() + (theta["u"] ** 2).sum()).backward()
+    exact = _exact_ridge_hypergradient(X, y, Xv, yv, 0.3)
+    assert torch.allclose(la.grad, exact, rtol=1e-8, atol=0), (float(la.grad), float(exact))
+    assert info.linear_solve_converged and info.fallback is None
+    assert info.extra["unused_theta_entries"] == 2
