@@ -40,7 +40,7 @@ from ..hypergrad import (
     pairwise_kernel,
 )
 from ..utils import resolve_device, to_numpy, torch_generator
-from ..utils._fit import fit_outer
+from ..utils._fit import fit_outer, keep_state_on_error
 from ..utils._modules import MLP
 from ..utils._stats import _rms
 from ..utils._torch import _resolve_adam_dtype, _seeded_global_rng
@@ -347,6 +347,7 @@ class DatasetDistiller(BaseEstimator):
     # ------------------------------------------------------------------ fit
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @keep_state_on_error
     def fit(self, X, y):
         """Learn the synthetic set from ``(X, y)`` and fit the model on it.
 

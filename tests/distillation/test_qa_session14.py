@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+from sklearn.datasets import load_iris
+from sklearn.exceptions import NotFittedError
+
+from skbilevel.distillation import DatasetDistiller
+
+
+def _iris():
+    X, y = load_iris(return_X_y=True)
+    return X[::3], y[::3]
+
+
+@pytest.mark.parametrize("method", ["kip", "unrolled"])
+def test_failed_refit_keeps_the_previous_fit(method):
+    # the refit cleared classes_ / dual_coef_ / network_params_ before it raised:
+    # predict then failed with AttributeError ('network_params_'), or on the
+    # regression fit below said the estimator had no classes
+    X, y = _iris()
+    dd = DatasetDistiller(n_per_class=1, method=method, max_iter=3, random_state=0)
+    dd.fit(X, X[:, 0])
+    pred, X_small = dd.predict(X), dd.X_distilled_
+    with pytest.raises(ValueError, match="only 17 sample"):
+        dd.set_params(n_per_class=30).fit(X, y)
+    assert not hasattr(dd, "classes_") and dd.X_distilled_ is X_small
+    np.testing.assert_array_equal(dd.predict(X), pred)
+    assert dd.score(X, X[:, 0]) > -1
+
+
+def test_failed_first_fit_leaves_the_estimator_unfitted():
+    X, y = _iris()
+    dd = DatasetDistiller(n_per_class=30, max_iter=3)
+    with pytest.raises(ValueError, match="only 17 sample"):
+        dd.fit(X, y)
+    with pytest.raises(NotFittedError):
+        dd.predict(X)
