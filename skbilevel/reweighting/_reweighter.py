@@ -54,7 +54,7 @@ from ..hypergrad import (
     get_strategy,
 )
 from ..utils import resolve_device, to_numpy, to_tensor
-from ..utils._fit import fit_outer
+from ..utils._fit import fit_outer, keep_state_on_error
 from ..utils._modules import (
     MLP,
     WeightNet,
@@ -1101,6 +1101,7 @@ class SampleReweighter(ClassifierMixin, _BaseSampleReweighter):
     _is_classifier = True
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @keep_state_on_error
     def fit(self, X, y, trusted=None, sample_weight=None):
         """Learn the sample weights, then refit the final estimator with them.
 
@@ -1203,6 +1204,7 @@ class SampleReweighterRegressor(RegressorMixin, _BaseSampleReweighter):
     _is_classifier = False
 
     @_fit_context(prefer_skip_nested_validation=True)
+    @keep_state_on_error
     def fit(self, X, y, trusted=None, sample_weight=None):
         """Learn the sample weights, then refit the final estimator with them.
 

@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+from sklearn.exceptions import NotFittedError
+
+from skbilevel.reweighting import SampleReweighter, SampleReweighterRegressor
+
+
+def _data(n=80):
+    rng = np.random.RandomState(0)
+    X = rng.randn(n, 3)
+    trusted = np.zeros(n, bool)
+    trusted[:10] = True
+    return X, (X[:, 0] > 0).astype(int), trusted
+
+
+def test_failed_refit_keeps_the_previous_fit_whole():
+    # classes_ and n_features_in_ were replaced before the trusted mask was
+    # checked: classes_ named the rejected labels beside the old model, and
+    # predict on the old 3 features raised
+    X, y, trusted = _data()
+    clf = SampleReweighter(max_iter=3, random_state=0).fit(X, y, trusted=trusted)
+    proba, weights = clf.predict_proba(X), clf.sample_weight_
+    with pytest.raises(ValueError, match="Every sample is marked trusted"):
+        clf.fit(X[:, :2], np.where(y, "b", "a"), trusted=np.ones(len(y), bool))
+    assert clf.classes_.tolist() == [0, 1] and clf.n_features_in_ == 3
+    assert clf.sample_weight_ is weights
+    np.testing.assert_array_equal(clf.predict_proba(X), proba)
+
+
+def test_failed_first_fit_leaves_the_estimator_unfitted():
+    X, y, _ = _data()
+    reg = SampleReweighterRegressor(max_iter=3)
+    with pytest.raises(ValueError, match="no True entry"):
+        reg.fit(X, X[:, 0], trusted=np.zeros(len(y), bool))
+    with pytest.raises(NotFittedError):
+        reg.predict(X)
