@@ -645,8 +645,19 @@ class _BaseSampleReweighter(BaseEstimator):
             y_scale = float(_rms(y - y.mean())) or 1.0
             y_fit = (y - y_mean) / y_scale
         train_idx, trusted_idx = self._split_trusted(y_enc if self._is_classifier else y, trusted, sample_weight)
-        if sample_weight[trusted_idx].sum() <= 0:
-            raise ValueError("The trusted samples all have zero sample_weight.")
+        for part, idx, why in (
+            ("trusted", trusted_idx, "the outer loss that learns the weights is their "
+             "weighted mean"),
+            ("training (non-trusted)", train_idx, "there is nothing to reweight: the "
+             "learned weights would multiply zeros and the model would be refitted on "
+             "the trusted samples alone"),
+        ):
+            if sample_weight[idx].sum() <= 0:
+                raise ValueError(
+                    f"All {len(idx)} {part} samples have zero sample_weight, so {why}. "
+                    f"Give some of them a positive sample_weight (it is positive for "
+                    f"{int((sample_weight > 0).sum())} of the {n} samples)."
+                )
 
         with _seeded_global_rng(self._seed):
             module, kind, criterion = self._resolve_model(n_features, n_outputs)

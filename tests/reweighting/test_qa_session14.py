@@ -34,3 +34,16 @@ def test_failed_first_fit_leaves_the_estimator_unfitted():
         reg.fit(X, X[:, 0], trusted=np.zeros(len(y), bool))
     with pytest.raises(NotFittedError):
         reg.predict(X)
+
+
+@pytest.mark.parametrize("Est", [SampleReweighter, SampleReweighterRegressor])
+def test_zero_sample_weight_on_every_untrusted_sample_is_an_error(Est):
+    # the fit ran silently: the weighted inner loss was 0, the weights kept their
+    # initial values (0.36-0.40 with the weight net) and the refit used the 10
+    # trusted samples alone
+    X, y, trusted = _data()
+    with pytest.raises(ValueError, match=r"All 70 training \(non-trusted\) samples have "
+                       r"zero sample_weight.* positive for 10 of the 80"):
+        Est(max_iter=2).fit(X, y, trusted=trusted, sample_weight=trusted.astype(float))
+    with pytest.raises(ValueError, match="All 10 trusted samples have zero"):
+        Est(max_iter=2).fit(X, y, trusted=trusted, sample_weight=(~trusted).astype(float))
