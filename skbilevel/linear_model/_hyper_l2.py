@@ -952,6 +952,7 @@ class _HyperL2Base(BaseEstimator):
         history, n_iter = [], 0
         stage1 = shared_loss = None  # shared_loss: the CV loss at the shared penalty
         scan = None  # stage 1's scan when it took the best grid point as is
+        from_x0 = None  # stage 1's search from a float alpha_init
         self.adaptive_params_ = self.adaptive_pilot_ = None
         original = objective
 
@@ -976,7 +977,14 @@ class _HyperL2Base(BaseEstimator):
             max_iter = 1 if n_groups > 1 else max(1, self.max_iter)
             tol = 1e-3 if n_groups == 1 else 1e-2
             if kind == "scalar":
-                stage1 = minimize_log_alpha(vg_np, x0=init, tol=tol, max_iter=max_iter)
+                # from alpha_init the bracketing steps count in max_iter: one
+                # evaluation, as after a scan, left alpha_init as it was (and the
+                # later stages, which do not move a level no gamma improves,
+                # returned it: a regressor's CV loss 109 against 31.4 from the scan)
+                stage1 = minimize_log_alpha(
+                    vg_np, x0=init, tol=tol, max_iter=max(1, self.max_iter)
+                )
+                from_x0 = stage1
             else:
                 # the grid is relative to the mean feature scale: with features of
                 # very different scales the best penalty can lie beyond it (up to
@@ -1032,6 +1040,8 @@ class _HyperL2Base(BaseEstimator):
             grid's 0.105 gave a CV loss 6% above the refined 0.036.)"""
             nonlocal n_iter
             if scan is None:
+                if from_x0 is not None:
+                    self._warn_unlocated(from_x0, 1e-2)
                 return shared
             res = minimize_log_alpha(
                 vg_np,
@@ -1225,8 +1235,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     alpha_init : float > 0, array-like of shape (n_features,) or (n_groups,), or None, default=None
         ``None``: the shared penalty is found by scanning the validation
         curve, then refined. A float: that search starts there instead (no
-        scan). An array: per-feature (or per-group) starting penalties, no
-        shared stage (the prior is then centred on their mean log).
+        scan; its bracketing steps count in ``max_iter``). An array:
+        per-feature (or per-group) starting penalties, no shared stage (the
+        prior is then centred on their mean log).
     adaptive : bool, default=True
         Fit the two-parameter adaptive model before the free per-feature
         corrections (and centre the prior on it). When no exponent of the
@@ -1270,7 +1281,8 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         Maximum number of outer (hypergradient) iterations of each of the
         adaptive and per-feature stages; also caps the refinements of the
         shared stage when it is the answer (``penalty="scalar"``; before
-        per-feature stages it takes one refinement). An adaptive or
+        per-feature stages it takes one refinement after its scan, and up to
+        ``max_iter`` steps from a float ``alpha_init``). An adaptive or
         per-feature stage that reaches it while its objective still falls by
         more than a relative ``tol`` raises a ``ConvergenceWarning`` (its
         best iterate is kept).
