@@ -55,6 +55,21 @@ def _offsets(X, y, sw, fit_intercept):
     return X, y, x_offset, y_offset
 
 
+def _check_positive_weights(sw, name):
+    """Refuse fewer than two samples of positive weight ``sw``: no validation
+    error can be measured. (HyperL2Regressor with ``cv="loo"`` and one shared
+    penalty returned the grid's end, ``1e-7`` times the feature scale, without
+    a word; BilevelRidgeCV's leave-one-out error was 0/0, ``best_score_ =
+    -inf`` at ``alpha_ = 1e-6``, after RuntimeWarnings and a
+    ConvergenceWarning with a NaN slope.)"""
+    k = int(np.count_nonzero(sw > 0))
+    if k < 2:
+        raise ValueError(
+            f"{name} needs at least 2 samples with a positive sample_weight to "
+            f"measure a validation error; got {k} of {len(sw)}."
+        )
+
+
 def _warn_unlocated(res, name, search, max_iter, tol, stacklevel, remedy="max_iter or tol"):
     """scikit-learn's ``ConvergenceWarning`` when the search ``res`` of
     :func:`~skbilevel.hypergrad.minimize_log_alpha` (the fit's answer)

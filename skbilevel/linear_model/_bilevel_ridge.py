@@ -34,7 +34,7 @@ from ..utils import (
     to_numpy,
     to_tensor,
 )
-from ._base import _offsets, _warn_unlocated
+from ._base import _check_positive_weights, _offsets, _warn_unlocated
 
 __all__ = ["BilevelRidgeCV"]
 
@@ -299,6 +299,7 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             sample_weight = _check_sample_weight(
                 sample_weight, X, dtype=np.float64, ensure_non_negative=True
             )
+            _check_positive_weights(sample_weight, "BilevelRidgeCV")
 
         x_offset = y_offset = None
         if self.fit_intercept and dtype == torch.float32:

@@ -155,7 +155,7 @@ from ..utils import (
     to_numpy,
     to_tensor,
 )
-from ._base import _offsets, _warn_unlocated
+from ._base import _check_positive_weights, _offsets, _warn_unlocated
 
 __all__ = ["HyperL2Regressor", "HyperL2Classifier"]
 
@@ -600,17 +600,6 @@ class _HyperL2Base(BaseEstimator):
         by_memory = math.ceil(K * fold_bytes / _FOLD_BATCH_BYTES)
         n_batches = max(1, min(K, max(n_jobs, by_memory)))
         return [list(c) for c in np.array_split(np.arange(K), n_batches)]
-
-    def _check_positive_weights(self, sw):
-        """Refuse fewer than two samples of positive weight: no validation
-        error can be measured (``cv="loo"`` with one shared penalty returned
-        the grid's end, ``1e-7`` times the feature scale, without a word)."""
-        k = int(np.count_nonzero(sw > 0))
-        if k < 2:
-            raise ValueError(
-                f"{self._name} needs at least 2 samples with a positive sample_weight to "
-                f"measure a validation error; got {k} of {len(sw)}."
-            )
 
     def _warn_scales(self, X, scales, n_groups):
         """Warn when the features' scales (:func:`_feature_scales`) span more
@@ -1559,7 +1548,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         sw = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
-        self._check_positive_weights(sw)
+        _check_positive_weights(sw, self._name)
         n_eff = float(sw.sum())  # the prior's sample count (weights count as repeats)
         groups, n_groups = _groups_from_penalty(self.penalty, p)
         loo = isinstance(self.cv, str) and self.cv == "loo"
@@ -2019,7 +2008,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         sw = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
-        self._check_positive_weights(sw)
+        _check_positive_weights(sw, self._name)
         n_eff = float(sw.sum())  # the prior's sample count (weights count as repeats)
         if self.class_weight is not None:
             cw = compute_class_weight(self.class_weight, classes=classes, y=y)

@@ -7,7 +7,7 @@ import pytest
 from sklearn.datasets import make_regression
 from sklearn.exceptions import ConvergenceWarning
 
-from skbilevel.linear_model import HyperL2Regressor
+from skbilevel.linear_model import BilevelRidgeCV, HyperL2Regressor
 
 
 def test_float_alpha_init_starts_the_shared_search_with_per_feature_penalties():
@@ -25,3 +25,22 @@ def test_float_alpha_init_starts_the_shared_search_with_per_feature_penalties():
     # cut short by max_iter, it says so
     with pytest.warns(ConvergenceWarning, match="shared penalty's search stopped"):
         HyperL2Regressor(alpha_init=2.0, max_iter=2, random_state=0).fit(X, y)
+
+
+@pytest.mark.parametrize("cv", [None, 3])
+def test_bilevel_ridge_needs_two_positive_weights(cv):
+    # one positive weight: the leave-one-out error was 0/0, and the fit returned
+    # best_score_ = -inf at alpha_ = 1e-6 after numpy's 'invalid value encountered
+    # in divide' and a ConvergenceWarning with a NaN slope (as HyperL2 refuses)
+    X, y = make_regression(20, 3, noise=5, random_state=0)
+    sw = np.r_[1.0, np.zeros(19)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="at least 2 samples with a positive sample_weight"):
+            BilevelRidgeCV(cv=cv).fit(X, y, sample_weight=sw)
+    # two are enough for leave-one-out
+    sw[1] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = BilevelRidgeCV().fit(X, y, sample_weight=sw)
+    assert np.isfinite(model.best_score_)
