@@ -175,11 +175,16 @@ class _BackwardState:
             return self._mixed_product(g_flat, targets, v)
 
     def _no_solve(self):
-        """The backward pass for ``b = 0``: ``v = 0``, nothing reaches ``phi``."""
+        """The backward pass for ``b = 0``: ``v = 0`` and a zero indirect term.
+
+        Zeros, not ``None``: an outer loss flat in ``theta`` (a dead ReLU, a
+        minimum) left ``phi.grad`` at ``None`` after backward, where the other
+        strategies give zeros.
+        """
         self.info.linear_solve_iterations = 0
         self.info.linear_solve_residual = 0.0
         self.info.linear_solve_converged = True
-        return [None] * len(self.grad_idx)
+        return [torch.zeros_like(self.phi_leaves[i]) for i in self.grad_idx]
 
     def _unused_mask(self, theta):
         """Flat mask of the entries of ``theta`` in leaves the inner loss does
@@ -221,7 +226,7 @@ class _BackwardState:
                 _, g_flat = self._gradient_graph(phi)
             self._record_correction(v, g_flat)
             if not g_flat.requires_grad:  # the gradient does not depend on phi
-                return [None] * len(self.grad_idx)
+                return [torch.zeros_like(t) for t in targets]
             return self._mixed_product(g_flat, targets, v)
 
     def _record_correction(self, v, g_flat):

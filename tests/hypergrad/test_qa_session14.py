@@ -104,3 +104,20 @@ def test_implicit_theta_leaf_unused_by_inner_loss(strategy):
     assert torch.allclose(la.grad, exact, rtol=1e-8, atol=0), (float(la.grad), float(exact))
     assert info.linear_solve_converged and info.fallback is None
     assert info.extra["unused_theta_entries"] == 2
+
+
+@pytest.mark.parametrize("strategy", ["cg", "dense", "neumann", "identity"])
+def test_implicit_zero_outer_gradient_gives_zero_phi_grad(strategy):
+    """An outer loss whose gradient in theta is exactly zero (a dead ReLU) left
+    phi.grad at None after backward with the implicit strategies (so
+    phi.grad.norm() failed), where reverse, forward and the proxies give 0."""
+    X, y, _, _ = _ridge_data()
+
+    def inner(w, la):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * la.exp() * (w**2).sum()
+
+    la = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    theta, info = argmin(inner, la, torch.zeros(4, dtype=DT), hypergradient=strategy)
+    torch.relu(-theta - 100.0).sum().backward()
+    assert la.grad is not None and float(la.grad) == 0.0
+    assert info.linear_solve_iterations == 0 and info.linear_solve_converged
