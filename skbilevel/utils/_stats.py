@@ -6,7 +6,17 @@ import numpy as np
 def _rms(A, axis=None):
     """Root mean square of ``A`` (along ``axis``), also where its squares would
     overflow (``|A|`` beyond 1e154) or underflow to zero (below 1e-154): those
-    are computed on ``A`` divided by its largest magnitude."""
+    are computed on ``A`` divided by its largest magnitude. In float64 whatever
+    ``A``'s dtype: float32 squares overflow beyond 1.8e19.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skbilevel.utils._stats import _rms
+    >>> float(_rms(np.array([3e200, -4e200]))), float(_rms(np.float32([3e20, -4e20])))
+    (3.5355...e+200, 3.5355...e+20)
+    """
+    A = np.asarray(A, dtype=np.float64)
     m = np.abs(A).max(axis=axis)
     with np.errstate(over="ignore", under="ignore"):
         plain = np.sqrt((A**2).mean(axis=axis))

@@ -34,3 +34,21 @@ def test_failed_first_fit_leaves_the_estimator_unfitted():
         dd.fit(X, y)
     with pytest.raises(NotFittedError):
         dd.predict(X)
+
+
+def test_float32_inputs_are_scaled_as_float64_ones():
+    # the global scale of float32 X came out inf beyond |X| ~ 1e19 (float32
+    # squares overflow) and fell back to 1: iris * 1e20 scored 0.85 against 0.97
+    # in float64, with overflow RuntimeWarnings; every float32 fit warned
+    # 'overflow encountered in cast'
+    import warnings
+
+    X, y = load_iris(return_X_y=True)
+    X = X * 1e20
+    kw = dict(n_per_class=2, max_iter=20, random_state=0)
+    ref = DatasetDistiller(**kw).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dd = DatasetDistiller(**kw).fit(X.astype(np.float32), y)
+    np.testing.assert_allclose(dd._x_scale, ref._x_scale, rtol=1e-6)
+    assert dd.score(X.astype(np.float32), y) == pytest.approx(ref.score(X, y))

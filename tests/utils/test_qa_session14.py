@@ -25,3 +25,22 @@ def test_keep_state_on_error_restores_attributes_on_any_exception():
     with pytest.raises(KeyboardInterrupt):
         fresh.fit([[0.0]], fail=True)
     assert vars(fresh) == {}
+
+
+def test_rms_of_float32_data_is_computed_in_float64():
+    # float32 input compared its max with 1e150, which overflowed to inf in the
+    # cast (a RuntimeWarning on every float32 DatasetDistiller fit), and squared
+    # values beyond 1.8e19 to inf: the scale of [3e20, -4e20] was inf, that of
+    # [3e-30, -4e-30] was 0
+    import warnings
+
+    from skbilevel.utils._stats import _rms
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        big = _rms(np.float32([3e20, -4e20]))
+        small = _rms(np.float32([3e-30, -4e-30]))
+        cols = _rms(np.float32([[1.0, 3e20], [-1.0, -4e20]]), axis=0)
+    np.testing.assert_allclose([big, small], [np.sqrt(12.5) * 1e20, np.sqrt(12.5) * 1e-30],
+                               rtol=1e-6)
+    np.testing.assert_allclose(cols, [1.0, np.sqrt(12.5) * 1e20], rtol=1e-6)
