@@ -1,13 +1,15 @@
 """QA session 14: regression tests of linear_model defects (one per fix)."""
 
+import math
 import warnings
 
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import make_regression
 from sklearn.exceptions import ConvergenceWarning
 
-from skbilevel.linear_model import BilevelRidgeCV, HyperL2Regressor
+from skbilevel.linear_model import BilevelRidgeCV, HyperL2Classifier, HyperL2Regressor
 
 
 def test_float_alpha_init_starts_the_shared_search_with_per_feature_penalties():
@@ -44,3 +46,23 @@ def test_bilevel_ridge_needs_two_positive_weights(cv):
         warnings.simplefilter("error")
         model = BilevelRidgeCV().fit(X, y, sample_weight=sw)
     assert np.isfinite(model.best_score_)
+
+
+def _power(tol):
+    """``1e-3`` for 0.001: a tolerance as the docstrings write it."""
+    return f"``1e{round(math.log10(tol))}``"
+
+
+def test_classifier_docstring_states_the_tolerances_it_uses():
+    # the docstring said the folds were solved to 1e-4 and the returned model to
+    # 1e-8, and CG to a relative residual of 1e-4; the code uses 1e-3, 1e-6 and
+    # 1e-2 (as the user guide says)
+    clf = HyperL2Classifier()
+    doc = " ".join(HyperL2Classifier.__doc__.split())
+    folds = clf._inner_solver(torch.float64)
+    assert clf._inner_solver(torch.float32).tol == folds.tol
+    final64 = clf._inner_solver(torch.float64, final=True)
+    final32 = clf._inner_solver(torch.float32, final=True)
+    assert f"gradient norm of {_power(folds.tol)}" in doc
+    assert f"returned model to {_power(final64.tol)} ({_power(final32.tol)} in float32)" in doc
+    assert f"``\"cg\"`` (conjugate gradient to a relative residual of {_power(clf._strategy().tol)}" in doc
