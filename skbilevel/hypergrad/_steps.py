@@ -399,10 +399,20 @@ class Adam(GradientStepSolver):
         self.eps = eps
 
     def init_state(self, theta):
-        """Step count 0 and zero first and second moments shaped like ``theta``."""
-        first = tree_flatten(theta)[0][0]
+        """Step count 0 and zero first and second moments shaped like ``theta``.
+
+        The step count (and so the bias corrections) is kept in the widest
+        floating dtype of ``theta``'s leaves, at least float32, as
+        ``torch.optim.Adam`` keeps it in float32: in bfloat16, ``0.999`` rounds
+        to ``1`` (the second-moment correction ``1 - beta2**t`` was 0 and the
+        parameters never moved) and the count stopped at 256.
+        """
+        leaves = tree_flatten(theta)[0]
+        dtype = torch.float32
+        for leaf in leaves:
+            dtype = torch.promote_types(dtype, leaf.dtype)
         return {
-            "step": torch.zeros((), dtype=first.dtype, device=first.device),
+            "step": torch.zeros((), dtype=dtype, device=leaves[0].device),
             "exp_avg": _zeros_like_tree(theta),
             "exp_avg_sq": _zeros_like_tree(theta),
         }

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from skbilevel.hypergrad import (
+    Adam,
     BestResponse,
     argmin,
 )
@@ -121,3 +122,32 @@ def test_implicit_zero_outer_gradient_gives_zero_phi_grad(strategy):
     torch.relu(-theta - 100.0).sum().backward()
     assert la.grad is not None and float(la.grad) == 0.0
     assert info.linear_solve_iterations == 0 and info.linear_solve_converged
+
+
+def test_adam_in_bfloat16_moves_and_matches_torch_optim():
+    """Adam kept its step count in theta's dtype: in bfloat16, 0.999 rounds to 1,
+    so the bias correction 1 - beta2**t was 0, v_hat infinite and the parameters
+    never left 0 (torch.optim.Adam: 0.957 after 1000 steps); the count also
+    stopped at 256. Now counted in float32, as torch.optim.Adam does."""
+    target = torch.ones(3)
+
+    def fun(w):
+        return ((w.float() - target) ** 2).sum().to(torch.bfloat16)
+
+    solver = Adam(lr=0.01, n_steps=1000)
+    theta = torch.zeros(3, dtype=torch.bfloat16)
+    state = solver.init_state(theta)
+    for _ in range(1000):
+        theta, state = solver.step(fun, theta, state)
+    p = torch.zeros(3, dtype=torch.bfloat16, requires_grad=True)
+    opt = torch.optim.Adam([p], lr=0.01)
+    for _ in range(1000):
+        opt.zero_grad()
+        fun(p).backward()
+        opt.step()
+    assert float(state["step"]) == 1000.0
+    assert theta.dtype == torch.bfloat16
+    assert torch.equal(theta, p.detach()), (theta, p)
+    # float64 is unchanged: the count keeps the widest dtype of the leaves
+    state = Adam().init_state({"a": torch.zeros(2, dtype=DT), "b": torch.zeros(1)})
+    assert state["step"].dtype == DT
