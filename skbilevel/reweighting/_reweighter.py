@@ -473,6 +473,30 @@ class _BaseSampleReweighter(BaseEstimator):
                 trusted_idx = trusted_idx[~lacking]
         return train_idx, trusted_idx
 
+    def _warn_untrusted_classes(self, y_enc, train_idx, trusted_idx, sample_weight):
+        """Warn about classes with training samples but no trusted one in the
+        given mask (counting samples of positive ``sample_weight``): the trusted
+        loss never measures them, and weights tied to the sample or its label
+        drift towards zero. (A validation split too small to hold every class
+        is the ``validation_fraction`` chosen.)"""
+        counted = sample_weight > 0
+        train = y_enc[train_idx[counted[train_idx]]]
+        unseen = np.setdiff1d(train, y_enc[trusted_idx[counted[trusted_idx]]])
+        if not unseen.size:
+            return
+        labels = self.classes_[unseen].tolist()
+        counts = ", ".join(f"{label!r}: {int((train == c).sum())}"
+                           for label, c in zip(labels, unseen))
+        warnings.warn(
+            f"Classes {labels} have training samples ({counts}) "
+            "but no trusted sample: the trusted loss that learns the weights does not "
+            "measure them. With method='per_sample' or weight_net_label=True their "
+            "weights are driven towards zero and the refitted model seldom predicts "
+            "them. Mark some samples of each class as trusted.",
+            UserWarning,
+            stacklevel=7,  # the caller of fit (through its two decorators)
+        )
+
     def _resolve_model(self, n_features, n_outputs):
         """Return ``(module, kind, criterion)`` for the configured inner model."""
         if _is_skorch_net(self.module):
@@ -658,6 +682,8 @@ class _BaseSampleReweighter(BaseEstimator):
                     f"Give some of them a positive sample_weight (it is positive for "
                     f"{int((sample_weight > 0).sum())} of the {n} samples)."
                 )
+        if self._is_classifier and trusted is not None:
+            self._warn_untrusted_classes(y_enc, train_idx, trusted_idx, sample_weight)
 
         with _seeded_global_rng(self._seed):
             module, kind, criterion = self._resolve_model(n_features, n_outputs)
@@ -1124,7 +1150,8 @@ class SampleReweighter(ClassifierMixin, _BaseSampleReweighter):
             Labels (noisy outside the trusted set).
         trusted : array-like of bool, shape (n_samples,), default=None
             ``True`` for the trusted (clean) samples, which define the outer
-            loss and are not reweighted. ``None``: hold out
+            loss and are not reweighted; every class needs some (a
+            ``UserWarning`` names those without). ``None``: hold out
             ``validation_fraction`` of the data, stratified by class.
             Routed as metadata (requested by default).
         sample_weight : array-like of shape (n_samples,), default=None

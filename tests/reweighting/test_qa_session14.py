@@ -47,3 +47,30 @@ def test_zero_sample_weight_on_every_untrusted_sample_is_an_error(Est):
         Est(max_iter=2).fit(X, y, trusted=trusted, sample_weight=trusted.astype(float))
     with pytest.raises(ValueError, match="All 10 trusted samples have zero"):
         Est(max_iter=2).fit(X, y, trusted=trusted, sample_weight=(~trusted).astype(float))
+
+
+def test_class_without_trusted_samples_warns_with_counts():
+    # silent: on 3 blobs (600 samples) with no trusted sample of class 2,
+    # per_sample weights of class 2 fell to 0.04 (0.57 for the others; 0.36 when
+    # it is trusted too) and the refitted model's recall of class 2 to 0.25
+    # (0.72 when trusted)
+    import warnings
+
+    from sklearn.datasets import make_blobs
+
+    X, y = make_blobs(90, centers=3, random_state=0)
+    labels = np.array(["a", "b", "c"])[y]
+    trusted = np.zeros(90, bool)
+    trusted[np.flatnonzero(y != 2)[:10]] = True
+    with pytest.warns(UserWarning, match=r"Classes \['c'\] have training samples "
+                      r"\('c': 30\) but no trusted sample"):
+        SampleReweighter(max_iter=2).fit(X, labels, trusted=trusted)
+    trusted[np.flatnonzero(y == 2)[0]] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        SampleReweighter(max_iter=2).fit(X, labels, trusted=trusted)
+    # a trusted sample of zero sample_weight does not count
+    weight = np.where(y == 2, 0.0, 1.0)
+    weight[np.flatnonzero((y == 2) & ~trusted)[:5]] = 1.0
+    with pytest.warns(UserWarning, match=r"\('c': 5\)"):
+        SampleReweighter(max_iter=2).fit(X, labels, trusted=trusted, sample_weight=weight)
