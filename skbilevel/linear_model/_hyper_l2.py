@@ -1056,7 +1056,9 @@ class _HyperL2Base(BaseEstimator):
             phi0 = torch.full_like(phi0, shared)
             return phi0, shared, shared, history, n_iter, info, objective
         adaptive = bases = starts = None
-        if use_adaptive and self.max_iter > 0 and warm:
+        if use_adaptive and warm:
+            # (at max_iter=0 too: the previous corrections are around this model,
+            # not log-penalties; taken as such, every alpha was near 1)
             bases = [self._adaptive_bases(b, gt, [spec])[0] for b in objective.batches]
             adaptive = torch.as_tensor(previous, dtype=dtype, device=device)
         elif use_adaptive and self.max_iter > 0 and kind != "array":
