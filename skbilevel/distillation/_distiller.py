@@ -42,7 +42,7 @@ from ..hypergrad import (
 from ..utils import resolve_device, to_numpy, torch_generator
 from ..utils._fit import fit_outer, keep_state_on_error
 from ..utils._modules import MLP
-from ..utils._stats import _rms
+from ..utils._stats import _rms, _softmax
 from ..utils._torch import _resolve_adam_dtype, _seeded_global_rng
 from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 
@@ -838,14 +838,13 @@ class DatasetDistiller(BaseEstimator):
         -------
         ndarray of shape (n_samples, n_classes)
         """
-        F = self._decision(X)
+        # in float64 whatever the computing dtype (float32 rows summed to 1 within 1e-7)
+        F = self._decision(X).astype(np.float64)
         if not self._fitted_kip():
-            F = F - F.max(axis=1, keepdims=True)
-            P = np.exp(F)
-        else:
-            # floor below zero keeps argmax(proba) == predict where all scores are <= 0
-            F = F + self._t_offset
-            P = np.clip(F, 0, None) + 1e-12 * np.exp(F - F.max(axis=1, keepdims=True))
+            return _softmax(F)
+        # floor below zero keeps argmax(proba) == predict where all scores are <= 0
+        F = F + self._t_offset
+        P = np.clip(F, 0, None) + 1e-12 * np.exp(F - F.max(axis=1, keepdims=True))
         return P / P.sum(axis=1, keepdims=True)
 
     def score(self, X, y):

@@ -31,6 +31,7 @@ from ..hypergrad import (
 )
 from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
 from ..utils._fit import fit_outer, keep_state_on_error
+from ..utils._stats import _softmax
 from ..utils._torch import _resolve_adam_dtype, _seeded_global_rng
 from ..utils._validation import check_hidden_layer_sizes
 from ..utils._modules import (
@@ -380,12 +381,6 @@ def _task_tensors(X, y_t, device, dtype):
     if y_t.dtype == torch.long:
         return X_t, y_t.to(device)
     return X_t, y_t.to(device=device, dtype=dtype)
-
-
-def _softmax(logits):
-    logits = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(axis=1, keepdims=True)
 
 
 def _leaves(tree):

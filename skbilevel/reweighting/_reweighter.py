@@ -65,7 +65,7 @@ from ..utils._modules import (
     module_params,
     skorch_parts,
 )
-from ..utils._stats import _rms
+from ..utils._stats import _rms, _softmax
 from ..utils._torch import _resolve_adam_dtype, _seeded_global_rng
 from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 
@@ -147,12 +147,12 @@ class _TorchModel:
         return torch.cat(outs) if outs else self.module_(X)
 
     def predict_proba(self, X):
-        out = _as_logits(self._outputs(X), len(self.classes_))
+        # normalized in float64: in the module's float32 (or bfloat16) the rows
+        # summed to 1 only within 1e-7 (2e-3), and log_loss objects to that
+        out = to_numpy(_as_logits(self._outputs(X), len(self.classes_))).astype(np.float64)
         if self.kind == "nll_prob":
-            proba = out / out.sum(dim=1, keepdim=True)
-        else:
-            proba = torch.softmax(out, dim=1)
-        return to_numpy(proba).astype(np.float64)
+            return out / out.sum(axis=1, keepdims=True)
+        return _softmax(out)
 
     def decision_function(self, X):
         out = _as_logits(self._outputs(X), len(self.classes_))

@@ -22,3 +22,20 @@ def _rms(A, axis=None):
         plain = np.sqrt((A**2).mean(axis=axis))
         scaled = m * np.sqrt(((A / np.where(m > 0, m, 1.0)) ** 2).mean(axis=axis))
     return np.where((m > 1e-150) & (m < 1e150), plain, scaled)
+
+
+def _softmax(logits):
+    """Row-wise softmax of ``logits``, computed in float64: probabilities whose
+    rows sum to 1 within float64 rounding (scikit-learn's ``log_loss`` checks
+    that), whatever precision the logits come in.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skbilevel.utils._stats import _softmax
+    >>> _softmax(np.float32([[0.0, np.log(3.0)]])).round(6).tolist()
+    [[0.25, 0.75]]
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)

@@ -52,3 +52,16 @@ def test_float32_inputs_are_scaled_as_float64_ones():
         dd = DatasetDistiller(**kw).fit(X.astype(np.float32), y)
     np.testing.assert_allclose(dd._x_scale, ref._x_scale, rtol=1e-6)
     assert dd.score(X.astype(np.float32), y) == pytest.approx(ref.score(X, y))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_unrolled_predict_proba_is_float64_rows_summing_to_one(dtype):
+    # float32 computations gave float32 probabilities whose rows summed to 1
+    # within 1.2e-7
+    X, y = _iris()
+    dd = DatasetDistiller(n_per_class=2, method="unrolled", max_iter=2, dtype=dtype,
+                          random_state=0).fit(X, y)
+    proba = dd.predict_proba(X)
+    assert proba.dtype == np.float64
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(dd.predict(X), dd.classes_[proba.argmax(axis=1)])

@@ -74,3 +74,27 @@ def test_class_without_trusted_samples_warns_with_counts():
     weight[np.flatnonzero((y == 2) & ~trusted)[:5]] = 1.0
     with pytest.warns(UserWarning, match=r"\('c': 5\)"):
         SampleReweighter(max_iter=2).fit(X, labels, trusted=trusted, sample_weight=weight)
+
+
+@pytest.mark.parametrize("final_estimator", [None, "joint"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_predict_proba_rows_sum_to_one_in_float64(final_estimator, dtype):
+    # the softmax ran in the module's dtype: rows summed to 1 within 1.2e-7
+    # (float32) or 2e-3 (bfloat16), and sklearn's log_loss warned 'The y_prob
+    # values do not sum to one'
+    import warnings
+
+    from sklearn.metrics import log_loss
+
+    X, _, trusted = _data(120)
+    y = np.random.RandomState(1).randint(0, 3, 120)
+    trusted[::6] = True
+    clf = SampleReweighter(max_iter=3, random_state=0, final_estimator=final_estimator,
+                           dtype=dtype).fit(X, y, trusted=trusted)
+    proba = clf.predict_proba(X)
+    assert proba.dtype == np.float64
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(clf.predict(X), clf.classes_[proba.argmax(axis=1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        log_loss(y, proba)
