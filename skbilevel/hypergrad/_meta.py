@@ -331,6 +331,10 @@ def batched_cg(matvec, b, tol=1e-10, maxiter=10):
     iterations, n_matvec, curvature_rows, first_step_rows = 0, 0, 0, 0
     min_rayleigh = math.nan
     for _ in range(int(maxiter)):
+        # a row solved exactly (residual 0, hence p = 0) is done: left active, its
+        # p^T A p = 0 counted as non-positive curvature (A = 2 I beside another
+        # system: "1 of 2 system(s) met non-positive curvature", a fallback)
+        active = active & (rs != 0)
         # rows stopped by curvature keep their residual and must not hold the others
         pending = torch.where(active, rs.sqrt() / safe, torch.zeros_like(rs))
         if not bool(active.any()) or float(pending.max()) <= tol:

@@ -13,6 +13,7 @@ from skbilevel.hypergrad import (
     Adam,
     BestResponse,
     argmin,
+    batched_cg,
 )
 
 DT = torch.float64
@@ -151,3 +152,21 @@ def test_adam_in_bfloat16_moves_and_matches_torch_optim():
     # float64 is unchanged: the count keeps the widest dtype of the leaves
     state = Adam().init_state({"a": torch.zeros(2, dtype=DT), "b": torch.zeros(1)})
     assert state["step"].dtype == DT
+
+
+def test_batched_cg_exactly_solved_row_is_not_negative_curvature():
+    """A system solved exactly in one step (A = 2 I) beside one that needs more:
+    its residual and direction became exactly 0, and its p^T A p = 0 at the next
+    step was counted as non-positive curvature: fallback 'cg stopped on
+    non-positive curvature' and '1 of 2 system(s) met non-positive curvature'
+    on two positive definite systems. The solution was right; now so is the
+    record."""
+    A = torch.stack([
+        2.0 * torch.eye(3, dtype=DT),
+        torch.tensor([[4.0, 1.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 1.0]], dtype=DT),
+    ])
+    b = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], dtype=DT)
+    x, result, curvature = batched_cg(lambda v: torch.einsum("bij,bj->bi", A, v), b)
+    assert torch.allclose(x, torch.linalg.solve(A, b), rtol=1e-12, atol=0)
+    assert result.converged and result.fallback is None
+    assert curvature["rows"] == 0 and "curvature" not in result.message
