@@ -205,7 +205,7 @@ class DatasetDistiller(BaseEstimator):
     device : str, default="cpu"
         Torch device (``"cuda"``, ``"auto"``...). Fitted state is stored on
         the CPU.
-    dtype : str, default="float64"
+    dtype : str, numpy or torch dtype, default="float64"
         Torch dtype of the computation: ``"float64"`` or ``"float32"``;
         ``method="unrolled"`` also runs in ``"bfloat16"``. Kernel ridge has no
         half-precision Cholesky, and Adam fails in ``"float16"``.
@@ -291,7 +291,7 @@ class DatasetDistiller(BaseEstimator):
         "n_inner_steps": [Interval(numbers.Integral, 1, None, closed="left")],
         "inner_learning_rate": [Interval(numbers.Real, 0, None, closed="neither")],
         "device": [str, torch.device, None],
-        "dtype": [str, torch.dtype, type, None],
+        "dtype": [str, torch.dtype, np.dtype, type, None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "callbacks": [list, None],

@@ -65,3 +65,14 @@ def test_unrolled_predict_proba_is_float64_rows_summing_to_one(dtype):
     assert proba.dtype == np.float64
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(dd.predict(X), dd.classes_[proba.argmax(axis=1)])
+
+
+def test_dtype_takes_a_numpy_dtype():
+    # dtype=X.dtype (np.dtype('float32')) failed parameter validation ('must be
+    # an instance of str, torch.dtype, type or None'), though np.float32 passed
+    # and the meta-learners and SampleReweighter take it
+    X, y = _iris()
+    X = X.astype(np.float32)
+    dd = DatasetDistiller(n_per_class=1, max_iter=2, dtype=X.dtype, random_state=0).fit(X, y)
+    ref = DatasetDistiller(n_per_class=1, max_iter=2, dtype="float32", random_state=0).fit(X, y)
+    np.testing.assert_array_equal(dd.X_distilled_, ref.X_distilled_)
