@@ -542,7 +542,12 @@ def _keep_connected(theta, phi, info):
     theta_leaves, spec = tree_flatten(theta)
     if any(t.requires_grad for t in theta_leaves):
         return theta
-    anchor = sum((t.reshape(-1)[:1] * 0).sum() for t in phi_leaves)
+    # a zero whatever phi holds: (phi * 0) was NaN for an infinite phi (a
+    # log-penalty of -inf, no penalty), and made every entry of theta NaN
+    anchor = 0.0
+    for t in phi_leaves:
+        first = t.reshape(-1)[:1]
+        anchor = anchor + first.masked_fill(torch.ones_like(first, dtype=torch.bool), 0.0).sum()
     info.extra["theta_independent_of_phi"] = True
     return tree_unflatten(spec, [t + anchor.to(t.dtype) for t in theta_leaves])
 

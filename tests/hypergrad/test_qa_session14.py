@@ -4,6 +4,7 @@ Each test fails on the code before its fix; the numbers in the docstrings are
 the ones measured there.
 """
 
+import math
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from skbilevel.hypergrad import (
     Adam,
     BestResponse,
+    GradientDescent,
     argmin,
     batched_cg,
 )
@@ -170,3 +172,24 @@ def test_batched_cg_exactly_solved_row_is_not_negative_curvature():
     assert torch.allclose(x, torch.linalg.solve(A, b), rtol=1e-12, atol=0)
     assert result.converged and result.fallback is None
     assert curvature["rows"] == 0 and "curvature" not in result.message
+
+
+def test_theta_independent_of_infinite_phi_stays_finite():
+    """A theta with no path to phi gets a zero anchor to phi; it was phi * 0,
+    NaN for an infinite phi: first_order with log_alpha = -inf (no penalty)
+    returned theta = [nan, nan, nan, nan], silently. Now the unpenalized
+    iterate, and a zero gradient for log_alpha."""
+    X, y, _, _ = _ridge_data()
+
+    def inner(w, la):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * la.exp() * (w**2).sum()
+
+    la = torch.tensor(-math.inf, dtype=DT, requires_grad=True)
+    solver = GradientDescent(lr=0.01, n_steps=50)
+    theta, info = argmin(inner, la, torch.zeros(4, dtype=DT), hypergradient="first_order",
+                         solver=solver)
+    plain, _ = solver.solve(lambda w: 0.5 * ((X @ w - y) ** 2).sum(), torch.zeros(4, dtype=DT))
+    assert info.extra["theta_independent_of_phi"]
+    assert torch.equal(theta.detach(), plain)
+    theta.sum().backward()
+    assert float(la.grad) == 0.0
