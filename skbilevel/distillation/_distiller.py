@@ -847,13 +847,15 @@ class DatasetDistiller(BaseEstimator):
         P = np.clip(F, 0, None) + 1e-12 * np.exp(F - F.max(axis=1, keepdims=True))
         return P / P.sum(axis=1, keepdims=True)
 
-    def score(self, X, y):
+    def score(self, X, y, sample_weight=None):
         """Accuracy (classification) or R^2 (regression) of :meth:`predict`.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
         y : array-like of shape (n_samples,) or (n_samples, n_targets)
+        sample_weight : array-like of shape (n_samples,), default=None
+            Weights of the samples in the score.
 
         Returns
         -------
@@ -861,8 +863,8 @@ class DatasetDistiller(BaseEstimator):
         """
         pred = self.predict(X)
         if self._task == "classification":
-            return float(accuracy_score(y, pred))
-        return float(r2_score(y, pred))
+            return float(accuracy_score(y, pred, sample_weight=sample_weight))
+        return float(r2_score(y, pred, sample_weight=sample_weight))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

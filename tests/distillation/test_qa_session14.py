@@ -76,3 +76,18 @@ def test_dtype_takes_a_numpy_dtype():
     dd = DatasetDistiller(n_per_class=1, max_iter=2, dtype=X.dtype, random_state=0).fit(X, y)
     ref = DatasetDistiller(n_per_class=1, max_iter=2, dtype="float32", random_state=0).fit(X, y)
     np.testing.assert_array_equal(dd.X_distilled_, ref.X_distilled_)
+
+
+def test_score_takes_sample_weight():
+    # score(X, y) had no sample_weight (TypeError), unlike scikit-learn's
+    # classifiers and regressors, so set_score_request could not route one
+    from sklearn.metrics import accuracy_score, r2_score
+
+    X, y = _iris()
+    w = np.linspace(0.0, 2.0, len(y))
+    dd = DatasetDistiller(n_per_class=1, max_iter=2, random_state=0).fit(X, y)
+    assert dd.score(X, y, sample_weight=w) == accuracy_score(y, dd.predict(X), sample_weight=w)
+    assert hasattr(dd, "set_score_request")
+    dd.fit(X, X[:, 0])
+    assert dd.score(X, X[:, 0], sample_weight=w) == r2_score(X[:, 0], dd.predict(X),
+                                                            sample_weight=w)
