@@ -328,8 +328,13 @@ class BestResponse(HypergradientStrategy):
         info.extra["refit"] = refit
         self._calls += 1
 
+        # phi - phi0 is 0 in value, phi's identity in derivative; NaN at an
+        # infinite entry (a log-penalty of -inf), which made theta NaN: held at 0
         dphi = torch.cat(
-            [phi_leaves[i].reshape(-1) - phi0_leaves[i].reshape(-1) for i in grad_idx]
+            [
+                torch.where(torch.isfinite(p0), p - p0, torch.zeros_like(p0)).reshape(-1)
+                for p, p0 in ((phi_leaves[i], phi0_leaves[i]) for i in grad_idx)
+            ]
         )
         # J (phi - phi0), differentiable in phi through dphi
         delta = D @ (P @ dphi.to(P.dtype))

@@ -193,3 +193,25 @@ def test_theta_independent_of_infinite_phi_stays_finite():
     assert torch.equal(theta.detach(), plain)
     theta.sum().backward()
     assert float(la.grad) == 0.0
+
+
+def test_best_response_with_an_infinite_log_penalty():
+    """Per-feature log-penalties with one feature unpenalized (-inf): phi - phi0
+    was NaN there, so BestResponse returned theta all NaN (and a NaN
+    hypergradient). Now theta is the inner solution, the infinite entry gets a
+    zero gradient and the finite ones match the 'dense' strategy's."""
+    X, y, Xv, yv = _ridge_data()
+
+    def inner(w, la):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * (la.exp() * w**2).sum()
+
+    start = torch.tensor([-math.inf, 0.5, -0.3, 1.0], dtype=DT)
+    grads = []
+    for strategy in (BestResponse(random_state=0, sigma=1e-3), "dense"):
+        la = start.clone().requires_grad_()
+        theta, _ = argmin(inner, la, torch.zeros(4, dtype=DT), hypergradient=strategy)
+        assert torch.isfinite(theta).all()
+        ((Xv @ theta - yv) ** 2).mean().backward()
+        grads.append(la.grad)
+    assert float(grads[0][0]) == 0.0
+    assert torch.allclose(grads[0][1:], grads[1][1:], rtol=1e-4, atol=1e-10), grads
