@@ -143,7 +143,9 @@ class DatasetDistiller(BaseEstimator):
         label to its own count; every label must occur in ``y``.
     n_distilled : int, default=None
         Number of synthetic samples for regression targets (default:
-        ``n_per_class`` when it is an int). Not used for classification.
+        ``n_per_class`` when it is an int). Float targets whose values are all
+        whole numbers (``load_diabetes``, counts) read as class labels unless
+        it is set; with integer, string or boolean labels it is an error.
     method : {"kip", "unrolled"}, default="kip"
         Inner model: kernel ridge regression in closed form, or a network
         trained by unrolled gradient descent.
@@ -569,9 +571,15 @@ class DatasetDistiller(BaseEstimator):
         kind = type_of_target(y, input_name="y", raise_unknown=True)
         if kind in ("binary", "multiclass"):
             if self.n_distilled is not None:
+                if y.dtype.kind == "f":
+                    # floats of whole values (load_diabetes): n_distilled says regression
+                    return "regression"
                 raise ValueError(
-                    "n_distilled is for regression targets; for class labels set "
-                    "n_per_class (an int, or a dict label -> count)."
+                    "n_distilled is for regression targets, but y holds class labels "
+                    f"({len(np.unique(y))} distinct {y.dtype} values). For class labels "
+                    "set n_per_class (an int, or a dict label -> count); for a "
+                    "regression target of whole numbers pass y as floats "
+                    "(y.astype(float))."
                 )
             return "classification"
         if kind in ("continuous", "continuous-multioutput"):
@@ -612,10 +620,17 @@ class DatasetDistiller(BaseEstimator):
         too_many = counts > sizes
         if too_many.any():
             i = int(np.argmax(too_many))
+            hint = ""
+            if self.classes_.dtype.kind == "f":
+                hint = (
+                    f" y's {len(self.classes_)} distinct values are whole numbers, so "
+                    "they were taken for class labels; for a regression target set "
+                    "n_distilled."
+                )
             raise ValueError(
                 f"n_per_class asks for {counts[i]} synthetic samples of class "
                 f"{_plain(self.classes_[i])!r}, which has only {sizes[i]} sample(s); lower "
-                "n_per_class (or give that class a smaller count with a dict)."
+                f"n_per_class (or give that class a smaller count with a dict).{hint}"
             )
         return counts
 

@@ -91,3 +91,27 @@ def test_score_takes_sample_weight():
     dd.fit(X, X[:, 0])
     assert dd.score(X, X[:, 0], sample_weight=w) == r2_score(X[:, 0], dd.predict(X),
                                                             sample_weight=w)
+
+
+def test_whole_number_float_targets_are_regression_with_n_distilled():
+    # load_diabetes's targets are floats of whole values, which type_of_target
+    # calls 'multiclass': n_distilled=10 raised 'n_distilled is for regression
+    # targets; for class labels set n_per_class', so such data could not be
+    # distilled as regression at all
+    from sklearn.datasets import load_diabetes
+
+    X, y = load_diabetes(return_X_y=True)
+    X, y = X[::4], y[::4]
+    dd = DatasetDistiller(n_distilled=5, max_iter=5, random_state=0).fit(X, y)
+    assert not hasattr(dd, "classes_") and dd.X_distilled_.shape == (5, 10)
+    assert dd.predict(X).dtype == np.float64 and dd.score(X, y) > 0
+    # the same values shifted off whole numbers fit the same way
+    ref = DatasetDistiller(n_distilled=5, max_iter=5, random_state=0).fit(X, y + 0.5)
+    np.testing.assert_allclose(dd.predict(X) + 0.5, ref.predict(X), rtol=1e-6)
+    # integer labels stay labels; the default n_per_class says what happened
+    with pytest.raises(ValueError, match=r"class labels \(\d+ distinct int64 values\)"
+                       r".*y.astype\(float\)"):
+        DatasetDistiller(n_distilled=5, max_iter=2).fit(X, y.astype(int))
+    with pytest.raises(ValueError, match="whole numbers, so they were taken for class "
+                       "labels; for a regression target set n_distilled"):
+        DatasetDistiller(max_iter=2).fit(X, y)
