@@ -569,11 +569,14 @@ class DatasetDistiller(BaseEstimator):
 
     def _target_task(self, y):
         kind = type_of_target(y, input_name="y", raise_unknown=True)
+        whole_floats = y.dtype.kind == "f" and kind in (
+            "binary", "multiclass", "multiclass-multioutput")
+        if whole_floats and self.n_distilled is not None:
+            # floats of whole values (load_diabetes, load_linnerud): n_distilled
+            # says they are regression targets
+            return "regression"
         if kind in ("binary", "multiclass"):
             if self.n_distilled is not None:
-                if y.dtype.kind == "f":
-                    # floats of whole values (load_diabetes): n_distilled says regression
-                    return "regression"
                 raise ValueError(
                     "n_distilled is for regression targets, but y holds class labels "
                     f"({len(np.unique(y))} distinct {y.dtype} values). For class labels "
@@ -584,9 +587,11 @@ class DatasetDistiller(BaseEstimator):
             return "classification"
         if kind in ("continuous", "continuous-multioutput"):
             return "regression"
+        hint = (" Its values are whole numbers: set n_distilled to distill them as "
+                "regression targets." if whole_floats else "")
         raise ValueError(
             f"Unknown label type: y has target type {kind!r}; DatasetDistiller "
-            "supports class labels (binary or multiclass) and continuous targets."
+            f"supports class labels (binary or multiclass) and continuous targets.{hint}"
         )
 
     def _class_counts(self, y_idx):

@@ -115,3 +115,16 @@ def test_whole_number_float_targets_are_regression_with_n_distilled():
     with pytest.raises(ValueError, match="whole numbers, so they were taken for class "
                        "labels; for a regression target set n_distilled"):
         DatasetDistiller(max_iter=2).fit(X, y)
+
+
+def test_whole_number_float_multi_targets_are_regression_with_n_distilled():
+    # load_linnerud's three targets are floats of whole values:
+    # 'multiclass-multioutput', which raised 'Unknown label type' even with
+    # n_distilled set
+    from sklearn.datasets import load_linnerud
+
+    X, Y = load_linnerud(return_X_y=True)
+    dd = DatasetDistiller(n_distilled=3, max_iter=3, random_state=0).fit(X, Y)
+    assert dd.predict(X).shape == (20, 3) and dd.y_distilled_.shape == (3, 3)
+    with pytest.raises(ValueError, match="whole numbers: set n_distilled"):
+        DatasetDistiller(max_iter=2).fit(X, Y)
