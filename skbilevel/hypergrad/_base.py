@@ -135,8 +135,8 @@ class SolveResult:
         (``nan`` where the solver does not compute it).
     converged : bool
         Whether the returned point is stationary: ``grad_norm <= tol``, or
-        ``True`` with ``tol=None`` for a solution that is exact by
-        construction (a closed form).
+        with ``tol=None`` for a solution that is exact by construction (a
+        closed form), whether it and its gradient norm are finite.
     n_grad : int or None
         Gradient evaluations spent (``None``: the solver does not count them).
     n_hvp : int
@@ -197,6 +197,12 @@ def _check_int(value, name, minimum=1, allow_none=False):
             f"{name} must be {none}an integer >= {minimum}; got {value!r}."
         )
     return value
+
+
+def _all_finite(leaves):
+    """Whether every entry of every tensor is finite (one device sync)."""
+    flags = [torch.isfinite(t.detach()).all() for t in leaves]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _within_tol(grad_norm, tol):
@@ -284,7 +290,11 @@ class ClosedFormSolver(InnerSolver):
             raise ValueError("A ClosedFormSolver needs phi to solve the inner problem.")
         with torch.no_grad():
             theta = self.closed_form(tree_detach(phi))
-        return theta, SolveResult(n_iter=1, grad_norm=_grad_norm(fun, theta))
+        grad_norm = _grad_norm(fun, theta)
+        # exact by construction, unless it is not finite (a penalty that
+        # overflowed): converged=True beside a NaN gradient norm misreported it
+        finite = _all_finite(tree_flatten(theta)[0]) and math.isfinite(grad_norm)
+        return theta, SolveResult(n_iter=1, grad_norm=grad_norm, converged=finite)
 
 
 def _grad_norm(fun, theta):

@@ -37,13 +37,14 @@ from ._base import (
     ClosedFormSolver,
     HypergradientInfo,
     HypergradientStrategy,
+    _all_finite,
     _grad_norm,
     argmin,
     register_strategy,
 )
 from ._solvers import _FixedPhi
 from ._sparse import csr_transpose, to_scipy
-from ._tree import tree_detach
+from ._tree import tree_detach, tree_flatten
 
 __all__ = [
     "ClosedForm",
@@ -125,12 +126,15 @@ class ClosedForm(HypergradientStrategy):
         solver.last_fallback = None
         theta = solver.closed_form(phi)
         info.inner_iterations = 1
-        info.inner_converged = True
+        # exact by construction, unless not finite (log_alpha = 800: alpha = inf,
+        # a NaN gradient norm and hypergradient, reported converged)
+        info.inner_converged = _all_finite(tree_flatten(theta)[0])
         info.fallback = getattr(solver, "last_fallback", None)
         if self.check_inner and inner_loss is not None:
             phi_d = tree_detach(phi)
             info.inner_grad_norm = _grad_norm(_FixedPhi(inner_loss, phi_d), tree_detach(theta))
             info.n_grad += 1
+            info.inner_converged = info.inner_converged and math.isfinite(info.inner_grad_norm)
         return theta
 
 

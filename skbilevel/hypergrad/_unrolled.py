@@ -56,6 +56,7 @@ from ._base import (
     HypergradientStrategy,
     InnerSolveWarning,
     StepSolver,
+    _all_finite,
     _grad_norm,
     _within_tol,
     register_strategy,
@@ -290,12 +291,6 @@ def _solver_and_lr(solver):
     if isinstance(lr, torch.Tensor) and lr.numel() == 1:
         lr = float(lr.detach())
     return type(solver).__name__, f"lr={lr:g}" if isinstance(lr, numbers.Real) else "lr"
-
-
-def _all_finite(leaves):
-    """Whether every entry of every tensor is finite (one device sync)."""
-    flags = [torch.isfinite(t.detach()).all() for t in leaves]
-    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _replay(fun, solver, init, n_steps, info):

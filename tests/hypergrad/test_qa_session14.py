@@ -14,6 +14,7 @@ from skbilevel.hypergrad import (
     Adam,
     BestResponse,
     GradientDescent,
+    RidgeSolver,
     argmin,
     batched_cg,
 )
@@ -215,3 +216,26 @@ def test_best_response_with_an_infinite_log_penalty():
         grads.append(la.grad)
     assert float(grads[0][0]) == 0.0
     assert torch.allclose(grads[0][1:], grads[1][1:], rtol=1e-4, atol=1e-10), grads
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_closed_form_not_finite_is_not_converged():
+    """A closed form is exact by construction, so its records said converged
+    unconditionally: RidgeSolver at log_alpha = 800 (alpha = inf in float64)
+    gave inner_grad_norm nan and a NaN hypergradient with inner_converged=True
+    (the 'closed_form' strategy) and SolveResult.converged=True (its solve, as
+    the implicit strategies use it). Both now say False."""
+    X, y, _, _ = _ridge_data(n=5, p=10)
+    solver = RidgeSolver(X, y, fit_intercept=False)
+    la = torch.tensor(800.0, dtype=DT, requires_grad=True)
+    theta, info = argmin(solver.inner_loss, la, solver.init_theta(),
+                         hypergradient="closed_form", solver=solver)
+    assert math.isnan(info.inner_grad_norm) and info.inner_converged is False
+    _, result = solver.solve(lambda t: solver.inner_loss(t, la.detach()), solver.init_theta(),
+                             phi=la.detach())
+    assert result.converged is False
+    # an ordinary penalty still counts as converged
+    la = torch.tensor(0.0, dtype=DT, requires_grad=True)
+    _, info = argmin(solver.inner_loss, la, solver.init_theta(),
+                     hypergradient="closed_form", solver=solver)
+    assert info.inner_converged is True
