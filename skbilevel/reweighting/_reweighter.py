@@ -666,7 +666,10 @@ class _BaseSampleReweighter(BaseEstimator):
         else:
             n_outputs = 1
             y_mean = float(np.average(y, weights=sample_weight)) if sample_weight.sum() > 0 else 0.0
-            y_scale = float(_rms(y - y.mean())) or 1.0
+            # the samples that count set the scale: zero-weight targets of 1e6 made
+            # it 1.5e5 and the others' standardized targets 1e-5
+            counted = y[sample_weight > 0] if (sample_weight > 0).any() else y
+            y_scale = float(_rms(counted - counted.mean())) or 1.0
             y_fit = (y - y_mean) / y_scale
         train_idx, trusted_idx = self._split_trusted(y_enc if self._is_classifier else y, trusted, sample_weight)
         for part, idx, why in (

@@ -98,3 +98,23 @@ def test_predict_proba_rows_sum_to_one_in_float64(final_estimator, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         log_loss(y, proba)
+
+
+@pytest.mark.parametrize("final_estimator", [None, "joint"])
+def test_zero_weight_targets_do_not_set_the_regression_scale(final_estimator):
+    # the targets' scale counted samples of zero sample_weight: 5 of them at 1e6
+    # made it 1.5e5 (2.4 without them), the others' standardized targets 1e-5,
+    # and the joint model scored R^2 = -353021 (0.86 without those rows); the
+    # refitted one 0.9939 (0.9984)
+    rng = np.random.RandomState(0)
+    X = rng.randn(105, 3)
+    y = X @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.randn(105)
+    y[100:] = 1e6
+    weight = np.r_[np.ones(100), np.zeros(5)]
+    trusted = np.zeros(105, bool)
+    trusted[:10] = True
+    kw = dict(max_iter=20, random_state=0, final_estimator=final_estimator)
+    ref = SampleReweighterRegressor(**kw).fit(X[:100], y[:100], trusted=trusted[:100])
+    reg = SampleReweighterRegressor(**kw).fit(X, y, trusted=trusted, sample_weight=weight)
+    np.testing.assert_allclose(reg.predict(X[:100]), ref.predict(X[:100]), rtol=1e-4,
+                               atol=1e-4)
