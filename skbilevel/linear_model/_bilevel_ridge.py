@@ -34,7 +34,7 @@ from ..utils import (
     to_numpy,
     to_tensor,
 )
-from ._base import _check_positive_weights, _offsets, _warn_unlocated
+from ._base import _check_positive_weights, _offsets, _own_strategy, _warn_unlocated
 
 __all__ = ["BilevelRidgeCV"]
 
@@ -119,7 +119,9 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         exact. With ``cv`` or ``validation_fraction`` any strategy of
         :func:`skbilevel.hypergrad.available_strategies` that can use an
         exact inner solver works (e.g. ``"dense"``, ``"cg"``); the LOO
-        objective needs ``"closed_form"``.
+        objective needs ``"closed_form"``. An instance is copied for every
+        fold of every fit: its state (a CG warm start) is never shared, and
+        fit leaves it as it was.
     max_iter : int, default=100
         Maximum number of hypergradient evaluations of the refinement.
     tol : float, default=1e-4
@@ -419,14 +421,16 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         last = {}
         with Parallel(n_jobs=self.n_jobs, prefer="threads") as parallel:
             folds = parallel(delayed(build)(tr, te) for tr, te in splits)
+            # a strategy of its own per fold (see _own_strategy)
+            strategies = [_own_strategy(strategy) for _ in folds]
 
             def value_and_grad(x):
                 la = x if per_target else x[0]
                 out = parallel(
                     delayed(ridge_validation_value_and_grad)(
-                        s, Xv, yv, la, sample_weight=wv, hypergradient=strategy
+                        s, Xv, yv, la, sample_weight=wv, hypergradient=h
                     )
-                    for s, Xv, yv, wv in folds
+                    for (s, Xv, yv, wv), h in zip(folds, strategies)
                 )
                 last["info"] = out[-1][2]
                 value = np.mean([to_numpy(o[0]) for o in out], axis=0)

@@ -155,7 +155,7 @@ from ..utils import (
     to_numpy,
     to_tensor,
 )
-from ._base import _check_positive_weights, _offsets, _warn_unlocated
+from ._base import _check_positive_weights, _offsets, _own_strategy, _warn_unlocated
 
 __all__ = ["HyperL2Regressor", "HyperL2Classifier"]
 
@@ -1267,7 +1267,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         of ``1e-8`` (``1e-5`` in float32; where rounding leaves more, in the
         energy norm: see
         :func:`skbilevel.hypergrad.solve_cg`). ``cv="loo"`` with
-        ``penalty="scalar"`` needs ``"closed_form"``.
+        ``penalty="scalar"`` needs ``"closed_form"``. An instance is copied
+        for every fold batch of every fit: its state (a CG warm start) is
+        never shared, and fit leaves it as it was.
     max_iter : int, default=100
         Maximum number of outer (hypergradient) iterations of each of the
         adaptive and per-feature stages; also caps the refinements of the
@@ -1633,11 +1635,16 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     )
                     for idx in self._batches(len(splits), fold_bytes)
                 ]
+                # a strategy of its own per fold batch (see _own_strategy), kept by
+                # the batch's reparametrized copies (they share its training weights)
+                strategies = {id(b.train_weights): _own_strategy(strategy) for b in batches}
                 objective = _FoldObjective(
                     batches,
                     len(splits),
                     pool,
-                    lambda b, phi: b.value_and_grad(phi, hypergradient=strategy)[:3],
+                    lambda b, phi: b.value_and_grad(
+                        phi, hypergradient=strategies[id(b.train_weights)]
+                    )[:3],
                     lambda b, g, phi=None: b.validation_curve(g, phi),
                     lambda b, phi: b.validation_loss(b.closed_form(phi)),
                     lambda b, phi: b.value_grad_hessian(phi),
@@ -1740,7 +1747,8 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         step needs a direction, not ten digits; at ``1e-4`` digits' adjoint
         solves took 57 to 107 iterations instead of 9 to 47, for the same test
         log-loss), ``"dense"``, or an instance (e.g. ``ImplicitCG(tol=1e-8)``,
-        used as given).
+        with its own settings; copied for every fold batch of every fit, as
+        for :class:`HyperL2Regressor`).
     solver : {"newton-cg", "lbfgs"} or InnerSolver, default="newton-cg"
         Inner solver. Newton-CG copes better with the nearly separable
         problems small penalties create; L-BFGS, preconditioned by the
@@ -1967,9 +1975,8 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             # of 1e-2 (1e-4 before: digits' adjoint solves took 57-107 CG
             # iterations, now 9-47, with the same test log-loss)
             return get_strategy("cg", tol=1e-2, warm_start=True)
-        if isinstance(self.hypergradient, str):
-            return get_strategy(self.hypergradient)
-        return self.hypergradient
+        # (an instance: a copy of its own, see _own_strategy)
+        return _own_strategy(self.hypergradient)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):

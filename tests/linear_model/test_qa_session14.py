@@ -6,9 +6,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import make_classification, make_regression
+from sklearn.datasets import load_breast_cancer, make_classification, make_regression
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.preprocessing import StandardScaler
 
+from skbilevel.hypergrad import ImplicitCG, get_strategy
 from skbilevel.linear_model import BilevelRidgeCV, HyperL2Classifier, HyperL2Regressor
 
 
@@ -95,3 +97,36 @@ def test_warm_start_with_max_iter_0_keeps_the_previous_penalties(Est):
     rtol = 1e-10 if Est is HyperL2Regressor else 1e-2
     np.testing.assert_allclose(model.alphas_, alphas, rtol=rtol)
     assert model.cv_loss_ == pytest.approx(loss, rel=rtol)
+
+
+def _refits_alike(model, X, y):
+    """The fitted penalties of two fits of ``model`` on ``(X, y)``."""
+    model.fit(X, y)
+    first = np.atleast_1d(getattr(model, "alphas_", getattr(model, "alpha_", None))).copy()
+    model.fit(X, y)
+    return first, np.atleast_1d(getattr(model, "alphas_", getattr(model, "alpha_", None)))
+
+
+def test_a_strategy_instance_is_not_changed_by_fit_and_refits_alike():
+    # a strategy instance served every fit and kept its state: the classifier's
+    # CG warm start (ImplicitCG(warm_start=True)) carried the last adjoint
+    # solution into the next fit (penalties 0.2% apart on breast_cancer), the
+    # proxy strategies their draws and fits (evograd: 4e-6 in log alpha); and
+    # fit left a tensor in the estimator's parameter
+    X, y = load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    cg = ImplicitCG(warm_start=True, tol=1e-2)
+    clf = HyperL2Classifier(hypergradient=cg, random_state=0)
+    first, second = _refits_alike(clf, X, y)
+    np.testing.assert_array_equal(first, second)
+    assert cg._x_prev is None
+    Xr, yr = _sparse_truth()
+    evograd = get_strategy("evograd", random_state=0)
+    reg = HyperL2Regressor(hypergradient=evograd, random_state=0, max_iter=10)
+    first, second = _refits_alike(reg, Xr, yr)
+    np.testing.assert_array_equal(first, second)
+    cg = ImplicitCG(warm_start=True)
+    for model in (HyperL2Regressor(hypergradient=cg, random_state=0),
+                  BilevelRidgeCV(cv=3, hypergradient=cg)):
+        model.fit(Xr, yr)
+        assert cg._x_prev is None
