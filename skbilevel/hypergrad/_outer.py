@@ -128,6 +128,28 @@ def _make_optimizer(optimizer, params, learning_rate):
     raise ValueError(f"Cannot build an optimizer from {optimizer!r}.")
 
 
+def _check_optimizer_params(opt, leaves):
+    """``opt`` must update every leaf of ``phi`` (others may come along).
+
+    An optimizer instance built over other tensors (a copy of phi, an earlier
+    model's parameters) stepped those: phi never moved, the loss stalled and
+    the loop stopped on ``"tol"``, reported converged.
+    """
+    params = getattr(opt, "param_groups", None)
+    if params is None:
+        return
+    ids = {id(p) for group in params for p in group["params"]}
+    missing = [tuple(leaf.shape) for leaf in leaves if id(leaf) not in ids]
+    if missing:
+        raise ValueError(
+            f"The optimizer does not update {len(missing)} of phi's {len(leaves)} "
+            f"leaves (shapes {missing}): it was built over other tensors, so phi "
+            "would never move. Build it over phi's leaves (torch.optim.Adam("
+            "tree_flatten(phi)[0], lr=...)), or pass a name such as 'adam' or a "
+            "callable params -> optimizer."
+        )
+
+
 def _evaluate(objective, phi, leaves):
     """``objective(phi)`` and its backward pass: ``(value, grads, info)``."""
     for leaf in leaves:
@@ -221,6 +243,7 @@ class _OptimizerStepper:
     def __init__(self, objective, phi, leaves, optimizer, learning_rate, bounds=None):
         self.objective, self.phi, self.leaves = objective, phi, leaves
         self.opt = _make_optimizer(optimizer, leaves, learning_rate)
+        _check_optimizer_params(self.opt, leaves)
         self.bounds = bounds
         self.n_eval = 0
 
@@ -465,7 +488,8 @@ def minimize_outer(
         Outer variables; updated in place. Leaves must require grad.
     optimizer : str, torch.optim.Optimizer class or instance, or callable, default="adam"
         ``"adam"``, ``"sgd"``, ``"adamw"``, ``"rmsprop"``, a class (built with
-        ``lr=learning_rate``), an instance, or ``callable(params) -> optimizer``;
+        ``lr=learning_rate``), an instance (built over every leaf of ``phi``,
+        else ``ValueError``), or ``callable(params) -> optimizer``;
         or ``"lbfgs"``: limited-memory BFGS with a strong Wolfe line search,
         for a deterministic objective (an exact or tightly solved
         hypergradient, full-batch validation loss), where it needs far

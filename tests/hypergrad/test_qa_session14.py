@@ -17,6 +17,7 @@ from skbilevel.hypergrad import (
     RidgeSolver,
     argmin,
     batched_cg,
+    minimize_outer,
 )
 
 DT = torch.float64
@@ -239,3 +240,21 @@ def test_closed_form_not_finite_is_not_converged():
     _, info = argmin(solver.inner_loss, la, solver.init_theta(),
                      hypergradient="closed_form", solver=solver)
     assert info.inner_converged is True
+
+
+def test_minimize_outer_refuses_an_optimizer_over_other_tensors():
+    """An optimizer instance built over other tensors stepped those: phi stayed
+    at 3.0 and the loop stopped after 5 iterations on 'tol', converged=True.
+    Now a ValueError that says so; an optimizer over phi (and more) still runs."""
+    x = torch.tensor([3.0], dtype=DT, requires_grad=True)
+    other = torch.zeros(1, dtype=DT, requires_grad=True)
+
+    def objective(p):
+        return ((p - 1.0) ** 2).sum()
+
+    with pytest.raises(ValueError, match="does not update 1 of phi's 1 leaves"):
+        minimize_outer(objective, x, optimizer=torch.optim.SGD([other], lr=0.1))
+    assert float(x.detach()) == 3.0
+    res = minimize_outer(objective, x, optimizer=torch.optim.SGD([x, other], lr=0.25),
+                         max_iter=200, tol=1e-12)
+    assert res.converged and abs(float(x.detach()) - 1.0) < 1e-6
