@@ -104,6 +104,20 @@ def _per_sample_loss(kind, criterion, outputs, y):
     return losses.reshape(losses.shape[0], -1).mean(dim=1)
 
 
+def _check_in_range(X, dtype):
+    """Raise a ``ValueError`` where ``X``, finite in float64 (``validate_data``),
+    is not in ``dtype``, the dtype of the torch computation: there its values
+    become inf, and the outputs NaN."""
+    limit = torch.finfo(dtype).max
+    if X.size and np.abs(X).max() > limit:
+        raise ValueError(
+            f"X has values up to {np.abs(X).max():.3g}, beyond the range of "
+            f"{str(dtype).replace('torch.', '')} (largest {limit:.3g}), the dtype "
+            "of the computation. Pass dtype='float64' (and refit) or scale X (e.g. "
+            "with StandardScaler)."
+        )
+
+
 def _trainable(module):
     """``(name, parameter)`` pairs of the module's parameters that require grad:
     those the fit trains (a frozen layer keeps its values, as in torch)."""
@@ -138,6 +152,8 @@ class _TorchModel:
 
     def _outputs(self, X, batch_size=4096):
         self.module_.eval()
+        # a float32 model gave NaN probabilities and class 0 for X beyond 3.4e38
+        _check_in_range(np.asarray(X), self.dtype)
         # a copy where numpy's array is read-only (pandas 3 frames, joblib memmaps):
         # torch warns on those
         X = np.asarray(X)
@@ -635,15 +651,7 @@ class _BaseSampleReweighter(BaseEstimator):
         weight_key = self._final_weight_key()
         dtype = self._resolve_dtype()
         n, n_features = X.shape
-        limit = torch.finfo(dtype).max
-        if X.size and np.abs(X).max() > limit:
-            # X is finite in float64 (validate_data) but not in the computing dtype
-            raise ValueError(
-                f"X has values up to {np.abs(X).max():.3g}, beyond the range of "
-                f"{str(dtype).replace('torch.', '')} (largest {limit:.3g}), the dtype "
-                "of the computation. Pass dtype='float64' or scale X (e.g. with "
-                "StandardScaler)."
-            )
+        _check_in_range(X, dtype)
         sample_weight = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
@@ -943,6 +951,7 @@ class _BaseSampleReweighter(BaseEstimator):
             y = y.astype(np.float64)
             assert_all_finite(y, input_name="y")  # a NaN target gave a NaN weight
             y_t = torch.as_tensor((y - self._y_mean) / self._y_scale, dtype=self._torch_dtype)
+        _check_in_range(X, self._torch_dtype)
         X_t = torch.as_tensor(X, dtype=self._torch_dtype)
         with torch.no_grad():
             out = self.module_(X_t)

@@ -118,3 +118,23 @@ def test_zero_weight_targets_do_not_set_the_regression_scale(final_estimator):
     reg = SampleReweighterRegressor(**kw).fit(X, y, trusted=trusted, sample_weight=weight)
     np.testing.assert_allclose(reg.predict(X[:100]), ref.predict(X[:100]), rtol=1e-4,
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("final_estimator", [None, "joint"])
+def test_predict_on_inputs_beyond_the_model_dtype_raises(final_estimator):
+    # fit refused X beyond float32's range, but predict cast it to inf: NaN
+    # probabilities and class 0 for every such row, silently
+    X, y, trusted = _data()
+    clf = SampleReweighter(max_iter=2, random_state=0, final_estimator=final_estimator)
+    clf.fit(X, y, trusted=trusted)
+    big = X[:3] * 1e40
+    for method in ("predict", "predict_proba", "decision_function"):
+        with pytest.raises(ValueError, match="up to .*e\\+40, beyond the range of float32"):
+            getattr(clf, method)(big)
+    with pytest.raises(ValueError, match="beyond the range of float32"):
+        clf.weigh(big, y[:3])
+    # a float64 final estimator predicts them
+    from sklearn.linear_model import LogisticRegression
+
+    clf.set_params(final_estimator=LogisticRegression()).fit(X, y, trusted=trusted)
+    assert clf.predict(big).shape == (3,)
