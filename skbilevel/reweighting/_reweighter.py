@@ -647,6 +647,12 @@ class _BaseSampleReweighter(BaseEstimator):
 
     def _fit_seeded(self, X, y, trusted, sample_weight, device):
         self._check_hypergradient()
+        if self.weight_net_label and not self._is_classifier:
+            raise ValueError(
+                "weight_net_label=True feeds each sample's class label to the "
+                f"weighting network, and {type(self).__name__} has no classes; leave "
+                "it False (the network weighs by the loss)."
+            )
         check_callbacks(self.callbacks)
         weight_key = self._final_weight_key()
         dtype = self._resolve_dtype()
@@ -1026,6 +1032,7 @@ _COMMON_DOC = """
     weight_net_label : bool, default=False
         Feed the one-hot label to the weighting network as well
         (class-dependent weighting, e.g. under class imbalance).
+        Classification only: the regressor raises a ``ValueError``.
     validation_fraction : float, default=0.1
         Fraction held out as the trusted set when ``fit`` gets no
         ``trusted`` mask (stratified for classifiers).

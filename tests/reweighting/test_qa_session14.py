@@ -138,3 +138,11 @@ def test_predict_on_inputs_beyond_the_model_dtype_raises(final_estimator):
 
     clf.set_params(final_estimator=LogisticRegression()).fit(X, y, trusted=trusted)
     assert clf.predict(big).shape == (3,)
+
+
+def test_weight_net_label_on_the_regressor_is_an_error():
+    # it was silently ignored: the regressor has no labels to feed the network
+    X, _, trusted = _data()
+    with pytest.raises(ValueError, match="weight_net_label=True .* has no classes"):
+        SampleReweighterRegressor(weight_net_label=True, max_iter=2).fit(
+            X, X[:, 0], trusted=trusted)
