@@ -1786,7 +1786,9 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
     fit_intercept : bool, default=True
     class_weight : dict, "balanced" or None, default=None
         Weights multiplying ``sample_weight`` per class, in the inner and the
-        validation losses.
+        validation losses. ``"balanced"`` gives class ``c`` the weight
+        ``W / (n_classes W_c)``, ``W_c`` its total ``sample_weight`` (its
+        count without weights) and ``W`` theirs, as ``LogisticRegression``.
     device : str or torch.device, default="cpu"
     dtype : str or dtype, default="float64"
         Precision of the fit. In float64 with ``hypergradient="cg"``, the
@@ -2019,7 +2021,18 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         )
         _check_positive_weights(sw, self._name)
         n_eff = float(sw.sum())  # the prior's sample count (weights count as repeats)
-        if self.class_weight is not None:
+        if isinstance(self.class_weight, str):  # "balanced"
+            # from the weighted class counts, as LogisticRegression (scikit-learn
+            # >= 1.7): counts of rows left classes unbalanced by their weights
+            # (two classes of equal size, one weighted 3: class weights 1 and 1
+            # instead of 2/3 and 2), and integer weights unlike repeated rows
+            counts = np.bincount(y_idx, weights=sw, minlength=len(classes))
+            cw = np.divide(
+                counts.sum(), len(classes) * counts, out=np.zeros_like(counts),
+                where=counts > 0,
+            )
+            sw = sw * cw[y_idx]
+        elif self.class_weight is not None:
             cw = compute_class_weight(self.class_weight, classes=classes, y=y)
             sw = sw * cw[y_idx]
         groups, n_groups = _groups_from_penalty(self.penalty, p)

@@ -130,3 +130,25 @@ def test_a_strategy_instance_is_not_changed_by_fit_and_refits_alike():
                   BilevelRidgeCV(cv=3, hypergradient=cg)):
         model.fit(Xr, yr)
         assert cg._x_prev is None
+
+
+def test_balanced_class_weight_counts_the_sample_weights():
+    # "balanced" class weights came from the counts of rows, whatever the sample
+    # weights: a class of weight 3 among two of equal size kept class weight 1
+    # (LogisticRegression, as scikit-learn >= 1.7: 2/3 and 2), and integer
+    # weights no longer fitted as repeated rows (predict_proba 4e-3 off
+    # LogisticRegression(class_weight="balanced") on wine at fixed penalties)
+    X, y = make_classification(120, 5, n_informative=3, n_classes=3, random_state=0)
+    sw = np.random.RandomState(0).randint(1, 4, len(y)).astype(float)
+    alphas = np.exp(np.random.RandomState(1).randn(5))
+    fixed = dict(alpha_init=alphas, max_iter=0, random_state=0)
+    balanced = HyperL2Classifier(class_weight="balanced", **fixed).fit(X, y, sample_weight=sw)
+    counts = np.bincount(y, weights=sw)
+    cw = counts.sum() / (3 * counts)
+    by_hand = HyperL2Classifier(**fixed).fit(X, y, sample_weight=sw * cw[y])
+    np.testing.assert_allclose(balanced.coef_, by_hand.coef_, rtol=1e-6, atol=1e-8)
+    rows = np.repeat(np.arange(len(y)), sw.astype(int))
+    repeated = HyperL2Classifier(class_weight="balanced", **fixed).fit(X[rows], y[rows])
+    np.testing.assert_allclose(
+        balanced.predict_proba(X), repeated.predict_proba(X), rtol=1e-5, atol=1e-7
+    )
