@@ -171,12 +171,17 @@ def adaptive_penalty_basis(coef, groups=None, eps=1e-3):
     n_groups = int(groups.max()) + 1 if p else 0
     sq = (coef * coef).detach()
     counts = torch.bincount(groups, minlength=n_groups).to(sq)
-    per_group = sq.new_zeros(n_folds, n_groups).index_add_(1, groups, sq) / counts
-    mean = per_group.mean(1, keepdim=True)
+    # a group id no feature has (groups 0 and 2, no 1) is left out: its 0 / 0
+    # made the mean, and so every entry of the basis, NaN
+    used = counts > 0
+    per_group = sq.new_zeros(n_folds, n_groups).index_add_(1, groups, sq) / torch.where(
+        used, counts, torch.ones_like(counts)
+    )
+    mean = per_group[:, used].mean(1, keepdim=True)
     u = per_group / torch.where(mean > 0, mean, torch.ones_like(mean))
     log_u = torch.log(u + float(eps))
     # u-weighted centre (a plain mean when the pilot is all zero)
-    weight = torch.where(mean > 0, u, torch.ones_like(u))
+    weight = torch.where(mean > 0, u, torch.ones_like(u)) * used.to(u)
     log_u = log_u - (weight * log_u).sum(1, keepdim=True) / weight.sum(1, keepdim=True)
     basis = torch.stack([torch.ones_like(sq), -log_u[:, groups]], dim=-1)
     return basis[0] if squeeze else basis

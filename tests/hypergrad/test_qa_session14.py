@@ -15,6 +15,7 @@ from skbilevel.hypergrad import (
     BestResponse,
     GradientDescent,
     RidgeSolver,
+    adaptive_penalty_basis,
     argmin,
     batched_cg,
     minimize_outer,
@@ -258,3 +259,14 @@ def test_minimize_outer_refuses_an_optimizer_over_other_tensors():
     res = minimize_outer(objective, x, optimizer=torch.optim.SGD([x, other], lr=0.25),
                          max_iter=200, tol=1e-12)
     assert res.converged and abs(float(x.detach()) - 1.0) < 1e-6
+
+
+def test_adaptive_penalty_basis_with_a_group_id_no_feature_has():
+    """Group ids 0 and 2 (none is 1): the empty group's 0 / 0 made the mean
+    squared coefficient NaN, and with it every entry of the basis. An unused
+    id is now left out: the basis equals that of the ids 0 and 1."""
+    coef = torch.tensor([[2.0, 1.0, 0.5], [0.3, 0.0, 1.0]], dtype=DT)
+    gap = adaptive_penalty_basis(coef, groups=torch.tensor([0, 2, 2]))
+    dense = adaptive_penalty_basis(coef, groups=torch.tensor([0, 1, 1]))
+    assert torch.isfinite(gap).all()
+    assert torch.equal(gap, dense)
