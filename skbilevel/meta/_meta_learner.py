@@ -141,8 +141,13 @@ class _MetaLearnerMixin:
                 params["hidden_layer_sizes"], "module__hidden_layer_sizes"
             )
         if is_r2d2:
-            # R2D2: the backbone's output is the feature map of the ridge head.
-            sizes = params.get("hidden_layer_sizes", _BUILTIN["mlp"][1]["hidden_layer_sizes"])
+            # R2D2: the backbone's output is the feature map of the ridge head: as
+            # wide as the last hidden layer, or as X for a linear backbone ("linear",
+            # or MLP left at its default of no hidden layer)
+            linear = (isinstance(self.module, str) and self.module == "linear") or (
+                self.module is MLP)
+            default = () if linear else _BUILTIN["mlp"][1]["hidden_layer_sizes"]
+            sizes = params.get("hidden_layer_sizes", default)
             n_outputs = int(sizes[-1]) if len(sizes) else int(n_features)
         return build_module(self.module, params, n_features, n_outputs, builtin=_BUILTIN)
 
@@ -479,7 +484,9 @@ _DOC_COMMON = """
         or at least ``n_way`` logits (classification). For
         ``method="r2d2"`` the backbone's output is the feature map of the
         ridge head (the built-in MLP then outputs as many features as its
-        last hidden layer has units). Batch-norm layers are rejected: tasks
+        last hidden layer has units, ``"linear"`` as many as ``X`` has,
+        another module class 40 when it takes ``n_outputs``). Batch-norm
+        layers are rejected: tasks
         are adapted on small support sets one by one, and batch statistics
         would make a prediction depend on the other samples of its batch; use
         ``torch.nn.LayerNorm`` or ``torch.nn.GroupNorm``.
