@@ -166,6 +166,28 @@ def _done(converged, n_iter, min_iter, g_norm):
     return converged and (n_iter >= min_iter or g_norm == 0.0)
 
 
+def _check_start(f, g_norm):
+    """The objective's value and gradient norm at the start must be finite.
+
+    A finite value with a NaN gradient (``sqrt`` or a norm at 0) sent LBFGS
+    through 25 failed line-search evaluations to 'could not decrease the
+    objective (floating-point limit?)', and NewtonCG to a linear-solve error
+    blaming the outer loss.
+    """
+    if not math.isfinite(f):
+        raise ValueError(
+            f"The inner objective is not finite at the starting point (value {f}); "
+            "check the initialization and the data."
+        )
+    if not math.isfinite(g_norm):
+        raise ValueError(
+            f"The gradient of the inner objective is not finite at the starting point "
+            f"(norm {g_norm}; value {f:.6g}): the objective is not differentiable "
+            "there (e.g. sqrt or a norm at 0). Start elsewhere (a small nonzero "
+            "init) or smooth the objective (sqrt(x + eps))."
+        )
+
+
 def _solver_tol(tol, dtype):
     return _default_tol(dtype) if tol is None else tol
 
@@ -415,12 +437,8 @@ class LBFGS(InnerSolver):
         tol = _solver_tol(self.tol, x.dtype)
         problem = _FlatProblem(fun, like)
         f, g = problem.value_and_grad(x)
-        if not math.isfinite(f):
-            raise ValueError(
-                f"The inner objective is not finite at the starting point (value {f}); "
-                "check the initialization and the data."
-            )
         g_norm = float(torch.linalg.vector_norm(g))
+        _check_start(f, g_norm)
         memory = _LBFGSMemory(self.history_size)
         diagonal = getattr(fun, "hessian_diagonal", None)
         n_iter, converged, message = 0, _within_tol(g_norm, tol), ""
@@ -576,12 +594,8 @@ class NewtonCG(InnerSolver):
                 f = float(f_t)
                 g = g_graph.detach()
             g_norm = float(torch.linalg.vector_norm(g))
-            if n_iter == 0 and not math.isfinite(f):
-                raise ValueError(
-                    "The inner objective is not finite at the starting point "
-                    f"(value {f}); "
-                    "check the initialization and the data."
-                )
+            if n_iter == 0:
+                _check_start(f, g_norm)
             converged = _within_tol(g_norm, tol)
             done = _done(converged, n_iter, self.min_iter, g_norm)
             if done or n_iter >= self.max_iter:

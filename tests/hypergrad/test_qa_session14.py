@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from skbilevel.hypergrad import (
+    LBFGS,
     Adam,
     BestResponse,
     GradientDescent,
+    NewtonCG,
     RidgeSolver,
     adaptive_penalty_basis,
     argmin,
@@ -270,3 +272,20 @@ def test_adaptive_penalty_basis_with_a_group_id_no_feature_has():
     dense = adaptive_penalty_basis(coef, groups=torch.tensor([0, 1, 1]))
     assert torch.isfinite(gap).all()
     assert torch.equal(gap, dense)
+
+
+@pytest.mark.parametrize("solver", [LBFGS, NewtonCG])
+def test_solvers_refuse_a_start_where_the_gradient_is_not_finite(solver):
+    """sqrt(||w||^2) at w = 0: a finite value and a NaN gradient. LBFGS spent 25
+    line-search evaluations and warned 'line search could not decrease the
+    objective (floating-point limit?)', returning the start; NewtonCG raised
+    'The right-hand side of the linear solve is not finite ... check the outer
+    loss'. Both now raise a ValueError that names the gradient and the fix."""
+
+    def fun(w):
+        return torch.sqrt((w**2).sum()) + ((w - 1.0) ** 2).sum()
+
+    with pytest.raises(ValueError, match="gradient of the inner objective is not finite"):
+        solver().solve(fun, torch.zeros(3, dtype=DT))
+    w, result = solver().solve(fun, torch.full((3,), 0.1, dtype=DT))
+    assert result.converged
