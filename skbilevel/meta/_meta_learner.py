@@ -568,7 +568,8 @@ class MetaLearnerClassifier(_MetaLearnerMixin, ClassifierMixin, BaseEstimator):
       classes of ``y``: ``n_way`` classes, ``k_shot`` support and ``n_query``
       query samples per class, labels relabelled ``0..n_way-1`` in random
       order. The meta-learned model then adapts to *new* classes, so
-      :meth:`adapt` accepts any labels (at most ``n_way`` of them);
+      :meth:`adapt` accepts any labels (at most ``n_way`` of them, any
+      number for ``"r2d2"``);
     - with ``groups``, every group is a task sharing the global label set
       ``classes_``; ``k_shot`` and ``n_query`` are samples *per task*.
 
@@ -769,8 +770,8 @@ class MetaLearnerClassifier(_MetaLearnerMixin, ClassifierMixin, BaseEstimator):
         ----------
         X_support : array-like of shape (n_support, n_features)
         y_support : array-like of shape (n_support,)
-            With episodes: any labels, at most ``n_way`` distinct. With
-            ``groups``: labels from ``classes_``.
+            With episodes: any labels, at most ``n_way`` distinct (any number
+            with ``method="r2d2"``). With ``groups``: labels from ``classes_``.
         inner_steps : int, optional
             Adaptation steps (default: the meta-learner's ``inner_steps``).
 
@@ -1042,7 +1043,8 @@ class AdaptedClassifier(_AdaptedMixin, ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         if meta._episodic:
             self.classes_, y_enc = np.unique(y, return_inverse=True)
-            if len(self.classes_) > meta.n_way_:
+            # R2D2's ridge head takes any number of classes (as fit's predict does)
+            if len(self.classes_) > meta.n_way_ and meta._fitted_method.name != "r2d2":
                 raise ValueError(
                     f"The support set has {len(self.classes_)} classes but the "
                     f"meta-learner was trained on {meta.n_way_}-way tasks; pass at most "

@@ -66,3 +66,20 @@ def test_r2d2_linear_backbone_keeps_every_feature(module, width):
     y = np.repeat([0, 1], 20)
     meta = MetaLearnerClassifier(module, method="r2d2", **_KW).fit(X, y)
     assert meta.module_(torch.zeros(1, 50, dtype=torch.float32)).shape == (1, width)
+
+
+def test_r2d2_adapts_to_more_classes_than_n_way_as_its_predict_does():
+    # predict adapted R2D2's ridge head to all 6 training classes of a 2-way
+    # fit, but adapt(X, y) on the same data raised 'The support set has 6
+    # classes but the meta-learner was trained on 2-way tasks'
+    rng = np.random.RandomState(0)
+    X = rng.randn(90, 3)
+    y = np.repeat(np.arange(6), 15)
+    X[:, 0] += y
+    meta = MetaLearnerClassifier("linear", method="r2d2", n_way=2, **_KW).fit(X, y)
+    task = meta.adapt(X, y)
+    np.testing.assert_array_equal(task.predict_proba(X), meta.predict_proba(X))
+    maml = MetaLearnerClassifier("linear", n_way=2, **_KW).fit(X, y)
+    with pytest.raises(ValueError, match="6 classes but the meta-learner was trained "
+                       "on 2-way tasks"):
+        maml.adapt(X, y)
