@@ -455,7 +455,7 @@ class ImplicitCG(_Implicit):
         solve of the Hessian when ``dim(theta) <= dense_max_dim``; the
         better solution is kept and ``info.fallback`` records it.
     dense_max_dim : int, default=1000
-        Largest ``dim(theta)`` for the dense fallback.
+        Largest ``dim(theta)`` for the dense fallback (an integer >= 0).
     inner_tol : float, optional
         Gradient-norm tolerance at which the inner solution counts as an
         optimum (``info.inner_converged``; above it an
@@ -511,17 +511,16 @@ class ImplicitCG(_Implicit):
         self.tol = _check_positive(tol, "tol")
         self.maxiter = _check_int(maxiter, "maxiter", allow_none=True)
         self.warm_start = warm_start
-        self.fallback = fallback
-        self.dense_max_dim = dense_max_dim
+        # checked here, not first in the backward pass (dense_max_dim=None failed
+        # there with "'<=' not supported between instances of 'int' and 'NoneType'")
+        self.fallback = _check_fallback(fallback)
+        self.dense_max_dim = _check_int(dense_max_dim, "dense_max_dim", minimum=0)
         self.inner_tol = inner_tol
         self.precondition = precondition
         self._x_prev = None
 
     def _solve(self, matvec, matrix, b, info, preconditioner=None):
-        if self.fallback not in (None, "dense"):
-            raise ValueError(
-                f"fallback must be None or 'dense', got {self.fallback!r}."
-            )
+        _check_fallback(self.fallback)
         tol = _default_tol(b.dtype) if self.tol is None else self.tol
         n = b.numel()
         maxiter = self.maxiter if self.maxiter is not None else min(10 * n, 1000)
@@ -561,6 +560,12 @@ class ImplicitCG(_Implicit):
                 method = f"CG ({result.message})"
             warn_linear_solve(info, tol, method)
         return v
+
+
+def _check_fallback(fallback):
+    if fallback not in (None, "dense"):
+        raise ValueError(f"fallback must be None or 'dense', got {fallback!r}.")
+    return fallback
 
 
 @register_strategy("neumann")
@@ -787,6 +792,9 @@ class ImplicitDense(_Implicit):
     name = "dense"
 
     def __init__(self, method="auto", tol=None, inner_tol=None):
+        if method not in ("auto", "cholesky", "lu"):
+            # (was raised first by the backward pass's dense solve)
+            raise ValueError(f"method must be 'auto', 'cholesky' or 'lu', got {method!r}.")
         self.method = method
         self.tol = _check_positive(tol, "tol")
         self.inner_tol = inner_tol

@@ -15,6 +15,8 @@ from skbilevel.hypergrad import (
     Adam,
     BestResponse,
     GradientDescent,
+    ImplicitCG,
+    ImplicitDense,
     NewtonCG,
     RidgeSolver,
     adaptive_penalty_basis,
@@ -289,3 +291,20 @@ def test_solvers_refuse_a_start_where_the_gradient_is_not_finite(solver):
         solver().solve(fun, torch.zeros(3, dtype=DT))
     w, result = solver().solve(fun, torch.full((3,), 0.1, dtype=DT))
     assert result.converged
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: ImplicitCG(fallback="dense", dense_max_dim=None), "dense_max_dim"),
+        (lambda: ImplicitCG(fallback="Dense"), "fallback must be None or 'dense'"),
+        (lambda: ImplicitDense(method="qr"), "method must be 'auto', 'cholesky' or 'lu'"),
+    ],
+)
+def test_implicit_strategy_arguments_checked_when_built(make, match):
+    """These were first read in the backward pass: dense_max_dim=None failed
+    there with a TypeError "'<=' not supported between instances of 'int' and
+    'NoneType'" once CG missed its tolerance; a bad fallback or dense method
+    raised only at backward. Now a ValueError at construction."""
+    with pytest.raises(ValueError, match=match):
+        make()
