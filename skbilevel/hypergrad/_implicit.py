@@ -52,6 +52,7 @@ the solver already warned about the same solve).
 """
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -398,7 +399,12 @@ class _Implicit(HypergradientStrategy):
         """Set ``info.inner_converged`` by the gradient norm; warn when it fails."""
         inner_tol = getattr(self, "inner_tol", None)
         if inner_tol is not None:
-            if not (isinstance(inner_tol, (int, float)) and inner_tol >= 0):
+            # numbers.Real: numpy scalars (np.float32(1e-6)) were refused, and a
+            # bool passes no longer (True read as a tolerance of 1)
+            if not (
+                isinstance(inner_tol, numbers.Real) and not isinstance(inner_tol, bool)
+                and inner_tol >= 0
+            ):
                 raise ValueError(
                     "inner_tol must be a non-negative number or None; got "
                     f"{inner_tol!r}."

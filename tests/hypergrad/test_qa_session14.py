@@ -7,6 +7,7 @@ the ones measured there.
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -308,3 +309,20 @@ def test_implicit_strategy_arguments_checked_when_built(make, match):
     raised only at backward. Now a ValueError at construction."""
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_implicit_inner_tol_takes_numpy_numbers_not_bools():
+    """inner_tol=np.float32(1e-6) was refused ('must be a non-negative number'),
+    as the rest of the core accepts numpy scalars; inner_tol=True passed as a
+    tolerance of 1.0. Now the first works and the second is refused."""
+    X, y, _, _ = _ridge_data()
+
+    def inner(w, la):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * la.exp() * (w**2).sum()
+
+    la = torch.tensor(0.0, dtype=DT, requires_grad=True)
+    _, info = argmin(inner, la, torch.zeros(4, dtype=DT),
+                     hypergradient=ImplicitCG(inner_tol=np.float32(1e-6)))
+    assert info.inner_converged and info.extra["inner_tol"] == pytest.approx(1e-6)
+    with pytest.raises(ValueError, match="inner_tol"):
+        argmin(inner, la, torch.zeros(4, dtype=DT), hypergradient=ImplicitCG(inner_tol=True))
