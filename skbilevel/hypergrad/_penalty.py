@@ -14,7 +14,12 @@ import warnings
 
 import torch
 
-from ._base import HypergradientStrategy, InnerSolveWarning, register_strategy
+from ._base import (
+    HypergradientStrategy,
+    InnerSolveWarning,
+    _check_positive,
+    register_strategy,
+)
 from ._proxy import _solver_grads
 from ._steps import GradientDescent
 from ._tree import tree_detach, tree_flatten, tree_unflatten
@@ -157,15 +162,9 @@ class BOME(HypergradientStrategy):
 
     def argmin(self, inner_loss, phi, init, solver, info):
         for name in ("eta", "step_size"):
-            value = getattr(self, name)
-            # (step_size=inf was accepted and made the iterate NaN after one call)
-            if not (
-                isinstance(value, (int, float)) and not isinstance(value, bool)
-                and math.isfinite(value) and value > 0
-            ):
-                raise ValueError(
-                    f"BOME: {name} must be a positive finite number; got {value!r}."
-                )
+            # (step_size=inf was accepted and made the iterate NaN after one call;
+            # numpy scalars such as np.float32(0.5) were refused)
+            _check_positive(getattr(self, name), f"BOME: {name}", allow_none=False)
         theta = self._start(init)
         self.theta_ = theta
         theta_leaves, theta_spec = tree_flatten(theta)

@@ -19,6 +19,7 @@ product and work with any inner solver (even non-differentiable ones).
 """
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -80,7 +81,7 @@ def _check_positive(name, value, integer=False):
         _check_positive_number(value, name, allow_none=False)
         return
     ok = (
-        isinstance(value, (int, float)) and not isinstance(value, bool)
+        isinstance(value, numbers.Real) and not isinstance(value, bool)
         and math.isfinite(value) and value > 0 and float(value).is_integer()
     )
     if not ok:

@@ -57,6 +57,7 @@ from ._base import (
     InnerSolveWarning,
     StepSolver,
     _all_finite,
+    _check_positive,
     _grad_norm,
     _within_tol,
     register_strategy,
@@ -1106,9 +1107,8 @@ class FiniteDifferenceDARTS(HypergradientStrategy):
     solver_kind = "step"
 
     def __init__(self, epsilon=0.01, check_inner=True):
-        if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-            raise ValueError(f"epsilon must be a positive number; got {epsilon!r}.")
-        self.epsilon = epsilon
+        # (numpy scalars were refused, and epsilon=True passed as 1)
+        self.epsilon = _check_positive(epsilon, "epsilon", allow_none=False)
         self.check_inner = _check_inner_flag(check_inner)
 
     def default_solver(self):

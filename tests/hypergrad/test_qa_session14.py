@@ -14,7 +14,10 @@ import torch
 from skbilevel.hypergrad import (
     LBFGS,
     Adam,
+    BOME,
     BestResponse,
+    EvoGrad,
+    FiniteDifferenceDARTS,
     GradientDescent,
     ImplicitCG,
     ImplicitDense,
@@ -326,3 +329,34 @@ def test_implicit_inner_tol_takes_numpy_numbers_not_bools():
     assert info.inner_converged and info.extra["inner_tol"] == pytest.approx(1e-6)
     with pytest.raises(ValueError, match="inner_tol"):
         argmin(inner, la, torch.zeros(4, dtype=DT), hypergradient=ImplicitCG(inner_tol=True))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: EvoGrad(n_samples=np.int64(16), random_state=0),
+        lambda: BestResponse(n_samples=np.int64(1), random_state=0),
+        lambda: BOME(eta=np.float32(0.5), step_size=np.float64(0.1)),
+        lambda: FiniteDifferenceDARTS(epsilon=np.float32(0.01)),
+    ],
+    ids=["evograd", "best_response", "bome", "darts"],
+)
+def test_strategy_numbers_may_be_numpy_scalars(make):
+    """n_samples=np.int64(16) ('must be a positive integer'), BOME's
+    eta=np.float32(0.5) and DARTS's epsilon=np.float32(0.01) ('must be a
+    positive (finite) number') were refused; they run now."""
+    X, y, _, _ = _ridge_data()
+
+    def inner(w, la):  # a mean: BOME's default gradient steps converge on it
+        return 0.5 * ((X @ w - y) ** 2).mean() + 0.5 * la.exp() * (w**2).sum()
+
+    la = torch.tensor(0.0, dtype=DT, requires_grad=True)
+    theta, _ = argmin(inner, la, torch.zeros(4, dtype=DT), hypergradient=make())
+    theta.sum().backward()
+    assert torch.isfinite(la.grad)
+
+
+def test_darts_epsilon_refuses_a_bool():
+    """FiniteDifferenceDARTS(epsilon=True) was taken as a perturbation of 1."""
+    with pytest.raises(ValueError, match="epsilon must be a positive finite number"):
+        FiniteDifferenceDARTS(epsilon=True)
