@@ -2,10 +2,13 @@
 
 import copy
 import math
+import os
+import sys
 import warnings
 
 import numpy as np
 import scipy.sparse as sp
+import sklearn.base
 from sklearn.exceptions import ConvergenceWarning
 
 from ..hypergrad import HypergradientStrategy, get_strategy
@@ -87,12 +90,34 @@ def _check_positive_weights(sw, name):
         )
 
 
-def _warn_unlocated(res, name, search, max_iter, tol, stacklevel, remedy="max_iter or tol"):
+#: where the frames a warning should not point at live: this package, and
+#: scikit-learn's fit wrapper (_fit_context, in sklearn/base.py)
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_SKLEARN_BASE = os.path.abspath(sklearn.base.__file__)
+
+
+def _user_stacklevel():
+    """The ``stacklevel`` at which the caller's ``warnings.warn`` points at the
+    first frame outside this package and scikit-learn's fit wrapper: the
+    user's ``fit`` call (or the scikit-learn utility that made it, such as
+    ``cross_val_score``), however deep in the fit the warning arises. Fixed
+    stacklevels pointed inside the package (HyperL2's stage and search
+    warnings at ``_hyper_l2.py``, at a depth that differs between them)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not (path.startswith(_PACKAGE_DIR) or path == _SKLEARN_BASE):
+            break
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_unlocated(res, name, search, max_iter, tol, remedy="max_iter or tol"):
     """scikit-learn's ``ConvergenceWarning`` when the search ``res`` of
     :func:`~skbilevel.hypergrad.minimize_log_alpha` (the fit's answer)
     stopped at ``max_iter`` before locating ``log(alpha)`` to ``tol``;
-    ``search`` names it, ``remedy`` the parameters to raise, ``stacklevel``
-    counts from this function."""
+    ``search`` names it, ``remedy`` the parameters to raise. It points at
+    the user's call (:func:`_user_stacklevel`)."""
     if bool(np.all(res.converged)):
         return
     alphas = ", ".join(f"{math.exp(float(x)):.6g}" for x in np.ravel(res.x))
@@ -102,5 +127,5 @@ def _warn_unlocated(res, name, search, max_iter, tol, stacklevel, remedy="max_it
         f"{float(np.max(np.abs(res.grad))):.3e}); the best alpha found, {alphas}, is "
         f"kept. Raise {remedy}.",
         ConvergenceWarning,
-        stacklevel=stacklevel + 1,
+        stacklevel=_user_stacklevel(),
     )

@@ -330,9 +330,8 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             with torch.no_grad():
                 theta = solver.closed_form(phi)
 
-        # the user's fit call (2 named the _fit_context wrapper in sklearn/base.py)
         _warn_unlocated(
-            result, "BilevelRidgeCV", "the search for alpha", self.max_iter, self.tol, 3
+            result, "BilevelRidgeCV", "the search for alpha", self.max_iter, self.tol
         )
 
         alphas = np.exp(result.x)

@@ -155,7 +155,13 @@ from ..utils import (
     to_numpy,
     to_tensor,
 )
-from ._base import _check_positive_weights, _offsets, _own_strategy, _warn_unlocated
+from ._base import (
+    _check_positive_weights,
+    _offsets,
+    _own_strategy,
+    _user_stacklevel,
+    _warn_unlocated,
+)
 
 __all__ = ["HyperL2Regressor", "HyperL2Classifier"]
 
@@ -637,7 +643,7 @@ class _HyperL2Base(BaseEstimator):
                 "small-scale features may be fitted as if they were irrelevant. Standardize "
                 "X (sklearn.preprocessing.StandardScaler in a Pipeline).",
                 UserWarning,
-                stacklevel=4,  # the caller of fit (through _fit_context's wrapper)
+                stacklevel=_user_stacklevel(),
             )
 
     def _cg_by_name(self):
@@ -716,7 +722,7 @@ class _HyperL2Base(BaseEstimator):
                     f"{res.best_loss:.6g}); its best iterate is kept. Raise max_iter or "
                     "loosen tol.",
                     ConvergenceWarning,
-                    stacklevel=2,
+                    stacklevel=_user_stacklevel(),
                 )
         return res
 
@@ -726,7 +732,7 @@ class _HyperL2Base(BaseEstimator):
         if self.max_iter > 0:
             # (its tol is the estimator's own, not the tol parameter)
             _warn_unlocated(
-                res, self._name, "the shared penalty's search", self.max_iter, tol, 3,
+                res, self._name, "the shared penalty's search", self.max_iter, tol,
                 remedy="max_iter",
             )
 

@@ -67,7 +67,8 @@ def test_classifier_docstring_states_the_tolerances_it_uses():
     final32 = clf._inner_solver(torch.float32, final=True)
     assert f"gradient norm of {_power(folds.tol)}" in doc
     assert f"returned model to {_power(final64.tol)} ({_power(final32.tol)} in float32)" in doc
-    assert f"``\"cg\"`` (conjugate gradient to a relative residual of {_power(clf._strategy().tol)}" in doc
+    cg = _power(clf._strategy().tol)
+    assert f"``\"cg\"`` (conjugate gradient to a relative residual of {cg}" in doc
 
 
 def _sparse_truth(n=300, p=24, seed=0):
@@ -152,3 +153,22 @@ def test_balanced_class_weight_counts_the_sample_weights():
     np.testing.assert_allclose(
         balanced.predict_proba(X), repeated.predict_proba(X), rtol=1e-5, atol=1e-7
     )
+
+
+def test_hyper_l2_warnings_point_at_the_users_fit_call():
+    # the stage and shared-search ConvergenceWarnings pointed inside the package
+    # (_hyper_l2.py, at lines 911, 1091 and 2094, depending on the depth of the
+    # call), where BilevelRidgeCV's and the feature-scale warning point at the
+    # user's fit call
+    X, y = _sparse_truth()
+    X_bc, y_bc = load_breast_cancer(return_X_y=True)
+    X_bc = StandardScaler().fit_transform(X_bc)[:, :6]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        HyperL2Regressor(random_state=0, max_iter=1).fit(X, y)  # adaptive stage
+        HyperL2Regressor(penalty="scalar", random_state=0, max_iter=1).fit(X, y)
+        HyperL2Classifier(random_state=0, max_iter=1).fit(X_bc, y_bc)
+        HyperL2Regressor(alpha_init=2.0, random_state=0, max_iter=2).fit(X, y)
+    convergence = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert len(convergence) >= 4
+    assert {w.filename for w in convergence} == {__file__}
