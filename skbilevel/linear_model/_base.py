@@ -90,6 +90,20 @@ def _check_positive_weights(sw, name):
         )
 
 
+def _check_fold_weights(splits, sw, name, remedy):
+    """Refuse a fold whose training or validation samples have no weight
+    ``sw``: an unweighted refit or a 0/0 validation error. The message names
+    the fold and the part; ``remedy`` says what to do."""
+    for i, (train, test) in enumerate(splits):
+        for part, idx in (("training", train), ("validation", test)):
+            if not float(np.sum(sw[idx])) > 0:
+                raise ValueError(
+                    f"{name}: sample_weight sums to zero on the {part} samples of "
+                    f"fold {i} (of {len(splits)}), so its {part} error is undefined. "
+                    f"{remedy}"
+                )
+
+
 #: where the frames a warning should not point at live: this package, and
 #: scikit-learn's fit wrapper (_fit_context, in sklearn/base.py)
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep

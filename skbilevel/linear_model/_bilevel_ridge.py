@@ -34,7 +34,13 @@ from ..utils import (
     to_numpy,
     to_tensor,
 )
-from ._base import _check_positive_weights, _offsets, _own_strategy, _warn_unlocated
+from ._base import (
+    _check_fold_weights,
+    _check_positive_weights,
+    _offsets,
+    _own_strategy,
+    _warn_unlocated,
+)
 
 __all__ = ["BilevelRidgeCV"]
 
@@ -393,17 +399,12 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             splitter = check_cv(self.cv, y, classifier=False)
         splits = check_splits(splitter, X, y)
         if sample_weight is not None:
-            # a part of a fold without weight: an unweighted refit (train) or a 0/0
-            # error (validation); name the fold rather than fail inside the core
-            for i, (train, test) in enumerate(splits):
-                for part, idx in (("training", train), ("validation", test)):
-                    if not float(np.sum(sample_weight[idx])) > 0:
-                        raise ValueError(
-                            f"sample_weight sums to zero on the {part} samples of fold "
-                            f"{i} (of {len(splits)}), so its {part} error is undefined. "
-                            "Shuffle the folds (e.g. cv=KFold(5, shuffle=True)), drop the "
-                            "zero-weight samples, or use cv=None (leave-one-out)."
-                        )
+            # name the fold rather than fail inside the core
+            _check_fold_weights(
+                splits, sample_weight, "BilevelRidgeCV",
+                "Shuffle the folds (e.g. cv=KFold(5, shuffle=True)), drop the "
+                "zero-weight samples, or use cv=None (leave-one-out).",
+            )
         device = Xt.device
 
         def take(t, idx):

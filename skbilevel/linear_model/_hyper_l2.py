@@ -156,6 +156,7 @@ from ..utils import (
     to_tensor,
 )
 from ._base import (
+    _check_fold_weights,
     _check_positive_weights,
     _offsets,
     _own_strategy,
@@ -582,17 +583,18 @@ class _HyperL2Base(BaseEstimator):
 
     def _fold_weights(self, splits, sw, n, like):
         """(K, n) training and validation weight matrices from index splits."""
+        weighted = " (class_weight multiplies it)" if hasattr(self, "class_weight") else ""
+        _check_fold_weights(
+            splits, sw, self._name,
+            "Shuffle the folds (e.g. cv=KFold(5, shuffle=True), or an integer cv) or "
+            f"drop the zero-weight samples{weighted}.",
+        )
         K = len(splits)
         T = np.zeros((K, n))
         V = np.zeros((K, n))
         for k, (tr, te) in enumerate(splits):
             T[k, tr] = sw[tr]
             V[k, te] = sw[te]
-        if np.any(T.sum(1) <= 0) or np.any(V.sum(1) <= 0):
-            raise ValueError(
-                "A fold has zero total sample weight in its training or validation part; "
-                "check sample_weight (or class_weight) and the folds."
-            )
         return (
             torch.as_tensor(T, dtype=like.dtype, device=like.device),
             torch.as_tensor(V, dtype=like.dtype, device=like.device),

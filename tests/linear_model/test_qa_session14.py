@@ -8,6 +8,7 @@ import pytest
 import torch
 from sklearn.datasets import load_breast_cancer, make_classification, make_regression
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import KFold
 from sklearn.preprocessing import StandardScaler
 
 from skbilevel.hypergrad import ImplicitCG, get_strategy
@@ -172,3 +173,19 @@ def test_hyper_l2_warnings_point_at_the_users_fit_call():
     convergence = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
     assert len(convergence) >= 4
     assert {w.filename for w in convergence} == {__file__}
+
+
+@pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
+def test_hyper_l2_folds_without_weight_name_the_fold(Est):
+    # "A fold has zero total sample weight in its training or validation part;
+    # check sample_weight (or class_weight) and the folds": neither the fold nor
+    # the part nor a remedy, where BilevelRidgeCV names them (one check serves
+    # both now)
+    X, y = make_classification(40, 4, random_state=0)
+    sw = np.r_[np.zeros(8), np.ones(32)]
+    with pytest.raises(ValueError, match=r"validation samples of fold 0 \(of 5\).*Shuffle"):
+        Est(cv=KFold(5)).fit(X, y, sample_weight=sw)
+    with pytest.raises(ValueError, match=r"training samples of fold 1 \(of 2\)"):
+        Est(cv=[(np.arange(20, 40), np.arange(20)), (np.arange(8), np.arange(8, 40))]).fit(
+            X, y, sample_weight=sw
+        )
