@@ -1351,14 +1351,25 @@ class RidgeSolver(ClosedFormSolver):
         return coef, intercept
 
     def _spd_solve(self, A, b):
-        L, status = torch.linalg.cholesky_ex(A)
-        if bool((status != 0).any()):
-            self.last_fallback = (
-                "Cholesky factorization failed (matrix not numerically positive "
-                "definite); used an LU solve."
-            )
-            return torch.linalg.solve(A, b)
-        return torch.cholesky_solve(b, L)
+        x, lu = _cholesky_or_lu(A, b)
+        if lu:
+            self.last_fallback = _LU_FALLBACK
+        return x
+
+
+_LU_FALLBACK = (
+    "Cholesky factorization failed (matrix not numerically positive definite); used "
+    "an LU solve."
+)
+
+
+def _cholesky_or_lu(A, b):
+    """``A^{-1} b`` by Cholesky (batched ``A`` too), by LU where that fails;
+    and whether LU was used."""
+    L, status = torch.linalg.cholesky_ex(A)
+    if bool((status != 0).any()):
+        return torch.linalg.solve(A, b), True
+    return torch.cholesky_solve(b, L), False
 
 
 # --------------------------------------------------------------------------
@@ -1525,6 +1536,12 @@ def kernel_ridge_fit(K, y, reg):
     >>> [round(v, 6) for v in (K @ dual).tolist()]
     [0.5, 1.0]
     """
+    return _kernel_ridge_fit(K, y, reg)[0]
+
+
+def _kernel_ridge_fit(K, y, reg):
+    """:func:`kernel_ridge_fit`, and whether its solve fell back from Cholesky
+    to LU (for :class:`KernelRidgeSolver`'s ``last_fallback``)."""
     for name, a in (("K", K), ("y", y)):
         if not isinstance(a, torch.Tensor):
             raise TypeError(
@@ -1552,12 +1569,8 @@ def kernel_ridge_fit(K, y, reg):
     y = y.to(dtype=K.dtype)  # (float32 targets: a dtype RuntimeError in the solve)
     A = K + reg * torch.eye(n, dtype=K.dtype, device=K.device)
     y2 = y[:, None] if y.ndim == 1 else y
-    L, status = torch.linalg.cholesky_ex(A)
-    if int(status) != 0:
-        dual = torch.linalg.solve(A, y2)
-    else:
-        dual = torch.cholesky_solve(y2, L)
-    return dual[:, 0] if y.ndim == 1 else dual
+    dual, lu = _cholesky_or_lu(A, y2)
+    return (dual[:, 0] if y.ndim == 1 else dual), lu
 
 
 class KernelRidgeSolver(ClosedFormSolver):
@@ -1587,6 +1600,12 @@ class KernelRidgeSolver(ClosedFormSolver):
         Fixed log-regularization (default log(1e-6)).
     kernel_params : dict, optional
         Keyword arguments of a named kernel.
+
+    Attributes
+    ----------
+    last_fallback : str or None
+        Set by :meth:`closed_form` when the Cholesky factorization of
+        ``K + reg I`` failed and an LU solve was used.
 
     Examples
     --------
@@ -1643,7 +1662,11 @@ class KernelRidgeSolver(ClosedFormSolver):
 
     def closed_form(self, phi):
         X, y, K, reg = self._parts(phi)
-        return kernel_ridge_fit(K, y.to(K.dtype), reg)
+        dual, lu = _kernel_ridge_fit(K, y.to(K.dtype), reg)
+        # (an LU fallback went unrecorded: the 'closed_form' strategy's
+        # info.fallback read None)
+        self.last_fallback = _LU_FALLBACK if lu else None
+        return dual
 
     def inner_loss(self, theta, phi):
         """``1/2 a^T (K + reg I) a - a^T y`` (summed over target columns)."""

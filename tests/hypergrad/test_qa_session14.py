@@ -21,6 +21,7 @@ from skbilevel.hypergrad import (
     GradientDescent,
     ImplicitCG,
     ImplicitDense,
+    KernelRidgeSolver,
     NewtonCG,
     RidgeSolver,
     adaptive_penalty_basis,
@@ -360,3 +361,22 @@ def test_darts_epsilon_refuses_a_bool():
     """FiniteDifferenceDARTS(epsilon=True) was taken as a perturbation of 1."""
     with pytest.raises(ValueError, match="epsilon must be a positive finite number"):
         FiniteDifferenceDARTS(epsilon=True)
+
+
+def test_kernel_ridge_solver_records_its_lu_fallback():
+    """KernelRidgeSolver declared last_fallback but never set it: on an
+    indefinite kernel matrix the Cholesky factorization failed and an LU solve
+    was used, while the 'closed_form' strategy's info.fallback read None
+    (RidgeSolver records the same fallback). Now recorded, and cleared on a
+    later positive definite solve."""
+    y = torch.tensor([1.0, 0.0], dtype=DT)
+    bad = KernelRidgeSolver(K=torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=DT), y=y)
+    la = torch.tensor(-3.0, dtype=DT, requires_grad=True)
+    dual, info = argmin(bad.inner_loss, la, bad.init_theta(), hypergradient="closed_form",
+                        solver=bad)
+    assert info.fallback is not None and "LU" in info.fallback
+    assert info.inner_grad_norm < 1e-12
+    good = KernelRidgeSolver(K=torch.eye(2, dtype=DT), y=y)
+    _, info = argmin(good.inner_loss, la, good.init_theta(), hypergradient="closed_form",
+                     solver=good)
+    assert info.fallback is None
