@@ -52,6 +52,9 @@ __all__ = [
 #: adaptation diverged when it makes the support loss this many times worse than
 #: both the meta-initialization and the constant zero output
 _DIVERGED = 1e4
+#: meta-training failed when its last query losses average this many times those
+#: of a guess (uniform over the classes, or 0 for regression)
+_WORSE_THAN_GUESS = 10.0
 #: default adaptation steps (inner_steps=None), and iMAML's (see _inner_steps)
 _INNER_STEPS, _IMAML_INNER_STEPS = 5, 20
 
@@ -257,6 +260,35 @@ class _MetaLearnerMixin:
         self._fitted_method = fitted_method
         if curvature["tasks"]:
             self._check_imaml_curvature(method, curvature)
+        if not is_r2d2:
+            self._check_query_loss(method, y_t, n_outputs_task)
+
+    def _check_query_loss(self, method, y_t, n_outputs_task):
+        """Warn when meta-training ends far worse than a guess, as when the inner
+        steps diverge: the fit itself stays finite, and silent (raw digits at
+        ``inner_lr=0.5``: query loss 2.2e4, new tasks at chance)."""
+        if y_t.dtype == torch.long:
+            reference = math.log(n_outputs_task)
+            what = f"that of a uniform guess over {n_outputs_task} classes"
+            scale = "standardize X"
+        else:
+            reference = float(y_t.double().pow(2).mean())
+            what = "that of predicting 0 (the mean square of y)"
+            scale = "standardize X and y"
+        tail = self.history_[-max(1, len(self.history_) // 10):]
+        if not (tail.size and reference > 0):
+            return
+        level = float(np.mean(tail))
+        if level <= _WORSE_THAN_GUESS * reference:
+            return
+        warnings.warn(
+            f"Meta-training did not learn to adapt: the query loss after adaptation "
+            f"averaged {level:.3g} over the last {tail.size} meta-iteration(s), "
+            f"{level / reference:.3g} times {what} ({reference:.3g}). The inner steps "
+            f"overshoot or diverge: lower inner_lr (now {method.inner_lr:g}) or "
+            f"{scale}.",
+            ConvergenceWarning,
+        )
 
     def _check_imaml_curvature(self, method, curvature):
         """Record how often iMAML's system was indefinite; warn when it mostly was.

@@ -83,3 +83,27 @@ def test_r2d2_adapts_to_more_classes_than_n_way_as_its_predict_does():
     with pytest.raises(ValueError, match="6 classes but the meta-learner was trained "
                        "on 2-way tasks"):
         maml.adapt(X, y)
+
+
+def test_meta_training_far_worse_than_a_guess_warns():
+    # inner steps that diverge left the fit finite and silent: raw digits at
+    # inner_lr=0.5 ended with query losses of 2.2e4 (log 4 = 1.39 for a guess),
+    # and new tasks were adapted at chance (0.25)
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    rng = np.random.RandomState(0)
+    centers = 3 * rng.randn(6, 8)
+    X = 3 * np.concatenate([c + rng.randn(12, 8) for c in centers])
+    y = np.repeat(np.arange(6), 12)
+    kw = dict(n_way=3, k_shot=2, n_query=2, meta_batch_size=4, max_iter=10, random_state=0)
+    with pytest.warns(ConvergenceWarning, match=r"did not learn to adapt: the query loss "
+                      r"after adaptation averaged .* times that of a uniform guess over 3 "
+                      r"classes \(1.1\).* lower inner_lr \(now 0.5\)"):
+        MetaLearnerClassifier(inner_lr=0.5, **kw).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        MetaLearnerClassifier(inner_lr=0.1, **kw).fit(X, y)
+        Xs, ys = np.random.RandomState(1).randn(40, 1), np.repeat(np.arange(4), 10)
+        MetaLearnerRegressor(**_KW).fit(Xs, np.sin(Xs[:, 0]) + ys, groups=ys)
