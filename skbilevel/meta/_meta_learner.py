@@ -33,7 +33,7 @@ from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_
 from ..utils._fit import fit_outer, keep_state_on_error
 from ..utils._stats import _softmax
 from ..utils._torch import _resolve_adam_dtype, _seeded_global_rng
-from ..utils._validation import check_hidden_layer_sizes
+from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 from ..utils._modules import (
     MLP,
     build_module,
@@ -715,6 +715,7 @@ class MetaLearnerClassifier(_MetaLearnerMixin, ClassifierMixin, BaseEstimator):
         self : MetaLearnerClassifier
         """
         self._check_kwargs()
+        check_callbacks(self.callbacks)
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_, y_enc = np.unique(y, return_inverse=True)
@@ -936,6 +937,7 @@ class MetaLearnerRegressor(_MetaLearnerMixin, RegressorMixin, BaseEstimator):
         self : MetaLearnerRegressor
         """
         self._check_kwargs()
+        check_callbacks(self.callbacks)
         X, y = validate_data(self, X, y, multi_output=True, y_numeric=True,
                              dtype=[np.float64, np.float32])
         self._y_1d = y.ndim == 1

@@ -107,3 +107,13 @@ def test_meta_training_far_worse_than_a_guess_warns():
         MetaLearnerClassifier(inner_lr=0.1, **kw).fit(X, y)
         Xs, ys = np.random.RandomState(1).randn(40, 1), np.repeat(np.arange(4), 10)
         MetaLearnerRegressor(**_KW).fit(Xs, np.sin(Xs[:, 0]) + ys, groups=ys)
+
+
+@pytest.mark.parametrize("Est", [MetaLearnerClassifier, MetaLearnerRegressor])
+def test_non_callable_callback_is_a_value_error(Est):
+    # the core's TypeError came out of fit, where SampleReweighter and
+    # DatasetDistiller raise a ValueError for the same parameter
+    X, y = _data()
+    with pytest.raises(ValueError, match="callbacks must be callables cb\\(state\\); "
+                       "got 1 of type int"):
+        Est(callbacks=[1], **_KW).fit(X, y)
