@@ -297,6 +297,18 @@ class ClosedFormSolver(InnerSolver):
         return theta, SolveResult(n_iter=1, grad_norm=grad_norm, converged=finite)
 
 
+def _scalar_loss(value):
+    """``value`` as a 0-d tensor; a ``ValueError`` when the inner loss did not
+    return a one-element tensor (a vector loss failed deep in autograd with
+    "grad can be implicitly created only for scalar outputs")."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise ValueError(
+            "The inner loss must return a scalar tensor; got "
+            f"{type(value).__name__} with shape {tuple(getattr(value, 'shape', ()))}."
+        )
+    return value.reshape(())
+
+
 def _grad_norm(fun, theta):
     """Norm of ``grad fun(theta)`` (a float), computed without keeping a graph:
     by ``fun.loss_and_grad(theta)`` when ``fun`` has it (a closed-form
@@ -309,7 +321,7 @@ def _grad_norm(fun, theta):
     with torch.enable_grad():
         theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
         leaves, _ = tree_flatten(theta)
-        grads = torch.autograd.grad(fun(theta), leaves, allow_unused=True)
+        grads = torch.autograd.grad(_scalar_loss(fun(theta)), leaves, allow_unused=True)
     sq = sum(float((g.detach() ** 2).sum()) for g in grads if g is not None)
     return math.sqrt(sq)
 

@@ -18,6 +18,7 @@ from ._base import (
     HypergradientStrategy,
     InnerSolveWarning,
     _check_positive,
+    _scalar_loss,
     register_strategy,
 )
 from ._proxy import _solver_grads
@@ -180,8 +181,8 @@ class BOME(HypergradientStrategy):
             th = [t.detach().requires_grad_(True) for t in theta_leaves]
             ph = [p.detach().requires_grad_(p.requires_grad) for p in phi_leaves]
             ph_tree = tree_unflatten(phi_spec, ph)
-            f_theta = inner_loss(tree_unflatten(theta_spec, th), ph_tree)
-            f_hat = inner_loss(theta_hat, ph_tree)
+            f_theta = _scalar_loss(inner_loss(tree_unflatten(theta_spec, th), ph_tree))
+            f_hat = _scalar_loss(inner_loss(theta_hat, ph_tree))
             q = f_theta - f_hat
             wrt = th + [p for p in ph if p.requires_grad]
             grads = torch.autograd.grad(q, wrt, allow_unused=True)

@@ -28,6 +28,7 @@ from ._base import (
     HypergradientStrategy,
     HypergradientWarning,
     _check_positive as _check_positive_number,
+    _scalar_loss,
     register_strategy,
 )
 from ._solvers import LBFGS
@@ -554,7 +555,7 @@ class EvoGrad(HypergradientStrategy):
             theta_k = tree_unflatten(
                 spec, [t + self.sigma * e[k] for t, e in zip(leaves, eps)]
             )
-            losses.append(inner_loss(theta_k, phi).reshape(()))
+            losses.append(_scalar_loss(inner_loss(theta_k, phi)))
         losses = torch.stack(losses)
         finite = torch.isfinite(losses.detach())
         n_bad = int((~finite).sum())

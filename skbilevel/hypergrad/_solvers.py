@@ -30,6 +30,7 @@ from ._base import (
     SolveResult,
     _check_int,
     _check_positive,
+    _scalar_loss,
     _within_tol,
 )
 from ._linear_solve import _default_tol, solve_cg
@@ -65,13 +66,8 @@ class _FlatProblem:
             return float(val), tree_to_vector(g).detach()
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
-            val = self.fun(vector_to_tree(xr, self.like))
-            if not isinstance(val, torch.Tensor) or val.numel() != 1:
-                # (a Python float: AttributeError "'float' object has no attribute 'numel'")
-                raise ValueError(
-                    "The inner objective must return a scalar tensor; got "
-                    f"{type(val).__name__} with shape {tuple(getattr(val, 'shape', ()))}."
-                )
+            # (a Python float: AttributeError "'float' object has no attribute 'numel'")
+            val = _scalar_loss(self.fun(vector_to_tree(xr, self.like)))
             if val.requires_grad:
                 (g,) = torch.autograd.grad(
                     val, xr, create_graph=create_graph, allow_unused=True

@@ -24,7 +24,7 @@ import numbers
 
 import torch
 
-from ._base import StepSolver
+from ._base import StepSolver, _scalar_loss
 from ._tree import tree_flatten, tree_unflatten
 
 __all__ = ["GradientStepSolver", "GradientDescent", "Momentum", "Adam"]
@@ -48,15 +48,9 @@ def _tree_grad(fun, theta, create_graph):
         used = leaves
         inputs = [t.detach().requires_grad_(True) for t in leaves]
     with torch.enable_grad():
-        value = fun(tree_unflatten(spec, inputs))
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            raise ValueError(
-                "The inner loss must return a scalar tensor; got "
-                f"{type(value).__name__} with shape "
-                f"{tuple(getattr(value, 'shape', ()))}."
-            )
+        value = _scalar_loss(fun(tree_unflatten(spec, inputs)))
         grads = torch.autograd.grad(
-            value.reshape(()),
+            value,
             inputs,
             create_graph=create_graph,
             allow_unused=True,

@@ -380,3 +380,23 @@ def test_kernel_ridge_solver_records_its_lu_fallback():
     _, info = argmin(good.inner_loss, la, good.init_theta(), hypergradient="closed_form",
                      solver=good)
     assert info.fallback is None
+
+
+@pytest.mark.parametrize("strategy", ["closed_form", "cg", "evograd", "bome"])
+def test_vector_inner_loss_is_a_value_error(strategy):
+    """An inner loss returning one value per sample (a forgotten .sum()) failed
+    deep in autograd with 'grad can be implicitly created only for scalar
+    outputs' (closed_form, or an implicit strategy with a closed-form solver,
+    and BOME), or in EvoGrad with "shape '[]' is invalid for input of size 20";
+    the unrolled strategies and LBFGS already said 'must return a scalar
+    tensor'. Now all do."""
+    X, y, _, _ = _ridge_data()
+    solver = RidgeSolver(X, y, fit_intercept=False)
+
+    def per_sample(theta, la):
+        w = theta["coef"]
+        return 0.5 * (X @ w - y) ** 2 + 0.5 * la.exp() * (w**2).sum()
+
+    la = torch.tensor(0.0, dtype=DT, requires_grad=True)
+    with pytest.raises(ValueError, match=r"must return a scalar tensor; got Tensor with shape \(20,\)"):
+        argmin(per_sample, la, solver.init_theta(), hypergradient=strategy, solver=solver)
