@@ -21,6 +21,7 @@ from skbilevel.hypergrad import (
     GradientDescent,
     ImplicitCG,
     ImplicitDense,
+    ImplicitNeumann,
     KernelRidgeSolver,
     NewtonCG,
     RidgeSolver,
@@ -400,3 +401,22 @@ def test_vector_inner_loss_is_a_value_error(strategy):
     la = torch.tensor(0.0, dtype=DT, requires_grad=True)
     with pytest.raises(ValueError, match=r"must return a scalar tensor; got Tensor with shape \(20,\)"):
         argmin(per_sample, la, solver.init_theta(), hypergradient=strategy, solver=solver)
+
+
+def test_neumann_without_tol_reports_converged_by_the_default_tolerance():
+    """Without tol, the Neumann record's linear_solve_converged was 'the series
+    contracted' (residual < 1): 5 terms left a relative residual of 0.037
+    and read converged=True. It now says whether the dtype's default tolerance
+    is met: False there, True for a series summed to 1e-10."""
+    X, y, _, _ = _ridge_data()
+
+    def inner(w, la):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * la.exp() * (w**2).sum()
+
+    for n_terms, expected in ((5, False), (3000, True)):
+        la = torch.tensor(0.3, dtype=DT, requires_grad=True)
+        theta, info = argmin(inner, la, torch.zeros(4, dtype=DT),
+                             hypergradient=ImplicitNeumann(n_terms=n_terms))
+        theta.sum().backward()
+        assert (info.linear_solve_residual <= 1e-10) is expected
+        assert info.linear_solve_converged is expected, info.linear_solve_residual
