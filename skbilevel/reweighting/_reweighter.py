@@ -58,6 +58,7 @@ from ..utils._fit import fit_outer, keep_state_on_error
 from ..utils._modules import (
     MLP,
     WeightNet,
+    _is_skorch_net,
     build_module,
     check_forward,
     functional_forward,
@@ -70,14 +71,6 @@ from ..utils._torch import _resolve_adam_dtype, _seeded_global_rng
 from ..utils._validation import check_callbacks, check_hidden_layer_sizes
 
 __all__ = ["SampleReweighter", "SampleReweighterRegressor"]
-
-
-def _is_skorch_net(obj):
-    """Whether ``obj`` is a skorch ``NeuralNet`` (without importing skorch eagerly)."""
-    return any(
-        cls.__name__ == "NeuralNet" and cls.__module__.startswith("skorch")
-        for cls in type(obj).__mro__
-    )
 
 
 # --------------------------------------------------------------------------
@@ -522,7 +515,7 @@ class _BaseSampleReweighter(BaseEstimator):
                     "on the net itself."
                 )
             spec, params, criterion = skorch_parts(self.module)
-            module = build_module(spec, params, n_features, n_outputs)
+            module = build_module(spec, params, n_features, n_outputs, skorch=True)
             name = type(criterion).__name__
             if self._is_classifier:
                 kinds = {"NLLLoss": "nll_prob", "CrossEntropyLoss": "ce"}
@@ -541,7 +534,7 @@ class _BaseSampleReweighter(BaseEstimator):
             check_hidden_layer_sizes(
                 params["hidden_layer_sizes"], "module__hidden_layer_sizes"
             )
-        module = build_module(self.module, params, n_features, n_outputs)
+        module = build_module(self.module, params, n_features, n_outputs, skorch=True)
         return module, ("ce" if self._is_classifier else "mse"), None
 
     def _check_output_shape(self, module, X):

@@ -178,7 +178,15 @@ def _accepts(cls, name):
     return name in params
 
 
-def build_module(module, params, n_features, n_outputs, builtin=None):
+def _is_skorch_net(obj):
+    """Whether ``obj`` is a skorch ``NeuralNet`` (without importing skorch eagerly)."""
+    return any(
+        cls.__name__ == "NeuralNet" and cls.__module__.startswith("skorch")
+        for cls in type(obj).__mro__
+    )
+
+
+def build_module(module, params, n_features, n_outputs, builtin=None, skorch=False):
     """Instantiate the inner torch module an estimator was given.
 
     Parameters
@@ -197,6 +205,10 @@ def build_module(module, params, n_features, n_outputs, builtin=None):
         Input and output sizes derived from the data.
     builtin : dict, optional
         Extra built-in names mapped to ``(class, default_params)``.
+    skorch : bool, default=False
+        Whether the estimator takes a skorch ``NeuralNet`` (it splits one
+        with :func:`skorch_parts` first); only then do the messages offer
+        one, and a net given elsewhere is refused with the way to its module.
 
     Returns
     -------
@@ -214,11 +226,12 @@ def build_module(module, params, n_features, n_outputs, builtin=None):
     }
     registry.update(builtin or {})
     params = dict(params)
+    others = "a torch.nn.Module class or instance" + (", or a skorch NeuralNet" if skorch else "")
     if isinstance(module, str):
         if module not in registry:
             raise ValueError(
                 f"module={module!r} is not a built-in model; use one of {sorted(registry)}, "
-                "a torch.nn.Module class or instance, or a skorch NeuralNet."
+                f"{others}."
             )
         cls, defaults = registry[module]
         kwargs = {**defaults, **params}
@@ -247,9 +260,14 @@ def build_module(module, params, n_features, n_outputs, builtin=None):
                 f"Could not build {module.__name__} from module__* parameters "
                 f"{sorted(params)}: {exc}"
             ) from exc
+    if _is_skorch_net(module):
+        raise ValueError(
+            f"module is a skorch {type(module).__name__}, which this estimator does not "
+            "take: give its torch module instead, net.module (a class, with its "
+            "module__* parameters) or, once the net is initialized, net.module_."
+        )
     raise ValueError(
-        f"module={module!r} is not supported; use 'linear', 'mlp', a torch.nn.Module "
-        "class or instance, or a skorch NeuralNet."
+        f"module={module!r} is not supported; use one of {sorted(registry)}, {others}."
     )
 
 

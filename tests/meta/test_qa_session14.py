@@ -117,3 +117,17 @@ def test_non_callable_callback_is_a_value_error(Est):
     with pytest.raises(ValueError, match="callbacks must be callables cb\\(state\\); "
                        "got 1 of type int"):
         Est(callbacks=[1], **_KW).fit(X, y)
+
+
+def test_skorch_net_as_backbone_is_refused_with_the_way_to_its_module():
+    # the message printed the whole net and offered 'a skorch NeuralNet', the
+    # very thing it refused; a module name was offered one too
+    skorch = pytest.importorskip("skorch")
+    X, y = _data()
+    net = skorch.NeuralNetClassifier(MLP, module__hidden_layer_sizes=(4,))
+    with pytest.raises(ValueError, match=r"module is a skorch NeuralNetClassifier, which "
+                       r"this estimator does not take: .*net.module \(a class"):
+        MetaLearnerClassifier(net, **_KW).fit(X, y)
+    with pytest.raises(ValueError, match=r"not a built-in model; use one of \['linear', "
+                       r"'mlp'\], a torch.nn.Module class or instance\.$"):
+        MetaLearnerClassifier("cnn", **_KW).fit(X, y)

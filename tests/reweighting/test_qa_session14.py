@@ -146,3 +146,9 @@ def test_weight_net_label_on_the_regressor_is_an_error():
     with pytest.raises(ValueError, match="weight_net_label=True .* has no classes"):
         SampleReweighterRegressor(weight_net_label=True, max_iter=2).fit(
             X, X[:, 0], trusted=trusted)
+
+
+def test_unknown_module_name_still_offers_a_skorch_net():
+    X, y, trusted = _data()
+    with pytest.raises(ValueError, match="or a skorch NeuralNet"):
+        SampleReweighter("cnn", max_iter=2).fit(X, y, trusted=trusted)
