@@ -160,6 +160,7 @@ from ._base import (
     _check_positive_weights,
     _offsets,
     _own_strategy,
+    _target_scale,
     _user_stacklevel,
     _warn_unlocated,
 )
@@ -1418,7 +1419,10 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     exceeds their standard deviation are centred in float64 before the data
     are cast to ``dtype`` (the shift goes into ``intercept_``), so offsets
     such as ``y + 1e8`` survive float32 (in sparse ``X`` such a column, more
-    than half filled already, is stored filled in). Values whose squares leave
+    than half filled already, is stored filled in). A centred ``y`` whose root
+    mean square lies outside ``[2^-20, 2^20]`` is divided by a power of two
+    near it (exactly), so the fit does not depend on the scale of ``y``
+    (``y * 1e-25`` or ``y * 1e15`` in float32). Values whose squares leave
     the range of ``dtype`` are a ``ValueError``. The per-feature penalties
     follow the features' scales over a factor of about ``1e13`` (squared
     norms; standard deviations ``3e6`` apart): beyond it a ``UserWarning``
@@ -1599,8 +1603,10 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         # or kernels from sparse products); the leave-one-out formulas are dense
         Xc, yc, x_offset, y_offset = _offsets(X, y, sw, self.fit_intercept)
         _check_magnitudes(Xc, yc, dtype, self._name, headroom=1.0)
+        # y near unit scale (a power of two: exact; see _target_scale)
+        y_scale = _target_scale(yc)
         Xt = to_tensor(Xc, device=device, dtype=dtype, keep_sparse=not closed_loo)
-        yt = to_tensor(yc, device=device, dtype=dtype)
+        yt = to_tensor(yc / y_scale, device=device, dtype=dtype)
         swt = to_tensor(sw, device=device, dtype=dtype)
         gt = torch.as_tensor(groups, device=device)
 
@@ -1679,12 +1685,13 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 intercept = full.intercepts(coef)
             # inside the pool's block: the CV loss at phi may need the folds again
             self._set_common(phi, shared, center, history, n_iter, info, objective, alphas)
-        self.coef_ = to_numpy(coef[0]).astype(np.float64)
+        self.coef_ = to_numpy(coef[0]).astype(np.float64) * y_scale
         self.intercept_ = (
-            float(intercept[0]) + y_offset - float(x_offset @ self.coef_)
+            float(intercept[0]) * y_scale + y_offset - float(x_offset @ self.coef_)
             if self.fit_intercept
             else 0.0
         )
+        self.cv_loss_ *= y_scale * y_scale
         return self
 
     def predict(self, X):

@@ -189,3 +189,23 @@ def test_hyper_l2_folds_without_weight_name_the_fold(Est):
         Est(cv=[(np.arange(20, 40), np.arange(20)), (np.arange(8), np.arange(8, 40))]).fit(
             X, y, sample_weight=sw
         )
+
+
+@pytest.mark.parametrize("dtype, scales", [("float64", [1e-160, 1e100]), ("float32", [1e-25, 1e15])])
+def test_hyper_l2_regressor_fit_does_not_depend_on_the_scale_of_y(dtype, scales):
+    # the fold objectives' squared residuals underflowed for small targets and
+    # intermediate products overflowed for large ones: y * 1e15 and y * 1e-25 in
+    # float32 predicted 0.52 away from y's fit (scaled back), y * 1e-20 0.027
+    # with 'value inf' warnings; float64 from y * 1e-160 warned of non-finite
+    # Newton iterations, and y * 1e100 chose another model (R^2 .9410, .9381)
+    X, y = _sparse_truth()
+    ref = HyperL2Regressor(random_state=0, dtype=dtype).fit(X, y)
+    rtol = 1e-8 if dtype == "float64" else 1e-3
+    for s in scales:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = HyperL2Regressor(random_state=0, dtype=dtype).fit(X, y * s)
+        np.testing.assert_allclose(model.alphas_, ref.alphas_, rtol=rtol)
+        np.testing.assert_allclose(model.predict(X) / s, ref.predict(X), atol=1e3 * rtol)
+        if s > 1e-100:
+            assert model.cv_loss_ == pytest.approx(ref.cv_loss_ * s * s, rel=rtol)
