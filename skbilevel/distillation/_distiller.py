@@ -568,7 +568,10 @@ class DatasetDistiller(BaseEstimator):
         return _resolve_adam_dtype(self.dtype, kip if self.method == "kip" else None)
 
     def _target_task(self, y):
-        kind = type_of_target(y, input_name="y", raise_unknown=True)
+        # type_of_target casts floats to int64 to find whole numbers: beyond 9.2e18
+        # numpy warns 'invalid value encountered in cast' (the answer is right)
+        with np.errstate(invalid="ignore"):
+            kind = type_of_target(y, input_name="y", raise_unknown=True)
         whole_floats = y.dtype.kind == "f" and kind in (
             "binary", "multiclass", "multiclass-multioutput")
         if whole_floats and self.n_distilled is not None:

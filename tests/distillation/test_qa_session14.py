@@ -128,3 +128,16 @@ def test_whole_number_float_multi_targets_are_regression_with_n_distilled():
     assert dd.predict(X).shape == (20, 3) and dd.y_distilled_.shape == (3, 3)
     with pytest.raises(ValueError, match="whole numbers: set n_distilled"):
         DatasetDistiller(max_iter=2).fit(X, Y)
+
+
+def test_targets_beyond_int64_range_fit_without_runtime_warning():
+    # type_of_target's cast of y to int64 warned 'invalid value encountered in
+    # cast' for targets beyond 9.2e18 (regression targets at 1e160)
+    import warnings
+
+    X, _ = _iris()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dd = DatasetDistiller(n_distilled=3, max_iter=2, random_state=0)
+        dd.fit(X[:, 1:], X[:, 0] * 1e160)
+    assert np.isfinite(dd.predict(X[:2, 1:])).all()
