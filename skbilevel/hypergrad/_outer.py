@@ -456,6 +456,37 @@ def _check_stopping(early_stopping, grad_tol, tol=0.0, max_iter=0):
         )
 
 
+def _check_patience(n_iter_no_change):
+    """``n_iter_no_change`` must be an integer >= 1 (0 or -1 stopped after the
+    first iteration, reported as converged)."""
+    if not (
+        isinstance(n_iter_no_change, numbers.Integral) and not isinstance(n_iter_no_change, bool)
+        and n_iter_no_change >= 1
+    ):
+        raise ValueError(
+            f"n_iter_no_change must be an integer >= 1; got {n_iter_no_change!r}."
+        )
+
+
+def _check_callbacks(callbacks):
+    """``callbacks`` as a list of callables (or ``None``); ``TypeError`` otherwise."""
+    if callbacks is not None and not callable(callbacks):
+        try:
+            callbacks = list(callbacks)  # (a generator is read once)
+        except TypeError:
+            pass
+    if callbacks is not None and (
+        callable(callbacks) or not isinstance(callbacks, list)
+        or not all(callable(cb) for cb in callbacks)
+    ):
+        raise TypeError(
+            "callbacks must be None or a list of callables cb(state); got "
+            + (f"a single {type(callbacks).__name__}: pass [callback]"
+               if callable(callbacks) else repr(callbacks)) + "."
+        )
+    return callbacks
+
+
 def minimize_outer(
     objective,
     phi,
@@ -603,28 +634,8 @@ def minimize_outer(
             f"learning_rate={learning_rate!r} must be > 0 and finite (the "
             "step size; with 'lbfgs' the length of the first step)."
         )
-    if not (
-        isinstance(n_iter_no_change, numbers.Integral) and not isinstance(n_iter_no_change, bool)
-        and n_iter_no_change >= 1
-    ):
-        # (0 or -1 stopped after the first iteration, reported as converged)
-        raise ValueError(
-            f"n_iter_no_change must be an integer >= 1; got {n_iter_no_change!r}."
-        )
-    if callbacks is not None and not callable(callbacks):
-        try:
-            callbacks = list(callbacks)  # (a generator is read once)
-        except TypeError:
-            pass
-    if callbacks is not None and (
-        callable(callbacks) or not isinstance(callbacks, list)
-        or not all(callable(cb) for cb in callbacks)
-    ):
-        raise TypeError(
-            "callbacks must be None or a list of callables cb(state); got "
-            + (f"a single {type(callbacks).__name__}: pass [callback]"
-               if callable(callbacks) else repr(callbacks)) + "."
-        )
+    _check_patience(n_iter_no_change)
+    callbacks = _check_callbacks(callbacks)
     if projection is not None and not callable(projection):
         raise TypeError(
             "projection must be None or a callable projection(leaves); got "
@@ -803,7 +814,7 @@ def minimize_newton(
     n_iter_no_change : int, default=2
     max_iter : int, default=100
     c1 : float, default=1e-4
-        Armijo's sufficient-decrease constant.
+        Armijo's sufficient-decrease constant, in ``(0, 1)``.
     callbacks : list of callable, optional
         Called with an :class:`OuterState` after each iteration (its ``phi``
         is ``[x]``); a true return value stops the loop (``"callback"``).
@@ -838,6 +849,13 @@ def minimize_newton(
         return float(out[0]), out[1].detach(), out[2].detach(), info
 
     _check_stopping(True, None, tol, max_iter)
+    # (n_iter_no_change=0 stopped after one step as converged; a single callable
+    # for callbacks failed there with "'function' object is not iterable")
+    _check_patience(n_iter_no_change)
+    callbacks = _check_callbacks(callbacks)
+    if not (isinstance(c1, numbers.Real) and not isinstance(c1, bool) and 0 < c1 < 1):
+        # (c1 = -1 accepted steps that raised the value)
+        raise ValueError(f"c1 must be a number in (0, 1); got {c1!r}.")
     x = x0.detach().clone()
     lower = upper = None
     if bounds is not None:

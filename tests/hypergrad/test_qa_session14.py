@@ -28,6 +28,7 @@ from skbilevel.hypergrad import (
     adaptive_penalty_basis,
     argmin,
     batched_cg,
+    minimize_newton,
     minimize_outer,
 )
 
@@ -420,3 +421,29 @@ def test_neumann_without_tol_reports_converged_by_the_default_tolerance():
         theta.sum().backward()
         assert (info.linear_solve_residual <= 1e-10) is expected
         assert info.linear_solve_converged is expected, info.linear_solve_residual
+
+
+def _quartic(x):
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=DT)
+    value = float(0.5 * x @ A @ x - x.sum() + (x**4).sum())
+    return value, A @ x - 1.0 + 4.0 * x**3, A + torch.diag(12.0 * x**2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"n_iter_no_change": 0}, ValueError, "n_iter_no_change must be an integer >= 1"),
+        ({"callbacks": lambda state: False}, TypeError, "pass \\[callback\\]"),
+        ({"c1": -1.0}, ValueError, "c1 must be a number in \\(0, 1\\)"),
+    ],
+)
+def test_minimize_newton_checks_its_arguments(kwargs, error, match):
+    """minimize_newton took n_iter_no_change=0 and stopped after one Newton step
+    (x = [1.94, 1.96], the optimum is [0.21, 0.33]) reported converged; a single
+    callable for callbacks failed after the first step with "'function' object
+    is not iterable"; c1 was not checked. Now the checks of minimize_outer."""
+    with pytest.raises(error, match=match):
+        minimize_newton(_quartic, torch.full((2,), 3.0, dtype=DT), **kwargs)
+    x, result = minimize_newton(_quartic, torch.full((2,), 3.0, dtype=DT))
+    assert result.converged and torch.allclose(x, torch.tensor([0.2123, 0.3255], dtype=DT),
+                                               atol=1e-4)
