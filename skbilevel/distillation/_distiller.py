@@ -16,6 +16,7 @@ the real data. Two inner models:
 
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -646,6 +647,17 @@ class DatasetDistiller(BaseEstimator):
         Xs, Ts = [], []
         for c, k in enumerate(counts):
             rows = np.flatnonzero(y_idx == c)
+            n_distinct = len(np.unique(Xz[rows], axis=0))
+            if n_distinct < k:
+                warnings.warn(
+                    f"Class {_plain(self.classes_[c])!r} has {n_distinct} distinct "
+                    f"sample(s), fewer than the {k} synthetic samples asked for it, so "
+                    "some start as copies of others; copies get the same gradients "
+                    "and separate by rounding only, adding little. Ask for at most "
+                    f"{n_distinct} (n_per_class, or a dict of counts).",
+                    UserWarning,
+                    stacklevel=5,  # the caller of fit (through its two decorators)
+                )
             if self.init == "random":
                 Xs.append(Xz[rng.choice(rows, size=k, replace=False)])
             else:
@@ -683,7 +695,11 @@ class DatasetDistiller(BaseEstimator):
         from sklearn.cluster import KMeans
 
         km = KMeans(n_clusters=k, n_init=3, random_state=rng.randint(0, 2**31 - 1))
-        labels = km.fit_predict(Xz)
+        with warnings.catch_warnings():
+            # 'Number of distinct clusters (2) found smaller than n_clusters (3)':
+            # the empty clusters are filled below (and fit said why)
+            warnings.filterwarnings("ignore", "Number of distinct clusters")
+            labels = km.fit_predict(Xz)
         centers = km.cluster_centers_
         sizes = np.bincount(labels, minlength=k)
         if sizes.all():

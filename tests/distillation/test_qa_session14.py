@@ -141,3 +141,20 @@ def test_targets_beyond_int64_range_fit_without_runtime_warning():
         dd = DatasetDistiller(n_distilled=3, max_iter=2, random_state=0)
         dd.fit(X[:, 1:], X[:, 0] * 1e160)
     assert np.isfinite(dd.predict(X[:2, 1:])).all()
+
+
+def test_fewer_distinct_samples_than_asked_warns_once_per_class_and_clearly():
+    # k-means' 'Number of distinct clusters (2) found smaller than n_clusters (3).
+    # Possibly due to duplicate points in X.' came out of scikit-learn, pointing
+    # at its own base.py and naming no class, though the empty clusters are
+    # filled: the distilled set started with copies (2 of 3 rows distinct)
+    X = np.repeat(np.random.RandomState(0).randn(4, 2), 5, axis=0)
+    y = np.repeat([0, 1], 10)
+    for init in ("kmeans", "random"):
+        with pytest.warns(UserWarning) as record:
+            DatasetDistiller(n_per_class=3, init=init, max_iter=2, random_state=0).fit(X, y)
+        messages = [str(w.message) for w in record]
+        assert not any("distinct clusters" in m for m in messages)
+        assert sum("Class 0 has 2 distinct sample(s), fewer than the 3" in m
+                   for m in messages) == 1
+        assert sum("Class 1 has 2 distinct" in m for m in messages) == 1
