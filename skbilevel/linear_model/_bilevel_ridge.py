@@ -39,6 +39,7 @@ from ._base import (
     _check_positive_weights,
     _offsets,
     _own_strategy,
+    _target_scale,
     _warn_unlocated,
 )
 
@@ -178,7 +179,11 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
     Sparse ``X`` is accepted and densified for the decomposition (memory
     ``n_samples * n_features``). With ``sample_weight`` the LOO error is the
     weighted one of ``RidgeCV``: the mean over samples of
-    ``s_i (y_i - y_{loo,i})^2``.
+    ``s_i (y_i - y_{loo,i})^2``. Targets whose root mean square (centred
+    with an intercept) is below ``2^-20`` are scaled up by a power of two
+    near it (exactly) for the search, so that their squared errors do not
+    underflow (``y * 1e-25`` in float32); ``best_score_`` and ``history_`` are
+    in the units of ``y``.
 
     Examples
     --------
@@ -316,6 +321,11 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             # off the float64 fit's, LOO 0.7%; y + 1e3: 17% off with cv=5)
             sw = np.ones(n_samples) if sample_weight is None else sample_weight
             X, y, x_offset, y_offset = _offsets(X, y, sw, True)
+        # small targets near unit scale (a power of two: exact; see _target_scale):
+        # their squared residuals underflowed and the curve was flat at 0
+        y_scale = _target_scale(y - y.mean(axis=0) if self.fit_intercept else y, down=False)
+        if y_scale != 1.0:
+            y = y / y_scale
 
         Xt = to_tensor(_writable(X), device=device, dtype=dtype)
         yt = to_tensor(_writable(y), device=device, dtype=dtype)
@@ -343,11 +353,12 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         alphas = np.exp(result.x)
         self.alpha_ = alphas if per_target else float(alphas[0])
         # 0.0 - f: a zero error is a score of 0.0, not -0.0 (constant y)
-        self.best_score_ = 0.0 - result.fun if per_target else float(0.0 - result.fun[0])
-        coef = to_numpy(theta["coef"])
+        score = (0.0 - result.fun) * (y_scale * y_scale)
+        self.best_score_ = score if per_target else float(score[0])
+        coef = to_numpy(theta["coef"]) * y_scale
         self.coef_ = coef if coef.ndim == 1 else coef.T.copy()
         if self.fit_intercept:
-            intercept = to_numpy(theta["intercept"])
+            intercept = to_numpy(theta["intercept"]) * y_scale
             self.intercept_ = float(intercept) if intercept.ndim == 0 else intercept
         else:
             self.intercept_ = 0.0
@@ -358,10 +369,10 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
                 float(self.intercept_ + shift) if np.ndim(shift) == 0 else self.intercept_ + shift
             )
         self.n_iter_ = int(result.n_iter)
-        self.history_ = np.asarray(result.history, dtype=float)
+        self.history_ = np.asarray(result.history, dtype=float) * (y_scale * y_scale)
         info.extra = dict(info.extra)
         info.extra.update(
-            grad_at_alpha=result.grad.tolist(),
+            grad_at_alpha=(result.grad * (y_scale * y_scale)).tolist(),
             n_scanned=0 if result.grid is None else int(len(result.grid)),
         )
         # a shallow copy: dataclasses.asdict deep-copies (a tenth of a small fit)

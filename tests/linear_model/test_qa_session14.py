@@ -209,3 +209,27 @@ def test_hyper_l2_regressor_fit_does_not_depend_on_the_scale_of_y(dtype, scales)
         np.testing.assert_allclose(model.predict(X) / s, ref.predict(X), atol=1e3 * rtol)
         if s > 1e-100:
             assert model.cv_loss_ == pytest.approx(ref.cv_loss_ * s * s, rel=rtol)
+
+
+@pytest.mark.parametrize("dtype, scale", [("float64", 1e-160), ("float32", 1e-25), ("float32", 1e-20)])
+@pytest.mark.parametrize("cv", [None, 4])
+def test_bilevel_ridge_small_targets_find_the_alpha_of_the_unscaled_ones(dtype, scale, cv):
+    # the squared residuals of small targets underflowed: the leave-one-out curve
+    # was flat at 0 and alpha_ the grid's end (1e-6 for 0.93 with y * 1e-160 in
+    # float64, y * 1e-25 in float32; y * 1e-20 in float32: 1.0 for 0.92)
+    rng = np.random.RandomState(0)
+    X = rng.randn(200, 12)
+    Y = X[:, :3] @ rng.randn(3, 2) + rng.randn(200, 2)
+    ref = BilevelRidgeCV(cv=cv, dtype=dtype).fit(X, Y)
+    model = BilevelRidgeCV(cv=cv, dtype=dtype).fit(X, Y * scale)
+    ref64 = BilevelRidgeCV(cv=cv).fit(X, Y)
+    if dtype == "float64":
+        assert model.alpha_ == pytest.approx(ref.alpha_, rel=1e-6)
+        np.testing.assert_allclose(model.coef_ / scale, ref.coef_, rtol=1e-6)
+    else:
+        # float32's own noise on a flat curve: as far from float64's as y's fit
+        err = abs(math.log(model.alpha_ / ref64.alpha_))
+        assert err <= max(1.0, 2 * abs(math.log(ref.alpha_ / ref64.alpha_)))
+        np.testing.assert_allclose(model.predict(X) / scale, ref64.predict(X), atol=1e-2)
+    if scale > 1e-100:  # (below, the squared errors themselves are subnormal)
+        assert model.best_score_ / scale**2 == pytest.approx(ref.best_score_, rel=1e-2)
