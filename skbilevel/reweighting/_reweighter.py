@@ -640,6 +640,13 @@ class _BaseSampleReweighter(BaseEstimator):
 
     def _fit_seeded(self, X, y, trusted, sample_weight, device):
         self._check_hypergradient()
+        if self.batch_size == 1 and self.normalize_weights:
+            raise ValueError(
+                "batch_size=1 with normalize_weights=True: a batch of one sample "
+                "normalizes its weight to 1, so the weights get no gradient and keep "
+                "their start (0.5 for every sample with method='per_sample'). Use "
+                "batch_size >= 2, or normalize_weights=False."
+            )
         if self.weight_net_label and not self._is_classifier:
             raise ValueError(
                 "weight_net_label=True feeds each sample's class label to the "
@@ -1019,7 +1026,8 @@ _COMMON_DOC = """
         Gradient-descent steps unrolled by multi-step strategies.
     normalize_weights : bool, default=True
         Normalize the weights within each batch to sum to one (L2RW, MW-Net),
-        which makes the weights scale-free.
+        which makes the weights scale-free. It needs batches of 2 samples or
+        more (``batch_size=1`` is then a ``ValueError``).
     weight_net_hidden_size : int, default=100
         Hidden units of the weighting network.
     weight_net_label : bool, default=False

@@ -152,3 +152,16 @@ def test_unknown_module_name_still_offers_a_skorch_net():
     X, y, trusted = _data()
     with pytest.raises(ValueError, match="or a skorch NeuralNet"):
         SampleReweighter("cnn", max_iter=2).fit(X, y, trusted=trusted)
+
+
+def test_batches_of_one_normalized_sample_are_an_error():
+    # a batch of one normalized weight is w / w = 1: no gradient reached the
+    # weights, and fit returned them at their start (every per_sample weight
+    # exactly 0.5 on 80 samples with 30% flipped labels)
+    X, y, trusted = _data()
+    with pytest.raises(ValueError, match="batch_size=1 with normalize_weights=True"):
+        SampleReweighter(method="per_sample", batch_size=1, max_iter=2).fit(
+            X, y, trusted=trusted)
+    clf = SampleReweighter(method="per_sample", batch_size=1, normalize_weights=False,
+                           max_iter=20, random_state=0).fit(X, y, trusted=trusted)
+    assert clf.sample_weight_[~trusted].std() > 0
