@@ -518,10 +518,10 @@ _DOC_COMMON = """
         ridge head (the built-in MLP then outputs as many features as its
         last hidden layer has units, ``"linear"`` as many as ``X`` has,
         another module class 40 when it takes ``n_outputs``). Batch-norm
-        layers are rejected: tasks
-        are adapted on small support sets one by one, and batch statistics
-        would make a prediction depend on the other samples of its batch; use
-        ``torch.nn.LayerNorm`` or ``torch.nn.GroupNorm``.
+        layers are rejected: tasks are adapted on small support sets one by
+        one, and batch statistics would make a prediction depend on the other
+        samples of its batch; use ``torch.nn.LayerNorm`` or
+        ``torch.nn.GroupNorm``.
     method : {"maml", "fomaml", "reptile", "anil", "metasgd", "imaml", "r2d2"} \
 or MetaMethod, default="maml"
         How the meta-parameters are learned; see
