@@ -20,7 +20,9 @@ __all__ = [
 
 
 def tree_flatten(tree):
-    """Return ``(leaves, spec)`` for a tensor or nested dict/tuple/list of tensors."""
+    """Return ``(leaves, spec)`` for a tensor or nested dict/tuple/list of tensors.
+
+    Tuples and lists keep their type (a namedtuple comes back a namedtuple)."""
     if isinstance(tree, torch.Tensor):
         return [tree], None
     if isinstance(tree, dict):
@@ -36,7 +38,9 @@ def tree_flatten(tree):
             sub, spec = tree_flatten(item)
             leaves.extend(sub)
             specs.append((None, len(sub), spec))
-        return leaves, (type(tree).__name__, specs)
+        # the type itself: a namedtuple rebuilt as a list (its name is not
+        # "tuple") lost its fields, and the inner loss failed on theta.w
+        return leaves, (type(tree), specs)
     raise TypeError(
         "Expected a torch.Tensor or a dict, tuple or list of tensors, got "
         f"{type(tree).__name__}."
@@ -59,7 +63,9 @@ def tree_unflatten(spec, leaves):
     if kind == "dict":
         return {key: value for key, value in out}
     values = [value for _, value in out]
-    return tuple(values) if kind == "tuple" else values
+    if hasattr(kind, "_fields"):  # a namedtuple
+        return kind(*values)
+    return kind(values)
 
 
 def tree_map(fn, tree, *rest):

@@ -4,6 +4,7 @@ Each test fails on the code before its fix; the numbers in the docstrings are
 the ones measured there.
 """
 
+import collections
 import math
 import warnings
 
@@ -447,3 +448,31 @@ def test_minimize_newton_checks_its_arguments(kwargs, error, match):
     x, result = minimize_newton(_quartic, torch.full((2,), 3.0, dtype=DT))
     assert result.converged and torch.allclose(x, torch.tensor([0.2123, 0.3255], dtype=DT),
                                                atol=1e-4)
+
+
+_Params = collections.namedtuple("_Params", ["w", "b"])
+
+
+@pytest.mark.parametrize("strategy, solver", [
+    ("cg", None), ("reverse", GradientDescent(lr=0.5, n_steps=300)),
+    ("forward", GradientDescent(lr=0.5, n_steps=300)),
+])
+def test_namedtuple_theta_stays_a_namedtuple(strategy, solver):
+    """A namedtuple theta was rebuilt as a list by the tree helpers (its type
+    name is not 'tuple'), so the inner loss failed on theta.w with
+    "AttributeError: 'list' object has no attribute 'w'" in every strategy.
+    It now keeps its type, and the hypergradient is the dense strategy's."""
+    X, y, Xv, yv = _ridge_data()
+
+    def inner(theta, la):
+        return 0.5 * ((X @ theta.w + theta.b - y) ** 2).mean() + 0.5 * la.exp() * (theta.w**2).sum()
+
+    grads = []
+    for how, how_solver in ((strategy, solver), ("dense", None)):
+        la = torch.tensor(0.3, dtype=DT, requires_grad=True)
+        init = _Params(torch.zeros(4, dtype=DT), torch.zeros((), dtype=DT))
+        theta, _ = argmin(inner, la, init, hypergradient=how, solver=how_solver)
+        assert isinstance(theta, _Params)
+        ((Xv @ theta.w + theta.b - yv) ** 2).mean().backward()
+        grads.append(la.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6), grads
