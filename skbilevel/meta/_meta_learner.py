@@ -264,17 +264,18 @@ class _MetaLearnerMixin:
             self._check_query_loss(method, y_t, n_outputs_task)
 
     def _check_query_loss(self, method, y_t, n_outputs_task):
-        """Warn when meta-training ends far worse than a guess, as when the inner
-        steps diverge: the fit itself stays finite, and silent (raw digits at
-        ``inner_lr=0.5``: query loss 2.2e4, new tasks at chance)."""
+        """Warn when meta-training ends far worse than a guess: inner steps that
+        overshoot keep the fit finite, and silent (raw digits at
+        ``inner_lr=0.5``: query loss 2.2e4, new tasks at chance); so does a fit
+        cut short on targets of a small scale."""
         if y_t.dtype == torch.long:
             reference = math.log(n_outputs_task)
             what = f"that of a uniform guess over {n_outputs_task} classes"
-            scale = "standardize X"
+            scale = "Standardize X"
         else:
             reference = float(y_t.double().pow(2).mean())
             what = "that of predicting 0 (the mean square of y)"
-            scale = "standardize X and y"
+            scale = "Standardize X and y"
         tail = self.history_[-max(1, len(self.history_) // 10):]
         if not (tail.size and reference > 0):
             return
@@ -284,9 +285,9 @@ class _MetaLearnerMixin:
         warnings.warn(
             f"Meta-training did not learn to adapt: the query loss after adaptation "
             f"averaged {level:.3g} over the last {tail.size} meta-iteration(s), "
-            f"{level / reference:.3g} times {what} ({reference:.3g}). The inner steps "
-            f"overshoot or diverge: lower inner_lr (now {method.inner_lr:g}) or "
-            f"{scale}.",
+            f"{level / reference:.3g} times {what} ({reference:.3g}). {scale}; lower "
+            f"inner_lr (now {method.inner_lr:g}) where the inner steps overshoot, or "
+            f"raise max_iter (now {self.max_iter}) where meta-training is cut short.",
             ConvergenceWarning,
         )
 
