@@ -116,7 +116,10 @@ def _replace_tensors(value, mapping):
     if isinstance(value, dict):
         return {k: _replace_tensors(v, mapping) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_replace_tensors(v, mapping) for v in value)
+        items = [_replace_tensors(v, mapping) for v in value]
+        # (a namedtuple takes its fields one by one: "P.__new__() missing 1
+        # required positional argument" for learned per-leaf step sizes)
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     return value
 
 

@@ -476,3 +476,26 @@ def test_namedtuple_theta_stays_a_namedtuple(strategy, solver):
         ((Xv @ theta.w + theta.b - yv) ** 2).mean().backward()
         grads.append(la.grad)
     assert torch.allclose(grads[0], grads[1], rtol=1e-6), grads
+
+
+def test_forward_mode_with_learned_step_sizes_in_a_namedtuple():
+    """Per-leaf learned step sizes given as a namedtuple (shaped like a
+    namedtuple theta): the forward strategy rebuilt the solver's lr with
+    type(value)(generator) and failed with "_Params.__new__() missing 1 required
+    positional argument: 'b'". Now its gradients equal reverse mode's."""
+    X, y, _, _ = _ridge_data()
+
+    def inner(theta, la):
+        return 0.5 * ((X @ theta.w + theta.b - y) ** 2).mean() + 0.5 * la.exp() * (theta.w**2).sum()
+
+    grads = []
+    for strategy in ("reverse", "forward"):
+        la = torch.tensor(0.3, dtype=DT, requires_grad=True)
+        lr = _Params(torch.tensor(0.3, dtype=DT, requires_grad=True),
+                     torch.tensor(0.2, dtype=DT, requires_grad=True))
+        init = _Params(torch.zeros(4, dtype=DT), torch.zeros((), dtype=DT))
+        theta, _ = argmin(inner, la, init, hypergradient=strategy,
+                          solver=GradientDescent(lr=lr, n_steps=20))
+        (theta.w.sum() + theta.b).backward()
+        grads.append(torch.stack([la.grad, lr.w.grad, lr.b.grad]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-10), grads
