@@ -466,13 +466,23 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
     def _minimize(self, value_and_grad, values, eigvals_list, n_alphas):
         """The search for ``n_alphas`` independent log-alphas (one per target
         with ``alpha_per_target``, else one)."""
+        grid = _log_alpha_grid(eigvals_list)
+        # the search's bounds reach 26 decades beyond the grid, which follows the
+        # spectrum: minimize_log_alpha's own (+-120, alpha within 1e+-52) clamped
+        # X * 1e-30's alpha (1e-60 times the unscaled one) at e^-120, and an
+        # alpha_init there landed e^18 away from it (exp(+-700): finite)
+        bounds = (
+            max(min(-120.0, grid[0] - 60.0), -700.0),
+            min(max(120.0, grid[-1] + 60.0), 700.0),
+        )
         if self.alpha_init is None:
             return minimize_log_alpha(
                 value_and_grad,
                 values=values,
-                grid=_log_alpha_grid(eigvals_list),
+                grid=grid,
                 tol=self.tol,
                 max_iter=self.max_iter,
+                bounds=bounds,
                 expand=True,
             )
         return minimize_log_alpha(
@@ -480,6 +490,7 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
             x0=np.full(n_alphas, math.log(self.alpha_init)),
             tol=self.tol,
             max_iter=self.max_iter,
+            bounds=bounds,
         )
 
     def _report(self, result):

@@ -233,3 +233,20 @@ def test_bilevel_ridge_small_targets_find_the_alpha_of_the_unscaled_ones(dtype, 
         np.testing.assert_allclose(model.predict(X) / scale, ref64.predict(X), atol=1e-2)
     if scale > 1e-100:  # (below, the squared errors themselves are subnormal)
         assert model.best_score_ / scale**2 == pytest.approx(ref.best_score_, rel=1e-2)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_bilevel_ridge_alpha_follows_far_scaled_features(scale):
+    # the search's bounds were minimize_log_alpha's own, alpha within e^+-120
+    # (1e+-52), whatever the spectrum: with X * 1e-30 the leave-one-out alpha
+    # (1e-60 times X's) stayed at a grid point 7% off, and alpha_init = the
+    # right alpha (clamped to e^+-120) ended e^18 away from it
+    rng = np.random.RandomState(0)
+    X = rng.randn(200, 12)
+    y = X[:, :3] @ [3.0, -2.0, 1.0] + rng.randn(200)
+    ref = BilevelRidgeCV().fit(X, y)
+    expected = ref.alpha_ * scale**2
+    for model in (BilevelRidgeCV(), BilevelRidgeCV(alpha_init=expected)):
+        model.fit(X * scale, y)
+        assert model.alpha_ == pytest.approx(expected, rel=1e-3, abs=0)
+        assert model.best_score_ == pytest.approx(ref.best_score_, rel=1e-9)
