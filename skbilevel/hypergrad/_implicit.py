@@ -456,6 +456,7 @@ class ImplicitCG(_Implicit):
         Start CG from the previous call's solution when its shape, dtype and
         device match (useful when the outer loop calls :func:`argmin`
         repeatedly; ignored when worse than the zero start).
+        ``info.extra["warm_started"]`` says whether it was used.
     fallback : {None, "dense"}, default=None
         With ``"dense"``, a CG that does not converge is followed by a dense
         solve of the Hessian when ``dim(theta) <= dense_max_dim``; the
@@ -544,7 +545,8 @@ class ImplicitCG(_Implicit):
         v, result = solve_cg(
             matvec, b, x0=x0, tol=tol, maxiter=maxiter, preconditioner=pre
         )
-        info.extra["warm_started"] = x0 is not None
+        # whether CG used it: a start worse than zero is dropped (it read True)
+        info.extra["warm_started"] = bool(result.warm_started)
         info.extra["preconditioned"] = pre is not None
         method, extra_fallback = "CG", None
         use_dense = self.fallback == "dense" and n <= self.dense_max_dim

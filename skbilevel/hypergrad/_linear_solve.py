@@ -51,6 +51,9 @@ class LinearSolveResult:
         along a direction of non-positive curvature, ...).
     message : str
         Why the solve stopped, in words.
+    warm_started : bool or None
+        :func:`solve_cg`: whether the start ``x0`` was used (it is ignored
+        when not finite or worse than the zero start); ``None`` without one.
 
     Examples
     --------
@@ -66,6 +69,7 @@ class LinearSolveResult:
     n_matvec: int
     fallback: Optional[str] = None
     message: str = ""
+    warm_started: Optional[bool] = None
 
 
 def _default_tol(dtype):
@@ -294,6 +298,7 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     n_matvec = 0
     x = torch.zeros_like(bf)
     r = bf.clone()
+    warm_started = None if x0 is None else False
     if x0 is not None:
         if not isinstance(x0, torch.Tensor) or x0.numel() != n:
             # (a start of another shape was ignored silently)
@@ -307,6 +312,7 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
             n_matvec += 1
             if _norm(r0) < b_norm:
                 x, r = x0f.clone(), r0
+                warm_started = True
     z, rz = apply_inverse(r)
     p = z.clone()
     rs = float(r @ r)
@@ -397,6 +403,7 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
         n_matvec=n_matvec,
         fallback=fallback,
         message=message,
+        warm_started=warm_started,
     )
     return best_x.reshape(shape), result
 

@@ -31,6 +31,7 @@ from skbilevel.hypergrad import (
     batched_cg,
     minimize_newton,
     minimize_outer,
+    solve_cg,
 )
 
 DT = torch.float64
@@ -499,3 +500,27 @@ def test_forward_mode_with_learned_step_sizes_in_a_namedtuple():
         (theta.w.sum() + theta.b).backward()
         grads.append(torch.stack([la.grad, lr.w.grad, lr.b.grad]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-10), grads
+
+
+def test_cg_warm_start_record_says_whether_the_start_was_used():
+    """ImplicitCG(warm_start=True) recorded warm_started=True whenever it had a
+    previous solution, also when solve_cg dropped it for being worse than the
+    zero start (the next outer gradient of opposite sign: CG ran its 4
+    iterations from zero). The record now follows solve_cg, which reports it
+    (LinearSolveResult.warm_started)."""
+    X, y, _, _ = _ridge_data()
+
+    def inner(w, la):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * la.exp() * (w**2).sum()
+
+    strategy = ImplicitCG(warm_start=True)
+    used = []
+    for sign in (1.0, -1.0, -1.0):
+        la = torch.tensor(0.3, dtype=DT, requires_grad=True)
+        theta, info = argmin(inner, la, torch.zeros(4, dtype=DT), hypergradient=strategy)
+        (sign * 1000.0 * theta.sum()).backward()
+        used.append(info.extra["warm_started"])
+    assert used == [False, False, True]
+    b = torch.ones(2, dtype=DT)
+    _, result = solve_cg(lambda v: 2.0 * v, b, x0=-b)
+    assert result.warm_started is False
