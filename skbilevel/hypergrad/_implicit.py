@@ -95,7 +95,7 @@ class _ImplicitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state, *phi_leaves):
         ctx.state = state
-        return tuple(t.clone() for t in state.theta_leaves)
+        return tuple(t.clone() for t in state.outputs)
 
     @staticmethod
     @once_differentiable
@@ -116,7 +116,14 @@ class _BackwardState:
         self.phi_leaves = [p.detach() for p in phi_leaves]
         self.phi_spec = phi_spec
         self.grad_idx = grad_idx
-        self.theta_leaves = theta_leaves
+        # the outputs keep each leaf's dtype; the backward pass computes in their
+        # promoted dtype, as LBFGS and NewtonCG iterate (a float32 block of H
+        # beside float64 ones held CG's residual at 4e-8 > its tol 1e-10)
+        self.outputs = theta_leaves
+        dtype = theta_leaves[0].dtype if theta_leaves else None
+        for t in theta_leaves:
+            dtype = torch.promote_types(dtype, t.dtype)
+        self.theta_leaves = [t.to(dtype) for t in theta_leaves]
         self.theta_spec = theta_spec
         self.info = info
         self._theta = None

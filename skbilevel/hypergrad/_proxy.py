@@ -581,8 +581,9 @@ class EvoGrad(HypergradientStrategy):
         w_det = weights.detach()
         ess = float(1.0 / (w_det**2).sum())
         # sum_k w_k theta_k = theta_hat + sigma sum_k w_k eps_k (sum w = 1)
+        # in the weights' dtype, then the leaf's (theta's leaves may differ)
         out = [
-            t + self.sigma * torch.tensordot(weights, e, dims=1)
+            t + (self.sigma * torch.tensordot(weights, e.to(weights.dtype), dims=1)).to(t.dtype)
             for t, e in zip(leaves, eps)
         ]
         info.n_grad += n  # backward: one pass through each of the n loss evaluations

@@ -34,7 +34,7 @@ from ._base import (
     _within_tol,
 )
 from ._linear_solve import _default_tol, solve_cg
-from ._tree import tree_detach, tree_to_vector, vector_to_tree
+from ._tree import tree_detach, tree_map, tree_to_vector, vector_to_tree
 
 __all__ = ["LBFGS", "NewtonCG"]
 
@@ -108,6 +108,16 @@ class _FixedPhi:
 
     def __call__(self, theta):
         return self.inner_loss(theta, self.phi)
+
+
+def _as_tree(x, like):
+    """The flat iterate ``x`` as a tree like ``like``, each leaf in its own dtype.
+
+    ``x`` has the promoted dtype of the leaves, in which the solvers iterate:
+    a float32 leaf beside a float64 one came back float64 (and an outer loss
+    on float32 data failed on mismatched dtypes).
+    """
+    return tree_map(lambda t, leaf: t.to(leaf.dtype), vector_to_tree(x, like), like)
 
 
 def _problem_preconditioner(hessian_preconditioner, hessian_diagonal, theta):
@@ -478,7 +488,7 @@ class LBFGS(InnerSolver):
         )
         if not converged and self.warn:
             _warn_inner("LBFGS", result, tol, self.max_iter)
-        return vector_to_tree(x, like), result
+        return _as_tree(x, like), result
 
 
 class NewtonCG(InnerSolver):
@@ -651,7 +661,7 @@ class NewtonCG(InnerSolver):
         )
         if not converged and self.warn:
             _warn_inner("NewtonCG", result, tol, self.max_iter)
-        return vector_to_tree(x, like), result
+        return _as_tree(x, like), result
 
     @staticmethod
     def _backtrack(problem, x, d, f, gtd, c1=1e-4, max_halvings=40):

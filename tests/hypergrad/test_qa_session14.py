@@ -524,3 +524,36 @@ def test_cg_warm_start_record_says_whether_the_start_was_used():
     b = torch.ones(2, dtype=DT)
     _, result = solve_cg(lambda v: 2.0 * v, b, x0=-b)
     assert result.warm_started is False
+
+
+@pytest.mark.parametrize("strategy, solver", [
+    ("cg", LBFGS()), ("cg", NewtonCG()), ("dense", LBFGS()), ("evograd", LBFGS()),
+    ("cg", GradientDescent(lr=0.02, n_steps=3000)),
+])
+def test_mixed_precision_theta_keeps_each_leaf_dtype(strategy, solver):
+    """A float32 weight beside a float64 bias: LBFGS and NewtonCG iterate on
+    one flat vector of the promoted dtype and returned every leaf float64, so
+    'cg' gave theta['w'] in float64 and an outer loss on float32 data failed
+    with 'expected m1 and m2 to have the same dtype' (where 'reverse' kept
+    float32). Leaves now keep their dtypes; the implicit backward pass still
+    computes in the promoted dtype (so CG meets its float64 tolerance, as
+    before, also from a fixed-step solver's float32 leaf), and evograd mixes
+    the dtypes without failing."""
+    X, y, Xv, yv = _ridge_data()
+
+    def inner(theta, la):
+        w, b = theta["w"].double(), theta["b"]
+        return 0.5 * ((X @ w + b - y) ** 2).mean() + 0.5 * la.exp() * (w**2).sum()
+
+    init = {"w": torch.zeros(4), "b": torch.zeros((), dtype=DT)}
+    la = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    kwargs = {"hypergradient": EvoGrad(random_state=0)} if strategy == "evograd" else {
+        "hypergradient": strategy}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        theta, info = argmin(inner, la, init, solver=solver, **kwargs)
+        assert theta["w"].dtype == torch.float32 and theta["b"].dtype == DT
+        ((Xv.float() @ theta["w"] + theta["b"] - yv) ** 2).mean().backward()
+    assert torch.isfinite(la.grad)
+    if strategy != "evograd":
+        assert info.linear_solve_converged
