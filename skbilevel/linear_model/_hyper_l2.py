@@ -228,6 +228,24 @@ def _groups_from_penalty(penalty, n_features):
     return groups, int(groups.max()) + 1 if n_features else 0
 
 
+def _out_of_range(X, dtype, headroom=1.0, floor=1.0):
+    """Each feature's largest ``|value|``, and whether its sum of squares
+    (times ``headroom``) overflows ``dtype`` or its square (over ``floor``)
+    underflows (see :func:`_check_magnitudes`)."""
+    finfo = np.finfo(np.float32 if dtype == torch.float32 else np.float64)
+    n = max(X.shape[0], 1)
+    if sp.issparse(X):
+        col_max = np.asarray(abs(X).max(axis=0).todense()).reshape(-1)
+    else:
+        # (no |X| temporary: a copy of X)
+        col_max = np.maximum(X.max(axis=0), -X.min(axis=0))
+    col_max = col_max.astype(np.float64)
+    with np.errstate(over="ignore", under="ignore"):
+        big = col_max * col_max * n * headroom > finfo.max
+        small = (col_max > 0) & (col_max * col_max < finfo.tiny * floor)
+    return col_max, big, small
+
+
 def _check_magnitudes(X, y, dtype, name, headroom=1.0, floor=1.0):
     """Refuse features (and a target) whose squares leave the range of ``dtype``.
 
@@ -242,15 +260,7 @@ def _check_magnitudes(X, y, dtype, name, headroom=1.0, floor=1.0):
     :func:`_offsets`."""
     finfo = np.finfo(np.float32 if dtype == torch.float32 else np.float64)
     n = max(X.shape[0], 1)
-    if sp.issparse(X):
-        col_max = np.asarray(abs(X).max(axis=0).todense()).reshape(-1)
-    else:
-        # (no |X| temporary: a copy of X)
-        col_max = np.maximum(X.max(axis=0), -X.min(axis=0))
-    col_max = col_max.astype(np.float64)
-    with np.errstate(over="ignore", under="ignore"):
-        big = col_max * col_max * n * headroom > finfo.max
-        small = (col_max > 0) & (col_max * col_max < finfo.tiny * floor)
+    col_max, big, small = _out_of_range(X, dtype, headroom, floor)
     precision = str(finfo.dtype)
     if big.any() or small.any():
         j = int(np.flatnonzero(big | small)[0])
@@ -1810,8 +1820,9 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         folds' Hessian-vector products (conjugate gradient's directions) run
         in float32, with half the memory traffic; gradients, losses and
         solutions stay in float64 (see ``LogisticFolds``' ``hvp_dtype``).
-        Positive sample weights outside ``(1e-20, 1e20)`` keep float64
-        products (float32 would under- or overflow).
+        Positive sample weights outside ``(1e-20, 1e20)``, and features
+        outside the range ``dtype="float32"`` accepts, keep float64 products
+        (float32 would under- or overflow).
     verbose : int, default=0
     random_state : int, RandomState instance or None, default=None
     warm_start : bool, default=False
@@ -2090,6 +2101,13 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             # matmul', CG stopped at p^T A p = nan)
             positive = sw[sw > 0]
             low = low and 1e-20 < positive.min() and positive.max() < 1e20
+            # ... and X as well: the range a float32 fit accepts (X * 1e100 in
+            # float64 cast to float32 is inf: 5438 'invalid value encountered in
+            # matmul' RuntimeWarnings, X * 1e-100 is 0: 73 and CG stopped at
+            # p^T A p = nan)
+            if low:
+                _, big, small = _out_of_range(Xc, torch.float32, headroom=1e10, floor=1e4)
+                low = not (big.any() or small.any())
             hvp_dtype = torch.float32 if low else None
             batches = [
                 LogisticFolds(

@@ -250,3 +250,22 @@ def test_bilevel_ridge_alpha_follows_far_scaled_features(scale):
         model.fit(X * scale, y)
         assert model.alpha_ == pytest.approx(expected, rel=1e-3, abs=0)
         assert model.best_score_ == pytest.approx(ref.best_score_, rel=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e-30, 1e100])
+def test_classifier_float32_products_only_for_x_float32_can_hold(scale):
+    # float64 fits ran their Hessian-vector products in float32 whatever X's
+    # scale: X * 1e100 cast to float32 is inf (5438 'invalid value encountered in
+    # matmul' RuntimeWarnings), X * 1e-100 is 0 (73 warnings, CG stopped at
+    # p^T A p = nan)
+    rng = np.random.RandomState(0)
+    X = rng.randn(200, 12)
+    y = (X[:, :3] @ [3.0, -2.0, 1.0] + 2 * rng.randn(200) > 0).astype(int)
+    ref = HyperL2Classifier(random_state=0).fit(X, y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = HyperL2Classifier(random_state=0).fit(X * scale, y)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    if scale < 1:
+        assert not caught
+    np.testing.assert_allclose(model.predict_proba(X * scale), ref.predict_proba(X), atol=2e-3)
