@@ -70,6 +70,7 @@ from ._base import (
     warn_linear_solve,
 )
 from ._linear_solve import (
+    _check_finite_rhs,
     _default_tol,
     solve_cg,
     solve_dense,
@@ -136,6 +137,9 @@ class _BackwardState:
             for g, t in zip(grad_outputs, self.theta_leaves)
         ]
         b = torch.cat([g.reshape(-1) for g in b_leaves])
+        # one check for every strategy: a NaN outer gradient read, with Neumann or
+        # the identity, as a series that diverged or a singular Hessian
+        _check_finite_rhs(float(torch.linalg.vector_norm(b)))
         if not bool(torch.any(b != 0)):
             return self._no_solve()
         if getattr(self.inner_loss, "hvp", None) is not None:

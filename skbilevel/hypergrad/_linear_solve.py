@@ -132,6 +132,15 @@ def _as_flat(matvec, b, where="solve"):
     return flat_matvec, b.reshape(-1), shape
 
 
+def _check_finite_rhs(b_norm):
+    """A ``ValueError`` for a right-hand side whose norm ``b_norm`` is not finite."""
+    if not math.isfinite(b_norm):
+        raise ValueError(
+            f"The right-hand side of the linear solve is not finite (norm {b_norm}); "
+            "check the outer loss and the inner solution for NaN or inf."
+        )
+
+
 def _norm(v):
     return float(torch.linalg.vector_norm(v))
 
@@ -276,11 +285,7 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
         return torch.zeros_like(b), LinearSolveResult(
             0, 0.0, True, 0, message="b = 0: the solution is 0."
         )
-    if not math.isfinite(b_norm):
-        raise ValueError(
-            f"The right-hand side of the linear solve is not finite (norm {b_norm}); "
-            "check the outer loss and the inner solution for NaN or inf."
-        )
+    _check_finite_rhs(b_norm)
 
     def apply_inverse(r):
         """``z = M^{-1} r`` and ``r^T z`` (``r`` itself and ``||r||^2`` without M)."""

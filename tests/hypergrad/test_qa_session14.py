@@ -22,6 +22,7 @@ from skbilevel.hypergrad import (
     GradientDescent,
     ImplicitCG,
     ImplicitDense,
+    ImplicitIdentity,
     ImplicitNeumann,
     KernelRidgeSolver,
     NewtonCG,
@@ -557,3 +558,22 @@ def test_mixed_precision_theta_keeps_each_leaf_dtype(strategy, solver):
     assert torch.isfinite(la.grad)
     if strategy != "evograd":
         assert info.linear_solve_converged
+
+
+@pytest.mark.parametrize("strategy", [
+    "neumann", ImplicitNeumann(step=0.01), "identity", ImplicitIdentity(step=0.1),
+])
+def test_nan_outer_gradient_is_named_by_every_implicit_strategy(strategy):
+    """A NaN outer loss: 'cg' and 'dense' said the right-hand side is not finite
+    (check the outer loss), but Neumann blamed the eigenvalue estimate ('pass
+    ImplicitNeumann(step=...)') or a singular Hessian, and the identity a
+    singular Hessian. All now raise the same ValueError."""
+    X, y, _, _ = _ridge_data()
+
+    def inner(w, la):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * la.exp() * (w**2).sum()
+
+    la = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    theta, _ = argmin(inner, la, torch.zeros(4, dtype=DT), hypergradient=strategy)
+    with pytest.raises(ValueError, match="right-hand side of the linear solve is not finite"):
+        (theta.sum() * math.nan).backward()
