@@ -153,6 +153,8 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
     alpha_ : float or ndarray of shape (n_targets,)
         The penalty found (one per target if ``alpha_per_target``).
     coef_ : ndarray of shape (n_features,) or (n_targets, n_features)
+        ``(n_features,)`` also for ``y`` of shape ``(n_samples, 1)``, as in
+        ``RidgeCV`` (``predict`` then returns shape ``(n_samples,)``).
     intercept_ : float or ndarray of shape (n_targets,)
     best_score_ : float or ndarray of shape (n_targets,)
         Negative mean squared LOO (or validation) error at ``alpha_``, the
@@ -356,7 +358,10 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         score = (0.0 - result.fun) * (y_scale * y_scale)
         self.best_score_ = score if per_target else float(score[0])
         coef = to_numpy(theta["coef"]) * y_scale
-        self.coef_ = coef if coef.ndim == 1 else coef.T.copy()
+        # y of shape (n_samples, 1): coef_ of shape (n_features,) and predictions of
+        # shape (n_samples,), as Ridge and RidgeCV give since scikit-learn 1.5
+        one = coef.ndim == 1 or coef.shape[1] == 1
+        self.coef_ = coef.reshape(-1) if one else coef.T.copy()
         if self.fit_intercept:
             intercept = to_numpy(theta["intercept"]) * y_scale
             self.intercept_ = float(intercept) if intercept.ndim == 0 else intercept

@@ -8,6 +8,7 @@ import pytest
 import torch
 from sklearn.datasets import load_breast_cancer, make_classification, make_regression
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold
 from sklearn.preprocessing import StandardScaler
 
@@ -269,3 +270,22 @@ def test_classifier_float32_products_only_for_x_float32_can_hold(scale):
     if scale < 1:
         assert not caught
     np.testing.assert_allclose(model.predict_proba(X * scale), ref.predict_proba(X), atol=2e-3)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("cv", [None, 3])
+def test_bilevel_ridge_column_target_has_ridgecv_shapes(fit_intercept, cv):
+    # y of shape (n, 1): coef_ was (1, n_features) and predict returned (n, 1),
+    # where RidgeCV (and Ridge, since scikit-learn 1.5) give (n_features,) and (n,)
+    X, y = make_regression(40, 5, noise=5, random_state=0)
+    Y = y[:, None]
+    model = BilevelRidgeCV(cv=cv, fit_intercept=fit_intercept).fit(X, Y)
+    ref = RidgeCV(alphas=[model.alpha_], cv=cv, fit_intercept=fit_intercept).fit(X, Y)
+    assert model.coef_.shape == ref.coef_.shape == (5,)
+    assert np.shape(model.intercept_) == np.shape(ref.intercept_)
+    assert model.predict(X).shape == ref.predict(X).shape == (40,)
+    np.testing.assert_allclose(model.predict(X), ref.predict(X), rtol=1e-10)
+    # the same model as the 1-D target's
+    flat = BilevelRidgeCV(cv=cv, fit_intercept=fit_intercept).fit(X, y)
+    np.testing.assert_allclose(model.coef_, flat.coef_, rtol=1e-12)
+    np.testing.assert_allclose(model.predict(X), flat.predict(X), rtol=1e-12)
