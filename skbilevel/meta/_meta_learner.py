@@ -387,10 +387,18 @@ class _MetaLearnerMixin:
         with torch.no_grad():
             out = method.predict(model, meta, task, X_t, n_outputs=n_outputs)
         if not bool(torch.isfinite(out).all()):
+            # the adapted parameters were finite when adapt checked them: say which
+            # of them and X is out of scale
+            bad = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
+            x_max = float(np.abs(np.asarray(X)[to_numpy(bad)]).max())
+            w_max = max((float(v.abs().max()) for v in task_state.values() if v.numel()),
+                        default=0.0)
             raise ValueError(
-                f"The adapted model's outputs on {X.shape[0]} samples are not finite "
-                "(they overflow): the adaptation found very large parameters. "
-                "Standardize X (and y for regression) or lower inner_lr, and refit."
+                f"The adapted model's outputs on {int(bad.sum())} of {X.shape[0]} "
+                f"samples are not finite (they overflow): those samples reach |x| = "
+                f"{x_max:.3g}, and the adapted parameters |w| = {w_max:.3g}. Scale X "
+                "as in fit (standardize it, and y for regression), or lower inner_lr "
+                "and refit if the parameters are the large ones."
             )
         return to_numpy(out).astype(np.float64)
 

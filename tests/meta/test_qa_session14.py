@@ -132,3 +132,17 @@ def test_skorch_net_as_backbone_is_refused_with_the_way_to_its_module():
     with pytest.raises(ValueError, match=r"not a built-in model; use one of \['linear', "
                        r"'mlp'\], a torch.nn.Module class or instance\.$"):
         MetaLearnerClassifier("cnn", **_KW).fit(X, y)
+
+
+def test_non_finite_predictions_say_which_samples_and_scale():
+    # X far beyond the training data's scale made the outputs overflow, and the
+    # message blamed 'very large parameters' found by the adaptation (they were
+    # checked finite and small when adapted), without saying which samples
+    X, y = _data()
+    meta = MetaLearnerClassifier(**_KW).fit(X, y)
+    X_new = X[:4].copy()
+    X_new[1] = 1.7e308
+    with pytest.raises(ValueError, match=r"outputs on 1 of 4 samples are not finite .* "
+                       r"reach \|x\| = 1.7e\+308, and the adapted parameters \|w\| = "
+                       r"0\.\d+\. Scale X as in fit"):
+        meta.predict(X_new)
