@@ -21,10 +21,18 @@ def parse_args(topic, description):
     parser.add_argument("--quick", action="store_true", help="small problems, for CI")
     parser.add_argument(
         "--json",
-        default=os.path.join(RESULTS_DIR, f"{topic}.json"),
-        help=f"where to write the results (default: benchmarks/results/{topic}.json)",
+        default=None,
+        help=(
+            f"where to write the results (default: benchmarks/results/{topic}.json, "
+            f"or benchmarks/results/quick/{topic}.json with --quick, so that a quick "
+            "pass never replaces the shipped full run)"
+        ),
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.json is None:
+        folder = os.path.join(RESULTS_DIR, "quick") if args.quick else RESULTS_DIR
+        args.json = os.path.join(folder, f"{topic}.json")
+    return args
 
 
 def timed(fn, *args, repeat=1, **kwargs):
