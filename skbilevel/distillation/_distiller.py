@@ -834,7 +834,19 @@ class DatasetDistiller(BaseEstimator):
                     out.append(to_numpy(module(Xc)))
         if not out:
             return np.zeros((0, len(getattr(self, "classes_", [0]))))
-        return np.concatenate(out).reshape(Xz.shape[0], -1)
+        F = np.concatenate(out).reshape(Xz.shape[0], -1)
+        bad = ~np.isfinite(F).all(axis=1)
+        if bad.any():
+            # NaN scores gave class 0 (argmax) and NaN regression values, silently
+            raise ValueError(
+                f"The model's outputs on {int(bad.sum())} of {len(F)} samples are not "
+                "finite: those samples lie far outside the data fitted (up to "
+                f"{float(np.abs(Xz[bad]).max()):.3g} standard deviations from its mean, "
+                f"where the kernel or network overflows in "
+                f"{str(dtype).replace('torch.', '')}). Check them for corrupt values, or "
+                "scale them as the training data."
+            )
+        return F
 
     def _fitted_kip(self):
         """Whether the fitted model is kernel ridge (KIP) rather than a network."""

@@ -158,3 +158,21 @@ def test_fewer_distinct_samples_than_asked_warns_once_per_class_and_clearly():
         assert sum("Class 0 has 2 distinct sample(s), fewer than the 3" in m
                    for m in messages) == 1
         assert sum("Class 1 has 2 distinct" in m for m in messages) == 1
+
+
+def test_non_finite_outputs_raise_instead_of_predicting_class_0():
+    # a row far outside the data (|x| 1e200) made the NTK outputs NaN: predict
+    # returned class 0 and predict_proba NaN, silently; the regression twin NaN
+    X, y = _iris()
+    X_new = X[:3].copy()
+    X_new[1] *= 1e200
+    dd = DatasetDistiller(n_per_class=1, max_iter=2, random_state=0).fit(X, y)
+    with pytest.raises(ValueError, match=r"outputs on 1 of 3 samples are not finite: "
+                       r".*up to \d.*e\+200 standard deviations"):
+        dd.predict(X_new)
+    dd = DatasetDistiller(n_distilled=2, max_iter=2, random_state=0).fit(X[:, 1:], X[:, 0])
+    with pytest.raises(ValueError, match="not finite"):
+        dd.predict(X_new[:, 1:])
+    # the RBF kernel stays finite there (exp(-inf) = 0): it still predicts
+    dd = DatasetDistiller(n_per_class=1, kernel="rbf", max_iter=2, random_state=0).fit(X, y)
+    assert dd.predict(X_new).shape == (3,)
