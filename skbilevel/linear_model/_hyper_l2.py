@@ -1035,9 +1035,14 @@ class _HyperL2Base(BaseEstimator):
                 stage1 = None  # base is re-evaluated at the floored start
             phi0 = torch.full((n_groups,), center, dtype=dtype, device=device)
             if self.verbose:
+                # (one penalty: the shared search is the fit, no stage follows)
+                after = (
+                    f"; per-feature stages start at {math.exp(center):.4g}"
+                    if n_groups > 1 else ""
+                )
                 print(
                     f"[{self._name}] shared alpha {math.exp(shared):.4g} (cv loss "
-                    f"{base:.6g}); per-feature stages start at {math.exp(center):.4g}"
+                    f"{base:.6g}){after}"
                 )
         info = objective.last_info
 

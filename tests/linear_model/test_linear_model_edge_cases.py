@@ -289,3 +289,13 @@ def test_bilevel_ridge_column_target_has_ridgecv_shapes(fit_intercept, cv):
     flat = BilevelRidgeCV(cv=cv, fit_intercept=fit_intercept).fit(X, y)
     np.testing.assert_allclose(model.coef_, flat.coef_, rtol=1e-12)
     np.testing.assert_allclose(model.predict(X), flat.predict(X), rtol=1e-12)
+
+
+def test_verbose_scalar_fit_names_no_per_feature_stage(capsys):
+    # penalty="scalar" has no per-feature stage; its verbose line announced one
+    X, y = make_regression(60, 4, noise=5, random_state=0)
+    HyperL2Regressor(penalty="scalar", verbose=1).fit(X, y)
+    out = capsys.readouterr().out
+    assert "shared alpha" in out and "per-feature stages" not in out
+    HyperL2Regressor(verbose=1).fit(X, y)
+    assert "per-feature stages start at" in capsys.readouterr().out
