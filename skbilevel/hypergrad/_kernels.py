@@ -318,6 +318,9 @@ def kernel_diagonal(X, kernel="rbf", **params):
     """
     if callable(kernel) or kernel not in _KERNELS:
         return torch.diagonal(pairwise_kernel(X, kernel=kernel, **params))
+    # the kernel's own checks of its parameters, names and values, on one row
+    # (a misspelt one, gama=0.1, was ignored here where pairwise_kernel refuses it)
+    pairwise_kernel(X[:1], kernel=kernel, **params)
     sq = (X * X).sum(1)
     if kernel == "linear":
         return sq

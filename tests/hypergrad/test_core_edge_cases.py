@@ -577,3 +577,18 @@ def test_nan_outer_gradient_is_named_by_every_implicit_strategy(strategy):
     theta, _ = argmin(inner, la, torch.zeros(4, dtype=DT), hypergradient=strategy)
     with pytest.raises(ValueError, match="right-hand side of the linear solve is not finite"):
         (theta.sum() * math.nan).backward()
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf", "poly", "ntk", "nngp"])
+def test_kernel_diagonal_refuses_what_pairwise_kernel_refuses(kernel):
+    # a misspelt parameter was silently ignored by kernel_diagonal
+    from skbilevel.hypergrad import kernel_diagonal, pairwise_kernel
+
+    X = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Bad parameters"):
+        pairwise_kernel(X, kernel=kernel, gama=0.1)
+    with pytest.raises(ValueError, match="Bad parameters"):
+        kernel_diagonal(X, kernel=kernel, gama=0.1)
+    torch.testing.assert_close(
+        kernel_diagonal(X, kernel=kernel), pairwise_kernel(X, kernel=kernel).diagonal()
+    )
