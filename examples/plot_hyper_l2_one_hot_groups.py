@@ -64,11 +64,12 @@ for name, model in models.items():
 # The learned penalty of each column
 # ----------------------------------
 # The informative columns get small penalties, smaller the larger their
-# effects; the four noise columns get penalties four to six decades above
-# those (their one-hot coefficients are shrunk to nearly zero). ``RidgeCV``'s
-# single penalty sits in between and serves none of them well. The black
-# marks are the ridge penalty that a Gaussian prior on the level effects
-# calls for, ``sigma^2 / std^2`` (``sigma = 1`` here). With 60 samples per
+# effects; the four noise columns get penalties above all of those, from
+# more than a decade above the weakest informative column's to nearly seven
+# above the strongest's (their one-hot coefficients are shrunk to nearly
+# zero). ``RidgeCV``'s single penalty sits in between and serves none of
+# them well. The black marks are the ridge penalty that a Gaussian prior
+# on the level effects calls for, ``sigma^2 / std^2`` (``sigma = 1`` here). With 60 samples per
 # level the validation error hardly changes once a strong column's penalty
 # is small, so there the learned penalty may sit well below the mark at no
 # cost; it follows it where shrinkage matters (the weakest informative
