@@ -69,11 +69,11 @@ for name, model in models.items():
 # above the strongest's (their one-hot coefficients are shrunk to nearly
 # zero). ``RidgeCV``'s single penalty sits in between and serves none of
 # them well. The black marks are the ridge penalty that a Gaussian prior
-# on the level effects calls for, ``sigma^2 / std^2`` (``sigma = 1`` here). With 60 samples per
-# level the validation error hardly changes once a strong column's penalty
-# is small, so there the learned penalty may sit well below the mark at no
-# cost; it follows it where shrinkage matters (the weakest informative
-# column).
+# on the level effects calls for, ``sigma^2 / std^2`` (``sigma = 1``
+# here). With 60 samples per level the validation error hardly changes
+# once a strong column's penalty is small, so there the learned penalty
+# may sit well below the mark at no cost; it follows it where shrinkage
+# matters (the weakest informative column).
 per_column = fitted["HyperL2, one penalty per column"][-1].alphas_[:: n_levels]
 ridge_alpha = fitted["RidgeCV (one alpha)"][-1].alpha_
 fig, ax = plt.subplots(figsize=(7, 4))
