@@ -11,8 +11,11 @@ evaluation of the inner gradient (wall time of ``argmin`` plus ``backward``,
 divided by the time of one inner gradient).
 
 Implicit strategies with a converged linear solve sit at round-off error;
-unrolled ones pay for exactness with the number of steps T; first-order,
-identity and proxy methods are cheap and biased.
+unrolled ones pay for exactness with the number of steps T. First-order,
+identity, DARTS and EvoGrad are biased whatever they cost here (their cost
+includes the inner solve they start from). Best response, which fits a
+local model of the inner solution around the current penalties, comes close
+to the exact value but is among the most expensive points of the chart.
 """
 
 import os
