@@ -9,7 +9,7 @@ degree-3 polynomial features, where regularization matters more) and prints
 the chosen alpha, the LOO mean squared error, the test R² (mean over 20
 random 75/25 splits) and the fit time (median over the splits).
 
-Run: ``python examples/demo.py`` (about 10 s on one core).
+Run: ``python examples/demo.py`` (about 5 s on one core).
 """
 
 import time
