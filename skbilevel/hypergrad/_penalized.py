@@ -299,6 +299,10 @@ def _check_weights(W, n, like, what):
         raise ValueError(
             f"{what} must have shape (n_folds, {n}); got {tuple(W.shape)}."
         )
+    # (a NaN or an infinity passed both checks below: every value and
+    # hypergradient came out NaN, silently)
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(f"{what} must be finite (no NaN or infinity).")
     if bool((W < 0).any()):
         raise ValueError(f"{what} must be non-negative.")
     if bool((W.sum(1) <= 0).any()):
