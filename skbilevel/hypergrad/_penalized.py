@@ -291,13 +291,21 @@ _GRAM_REFRESH = 0.1
 _BLOCK_MAX_FEATURES = 256
 
 
-def _check_weights(W, n, like, what):
+def _check_weights(W, n, like, what, n_folds=None):
+    """``W`` as ``(n_folds, n)`` weights of ``like``'s dtype and device, after
+    checking them: finite, non-negative, a positive sum per fold, and
+    ``n_folds`` rows when given (validation weights: one row per training fold)."""
     W = torch.as_tensor(W).to(dtype=like.dtype, device=like.device)
     if W.ndim == 1:
         W = W[None]
-    if W.ndim != 2 or W.shape[1] != n:
+    if W.ndim != 2 or W.shape[1] != n or (n_folds is not None and W.shape[0] != n_folds):
+        # (validation weights of another number of folds than the training
+        # weights: torch's IndexError or "invalid gradient", or, one row for
+        # two folds, its weights silently applied to both)
         raise ValueError(
-            f"{what} must have shape (n_folds, {n}); got {tuple(W.shape)}."
+            f"{what} must have shape ({'n_folds' if n_folds is None else n_folds}, {n})"
+            f"{'' if n_folds is None else ', one row per fold of train_weights'}; "
+            f"got {tuple(W.shape)}."
         )
     # (a NaN or an infinity passed both checks below: every value and
     # hypergradient came out NaN, silently)
@@ -886,7 +894,9 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         self.val_weights = (
             None
             if val_weights is None
-            else _check_weights(val_weights, n, X, "val_weights")
+            else _check_weights(
+                val_weights, n, X, "val_weights", n_folds=self.train_weights.shape[0]
+            )
         )
         self._set_penalty(groups, basis, log_offset)
         self.fit_intercept = bool(fit_intercept)
@@ -1624,7 +1634,9 @@ class LogisticFolds(_PenaltyModel):
         self.val_weights = (
             None
             if val_weights is None
-            else _check_weights(val_weights, n, X, "val_weights")
+            else _check_weights(
+                val_weights, n, X, "val_weights", n_folds=self.train_weights.shape[0]
+            )
         )
         self._set_penalty(groups)
         self.fit_intercept = bool(fit_intercept)

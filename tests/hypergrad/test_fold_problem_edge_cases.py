@@ -42,3 +42,19 @@ def test_non_finite_weights_are_refused(bad):
         LogisticFolds(X, (y > 0).long(), 2, weights, 1 - train)
     with pytest.raises(ValueError, match="sample_weight must be finite"):
         RidgeLOO(X, y, sample_weight=weights[0] + 1)
+
+
+@pytest.mark.parametrize("n_val_folds", [1, 3])
+def test_validation_weights_need_one_row_per_fold(n_val_folds):
+    """Validation weights with another number of folds than the training
+    weights failed inside torch (RidgeFolds: "returned an invalid gradient at
+    index 0 - got [1, 5] but expected [2, 5]", "index 2 is out of bounds";
+    LogisticFolds with 3 rows: "The size of tensor a (3) must match"), or,
+    LogisticFolds with one row for two folds, applied that row to both
+    folds silently (value 0.927)."""
+    X, y, train = _data()
+    val = torch.ones(n_val_folds, X.shape[0], dtype=DT)
+    with pytest.raises(ValueError, match=r"val_weights must have shape \(2, 20\)"):
+        RidgeFolds(X, y, train, val)
+    with pytest.raises(ValueError, match="one row per fold of train_weights"):
+        LogisticFolds(X, (y > 0).long(), 2, train, val)
