@@ -291,11 +291,19 @@ _GRAM_REFRESH = 0.1
 _BLOCK_MAX_FEATURES = 256
 
 
-def _check_weights(W, n, like, what, n_folds=None):
+def _check_weights(W, n, like, what, n_folds=None, vector=False):
     """``W`` as ``(n_folds, n)`` weights of ``like``'s dtype and device, after
     checking them: finite, non-negative, a positive sum per fold, and
-    ``n_folds`` rows when given (validation weights: one row per training fold)."""
+    ``n_folds`` rows when given (validation weights: one row per training fold).
+    ``vector``: ``W`` must be one weight per sample, ``(n,)`` (returned as
+    ``(1, n)``)."""
     W = torch.as_tensor(W).to(dtype=like.dtype, device=like.device)
+    if vector and W.shape != (n,):
+        # (RidgeLOO took the first row of (K, n) weights and dropped the
+        # others silently; all_rows made K folds of them)
+        raise ValueError(
+            f"{what} must have shape ({n},), one weight per sample; got {tuple(W.shape)}."
+        )
     if W.ndim == 1:
         W = W[None]
     if W.ndim != 2 or W.shape[1] != n or (n_folds is not None and W.shape[0] != n_folds):
@@ -957,7 +965,9 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         >>> bool(torch.allclose(full.closed_form(phi), fresh.closed_form(phi), atol=1e-12))
         True
         """
-        sw = _check_weights(sample_weight, self.X.shape[0], self.X, "sample_weight")
+        sw = _check_weights(
+            sample_weight, self.X.shape[0], self.X, "sample_weight", vector=True
+        )
         out = copy.copy(self)
         out.val_weights = out._val_rows = None
         if self._all_rows is None or not torch.equal(self._all_rows[0], sw[0]):
@@ -1460,7 +1470,7 @@ class RidgeLOO:
         s = (
             X.new_ones(n)
             if sample_weight is None
-            else _check_weights(sample_weight, n, X, "sample_weight")[0]
+            else _check_weights(sample_weight, n, X, "sample_weight", vector=True)[0]
         )
         self._log_penalty = _LogPenalty(p, 1, X.device, groups)
         self.groups = self._log_penalty.groups

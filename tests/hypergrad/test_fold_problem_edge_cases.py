@@ -58,3 +58,20 @@ def test_validation_weights_need_one_row_per_fold(n_val_folds):
         RidgeFolds(X, y, train, val)
     with pytest.raises(ValueError, match="one row per fold of train_weights"):
         LogisticFolds(X, (y > 0).long(), 2, train, val)
+
+
+def test_sample_weight_must_be_one_per_sample():
+    """``RidgeLOO(sample_weight=W)`` with ``W`` of shape ``(2, n)`` used its
+    first row and dropped the second, silently (a value of 0.0487 for the
+    leave-one-out error of rows 10..19 only); ``RidgeFolds.all_rows`` made two
+    folds of it, not the one fit on all rows it documents."""
+    X, y, train = _data()
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \(20,\)"):
+        RidgeLOO(X, y, sample_weight=train)
+    folds = RidgeFolds(X, y, train, 1 - train)
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \(20,\)"):
+        folds.all_rows(train)
+    # one weight per sample, as before
+    w = torch.linspace(0.5, 1.5, 20, dtype=DT)
+    assert folds.all_rows(w).n_folds == 1
+    assert RidgeLOO(X, y, sample_weight=w).s_sum == w.sum()
