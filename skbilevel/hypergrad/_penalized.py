@@ -1463,6 +1463,14 @@ class RidgeLOO:
     ):
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
+        if X.layout != torch.strided:
+            # (a CSR X failed inside torch: "torch.empty: Only batched sparse
+            # compressed (non-block) tensors are supported")
+            raise ValueError(
+                f"RidgeLOO: X must be a dense tensor; got layout "
+                f"{str(X.layout).replace('torch.', '')}. Pass X.to_dense() (the "
+                "hat-matrix formulas are dense anyway)."
+            )
         n, p = X.shape
         y = y.to(X)
         if y.shape != (n,):

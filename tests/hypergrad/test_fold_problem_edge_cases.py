@@ -75,3 +75,16 @@ def test_sample_weight_must_be_one_per_sample():
     w = torch.linspace(0.5, 1.5, 20, dtype=DT)
     assert folds.all_rows(w).n_folds == 1
     assert RidgeLOO(X, y, sample_weight=w).s_sum == w.sum()
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", ["csr", "coo", "csc"])
+def test_ridge_loo_refuses_sparse_X_clearly(layout):
+    """RidgeLOO on a sparse X failed inside torch ("torch.empty: Only batched
+    sparse compressed (non-block) tensors are supported, but got size [20]")
+    or later; RidgeFolds and LogisticFolds take sparse X, RidgeLOO's
+    formulas are dense: a ValueError says to densify."""
+    X, y, _ = _data()
+    sparse = {"csr": X.to_sparse_csr, "coo": X.to_sparse, "csc": X.to_sparse_csc}[layout]()
+    with pytest.raises(ValueError, match=r"X must be a dense tensor.*to_dense\(\)"):
+        RidgeLOO(sparse, y)
