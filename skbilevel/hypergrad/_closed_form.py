@@ -718,11 +718,17 @@ def _check_log_alpha(la, n_targets, name="log_alpha", batched=False):
 
 
 def _check_loo(decomp):
-    """Leave-one-out with an intercept needs a second sample to fit the intercept."""
-    if decomp.fit_intercept and decomp.n_samples < 2:
+    """Leave-one-out with an intercept needs a second sample to fit the intercept
+    (one of positive weight: zero-weight rows fit nothing)."""
+    if not decomp.fit_intercept:
+        return
+    # (one positive weight among 20 rows: 0/0, a NaN value, derivative and curve)
+    n_pos = decomp.n_samples if decomp.n_samples < 2 else int((decomp.sqrt_sw > 0).sum())
+    if n_pos < 2:
         raise ValueError(
-            f"Leave-one-out errors with fit_intercept=True need at least 2 samples; the "
-            f"decomposition has n_samples={decomp.n_samples}. Use more samples."
+            f"Leave-one-out errors with fit_intercept=True need at least 2 samples "
+            f"with a positive sample_weight; the decomposition has {n_pos} of "
+            f"n_samples={decomp.n_samples}. Use more samples."
         )
 
 

@@ -1480,6 +1480,12 @@ class RidgeLOO:
             if sample_weight is None
             else _check_weights(sample_weight, n, X, "sample_weight", vector=True)[0]
         )
+        if fit_intercept and int((s > 0).sum()) < 2:
+            # (0/0: a NaN value and hypergradient, silently)
+            raise ValueError(
+                "RidgeLOO with fit_intercept=True needs at least 2 samples with a "
+                f"positive sample_weight; got {int((s > 0).sum())} of {n}."
+            )
         self._log_penalty = _LogPenalty(p, 1, X.device, groups)
         self.groups = self._log_penalty.groups
         self.n_groups = self._log_penalty.n_params

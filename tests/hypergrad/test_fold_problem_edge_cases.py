@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from skbilevel.hypergrad import LogisticFolds, RidgeFolds, RidgeLOO
+from skbilevel.hypergrad import (
+    LogisticFolds,
+    RidgeFolds,
+    RidgeLOO,
+    ridge_loo_curve,
+    ridge_loo_decomposition,
+    ridge_loo_value_and_grad,
+)
 
 DT = torch.float64
 
@@ -88,3 +95,32 @@ def test_ridge_loo_refuses_sparse_X_clearly(layout):
     sparse = {"csr": X.to_sparse_csr, "coo": X.to_sparse, "csc": X.to_sparse_csc}[layout]()
     with pytest.raises(ValueError, match=r"X must be a dense tensor.*to_dense\(\)"):
         RidgeLOO(sparse, y)
+
+
+@pytest.mark.parametrize("n_positive", [0, 1])
+def test_leave_one_out_needs_two_positive_weights(n_positive):
+    """With an intercept and one sample of positive weight (the others zero),
+    leave-one-out is 0/0: RidgeLOO, ridge_loo_value_and_grad and
+    ridge_loo_curve returned NaN silently (the closed-form checks counted
+    rows, 20, not positive weights). ``n_positive=0``: RidgeLOO of one row."""
+    X, y, _ = _data()
+    if n_positive == 0:  # one row, unit weight
+        X, y, sw = X[:1], y[:1], None
+    else:
+        sw = torch.zeros(20, dtype=DT)
+        sw[3] = 1.0
+    with pytest.raises(ValueError, match="at least 2 samples with a positive sample_weight"):
+        RidgeLOO(X, y, sample_weight=sw)
+    if sw is not None:
+        for mode in ("gram", "cov"):
+            d = ridge_loo_decomposition(X, y, sw, mode=mode)
+            with pytest.raises(ValueError, match="at least 2 samples with a positive"):
+                ridge_loo_value_and_grad(d, 0.0)
+            with pytest.raises(ValueError, match="at least 2 samples with a positive"):
+                ridge_loo_curve(d, [1.0])
+        # two positive weights: finite, and no intercept needs none
+        sw[7] = 2.0
+        d = ridge_loo_decomposition(X, y, sw)
+        assert np.isfinite(float(ridge_loo_value_and_grad(d, 0.0)[0][0]))
+        assert np.isfinite(float(RidgeLOO(X, y, sw)(torch.zeros(5, dtype=DT))))
+    assert np.isfinite(float(RidgeLOO(X, y, sw, fit_intercept=False)(torch.zeros(5, dtype=DT))))
