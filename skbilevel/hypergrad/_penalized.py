@@ -326,6 +326,15 @@ def _check_weights(W, n, like, what, n_folds=None, vector=False):
     return W
 
 
+def _check_finite_data(X, y, where):
+    """``ValueError`` unless ``X`` (dense or CSR: its stored values) and ``y``
+    are finite. (A NaN or an infinity gave a NaN value and NaN
+    hypergradients, silently.)"""
+    values = X if X.layout == torch.strided else X.values()
+    if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(y).all())):
+        raise ValueError(f"{where}: X and y must be finite (no NaN or infinity).")
+
+
 def _ridge_method(method, n, p):
     """``"primal"`` (p x p system) or ``"dual"`` (n x n, Woodbury); ``"auto"`` picks the smaller."""
     if method == "auto":
@@ -897,6 +906,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             # sparse stays sparse: Gram matrices (primal) or kernels (dual) by
             # sparse products, rows centred implicitly
             X = to_csr(X)
+        _check_finite_data(X, y, "RidgeFolds")
         self.X, self.y = X, y
         self.train_weights = _check_weights(train_weights, n, X, "train_weights")
         self.val_weights = (
@@ -1475,6 +1485,7 @@ class RidgeLOO:
         y = y.to(X)
         if y.shape != (n,):
             raise ValueError(f"y must have shape ({n},); got {tuple(y.shape)}.")
+        _check_finite_data(X, y, "RidgeLOO")
         s = (
             X.new_ones(n)
             if sample_weight is None

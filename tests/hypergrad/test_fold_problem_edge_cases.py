@@ -124,3 +124,21 @@ def test_leave_one_out_needs_two_positive_weights(n_positive):
         assert np.isfinite(float(ridge_loo_value_and_grad(d, 0.0)[0][0]))
         assert np.isfinite(float(RidgeLOO(X, y, sw)(torch.zeros(5, dtype=DT))))
     assert np.isfinite(float(RidgeLOO(X, y, sw, fit_intercept=False)(torch.zeros(5, dtype=DT))))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_data_are_refused(bad):
+    """A NaN or an infinity in X or y gave RidgeFolds (dense or sparse X, primal
+    or dual) and RidgeLOO a NaN value and NaN hypergradients, silently."""
+    X, y, train = _data()
+    Xb, yb = X.clone(), y.clone()
+    Xb[3, 1] = bad
+    yb[4] = bad
+    for args in ((Xb, y), (Xb.to_sparse_csr(), y), (X, yb)):
+        for method in ("primal", "dual"):
+            with pytest.raises(ValueError, match="RidgeFolds: X and y must be finite"):
+                RidgeFolds(*args, train, 1 - train, method=method)
+    for args in ((Xb, y), (X, yb)):
+        with pytest.raises(ValueError, match="RidgeLOO: X and y must be finite"):
+            RidgeLOO(*args)
