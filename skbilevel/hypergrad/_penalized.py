@@ -1367,7 +1367,9 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         if self.val_weights is None:
             raise ValueError("value_grad_hessian needs val_weights.")
         with torch.no_grad():
-            phi = phi.detach()
+            # in the data's precision (a float32 phi on float64 data failed in
+            # torch: "expected scalar type Double but found Float")
+            phi = phi.detach().to(self.y)
             a = self._alpha(phi).expand(self.n_folds, -1)  # (K, p)
             B = self._log_penalty.jacobian(self.n_folds, a)  # (K, p, m)
             m = B.shape[-1]
@@ -2210,8 +2212,10 @@ class LogisticFolds(_PenaltyModel):
             )
         if self.val_weights is None:
             raise ValueError("value_grad_hessian needs val_weights.")
+        # in the data's precision (a float32 phi on float64 data failed in
+        # torch: "expected scalar type Double but found Float")
+        phi = phi.detach().to(dtype=self.X.dtype, device=self.X.device)
         theta, _ = self.solve(phi, solver)
-        phi = phi.detach()
         L = self._hessian_factor(theta, phi, exact=True)
         if L is None:
             raise torch.linalg.LinAlgError(

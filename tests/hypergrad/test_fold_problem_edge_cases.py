@@ -142,3 +142,26 @@ def test_non_finite_data_are_refused(bad):
     for args in ((Xb, y), (X, yb)):
         with pytest.raises(ValueError, match="RidgeLOO: X and y must be finite"):
             RidgeLOO(*args)
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_value_grad_hessian_takes_phi_of_another_precision(method):
+    """``value_grad_hessian`` with a float32 ``phi`` on float64 data failed in
+    torch ("expected scalar type Double but found Float", RidgeFolds primal
+    and dual, LogisticFolds), where ``value_and_grad`` took it. It now works
+    in the data's precision: the same numbers as ``phi.double()``."""
+    X, y, train = _data(n=40, p=6)
+    groups = torch.tensor([0, 1, 2, 0, 1, 2])
+    phi32 = torch.tensor([0.2, -0.4, 1.1], dtype=torch.float32)
+    folds = RidgeFolds(X, y, train, 1 - train, groups=groups, method=method)
+    got, ref = folds.value_grad_hessian(phi32), folds.value_grad_hessian(phi32.double())
+    for a, b in zip(got, ref):
+        assert a.dtype == DT
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    if method == "primal":
+        logistic = LogisticFolds(X, (y > 0).long(), 2, train, 1 - train, groups=groups)
+        got = logistic.value_grad_hessian(phi32)
+        logistic.theta_ = None
+        ref = logistic.value_grad_hessian(phi32.double())
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
