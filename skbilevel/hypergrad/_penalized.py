@@ -97,13 +97,28 @@ def attach_gradient(value, grad, phi):
 def _check_groups(groups, n_features, device):
     if groups is None:
         return torch.arange(n_features, device=device)
-    groups = torch.as_tensor(groups, device=device).long()
-    if groups.shape != (n_features,) or (n_features and int(groups.min()) < 0):
+    groups = torch.as_tensor(groups, device=device)
+    integral = _integral(groups)
+    groups = groups.long()
+    if (
+        groups.shape != (n_features,)
+        or not integral
+        or (n_features and int(groups.min()) < 0)
+    ):
         raise ValueError(
             f"groups must hold {n_features} non-negative integers (one per feature); "
-            f"got shape {tuple(groups.shape)}."
+            f"got shape {tuple(groups.shape)}"
+            f"{'' if integral else ' with non-integer values'}."
         )
     return groups
+
+
+def _integral(t):
+    """Whether every value of ``t`` is an integer (a non-integer float label
+    was truncated by ``.long()`` silently: group 0.5 became group 0)."""
+    if not t.is_floating_point():
+        return True
+    return bool((torch.isfinite(t) & (t == t.round())).all())
 
 
 def adaptive_penalty_basis(coef, groups=None, eps=1e-3):
@@ -1663,8 +1678,14 @@ class LogisticFolds(_PenaltyModel):
         n, p = X.shape
         if int(n_classes) < 2:
             raise ValueError(f"n_classes must be at least 2, got {n_classes}.")
-        y = torch.as_tensor(y, device=X.device).long()
-        if y.shape != (n,) or (n and (int(y.min()) < 0 or int(y.max()) >= n_classes)):
+        y = torch.as_tensor(y, device=X.device)
+        integral = _integral(y)
+        y = y.long()
+        if (
+            y.shape != (n,)
+            or not integral
+            or (n and (int(y.min()) < 0 or int(y.max()) >= n_classes))
+        ):
             raise ValueError(f"y must hold {n} class indices in [0, {n_classes}).")
         self.X, self.y, self.n_classes = X, y, int(n_classes)
         self.train_weights = _check_weights(train_weights, n, X, "train_weights")

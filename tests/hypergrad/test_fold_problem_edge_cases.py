@@ -165,3 +165,18 @@ def test_value_grad_hessian_takes_phi_of_another_precision(method):
         ref = logistic.value_grad_hessian(phi32.double())
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_non_integer_labels_are_refused():
+    """Float group labels and class indices were truncated by ``.long()``
+    silently: ``groups=[0, 0.5, 1, 1, 1]`` gave two groups (0.5 -> 0) and
+    LogisticFolds took targets ``y + 0.5`` for ``y`` (value 0.710 either
+    way). Integral floats are still taken."""
+    X, y, train = _data()
+    with pytest.raises(ValueError, match="non-integer values"):
+        RidgeFolds(X, y, train, 1 - train, groups=torch.tensor([0.0, 0.5, 1.0, 1.0, 1.0]))
+    labels = (y > 0).to(DT)
+    with pytest.raises(ValueError, match="class indices"):
+        LogisticFolds(X, labels + 0.5, 2, train, 1 - train)
+    assert RidgeFolds(X, y, train, 1 - train, groups=torch.tensor([0.0, 1, 1, 2, 2])).n_groups == 3
+    assert LogisticFolds(X, labels, 2, train, 1 - train).y.dtype == torch.long
