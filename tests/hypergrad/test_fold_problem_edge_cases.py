@@ -180,3 +180,23 @@ def test_non_integer_labels_are_refused():
         LogisticFolds(X, labels + 0.5, 2, train, 1 - train)
     assert RidgeFolds(X, y, train, 1 - train, groups=torch.tensor([0.0, 1, 1, 2, 2])).n_groups == 3
     assert LogisticFolds(X, labels, 2, train, 1 - train).y.dtype == torch.long
+
+
+def test_ridge_loo_dual_form_in_float32_with_spread_penalties():
+    """RidgeLOO's Woodbury (dual) form, chosen for p > n, ran in float32 for
+    float32 data: with penalties from 1e-6 to 1e6 (60 x 200) its LOO error
+    was 0.00034 against 13.02 in float64, and its gradient all wrong
+    (relative error 1.0). It now factors in float64, as RidgeFolds' dual form
+    does: the float64 number to 1e-3, returned in float32."""
+    rng = np.random.RandomState(0)
+    X = rng.randn(60, 200)
+    y = X[:, :5].sum(1) + 0.3 * rng.randn(60)
+    phi = rng.uniform(-6, 6, 200) * np.log(10)
+    ref = RidgeLOO(torch.tensor(X), torch.tensor(y), method="primal")
+    value, grad, _ = ref.value_and_grad(torch.tensor(phi))
+    loo = RidgeLOO(torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))
+    assert loo.method == "dual"
+    v32, g32, _ = loo.value_and_grad(torch.tensor(phi, dtype=torch.float32))
+    assert v32.dtype == g32.dtype == torch.float32
+    assert abs(float(v32) - float(value)) < 1e-3 * float(value)
+    assert float((g32.double() - grad).abs().max()) < 1e-2 * float(grad.abs().max())
