@@ -841,11 +841,12 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
     is solved from the fold's centered Gram matrix ``C_k``, computed once;
     with ``p > n`` the Woodbury (dual) form
     ``w = A^{-1} Xs^T (Xs A^{-1} Xs^T + I)^{-1} ys`` (``A = diag(alpha)``,
-    ``Xs`` the ``sqrt(t)``-scaled centered rows) needs an n x n solve. Both
-    use ``torch.linalg.solve``, whose backward pass reuses the forward
-    factorization (autograd through a Cholesky factor costs several times
-    more). Samples with zero weight contribute nothing: the folds share one
-    copy of ``X``.
+    ``Xs`` the ``sqrt(t)``-scaled centered rows) needs an n x n solve (in float64
+    whatever the data's precision). Both factor by Cholesky, with a backward
+    pass of two triangular solves with the same factor (:meth:`coef`; an LU
+    or least-squares solve through autograd where the factorization fails).
+    Samples with zero weight contribute nothing: the folds share one copy
+    of ``X``.
 
     ``theta`` is the coefficient tensor of shape ``(n_folds, n_features)``;
     :meth:`intercepts` gives the intercepts. The inner objective
