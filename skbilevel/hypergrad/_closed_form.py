@@ -292,6 +292,15 @@ def _cholesky_ex(A, overwrite_a=False):
     return L, torch.from_numpy(info)
 
 
+def _integral(t):
+    """Whether every value of the tensor ``t`` is an integer (a non-integer
+    float label was truncated by ``.long()`` silently: group 0.5 became
+    group 0)."""
+    if not t.is_floating_point():
+        return True
+    return bool((torch.isfinite(t) & (t == t.round())).all())
+
+
 def _check_tensors(where, **arrays):
     """``TypeError`` naming the first of ``arrays`` (name -> value or ``None``)
     that is not a torch tensor."""
@@ -1134,8 +1143,10 @@ class RidgeSolver(ClosedFormSolver):
                 )
             self._groups = None
         else:
-            groups = torch.as_tensor(penalty, device=X.device).long()
-            if groups.shape != (p,) or int(groups.min()) < 0:
+            groups = torch.as_tensor(penalty, device=X.device)
+            integral = _integral(groups)
+            groups = groups.long()
+            if groups.shape != (p,) or not integral or int(groups.min()) < 0:
                 raise ValueError(
                     f"Group labels must be {p} non-negative integers (one per feature)."
                 )

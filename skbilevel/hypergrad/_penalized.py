@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
-from ._closed_form import ClosedForm, _cholesky_ex, _gram, _matmul, _use_numpy
+from ._closed_form import ClosedForm, _cholesky_ex, _gram, _integral, _matmul, _use_numpy
 from ._solvers import LBFGS, _FixedPhi
 from ._sparse import csr_rows, csr_tensor, csr_transpose, csr_with_values, to_csr, to_scipy
 from ._tree import tree_detach
@@ -111,14 +111,6 @@ def _check_groups(groups, n_features, device):
             f"{'' if integral else ' with non-integer values'}."
         )
     return groups
-
-
-def _integral(t):
-    """Whether every value of ``t`` is an integer (a non-integer float label
-    was truncated by ``.long()`` silently: group 0.5 became group 0)."""
-    if not t.is_floating_point():
-        return True
-    return bool((torch.isfinite(t) & (t == t.round())).all())
 
 
 def adaptive_penalty_basis(coef, groups=None, eps=1e-3):

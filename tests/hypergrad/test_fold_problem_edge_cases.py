@@ -13,6 +13,7 @@ from skbilevel.hypergrad import (
     LogisticFolds,
     RidgeFolds,
     RidgeLOO,
+    RidgeSolver,
     ridge_loo_curve,
     ridge_loo_decomposition,
     ridge_loo_value_and_grad,
@@ -200,3 +201,12 @@ def test_ridge_loo_dual_form_in_float32_with_spread_penalties():
     assert v32.dtype == g32.dtype == torch.float32
     assert abs(float(v32) - float(value)) < 1e-3 * float(value)
     assert float((g32.double() - grad).abs().max()) < 1e-2 * float(grad.abs().max())
+
+
+def test_ridge_solver_refuses_non_integer_group_labels():
+    """``RidgeSolver(penalty=torch.tensor([0.0, 0.5, 1.0]))`` truncated the
+    labels to ``[0, 0, 1]`` silently (two groups, phi of shape (2,))."""
+    X, y, _ = _data(p=3)
+    with pytest.raises(ValueError, match="Group labels must be 3 non-negative integers"):
+        RidgeSolver(X, y, penalty=torch.tensor([0.0, 0.5, 1.0]))
+    assert RidgeSolver(X, y, penalty=torch.tensor([0.0, 1.0, 1.0])).phi_shape() == (2,)
