@@ -366,10 +366,7 @@ def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver", check_X=Tru
     if y.ndim == 0 or y.shape[0] != n:
         raise ValueError(f"X has {n} samples but y has shape {tuple(y.shape)}.")
     y = y.to(dtype=X.dtype, device=X.device)
-    if check_X:
-        _check_finite_X(X)
-    if not bool(torch.isfinite(y).all()):
-        raise ValueError("X and y must be finite (no NaN or infinity).")
+    _check_finite_X(X if check_X else None, y, where)
     if sample_weight is not None:
         sample_weight = _check_sample_weight(
             sample_weight, n, X, where, zero_sum=": no sample carries weight"
@@ -377,12 +374,33 @@ def _check_ridge_data(X, y, sample_weight=None, where="RidgeSolver", check_X=Tru
     return y, sample_weight
 
 
-def _check_finite_X(X):
-    ok = bool(np.isfinite(X).all()) if isinstance(X, np.ndarray) else bool(
-        torch.isfinite(X).all()
-    )
+def _check_finite_X(X, y=None, where=None):
+    """``ValueError`` unless ``X`` (a numpy array, a dense torch tensor or a
+    sparse compressed one: its stored values; ``None`` skips it) and ``y``
+    (optional) are finite. (A NaN or an infinity gave numpy's "Eigenvalues
+    did not converge", or NaN values and hypergradients, silently.)"""
+    if X is None:
+        ok = True
+    elif isinstance(X, np.ndarray):
+        ok = bool(np.isfinite(X).all())
+    else:
+        ok = bool(torch.isfinite(X if X.layout == torch.strided else X.values()).all())
+    if ok and y is not None:
+        ok = bool(torch.isfinite(y).all())
     if not ok:
-        raise ValueError("X and y must be finite (no NaN or infinity).")
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}X and y must be finite (no NaN or infinity).")
+
+
+def _check_loo_samples(n_positive, n, where):
+    """Leave-one-out with an intercept needs a second sample of positive
+    weight to fit the intercept (one: 0/0, a NaN value and hypergradient)."""
+    if n_positive < 2:
+        raise ValueError(
+            f"{where}: leave-one-out errors with fit_intercept=True need at least 2 "
+            f"samples with a positive sample_weight; got {n_positive} of {n}. Use "
+            "more samples."
+        )
 
 
 _OVERFLOW_FIX = "Rescale X and y, e.g. with StandardScaler, or divide by their largest values."
@@ -733,12 +751,7 @@ def _check_loo(decomp):
         return
     # (one positive weight among 20 rows: 0/0, a NaN value, derivative and curve)
     n_pos = decomp.n_samples if decomp.n_samples < 2 else int((decomp.sqrt_sw > 0).sum())
-    if n_pos < 2:
-        raise ValueError(
-            f"Leave-one-out errors with fit_intercept=True need at least 2 samples "
-            f"with a positive sample_weight; the decomposition has {n_pos} of "
-            f"n_samples={decomp.n_samples}. Use more samples."
-        )
+    _check_loo_samples(n_pos, decomp.n_samples, "the decomposition")
 
 
 def _alpha_column(decomp, log_alpha):

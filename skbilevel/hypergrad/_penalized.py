@@ -36,7 +36,17 @@ import numpy as np
 import torch
 
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
-from ._closed_form import ClosedForm, _cholesky_ex, _gram, _integral, _matmul, _use_numpy
+from ._closed_form import (
+    ClosedForm,
+    _check_finite_X,
+    _check_loo_samples,
+    _check_ridge_data,
+    _cholesky_ex,
+    _gram,
+    _integral,
+    _matmul,
+    _use_numpy,
+)
 from ._solvers import LBFGS, _FixedPhi
 from ._sparse import csr_rows, csr_tensor, csr_transpose, csr_with_values, to_csr, to_scipy
 from ._tree import tree_detach
@@ -331,15 +341,6 @@ def _check_weights(W, n, like, what, n_folds=None, vector=False):
     if bool((W.sum(1) <= 0).any()):
         raise ValueError(f"Every fold of {what} needs a positive total weight.")
     return W
-
-
-def _check_finite_data(X, y, where):
-    """``ValueError`` unless ``X`` (dense or CSR: its stored values) and ``y``
-    are finite. (A NaN or an infinity gave a NaN value and NaN
-    hypergradients, silently.)"""
-    values = X if X.layout == torch.strided else X.values()
-    if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(y).all())):
-        raise ValueError(f"{where}: X and y must be finite (no NaN or infinity).")
 
 
 def _ridge_method(method, n, p):
@@ -914,7 +915,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             # sparse stays sparse: Gram matrices (primal) or kernels (dual) by
             # sparse products, rows centred implicitly
             X = to_csr(X)
-        _check_finite_data(X, y, "RidgeFolds")
+        _check_finite_X(X, y, "RidgeFolds")
         self.X, self.y = X, y
         self.train_weights = _check_weights(train_weights, n, X, "train_weights")
         self.val_weights = (
@@ -1482,32 +1483,20 @@ class RidgeLOO:
     def __init__(
         self, X, y, sample_weight=None, groups=None, fit_intercept=True, method="auto"
     ):
-        if X.ndim != 2:
-            raise ValueError(f"X must be 2-D, got shape {tuple(X.shape)}.")
-        if X.layout != torch.strided:
-            # (a CSR X failed inside torch: "torch.empty: Only batched sparse
-            # compressed (non-block) tensors are supported")
-            raise ValueError(
-                f"RidgeLOO: X must be a dense tensor; got layout "
-                f"{str(X.layout).replace('torch.', '')}. Pass X.to_dense() (the "
-                "hat-matrix formulas are dense anyway)."
-            )
+        # dense, 2-D, floating-point, finite (a CSR X had failed inside torch:
+        # "torch.empty: Only batched sparse compressed (non-block) tensors are
+        # supported"; a NaN gave NaN values silently)
+        y, _ = _check_ridge_data(X, y, where="RidgeLOO")
         n, p = X.shape
-        y = y.to(X)
         if y.shape != (n,):
             raise ValueError(f"y must have shape ({n},); got {tuple(y.shape)}.")
-        _check_finite_data(X, y, "RidgeLOO")
         s = (
             X.new_ones(n)
             if sample_weight is None
             else _check_weights(sample_weight, n, X, "sample_weight", vector=True)[0]
         )
-        if fit_intercept and int((s > 0).sum()) < 2:
-            # (0/0: a NaN value and hypergradient, silently)
-            raise ValueError(
-                "RidgeLOO with fit_intercept=True needs at least 2 samples with a "
-                f"positive sample_weight; got {int((s > 0).sum())} of {n}."
-            )
+        if fit_intercept:
+            _check_loo_samples(int((s > 0).sum()), n, "RidgeLOO")
         self._log_penalty = _LogPenalty(p, 1, X.device, groups)
         self.groups = self._log_penalty.groups
         self.n_groups = self._log_penalty.n_params
