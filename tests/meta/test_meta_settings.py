@@ -202,23 +202,14 @@ def test_predict_and_adapt_use_the_fitted_method_after_set_params(change):
     np.testing.assert_array_equal(meta.adapt(X[:20], y[:20]).predict_proba(X), adapted)
 
 
-class _TupleNet(torch.nn.Module):
-    def __init__(self, n_features, n_outputs):
-        super().__init__()
-        self.out = torch.nn.Linear(n_features, n_outputs)
-
-    def forward(self, x):
-        return self.out(x), x
-
-
 @pytest.mark.parametrize("Est", [MetaLearnerRegressor, MetaLearnerClassifier])
-def test_module_returning_a_tuple_is_a_clear_error(Est):
+def test_module_returning_a_tuple_is_a_clear_error(Est, tuple_net):
     # it failed with AttributeError: 'tuple' object has no attribute 'dim'
     X, y = _line()
     if Est is MetaLearnerClassifier:
         y = (y > 0).astype(int)
     with pytest.raises(ValueError, match="returned a tuple"):
-        Est(_TupleNet, k_shot=2, n_query=2, max_iter=2).fit(X, y)
+        Est(tuple_net, k_shot=2, n_query=2, max_iter=2).fit(X, y)
 
 
 def test_failed_refit_keeps_the_fitted_method_with_its_parameters():

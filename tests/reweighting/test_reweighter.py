@@ -575,17 +575,8 @@ def test_weigh_follows_the_fitted_method_after_set_params():
     np.testing.assert_array_equal(clf.weigh(X[:5], y[:5]), w)
 
 
-class _TupleNet(torch.nn.Module):
-    def __init__(self, n_features, n_outputs):
-        super().__init__()
-        self.out = torch.nn.Linear(n_features, n_outputs)
-
-    def forward(self, x):
-        return self.out(x), x
-
-
-def test_module_returning_a_tuple_is_a_clear_error():
+def test_module_returning_a_tuple_is_a_clear_error(tuple_net):
     # it failed with AttributeError: 'tuple' object has no attribute 'dim'
     X, y = make_classification(n_samples=40, n_features=4, random_state=0)
     with pytest.raises(ValueError, match="returned a tuple"):
-        SampleReweighter(_TupleNet, max_iter=2).fit(X, y)
+        SampleReweighter(tuple_net, max_iter=2).fit(X, y)

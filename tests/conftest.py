@@ -1,0 +1,22 @@
+"""Fixtures shared by the test packages."""
+
+import pytest
+import torch
+
+
+class _TupleNet(torch.nn.Module):
+    """A module whose forward returns a tuple (logits and its input), as some
+    user networks do: the estimators must refuse it with a clear error."""
+
+    def __init__(self, n_features, n_outputs):
+        super().__init__()
+        self.out = torch.nn.Linear(n_features, n_outputs)
+
+    def forward(self, x):
+        return self.out(x), x
+
+
+@pytest.fixture
+def tuple_net():
+    """The module class :class:`_TupleNet`, for an estimator's ``module``."""
+    return _TupleNet
