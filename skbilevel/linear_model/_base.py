@@ -61,7 +61,7 @@ def _offsets(X, y, sw, fit_intercept):
     return X, y, x_offset, y_offset
 
 
-def _own_strategy(hypergradient, **params):
+def _own_strategy(hypergradient):
     """The fit's own strategy: :func:`~skbilevel.hypergrad.get_strategy` of a
     name, and a deep copy of an instance. Strategies keep state between
     calls (``ImplicitCG(warm_start=True)`` its last solution, the proxy
@@ -72,7 +72,7 @@ def _own_strategy(hypergradient, **params):
     copy per fold batch also keeps threads (``n_jobs``) from sharing one."""
     if isinstance(hypergradient, HypergradientStrategy):
         return copy.deepcopy(hypergradient)
-    return get_strategy(hypergradient, **params)
+    return get_strategy(hypergradient)
 
 
 def _check_positive_weights(sw, name):
