@@ -456,6 +456,23 @@ def _center_and_rescale(X, y2, sample_weight, fit_intercept):
 # --------------------------------------------------------------------------
 
 
+def _intercept_reflection(sqrt_sw):
+    """The Householder reflection that takes the intercept direction to an axis.
+
+    With ``q0 = sqrt(s) / ||sqrt(s)||`` (``sqrt_sw``: a numpy array or a
+    tensor), returns ``v`` and ``beta`` such that ``H = I - beta v v^T``
+    maps ``q0`` to ``-+e1``: the last ``n - 1`` columns of ``H`` are an
+    orthonormal basis of the complement of ``q0``. After weighted centering
+    ``q0`` is an exact null vector of the centered rows' products, and in
+    this basis the intercept's share of the hat matrix (``q0 q0^T``) drops
+    out analytically instead of being subtracted numerically.
+    """
+    q0 = sqrt_sw / (sqrt_sw @ sqrt_sw) ** 0.5
+    v = q0 * 1.0
+    v[0] = v[0] + (1.0 if float(q0[0]) >= 0 else -1.0)
+    return v, 2.0 / (v @ v)
+
+
 def _deflated_gram_eigh(Xs, sqrt_sw, X=None):
     """Eigendecomposition of the centered Gram matrix on the complement of ``sqrt(s)``.
 
@@ -469,10 +486,7 @@ def _deflated_gram_eigh(Xs, sqrt_sw, X=None):
     ``O(1/alpha)`` terms, which keeps full precision at small alpha.
     """
     n = Xs.shape[0]
-    q0 = sqrt_sw / (sqrt_sw @ sqrt_sw) ** 0.5
-    v = q0 * 1.0
-    v[0] = v[0] + (1.0 if float(q0[0]) >= 0 else -1.0)
-    beta = 2.0 / (v @ v)
+    v, beta = _intercept_reflection(sqrt_sw)
     K = Xs @ Xs.T
     _check_no_overflow(K, "X X^T (the Gram matrix of X)", X=X)
     Kv = K @ v
