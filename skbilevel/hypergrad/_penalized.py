@@ -1563,7 +1563,8 @@ class RidgeLOO:
         # I - H = Q M Q^T with Q = H[:, 1:] = [0; I] - beta v v[1:]^T
         QM = torch.cat([M.new_zeros(1, m), M]) - beta * v[:, None] * (v[1:] @ M)[None]
         # diag(QM Q^T)_i = QM[i, i - 1] - beta v_i (QM[i] . v[1:])
-        d = torch.cat([M.new_zeros(1), torch.diagonal(QM[1:])]) - beta * v * (QM @ v[1:])
+        d = torch.cat([M.new_zeros(1), torch.diagonal(QM[1:])])
+        d = d - beta * v * (QM @ v[1:])
         return ((QM @ ys) / d).to(out)
 
     def __call__(self, phi):

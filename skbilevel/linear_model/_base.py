@@ -6,10 +6,18 @@ import os
 import sys
 import warnings
 
+import numbers
+
 import numpy as np
 import scipy.sparse as sp
 import sklearn.base
+from sklearn import get_config
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.metadata_routing import (
+    MetadataRouter,
+    MethodMapping,
+    process_routing,
+)
 
 from ..hypergrad import HypergradientStrategy, get_strategy
 
@@ -171,3 +179,78 @@ def _warn_unlocated(res, name, search, max_iter, tol, remedy="max_iter or tol"):
         ConvergenceWarning,
         stacklevel=_user_stacklevel(),
     )
+
+
+class _CVRoutingMixin:
+    """``get_metadata_routing`` for the cross-validated estimators, which
+    define ``_splitter()``: their own ``fit`` consumes ``sample_weight``, and
+    ``fit``'s other metadata (``groups``) goes to the splitter's ``split``, as
+    for scikit-learn's ``LassoCV``."""
+
+    def get_metadata_routing(self):
+        """How ``fit``'s metadata is routed: ``groups`` to the ``cv`` splitter.
+
+        See scikit-learn's metadata routing user guide; routing is used
+        only when enabled with
+        ``sklearn.set_config(enable_metadata_routing=True)``.
+
+        Returns
+        -------
+        routing : sklearn.utils.metadata_routing.MetadataRouter
+
+        Examples
+        --------
+        >>> from sklearn.model_selection import GroupKFold
+        >>> from skbilevel.linear_model import HyperL2Regressor
+        >>> router = HyperL2Regressor(cv=GroupKFold(3)).get_metadata_routing()
+        >>> router.consumes("fit", ["groups"])
+        {'groups'}
+        """
+        return (
+            MetadataRouter(owner=type(self).__name__)
+            .add_self_request(self)
+            .add(
+                splitter=self._splitter(),
+                method_mapping=MethodMapping().add(caller="fit", callee="split"),
+            )
+        )
+
+
+def _split_params(estimator, params, sample_weight):
+    """The keyword arguments of the splitter's ``split`` from ``fit``'s ``**params``.
+
+    With metadata routing enabled (``sklearn.set_config(
+    enable_metadata_routing=True)``), scikit-learn's routing through
+    ``estimator.get_metadata_routing()``. Without it, as ``GridSearchCV``:
+    ``groups`` only, and only when ``estimator.cv`` is the user's own
+    splitter (an object or iterable, with no ``validation_fraction``): the
+    estimator's K-fold, leave-one-out or holdout split would ignore them,
+    so they are refused rather than dropped.
+    """
+    cv, fraction = estimator.cv, getattr(estimator, "validation_fraction", None)
+    own = cv is None or isinstance(cv, (numbers.Integral, str))
+    grouped = fraction is None and not own
+    name = type(estimator).__name__
+    if get_config().get("enable_metadata_routing", False):
+        routed = process_routing(
+            estimator, "fit", sample_weight=sample_weight, **params
+        )
+        return dict(routed.splitter.split)
+    extra = sorted(set(params) - {"groups"})
+    if extra:
+        raise ValueError(
+            f"{name}.fit got unexpected keyword arguments {extra}. Without metadata "
+            "routing it takes X, y, sample_weight and groups (for a group splitter "
+            "passed as cv); other metadata for cv's splitter needs "
+            "sklearn.set_config(enable_metadata_routing=True)."
+        )
+    groups = params.get("groups")
+    if groups is None:
+        return {}
+    if not grouped:
+        raise ValueError(
+            f"{name}.fit got groups, but its validation split does not use them ("
+            + (f"cv={cv!r}" if fraction is None else f"validation_fraction={fraction!r}")
+            + "). Pass a group splitter, e.g. cv=GroupKFold(5), or leave groups out."
+        )
+    return {"groups": groups}

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin, _fit_context
-from sklearn.model_selection import ShuffleSplit, check_cv
+from sklearn.model_selection import LeaveOneOut, ShuffleSplit, check_cv
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.extmath import safe_sparse_dot
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
@@ -35,10 +35,12 @@ from ..utils import (
     to_tensor,
 )
 from ._base import (
+    _CVRoutingMixin,
     _check_fold_weights,
     _check_positive_weights,
     _offsets,
     _own_strategy,
+    _split_params,
     _target_scale,
     _warn_unlocated,
 )
@@ -86,7 +88,7 @@ def _writable(a):
     return a
 
 
-class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
+class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEstimator):
     """Ridge regression whose penalty is optimized continuously by its hypergradient.
 
     A drop-in replacement for ``RidgeCV(alphas=np.logspace(-6, 6, 13))``: no
@@ -249,7 +251,7 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y, sample_weight=None, **params):
         """Find alpha, then fit ridge at ``alpha_`` on all the data.
 
         Parameters
@@ -258,11 +260,18 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         y : array-like of shape (n_samples,) or (n_samples, n_targets)
         sample_weight : float or array-like of shape (n_samples,), default=None
             Non-negative sample weights.
+        **params : dict
+            Metadata for the ``cv`` splitter's ``split``: ``groups`` for a
+            group splitter such as ``GroupKFold``, as ``GridSearchCV``
+            takes it. Any other metadata needs scikit-learn's metadata
+            routing (``sklearn.set_config(enable_metadata_routing=True)``),
+            which routes it through :meth:`get_metadata_routing`.
 
         Returns
         -------
         self : object
         """
+        split_params = _split_params(self, params, sample_weight)
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, supported=("float32", "float64"))
         strategy = get_strategy(self.hypergradient)
@@ -341,7 +350,8 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
                 result, info, solver = self._search_loo(Xt, yt, swt, per_target, penalty)
             else:
                 result, info, solver = self._search_validation(
-                    X, y, Xt, yt, swt, sample_weight, per_target, penalty, strategy
+                    X, y, Xt, yt, swt, sample_weight, per_target, penalty, strategy,
+                    split_params,
                 )
             x_best = result.x if per_target else result.x[0]
             phi = torch.as_tensor(x_best, dtype=dtype, device=device)
@@ -406,14 +416,22 @@ class BilevelRidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         )
         return result, last["info"], solver
 
-    def _search_validation(self, X, y, Xt, yt, swt, sample_weight, per_target, penalty, strategy):
+    def _splitter(self, y=None):
+        """The validation splitter: ``validation_fraction``'s holdout split,
+        ``cv``'s (``check_cv``), or leave-one-out (``cv=None``, computed in
+        closed form, not by this splitter)."""
         if self.validation_fraction is not None:
-            splitter = ShuffleSplit(
+            return ShuffleSplit(
                 n_splits=1, test_size=self.validation_fraction, random_state=self.random_state
             )
-        else:
-            splitter = check_cv(self.cv, y, classifier=False)
-        splits = check_splits(splitter, X, y)
+        if self.cv is None:
+            return LeaveOneOut()
+        return check_cv(self.cv, y, classifier=False)
+
+    def _search_validation(
+        self, X, y, Xt, yt, swt, sample_weight, per_target, penalty, strategy, split_params
+    ):
+        splits = check_splits(self._splitter(y), X, y, **split_params)
         if sample_weight is not None:
             # name the fold rather than fail inside the core
             _check_fold_weights(

@@ -112,6 +112,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model._base import LinearClassifierMixin
 from sklearn.model_selection import (
     KFold,
+    LeaveOneOut,
     ShuffleSplit,
     StratifiedKFold,
     StratifiedShuffleSplit,
@@ -156,10 +157,12 @@ from ..utils import (
     to_tensor,
 )
 from ._base import (
+    _CVRoutingMixin,
     _check_fold_weights,
     _check_positive_weights,
     _offsets,
     _own_strategy,
+    _split_params,
     _target_scale,
     _user_stacklevel,
     _warn_unlocated,
@@ -481,7 +484,7 @@ class _FoldObjective:
         return to_numpy(sum(out)) / self.n_folds
 
 
-class _HyperL2Base(BaseEstimator):
+class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
     """Parameters, validation and the two-stage outer loop shared by both estimators."""
 
     _parameter_constraints: dict = {
@@ -566,17 +569,30 @@ class _HyperL2Base(BaseEstimator):
             ) / np.bincount(groups, minlength=n_groups)
         return "array", log_a
 
-    def _splits(self, X, y, classifier):
-        """Train/validation index pairs from ``cv`` or ``validation_fraction``."""
-        n = X.shape[0]
+    def _splitter(self, y=None):
+        """The validation splitter: ``validation_fraction``'s holdout split,
+        ``cv``'s shuffled (stratified, for the classifier) K-fold, leave-one-out
+        for ``cv="loo"``, or ``cv`` itself (``check_cv``)."""
+        classifier = isinstance(self, ClassifierMixin)
         if self.validation_fraction is not None:
             cls = StratifiedShuffleSplit if classifier else ShuffleSplit
-            splitter = cls(
+            return cls(
                 n_splits=1,
                 test_size=self.validation_fraction,
                 random_state=self.random_state,
             )
-        elif isinstance(self.cv, numbers.Integral):
+        if isinstance(self.cv, numbers.Integral):
+            cls = StratifiedKFold if classifier else KFold
+            return cls(n_splits=self.cv, shuffle=True, random_state=self.random_state)
+        if isinstance(self.cv, str):  # "loo" (the regressor's)
+            return LeaveOneOut()
+        return check_cv(self.cv, y, classifier=classifier)
+
+    def _splits(self, X, y, split_params):
+        """Train/validation index pairs from ``cv`` or ``validation_fraction``;
+        ``split_params`` (``groups``) go to the splitter's ``split``."""
+        n = X.shape[0]
+        if self.validation_fraction is None and isinstance(self.cv, numbers.Integral):
             if self.cv < 2:
                 raise ValueError(f"cv={self.cv} must be at least 2 folds.")
             if self.cv > n:
@@ -584,13 +600,7 @@ class _HyperL2Base(BaseEstimator):
                     f"cv={self.cv} folds need at least {self.cv} samples but n_samples={n}. "
                     "Use fewer folds."
                 )
-            cls = StratifiedKFold if classifier else KFold
-            splitter = cls(
-                n_splits=self.cv, shuffle=True, random_state=self.random_state
-            )
-        else:
-            splitter = check_cv(self.cv, y, classifier=classifier)
-        return check_splits(splitter, X, y)
+        return check_splits(self._splitter(y), X, y, **split_params)
 
     def _fold_weights(self, splits, sw, n, like):
         """(K, n) training and validation weight matrices from index splits."""
@@ -1542,7 +1552,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         return 0.5 * loss / base
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y, sample_weight=None, **params):
         """Fit the penalties by hypergradient, then the model on all the data.
 
         Parameters
@@ -1553,11 +1563,18 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         y : array-like of shape (n_samples,)
         sample_weight : float or array-like of shape (n_samples,), default=None
             Non-negative sample weights (in the inner and the validation losses).
+        **params : dict
+            Metadata for the ``cv`` splitter's ``split``: ``groups`` for a
+            group splitter such as ``GroupKFold``, as ``GridSearchCV``
+            takes it. Any other metadata needs scikit-learn's metadata
+            routing (``sklearn.set_config(enable_metadata_routing=True)``),
+            which routes it through :meth:`get_metadata_routing`.
 
         Returns
         -------
         self : object
         """
+        split_params = _split_params(self, params, sample_weight)
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, supported=("float32", "float64"))
         check_callbacks(self.callbacks)
@@ -1645,7 +1662,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     self._check_loo_memory(X, len(pos))
                     splits = [(np.setdiff1d(pos, [i]), np.array([i])) for i in pos]
                 else:
-                    splits = self._splits(X, y, classifier=False)
+                    splits = self._splits(X, y, split_params)
                 T, V = self._fold_weights(splits, sw, n, Xt)
                 # leave-one-out's many folds in batches of bounded temporaries: a
                 # fold's Gram matrix (twice, while they are formed) or scaled rows
@@ -2012,7 +2029,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         return _own_strategy(self.hypergradient)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y, sample_weight=None, **params):
         """Fit the penalties by hypergradient, then the model on all the data.
 
         Parameters
@@ -2022,11 +2039,18 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             proportion to its nonzeros.
         y : array-like of shape (n_samples,)
         sample_weight : float or array-like of shape (n_samples,), default=None
+        **params : dict
+            Metadata for the ``cv`` splitter's ``split``: ``groups`` for a
+            group splitter such as ``GroupKFold``, as ``GridSearchCV``
+            takes it. Any other metadata needs scikit-learn's metadata
+            routing (``sklearn.set_config(enable_metadata_routing=True)``),
+            which routes it through :meth:`get_metadata_routing`.
 
         Returns
         -------
         self : object
         """
+        split_params = _split_params(self, params, sample_weight)
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, supported=("float32", "float64"))
         check_callbacks(self.callbacks)
@@ -2091,7 +2115,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         n_classes = len(classes)
 
         with core_warnings_as_sklearn(), _fold_pool(self.n_jobs) as pool:
-            splits = self._splits(X, y_idx, classifier=True)
+            splits = self._splits(X, y_idx, split_params)
             T, V = self._fold_weights(splits, sw, n, Xt)
             # float64 fits with the default strategy run their Hessian-vector
             # products (conjugate gradient's directions, to relative residuals of

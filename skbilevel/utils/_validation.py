@@ -12,7 +12,7 @@ __all__ = [
 ]
 
 
-def check_splits(splitter, X, y=None):
+def check_splits(splitter, X, y=None, **split_params):
     """The ``(train, validation)`` index pairs of ``splitter`` on ``X``, checked.
 
     A cross-validation splitter, or an iterable of index pairs wrapped by
@@ -27,6 +27,9 @@ def check_splits(splitter, X, y=None):
         A scikit-learn splitter (for example from ``check_cv``).
     X : array-like or sparse matrix of shape (n_samples, n_features)
     y : array-like of shape (n_samples,), optional
+    **split_params : dict
+        Passed on to ``splitter.split``: ``groups`` for a group splitter
+        such as :class:`~sklearn.model_selection.GroupKFold`.
 
     Returns
     -------
@@ -55,7 +58,7 @@ def check_splits(splitter, X, y=None):
     """
     n = X.shape[0]
     splits = []
-    for k, pair in enumerate(splitter.split(X, y)):
+    for k, pair in enumerate(splitter.split(X, y, **split_params)):
         checked = []
         for part, name in zip(pair, ("training", "validation")):
             part = np.asarray(part)
