@@ -20,3 +20,19 @@ class _TupleNet(torch.nn.Module):
 def tuple_net():
     """The module class :class:`_TupleNet`, for an estimator's ``module``."""
     return _TupleNet
+
+
+def _unit_variance_factors(X):
+    """Each column's mean squared deviation: the factor by which HyperL2's
+    per-feature penalties (in the units of ``X``) relate to those of the
+    search, which runs on features rescaled to unit variance."""
+    import numpy as np
+
+    X = np.asarray(X, dtype=float)
+    return ((X - X.mean(0)) ** 2).mean(0)
+
+
+@pytest.fixture
+def variance_factors():
+    """The function :func:`_unit_variance_factors`."""
+    return _unit_variance_factors

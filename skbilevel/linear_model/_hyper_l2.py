@@ -630,44 +630,59 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         n_batches = max(1, min(K, max(n_jobs, by_memory)))
         return [list(c) for c in np.array_split(np.arange(K), n_batches)]
 
-    def _warn_scales(self, X, scales, n_groups):
-        """Warn when the features' scales (:func:`_feature_scales`) span more
-        than the per-feature stages can: their log-penalties stay within
-        ``_LOG_ALPHA_BOX`` of the shared one (a factor of ``exp(30)``, 1e13,
-        from end to end), and a feature's natural penalty follows its scale.
-        On two features of scales 1e-12 and 1e12 among three of scale 1
-        (standard deviations 1e-6 and 1e6), the fit lost the small one: test
-        R^2 .644 against .836 on the same data standardized. A shared penalty
-        (``penalty="scalar"``) is the user's model, as for ``Ridge``: no
-        warning."""
+    def _equalize_scales(self, X, Xt, swt, gt, n_groups):
+        """Rescale the columns of ``Xt`` to unit weighted variance, one factor
+        per penalty group (the mean :func:`_feature_scales` of its features,
+        which is then the sum of the weights), as ``StandardScaler`` without
+        its centring.
+
+        The model is unchanged: a penalty ``alpha`` on the column ``x / d`` is
+        the penalty ``alpha d^2`` on ``x``, and the coefficient ``w`` the
+        coefficient ``w / d``. But the search becomes equivariant to the
+        features' units, as the model is: its shared penalty, the adaptive
+        model's pilot and the prior all start from a penalty relative to each
+        group's scale, as on standardized data; and on standardized data
+        nothing changes. (On ``make_friedman1``, whose
+        informative features came first, with the columns multiplied by 1e-3
+        to 1e3: the shared search had penalized those out and ended at
+        ``alpha = 7e17``, test R^2 -.018 against .718 unscaled, and the
+        classifier at chance; and features of standard deviations 1e-6 and
+        1e6 lay beyond the per-feature stages' reach.) Within a group the
+        scales keep their ratios (one penalty for the group's features in the
+        user's units); with one penalty nothing is rescaled: a shared penalty
+        is the user's model, as for ``Ridge``.
+
+        Returns ``Xt`` rescaled, the rescaled scales, and the per-feature
+        factors ``c = d^2`` (a float64 tensor, or ``None`` when nothing was
+        rescaled). A constant feature (whose scale is rounding), or a group
+        of them, keeps its scale.
+        """
+        scales = _feature_scales(Xt, swt, self.fit_intercept)
         if n_groups < 2:
-            return
-        scales = to_numpy(scales).astype(np.float64)
-        # features that vary (with an intercept; that are not all zeros without):
-        # a constant one's scale is rounding, whatever its size
+            return Xt, scales, None
         lo_val, hi_val = X.min(axis=0), X.max(axis=0)
         if sp.issparse(X):
             lo_val, hi_val = lo_val.toarray().reshape(-1), hi_val.toarray().reshape(-1)
+        s = to_numpy(scales).astype(np.float64)
         if self.fit_intercept:
-            counted = (hi_val > lo_val) & (scales > 0)
+            varying = (hi_val > lo_val) & (s > 0)
         else:
-            counted = ((hi_val != 0) | (lo_val != 0)) & (scales > 0)
-        if counted.sum() < 2:
-            return
-        ratio = float(scales[counted].max() / scales[counted].min())
-        if ratio > math.exp(2.0 * _LOG_ALPHA_BOX):
-            lo = int(np.argmin(np.where(counted, scales, np.inf)))
-            hi = int(np.argmax(np.where(counted, scales, -np.inf)))
-            warnings.warn(
-                f"{self._name}: the features' scales (weighted sums of squared centred "
-                f"values) span a factor {ratio:.3g} (feature {lo}: {scales[lo]:.3g}, "
-                f"feature {hi}: {scales[hi]:.3g}), more than the per-feature penalties can "
-                f"follow ({math.exp(2.0 * _LOG_ALPHA_BOX):.3g} from end to end): the "
-                "small-scale features may be fitted as if they were irrelevant. Standardize "
-                "X (sklearn.preprocessing.StandardScaler in a Pipeline).",
-                UserWarning,
-                stacklevel=_user_stacklevel(),
-            )
+            varying = ((hi_val != 0) | (lo_val != 0)) & (s > 0)
+        if not varying.any():
+            return Xt, scales, None
+        g = to_numpy(gt)
+        counts = np.bincount(g, weights=varying, minlength=n_groups)
+        sums = np.bincount(g, weights=np.where(varying, s, 0.0), minlength=n_groups)
+        group_scale = np.divide(sums, counts, out=np.zeros(n_groups), where=counts > 0)
+        c = group_scale[g] / float(swt.sum())
+        c = np.where((c > 0) & np.isfinite(c), c, 1.0)
+        factors = torch.as_tensor(c, device=Xt.device)
+        d = torch.as_tensor(1.0 / np.sqrt(c), dtype=Xt.dtype, device=Xt.device)
+        if Xt.layout == torch.strided:
+            Xt = Xt * d
+        else:  # CSR: the values of each column
+            Xt = csr_with_values(Xt, Xt.values() * d[Xt.col_indices()])
+        return Xt, (scales / factors.to(scales.dtype)), factors
 
     def _cg_by_name(self):
         """Whether ``hypergradient`` is the name ``"cg"``: the estimator then
@@ -941,7 +956,8 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         return psi.detach() * unit, res, pilot, staged.warm_starts()
 
     def _run_outer(
-        self, objective, n_groups, n_samples, scale, groups, dtype, device, low_scale=None
+        self, objective, n_groups, n_samples, scale, groups, dtype, device, factors,
+        low_scale=None,
     ):
         """The stages; returns phi (tensor), shared log-alpha, prior centre, history,
         n_iter, info, and the objective whose parametrization ``phi`` belongs to.
@@ -952,6 +968,11 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         smallest feature scale), only as far below it as the grid's low end is
         below ``scale``."""
         kind, init = self._check_alpha_init(len(groups), groups, n_groups)
+        if kind == "array" and factors is not None:
+            # per-group penalties in the user's units: in the rescaled ones
+            # (_equalize_scales; a group's factor is common to its features)
+            first = np.unique(groups, return_index=True)[1]
+            init = init - np.log(to_numpy(factors)[first])
         gt = torch.as_tensor(groups, device=device)
         # the adaptive stage needs fold problems that take another penalty model
         # (not the hat-matrix leave-one-out one, which only a shared penalty uses)
@@ -1190,12 +1211,17 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                 phi = torch.full_like(phi, shared)
         return phi.detach(), shared, center, history, n_iter, info, objective
 
-    def _set_common(self, phi, shared, center, history, n_iter, info, objective, alphas):
-        """Fitted attributes; ``alphas`` are the final model's penalties."""
+    def _set_common(
+        self, phi, shared, center, history, n_iter, info, objective, alphas, factors
+    ):
+        """Fitted attributes; ``alphas`` are the final model's penalties on the
+        rescaled features (``factors``, see :meth:`_equalize_scales`)."""
         # the folds' pilot solutions, handed to the final fit, are not kept
         self.__dict__.pop("_pilot_starts", None)
         self._phi_fitted = to_numpy(phi).copy()
         self.alphas_ = to_numpy(alphas).astype(np.float64).reshape(-1)
+        if factors is not None:
+            self.alphas_ *= to_numpy(factors)
         self._prior_center = center
         self.shared_alpha_ = math.exp(shared)
         self.n_iter_ = int(n_iter)
@@ -1260,9 +1286,11 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     alpha_init : float > 0, array-like of shape (n_features,) or (n_groups,), or None, default=None
         ``None``: the shared penalty is found by scanning the validation
         curve, then refined. A float: that search starts there instead (no
-        scan; its bracketing steps count in ``max_iter``). An array:
-        per-feature (or per-group) starting penalties, no shared stage (the
-        prior is then centred on their mean log).
+        scan; its bracketing steps count in ``max_iter``); with several
+        penalties it is the penalty of a feature of unit variance (see
+        ``shared_alpha_``). An array: per-feature (or per-group) starting
+        penalties in the units of ``X``, no shared stage (the prior is then
+        centred on their mean log).
     adaptive : bool, default=True
         Fit the two-parameter adaptive model before the free per-feature
         corrections (and centre the prior on it). When no exponent of the
@@ -1369,13 +1397,16 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     Attributes
     ----------
     alphas_ : ndarray of shape (n_features,)
-        The penalty of every feature.
+        The penalty of every feature, in the units of ``X``.
     shared_alpha_ : float
         The shared penalty of the first stage (also that of the pilot fit of
-        the adaptive model). The later stages start from it, floored at
-        ``1e-4`` times the mean squared (centred) feature norm (below that
-        the fit does not depend on the penalties, so their hypergradients
-        vanish).
+        the adaptive model). With several penalties it is relative to the
+        features' scales (see Notes): feature ``j`` has ``shared_alpha_``
+        times the (sample-weighted) mean squared deviation of its group, the
+        penalty of ``Ridge`` on standardized data. The later stages start
+        from it, floored at ``1e-4`` times the mean squared (centred) norm
+        of the rescaled features (below that the fit does not depend on the
+        penalties, so their hypergradients vanish).
     adaptive_params_ : ndarray of shape (2,) or None
         ``(a, gamma)`` of the adaptive model (``None`` when it was not
         used, or when the shared penalty validated better and was kept).
@@ -1448,11 +1479,15 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     mean square lies outside ``[2^-20, 2^20]`` is divided by a power of two
     near it (exactly), so the fit does not depend on the scale of ``y``
     (``y * 1e-25`` or ``y * 1e15`` in float32). Values whose squares leave
-    the range of ``dtype`` are a ``ValueError``. The per-feature penalties
-    follow the features' scales over a factor of about ``1e13`` (squared
-    norms; standard deviations ``3e6`` apart): beyond it a ``UserWarning``
-    asks to standardize ``X``, since the smallest features may be fitted as
-    irrelevant.
+    the range of ``dtype`` are a ``ValueError``. With several penalties the
+    search runs on features rescaled to unit weighted variance (one factor
+    per penalty group, that of the group's mean squared deviation): the
+    model is the same (``alphas_`` and ``coef_`` are in the units of ``X``),
+    but the fit does not depend on the features' units (multiplying a
+    column by ``c`` divides its coefficient by ``c`` and multiplies its
+    penalty by ``c^2``, to rounding), and on standardized data nothing
+    changes. A shared penalty (``penalty="scalar"``) is the user's model, as
+    for ``Ridge``: its features are not rescaled.
 
     Examples
     --------
@@ -1641,6 +1676,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         yt = to_tensor(yc / y_scale, device=device, dtype=dtype)
         swt = to_tensor(sw, device=device, dtype=dtype)
         gt = torch.as_tensor(groups, device=device)
+        Xt, scales, factors = self._equalize_scales(X, Xt, swt, gt, n_groups)
 
         with core_warnings_as_sklearn(), _fold_pool(self.n_jobs) as pool:
             if closed_loo:
@@ -1696,11 +1732,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     lambda b, phi: b.value_grad_hessian(phi),
                     lambda b, phi: b.fold_losses(b.closed_form(phi)),
                 )
-            scales = _feature_scales(Xt, swt, self.fit_intercept)
-            self._warn_scales(X, scales, n_groups)
             scale = _penalty_scale(scales)
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
-                objective, n_groups, n_eff, scale, groups, dtype, device
+                objective, n_groups, n_eff, scale, groups, dtype, device, factors
             )
             # the folds' all-rows Gram matrix serves the final fit (K-fold layouts)
             full = self._final_problem(
@@ -1716,8 +1750,12 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                 coef = full.coef(alphas)
                 intercept = full.intercepts(coef)
             # inside the pool's block: the CV loss at phi may need the folds again
-            self._set_common(phi, shared, center, history, n_iter, info, objective, alphas)
+            self._set_common(
+                phi, shared, center, history, n_iter, info, objective, alphas, factors
+            )
         self.coef_ = to_numpy(coef[0]).astype(np.float64) * y_scale
+        if factors is not None:  # back to the user's units (see _equalize_scales)
+            self.coef_ /= np.sqrt(to_numpy(factors))
         self.intercept_ = (
             float(intercept[0]) * y_scale + y_offset - float(x_offset @ self.coef_)
             if self.fit_intercept
@@ -2112,6 +2150,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         yt = torch.as_tensor(y_idx, device=device)
         swt = to_tensor(sw, device=device, dtype=dtype)
         gt = torch.as_tensor(groups, device=device)
+        Xt, scales, factors = self._equalize_scales(X, Xt, swt, gt, n_groups)
         n_classes = len(classes)
 
         with core_warnings_as_sklearn(), _fold_pool(self.n_jobs) as pool:
@@ -2170,14 +2209,13 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                 (lambda b, phi: b.value_grad_hessian(phi, solver)) if n_classes == 2 else None,
                 lambda b, phi: b.fold_losses(b.solve(phi, solver)[0]),
             )
-            scales = _feature_scales(Xt, swt, self.fit_intercept)
-            self._warn_scales(X, scales, n_groups)
             scale = _penalty_scale(scales)
             # the smallest scale of a feature that varies: the shared grid's low end
             varying = scales[scales > 1e-12 * scale]
             low_scale = float(varying.min()) if len(varying) else scale
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
-                objective, n_groups, n_eff, scale, groups, dtype, device, low_scale
+                objective, n_groups, n_eff, scale, groups, dtype, device, factors,
+                low_scale,
             )
             full = LogisticFolds(
                 Xt,
@@ -2197,8 +2235,12 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             with torch.no_grad():
                 alphas = full._alpha(phi)
             # inside the pool's block: the CV loss at phi may need the folds again
-            self._set_common(phi, shared, center, history, n_iter, info, objective, alphas)
+            self._set_common(
+                phi, shared, center, history, n_iter, info, objective, alphas, factors
+            )
         W = to_numpy(theta["coef"][:, 0]).astype(np.float64)  # (p, n_out)
+        if factors is not None:  # back to the user's units (see _equalize_scales)
+            W /= np.sqrt(to_numpy(factors))[:, None]
         self.coef_ = W.T.copy()
         if self.fit_intercept:
             b = to_numpy(theta["intercept"][0]).astype(np.float64)

@@ -16,13 +16,17 @@ from skbilevel.hypergrad import ImplicitCG, get_strategy
 from skbilevel.linear_model import BilevelRidgeCV, HyperL2Classifier, HyperL2Regressor
 
 
-def test_float_alpha_init_starts_the_shared_search_with_per_feature_penalties():
+def test_float_alpha_init_starts_the_shared_search_with_per_feature_penalties(
+    variance_factors,
+):
     # alpha_init=2.0 with penalty="per_feature" kept 2.0 as it was: the search
     # from it had one evaluation (the bracketing steps count in max_iter), no
     # gamma beat it, and the fit returned alphas_ == 2.0 at a CV loss of 109
     # against 31.4 for the scanned shared penalty
     X, y = make_regression(60, 6, noise=5, random_state=0)
-    scanned = HyperL2Regressor(penalty="scalar", random_state=0).fit(X, y)
+    # (per-feature penalties search on features of unit variance)
+    unit = X / np.sqrt(variance_factors(X))
+    scanned = HyperL2Regressor(penalty="scalar", random_state=0).fit(unit, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         model = HyperL2Regressor(alpha_init=2.0, random_state=0).fit(X, y)
@@ -152,8 +156,9 @@ def test_balanced_class_weight_counts_the_sample_weights():
     np.testing.assert_allclose(balanced.coef_, by_hand.coef_, rtol=1e-6, atol=1e-8)
     rows = np.repeat(np.arange(len(y)), sw.astype(int))
     repeated = HyperL2Classifier(class_weight="balanced", **fixed).fit(X[rows], y[rows])
+    # (to the final solve's gradient tolerance, 1e-6: one probability 1e-6 apart)
     np.testing.assert_allclose(
-        balanced.predict_proba(X), repeated.predict_proba(X), rtol=1e-5, atol=1e-7
+        balanced.predict_proba(X), repeated.predict_proba(X), rtol=1e-5, atol=2e-6
     )
 
 
