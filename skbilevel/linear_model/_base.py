@@ -162,15 +162,18 @@ def _target_scale(y, down=True):
     return math.ldexp(1.0, k)
 
 
-def _warn_unlocated(res, name, search, max_iter, tol, remedy="max_iter or tol"):
+def _warn_unlocated(
+    res, name, search, max_iter, tol, remedy="max_iter or tol", unit=1.0
+):
     """scikit-learn's ``ConvergenceWarning`` when the search ``res`` of
     :func:`~skbilevel.hypergrad.minimize_log_alpha` (the fit's answer)
     stopped at ``max_iter`` before locating ``log(alpha)`` to ``tol``;
-    ``search`` names it, ``remedy`` the parameters to raise. It points at
-    the user's call (:func:`_user_stacklevel`)."""
+    ``search`` names it, ``remedy`` the parameters to raise, and the alpha
+    it names is ``unit`` times the search's. It points at the user's call
+    (:func:`_user_stacklevel`)."""
     if bool(np.all(res.converged)):
         return
-    alphas = ", ".join(f"{math.exp(float(x)):.6g}" for x in np.ravel(res.x))
+    alphas = ", ".join(f"{math.exp(float(x)) * unit:.6g}" for x in np.ravel(res.x))
     warnings.warn(
         f"{name}: {search} stopped after max_iter={max_iter} refinements before "
         f"log(alpha) was located to tol={tol:g} (|d objective / d log(alpha)| = "

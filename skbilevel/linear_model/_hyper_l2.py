@@ -651,8 +651,12 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         classifier at chance; and features of standard deviations 1e-6 and
         1e6 lay beyond the per-feature stages' reach.) Within a group the
         scales keep their ratios (one penalty for the group's features in the
-        user's units); with one penalty nothing is rescaled: a shared penalty
-        is the user's model, as for ``Ridge``.
+        user's units). With one penalty (the user's model, as for ``Ridge``)
+        all features share one factor, the mean of their scales: the model
+        and its answer stay those of the raw units, but the solves no longer
+        depend on the data's overall scale (the classifier's absolute
+        gradient tolerances: X * 1e6 in float32 gave 14 "NewtonCG stopped"
+        warnings).
 
         Returns ``Xt`` rescaled, the rescaled scales, and the per-feature
         factors ``c = d^2`` (a float64 tensor, or ``None`` when nothing was
@@ -660,8 +664,6 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         of them, keeps its scale.
         """
         scales = _feature_scales(Xt, swt, self.fit_intercept)
-        if n_groups < 2:
-            return Xt, scales, None
         lo_val, hi_val = X.min(axis=0), X.max(axis=0)
         if sp.issparse(X):
             lo_val, hi_val = lo_val.toarray().reshape(-1), hi_val.toarray().reshape(-1)
@@ -672,10 +674,10 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
             varying = ((hi_val != 0) | (lo_val != 0)) & (s > 0)
         if not varying.any():
             return Xt, scales, None
-        g = to_numpy(gt)
+        g = to_numpy(gt) if n_groups > 1 else np.zeros(len(s), dtype=np.int64)
         counts = np.bincount(g, weights=varying, minlength=n_groups)
         sums = np.bincount(g, weights=np.where(varying, s, 0.0), minlength=n_groups)
-        group_scale = np.divide(sums, counts, out=np.zeros(n_groups), where=counts > 0)
+        group_scale = np.divide(sums, counts, out=np.zeros(len(counts)), where=counts > 0)
         c = group_scale[g] / float(swt.sum())
         # factors within 1e-6 of 1 (standardized data, to rounding) are 1: a
         # rescaling by 1 +- 1e-15 changed nothing but the rounding, yet that was
@@ -771,14 +773,15 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                 )
         return res
 
-    def _warn_unlocated(self, res, tol):
+    def _warn_unlocated(self, res, tol, unit=1.0):
         """:func:`_warn_unlocated` for the shared penalty's search when it is
-        the fit's answer, as :class:`BilevelRidgeCV` warns."""
+        the fit's answer, as :class:`BilevelRidgeCV` warns (``unit``: the
+        factor from the rescaled features' penalty to the user's)."""
         if self.max_iter > 0:
             # (its tol is the estimator's own, not the tol parameter)
             _warn_unlocated(
                 res, self._name, "the shared penalty's search", self.max_iter, tol,
-                remedy="max_iter",
+                remedy="max_iter", unit=unit,
             )
 
     def _descend(self, objective, phi, base, center, prior_weight, lo, hi):
@@ -975,6 +978,10 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         smallest feature scale), only as far below it as the grid's low end is
         below ``scale``."""
         kind, init = self._check_alpha_init(len(groups), groups, n_groups)
+        # one penalty: the user's units are the rescaled ones times this factor
+        unit = float(factors[0]) if factors is not None and n_groups == 1 else 1.0
+        if kind == "scalar" and n_groups == 1:
+            init = init - math.log(unit)
         if kind == "array" and factors is not None:
             # per-group penalties in the user's units: in the rescaled ones
             # (_equalize_scales; a group's factor is common to its features)
@@ -1079,7 +1086,7 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                     if n_groups > 1 else ""
                 )
                 print(
-                    f"[{self._name}] shared alpha {math.exp(shared):.4g} (cv loss "
+                    f"[{self._name}] shared alpha {math.exp(shared) * unit:.4g} (cv loss "
                     f"{base:.6g}){after}"
                 )
         info = objective.last_info
@@ -1092,7 +1099,7 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
             nonlocal n_iter
             if scan is None:
                 if from_x0 is not None:
-                    self._warn_unlocated(from_x0, 1e-2)
+                    self._warn_unlocated(from_x0, 1e-2, unit)
                 return shared
             res = minimize_log_alpha(
                 vg_np,
@@ -1104,11 +1111,11 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
             )
             n_iter += int(res.n_iter)
             history.extend(float(self._nll(torch.tensor(h), base)) for h in res.history)
-            self._warn_unlocated(res, 1e-3)
+            self._warn_unlocated(res, 1e-3, unit)
             return float(res.x[0])
 
         if n_groups == 1 and not warm and kind != "array":
-            self._warn_unlocated(stage1, tol)
+            self._warn_unlocated(stage1, tol, unit)
             return phi0, shared, center, history, n_iter, info, objective
         if stage1 is None:
             base = float(objective.value_and_grad(phi0)[0])
@@ -1231,6 +1238,8 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
             self.alphas_ *= to_numpy(factors)
         self._prior_center = center
         self.shared_alpha_ = math.exp(shared)
+        if factors is not None and self._phi_fitted.shape == (1,):
+            self.shared_alpha_ *= float(factors[0])  # one penalty: the user's units
         self.n_iter_ = int(n_iter)
         self.history_ = np.asarray(history, dtype=float)
         with torch.no_grad():
@@ -1408,7 +1417,8 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     shared_alpha_ : float
         The shared penalty of the first stage (also that of the pilot fit of
         the adaptive model). With several penalties it is relative to the
-        features' scales (see Notes): feature ``j`` has ``shared_alpha_``
+        features' scales (see Notes; with one penalty it is ``alphas_[0]``,
+        in the units of ``X``): feature ``j`` has ``shared_alpha_``
         times the (sample-weighted) mean squared deviation of its group, the
         penalty of ``Ridge`` on standardized data. The later stages start
         from it, floored at ``1e-4`` times the mean squared (centred) norm
@@ -1494,7 +1504,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     column by ``c`` divides its coefficient by ``c`` and multiplies its
     penalty by ``c^2``, to rounding), and on standardized data nothing
     changes. A shared penalty (``penalty="scalar"``) is the user's model, as
-    for ``Ridge``: its features are not rescaled.
+    for ``Ridge``: one penalty in the units of ``X``. Its solves run on ``X``
+    divided by one common factor, so they do not depend on the data's
+    overall scale either.
 
     Examples
     --------

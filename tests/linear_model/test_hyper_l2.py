@@ -1231,6 +1231,29 @@ def test_the_fit_does_not_depend_on_the_features_units(Est, penalty):
     assert scaled.shared_alpha_ == pytest.approx(ref.shared_alpha_, rel=1e-9)
 
 
+@pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
+@pytest.mark.parametrize("dtype, scale", [("float32", 1e6), ("float32", 1e-3), ("float64", 1e12)])
+def test_one_penalty_does_not_depend_on_the_overall_scale(Est, dtype, scale):
+    # penalty="scalar" is the user's model (one penalty in X's units), but its
+    # solves run on X divided by one common factor: the classifier's absolute
+    # gradient tolerances had given 14 "NewtonCG stopped" warnings at X * 1e6 in
+    # float32, and probabilities 6e-3 off at X * 1e-3
+    rng = np.random.RandomState(0)
+    X = rng.randn(120, 4)
+    y = X @ [1.0, -1.0, 0.5, 0.0] + rng.randn(120)
+    if Est is HyperL2Classifier:
+        y = y > 0
+    ref = Est(penalty="scalar", random_state=0).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled = Est(penalty="scalar", dtype=dtype, random_state=0).fit(X * scale, y)
+    rtol = 1e-3 if dtype == "float32" else 1e-6
+    np.testing.assert_allclose(scaled.coef_ * scale, ref.coef_, rtol=rtol)
+    np.testing.assert_allclose(scaled.alphas_ / scale**2, ref.alphas_, rtol=rtol)
+    # (alphas_ computed in the fit's dtype)
+    assert scaled.shared_alpha_ == pytest.approx(scaled.alphas_[0], rel=rtol)
+
+
 def test_informative_features_of_small_units_are_found():
     # make_friedman1's informative features come first; with the columns in
     # units from 1e-3 to 1e3 the shared search had penalized them out (alpha
