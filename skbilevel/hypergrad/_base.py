@@ -11,12 +11,12 @@ outer loss then composes with it: ``F(argmin(...), phi).backward()`` fills
 
 import dataclasses
 import math
-import numbers
 import warnings
 from typing import Optional
 
 import torch
 
+from ._checks import _check_int, _check_positive  # noqa: F401 (used across the core)
 from ._linear_solve import _default_tol
 from ._tree import tree_detach, tree_flatten, tree_map, tree_unflatten
 
@@ -155,48 +155,6 @@ class SolveResult:
     n_hvp: int = 0
     message: str = ""
     tol: Optional[float] = None
-
-
-def _check_positive(value, name, allow_none=True):
-    """Validate a positive finite number (a tolerance, a step); ``None`` passes
-    when ``allow_none``. Returns ``value`` unchanged.
-
-    Zero and infinity are rejected too: a tolerance of 0 is never met (every
-    call warns), one of ``inf`` is always met (nothing is solved), and a step
-    of 0 turns the hypergradient into an exact zero.
-    """
-    if value is None and allow_none:
-        return value
-    ok = (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
-    if not ok:
-        none = "None or " if allow_none else ""
-        raise ValueError(
-            f"{name} must be {none}a positive finite number; got {value!r}."
-        )
-    return value
-
-
-def _check_int(value, name, minimum=1, allow_none=False):
-    """Validate an integer ``>= minimum`` (an iteration budget); ``None`` passes
-    when ``allow_none``. Returns ``value`` unchanged."""
-    if value is None and allow_none:
-        return value
-    ok = (
-        isinstance(value, numbers.Integral)
-        and not isinstance(value, bool)
-        and value >= minimum
-    )
-    if not ok:
-        none = "None or " if allow_none else ""
-        raise ValueError(
-            f"{name} must be {none}an integer >= {minimum}; got {value!r}."
-        )
-    return value
 
 
 def _all_finite(leaves):

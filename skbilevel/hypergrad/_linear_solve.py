@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from ._checks import _check_positive
+
 __all__ = [
     "LinearSolveResult",
     "solve_cg",
@@ -552,13 +554,11 @@ def solve_identity(b, step, matvec=None):
 
 
 def _check_step(step, where):
-    """A positive finite step (``step=0`` made ``solve_identity`` a silent zero)."""
-    value = step
+    """A positive finite step, a number or a one-element tensor (``step=0``
+    made ``solve_identity`` a silent zero)."""
     if isinstance(step, torch.Tensor) and step.numel() == 1:
-        value = float(step.detach())
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0):
-        raise ValueError(f"{where}: step must be a positive finite number; got {step!r}.")
+        step = float(step.detach())
+    _check_positive(step, f"{where}: step", allow_none=False)
 
 
 def _dense_matrix(matvec, like, vectorize=False):
