@@ -886,7 +886,7 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
             out[name] = (levels[level], count)
         return out
 
-    def _adaptive_stage(self, objective, candidates, center, base):
+    def _adaptive_stage(self, objective, candidates, center, base, level_floor=None):
         """Stage 2: the pilot and ``(a, gamma)`` of the adaptive model.
 
         ``candidates`` maps a pilot's name to its bases (one per fold
@@ -960,7 +960,15 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         # descent step took 5 Newton iterations)
         staged.set_warm_starts(starts.get(pilot))
         psi = like.new_tensor([level, start * spread]).requires_grad_(True)
-        lo = like.new_tensor([center - _LOG_ALPHA_BOX, 0.0])
+        # the level a no lower than level_floor (the classifier's: its shared
+        # search's lower bound). On separable folds the validation log-loss
+        # falls as every penalty vanishes, and a ran to the box's edge (blobs
+        # with 3 or 4 classes: penalties of 1e-7, CV loss 1e-9, 29 CG warnings
+        # from the saturated softmax's singular Hessians, 2 to 6 s)
+        a_lo = center - _LOG_ALPHA_BOX
+        if level_floor is not None:
+            a_lo = max(a_lo, min(level_floor, level))
+        lo = like.new_tensor([a_lo, 0.0])
         hi = like.new_tensor([center + _LOG_ALPHA_BOX, _ADAPTIVE_MAX_GAMMA * spread])
         res = self._outer_stage(staged, psi, base, 0.0, 0.0, lo, hi, "adaptive")
         return psi.detach() * unit, res, pilot, staged.warm_starts()
@@ -1005,6 +1013,8 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         history, n_iter = [], 0
         stage1 = shared_loss = None  # shared_loss: the CV loss at the shared penalty
         scan = None  # stage 1's scan when it took the best grid point as is
+        # the classifier's lowest level: the shared search's lower bound
+        level_floor = None
         from_x0 = None  # stage 1's search from a float alpha_init
         self.adaptive_params_ = self.adaptive_pilot_ = None
         original = objective
@@ -1055,6 +1065,8 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                 below = beyond
                 if low_scale is not None:
                     below = min(beyond, max(0.0, math.log(scale / low_scale)))
+                if low_scale is not None:
+                    level_floor = float(grid[0] - below)
                 stage1 = minimize_log_alpha(
                     vg_np,
                     values=lambda g: objective.curve(g)[:, None],
@@ -1140,7 +1152,7 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                 name: [chain[i] for chain in chains] for i, name in enumerate(pilots)
             }
             adaptive, res, pilot, starts = self._adaptive_stage(
-                objective, candidates, center, base
+                objective, candidates, center, base, level_floor
             )
             bases, spec = candidates.get(pilot), pilots.get(pilot)
             if res is None:
@@ -1187,6 +1199,11 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         # holds the corrections at its centre: no descent
         pinned = not prior_weight * _LOG_ALPHA_BOX**2 < torch.finfo(dtype).max
         phi = phi0.clone().requires_grad_(True)
+        lo = center - _LOG_ALPHA_BOX
+        if level_floor is not None and adaptive is None:
+            # log-penalties themselves here: no lower than the shared search went
+            # (see _adaptive_stage; around the adaptive model they are corrections)
+            lo = max(lo, min(level_floor, float(phi0.min())))
         if self.max_iter > 0 and not pinned:
             res = self._outer_stage(
                 objective,
@@ -1194,7 +1211,7 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                 base,
                 center,
                 prior_weight,
-                torch.full_like(phi0, center - _LOG_ALPHA_BOX),
+                torch.full_like(phi0, lo),
                 torch.full_like(phi0, center + _LOG_ALPHA_BOX),
                 "per-feature" if n_groups == len(groups) else "per-group",
             )

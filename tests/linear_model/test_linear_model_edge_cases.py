@@ -169,12 +169,14 @@ def test_hyper_l2_warnings_point_at_the_users_fit_call():
     # user's fit call
     X, y = _sparse_truth()
     X_bc, y_bc = load_breast_cancer(return_X_y=True)
-    X_bc = StandardScaler().fit_transform(X_bc)[:, :6]
+    X_bc = StandardScaler().fit_transform(X_bc)
+    X_mc, y_mc = make_classification(300, 10, n_informative=4, random_state=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         HyperL2Regressor(random_state=0, max_iter=1).fit(X, y)  # adaptive stage
         HyperL2Regressor(penalty="scalar", random_state=0, max_iter=1).fit(X, y)
-        HyperL2Classifier(random_state=0, max_iter=1).fit(X_bc, y_bc)
+        HyperL2Classifier(random_state=0, max_iter=1).fit(X_bc, y_bc)  # shared search
+        HyperL2Classifier(random_state=0, max_iter=1).fit(X_mc, y_mc)  # adaptive stage
         HyperL2Regressor(alpha_init=2.0, random_state=0, max_iter=2).fit(X, y)
     convergence = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
     assert len(convergence) >= 4
