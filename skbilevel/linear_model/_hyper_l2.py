@@ -633,10 +633,10 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         return [list(c) for c in np.array_split(np.arange(K), n_batches)]
 
     def _equalize_scales(self, X, Xt, swt, gt, n_groups):
-        """Rescale the columns of ``Xt`` to unit weighted variance, one factor
-        per penalty group (the mean :func:`_feature_scales` of its features,
-        which is then the sum of the weights), as ``StandardScaler`` without
-        its centring.
+        """Rescale the columns of ``Xt``, one factor per penalty group, so that
+        the group's mean :func:`_feature_scales` becomes the sum of the
+        weights: unit weighted variance, as ``StandardScaler`` without its
+        centring.
 
         The model is unchanged: a penalty ``alpha`` on the column ``x / d`` is
         the penalty ``alpha d^2`` on ``x``, and the coefficient ``w`` the
@@ -984,7 +984,9 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         for scikit-learn's sample-weight equivalence). The shared search may
         go ten decades below its grid; with ``low_scale`` (the classifier's
         smallest feature scale), only as far below it as the grid's low end is
-        below ``scale``."""
+        below ``scale``, and the later stages no further. ``factors`` (from
+        :meth:`_equalize_scales`, or ``None``) convert an ``alpha_init`` in
+        the user's units to the rescaled features'."""
         kind, init = self._check_alpha_init(len(groups), groups, n_groups)
         # one penalty: the user's units are the rescaled ones times this factor
         unit = float(factors[0]) if factors is not None and n_groups == 1 else 1.0
@@ -1065,7 +1067,6 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                 below = beyond
                 if low_scale is not None:
                     below = min(beyond, max(0.0, math.log(scale / low_scale)))
-                if low_scale is not None:
                     level_floor = float(grid[0] - below)
                 stage1 = minimize_log_alpha(
                     vg_np,
