@@ -57,8 +57,22 @@ def check_splits(splitter, X, y=None, **split_params):
     ValueError: Split 0 has validation indices out of range: [4, 7] for n_samples=6.
     """
     n = X.shape[0]
+    try:
+        pairs = list(splitter.split(X, y, **split_params))
+    except ValueError as err:
+        if "groups" not in str(err) or split_params.get("groups") is not None:
+            raise
+        # a group splitter without groups: scikit-learn's message does not say
+        # how an estimator that takes the splitter as cv gets them
+        raise ValueError(
+            f"{err} The splitter {splitter!r} needs groups: pass them to the "
+            "estimator's fit, fit(X, y, groups=groups). Inside a meta-estimator "
+            "(GridSearchCV, cross_validate), enable metadata routing "
+            "(sklearn.set_config(enable_metadata_routing=True)) and pass the groups "
+            "to the meta-estimator, which routes them to this estimator's fit too."
+        ) from err
     splits = []
-    for k, pair in enumerate(splitter.split(X, y, **split_params)):
+    for k, pair in enumerate(pairs):
         checked = []
         for part, name in zip(pair, ("training", "validation")):
             part = np.asarray(part)

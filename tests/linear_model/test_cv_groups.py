@@ -49,8 +49,9 @@ def test_groups_reach_the_splitter(make, classifier, routing):
 @pytest.mark.parametrize("make, classifier", ESTIMATORS, ids=IDS)
 def test_groups_without_a_group_splitter(make, classifier):
     X, y, g = _data(classifier)
-    # the splitter needs groups and gets none: scikit-learn's own error
-    with pytest.raises(ValueError, match="groups"):
+    # the splitter needs groups and gets none: scikit-learn's error, and how
+    # to pass them (GridSearchCV without routing keeps them for its own splitter)
+    with pytest.raises(ValueError, match=r"should not be None.*fit\(X, y, groups=groups\)"):
         make(LeaveOneGroupOut()).fit(X, y)
     # groups with the estimator's own K-fold would be ignored: refused
     with pytest.raises(ValueError, match="does not use them.*GroupKFold"):
@@ -72,6 +73,17 @@ def test_holdout_and_leave_one_out_refuse_groups():
         HyperL2Regressor(cv="loo", penalty="scalar").fit(X, y, groups=g)
     with pytest.raises(ValueError, match="does not use them"):
         BilevelRidgeCV(validation_fraction=0.3).fit(X, y, groups=g)
+
+
+def test_groups_reach_an_inner_group_splitter_through_grid_search_with_routing():
+    from sklearn.model_selection import GridSearchCV
+
+    X, y, g = _data(False)
+    grid = {"fit_intercept": [True, False]}
+    with sklearn.config_context(enable_metadata_routing=True):
+        search = GridSearchCV(BilevelRidgeCV(cv=GroupKFold(3)), grid, cv=GroupKFold(2))
+        search.fit(X, y, groups=g)
+    assert search.best_estimator_.alpha_ > 0
 
 
 def test_metadata_routing_sends_groups_to_the_splitter_only():
