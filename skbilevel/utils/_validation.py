@@ -41,7 +41,8 @@ def check_splits(splitter, X, y=None, **split_params):
     ValueError
         When the splitter yields no split, or a split whose training or
         validation part is empty, not one-dimensional integer indices, or
-        out of ``[0, n_samples)``.
+        out of ``[0, n_samples)``; or when it needs ``groups`` and got none
+        (the message says how an estimator's ``fit`` takes them).
 
     Examples
     --------
