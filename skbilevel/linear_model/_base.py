@@ -2,11 +2,10 @@
 
 import copy
 import math
+import numbers
 import os
 import sys
 import warnings
-
-import numbers
 
 import numpy as np
 import scipy.sparse as sp
