@@ -247,6 +247,14 @@ class _LogPenalty:
                 f"phi must hold one {what}, shape ({self.n_params},); "
                 f"got {tuple(phi.shape)}."
             )
+        bad = ~torch.isfinite(phi.detach())
+        if bool(bad.any()):
+            # (a NaN gave a NaN loss, an infinity a zero or infinite penalty)
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"phi (log-penalties) must be finite; got {int(bad.sum())} non-finite "
+                f"value(s), the first phi[{i}] = {float(phi[i])}."
+            )
         if self.basis is None:
             if self.log_offset is None:
                 return penalty_per_feature(phi, self.groups)

@@ -145,6 +145,33 @@ def test_non_finite_data_are_refused(bad):
             RidgeLOO(*args)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_phi_is_refused(bad):
+    """A NaN log-penalty gave RidgeFolds and RidgeLOO a NaN value silently
+    (LogisticFolds: "the inner objective is not finite at the starting
+    point", which blamed the data); an infinite one a value at a zero or
+    infinite penalty. Every fold problem, and the reparametrized ones (one
+    map from phi to the penalties), now refuse it."""
+    X, y, train = _data()
+    phi = torch.zeros(5, dtype=DT)
+    phi[2] = bad
+    problems = [
+        RidgeFolds(X, y, train, 1 - train, method="primal"),
+        RidgeFolds(X, y, train, 1 - train, method="dual"),
+        LogisticFolds(X, (y > 0).long(), 2, train, 1 - train),
+        RidgeLOO(X, y),
+    ]
+    match = r"phi \(log-penalties\) must be finite; got 1 non-finite value\(s\), the first phi\[2\]"
+    for problem in problems:
+        for method in ("value_and_grad", "value_grad_hessian"):
+            if hasattr(problem, method):
+                with pytest.raises(ValueError, match=match):
+                    getattr(problem, method)(phi)
+    grouped = problems[0].reparametrized(groups=torch.tensor([0, 0, 1, 1, 2]))
+    with pytest.raises(ValueError, match=r"phi\[1\]"):
+        grouped.value_and_grad(torch.tensor([0.0, bad, 0.0], dtype=DT))
+
+
 @pytest.mark.parametrize("method", ["primal", "dual"])
 def test_value_grad_hessian_takes_phi_of_another_precision(method):
     """``value_grad_hessian`` with a float32 ``phi`` on float64 data failed in
