@@ -180,17 +180,24 @@ def _check_start(f, g_norm):
     objective (floating-point limit?)', and NewtonCG to a linear-solve error
     blaming the outer loss.
     """
+    overflow = (
+        "values too large for the precision of the computation (data of 1e12 in "
+        "float32: rescale the data, or compute in float64)"
+    )
     if not math.isfinite(f):
         raise ValueError(
             f"The inner objective is not finite at the starting point (value {f}); "
-            "check the initialization and the data."
+            f"check the initialization and the data (NaN, or {overflow})."
         )
     if not math.isfinite(g_norm):
+        # (a finite value of 1e22 with an overflowing gradient was blamed on
+        # a non-differentiable objective: SampleReweighter on X * 1e12)
         raise ValueError(
             f"The gradient of the inner objective is not finite at the starting point "
-            f"(norm {g_norm}; value {f:.6g}): the objective is not differentiable "
-            "there (e.g. sqrt or a norm at 0). Start elsewhere (a small nonzero "
-            "init) or smooth the objective (sqrt(x + eps))."
+            f"(norm {g_norm}; value {f:.6g}): either the objective is not "
+            "differentiable there (e.g. sqrt or a norm at 0: start elsewhere, with a "
+            "small nonzero init, or smooth it, sqrt(x + eps)), or its gradient "
+            f"overflows: {overflow}."
         )
 
 

@@ -28,7 +28,14 @@ import warnings
 import numpy as np
 import torch
 from sklearn import get_config
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
+from sklearn.base import (
+    BaseEstimator,
+    ClassifierMixin,
+    RegressorMixin,
+    clone,
+    is_classifier,
+    is_regressor,
+)
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 from sklearn.utils import check_random_state
@@ -95,6 +102,11 @@ def _per_sample_loss(kind, criterion, outputs, y):
         return (outputs.reshape(-1) - y) ** 2
     losses = criterion(outputs.reshape(y.shape) if outputs.numel() == y.numel() else outputs, y)
     return losses.reshape(losses.shape[0], -1).mean(dim=1)
+
+
+#: gradient norm of the final refit's loss (a weighted mean) beyond which it is
+#: not a fit: ConvergenceWarning (see _refit_inner)
+_REFIT_GRAD_NORM = 1e-3
 
 
 def _check_in_range(X, dtype):
@@ -577,6 +589,21 @@ class _BaseSampleReweighter(BaseEstimator):
         est = self.final_estimator
         if est is None or isinstance(est, str):
             return None
+        # (an estimator of the other kind was refitted, and a classifier's
+        # predict returned its continuous outputs: Ridge gave 1.05, 1.47)
+        if self._is_classifier and is_regressor(est):
+            raise ValueError(
+                f"final_estimator {est!r} is a regressor, and {type(self).__name__}'s "
+                "predict returns class labels. Pass a classifier (e.g. "
+                "LogisticRegression), or use SampleReweighterRegressor for a "
+                "continuous target."
+            )
+        if not self._is_classifier and is_classifier(est):
+            raise ValueError(
+                f"final_estimator {est!r} is a classifier, and {type(self).__name__} "
+                "predicts a continuous target. Pass a regressor (e.g. Ridge), or use "
+                "SampleReweighter for class labels."
+            )
         if has_fit_parameter(est, "sample_weight"):
             return "sample_weight"
         steps = getattr(est, "steps", None)
@@ -679,7 +706,8 @@ class _BaseSampleReweighter(BaseEstimator):
             y_fit, y_mean, y_scale = y_enc, 0.0, 1.0
         else:
             n_outputs = 1
-            y_mean = float(np.average(y, weights=sample_weight)) if sample_weight.sum() > 0 else 0.0
+            top = sample_weight.max()  # (a sum of weights near 1e308 overflowed)
+            y_mean = float(np.average(y, weights=sample_weight / top)) if top > 0 else 0.0
             # the samples that count set the scale: zero-weight targets of 1e6 made
             # it 1.5e5 and the others' standardized targets 1e-5
             counted = y[sample_weight > 0] if (sample_weight > 0).any() else y
@@ -701,6 +729,14 @@ class _BaseSampleReweighter(BaseEstimator):
                 )
         if self._is_classifier and trusted is not None:
             self._warn_untrusted_classes(y_enc, train_idx, trusted_idx, sample_weight)
+        # the torch computation's copy of the weights. Normalized losses depend on
+        # their ratios only: scaled to a largest weight of 1, so that uniform
+        # weights of 1e-30 (or 1e50) fit as weights of 1 do (in float32 the
+        # normalizing sum fell below its floor and the model stayed at its start,
+        # R^2 0 against 1.0; 1e50 overflowed to NaN)
+        prior_weight = sample_weight
+        if self.normalize_weights:
+            prior_weight = sample_weight / sample_weight.max()
 
         with _seeded_global_rng(self._seed):
             module, kind, criterion = self._resolve_model(n_features, n_outputs)
@@ -714,7 +750,7 @@ class _BaseSampleReweighter(BaseEstimator):
         init_state = copy.deepcopy(module.state_dict())
 
         y_t = torch.as_tensor(y_fit, device=device, dtype=torch.long if self._is_classifier else dtype)
-        prior = torch.as_tensor(sample_weight, dtype=dtype, device=device)
+        prior = torch.as_tensor(prior_weight, dtype=dtype, device=device)
         problem = _WeightedProblem(
             module, kind, criterion, X_t, y_t, prior,
             torch.as_tensor(train_idx, device=device), torch.as_tensor(trusted_idx, device=device),
@@ -834,8 +870,10 @@ class _BaseSampleReweighter(BaseEstimator):
 
         refit_weight = self.sample_weight_ * sample_weight
         if self.final_estimator is None:
+            # (normalized: the ratios only, see prior_weight)
             self.estimator_ = self._refit_inner(
-                module, init_state, problem, refit_weight, device, dtype, batch, rng)
+                module, init_state, problem, self.sample_weight_ * prior_weight, device,
+                dtype, batch, rng)
         elif isinstance(self.final_estimator, str):  # "joint"
             self.estimator_ = _TorchModel(self.module_, kind, criterion, getattr(self, "classes_", None),
                                           y_mean, y_scale, dtype)
@@ -867,7 +905,22 @@ class _BaseSampleReweighter(BaseEstimator):
         if batch >= len(problem.train_idx):
             all_pos = torch.arange(n, device=device)
             solver = LBFGS(max_iter=max(self.max_iter, 100), warn=False)
-            theta, _ = solver.solve(lambda t: full.weighted_loss(t, ones, all_pos), theta0)
+            theta, res = solver.solve(lambda t: full.weighted_loss(t, ones, all_pos), theta0)
+            # The loss is a weighted mean (standardized targets): a gradient norm
+            # of 1e-3 is a fit, short of the solver's own tolerance (1e-10 in
+            # float64: an MLP on standardized data stopped at 2e-4). Beyond it
+            # the model is not fitted (X * 1e16: training R^2 -4.7e27, silently;
+            # raw wine: gradient norm 0.13, accuracy .93 against 1.0 standardized)
+            if not (res.converged or res.grad_norm <= _REFIT_GRAD_NORM):
+                warnings.warn(
+                    f"Refitting the inner model with the learned weights stopped after "
+                    f"{res.n_iter} L-BFGS iterations ({res.message}) with a gradient norm "
+                    f"of {res.grad_norm:.3g} (above {_REFIT_GRAD_NORM:g}): the model may be "
+                    "far from its fit. Scale X (e.g. with StandardScaler, in a Pipeline) "
+                    "or raise max_iter (the refit takes max(max_iter, 100) iterations).",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
         else:
             theta = {k: t.requires_grad_(True) for k, t in theta0.items()}
             opt = _make_inner_optimizer(self.optimizer, list(theta.values()), self.learning_rate)

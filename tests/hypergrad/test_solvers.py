@@ -214,3 +214,17 @@ def test_lbfgs_uses_the_hessian_diagonal_as_initial_inverse_hessian():
     assert pre.n_iter * 5 < plain.n_iter or not plain.converged
     ref, _ = NewtonCG(tol=1e-10).solve(_StiffLogistic(True), w0)
     torch.testing.assert_close(pre_w, ref, rtol=1e-6, atol=1e-9)
+
+
+def test_gradient_overflow_at_the_start_names_the_precision():
+    """A finite value with an overflowing gradient was blamed on a
+    non-differentiable objective only ("sqrt or a norm at 0"; SampleReweighter
+    on X * 1e12 in float32, where the user wrote neither)."""
+    w0 = torch.ones(2, dtype=torch.float32)
+
+    def fun(w):  # value 1e30, gradient 1e40: beyond float32
+        return 1e10 * (1e20 * w).sum()
+
+    with pytest.raises(ValueError, match=r"not differentiable there.*or its gradient overflows.*"
+                       r"float64"):
+        LBFGS().solve(fun, w0)

@@ -184,6 +184,7 @@ def test_skorch_net_as_inner_model():
     assert not getattr(net, "initialized_", False)  # the user's net is left untouched
 
 
+@pytest.mark.filterwarnings("ignore:Refitting the inner model")  # an MLP, 100 L-BFGS steps
 def test_module_class_with_module_params_and_clone():
     X, y, y_noisy, trusted, _ = _noisy_problem(n=200)
     clf = SampleReweighter(MLP, module__hidden_layer_sizes=(7,), max_iter=20, random_state=0)
@@ -490,6 +491,7 @@ class _DropoutNet(torch.nn.Module):
         return self.out(self.drop(torch.relu(self.hidden(x))))
 
 
+@pytest.mark.filterwarnings("ignore:Refitting the inner model")  # L-BFGS on dropout
 def test_random_state_makes_fits_with_dropout_identical():
     # dropout masks came from torch's unseeded global generator: two fits with
     # random_state=0 gave different weights and predictions

@@ -165,3 +165,54 @@ def test_batches_of_one_normalized_sample_are_an_error():
     clf = SampleReweighter(method="per_sample", batch_size=1, normalize_weights=False,
                            max_iter=20, random_state=0).fit(X, y, trusted=trusted)
     assert clf.sample_weight_[~trusted].std() > 0
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-40, 1e50, 1e300])
+def test_uniform_sample_weights_of_any_scale_fit_as_ones(scale):
+    """The weights went to the float32 computation as given: uniform weights of
+    1e-30 left the model at its start (the normalizing sum under its floor:
+    regressor R^2 7e-6, against 1.0 with weights of 1), 1e-40 (below float32)
+    stopped the fit as 'diverged' with probabilities of 0.5, and 1e50
+    overflowed ('the inner objective is not finite'). Only their ratios
+    count: the fit must be that of unit weights."""
+    X, y, _ = _data(40)
+    reg_y = X @ np.array([1.0, 2.0, 3.0])
+    w = np.full(len(y), scale)
+    for Est, target in ((SampleReweighterRegressor, reg_y), (SampleReweighter, y)):
+        plain = Est(max_iter=3, random_state=0).fit(X, target)
+        scaled = Est(max_iter=3, random_state=0).fit(X, target, sample_weight=w)
+        np.testing.assert_allclose(scaled.predict(X), plain.predict(X), rtol=1e-6)
+        np.testing.assert_allclose(scaled.sample_weight_, plain.sample_weight_, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "Est, wrong, kind",
+    [(SampleReweighter, "Ridge", "regressor"), (SampleReweighterRegressor, "LogisticRegression",
+                                                 "classifier")],
+)
+def test_final_estimator_of_the_other_kind_is_an_error(Est, wrong, kind):
+    """A Ridge refitted as SampleReweighter's final estimator made predict
+    return its continuous outputs (1.05, 1.47) as labels, and score fail in
+    scikit-learn's metrics."""
+    import sklearn.linear_model
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y, _ = _data(40)
+    for final in (getattr(sklearn.linear_model, wrong)(),
+                  make_pipeline(StandardScaler(), getattr(sklearn.linear_model, wrong)())):
+        with pytest.raises(ValueError, match=f"is a {kind}, and {Est.__name__}"):
+            Est(final_estimator=final, max_iter=3, random_state=0).fit(X, y)
+
+
+def test_refit_far_from_its_fit_warns():
+    """On features of 1e16 the final L-BFGS refit (run with its warnings off)
+    stopped at 100 iterations with a gradient norm of 3e28 and the model
+    scored a training R^2 of -4.7e27, silently."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    X, _, _ = _data(40)
+    y = X @ np.array([1.0, 2.0, 3.0])
+    with pytest.warns(ConvergenceWarning, match=r"Refitting the inner model.*gradient norm.*"
+                      r"Scale X"):
+        SampleReweighterRegressor(max_iter=3, random_state=0, dtype="float64").fit(X * 1e16, y)
