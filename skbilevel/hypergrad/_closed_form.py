@@ -2081,6 +2081,7 @@ class _Bracket:
         self.expanding = False
         self.h = 1.0
         self.fails = 0  # trials in a row that did not lower the objective
+        self.from_x0 = False  # bracketing from a start point (not beyond a grid)
 
     @classmethod
     def from_grid(cls, grid, values, i, g):
@@ -2117,6 +2118,7 @@ class _Bracket:
         b = cls(x, f, g)
         b.expanding = g != 0 and _finite(g)
         b.h = float(step)
+        b.from_x0 = True
         return b
 
     def expansion_trial(self, lo, hi):
@@ -2128,8 +2130,23 @@ class _Bracket:
         if not self.expanding:
             return
         # rose, flat to 1e-8 (an asymptote, e.g. least squares as alpha -> 0), or
-        # not finite: the bracket is (xb, x)
-        if not f < self.fb - 1e-8 * abs(self.fb):
+        # not finite: the bracket is (xb, x). From x0 (not beyond a grid, which
+        # spans the data's own scales), flat but with the slope steeper than at
+        # xb on the same side and a fall of at least half the one that xb's
+        # slope predicts over the step, is no asymptote: the steps are leaving
+        # a plateau they started on (from alpha_init=1e11, ten decades above
+        # the optimum, where ridge predicts the mean: the first step fell by
+        # 1e-10 and the search stopped there, R^2 2e-9). (Beyond a grid's low
+        # end, rounding noise growing towards alpha = 0 passes that test: two
+        # samples' leave-one-out error, constant in alpha, ran to 0/0 at 1e-15.)
+        leaving = (
+            self.from_x0
+            and _finite(g)
+            and (g > 0) == (self.gb > 0)
+            and abs(g) > abs(self.gb)
+            and self.fb - f >= 0.5 * abs(self.gb) * abs(x - self.xb)
+        )
+        if not (f < self.fb - 1e-8 * abs(self.fb) or leaving):
             self.e, self.fe, self.ge = x, f, g
             self.expanding = False
             return

@@ -1041,33 +1041,39 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
             # last digits (two more steps changed no benchmark score beyond 2e-4)
             max_iter = 1 if n_groups > 1 else max(1, self.max_iter)
             tol = 1e-3 if n_groups == 1 else 1e-2
+            # the grid is relative to the mean feature scale: with features of
+            # very different scales the best penalty can lie beyond it (up to
+            # ten more decades: far enough for least squares, near enough for
+            # the solves to stay finite in float32). With low_scale (the
+            # classifier), no further down than where the smallest feature is
+            # as little penalized as the mean one at the grid's end: on (nearly)
+            # separable folds the validation log-loss keeps falling as the
+            # penalty vanishes and the fit diverges (standardized iris and wine:
+            # the search went 3 decades below the grid, test log-loss .096 and
+            # .084, against .079 and .070 stopped at the grid's end; in 5-fold
+            # cross-validation, 3 seeds)
+            grid = self._grid(scale)
+            beyond = 10.0 * math.log(10.0)
+            below = beyond
+            if low_scale is not None:
+                below = min(beyond, max(0.0, math.log(scale / low_scale)))
+                level_floor = float(grid[0] - below)
+            bounds = (grid[0] - below, grid[-1] + beyond)
             if kind == "scalar":
                 # from alpha_init the bracketing steps count in max_iter: one
                 # evaluation, as after a scan, left alpha_init as it was (and the
                 # later stages, which do not move a level no gamma improves,
-                # returned it: a regressor's CV loss 109 against 31.4 from the scan)
+                # returned it: a regressor's CV loss 109 against 31.4 from the scan).
+                # Within the scan's bounds, alpha_init clamped into them: below
+                # the classifier's, the loose inner solves of nearly separable
+                # folds gave values that moved between evaluations at one
+                # alpha (breast_cancer from 1e-6: 1.61, then 2.10 and 1.91; the
+                # search stopped at once, CV log-loss 1.61 against .075)
                 stage1 = minimize_log_alpha(
-                    vg_np, x0=init, tol=tol, max_iter=max(1, self.max_iter)
+                    vg_np, x0=init, tol=tol, max_iter=max(1, self.max_iter), bounds=bounds
                 )
                 from_x0 = stage1
             else:
-                # the grid is relative to the mean feature scale: with features of
-                # very different scales the best penalty can lie beyond it (up to
-                # ten more decades: far enough for least squares, near enough for
-                # the solves to stay finite in float32). With low_scale (the
-                # classifier), no further down than where the smallest feature is
-                # as little penalized as the mean one at the grid's end: on (nearly)
-                # separable folds the validation log-loss keeps falling as the
-                # penalty vanishes and the fit diverges (standardized iris and wine:
-                # the search went 3 decades below the grid, test log-loss .096 and
-                # .084, against .079 and .070 stopped at the grid's end; in 5-fold
-                # cross-validation, 3 seeds)
-                grid = self._grid(scale)
-                beyond = 10.0 * math.log(10.0)
-                below = beyond
-                if low_scale is not None:
-                    below = min(beyond, max(0.0, math.log(scale / low_scale)))
-                    level_floor = float(grid[0] - below)
                 stage1 = minimize_log_alpha(
                     vg_np,
                     values=lambda g: objective.curve(g)[:, None],
@@ -1076,7 +1082,7 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                     # the best grid point as is before the classifier's
                     # per-feature stages (see _refine_shared)
                     max_iter=max_iter if self._refine_shared or n_groups == 1 else 0,
-                    bounds=(grid[0] - below, grid[-1] + beyond),
+                    bounds=bounds,
                     expand=True,
                 )
             shared = center = float(stage1.x[0])
@@ -1320,7 +1326,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     alpha_init : float > 0, array-like of shape (n_features,) or (n_groups,), or None, default=None
         ``None``: the shared penalty is found by scanning the validation
         curve, then refined. A float: that search starts there instead (no
-        scan; its bracketing steps count in ``max_iter``); with several
+        scan; its bracketing steps count in ``max_iter``), within the bounds
+        the scan's search keeps (a float beyond them starts at the nearest
+        bound); with several
         penalties it is the penalty of a feature of unit variance (see
         ``shared_alpha_``). An array: per-feature (or per-group) starting
         penalties in the units of ``X``, no shared stage (the prior is then
@@ -1849,7 +1857,11 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
     validation_fraction : float in (0, 1) or None, default=None
         If set, a single stratified holdout split replaces ``cv``.
     alpha_init : float > 0, array-like or None, default=None
-        As for :class:`HyperL2Regressor`.
+        As for :class:`HyperL2Regressor`. The search's lower bound is the
+        scan's: ``1e-4`` times the mean over features of their (weighted)
+        sums of squared centred values (lower when these differ between
+        features). Below it, the inner solves of nearly separable folds
+        are too loose to compare penalties.
     adaptive : bool, default=True
         Fit the two-parameter adaptive model before the per-feature
         corrections (as for :class:`HyperL2Regressor`). On the benchmark
