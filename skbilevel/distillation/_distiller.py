@@ -98,15 +98,18 @@ def _kernel_specs(kernel, kernel_params):
 
 
 def _check_kernels(specs, Xz, dtype):
-    """Call each callable kernel on 2 x 3 rows of ``Xz``: it must return a torch
-    Gram matrix of shape (2, 3), which autograd can differentiate."""
+    """Call each kernel on 2 x 3 rows of ``Xz``: a callable must return a torch
+    Gram matrix of shape (2, 3), which autograd can differentiate, and every
+    kernel must be finite there."""
     A = torch.as_tensor(Xz[:2], dtype=dtype)
     B = torch.as_tensor(Xz[:3], dtype=dtype)
-    for kernel, params in specs:
-        if isinstance(kernel, str):
-            continue
+    for i, (kernel, params) in enumerate(specs):
         params = {k: v for k, v in params.items() if k != "reg"}
-        K = kernel(A, B, **params)
+        if isinstance(kernel, str):
+            with torch.no_grad():
+                K = pairwise_kernel(A, B, kernel=kernel, **params)
+        else:
+            K = kernel(A, B, **params)
         if not isinstance(K, torch.Tensor) or K.shape != (len(A), len(B)):
             got = (
                 f"a {type(K).__name__}" if not isinstance(K, torch.Tensor)
@@ -118,6 +121,48 @@ def _check_kernels(specs, Xz, dtype):
                 f"be differentiated; {kernel!r} returned {got} for A with {len(A)} "
                 f"rows and B with {len(B)}."
             )
+        _check_gram_finite(K, specs, i, "the first rows of the (standardized) data")
+
+
+def _check_gram_finite(K, specs, i, where, cause=None):
+    """Raise a ValueError naming kernel ``specs[i]`` when its Gram matrix ``K``
+    holds NaN or infinity.
+
+    The ridge penalty is ``reg`` times the mean diagonal of the kernel, so a
+    non-finite kernel surfaced as 'kernel_ridge_fit: reg must be a finite
+    number >= 0; got tensor(nan)', blaming ``reg``.
+    """
+    K = K.detach()
+    finite = torch.isfinite(K)
+    if bool(finite.all()):
+        return
+    kernel, params = specs[i]
+    which = f"kernel[{i}] " if len(specs) > 1 else "kernel "
+    shown = {k: v for k, v in params.items() if k != "reg"}
+    raise ValueError(
+        f"{which}{kernel!r}{f' with params {shown}' if shown else ''} returned "
+        f"non-finite values (NaN or infinity) in {int((~finite).sum())} of "
+        f"{K.numel()} Gram matrix entries on {where}. The kernel is called on the "
+        "standardized data (centred, unit RMS) and the synthetic samples, and must "
+        "be finite there: e.g. lower the scale inside an exponential or a high "
+        "power (they overflow), or use a named kernel."
+    ) from cause
+
+
+def _raise_if_gram_not_finite(specs, i, Xs, Xb, cause=None):
+    """After a failed KIP step: if kernel ``specs[i]`` is not finite on the
+    synthetic samples ``Xs`` or between them and the real batch ``Xb``, raise
+    the error naming it (see :func:`_check_gram_finite`)."""
+    kernel, params = specs[i]
+    params = {k: v for k, v in params.items() if k != "reg"}
+    with torch.no_grad():
+        Xs = Xs.detach()
+        for A, B, where in (
+            (Xs, Xs, "the synthetic samples"),
+            (Xb, Xs, "the real samples against the synthetic ones"),
+        ):
+            K = pairwise_kernel(A, B, kernel=kernel, **params)
+            _check_gram_finite(K, specs, i, where, cause)
 
 
 class DatasetDistiller(BaseEstimator):
@@ -495,6 +540,7 @@ class DatasetDistiller(BaseEstimator):
             self._predict_reg = float(params.pop("reg", self.reg))
             with torch.no_grad():
                 K = pairwise_kernel(Xs, kernel=name, **params)
+                _check_gram_finite(K, specs, 0, "the distilled samples")
                 dual = kernel_ridge_coef(K, targets, self._predict_reg)
             self.dual_coef_ = to_numpy(dual)
             self._predict_kernel = (name, params)
@@ -648,16 +694,10 @@ class DatasetDistiller(BaseEstimator):
         for c, k in enumerate(counts):
             rows = np.flatnonzero(y_idx == c)
             n_distinct = len(np.unique(Xz[rows], axis=0))
-            if n_distinct < k:
-                warnings.warn(
-                    f"Class {_plain(self.classes_[c])!r} has {n_distinct} distinct "
-                    f"sample(s), fewer than the {k} synthetic samples asked for it, so "
-                    "some start as copies of others; copies get the same gradients "
-                    "and separate by rounding only, adding little. Ask for at most "
-                    f"{n_distinct} (n_per_class, or a dict of counts).",
-                    UserWarning,
-                    stacklevel=5,  # the caller of fit (through its two decorators)
-                )
+            _warn_copies(
+                f"Class {_plain(self.classes_[c])!r} has", n_distinct, k,
+                "it", "(n_per_class, or a dict of counts)",
+            )
             if self.init == "random":
                 Xs.append(Xz[rng.choice(rows, size=k, replace=False)])
             else:
@@ -676,11 +716,30 @@ class DatasetDistiller(BaseEstimator):
                 f"n_distilled={k} is larger than the number of samples "
                 f"({Xz.shape[0]}); lower it."
             )
+        # point[i]: which distinct row row i is a copy of
+        _, point = np.unique(Xz, axis=0, return_inverse=True)
+        point = point.ravel()
+        n_distinct = int(point.max()) + 1
+        _warn_copies("X has", n_distinct, k, "", "(n_distilled)")
         if self.init == "random":
             rows = rng.choice(Xz.shape[0], size=k, replace=False)
-            return Xz[rows], T[rows]
-        centers, labels = self._kmeans(Xz, k, rng)
-        Ts = np.stack([T[labels == j].mean(axis=0) for j in range(k)])
+            members = [rows[j : j + 1] for j in range(k)]
+        else:
+            centers, labels = self._kmeans(Xz, k, rng)
+            members = [np.flatnonzero(labels == j) for j in range(k)]
+        if n_distinct < Xz.shape[0]:
+            # each synthetic sample starts at the mean target of all the copies of
+            # its rows: with fewer distinct rows than n_distilled, _kmeans splits
+            # a point's copies into clusters (random init draws single copies), and
+            # each of those samples took the mean target of its own share, a few
+            # rows or one. Kernel ridge on copies averages their targets with equal
+            # weights, so the point's prediction was skewed: 2 distinct rows x 20,
+            # n_distilled=4, predicted -0.733 at a point whose 20 targets average
+            # -0.086 (0.220 at the other, kept whole); now -0.086 and 0.220.
+            members = [np.flatnonzero(np.isin(point, point[m])) for m in members]
+        Ts = np.stack([T[m].mean(axis=0) for m in members])
+        if self.init == "random":
+            return Xz[rows], Ts
         return centers, Ts
 
     @staticmethod
@@ -727,15 +786,29 @@ class DatasetDistiller(BaseEstimator):
         reg = float(self.reg)
 
         def objective(phi):
-            name, params = specs[int(torch.randint(len(specs), (1,), generator=gen))]
+            i = int(torch.randint(len(specs), (1,), generator=gen))
+            name, params = specs[i]
             params = dict(params)
             step_reg = float(params.pop("reg", reg))
             Xb, Tb, _ = draw_batch()
             ys = phi["y"] if "y" in phi else targets0
-            return kip_loss(
-                phi["X"], ys, Xb, Tb, kernel=name, reg=step_reg, hypergradient=strategy,
-                **params,
-            )
+            # _check_kernels saw a few rows only: a kernel that overflows on the
+            # rest of the data (or where the synthetic samples move) failed here
+            # as 'kernel_ridge_fit: reg must be a finite number' (the penalty is
+            # scaled by the kernel's diagonal), or gave a NaN loss that stopped
+            # fit at iteration 0 with a ConvergenceWarning blaming the learning
+            # rate. The kernel is recomputed after a failure only.
+            try:
+                loss, info = kip_loss(
+                    phi["X"], ys, Xb, Tb, kernel=name, reg=step_reg,
+                    hypergradient=strategy, **params,
+                )
+            except ValueError as exc:
+                _raise_if_gram_not_finite(specs, i, phi["X"], Xb, exc)
+                raise
+            if not bool(torch.isfinite(loss.detach())):
+                _raise_if_gram_not_finite(specs, i, phi["X"], Xb)
+            return loss, info
 
         return objective
 
@@ -933,6 +1006,22 @@ def _mlp(n_features, n_outputs, hidden_layer_sizes):
     move."""
     with torch.random.fork_rng(devices=[]):
         return MLP(n_features, n_outputs, hidden_layer_sizes)
+
+
+def _warn_copies(subject, n_distinct, k, target, knob):
+    """Warn that ``k`` synthetic samples start from ``n_distinct < k`` distinct
+    rows, so that some start as copies of others."""
+    if n_distinct >= k:
+        return
+    warnings.warn(
+        f"{subject} {n_distinct} distinct sample(s), fewer than the {k} synthetic "
+        f"samples asked for{' ' + target if target else ''}, so some start as copies "
+        "of others; copies get the same gradients and separate by rounding only, "
+        f"adding little. Ask for at most {n_distinct} {knob}.",
+        UserWarning,
+        # the caller of fit: fit's two decorators, fit, the _init_* method, here
+        stacklevel=6,
+    )
 
 
 def _sq_norm(params):

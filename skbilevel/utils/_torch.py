@@ -34,8 +34,9 @@ def resolve_device(device):
     Parameters
     ----------
     device : str, torch.device or None
-        ``None`` and ``"cpu"`` mean the CPU; ``"auto"`` picks CUDA when one is
-        available; ``"cuda"``, ``"cuda:1"``, ``"mps"`` must exist.
+        ``None`` and ``"cpu"`` (or ``"cpu:0"``) mean the CPU; ``"auto"`` picks
+        CUDA when one is available; ``"cuda"``, ``"cuda:1"``, ``"mps"`` must
+        exist. Any other CPU index (``"cpu:7"``) is an error: torch ignores it.
 
     Examples
     --------
@@ -74,6 +75,19 @@ def resolve_device(device):
             )
     elif dev.type != "cpu":
         raise ValueError(f"device={device!r} is not supported; use 'cpu', 'cuda' or 'mps'.")
+    elif dev.index is not None:
+        # torch accepts 'cpu:7' but drops the index: torch.zeros(1, device='cpu:7')
+        # lands on device 'cpu', so 'cpu:7' was a silent no-op (likely a typo of
+        # 'cuda:7'). torch.cpu.device_count() is 1, so as for CUDA an index past
+        # the last device is an error; 'cpu:0' names the one CPU and is returned
+        # as 'cpu', the device tensors report (torch.device('cpu:0') != 'cpu').
+        if dev.index != 0:
+            raise ValueError(
+                f"device={device!r}: the CPU has no device index (torch ignores it "
+                "and runs on the one CPU); use device='cpu', or 'cuda:N' for the "
+                "N-th GPU."
+            )
+        dev = torch.device("cpu")
     return dev
 
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import load_iris
 from sklearn.exceptions import NotFittedError
 
@@ -176,3 +177,77 @@ def test_non_finite_outputs_raise_instead_of_predicting_class_0():
     # the RBF kernel stays finite there (exp(-inf) = 0): it still predicts
     dd = DatasetDistiller(n_per_class=1, kernel="rbf", max_iter=2, random_state=0).fit(X, y)
     assert dd.predict(X_new).shape == (3,)
+
+
+def _nan_kernel(A, B):
+    return (A @ B.T) * float("nan")
+
+
+def _overflows_far_out(A, B):
+    # finite on the first rows of the data, infinite on rows far from its mean
+    far = (A**2).sum(1, keepdim=True) > 20
+    return torch.exp(-torch.cdist(A, B) ** 2) + torch.where(far, float("inf"), 0.0)
+
+
+@pytest.mark.parametrize(
+    "kernel, init, match",
+    [
+        (_nan_kernel, "kmeans", r"^kernel <function _nan_kernel .* 6 of 6 Gram .* first rows"),
+        (["rbf", _nan_kernel], "kmeans", r"^kernel\[1\] <function _nan_kernel"),
+        ("poly", "kmeans", r"^kernel 'poly' with params \{'degree': 1000\}"),
+        # non-finite only on the outlier: a synthetic sample starts there (k-means),
+        # so the kernel's diagonal and with it the ridge penalty are infinite ...
+        (lambda A, B: torch.exp(10 * A @ B.T), "kmeans", r"on the synthetic samples"),
+        # ... or the synthetic samples are fine but the outlier in the batch is not
+        (_overflows_far_out, "random", r"on the real samples against the synthetic"),
+    ],
+)
+def test_non_finite_kernel_is_named_not_reg(kernel, init, match):
+    """A kernel returning NaN or infinity made kernel_ridge_fit blame reg ('reg
+    must be a finite number >= 0; got tensor(nan, ...)'; the penalty is reg times
+    the kernel's mean diagonal); poly of degree 1000 too. The one infinite only
+    between the outlier and the synthetic samples gave a NaN loss at the first
+    step: fit stopped after 0 iterations with a ConvergenceWarning ('loss nan ...
+    Lower the learning rate or check the data') and returned the initial set."""
+    rng = np.random.RandomState(0)
+    X = rng.randn(40, 3)
+    y = (X[:, 0] > 0).astype(int)
+    X[-1] = 40  # an outlier, far from the first rows that are checked up front
+    params = {"degree": 1000} if kernel == "poly" else None
+    dd = DatasetDistiller(n_per_class=2, max_iter=3, kernel=kernel, kernel_params=params,
+                          init=init, random_state=0)
+    with pytest.raises(ValueError, match=match) as info:
+        dd.fit(X, y)
+    assert "reg" not in str(info.value) and "must be finite there" in str(info.value)
+
+
+def test_duplicate_rows_regression_warns_and_keeps_each_points_mean_target():
+    """2 distinct rows x 20 copies, n_distilled=4: no warning (classification warns
+    for a class with fewer distinct samples than asked), and k-means split one
+    point's 20 copies into 3 clusters (18 + 1 + 1 rows), each with the mean target
+    of its own share: predict there gave -0.733 where the 20 targets average
+    -0.086. init='random' drew single copies, each with its own target: -0.770
+    and -0.172 for means 0.220 and -0.086."""
+    rng = np.random.RandomState(0)
+    rng.randn(40, 3)
+    X = np.repeat(rng.randn(2, 3), 20, axis=0)
+    y = rng.randn(40)
+    for init in ("kmeans", "random"):
+        dd = DatasetDistiller(n_distilled=4, init=init, max_iter=3, random_state=0)
+        with pytest.warns(UserWarning, match=r"^X has 2 distinct sample\(s\), fewer than "
+                          r"the 4 synthetic samples .* at most 2 \(n_distilled\)") as rec:
+            dd.fit(X, y)
+        assert all(w.filename == __file__ for w in rec)  # points at the caller of fit
+        np.testing.assert_allclose(
+            dd.predict(X[[0, 20]]), [y[:20].mean(), y[20:].mean()], atol=1e-5
+        )
+
+
+@pytest.mark.parametrize("method", ["kip", "unrolled"])
+def test_cpu_device_index_is_rejected(method):
+    """device='cpu:7' was accepted: torch drops the CPU index."""
+    X, y = _iris()
+    dd = DatasetDistiller(n_per_class=1, method=method, max_iter=2, device="cpu:7")
+    with pytest.raises(ValueError, match=r"device='cpu:7': the CPU has no device index"):
+        dd.fit(X, y)
+    assert not hasattr(dd, "X_distilled_")

@@ -25,6 +25,22 @@ def test_resolve_device():
         resolve_device("gpu0")
 
 
+@pytest.mark.parametrize("device", ["cpu:7", "cpu:1", torch.device("cpu", 3)])
+def test_cpu_device_index_is_rejected(device):
+    """torch accepts 'cpu:7' but drops the index (tensors land on 'cpu'), and
+    resolve_device returned device(type='cpu', index=7): every estimator took
+    device='cpu:7' silently."""
+    with pytest.raises(ValueError, match=r"the CPU has no device index.*device='cpu'"):
+        resolve_device(device)
+
+
+def test_cpu_0_is_the_cpu():
+    """'cpu:0' names the one CPU: it resolves to the device tensors report
+    ('cpu'; torch.device('cpu:0') != torch.device('cpu'))."""
+    assert resolve_device("cpu:0") == torch.device("cpu")
+    assert resolve_device("cpu:0") == torch.zeros(1, device="cpu:0").device
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_unavailable_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA is not available.*device='cpu'"):
