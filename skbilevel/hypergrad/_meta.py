@@ -41,6 +41,7 @@ import torch
 from torch.func import functional_call, grad, vjp, vmap
 
 from ._base import HypergradientInfo
+from ._checks import _check_int
 from ._linear_solve import LinearSolveResult
 from ._tree import tree_detach, tree_flatten
 
@@ -714,9 +715,10 @@ class IMAML(MetaMethod):
     lam : float, default=1.0
         Proximal strength (> 0); larger keeps ``theta*`` closer to ``phi``.
     cg_maxiter : int, default=5
-        CG steps per meta-iteration (the paper's 5).
+        CG steps per meta-iteration (the paper's 5; >= 1).
     cg_tol : float, default=1e-3
-        Relative residual at which CG stops early; the reached value is in
+        Relative residual at which CG stops early (in ``[0, 1)``; 0 runs all
+        ``cg_maxiter`` steps); the reached value is in
         ``info.linear_solve_residual`` and ``info.linear_solve_converged``.
     """
 
@@ -729,6 +731,25 @@ class IMAML(MetaMethod):
         self.cg_maxiter = cg_maxiter
         self.cg_tol = cg_tol
         self._check_lam()
+        self._check_cg()
+
+    def _check_cg(self):
+        # CG starts at v = 0 with a relative residual of 1: no step (cg_maxiter 0 or
+        # -1) or a tolerance of 1 or more left v = 0, a meta-gradient of exactly
+        # zero (the meta-parameters never moved: change 0.0 from 1 to 5
+        # meta-iterations, against 3.7e-3 at the defaults); a NaN or negative
+        # tolerance was never met and silently meant 0
+        _check_int(self.cg_maxiter, "iMAML's cg_maxiter (the conjugate-gradient steps "
+                   "of each task's meta-gradient, 5 in the paper)")
+        tol = self.cg_tol
+        if not (isinstance(tol, Real) and not isinstance(tol, bool) and 0 <= tol < 1):
+            raise ValueError(
+                f"iMAML's cg_tol must be a number in [0, 1); got cg_tol={tol!r}. It is "
+                "the relative residual at which CG stops early: CG starts at a "
+                "residual of 1, so at 1 or more it takes no step and the "
+                "meta-gradient is zero; use e.g. cg_tol=1e-3, or 0 to run all "
+                "cg_maxiter steps."
+            )
 
     def _check_lam(self):
         # the meta-gradient solves (I + H/lam) v = g: lam = 0 divides by zero
@@ -753,6 +774,7 @@ class IMAML(MetaMethod):
 
     def init_meta(self, model):
         self._check_lam()
+        self._check_cg()
         return super().init_meta(model)
 
     def adapt(self, model, meta, x, y, *, n_outputs=None, steps=None):

@@ -9,6 +9,7 @@ fitted scikit-learn estimator.
 """
 
 import copy
+import difflib
 import math
 import warnings
 from numbers import Integral, Real
@@ -89,28 +90,51 @@ class _MetaLearnerMixin:
 
     def _store_module_kwargs(self, kwargs):
         # Validation happens in fit (scikit-learn's convention: __init__ never raises).
-        self._bad_kwargs = sorted(k for k in kwargs if not k.startswith("module__"))
+        # ``module__*`` keywords are attributes (skorch's convention). Any other
+        # keyword is a parameter too, so that clone keeps it and every fit rejects
+        # it: held only in a list that get_params did not return, a typo
+        # (max_iters=2) was dropped by clone and cross_val_score ran every fold
+        # without it. It is kept aside, not stored as an attribute as
+        # SampleReweighter stores it: as an attribute it could pass for a fitted
+        # attribute (n_iter_=3) or hide a method (fit=1).
+        self._unknown_params = {k: v for k, v in kwargs.items()
+                                if not k.startswith("module__")}
         for key, value in kwargs.items():
             if key.startswith("module__"):
                 setattr(self, key, value)
 
     def _check_kwargs(self):
-        bad = getattr(self, "_bad_kwargs", [])
-        if bad:
+        unknown = sorted(getattr(self, "_unknown_params", {}))
+        if unknown:
+            names = self._get_param_names()
+            guesses = [f"{close[0]} for {key}" if len(unknown) > 1 else close[0]
+                       for key in unknown
+                       for close in [difflib.get_close_matches(key, names, n=1)] if close]
+            hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
             raise TypeError(
-                f"{type(self).__name__} got unexpected keyword argument(s) {bad}; only "
-                "module__* keywords are passed through to the module."
+                f"{type(self).__name__} got unexpected keyword argument(s) "
+                f"{unknown}{hint}; only module__* keywords are passed through to the "
+                "module. Correct or remove them."
             )
 
-    # skorch's convention: ``module__*`` keywords are parameters too.
+    # skorch's convention: ``module__*`` keywords are parameters too, and so are
+    # the unknown keywords given to __init__ (rejected in fit).
     def get_params(self, deep=True):
         params = super().get_params(deep=deep)
         params.update({f"module__{k}": v for k, v in module_params(self).items()})
+        params.update(getattr(self, "_unknown_params", {}))
         return params
 
     def set_params(self, **params):
-        for key in [k for k in params if k.startswith("module__")]:
-            setattr(self, key, params.pop(key))
+        # an unknown name that __init__ was not given goes to scikit-learn's
+        # set_params, which rejects it at once
+        unknown = dict(getattr(self, "_unknown_params", {}))
+        for key in list(params):
+            if key.startswith("module__"):
+                setattr(self, key, params.pop(key))
+            elif key in unknown:
+                unknown[key] = params.pop(key)
+        self._unknown_params = unknown
         return super().set_params(**params)
 
     def __sklearn_tags__(self):
@@ -132,8 +156,21 @@ class _MetaLearnerMixin:
         spec = self.method
         if isinstance(spec, MetaMethod):
             return copy.deepcopy(spec)
-        return get_meta_method(spec, inner_steps=self._inner_steps(), inner_lr=self.inner_lr,
-                               **(self.method_params or {}))
+        own = {"inner_steps": self._inner_steps(), "inner_lr": self.inner_lr}
+        params = dict(self.method_params or {})
+        # a key that the estimator passes itself reached the method twice: "TypeError:
+        # get_meta_method() got multiple values for keyword argument 'inner_lr'"
+        twice = sorted(set(own) & set(params))
+        if twice:
+            name = type(self).__name__
+            example = ", ".join(f"{k}={params[k]!r}" for k in twice)
+            raise ValueError(
+                f"method_params sets {' and '.join(twice)}, which {name} passes to the "
+                f"method itself: set {'it' if len(twice) == 1 else 'them'} on the "
+                f"estimator, e.g. {name}({example}), "
+                "not in method_params."
+            )
+        return get_meta_method(spec, **own, **params)
 
     def _build_module(self, n_features, n_outputs, is_r2d2):
         params = module_params(self)
@@ -500,14 +537,62 @@ def _task_sampler(task_indices, k_shot, n_query, batch_size, rng):
     return sample
 
 
+def _isnan(groups):
+    """Which entries of ``groups`` are NaN (float arrays, and floats of object arrays)."""
+    if groups.dtype.kind in "fc":
+        return np.isnan(groups)
+    if groups.dtype == object:
+        return [isinstance(g, Real) and g != g for g in groups]
+    return []
+
+
+def _id_kind(value):
+    """What a task id is, for the message on mixed ``groups``."""
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, Integral):
+        return "int"
+    if isinstance(value, Real):
+        return "float"
+    return type(value).__name__
+
+
 def _groups_indices(groups, n_samples):
+    """Names of the tasks in ``groups`` and the sample indices of each."""
     groups = np.asarray(groups)
     if groups.ndim != 1 or groups.shape[0] != n_samples:
         raise ValueError(
             f"groups must be a 1-D array with one task id per sample: expected shape "
             f"({n_samples},), got {groups.shape}."
         )
-    names, inverse = np.unique(groups, return_inverse=True)
+    # np.unique sorts the ids: None among integers raised "'<' not supported
+    # between instances of 'int' and 'NoneType'", a string numpy's UFuncTypeError;
+    # NaN ids became a task named nan (one per NaN in an object array)
+    for what, missing in (
+        ("None", [g is None for g in groups] if groups.dtype == object else []),
+        ("NaN", _isnan(groups)),
+    ):
+        missing = np.flatnonzero(missing)
+        if missing.size:
+            raise ValueError(
+                f"groups has no task id ({what}) for {missing.size} sample(s), the "
+                f"first at index {missing[0]}; give every sample the id of its task, "
+                "or leave those samples out."
+            )
+    try:
+        names, inverse = np.unique(groups, return_inverse=True)
+    except TypeError as exc:
+        first = {}
+        for i, g in enumerate(groups):
+            first.setdefault(_id_kind(g), (i, g))
+        shown = ", ".join(f"sample {i}: {g!r}" for i, g in sorted(first.values()))
+        got = (f"a mix of {' and '.join(sorted(first))}" if len(first) > 1
+               else f"ids of type {next(iter(first))}, which cannot be compared")
+        raise ValueError(
+            "groups must be task ids of one kind, all strings or all numbers, that "
+            f"can be sorted; got {got} ({shown}). Convert them to one type, e.g. "
+            "groups.astype(str)."
+        ) from exc
     return names, [np.flatnonzero(inverse == i) for i in range(len(names))]
 
 
@@ -554,6 +639,8 @@ or MetaMethod, default="maml"
         Extra arguments of the method: ``{"lam": 1.0, "cg_maxiter": 5,
         "cg_tol": 1e-3}`` for ``"imaml"``, ``{"alpha": 1.0, "scale": 1.0}``
         (initial ridge penalty and logit scale) for ``"r2d2"``.
+        ``inner_steps`` and ``inner_lr`` are parameters of the estimator, not
+        keys here.
     device : str or torch.device, default="cpu"
         Where meta-training runs (``"cuda"``, ``"auto"``, ...). Fitted state is
         kept on the CPU, so a fitted model pickles and predicts anywhere.

@@ -146,3 +146,115 @@ def test_non_finite_predictions_say_which_samples_and_scale():
                        r"reach \|x\| = 1.7e\+308, and the adapted parameters \|w\| = "
                        r"0\.\d+\. Scale X as in fit"):
         meta.predict(X_new)
+
+
+def _regression_data():
+    X = np.random.RandomState(0).randn(60, 3)
+    return X, X @ np.array([1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("Est", [MetaLearnerClassifier, MetaLearnerRegressor])
+def test_misspelled_keyword_survives_clone_and_fails_every_fold(Est):
+    """A misspelled keyword is a parameter: clone keeps it, every fit rejects it.
+
+    Before the fix it was kept only in a private ``_bad_kwargs`` that
+    ``get_params`` did not return: ``Est(max_iters=2).fit`` raised, but
+    ``clone`` dropped the typo, so ``cross_val_score`` ran both folds with it
+    silently ignored (regressor scores 0.016 and 0.106, no error).
+    """
+    from sklearn.base import clone
+    from sklearn.model_selection import cross_val_score
+
+    X, y = _regression_data() if Est is MetaLearnerRegressor else _data()
+    meta = Est(max_iters=2, max_iter=1, k_shot=2, n_query=2, meta_batch_size=2)
+    assert meta.get_params()["max_iters"] == 2
+    assert clone(meta).get_params()["max_iters"] == 2
+    assert "max_iters=2" in repr(meta)
+    message = (r"unexpected keyword argument\(s\) \['max_iters'\] \(did you mean "
+               r"max_iter\?\); only module__\* keywords")
+    with pytest.raises(TypeError, match=message):
+        clone(meta).fit(X, y)
+    with pytest.raises(TypeError, match=message):
+        cross_val_score(meta, X, y, cv=2, error_score="raise")
+    with pytest.raises(ValueError, match=r"(?s)All the 2 fits failed.*" + message):
+        cross_val_score(meta, X, y, cv=2)
+    # a name it was not given is rejected by set_params at once (scikit-learn's
+    # message); one it was given can be changed, and fit still rejects it
+    with pytest.raises(ValueError, match="Invalid parameter 'max_iters'"):
+        Est().set_params(max_iters=3)
+    assert meta.set_params(max_iters=3).get_params()["max_iters"] == 3
+    # module__* keywords are parameters as before
+    meta = Est(module__hidden_layer_sizes=(4,), max_iter=1, k_shot=2, n_query=2,
+               meta_batch_size=2, random_state=0)
+    fitted = clone(meta).fit(X, y)
+    assert fitted.get_params()["module__hidden_layer_sizes"] == (4,)
+    assert fitted.meta_params_["layers.0.weight"].shape == (4, 3)
+    # kept aside, not as an attribute: a keyword named like a fitted attribute
+    # does not make an unfitted estimator look fitted
+    with pytest.raises(NotFittedError):
+        Est(n_iter_=3).predict(X)
+
+
+@pytest.mark.parametrize("Est", [MetaLearnerClassifier, MetaLearnerRegressor])
+@pytest.mark.parametrize("params, example", [
+    ({"inner_lr": 5.0}, "inner_lr=5.0"),
+    ({"inner_steps": 3}, "inner_steps=3"),
+    ({"inner_steps": 3, "inner_lr": 0.5, "lam": 2.0}, "inner_lr=0.5, inner_steps=3"),
+])
+def test_method_params_that_the_estimator_sets_itself_are_a_value_error(
+        Est, params, example):
+    """``inner_lr`` / ``inner_steps`` in ``method_params`` name the parameters to set.
+
+    Before the fix the estimator passed them to the method a second time:
+    ``TypeError: skbilevel.hypergrad._meta.get_meta_method() got multiple
+    values for keyword argument 'inner_lr'``.
+    """
+    X, y = _regression_data() if Est is MetaLearnerRegressor else _data()
+    meta = Est(method="imaml", method_params=params, **_KW)
+    name = Est.__name__
+    with pytest.raises(ValueError, match=(
+            rf"method_params sets .* which {name} passes to the method itself: set "
+            rf"(it|them) on the estimator, e.g. {name}\({example}\), not in method_params")):
+        meta.fit(X, y)
+
+
+_GROUPS = np.repeat(np.arange(6), 10)
+
+
+@pytest.mark.parametrize("groups, match", [
+    (np.array(["a", *_GROUPS[1:]], dtype=object),
+     r"a mix of int and str \(sample 0: 'a', sample 1: np.int64\(0\)\)"),
+    ([*_GROUPS[:-1].tolist(), None],
+     r"groups has no task id \(None\) for 1 sample\(s\), the first at index 59"),
+    (np.array([None, *_GROUPS[1:]], dtype=object),
+     r"groups has no task id \(None\) for 1 sample\(s\), the first at index 0"),
+    (np.where(_GROUPS == 2, np.nan, _GROUPS),
+     r"groups has no task id \(NaN\) for 10 sample\(s\), the first at index 20"),
+    (np.array([*_GROUPS[:-1], np.nan], dtype=object),
+     r"groups has no task id \(NaN\) for 1 sample\(s\), the first at index 59"),
+])
+def test_groups_of_mixed_types_or_missing_ids_are_a_value_error(groups, match):
+    """``groups`` must be task ids of one kind, none of them missing.
+
+    Before the fix they reached ``np.unique``: a string among integers raised
+    numpy's ``UFuncTypeError: ufunc 'less' did not contain a loop with
+    signature matching types``, a None ``TypeError: '<' not supported
+    between instances of 'int' and 'NoneType'``; 10 samples with a NaN id
+    were fitted as a task named nan, and one NaN in an object array failed
+    with "task nan has 1 sample".
+    """
+    X, y = _regression_data()
+    meta = MetaLearnerRegressor(max_iter=2, k_shot=2, n_query=2)
+    with pytest.raises(ValueError, match=match):
+        meta.fit(X, y, groups=groups)
+    with pytest.raises(ValueError, match=match):
+        MetaLearnerClassifier(**_KW).fit(*_data(), groups=groups)
+
+
+def test_groups_of_one_kind_still_fit():
+    """Strings, integers, and integers mixed with floats in an object array."""
+    X, y = _regression_data()
+    for groups in (_GROUPS.astype(str), np.array(_GROUPS, dtype=object),
+                   np.array([*_GROUPS[:10].astype(float), *_GROUPS[10:]], dtype=object)):
+        meta = MetaLearnerRegressor(**_KW).fit(X, y, groups=groups)
+        assert meta.n_iter_ == 2

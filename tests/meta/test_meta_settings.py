@@ -225,3 +225,38 @@ def test_failed_refit_keeps_the_fitted_method_with_its_parameters():
     with pytest.raises(ValueError, match="input"):
         meta.fit(X, y)
     np.testing.assert_array_equal(meta.predict_proba(X), proba)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"cg_maxiter": 0}, r"cg_maxiter .* must be an integer >= 1; got 0"),
+    ({"cg_maxiter": -1}, r"cg_maxiter .* must be an integer >= 1; got -1"),
+    ({"cg_maxiter": 2.5}, r"cg_maxiter .* must be an integer >= 1; got 2.5"),
+    ({"cg_tol": float("nan")}, r"cg_tol must be a number in \[0, 1\); got cg_tol=nan"),
+    ({"cg_tol": -1e-3}, r"cg_tol must be a number in \[0, 1\); got cg_tol=-0.001"),
+    ({"cg_tol": 2.0}, r"cg_tol must be a number in \[0, 1\); got cg_tol=2.0"),
+    ({"cg_tol": float("inf")}, r"cg_tol must be a number in \[0, 1\); got cg_tol=inf"),
+])
+def test_imaml_rejects_cg_settings_that_solve_nothing(params, match):
+    """iMAML's ``cg_maxiter`` and ``cg_tol`` are validated as ``lam`` is.
+
+    Before the fix they were taken as given: ``cg_maxiter`` 0 or -1 ran no CG
+    step ("stopped after 0 step(s)") and ``cg_tol`` 2 or inf stopped before
+    the first (CG's relative residual starts at 1), so the meta-gradient was
+    exactly zero and the meta-parameters never moved (max change between a
+    1- and a 5-iteration fit: 0.0, against 3.7e-3 at the defaults); a NaN or
+    negative ``cg_tol`` was never met and silently meant "no tolerance".
+    """
+    X, y = _line()
+    est = MetaLearnerRegressor(method="imaml", method_params=params, k_shot=2, n_query=2,
+                               meta_batch_size=2, max_iter=2, random_state=0)
+    with pytest.raises(ValueError, match=match):
+        est.fit(X, y)
+
+
+def test_imaml_cg_tol_zero_runs_every_cg_step():
+    """``cg_tol=0`` is a fixed number of CG steps (the paper's setting)."""
+    X, y = _line()
+    est = MetaLearnerRegressor("linear", method="imaml", k_shot=2, n_query=2,
+                               meta_batch_size=2, max_iter=2, random_state=0,
+                               method_params={"cg_tol": 0.0, "cg_maxiter": 1}).fit(X, y)
+    assert est.hypergradient_info_["linear_solve_iterations"] == 1
