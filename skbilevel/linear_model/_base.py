@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 import sklearn.base
+import torch
 from sklearn import get_config
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.metadata_routing import (
@@ -82,18 +83,38 @@ def _own_strategy(hypergradient):
     return get_strategy(hypergradient)
 
 
-def _check_positive_weights(sw, name):
+def _check_positive_weights(sw, name, dtype=None):
     """Refuse fewer than two samples of positive weight ``sw``: no validation
     error can be measured. (HyperL2Regressor with ``cv="loo"`` and one shared
     penalty returned the grid's end, ``1e-7`` times the feature scale, without
     a word; BilevelRidgeCV's leave-one-out error was 0/0, ``best_score_ =
     -inf`` at ``alpha_ = 1e-6``, after RuntimeWarnings and a
-    ConvergenceWarning with a NaN slope.)"""
+    ConvergenceWarning with a NaN slope.)
+
+    With the torch ``dtype`` of the fit, also refuse weights whose sum, or
+    whose smallest positive value, is within a factor ``1e6`` of the dtype's
+    range: the folds' weighted sums overflow or the weights underflow. (In
+    float32, uniform weights of 1e37 gave NaN coefficients; 1e33 'the inner
+    objective is not finite', 1e-40 'the right-hand side of the linear solve
+    is not finite' or an R^2 of .934 against .975; float64 holds 1e-300 to
+    1e300.)"""
     k = int(np.count_nonzero(sw > 0))
     if k < 2:
         raise ValueError(
             f"{name} needs at least 2 samples with a positive sample_weight to "
             f"measure a validation error; got {k} of {len(sw)}."
+        )
+    if dtype is None:
+        return
+    finfo = torch.finfo(dtype)
+    total, smallest = float(sw.sum()), float(sw[sw > 0].min())
+    if not (total < finfo.max / 1e6 and smallest > finfo.tiny * 1e6):
+        raise ValueError(
+            f"{name}: sample_weight (positive values from {smallest:.3g}, sum "
+            f"{total:.3g}) is too {'large' if total >= finfo.max / 1e6 else 'small'} "
+            f"for the sums of a {str(dtype).replace('torch.', '')} fit. Divide it by "
+            "its largest value (the fitted penalties scale with it), or use "
+            "dtype='float64'."
         )
 
 

@@ -323,7 +323,7 @@ class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEsti
             sample_weight = _check_sample_weight(
                 sample_weight, X, dtype=np.float64, ensure_non_negative=True
             )
-            _check_positive_weights(sample_weight, "BilevelRidgeCV")
+            _check_positive_weights(sample_weight, "BilevelRidgeCV", dtype)
 
         x_offset = y_offset = None
         if self.fit_intercept and dtype == torch.float32:

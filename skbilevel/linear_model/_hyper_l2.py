@@ -1676,7 +1676,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         sw = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
-        _check_positive_weights(sw, self._name)
+        _check_positive_weights(sw, self._name, dtype)
         n_eff = float(sw.sum())  # the prior's sample count (weights count as repeats)
         groups, n_groups = _groups_from_penalty(self.penalty, p)
         loo = isinstance(self.cv, str) and self.cv == "loo"
@@ -1693,6 +1693,15 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
             strategy = get_strategy("cg", tol=1e-8 if dtype == torch.float64 else 1e-5)
         else:
             strategy = get_strategy(self.hypergradient)
+        if strategy.family == "unrolled":
+            # (they failed in the core, telling the user to pass a
+            # solver=GradientDescent(...) the estimator does not take)
+            raise ValueError(
+                f"hypergradient={self.hypergradient!r} is of the 'unrolled' family, "
+                "which differentiates the steps of an iterative solver; the "
+                "regressor's inner problem is solved exactly. Use 'closed_form', "
+                "'cg', 'dense' or another implicit strategy (or a proxy one)."
+            )
         if closed_loo and strategy.name != "closed_form":
             raise ValueError(
                 f"cv='loo' with one shared penalty is differentiated in closed form; "
@@ -2161,7 +2170,6 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         sw = _check_sample_weight(
             sample_weight, X, dtype=np.float64, ensure_non_negative=True
         )
-        _check_positive_weights(sw, self._name)
         n_eff = float(sw.sum())  # the prior's sample count (weights count as repeats)
         if isinstance(self.class_weight, str):  # "balanced"
             # from the weighted class counts, as LogisticRegression (scikit-learn
@@ -2176,12 +2184,29 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
             sw = sw * cw[y_idx]
         elif self.class_weight is not None:
             cw = compute_class_weight(self.class_weight, classes=classes, y=y)
+            # (a negative or NaN class weight failed as 'sample_weight sums to
+            # zero on the training samples of fold 0 ... Shuffle the folds', an
+            # infinite one as 'train_weights must be finite', all zeros in numpy's
+            # 'Weights sum to zero, can't be normalized')
+            bad = ~(np.isfinite(cw) & (cw >= 0))
+            if bad.any():
+                raise ValueError(
+                    f"{self._name}: class_weight must give every class a finite weight "
+                    f">= 0; got {dict(zip(classes[bad].tolist(), cw[bad].tolist()))}."
+                )
             sw = sw * cw[y_idx]
+            if np.count_nonzero(sw > 0) < 2 or len(np.unique(y_idx[sw > 0])) < 2:
+                raise ValueError(
+                    f"{self._name}: class_weight {self.class_weight!r} leaves fewer than "
+                    "2 classes with a positive weight; give at least 2 classes a "
+                    "weight > 0."
+                )
+        _check_positive_weights(sw, self._name, dtype)
         groups, n_groups = _groups_from_penalty(self.penalty, p)
         strategy = get_strategy(self.hypergradient)
         if strategy.family != "implicit":
             raise ValueError(
-                f"hypergradient={self.hypergradient!r} is a {strategy.family!r} strategy; the "
+                f"hypergradient={self.hypergradient!r} is of the {strategy.family!r} family; the "
                 "classifier's inner problem is solved iteratively and differentiated "
                 "implicitly. Use 'cg', 'dense' or another implicit strategy."
             )

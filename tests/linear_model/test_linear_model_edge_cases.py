@@ -341,3 +341,50 @@ def test_classifier_alpha_init_below_the_search_bounds_starts_at_them():
     started = HyperL2Classifier(penalty="scalar", alpha_init=1e-6, random_state=0).fit(X, y)
     assert started.cv_loss_ < scanned.cv_loss_ * 1.001
     np.testing.assert_allclose(started.alphas_, scanned.alphas_, rtol=0.05)
+
+
+@pytest.mark.parametrize(
+    "class_weight, match",
+    [
+        ({0: -1, 1: 1}, r"finite weight >= 0; got \{0: -1.0\}"),
+        ({0: np.nan, 1: 1}, r"finite weight >= 0; got \{0: nan\}"),
+        ({0: np.inf, 1: 1}, r"finite weight >= 0; got \{0: inf\}"),
+        ({0: 0, 1: 0}, "fewer than 2 classes with a positive weight"),
+    ],
+)
+def test_classifier_refuses_class_weights_that_are_not_weights(class_weight, match):
+    """A negative or NaN class weight failed as 'sample_weight sums to zero on the
+    training samples of fold 0 ... Shuffle the folds', an infinite one as
+    'train_weights must be finite', all zeros inside numpy ('Weights sum to
+    zero, can't be normalized')."""
+    X, y = make_classification(40, 5, random_state=0)
+    with pytest.raises(ValueError, match=match):
+        HyperL2Classifier(class_weight=class_weight, max_iter=2).fit(X, y)
+
+
+@pytest.mark.parametrize("hypergradient", ["reverse", "truncated", "lookahead", "darts"])
+def test_regressor_refuses_unrolled_hypergradients_up_front(hypergradient):
+    """They failed in the core with 'Pass solver=GradientDescent(lr=...,
+    n_steps=...)', a parameter HyperL2Regressor does not have."""
+    X, y = make_regression(40, 5, noise=1.0, random_state=0)
+    with pytest.raises(ValueError, match="of the 'unrolled' family.*'closed_form', 'cg'"):
+        HyperL2Regressor(hypergradient=hypergradient).fit(X, y)
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e33, 1e37])
+def test_float32_fits_refuse_sample_weights_beyond_their_range(scale):
+    """Uniform float32 weights of 1e37 gave HyperL2Regressor NaN coefficients
+    (predictions NaN) after a RuntimeWarning; 1e33 failed in the classifier's
+    solver ('the inner objective is not finite'), 1e-40 gave BilevelRidgeCV an
+    R^2 of .934 against .975. The same weights in float64 fit."""
+    X, y = make_regression(40, 5, noise=1.0, random_state=0)
+    w = np.full(len(y), scale)
+    for est, target in (
+        (HyperL2Regressor(dtype="float32"), y),
+        (HyperL2Classifier(dtype="float32"), (y > 0).astype(int)),
+        (BilevelRidgeCV(dtype="float32"), y),
+    ):
+        with pytest.raises(ValueError, match=r"sample_weight .* for the sums of a float32 fit"):
+            est.fit(X, target, sample_weight=w)
+        est.set_params(dtype="float64").fit(X, target, sample_weight=w)
+        assert np.isfinite(est.predict(X).astype(float)).all()
