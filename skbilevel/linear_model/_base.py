@@ -83,6 +83,24 @@ def _own_strategy(hypergradient):
     return get_strategy(hypergradient)
 
 
+def _out_of_range(X, dtype, headroom=1.0, floor=1.0):
+    """Each feature's largest ``|value|``, and whether its sum of squares
+    (times ``headroom``) overflows ``dtype`` or its square (over ``floor``)
+    underflows (see :func:`_check_magnitudes` in ``_hyper_l2``)."""
+    finfo = np.finfo(np.float32 if dtype == torch.float32 else np.float64)
+    n = max(X.shape[0], 1)
+    if sp.issparse(X):
+        col_max = np.asarray(abs(X).max(axis=0).todense()).reshape(-1)
+    else:
+        # (no |X| temporary: a copy of X)
+        col_max = np.maximum(X.max(axis=0), -X.min(axis=0))
+    col_max = col_max.astype(np.float64)
+    with np.errstate(over="ignore", under="ignore"):
+        big = col_max * col_max * n * headroom > finfo.max
+        small = (col_max > 0) & (col_max * col_max < finfo.tiny * floor)
+    return col_max, big, small
+
+
 def _check_positive_weights(sw, name, dtype=None):
     """Refuse fewer than two samples of positive weight ``sw``: no validation
     error can be measured. (HyperL2Regressor with ``cv="loo"`` and one shared

@@ -4,6 +4,7 @@ import math
 import numbers
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin, _fit_context
@@ -39,6 +40,7 @@ from ._base import (
     _check_fold_weights,
     _check_positive_weights,
     _offsets,
+    _out_of_range,
     _own_strategy,
     _split_params,
     _target_scale,
@@ -332,26 +334,56 @@ class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEsti
             # off the float64 fit's, LOO 0.7%; y + 1e3: 17% off with cv=5)
             sw = np.ones(n_samples) if sample_weight is None else sample_weight
             X, y, x_offset, y_offset = _offsets(X, y, sw, True)
+        # every feature too small to be squared in dtype: the Gram matrix was 0,
+        # every penalty fitted the mean, and the fit returned an R^2 of 0 without
+        # a word (X * 1e-170 in float64, X * 1e-22 in float32; at X * 1e-20 in
+        # float32, .93 against .975 with numpy's RuntimeWarnings)
+        centred = self.fit_intercept and x_offset is None and not sp.issparse(X)
+        col_max, _, small = _out_of_range(X - X.mean(axis=0) if centred else X, dtype)
+        if small.any() and small.sum() == np.count_nonzero(col_max):
+            raise ValueError(
+                f"BilevelRidgeCV: X's values (largest |value| {col_max.max():.3g}"
+                f"{' about the mean' if self.fit_intercept else ''}) are too small to be "
+                f"squared in {str(dtype).replace('torch.', '')}. Rescale X, e.g. with "
+                "sklearn.preprocessing.StandardScaler"
+                + (", or use dtype='float64'." if dtype == torch.float32 else ".")
+            )
+        n_targets = 1 if y.ndim == 1 else y.shape[1]
+        per_target = bool(self.alpha_per_target) and n_targets > 1
+        penalty = "per_target" if per_target else "scalar"
         # small targets near unit scale (a power of two: exact; see _target_scale):
-        # their squared residuals underflowed and the curve was flat at 0
-        y_scale = _target_scale(y - y.mean(axis=0) if self.fit_intercept else y, down=False)
-        if y_scale != 1.0:
+        # their squared residuals underflowed and the curve was flat at 0. With
+        # one alpha per target, each target by its own (one scale for all left a
+        # target 1e-30 times another's to underflow in float32: alpha 1e-6, the
+        # grid's end, against 307 for the same target unscaled; test R^2 -.86)
+        centred = y - y.mean(axis=0) if self.fit_intercept else y
+        if per_target:
+            y_scale = np.array([_target_scale(col, down=False) for col in centred.T])
+        else:
+            y_scale = _target_scale(centred, down=False)
+        if np.any(y_scale != 1.0):
             y = y / y_scale
+        # the searches' values and slopes per target relative to the largest
+        # scale's (float64, after the torch computation; 1 for one scale: the
+        # search's values stay near unit scale), and that scale's square
+        # returns them to y's units afterwards
+        top = float(np.max(y_scale))
+        unit = np.square(np.atleast_1d(y_scale) / top)
+        back = top * top
 
         Xt = to_tensor(_writable(X), device=device, dtype=dtype)
         yt = to_tensor(_writable(y), device=device, dtype=dtype)
         swt = None if sample_weight is None else to_tensor(sample_weight, device, dtype)
-        n_targets = 1 if y.ndim == 1 else y.shape[1]
-        per_target = bool(self.alpha_per_target) and n_targets > 1
-        penalty = "per_target" if per_target else "scalar"
 
         with core_warnings_as_sklearn():
             if use_loo:
-                result, info, solver = self._search_loo(Xt, yt, swt, per_target, penalty)
+                result, info, solver = self._search_loo(
+                    Xt, yt, swt, per_target, penalty, unit
+                )
             else:
                 result, info, solver = self._search_validation(
                     X, y, Xt, yt, swt, sample_weight, per_target, penalty, strategy,
-                    split_params,
+                    split_params, unit,
                 )
             x_best = result.x if per_target else result.x[0]
             phi = torch.as_tensor(x_best, dtype=dtype, device=device)
@@ -365,7 +397,7 @@ class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEsti
         alphas = np.exp(result.x)
         self.alpha_ = alphas if per_target else float(alphas[0])
         # 0.0 - f: a zero error is a score of 0.0, not -0.0 (constant y)
-        score = (0.0 - result.fun) * (y_scale * y_scale)
+        score = (0.0 - result.fun) * back
         self.best_score_ = score if per_target else float(score[0])
         coef = to_numpy(theta["coef"]) * y_scale
         # y of shape (n_samples, 1): coef_ of shape (n_features,) and predictions of
@@ -384,10 +416,10 @@ class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEsti
                 float(self.intercept_ + shift) if np.ndim(shift) == 0 else self.intercept_ + shift
             )
         self.n_iter_ = int(result.n_iter)
-        self.history_ = np.asarray(result.history, dtype=float) * (y_scale * y_scale)
+        self.history_ = np.asarray(result.history, dtype=float) * back
         info.extra = dict(info.extra)
         info.extra.update(
-            grad_at_alpha=(result.grad * (y_scale * y_scale)).tolist(),
+            grad_at_alpha=(result.grad * back).tolist(),
             n_scanned=0 if result.grid is None else int(len(result.grid)),
         )
         # a shallow copy: dataclasses.asdict deep-copies (a tenth of a small fit)
@@ -396,7 +428,7 @@ class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEsti
             self._report(result)
         return self
 
-    def _search_loo(self, Xt, yt, swt, per_target, penalty):
+    def _search_loo(self, Xt, yt, swt, per_target, penalty, unit):
         with _numpy_route_at_any_thread_count():
             decomp = ridge_loo_decomposition(Xt, yt, swt, self.fit_intercept)
         last = {}
@@ -410,7 +442,9 @@ class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEsti
             return to_numpy(ridge_loo_curve(decomp, np.exp(grid), per_target=per_target))
 
         n_alphas = yt.shape[1] if per_target else 1
-        result = self._minimize(value_and_grad, values, [to_numpy(decomp.eigvals)], n_alphas)
+        result = self._minimize(
+            value_and_grad, values, [to_numpy(decomp.eigvals)], n_alphas, unit
+        )
         solver = RidgeSolver(
             Xt, yt, swt, self.fit_intercept, penalty=penalty, decomposition=decomp
         )
@@ -429,7 +463,8 @@ class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEsti
         return check_cv(self.cv, y, classifier=False)
 
     def _search_validation(
-        self, X, y, Xt, yt, swt, sample_weight, per_target, penalty, strategy, split_params
+        self, X, y, Xt, yt, swt, sample_weight, per_target, penalty, strategy, split_params,
+        unit,
     ):
         splits = check_splits(self._splitter(y), X, y, **split_params)
         if sample_weight is not None:
@@ -481,15 +516,26 @@ class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEsti
 
             eigvals = [to_numpy(s.decomposition.eigvals) for s, _, _, _ in folds]
             result = self._minimize(
-                value_and_grad, values, eigvals, yt.shape[1] if per_target else 1
+                value_and_grad, values, eigvals, yt.shape[1] if per_target else 1, unit
             )
         solver = RidgeSolver(Xt, yt, swt, self.fit_intercept, penalty=penalty)
         return result, last["info"], solver
 
-    def _minimize(self, value_and_grad, values, eigvals_list, n_alphas):
+    def _minimize(self, value_and_grad, values, eigvals_list, n_alphas, unit):
         """The search for ``n_alphas`` independent log-alphas (one per target
-        with ``alpha_per_target``, else one)."""
+        with ``alpha_per_target``, else one), on the objective's values and
+        slopes times ``unit`` (one factor per log-alpha: the square of the
+        target's scale relative to the largest, see ``fit``)."""
         grid = _log_alpha_grid(eigvals_list)
+        inner_vg, inner_values = value_and_grad, values
+
+        def value_and_grad(x):
+            value, grad = inner_vg(x)
+            return np.asarray(value) * unit, np.asarray(grad) * unit
+
+        def values(grid):
+            return np.asarray(inner_values(grid)) * unit
+
         # the search's bounds reach 26 decades beyond the grid, which follows the
         # spectrum: minimize_log_alpha's own (+-120, alpha within 1e+-52) clamped
         # X * 1e-30's alpha (1e-60 times the unscaled one) at e^-120, and an

@@ -163,6 +163,7 @@ from ._base import (
     _check_fold_weights,
     _check_positive_weights,
     _offsets,
+    _out_of_range,
     _own_strategy,
     _split_params,
     _target_scale,
@@ -231,24 +232,6 @@ def _groups_from_penalty(penalty, n_features):
         )
     groups = groups.reshape(-1).astype(np.int64)
     return groups, int(groups.max()) + 1 if n_features else 0
-
-
-def _out_of_range(X, dtype, headroom=1.0, floor=1.0):
-    """Each feature's largest ``|value|``, and whether its sum of squares
-    (times ``headroom``) overflows ``dtype`` or its square (over ``floor``)
-    underflows (see :func:`_check_magnitudes`)."""
-    finfo = np.finfo(np.float32 if dtype == torch.float32 else np.float64)
-    n = max(X.shape[0], 1)
-    if sp.issparse(X):
-        col_max = np.asarray(abs(X).max(axis=0).todense()).reshape(-1)
-    else:
-        # (no |X| temporary: a copy of X)
-        col_max = np.maximum(X.max(axis=0), -X.min(axis=0))
-    col_max = col_max.astype(np.float64)
-    with np.errstate(over="ignore", under="ignore"):
-        big = col_max * col_max * n * headroom > finfo.max
-        small = (col_max > 0) & (col_max * col_max < finfo.tiny * floor)
-    return col_max, big, small
 
 
 def _check_magnitudes(X, y, dtype, name, headroom=1.0, floor=1.0):

@@ -388,3 +388,34 @@ def test_float32_fits_refuse_sample_weights_beyond_their_range(scale):
             est.fit(X, target, sample_weight=w)
         est.set_params(dtype="float64").fit(X, target, sample_weight=w)
         assert np.isfinite(est.predict(X).astype(float)).all()
+
+
+@pytest.mark.parametrize("dtype, scale", [("float64", 1e-170), ("float32", 1e-22), ("float32", 1e-20)])
+def test_bilevel_ridge_refuses_features_too_small_to_square(dtype, scale):
+    """Every feature's squares underflowed: the Gram matrix was 0 and the fit
+    returned an R^2 of 0 silently (float32 X * 1e-20: .93 against .975, with
+    numpy's RuntimeWarnings), where HyperL2 names the cause."""
+    X, y = make_regression(40, 5, noise=1.0, random_state=0)
+    for fit_intercept in (True, False):
+        with pytest.raises(ValueError, match=f"too small to be squared in {dtype}. Rescale X"):
+            BilevelRidgeCV(dtype=dtype, fit_intercept=fit_intercept).fit(X * scale, y)
+    # one such feature among others is only penalized out, as by Ridge
+    Xm = X.copy()
+    Xm[:, 0] *= scale
+    BilevelRidgeCV(dtype=dtype).fit(Xm, y)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cv", [None, 5])
+def test_alpha_per_target_scales_each_target_by_its_own(dtype, cv):
+    """One target scale for all: in float32 a target 1e-30 times another
+    underflowed, got alpha 1e-6 (the grid's end) against 307 and a test R^2
+    of -.86 against .035, though it is the same target up to its unit."""
+    rng = np.random.RandomState(3)
+    X = rng.randn(30, 25)
+    y = X[:, 0] + 2 * rng.randn(30)
+    model = BilevelRidgeCV(alpha_per_target=True, dtype=dtype, cv=cv).fit(X, np.c_[y, y * 1e-30])
+    np.testing.assert_allclose(model.alpha_[1], model.alpha_[0], rtol=1e-3)
+    np.testing.assert_allclose(model.best_score_[1], model.best_score_[0] * 1e-60, rtol=1e-4)
+    single = BilevelRidgeCV(dtype=dtype, cv=cv).fit(X, y)
+    np.testing.assert_allclose(model.coef_[0], single.coef_, rtol=2e-3, atol=1e-6)
