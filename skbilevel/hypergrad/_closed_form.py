@@ -1600,6 +1600,10 @@ def _kernel_ridge_fit(K, y, reg):
             f"kernel_ridge_fit: y must have one row per row of K ({n}); got shape "
             f"{tuple(y.shape)}."
         )
+    # K first: a penalty relative to K's diagonal (kernel_ridge_coef) is NaN when
+    # K is, and the message blamed reg (a kernel returning NaN)
+    if not bool(torch.isfinite(K.detach()).all()):
+        raise ValueError("kernel_ridge_fit: K is not finite (NaN or infinity).")
     if isinstance(reg, torch.Tensor):
         r = reg.detach()
         reg_ok = bool(torch.isfinite(r).all()) and bool((r >= 0).all())
@@ -1608,8 +1612,6 @@ def _kernel_ridge_fit(K, y, reg):
     if not reg_ok:
         # (a negative reg was solved as K - |reg| I, NaN gave a NaN solution)
         raise ValueError(f"kernel_ridge_fit: reg must be a finite number >= 0; got {reg!r}.")
-    if not bool(torch.isfinite(K.detach()).all()):
-        raise ValueError("kernel_ridge_fit: K is not finite (NaN or infinity).")
     y = y.to(dtype=K.dtype)  # (float32 targets: a dtype RuntimeError in the solve)
     A = K + reg * torch.eye(n, dtype=K.dtype, device=K.device)
     y2 = y[:, None] if y.ndim == 1 else y

@@ -208,3 +208,12 @@ def test_kernels_and_kernel_ridge_check_their_inputs():
     with pytest.raises(ValueError, match="K is not finite"):
         kernel_ridge_fit(K * float("nan"), y, 0.1)
     torch.testing.assert_close(kernel_ridge_fit(K, y.float(), 0.1), kernel_ridge_fit(K, y, 0.1))
+
+
+def test_kernel_ridge_coef_names_a_non_finite_kernel_not_reg():
+    """A NaN on K's diagonal made the relative penalty reg * mean(diag K) NaN,
+    and kernel_ridge_fit said 'reg must be a finite number' of a valid reg."""
+    K = torch.eye(3, dtype=torch.float64)
+    K[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="K is not finite"):
+        kernel_ridge_coef(K, torch.ones(3, dtype=torch.float64), reg=1e-3)
