@@ -247,14 +247,16 @@ class _LogPenalty:
                 f"phi must hold one {what}, shape ({self.n_params},); "
                 f"got {tuple(phi.shape)}."
             )
-        bad = ~torch.isfinite(phi.detach())
-        if bool(bad.any()):
-            # (a NaN gave a NaN loss, an infinity a zero or infinite penalty)
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"phi (log-penalties) must be finite; got {int(bad.sum())} non-finite "
-                f"value(s), the first phi[{i}] = {float(phi[i])}."
-            )
+        # (a NaN gave a NaN loss, an infinity a zero or infinite penalty). The sum
+        # first: one operation per call on the common path
+        if not math.isfinite(float(phi.detach().sum())):
+            bad = ~torch.isfinite(phi.detach())
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"phi (log-penalties) must be finite; got {int(bad.sum())} "
+                    f"non-finite value(s), the first phi[{i}] = {float(phi[i])}."
+                )
         if self.basis is None:
             if self.log_offset is None:
                 return penalty_per_feature(phi, self.groups)
