@@ -379,17 +379,25 @@ class _BaseSampleReweighter(BaseEstimator):
         self.callbacks = callbacks
         # skorch's convention: ``module__*`` keywords are parameters too. They
         # are validated in ``fit`` (scikit-learn estimators do not raise in
-        # ``__init__`` or ``set_params``).
+        # ``__init__`` or ``set_params``). Any other keyword is a parameter as
+        # well (clone keeps it, fit rejects it), kept aside rather than as an
+        # attribute: max_iter_=3 passed for a fitted attribute (check_is_fitted
+        # took the unfitted estimator as fitted) and, ending in "_", was not
+        # even rejected by fit
+        self._unknown_params = {k: v for k, v in kwargs.items() if not k.startswith("module__")}
         for key, value in kwargs.items():
-            setattr(self, key, value)
+            if key.startswith("module__"):
+                setattr(self, key, value)
 
     def _extra_params(self):
-        """Keyword parameters given beyond the signature (``module__*``)."""
+        """Keyword parameters given beyond the signature: the ``module__*``
+        ones, and any unknown one given to ``__init__`` (rejected in fit)."""
         known = set(self._get_param_names())
-        return {
-            k: v for k, v in vars(self).items()
-            if k not in known and not k.startswith("_") and not k.endswith("_")
+        extra = {
+            k: v for k, v in vars(self).items() if k.startswith("module__") and k not in known
         }
+        extra.update(getattr(self, "_unknown_params", {}))
+        return extra
 
     def get_params(self, deep=True):
         params = super().get_params(deep=deep)
@@ -402,11 +410,15 @@ class _BaseSampleReweighter(BaseEstimator):
         # was stored, cloned, and failed only in fit: in a grid search, every fit)
         known = set(self._get_param_names())
         nested = hasattr(self.module, "set_params")
+        unknown = dict(getattr(self, "_unknown_params", {}))
         for key in list(params):
             if key in known or (nested and key.startswith("module__")):
                 continue
             if key.startswith("module__"):
                 setattr(self, key, params.pop(key))
+            elif key in unknown:  # given to __init__ (clone): still rejected in fit
+                unknown[key] = params.pop(key)
+        self._unknown_params = unknown
         return super().set_params(**params)
 
     def __sklearn_tags__(self):

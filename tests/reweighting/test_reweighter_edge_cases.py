@@ -216,3 +216,23 @@ def test_refit_far_from_its_fit_warns():
     with pytest.warns(ConvergenceWarning, match=r"Refitting the inner model.*gradient norm.*"
                       r"Scale X"):
         SampleReweighterRegressor(max_iter=3, random_state=0, dtype="float64").fit(X * 1e16, y)
+
+
+def test_unknown_keyword_ending_in_underscore_is_a_parameter_not_a_fitted_attribute():
+    """SampleReweighter(max_iter_=3) stored max_iter_ as an attribute:
+    check_is_fitted took the unfitted estimator as fitted, get_params and
+    clone dropped it, and fit did not reject it (names ending in "_" were
+    skipped)."""
+    import sklearn.base
+    from sklearn.utils.validation import check_is_fitted
+
+    est = SampleReweighter(max_iter_=3, max_iter=2)
+    with pytest.raises(NotFittedError):
+        check_is_fitted(est)
+    clone = sklearn.base.clone(est)
+    assert clone.get_params()["max_iter_"] == 3
+    X, y, _ = _data(40)
+    with pytest.raises(ValueError, match=r"Unknown parameters \['max_iter_'\]"):
+        clone.fit(X, y)
+    clone.set_params(max_iter_=4)  # given to __init__: settable, still rejected
+    assert clone.get_params()["max_iter_"] == 4
