@@ -735,6 +735,24 @@ def minimize_outer(
                 break
             if early_stopping and stall >= n_iter_no_change:
                 stop_reason = "tol"
+                # stalled iterations that all stayed above the best by more than
+                # its own size (and a 1e-8 of the first loss) are no plateau: the
+                # iterates left the best one and did not come back (SGD at
+                # learning_rate=5 on a quadratic: 4, 324, ..., 1.7e8; Adam at 50:
+                # 4, 2304, 149, 504, 1320; both reported converged, phi restored
+                # to its start)
+                at_best = max(i for i, h in enumerate(history) if h == best_loss)
+                stalled = history[at_best + 1:]
+                margin = max(abs(best_loss), 1e-8 * abs(history[0]))
+                if stalled and min(stalled) - best_loss > margin:
+                    warnings.warn(
+                        f"Outer iteration {n_iter}: the loss stayed above {min(stalled):.3e} "
+                        f"for the last {len(stalled)} iterations, against a best of "
+                        f"{best_loss:.3e}; stopped (diverging). Lower the learning rate.",
+                        DivergenceWarning,
+                        stacklevel=2,
+                    )
+                    stop_reason = "diverged"
                 break
     finally:
         if bar is not None:

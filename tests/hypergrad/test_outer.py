@@ -517,3 +517,22 @@ def test_minimize_outer_names_bad_arguments():
     seen = []
     minimize_outer(f, x(), max_iter=3, callbacks=(cb for cb in [seen.append]))
     assert len(seen) == 3
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 5.0), ("adam", 50.0)])
+def test_a_loss_rising_at_every_step_is_divergence_not_convergence(optimizer, lr):
+    """SGD at learning_rate=5 on a quadratic: the loss went 4, 324, ..., 1.7e8
+    (Adam at 50: 4, 2304, 149, 504, 1320) and the result said
+    stop_reason='tol', converged=True, without a warning (the rises counted
+    as stalls)."""
+    x = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
+    with pytest.warns(DivergenceWarning, match="stayed above .* against a best of"):
+        res = minimize_outer(lambda p: ((p - 1) ** 2).sum(), x, optimizer=optimizer,
+                             learning_rate=lr, max_iter=2000)
+    assert res.stop_reason == "diverged" and not res.converged
+    assert float(x) == 3.0  # the best iterate, the start
+    # a loss that settles (a plateau above its best) still stops on tol
+    y = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
+    res = minimize_outer(lambda p: ((p - 1) ** 2).sum(), y, optimizer="sgd", learning_rate=0.1,
+                         max_iter=2000)
+    assert res.stop_reason == "tol" and res.converged
