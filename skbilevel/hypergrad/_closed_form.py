@@ -27,6 +27,7 @@ import dataclasses
 import math
 import numbers
 import types
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -37,6 +38,7 @@ from ._base import (
     ClosedFormSolver,
     HypergradientInfo,
     HypergradientStrategy,
+    HypergradientWarning,
     _all_finite,
     _grad_norm,
     argmin,
@@ -1566,7 +1568,11 @@ def kernel_ridge_fit(K, y, reg):
     Differentiable in ``K`` (hence in whatever produced it, e.g. support
     points), ``y`` and ``reg`` (a scalar tensor or float; an absolute penalty,
     unlike :func:`kernel_ridge_coef` whose penalty is relative to the trace).
-    Falls back to an LU solve if the Cholesky factorization fails. Predict
+    Falls back to an LU solve if the Cholesky factorization fails: a
+    singular ``K + reg I`` is then a ``ValueError``, and one singular to
+    working precision (typically ``reg=0`` with a rank-deficient ``K``,
+    whose coefficients come out near ``1 / eps``) a
+    ``HypergradientWarning``, both naming the cause and the fix. Predict
     with ``K_test_train @ dual``.
 
     Examples
@@ -1615,8 +1621,102 @@ def _kernel_ridge_fit(K, y, reg):
     y = y.to(dtype=K.dtype)  # (float32 targets: a dtype RuntimeError in the solve)
     A = K + reg * torch.eye(n, dtype=K.dtype, device=K.device)
     y2 = y[:, None] if y.ndim == 1 else y
-    dual, lu = _cholesky_or_lu(A, y2)
+    try:
+        dual, lu = _cholesky_or_lu(A, y2)
+    except torch.linalg.LinAlgError as exc:
+        # (a raw "_LinAlgError: torch.linalg.solve: The solver failed because the
+        # input matrix is singular", e.g. kernel_ridge_coef on an all-zero K,
+        # whose relative penalty is then 0)
+        raise ValueError(
+            f"kernel_ridge_fit: K + reg*I is singular (reg={_reg_repr(reg)}): "
+            + _singular_cause(K, reg)
+        ) from exc
+    if lu:
+        _warn_if_ill_conditioned(K, reg, A, y2, dual)
     return (dual[:, 0] if y.ndim == 1 else dual), lu
+
+
+def _check_kernel_test(K_test, dual, where):
+    """``K_test`` for predictions ``K_test @ dual``: a real tensor of shape
+    ``(m, n)`` against ``dual`` of shape ``(n,)`` or ``(n, k)``, returned cast
+    to ``dual``'s dtype and device (a no-op when they match).
+
+    (A K_test with the wrong number of columns raised torch's "size mismatch,
+    got input (3), mat (3x4), vec (10)"; a float32 one against float64
+    coefficients "addmv input tensors must have the same dtype".)
+    """
+    if not isinstance(K_test, torch.Tensor):
+        raise TypeError(
+            f"{where}: K_test must be a torch tensor; got {type(K_test).__name__}. "
+            "Convert it first, e.g. torch.as_tensor(K_test, dtype=torch.float64)."
+        )
+    n = dual.shape[0]
+    if K_test.ndim != 2 or K_test.shape[1] != n:
+        raise ValueError(
+            f"{where}: K_test must have shape (m, {n}), one row per test point and "
+            f"one column per training point; got shape {tuple(K_test.shape)}. "
+            "Compute it as kernel(X_test, X_train)."
+        )
+    if K_test.is_complex() or K_test.dtype == torch.bool:
+        raise TypeError(f"{where}: K_test must be a real tensor; got dtype {K_test.dtype}.")
+    return K_test.to(dtype=dual.dtype, device=dual.device)
+
+
+def _reg_repr(reg):
+    return f"{float(reg.detach().max()):.3g}" if isinstance(reg, torch.Tensor) else f"{reg:.3g}"
+
+
+def _singular_cause(K, reg):
+    """Why ``K + reg I`` is (numerically) singular, and the fix."""
+    r = float(reg.detach().max() if isinstance(reg, torch.Tensor) else reg)
+    scale = float(K.detach().diagonal().abs().max()) if K.numel() else 0.0
+    if scale == 0.0:
+        return (
+            "K's diagonal is zero (a kernel that returned zeros?), so no penalty "
+            "relative to it can help: kernel_ridge_coef's is reg * mean(diag(K)) = 0. "
+            "Check the kernel, or pass an absolute reg > 0 to kernel_ridge_fit."
+        )
+    if r <= torch.finfo(K.dtype).eps * scale:
+        return (
+            "K is singular (e.g. a linear kernel on fewer features than samples, or "
+            f"repeated points) and reg={r:.3g} adds nothing at its scale (largest "
+            f"diagonal entry {scale:.3g}). Use reg > 0, e.g. 1e-6 times the mean of "
+            "K's diagonal."
+        )
+    return (
+        "K is not positive semi-definite (its Cholesky factorization failed) and has "
+        "an eigenvalue near -reg: check the kernel that produced it, or change reg."
+    )
+
+
+def _warn_if_ill_conditioned(K, reg, A, y2, dual):
+    """Warn when the LU fallback's solution says ``K + reg I`` is singular to
+    working precision: ``|dual| |A|_F / |y|`` is a lower bound of its
+    condition number, and above ``0.01 / eps`` fewer than two digits of
+    ``dual`` are right. Runs only after a failed Cholesky factorization.
+
+    (``kernel_ridge_fit(X @ X.T, y, 0.0)``, X of shape (10, 3), returned
+    coefficients of 2.8e16 silently, bound 4e17. Over X of shapes (10, 3) to
+    (200, 20) and five seeds, wherever Cholesky failed, the bound was 9e15 to
+    6e18 in float64 (threshold 4.5e13) and 1e7 to 1e10 in float32 (threshold
+    8.4e4); random symmetric indefinite matrices of size 10 to 500, which LU
+    solves well, gave at most 9e2.)
+    """
+    with torch.no_grad():
+        y_norm = float(torch.linalg.norm(y2))
+        if y_norm == 0.0:
+            return
+        bound = float(torch.linalg.norm(dual) * torch.linalg.norm(A)) / y_norm
+    if not bound > 0.01 / torch.finfo(A.dtype).eps:  # (NaN warns too)
+        return
+    warnings.warn(
+        f"kernel_ridge_fit: K + reg*I is singular to working precision (reg="
+        f"{_reg_repr(reg)}; condition number >= {bound:.1e}), so the dual "
+        f"coefficients (largest {float(dual.detach().abs().max()):.3g}) are "
+        f"unreliable: " + _singular_cause(K, reg),
+        HypergradientWarning,
+        stacklevel=4,  # kernel_ridge_fit's caller
+    )
 
 
 class KernelRidgeSolver(ClosedFormSolver):
@@ -1721,10 +1821,13 @@ class KernelRidgeSolver(ClosedFormSolver):
         return 0.5 * (theta * Ka).sum() - (theta * y.to(K.dtype)).sum()
 
     def predict(self, theta, phi, X_test=None, K_test=None):
-        """Predictions on ``X_test`` (through ``kernel``) or from ``K_test``."""
+        """Predictions on ``X_test`` (through ``kernel``) or from ``K_test``
+        (shape ``(m, n_support)``, cast to ``theta``'s dtype)."""
         if K_test is None:
             X, _, _, _ = self._parts(phi)
             K_test = self._kernel(X_test, X)
+        else:
+            K_test = _check_kernel_test(K_test, theta, "KernelRidgeSolver.predict")
         return K_test @ theta
 
     def init_theta(self, n_support=None, n_targets=None, like=None):
@@ -1826,7 +1929,9 @@ def minimize_log_alpha(
         ``value_and_grad(x: ndarray (k,)) -> (f (k,), g (k,))``.
     values : callable, optional
         ``values(grid: ndarray (a,)) -> ndarray (a, k)``, the objective at
-        many points (no derivatives needed).
+        many points (no derivatives needed). A non-finite value (NaN or
+        infinity) counts as ``+inf``: never the best grid point. A
+        coordinate whose values are all non-finite is a ``ValueError``.
     grid : ndarray of shape (a,), optional
         Strictly increasing, finite log-alphas to scan; requires ``values``
         and excludes ``x0``.
@@ -1925,7 +2030,23 @@ def minimize_log_alpha(
                 f"values(grid) must return shape ({grid.shape[0]},) or "
                 f"({grid.shape[0]}, k), one row per grid point; got {V.shape}."
             )
-        V = np.where(np.isfinite(V), V, np.inf)
+        finite = np.isfinite(V)
+        empty = np.flatnonzero(~finite.any(axis=0))
+        if empty.size:
+            # no grid point can be rated, so there is no grid minimum to bracket:
+            # an all-NaN curve started the secant steps at the grid's first point
+            # and returned x=[-4.00006] with converged=[True] (the answer, from
+            # value_and_grad, was 1.5). An error rather than converged=False:
+            # there is no point to return, and x would be taken as an answer.
+            raise ValueError(
+                f"values(grid) is not finite (NaN or infinity) at any of the "
+                f"{grid.shape[0]} grid points for coordinate(s) {empty.tolist()}: "
+                "there is no grid minimum to search from. Check the objective (and "
+                "its data) for those coordinates, or scan a grid where it is finite."
+            )
+        # a point where the curve is not finite is never the best one: its value
+        # is +inf, so it can only be the far end of a bracket
+        V = np.where(finite, V, np.inf)
         idx = np.argmin(V, axis=0).tolist()
         if max_iter == 0 and all(0 < i < len(grid) - 1 for i in idx):
             # the grid search's answer, without a derivative evaluation

@@ -415,8 +415,10 @@ def kernel_ridge_predict(K_test, K_train, y_train, reg):
     >>> kernel_ridge_predict(K, K, torch.tensor([1.0, -1.0], dtype=torch.float64), reg=1.0)
     tensor([ 0.5000, -0.5000], dtype=torch.float64)
     """
+    from ._closed_form import _check_kernel_test
+
     alpha = kernel_ridge_coef(K_train, y_train, reg)
-    return K_test @ alpha
+    return _check_kernel_test(K_test, alpha, "kernel_ridge_predict") @ alpha
 
 
 def kernel_ridge_coef(K_train, y_train, reg):

@@ -155,7 +155,22 @@ def _evaluate(objective, phi, leaves):
     for leaf in leaves:
         leaf.grad = None
     out = objective(phi)
+    if isinstance(out, tuple) and len(out) != 2:
+        # (a raw "too many values to unpack (expected 2)")
+        raise ValueError(
+            "objective(phi) must return loss or (loss, info); got a tuple of "
+            f"{len(out)} items."
+        )
     loss, info = out if isinstance(out, tuple) else (out, None)
+    if info is not None and not isinstance(info, HypergradientInfo):
+        # ((loss, 1) failed after the backward pass with "'int' object has no
+        # attribute 'extra'")
+        raise TypeError(
+            "objective(phi) returned (loss, info) with info of type "
+            f"{type(info).__name__}: info must be a HypergradientInfo (the health "
+            "record argmin returns) or None; return the loss alone when there is "
+            "no record."
+        )
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         # (a float: "'float' object has no attribute 'backward'"; a vector: "grad
         # can be implicitly created only for scalar outputs")
@@ -513,7 +528,8 @@ def minimize_outer(
         ``objective(phi) -> loss`` or ``-> (loss, info)``, where ``loss`` is a
         scalar tensor differentiable with respect to the leaves of ``phi``
         (typically through :func:`~skbilevel.hypergrad.argmin`) and ``info``
-        is a :class:`HypergradientInfo`. Each call may warm-start its inner
+        is a :class:`HypergradientInfo` or ``None`` (anything else is a
+        ``TypeError``). Each call may warm-start its inner
         solver from the previous call's solution (keep it in a closure).
     phi : tensor or tree of tensors
         Outer variables; updated in place. Leaves must require grad.
@@ -790,6 +806,54 @@ def _newton_step(H, g, free):
     return step
 
 
+def _check_newton_start(x0):
+    """``x0`` for :func:`minimize_newton`: a finite floating-point tensor of
+    shape ``(m,)``, ``m >= 1`` (its dtype is the iterates')."""
+    # (numpy: "'numpy.ndarray' object has no attribute 'detach'"; an integer
+    # tensor: a TypeError from torch.finfo; 0-d or 2-D: a matmul RuntimeError;
+    # NaN: fun(NaN) and a 'diverged' stop)
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(
+            f"x0 must be a torch tensor of shape (m,); got {type(x0).__name__}. "
+            "Convert it first: torch.as_tensor(x0, dtype=torch.float64)."
+        )
+    if not x0.is_floating_point():
+        raise TypeError(
+            f"x0 must be a floating-point tensor (the iterates keep its dtype); got "
+            f"{x0.dtype}. Use x0.to(torch.float64)."
+        )
+    if x0.ndim != 1 or x0.numel() == 0:
+        raise ValueError(
+            f"x0 must have shape (m,) with m >= 1; got shape {tuple(x0.shape)}. "
+            "Flatten it first (x0.reshape(-1))."
+        )
+    if not bool(torch.isfinite(x0).all()):
+        raise ValueError(f"x0 must be finite; got {x0.tolist()}.")
+
+
+def _newton_output(t, what, shape, x):
+    """``fun``'s gradient or Hessian, detached and cast to ``x``'s dtype and
+    device (a no-op when they match), after checking it is a real tensor of
+    ``shape``."""
+    # (a Hessian of shape (3, 3) for x of shape (2,) was cut to its top-left
+    # block silently; a 1-D one raised a raw IndexError, a gradient of length 3
+    # an IndexError in the step, a float32 gradient "linalg.solve: Expected A
+    # and B to have the same dtype")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(
+            f"fun's {what} must be a torch tensor of shape {shape}; got "
+            f"{type(t).__name__}. Convert it: torch.as_tensor(..., dtype=x.dtype)."
+        )
+    if tuple(t.shape) != shape:
+        raise ValueError(
+            f"fun's {what} must have shape {shape}, as x has {shape[0]} entries; got "
+            f"shape {tuple(t.shape)}."
+        )
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"fun's {what} must be a real tensor; got dtype {t.dtype}.")
+    return t.detach().to(dtype=x.dtype, device=x.device)
+
+
 def minimize_newton(
     fun,
     x0,
@@ -820,9 +884,18 @@ def minimize_newton(
     Parameters
     ----------
     fun : callable
-        ``x (tensor of shape (m,)) -> (value, grad, hessian[, info])``.
+        ``x (tensor of shape (m,)) -> (value, grad, hessian[, info])``: a
+        real number, tensors of shape ``(m,)`` and ``(m, m)`` (cast to
+        ``x0``'s dtype and device), and a :class:`HypergradientInfo` or
+        ``None``; other shapes or types are a ``ValueError`` or
+        ``TypeError``. Where the Hessian is not finite but the value and
+        gradient are, the iteration takes a gradient step instead of a
+        Newton step (with a ``HypergradientWarning``, once); a non-finite
+        value or gradient stops the loop (``"diverged"``, with a
+        :class:`DivergenceWarning`).
     x0 : tensor of shape (m,)
-        Start, inside the box.
+        Start, inside the box (else projected on it): finite, of a
+        floating-point dtype, which the iterates keep.
     bounds : tuple (lower, upper), optional
         Each side ``None`` (unbounded), a number, or a tensor of shape
         ``(m,)``; every lower bound at most its upper bound.
@@ -863,8 +936,25 @@ def minimize_newton(
                 "fun must return (value, grad, hessian) or (value, grad, hessian, "
                 f"info); got {got}{' values' if isinstance(got, int) else ''}."
             )
+        try:
+            value = float(out[0])
+        except (TypeError, ValueError, RuntimeError):
+            # (a vector value: "only one element tensors can be converted")
+            got = (f"a tensor of shape {tuple(out[0].shape)}"
+                   if isinstance(out[0], torch.Tensor) else type(out[0]).__name__)
+            raise ValueError(
+                f"fun's value (its first output) must be a real number; got {got}."
+            ) from None
+        m = x.shape[0]
+        g = _newton_output(out[1], "gradient", (m,), x)
+        H = _newton_output(out[2], "Hessian", (m, m), x)
         info = out[3] if len(out) > 3 else None
-        return float(out[0]), out[1].detach(), out[2].detach(), info
+        if info is not None and not isinstance(info, HypergradientInfo):
+            raise TypeError(
+                f"fun's fourth output must be a HypergradientInfo or None; got "
+                f"{type(info).__name__}."
+            )
+        return value, g, H, info
 
     _check_stopping(True, None, tol, max_iter)
     # (n_iter_no_change=0 stopped after one step as converged; a single callable
@@ -874,6 +964,7 @@ def minimize_newton(
     if not (isinstance(c1, numbers.Real) and not isinstance(c1, bool) and 0 < c1 < 1):
         # (c1 = -1 accepted steps that raised the value)
         raise ValueError(f"c1 must be a number in (0, 1); got {c1!r}.")
+    _check_newton_start(x0)
     x = x0.detach().clone()
     lower = upper = None
     if bounds is not None:
@@ -886,6 +977,7 @@ def minimize_newton(
     history, grad_norms = [f], []
     best_x, best_f = x.clone(), f
     stall, stop_reason, n_iter = 0, "max_iter", 0
+    warned_hessian = False
     for n_iter in range(1, max_iter + 1):
         free = torch.ones_like(g, dtype=torch.bool)
         if lower is not None:
@@ -905,27 +997,50 @@ def minimize_newton(
         if grad_norms[-1] == 0.0:
             stop_reason = "tol"
             break
-        while True:
-            step = _newton_step(H, g, free)
-            if lower is None:
-                break
-            # a variable on a bound that the step would push out is held too
-            blocked = free & (((x <= lower) & (step < 0)) | ((x >= upper) & (step > 0)))
-            if not bool(blocked.any()):
-                break
-            free = free & ~blocked
-        if not bool(free.any()):
-            stop_reason = "tol"  # every variable held at a bound
-            break
-        gtd = float(g @ step)
-        if not gtd < 0.0 or not bool(torch.isfinite(step).all()):
+        if not bool(torch.isfinite(H).all()):
+            # The value and the gradient are finite (checked above), so -g is a
+            # descent direction the Armijo search below keeps safe: take it
+            # rather than stop, as a non-finite Newton step already was (a
+            # Hessian that overflows at one iterate of an estimator's box then
+            # costs a slower step, not the fit). Warn, since it used to be
+            # silent: an all-NaN Hessian on a 2-D quadratic ran 27 gradient
+            # steps to [0.2011, 0.4007] (the answer is [0.2, 0.4]), reported
+            # converged; Newton takes one.
+            if not warned_hessian:
+                warnings.warn(
+                    f"Newton iteration {n_iter}: the Hessian returned by fun is not "
+                    "finite (NaN or infinity) while the value and gradient are; took "
+                    "a gradient step instead, as at any later such iteration (not "
+                    "reported again). Gradient steps converge slowly and may stop on "
+                    "the stall criterion short of the minimum: check how fun computes "
+                    "the Hessian.",
+                    HypergradientWarning,
+                    stacklevel=2,
+                )
+                warned_hessian = True
             step, gtd = -gf, -(grad_norms[-1] ** 2)
-        elif -0.5 * gtd <= max(10.0 * eps, 0.1 * tol) * abs(f):
-            # the Newton step would gain less than the rounding of the value, or
-            # a tenth of the stall threshold: converged (quadratically, so the
-            # stall criterion would only spend n_iter_no_change more evaluations)
-            stop_reason = "tol"
-            break
+        else:
+            while True:
+                step = _newton_step(H, g, free)
+                if lower is None:
+                    break
+                # a variable on a bound that the step would push out is held too
+                blocked = free & (((x <= lower) & (step < 0)) | ((x >= upper) & (step > 0)))
+                if not bool(blocked.any()):
+                    break
+                free = free & ~blocked
+            if not bool(free.any()):
+                stop_reason = "tol"  # every variable held at a bound
+                break
+            gtd = float(g @ step)
+            if not gtd < 0.0 or not bool(torch.isfinite(step).all()):
+                step, gtd = -gf, -(grad_norms[-1] ** 2)
+            elif -0.5 * gtd <= max(10.0 * eps, 0.1 * tol) * abs(f):
+                # the Newton step would gain less than the rounding of the value, or
+                # a tenth of the stall threshold: converged (quadratically, so the
+                # stall criterion would only spend n_iter_no_change more evaluations)
+                stop_reason = "tol"
+                break
         t = 1.0 if lower is None else min(1.0, _step_to_bound(x, step, lower, upper))
         accepted = False
         for _ in range(30):

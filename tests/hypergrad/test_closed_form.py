@@ -764,3 +764,90 @@ def test_bilevel_ridge_loo_decomposition_takes_the_numpy_route_at_any_thread_cou
         assert not cf._use_numpy(torch.zeros(2, dtype=DT))
     finally:
         torch.set_num_threads(before)
+
+
+def test_log_alpha_search_refuses_a_curve_with_no_finite_value():
+    """A scanned curve that was NaN at every grid point started the secant
+    steps at the grid's first point and returned x=[-4.00006] with
+    converged=[True] (the minimum, from value_and_grad, is at 1.5). Now a
+    ValueError naming the coordinate; a curve NaN on part of the grid is
+    still searched where it is finite."""
+    f = lambda x: ((x - 1.5) ** 2, 2 * (x - 1.5))  # noqa: E731
+    grid = np.linspace(-5, 5, 11)
+    with pytest.raises(ValueError, match=r"not finite .* at any of the 11 grid points for "
+                                         r"coordinate\(s\) \[0\]"):
+        minimize_log_alpha(f, values=lambda g: np.full((len(g), 1), np.nan), grid=grid)
+
+    def two(x):
+        c = np.array([1.5, -2.2])
+        return (x - c) ** 2, 2 * (x - c)
+
+    curve = lambda g: np.stack([np.full_like(g, np.nan), (g + 2.2) ** 2], 1)  # noqa: E731
+    with pytest.raises(ValueError, match=r"coordinate\(s\) \[0\]"):
+        minimize_log_alpha(two, values=curve, grid=grid)
+    # NaN below 0 (the objective undefined there): the minimum at 1.5 is found
+    partial = lambda g: np.where(g < 0, np.nan, (g - 1.5) ** 2)[:, None]  # noqa: E731
+    res = minimize_log_alpha(f, values=partial, grid=grid)
+    assert res.converged.all() and abs(res.x[0] - 1.5) < 1e-6
+    # and a minimum on the edge of the finite part is that edge
+    def edge(x):
+        x = np.asarray(x, dtype=float)
+        ok = x >= 0
+        return np.where(ok, (x + 1) ** 2, np.nan), np.where(ok, 2 * (x + 1), np.nan)
+
+    res = minimize_log_alpha(edge, values=lambda g: edge(g)[0][:, None], grid=grid)
+    assert abs(res.x[0]) < 1e-3 and np.isfinite(res.fun).all()
+
+
+def test_kernel_ridge_names_a_singular_system_and_its_fix():
+    """kernel_ridge_fit(X @ X.T, y, 0.0) with X of shape (10, 3) fell back to
+    LU and returned coefficients of 2.8e16 silently; an exactly singular
+    K + reg*I (an all-zero K at reg=0, or K = -I at reg=1) raised torch's raw
+    '_LinAlgError: torch.linalg.solve: ... singular'. Now a warning and a
+    ValueError naming the cause and the fix; reg > 0 is unchanged, and so is
+    the LU fallback on a well-conditioned indefinite K."""
+    from skbilevel.hypergrad import HypergradientWarning
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(10, 3, dtype=DT, generator=g)
+    y = torch.randn(10, dtype=DT, generator=g)
+    K = X @ X.T
+    with pytest.warns(HypergradientWarning, match=r"singular to working precision \(reg=0;.*"
+                                                  r"Use reg > 0"):
+        kernel_ridge_fit(K, y, 0.0)
+    with pytest.warns(HypergradientWarning, match="singular to working precision"):
+        kernel_ridge_fit(K.float(), y.float(), 0.0)
+    with pytest.raises(ValueError,
+                       match=r"K \+ reg\*I is singular \(reg=0\): K's diagonal is zero"):
+        kernel_ridge_fit(torch.zeros(10, 10, dtype=DT), y, 0.0)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        kernel_ridge_fit(-torch.eye(3, dtype=DT), y[:3], 1.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dual = kernel_ridge_fit(K, y, 1e-3)  # Cholesky: no fallback
+        torch.testing.assert_close(dual, torch.linalg.solve(K + 1e-3 * torch.eye(10, dtype=DT), y))
+        indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=DT)
+        dual = kernel_ridge_fit(indefinite, y[:2], 0.0)  # LU, well conditioned
+        torch.testing.assert_close(dual, torch.linalg.solve(indefinite, y[:2]))
+
+
+def test_kernel_ridge_solver_checks_its_test_kernel():
+    """KernelRidgeSolver.predict with a K_test of the wrong width raised torch's
+    'size mismatch, got input (3), mat (3x4), vec (5)', a float32 K_test
+    against float64 coefficients 'addmv input tensors must have the same
+    dtype'. Now a ValueError naming the expected shape; float32 is cast."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(5, 2, dtype=DT, generator=g)
+    K = X @ X.T + torch.eye(5, dtype=DT)
+    solver = KernelRidgeSolver(K=K, y=torch.randn(5, dtype=DT, generator=g))
+    phi = torch.tensor(0.0, dtype=DT)
+    dual = solver.closed_form(phi)
+    with pytest.raises(ValueError, match=r"K_test must have shape \(m, 5\).*got shape \(3, 4\)"):
+        solver.predict(dual, phi, K_test=K[:3, :4])
+    with pytest.raises(TypeError, match="K_test must be a torch tensor"):
+        solver.predict(dual, phi, K_test=K[:3].numpy())
+    pred = solver.predict(dual, phi, K_test=K[:3].float())
+    assert pred.dtype == DT
+    torch.testing.assert_close(pred, K[:3] @ dual, rtol=1e-6, atol=1e-6)

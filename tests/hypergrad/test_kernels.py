@@ -217,3 +217,27 @@ def test_kernel_ridge_coef_names_a_non_finite_kernel_not_reg():
     K[1, 1] = float("nan")
     with pytest.raises(ValueError, match="K is not finite"):
         kernel_ridge_coef(K, torch.ones(3, dtype=torch.float64), reg=1e-3)
+
+
+def test_kernel_ridge_coef_on_an_all_zero_kernel_is_a_value_error():
+    """kernel_ridge_coef on an all-zero K (its relative penalty
+    reg * mean(diag K) is then 0) raised torch's raw '_LinAlgError:
+    torch.linalg.solve: The solver failed because the input matrix is
+    singular'. Now a ValueError saying why no relative penalty can help."""
+    with pytest.raises(ValueError, match="K's diagonal is zero .* kernel_ridge_coef's is "
+                                         r"reg \* mean\(diag\(K\)\) = 0"):
+        kernel_ridge_coef(torch.zeros(10, 10, dtype=DT), torch.ones(10, dtype=DT), 1.0)
+
+
+def test_kernel_ridge_predict_checks_its_test_kernel():
+    """A K_test with the wrong number of columns raised torch's 'size
+    mismatch', a float32 one against float64 coefficients an addmv dtype
+    error."""
+    from skbilevel.hypergrad import kernel_ridge_predict
+
+    K = torch.eye(4, dtype=torch.float64) * 2
+    y = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"kernel_ridge_predict: K_test must have shape \(m, 4\)"):
+        kernel_ridge_predict(K[:3, :3], K, y, 1.0)
+    out = kernel_ridge_predict(K[:3].float(), K, y, 1.0)
+    assert out.dtype == torch.float64 and out.shape == (3,)

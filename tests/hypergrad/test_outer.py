@@ -536,3 +536,106 @@ def test_a_loss_rising_at_every_step_is_divergence_not_convergence(optimizer, lr
     res = minimize_outer(lambda p: ((p - 1) ** 2).sum(), y, optimizer="sgd", learning_rate=0.1,
                          max_iter=2000)
     assert res.stop_reason == "tol" and res.converged
+
+
+def _newton_quadratic():
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+
+    def fun(x):
+        return float(0.5 * x @ A @ x - x.sum()), A @ x - 1.0, A
+
+    return A, fun
+
+
+def test_newton_checks_x0_and_the_shapes_and_types_fun_returns():
+    """minimize_newton took a (3, 3) Hessian for x of shape (2,) silently (its
+    top-left block); a 1-D Hessian or a gradient of length 3 raised a raw
+    IndexError, a float32 gradient "linalg.solve: Expected A and B to have the
+    same dtype", a numpy x0 "'numpy.ndarray' object has no attribute 'detach'",
+    an integer x0 a TypeError from torch.finfo, a 0-d or (2, 1) x0 a matmul
+    RuntimeError, a NaN x0 ran fun(NaN) and stopped as 'diverged'."""
+    from skbilevel.hypergrad import HypergradientInfo
+
+    A, fq = _newton_quadratic()
+    x0 = torch.zeros(2, dtype=torch.float64)
+    cases = [
+        (lambda x: (fq(x)[0], fq(x)[1], torch.eye(3, dtype=x.dtype)),
+         ValueError, r"Hessian must have shape \(2, 2\).*got shape \(3, 3\)"),
+        (lambda x: (fq(x)[0], fq(x)[1], torch.ones(2, dtype=x.dtype)),
+         ValueError, r"Hessian must have shape \(2, 2\).*got shape \(2,\)"),
+        (lambda x: (fq(x)[0], torch.ones(3, dtype=x.dtype), A),
+         ValueError, r"gradient must have shape \(2,\).*got shape \(3,\)"),
+        (lambda x: (fq(x)[0], fq(x)[1].numpy(), A), TypeError, "gradient must be a torch tensor"),
+        (lambda x: (fq(x)[0], fq(x)[1], A.to(torch.complex128)), TypeError, "must be a real"),
+        (lambda x: (x, fq(x)[1], A), ValueError, r"value .* must be a real number.*shape \(2,\)"),
+        (lambda x: (*fq(x), 1), TypeError, "fourth output must be a HypergradientInfo"),
+    ]
+    for fun, error, match in cases:
+        with pytest.raises(error, match=match):
+            minimize_newton(fun, x0)
+    for bad, error, match in [
+        (x0.numpy(), TypeError, "x0 must be a torch tensor.*ndarray"),
+        (torch.zeros(2, dtype=torch.long), TypeError, "x0 must be a floating-point tensor"),
+        (torch.zeros((), dtype=torch.float64), ValueError, r"x0 must have shape \(m,\)"),
+        (torch.zeros(2, 1, dtype=torch.float64), ValueError, r"got shape \(2, 1\)"),
+        (torch.full((2,), float("nan"), dtype=torch.float64), ValueError, "x0 must be finite"),
+    ]:
+        with pytest.raises(error, match=match):
+            minimize_newton(fq, bad)
+    # a float32 gradient and Hessian are cast to x0's dtype: the Newton answer
+    expected = torch.tensor([0.2, 0.4], dtype=torch.float64)
+    x, res = minimize_newton(lambda x: (fq(x)[0], fq(x)[1].float(), A.float()), x0)
+    assert x.dtype == torch.float64 and res.converged
+    torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
+    # and a one-element tensor value, a HypergradientInfo fourth output are fine
+    info = HypergradientInfo(strategy="test")
+    x, res = minimize_newton(lambda x: (torch.tensor([fq(x)[0]]), fq(x)[1], A, info), x0)
+    torch.testing.assert_close(x, expected)
+    assert res.info is info
+
+
+def test_newton_warns_and_takes_gradient_steps_on_a_non_finite_hessian():
+    """An all-NaN Hessian on a 2-D quadratic silently gave 27 gradient steps
+    ending at [0.2011, 0.4007] (the answer is [0.2, 0.4]), stop_reason='tol',
+    converged=True, with no warning. Now a HypergradientWarning names the
+    Hessian (once); a Hessian that is NaN at one point only costs one gradient
+    step there, Newton steps resume."""
+    from skbilevel.hypergrad import HypergradientWarning
+
+    A, fq = _newton_quadratic()
+    x0 = torch.zeros(2, dtype=torch.float64)
+    for bad in (float("nan"), float("inf")):
+        with pytest.warns(HypergradientWarning,
+                          match="Hessian returned by fun is not finite") as rec:
+            x, res = minimize_newton(lambda x: (fq(x)[0], fq(x)[1], A * bad), x0)
+        assert sum("Hessian" in str(w.message) for w in rec) == 1  # once per call
+        assert torch.isfinite(x).all() and res.history[-1] < res.history[0]
+    calls = []
+
+    def sometimes_nan(x):
+        calls.append(1)
+        return fq(x)[0], fq(x)[1], A * float("nan") if len(calls) == 1 else A
+
+    with pytest.warns(HypergradientWarning, match="took a gradient step"):
+        x, res = minimize_newton(sometimes_nan, x0, tol=1e-12)
+    torch.testing.assert_close(x, torch.tensor([0.2, 0.4], dtype=torch.float64))
+    assert res.converged and res.n_iter <= 4
+
+
+def test_objective_info_must_be_a_hypergradient_info_or_none():
+    """minimize_outer with an objective returning (loss, 1) failed after the
+    backward pass with "AttributeError: 'int' object has no attribute
+    'extra'"; a 3-tuple with "too many values to unpack (expected 2)". None
+    was (and is) accepted as 'no record'."""
+    f = lambda p: ((p - 1.0) ** 2).sum()  # noqa: E731
+    for optimizer in ("sgd", "lbfgs"):
+        x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(TypeError,
+                           match="info of type int: info must be a HypergradientInfo .* or None"):
+            minimize_outer(lambda p: (f(p), 1), x, optimizer=optimizer)
+        with pytest.raises(ValueError, match="loss or \\(loss, info\\); got a tuple of 3"):
+            minimize_outer(lambda p: (f(p), None, None), x, optimizer=optimizer)
+        res = minimize_outer(lambda p: (f(p), None), x, optimizer=optimizer,
+                             learning_rate=0.25, max_iter=200, tol=1e-10)
+        assert res.converged and res.info is None
+        torch.testing.assert_close(x.detach(), torch.ones(2, dtype=torch.float64))
