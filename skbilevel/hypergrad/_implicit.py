@@ -541,7 +541,7 @@ class ImplicitCG(_Implicit):
         _check_fallback(self.fallback)
         tol = _default_tol(b.dtype) if self.tol is None else self.tol
         n = b.numel()
-        maxiter = self.maxiter if self.maxiter is not None else min(10 * n, 1000)
+        maxiter = self.maxiter if self.maxiter is not None else max(1, min(10 * n, 1000))
         x0 = None
         prev = self._x_prev
         if (

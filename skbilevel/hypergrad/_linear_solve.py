@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import _check_positive
+from ._checks import _check_int, _check_positive
 
 __all__ = [
     "LinearSolveResult",
@@ -119,6 +119,7 @@ def _as_flat(matvec, b, where="solve"):
         )
     shape = b.shape
     n = b.numel()
+    dtype, device = b.dtype, b.device
 
     def flat_matvec(v):
         out = matvec(v.reshape(shape))
@@ -128,6 +129,15 @@ def _as_flat(matvec, b, where="solve"):
             raise ValueError(
                 f"{where}: matvec must return a tensor shaped like b, {tuple(shape)}; "
                 f"got {got}."
+            )
+        if out.dtype != dtype or out.device != device:
+            # (solve_cg: torch's "dot : expected both vectors to have same dtype";
+            # solve_dense: "Expected b and A to have the same dtype"; solve_neumann
+            # silently promoted every term). Two attribute comparisons, no sync.
+            raise TypeError(
+                f"{where}: matvec must return a tensor of b's dtype and device, "
+                f"{dtype} on {device}; got {out.dtype} on {out.device}. Cast "
+                "inside matvec (lambda v: A(v).to(v.dtype)) or convert b."
             )
         return out.reshape(-1)
 
@@ -145,6 +155,89 @@ def _check_finite_rhs(b_norm):
 
 def _norm(v):
     return float(torch.linalg.vector_norm(v))
+
+
+def _safe_norm_range(dtype):
+    """``(lo, hi)``: powers of two between which a right-hand side's norm is
+    solved as given: a quarter of the dtype's exponent range either side of 1
+    (``2^-256 .. 2^256`` in float64, ``2^-32 .. 2^32`` in float32), so that
+    squared norms and ``p^T A p`` keep many decades of room."""
+    rng = _SAFE_RANGE.get(dtype)
+    if rng is None:
+        e = math.frexp(torch.finfo(dtype).max)[1] // 4
+        rng = _SAFE_RANGE[dtype] = (math.ldexp(1.0, -e), math.ldexp(1.0, e))
+    return rng
+
+
+_SAFE_RANGE = {}
+
+
+def _ldexp(t, k):
+    """``t * 2^k``, exact unless values leave the dtype's range, in steps whose
+    factor the dtype can hold (``2^145`` is inf in float32)."""
+    step = math.frexp(torch.finfo(t.dtype).max)[1] - 2
+    while k:
+        j = max(-step, min(step, k))
+        t = t * math.ldexp(1.0, j)
+        k -= j
+    return t
+
+
+def _rhs_exponent(bf, b_norm):
+    """``k`` such that ``b * 2^-k`` has a norm near 1 when ``b_norm`` lies
+    outside :func:`_safe_norm_range`, else 0 (``b`` is solved as given).
+
+    A norm that underflowed to 0 or overflowed to inf although every entry is
+    finite is recovered from ``max |b|``, one more reduction paid only then.
+    Returns 0 for ``b = 0`` and for a ``b`` that is not finite (the caller
+    handles both)."""
+    lo, hi = _safe_norm_range(bf.dtype)
+    if lo <= b_norm <= hi or math.isnan(b_norm):
+        return 0
+    if b_norm == 0.0 or math.isinf(b_norm):
+        if bf.numel() == 0:
+            return 0
+        b_norm = float(bf.abs().max())
+        if b_norm == 0.0 or not math.isfinite(b_norm):
+            return 0
+    return math.frexp(b_norm)[1]
+
+
+def _scaled_rhs(bf):
+    """``(b * 2^-k, its norm, k)``, with ``k`` from :func:`_rhs_exponent`.
+
+    The linear solvers solve ``A y = b * 2^-k`` and return ``x = y * 2^k``.
+    A power of two is exact, so every ordinary ``b`` (``k = 0``) is solved as
+    before, bit for bit, while a ``b`` whose norm underflows or overflows is
+    no longer taken for 0 or for infinite: ``[1, 2] * 1e-25`` in float32 and
+    ``* 1e-170`` in float64 returned x = 0 marked converged ('b = 0'), and
+    ``* 1e160`` in float64 raised 'not finite (norm inf)'."""
+    b_norm = _norm(bf)
+    k = _rhs_exponent(bf, b_norm)
+    if k:
+        bf = _ldexp(bf, -k)
+        b_norm = _norm(bf)
+    return bf, b_norm, k
+
+
+def _unscale(x, k, message):
+    """``(x * 2^k, message, in_range)``: a solution that leaves the dtype's
+    range when scaled back gets ``in_range=False`` and a message saying so,
+    rather than passing off inf or 0 as converged."""
+    if not k:
+        return x, message, True
+    out = _ldexp(x, k)
+    if not bool(torch.isfinite(out).all()):
+        return out, message + (
+            f"; the solution overflows {x.dtype} (b was scaled by 2^{-k} for the "
+            "solve): rescale the problem"
+        ), False
+    if bool((out == 0).all()) and bool((x != 0).any()):
+        return out, message + (
+            f"; the solution underflows to 0 in {x.dtype} (b was scaled by 2^{-k} "
+            "for the solve): rescale the problem"
+        ), False
+    return out, message, True
 
 
 def _check_preconditioner(preconditioner, bf, shape):
@@ -192,7 +285,8 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     Parameters
     ----------
     matvec : callable
-        ``matvec(v) -> A v`` for ``v`` shaped like ``b``.
+        ``matvec(v) -> A v`` for ``v`` shaped like ``b``, returning ``b``'s
+        dtype and device.
     b : torch.Tensor
         Right-hand side, 1-D or 0-d.
     x0 : torch.Tensor, optional
@@ -201,7 +295,8 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     tol : float, default=1e-10
         Tolerance on the relative residual ``||A x - b|| / ||b||``.
     maxiter : int, optional
-        Maximum number of iterations; default ``10 * b.numel()``.
+        Maximum number of iterations, an integer ``>= 1``; default
+        ``10 * b.numel()``.
     preconditioner : torch.Tensor or callable, optional
         A symmetric positive definite ``M ~ A`` for preconditioned CG: a
         positive, finite tensor shaped like ``b`` holding the diagonal of
@@ -223,11 +318,13 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     Raises
     ------
     TypeError
-        When ``b`` is not a tensor or ``matvec`` is not callable.
+        When ``b`` is not a tensor, ``matvec`` is not callable, or ``matvec``
+        returns a tensor of another dtype or device than ``b``.
     ValueError
         When ``b`` is not finite or not floating-point, ``matvec`` returns a
         tensor of another size, ``x0`` is not shaped like ``b``, ``tol`` is
-        negative or not finite, or the preconditioner is not shaped like
+        negative or not finite, ``maxiter`` is not ``None`` or an integer
+        ``>= 1``, or the preconditioner is not shaped like
         ``b``, not positive or not finite (a callable is checked on every
         application: ``r^T M^{-1} r`` must be positive).
 
@@ -239,6 +336,15 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     preconditioner) of length ``b^T z / |z^T A z|`` (or ``z`` itself when
     ``z^T A z = 0``) rather than the zero start, and ``result.fallback``
     records it. ``b = 0`` returns exactly zero.
+
+    A ``b`` whose norm lies outside ``2^-256 .. 2^256`` (float64; ``2^-32 ..
+    2^32`` in float32), or underflows or overflows although every entry is
+    finite, is solved as ``A y = b / 2^k`` with ``2^k`` near its norm (or
+    ``max |b|``), and ``x = 2^k y`` is returned (``x0`` is divided by
+    ``2^k`` too). A power of two is exact: the iterates are those of the
+    unscaled solve wherever that one stays in range, and ``residual`` is
+    the same relative residual. If ``x`` leaves the dtype's range when
+    scaled back, ``converged`` is ``False`` and ``message`` says so.
 
     When the recursive residual has passed ``tol`` but the true one has not,
     CG restarts from the true residual (iterative refinement). If a restart
@@ -278,11 +384,16 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     """
     flat_matvec, bf, shape = _as_flat(matvec, b, "solve_cg")
     _check_tol(tol, "solve_cg")
+    # (maxiter=-1 ran no iteration and reported maxiter=-1 reached, 1.5 ran
+    # like 2, and "3" raised "'<' not supported between 'int' and 'str'")
+    _check_int(maxiter, "solve_cg: maxiter", allow_none=True)
     precondition = _check_preconditioner(preconditioner, bf, shape)
     n = bf.numel()
     if maxiter is None:
         maxiter = 10 * max(n, 1)
-    b_norm = _norm(bf)
+    # b scaled by 2^-scale_exp when its norm is out of range (0, no copy, for any
+    # ordinary b); x0 and the returned x are in b's units
+    bf, b_norm, scale_exp = _scaled_rhs(bf)
     if b_norm == 0.0:
         return torch.zeros_like(b), LinearSolveResult(
             0, 0.0, True, 0, message="b = 0: the solution is 0."
@@ -314,6 +425,7 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
                 f"solve_cg: x0 must be a tensor shaped like b, {tuple(shape)}; got {got}."
             )
         x0f = x0.detach().reshape(-1).to(dtype=bf.dtype, device=bf.device)
+        x0f = _ldexp(x0f, -scale_exp)  # in the units of the scaled b
         if bool(torch.isfinite(x0f).all()):
             r0 = bf - flat_matvec(x0f)
             n_matvec += 1
@@ -403,10 +515,11 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
             if converged
             else f"maxiter={maxiter} reached with relative residual {true_res:.3e}"
         )
+    best_x, message, in_range = _unscale(best_x, scale_exp, message)
     result = LinearSolveResult(
         iterations=iterations,
         residual=true_res,
-        converged=bool(converged),
+        converged=bool(converged and in_range),
         n_matvec=n_matvec,
         fallback=fallback,
         message=message,
@@ -427,9 +540,11 @@ def solve_neumann(matvec, b, step, n_terms, tol=None):
     Parameters
     ----------
     matvec : callable
-        ``matvec(v) -> A v``.
+        ``matvec(v) -> A v``, a tensor of ``v``'s shape, dtype and device
+        (another dtype or device is a ``TypeError``).
     b : torch.Tensor
-        Right-hand side, 1-D or 0-d.
+        Right-hand side, 1-D or 0-d. One whose norm is out of range is
+        scaled by a power of two for the sum, as in :func:`solve_cg`.
     step : float
         Scale ``eta`` in ``A^{-1} ~ eta * sum (I - eta A)^k``.
     n_terms : int
@@ -463,7 +578,7 @@ def solve_neumann(matvec, b, step, n_terms, tol=None):
     _check_step(step, "solve_neumann")
     _check_tol(tol, "solve_neumann", allow_none=True)
     flat_matvec, bf, shape = _as_flat(matvec, b, "solve_neumann")
-    b_norm = _norm(bf)
+    bf, b_norm, scale_exp = _scaled_rhs(bf)  # (b * 1e-170 in float64: 0, converged)
     if b_norm == 0.0:
         return torch.zeros_like(b), LinearSolveResult(
             0, 0.0, True, 0, message="b = 0: the solution is 0."
@@ -499,11 +614,11 @@ def solve_neumann(matvec, b, step, n_terms, tol=None):
         else:
             message = f"{k} Neumann terms, relative residual {residual:.3e}"
     converged = residual <= tol if tol is not None else residual < 1.0
-    x = (step * acc).reshape(shape)
-    return x, LinearSolveResult(
+    x, message, in_range = _unscale(step * acc, scale_exp, message)
+    return x.reshape(shape), LinearSolveResult(
         iterations=k,
         residual=residual,
-        converged=bool(converged),
+        converged=bool(converged and in_range),
         n_matvec=n_matvec,
         message=message,
     )
@@ -519,7 +634,9 @@ def solve_identity(b, step, matvec=None):
     step : float
         Scale (for a gradient-descent inner solver, its learning rate).
     matvec : callable, optional
-        When given, one product is spent to report the residual.
+        When given, one product is spent to report the residual (on ``b``
+        scaled by a power of two when its norm is out of range, as in
+        :func:`solve_cg`).
 
     Returns
     -------
@@ -541,8 +658,10 @@ def solve_identity(b, step, matvec=None):
     x = step * b
     residual, n_matvec = math.nan, 0
     if matvec is not None:
-        b_norm = _norm(b)
-        residual = _norm(matvec(x) - b) / b_norm if b_norm > 0 else 0.0
+        # on b scaled as in solve_cg (b * 1e-170 in float64 reported residual 0)
+        bs, b_norm, _ = _scaled_rhs(b.reshape(-1))
+        r = matvec((step * bs).reshape(b.shape)).reshape(-1) - bs
+        residual = _norm(r) / b_norm if b_norm > 0 else 0.0
         n_matvec = 1
     return x, LinearSolveResult(
         iterations=0,
@@ -582,9 +701,11 @@ def solve_dense(matvec_or_matrix, b, method="auto", tol=None, vectorize=False):
     matvec_or_matrix : torch.Tensor or callable
         The ``(n, n)`` matrix, or ``matvec(v) -> A v`` from which the matrix
         is built column by column (``n`` products) or, with
-        ``vectorize=True``, by ``torch.func.jacrev`` when ``matvec`` allows.
+        ``vectorize=True``, by ``torch.func.jacrev`` when ``matvec`` allows;
+        it must return ``b``'s dtype and device (else a ``TypeError``).
     b : torch.Tensor
-        Right-hand side, 1-D or 0-d.
+        Right-hand side, 1-D or 0-d. One whose norm is out of range is
+        scaled by a power of two for the solve, as in :func:`solve_cg`.
     method : {"auto", "cholesky", "lu"}, default="auto"
         ``"cholesky"`` for symmetric positive definite ``A``, falling back to
         LU when the matrix is not symmetric or the factorization fails;
@@ -646,7 +767,8 @@ def solve_dense(matvec_or_matrix, b, method="auto", tol=None, vectorize=False):
         A = A.reshape(n, n).to(dtype=bf.dtype, device=bf.device)
     if tol is None:
         tol = math.sqrt(torch.finfo(bf.dtype).eps)
-    b_norm = _norm(bf)
+    # (b * 1e-170 in float64 returned 0 as converged, b * 1e160 'b is not finite')
+    bf, b_norm, scale_exp = _scaled_rhs(bf)
     if not (math.isfinite(b_norm) and bool(torch.isfinite(A).all())):
         # (a NaN matrix: torch's "atol must be greater than or equal to zero, but
         # got -nan"; a NaN b: a NaN solution reported by its NaN residual)
@@ -703,10 +825,11 @@ def solve_dense(matvec_or_matrix, b, method="auto", tol=None, vectorize=False):
                 f"; backward error {backward:.3e} <= tol {tol:.1e}: the rounding "
                 "floor of an ill-conditioned system"
             )
+    x, message, in_range = _unscale(x, scale_exp, message)
     return x.reshape(shape), LinearSolveResult(
         iterations=1,
         residual=residual,
-        converged=bool(converged),
+        converged=bool(converged and in_range),
         n_matvec=n_matvec,
         fallback="; ".join(fallbacks) or None,
         message=message,

@@ -341,3 +341,118 @@ def test_bad_arguments_are_clear_errors():
             solve_neumann(mv, b, step, 10)
     x, _ = solve_identity(b, torch.tensor(0.5, dtype=DT))  # a 0-d tensor step is fine
     assert torch.equal(x, 0.5 * b)
+
+
+# ------------------------------------------- right-hand sides of extreme magnitude
+
+_A2 = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=DT)
+_B2 = torch.tensor([1.0, 2.0], dtype=DT)
+
+
+@pytest.mark.parametrize(
+    "dtype, factor",
+    [
+        (torch.float32, 1e-25),  # ||b||^2 underflows
+        (torch.float32, 1e-40),  # subnormal entries
+        (torch.float32, 1e25),  # ||b||^2 overflows
+        (DT, 1e-170),
+        (DT, 1e160),
+    ],
+)
+def test_cg_rhs_whose_norm_underflows_or_overflows_is_solved(dtype, factor):
+    """Before the fix ``solve_cg(lambda v: v, [1, 2] * 1e-25)`` (float32) and
+    ``* 1e-170`` (float64) returned x = [0, 0] with converged=True and 'b = 0:
+    the solution is 0.', and ``* 1e160`` (float64) raised 'not finite (norm
+    inf)', although every entry of b was finite."""
+    A, b = _A2.to(dtype), (_B2 * factor).to(dtype)
+    x_ref = torch.linalg.solve(_A2, b.double() / factor)  # in float64, ordinary b
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    x, res = solve_cg(lambda v: A @ v, b, tol=tol)
+    assert x.dtype == dtype and res.converged and res.iterations >= 1
+    assert "b = 0" not in res.message
+    fi = torch.finfo(dtype)
+    # (a subnormal x holds fewer bits: up to a few of its smallest spacings off)
+    torch.testing.assert_close(x, (x_ref * factor).to(dtype), rtol=10 * tol,
+                               atol=4 * fi.tiny * fi.eps)
+    # a warm start at the answer is taken, in b's units
+    x2, res2 = solve_cg(lambda v: A @ v, b, x0=x, tol=tol)
+    assert res2.warm_started and res2.iterations == 0 and torch.equal(x2, x)
+
+
+def test_cg_scaling_is_exact_and_preconditioner_and_warm_start_follow():
+    """Before the fix b * 2^-600 was 'b = 0' (x = 0) and b * 2^600 'not
+    finite'. The power-of-two scaling is exact: the solution of b * 2^k is the
+    solution of b times 2^k, bit for bit, with the same residual and counts."""
+    A, b = _spd()
+    d = A.diagonal().clone()
+    x0 = torch.linalg.solve(A, b) + 1e-3
+    ref, r_ref = solve_cg(lambda v: A @ v, b, x0=x0, preconditioner=d)
+    assert r_ref.warm_started
+    for k in (-600, -300, 300, 600):
+        s = math.ldexp(1.0, k)
+        x, res = solve_cg(lambda v: A @ v, b * s, x0=x0 * s, preconditioner=d)
+        assert torch.equal(x, ref * s)
+        assert (res.residual, res.iterations, res.n_matvec, res.converged,
+                res.warm_started) == (r_ref.residual, r_ref.iterations,
+                                      r_ref.n_matvec, r_ref.converged, True)
+
+
+def test_cg_solution_out_of_range_after_scaling_is_not_converged():
+    """A solution beyond the dtype's range cannot be returned: it is not
+    converged, and the message says it overflows or underflows. Before the
+    fix b = [1, 2] * 1e300 (A = 1e-100 I) raised 'not finite (norm inf)', and
+    b = [1, 2] * 1e-170 (A = 1e200 I) returned 0 as converged ('b = 0')."""
+    b = _B2 * 1e300
+    x, res = solve_cg(lambda v: 1e-100 * v, b)
+    assert not res.converged and "overflows" in res.message
+    x, res = solve_cg(lambda v: 1e200 * v, _B2 * 1e-170)  # x = 1e-370 underflows
+    assert not res.converged and "underflows" in res.message
+
+
+def test_other_solvers_handle_rhs_whose_norm_underflows_or_overflows():
+    """Before the fix solve_neumann and solve_dense returned x = 0 marked
+    converged for b = [1, 2] * 1e-170; for * 1e160 solve_dense raised 'b is
+    not finite' and solve_neumann stopped at 'Neumann term 1 became
+    non-finite; the series diverges' (converged=False); solve_identity
+    reported residual 0.0 for * 1e-170 (0.25 now, as for [1, 2])."""
+    for factor in (1e-170, 1e160):
+        b = _B2 * factor
+        x_ref = torch.linalg.solve(_A2, _B2)
+        x, res = solve_dense(_A2, b)
+        assert res.converged and torch.allclose(x / factor, x_ref, rtol=1e-12)
+        x, res = solve_dense(lambda v: _A2 @ v, b)
+        assert res.converged and torch.allclose(x / factor, x_ref, rtol=1e-12)
+        x, res = solve_neumann(lambda v: _A2 @ v, b, step=0.2, n_terms=500, tol=1e-12)
+        assert res.converged and torch.allclose(x / factor, x_ref, rtol=1e-10)
+        x, res = solve_identity(b, step=0.25, matvec=lambda v: _A2 @ v)
+        assert res.residual == pytest.approx(_rel(_A2 @ (0.25 * _B2), _B2))
+
+
+@pytest.mark.parametrize("maxiter", [-1, 0, 1.5, "3", True])
+def test_cg_rejects_bad_maxiter(maxiter):
+    """Before the fix maxiter=-1 and 0 ran no iteration ('maxiter=-1 reached',
+    x = 0), 1.5 ran like 2, and "3" raised TypeError "'<' not supported
+    between instances of 'int' and 'str'"."""
+    with pytest.raises(ValueError, match=r"solve_cg: maxiter must be None or an "
+                                         r"integer >= 1"):
+        solve_cg(lambda v: v, torch.ones(2, dtype=DT), maxiter=maxiter)
+
+
+def test_matvec_of_another_dtype_is_a_clear_error():
+    """Before the fix a float32 matvec on a float64 b raised torch's 'dot :
+    expected both vectors to have same dtype, but found Double and Float'
+    (solve_cg), 'Expected b and A to have the same dtype' (solve_dense), and
+    solve_neumann silently promoted every term."""
+    b = torch.ones(3, dtype=DT)
+    solves = {
+        "solve_cg": lambda m: solve_cg(m, b),
+        "solve_neumann": lambda m: solve_neumann(m, b, 0.5, 5),
+        "solve_dense": lambda m: solve_dense(m, b),
+    }
+    for name, solve in solves.items():
+        with pytest.raises(TypeError, match=rf"{name}: matvec must return a tensor of "
+                                            r"b's dtype.*torch.float64.*torch.float32"):
+            solve(lambda v: v.float())
+    # a float32 b with a float64 matvec, the other way round
+    with pytest.raises(TypeError, match="solve_cg: matvec must return"):
+        solve_cg(lambda v: v.double(), torch.ones(3))
