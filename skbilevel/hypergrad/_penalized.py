@@ -36,11 +36,13 @@ import numpy as np
 import torch
 
 from ._base import ClosedFormSolver, HypergradientInfo, argmin
+from ._checks import _check_positive
 from ._closed_form import (
     ClosedForm,
     _check_finite_X,
     _check_loo_samples,
     _check_ridge_data,
+    _check_tensors,
     _cholesky_ex,
     _gram,
     _integral,
@@ -70,7 +72,19 @@ def penalty_per_feature(phi, groups):
     phi : tensor of shape (n_groups,)
         Log-penalties.
     groups : long tensor of shape (n_features,)
-        Group index ``0..n_groups-1`` of every feature.
+        Group index ``0..n_groups-1`` of every feature (integer values).
+
+    Returns
+    -------
+    tensor of shape (n_features,)
+
+    Raises
+    ------
+    TypeError
+        If ``phi`` is not a torch tensor.
+    ValueError
+        If ``phi`` is not 1-D, or ``groups`` holds a negative, non-integer or
+        too large (``>= len(phi)``) label.
 
     Examples
     --------
@@ -79,6 +93,23 @@ def penalty_per_feature(phi, groups):
     >>> penalty_per_feature(torch.tensor([0.0, 1.0]), torch.tensor([0, 1, 1])).tolist()
     [1.0, 2.718281..., 2.718281...]
     """
+    # validated here, in the public function only: the fold problems index
+    # with groups checked once at construction (_LogPenalty). Unchecked, a
+    # label -1 took the last group's penalty silently, and a label >= len(phi)
+    # or a float label failed inside torch (IndexError)
+    _check_tensors("penalty_per_feature", phi=phi)
+    if phi.ndim != 1:
+        raise ValueError(
+            f"penalty_per_feature: phi must be 1-D, one log-penalty per group; "
+            f"got shape {tuple(phi.shape)}."
+        )
+    groups = torch.as_tensor(groups, device=phi.device)
+    groups = _check_groups(groups, groups.numel(), phi.device)
+    if groups.numel() and int(groups.max()) >= phi.shape[0]:
+        raise ValueError(
+            f"penalty_per_feature: groups must be labels in [0, {phi.shape[0]}), one "
+            f"per entry of phi; got a label {int(groups.max())}."
+        )
     return phi.exp()[groups]
 
 
@@ -154,17 +185,26 @@ def adaptive_penalty_basis(coef, groups=None, eps=1e-3):
     Parameters
     ----------
     coef : tensor of shape (n_folds, n_features) or (n_features,)
-        Pilot coefficients.
+        Pilot coefficients, finite. Only their relative sizes matter (``u``
+        is scale-free): any scale that the floating-point type holds gives
+        the same basis.
     groups : long tensor of shape (n_features,), optional
         Penalty group of every feature (default: one per feature).
     eps : float, default=1e-3
         Floor of the normalized squared coefficient ``u`` (so a pilot
-        coefficient of exactly zero gives a finite penalty).
+        coefficient of exactly zero gives a finite penalty); a positive
+        finite number.
 
     Returns
     -------
     tensor of shape (n_folds, n_features, 2) or (n_features, 2)
         Columns ``1`` and ``-(log(u + eps) - c)``: ``log alpha = basis @ phi``.
+
+    Raises
+    ------
+    ValueError
+        If ``eps`` is not a positive finite number, ``coef`` is not 1-D or
+        2-D or holds a NaN or an infinity, or ``groups`` is invalid.
 
     Examples
     --------
@@ -181,13 +221,42 @@ def adaptive_penalty_basis(coef, groups=None, eps=1e-3):
     >>> round(float((u * alpha.log()).sum() / u.sum()), 12)  # a = 0: u-weighted mean
     0.0
     """
-    coef = torch.as_tensor(coef)
+    if isinstance(eps, torch.Tensor) and eps.numel() == 1:
+        eps = eps.item()
+    # (eps = 0 gave log(0) = -inf for a zero pilot coefficient, and eps < 0 the
+    # log of a negative number: a NaN column either way, silently)
+    eps = _check_positive(eps, "adaptive_penalty_basis: eps", allow_none=False)
+    coef = torch.as_tensor(coef).detach()
+    if not coef.is_floating_point():
+        coef = coef.to(torch.get_default_dtype())
+    if coef.ndim not in (1, 2):
+        raise ValueError(
+            f"adaptive_penalty_basis: coef must have shape (n_folds, n_features) or "
+            f"(n_features,); got {tuple(coef.shape)}."
+        )
+    if not bool(torch.isfinite(coef).all()):
+        # (a NaN or infinite pilot made the whole second column NaN, silently)
+        raise ValueError(
+            "adaptive_penalty_basis: coef must be finite (no NaN or infinity); "
+            "refit the pilot, e.g. at a larger penalty."
+        )
     squeeze = coef.ndim == 1
     coef = coef[None] if squeeze else coef
     n_folds, p = coef.shape
     groups = _check_groups(groups, p, coef.device)
     n_groups = int(groups.max()) + 1 if p else 0
-    sq = (coef * coef).detach()
+    if p:
+        # each fold's pilot scaled by the power of two that brings its largest
+        # |coefficient| into [1/2, 1) before squaring: u is scale-free, but the
+        # squares overflowed (coef * 1e200: a NaN column) or underflowed (coef *
+        # 1e-200: all zero, so u = 0 and a constant column) on the way. A power
+        # of two scales exactly, so ordinary pilots give the same bits as
+        # before. (Two halves: 2^-e alone overflows for a subnormal maximum.)
+        _, e = torch.frexp(coef.abs().amax(1, keepdim=True))
+        e = e.to(coef.dtype)  # (an integer exponent made ldexp's 2^k float32)
+        half = torch.floor(-e / 2)
+        coef = torch.ldexp(torch.ldexp(coef, half), -e - half)
+    sq = coef * coef
     counts = torch.bincount(groups, minlength=n_groups).to(sq)
     # a group id no feature has (groups 0 and 2, no 1) is left out: its 0 / 0
     # made the mean, and so every entry of the basis, NaN
@@ -205,6 +274,21 @@ def adaptive_penalty_basis(coef, groups=None, eps=1e-3):
     return basis[0] if squeeze else basis
 
 
+@functools.lru_cache(maxsize=None)
+def _log_penalty_limits(dtype, inverted):
+    """``(low, high)``: the log-penalties whose ``exp`` is a normal number of
+    ``dtype`` (float64: -708.4 to 709.8; float32: -87.3 to 88.7). With
+    ``inverted`` (the dual / Woodbury forms, which divide by the penalties
+    in float64 and whose gradients form ``1 / alpha^2``), ``low`` is at least
+    ``-log(float64 max) / 2 = -354.9``."""
+    # (an integer phi: exp gives the default floating type)
+    info = torch.finfo(dtype if dtype.is_floating_point else torch.get_default_dtype())
+    low, high = math.log(info.tiny), math.log(info.max)
+    if inverted:
+        low = max(low, -0.5 * math.log(torch.finfo(torch.float64).max))
+    return low, high
+
+
 class _LogPenalty:
     """``phi`` -> penalties: ``exp(phi[groups] + offset)`` or ``exp(basis @ phi + offset)``.
 
@@ -212,10 +296,25 @@ class _LogPenalty:
     ``basis`` (``(p, m)`` or ``(n_folds, p, m)``) replaces ``groups`` when
     given; ``log_offset`` (``(p,)`` or ``(n_folds, p)``) is added to the
     log-penalties. The result has shape ``(p,)`` or ``(n_folds, p)``.
+
+    ``where`` names the problem in error messages; ``inverted``: the problem
+    divides by the penalties (dual forms), which narrows the range of
+    log-penalties accepted (:func:`_log_penalty_limits`).
     """
 
-    def __init__(self, n_features, n_folds, device, groups=None, basis=None, log_offset=None):
+    def __init__(
+        self,
+        n_features,
+        n_folds,
+        device,
+        groups=None,
+        basis=None,
+        log_offset=None,
+        where="the fold problem",
+        inverted=False,
+    ):
         self.basis = self.log_offset = None
+        self.where, self.inverted = where, bool(inverted)
         if basis is not None:
             basis = torch.as_tensor(basis, device=device)
             if basis.ndim not in (2, 3) or basis.shape[-2] != n_features or (
@@ -224,6 +323,13 @@ class _LogPenalty:
                 raise ValueError(
                     f"basis must have shape ({n_features}, m) or ({n_folds}, {n_features}, m); "
                     f"got {tuple(basis.shape)}."
+                )
+            # checked once here (phi is checked every call): a NaN or infinite
+            # basis entry gave a NaN value and gradient silently
+            if not bool(torch.isfinite(basis).all()):
+                raise ValueError(
+                    f"{where}: basis must be finite (no NaN or infinity); a pilot "
+                    "basis from adaptive_penalty_basis needs finite coefficients."
                 )
             self.basis = basis
             self.groups = None
@@ -238,34 +344,66 @@ class _LogPenalty:
                     f"log_offset must have shape ({n_features},) or ({n_folds}, "
                     f"{n_features}); got {tuple(log_offset.shape)}."
                 )
+            if not bool(torch.isfinite(log_offset).all()):
+                # (a NaN offset gave a NaN value and gradient silently)
+                raise ValueError(f"{where}: log_offset must be finite (no NaN or infinity).")
             self.log_offset = log_offset
 
     def __call__(self, phi):
+        # (a numpy phi failed with "'numpy.ndarray' object has no attribute
+        # 'detach'")
+        _check_tensors(self.where, phi=phi)
         if phi.shape != (self.n_params,):
             what = "log-penalty per group" if self.basis is None else "value per basis column"
             raise ValueError(
                 f"phi must hold one {what}, shape ({self.n_params},); "
                 f"got {tuple(phi.shape)}."
             )
-        # (a NaN gave a NaN loss, an infinity a zero or infinite penalty). The sum
-        # first: one operation per call on the common path
-        if not math.isfinite(float(phi.detach().sum())):
-            bad = ~torch.isfinite(phi.detach())
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"phi (log-penalties) must be finite; got {int(bad.sum())} "
-                    f"non-finite value(s), the first phi[{i}] = {float(phi[i])}."
-                )
         if self.basis is None:
-            if self.log_offset is None:
-                return penalty_per_feature(phi, self.groups)
-            log_a = phi[self.groups]
+            log_a = phi if self.log_offset is None else phi[self.groups]
         else:
             log_a = self.basis.to(phi) @ phi
         if self.log_offset is not None:
             log_a = log_a + self.log_offset.to(phi)
+        if log_a.numel():
+            self._check_range(phi, log_a)
+        if self.basis is None and self.log_offset is None:
+            return phi.exp()[self.groups]  # (penalty_per_feature, groups checked)
         return log_a.exp()
+
+    def _check_range(self, phi, log_a):
+        """``ValueError`` unless every log-penalty is finite and within
+        :func:`_log_penalty_limits` of ``phi``'s dtype.
+
+        One reduction and one host sync per call, as the finiteness check of
+        ``phi`` it replaces (a sum; measured on CPU, 300 features: 2 to 4 us
+        more per call, 14 against 11 us for the whole map). Unchecked, a NaN ``phi`` gave a NaN loss and an
+        infinity a zero or infinite penalty; ``exp`` overflowed past 709.78
+        (float64; ``RidgeLOO`` at ``phi = 710``: a finite value, a NaN
+        gradient; ``LogisticFolds`` at 800: "inner objective is not finite
+        ... check the initialization") and underflowed below -708.4 (the dual
+        ``RidgeLOO`` at -709: a NaN value); the dual forms' gradients, which
+        form ``1 / alpha^2``, were NaN from -355 (at -360: a finite value, a
+        NaN gradient). In float32 the same happened past 88.7 and below -87.3.
+        """
+        lo, hi = torch.stack(torch.aminmax(log_a.detach())).tolist()
+        low, high = _log_penalty_limits(phi.dtype, self.inverted)
+        if low <= lo and hi <= high:
+            return
+        bad = ~torch.isfinite(phi.detach())
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"phi (log-penalties) must be finite; got {int(bad.sum())} "
+                f"non-finite value(s), the first phi[{i}] = {float(phi.detach()[i])}."
+            )
+        form = " (the dual form divides by the penalties)" if self.inverted else ""
+        raise ValueError(
+            f"{self.where}: the log-penalties must lie in [{low:.1f}, {high:.1f}] in "
+            f"{str(phi.dtype).replace('torch.', '')}{form}, where exp(.) neither "
+            f"overflows nor underflows; got values from {lo:.4g} to {hi:.4g}. Bound "
+            "phi, or rescale X so that useful penalties are moderate."
+        )
 
     def jacobian(self, n_folds, like):
         """``d log(alpha) / d phi`` of every fold, dense: ``(n_folds, p, m)``."""
@@ -282,7 +420,14 @@ class _PenaltyModel:
 
     def _set_penalty(self, groups=None, basis=None, log_offset=None):
         self._log_penalty = _LogPenalty(
-            self.X.shape[1], self.n_folds, self.X.device, groups, basis, log_offset
+            self.X.shape[1],
+            self.n_folds,
+            self.X.device,
+            groups,
+            basis,
+            log_offset,
+            where=type(self).__name__,
+            inverted=getattr(self, "method", None) == "dual",
         )
         self.groups = self._log_penalty.groups
         self.n_groups = self._log_penalty.n_params
@@ -381,6 +526,8 @@ def _value_and_grad(problem, phi, hypergradient, solver, init, inner_loss=None):
     by at most 2e-5.
     """
     inner_loss = problem.inner_loss if inner_loss is None else inner_loss
+    # (a numpy phi failed with "'numpy.ndarray' object has no attribute 'detach'")
+    _check_tensors(f"{type(problem).__name__}.value_and_grad", phi=phi)
     phi = phi.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         theta, info = argmin(
@@ -1386,6 +1533,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         """
         if self.val_weights is None:
             raise ValueError("value_grad_hessian needs val_weights.")
+        _check_tensors("RidgeFolds.value_grad_hessian", phi=phi)
         with torch.no_grad():
             # in the data's precision (a float32 phi on float64 data failed in
             # torch: "expected scalar type Double but found Float")
@@ -1512,11 +1660,13 @@ class RidgeLOO:
         )
         if fit_intercept:
             _check_loo_samples(int((s > 0).sum()), n, "RidgeLOO")
-        self._log_penalty = _LogPenalty(p, 1, X.device, groups)
+        self.method = method = _ridge_method(method, n, p)
+        self._log_penalty = _LogPenalty(
+            p, 1, X.device, groups, where="RidgeLOO", inverted=method == "dual"
+        )
         self.groups = self._log_penalty.groups
         self.n_groups = self._log_penalty.n_params
         self.fit_intercept = bool(fit_intercept)
-        self.method = method = _ridge_method(method, n, p)
         sqrt_s = s.sqrt()
         self.s_sum = s.sum()
         if self.fit_intercept:
@@ -1549,13 +1699,19 @@ class RidgeLOO:
 
     def residuals(self, phi):
         """Leave-one-out residuals ``sqrt(s_i) (y_i - y_loo,i)``, differentiable."""
-        a = self._log_penalty(phi)
         if self.method == "primal":
+            # in the data's precision, as RidgeFolds (the cast is in the graph:
+            # the gradient comes back in phi's). A float64 phi on float32 data
+            # failed in torch: "linalg.solve: Expected A and B to have the same
+            # dtype"; the dual form below works in float64 either way
+            _check_tensors("RidgeLOO", phi=phi)
+            a = self._log_penalty(phi.to(self.Xs.dtype))
             Z = torch.linalg.solve(self.gram + torch.diag(a), self.Xs.T)  # (p, n)
             w = Z @ self.ys
             r = self.ys - self.Xs @ w
             h = (self.Xs * Z.T).sum(1) + self.q_sq
             return r / (1.0 - h)
+        a = self._log_penalty(phi)
         # in float64 (_wide), as RidgeFolds' Woodbury form: in float32 the
         # kernel's entries of 1/alpha_min beside the identity are lost (60 x 200,
         # penalties from 1e-6 to 1e6: a LOO error of 0.00034 against 13.02)
@@ -1592,6 +1748,7 @@ class RidgeLOO:
 
     def value_and_grad(self, phi):
         """LOO error, its gradient in ``phi`` (autograd) and a health record."""
+        _check_tensors("RidgeLOO.value_and_grad", phi=phi)
         phi = phi.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             value = self(phi)
@@ -1814,9 +1971,15 @@ class LogisticFolds(_PenaltyModel):
 
         The one place penalties are computed (:meth:`inner_loss`,
         :meth:`loss_and_grad`, :meth:`hvp`, :meth:`hessian_diagonal`), so
-        nothing else assumes they are equal across folds.
+        nothing else assumes they are equal across folds. ``phi`` is cast to
+        the data's precision first (as in :meth:`value_grad_hessian`; in the
+        graph, so a gradient comes back in ``phi``'s): float64 penalties on
+        float32 data made the implicit strategies' products mixed, and the
+        hypergradient failed in torch ("dot : expected both vectors to have
+        same dtype").
         """
-        a = self._alpha(phi)  # (p,) or (n_folds, p)
+        _check_tensors("LogisticFolds", phi=phi)
+        a = self._alpha(phi.to(self.X.dtype))  # (p,) or (n_folds, p)
         if a.ndim == 1:
             return a[:, None].expand(a.shape[0], self.n_folds)
         return a.T
@@ -2264,6 +2427,7 @@ class LogisticFolds(_PenaltyModel):
             raise ValueError("value_grad_hessian needs val_weights.")
         # in the data's precision (a float32 phi on float64 data failed in
         # torch: "expected scalar type Double but found Float")
+        _check_tensors("LogisticFolds.value_grad_hessian", phi=phi)
         phi = phi.detach().to(dtype=self.X.dtype, device=self.X.device)
         theta, _ = self.solve(phi, solver)
         L = self._hessian_factor(theta, phi, exact=True)
@@ -2322,6 +2486,7 @@ class LogisticFolds(_PenaltyModel):
         solver = self.default_solver() if solver is None else solver
         if init is None:
             init = self.theta_ if self.theta_ is not None else self.init_theta()
+        _check_tensors("LogisticFolds.solve", phi=phi)
         phi = phi.detach()
         theta, result = solver.solve(_FixedPhi(self, phi), init, phi=phi)
         self.theta_ = tree_detach(theta)

@@ -5,6 +5,8 @@ Each test fails on the code before its fix; the numbers in the docstrings are
 the ones measured there.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ from skbilevel.hypergrad import (
     RidgeFolds,
     RidgeLOO,
     RidgeSolver,
+    adaptive_penalty_basis,
+    penalty_per_feature,
     ridge_loo_curve,
     ridge_loo_decomposition,
     ridge_loo_value_and_grad,
@@ -237,3 +241,174 @@ def test_ridge_solver_refuses_non_integer_group_labels():
     with pytest.raises(ValueError, match="Group labels must be 3 non-negative integers"):
         RidgeSolver(X, y, penalty=torch.tensor([0.0, 0.5, 1.0]))
     assert RidgeSolver(X, y, penalty=torch.tensor([0.0, 1.0, 1.0])).phi_shape() == (2,)
+
+
+# --------------------------------------------------------------------------
+# phi's type and precision, the range of exp(phi), basis and pilot checks
+# --------------------------------------------------------------------------
+
+
+def test_float64_phi_on_float32_data():
+    """A float64 phi on float32 data (the common mix) failed inside torch:
+    ``RidgeLOO`` (primal) with "linalg.solve: Expected A and B to have the same
+    dtype", ``LogisticFolds.value_and_grad`` with "dot : expected both vectors
+    to have same dtype". phi is now cast to the data's precision (as
+    ``value_grad_hessian`` does) and the gradient comes back in phi's."""
+    X, y, train = _data(n=30, p=4)
+    phi = torch.zeros(4, dtype=DT)
+    for y32 in (y, y.float()):
+        loo = RidgeLOO(X.float(), y32)
+        ref = RidgeLOO(X.float(), y32)(phi.float())
+        assert float(loo(phi)) == pytest.approx(float(ref), rel=1e-6)
+        value, grad, _ = loo.value_and_grad(phi)
+        assert grad.dtype == DT and bool(torch.isfinite(grad).all())
+    for classes, labels in ((2, (y > 0).long()), (3, (y > -0.5).long() + (y > 0.5).long())):
+        folds = LogisticFolds(X.float(), labels, classes, train, 1 - train)
+        value, grad, _, _ = folds.value_and_grad(phi)
+        ref = LogisticFolds(X.float(), labels, classes, train, 1 - train).value_and_grad(
+            phi.float()
+        )
+        assert grad.dtype == DT
+        assert float(value) == pytest.approx(float(ref[0]), rel=1e-5)
+        assert torch.allclose(grad.float(), ref[1], rtol=1e-3, atol=1e-6)
+
+
+def test_numpy_phi_is_refused_clearly():
+    """A numpy phi failed with "'numpy.ndarray' object has no attribute
+    'detach'" (``RidgeLOO.__call__`` and ``value_and_grad``,
+    ``RidgeFolds.value_and_grad``, ``LogisticFolds.value_and_grad``)."""
+    X, y, train = _data(n=30, p=4)
+    phi = np.zeros(4)
+    calls = [
+        RidgeLOO(X, y),
+        RidgeLOO(X, y).value_and_grad,
+        RidgeFolds(X, y, train, 1 - train).value_and_grad,
+        RidgeFolds(X, y, train, 1 - train).closed_form,
+        LogisticFolds(X, (y > 0).long(), 2, train, 1 - train).value_and_grad,
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"phi must be a torch tensor.*torch\.as_tensor"):
+            call(phi)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_penalties_that_overflow_or_underflow_are_refused(dtype):
+    """``exp(phi)`` past the dtype's range gave NaN silently. Float64
+    (30 x 4): ``RidgeLOO`` and ``RidgeFolds`` at phi = 710 a finite value and
+    a NaN gradient; ``LogisticFolds`` at 800 "The inner objective is not
+    finite at the starting point ... check the initialization and the data".
+    The dual forms (10 x 25) at -360 a finite value and a NaN gradient (their
+    gradients form 1 / alpha^2), at -709 a NaN value. Float32: NaN gradients
+    past 89 and, in the dual forms, from -88 down. Inside the limits every
+    value and gradient is finite."""
+    limit = "log-penalties must lie in"
+    X, y, train = _data(n=30, p=4)
+    X, y = X.to(dtype), y.to(dtype)
+    hi = 710.0 if dtype == torch.float64 else 89.0
+    lo = -709.0 if dtype == torch.float64 else -88.0
+    problems = [
+        (RidgeLOO(X, y).value_and_grad, 4),
+        (RidgeFolds(X, y, train, 1 - train).value_and_grad, 4),
+        (LogisticFolds(X, (y > 0).long(), 2, train, 1 - train).value_and_grad, 4),
+    ]
+    Xw, yw, tw = _data(n=10, p=25)
+    Xw, yw = Xw.to(dtype), yw.to(dtype)
+    dual = [
+        (RidgeLOO(Xw, yw).value_and_grad, 25),
+        (RidgeFolds(Xw, yw, tw, 1 - tw).value_and_grad, 25),
+    ]
+    for f, p in problems + dual:
+        for level in (hi, lo, 800.0):
+            with pytest.raises(ValueError, match=limit):
+                f(torch.full((p,), level, dtype=dtype))
+        value, grad = f(torch.full((p,), hi - 2.0, dtype=dtype))[:2]
+        assert math.isfinite(float(value)) and bool(torch.isfinite(grad).all())
+    if dtype == torch.float64:
+        for f, p in dual:
+            with pytest.raises(ValueError, match=r"\[-354\.9, 709\.8\].*dual form"):
+                f(torch.full((p,), -360.0, dtype=dtype))
+            value, grad = f(torch.full((p,), -350.0, dtype=dtype))[:2]
+            assert math.isfinite(float(value)) and bool(torch.isfinite(grad).all())
+    # one phi entry out of range through a basis is caught too
+    basis = torch.ones(4, 2, dtype=dtype)
+    folds = RidgeFolds(X, y, train, 1 - train, basis=basis)
+    with pytest.raises(ValueError, match=limit):
+        folds.value_and_grad(torch.tensor([hi - 10.0, 10.0], dtype=dtype))
+
+
+@pytest.mark.parametrize("what", ["basis", "log_offset"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_basis_or_offset_is_refused(what, bad):
+    """A NaN (or infinite) ``basis`` or ``log_offset`` gave a NaN value and
+    gradient silently (phi itself was checked); now refused at construction."""
+    X, y, train = _data(n=30, p=3)
+    kwargs = {
+        "basis": torch.full((3, 2), bad, dtype=DT),
+        "log_offset": torch.full((3,), bad, dtype=DT),
+    }
+    with pytest.raises(ValueError, match=f"{what} must be finite"):
+        RidgeFolds(X, y, train, 1 - train, **{what: kwargs[what]})
+    with pytest.raises(ValueError, match=f"{what} must be finite"):
+        RidgeFolds(X, y, train, 1 - train).reparametrized(**{what: kwargs[what]})
+    with pytest.raises(ValueError, match=f"{what} must be finite"):
+        LogisticFolds(X, (y > 0).long(), 2, train, 1 - train).reparametrized(
+            **{what: kwargs[what]}
+        )
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")])
+def test_adaptive_penalty_basis_refuses_bad_eps(eps):
+    """``eps = 0`` and ``eps = -1`` gave a NaN second column silently (log 0
+    and log of a negative number for a zero pilot coefficient)."""
+    coef = torch.tensor([[2.0, 1.0, 0.0]], dtype=DT)
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        adaptive_penalty_basis(coef, eps=eps)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_adaptive_penalty_basis_refuses_non_finite_coef(bad):
+    """A NaN (or infinite) pilot coefficient made the whole second column NaN,
+    silently."""
+    coef = torch.tensor([[2.0, bad, 0.0]], dtype=DT)
+    with pytest.raises(ValueError, match="coef must be finite"):
+        adaptive_penalty_basis(coef)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_adaptive_penalty_basis_does_not_depend_on_the_scale(dtype):
+    """The basis depends on the pilot's relative sizes only, but its squares
+    overflowed or underflowed: float64 ``coef * 1e200`` gave a NaN second
+    column, ``coef * 1e-200`` an all-zero one (u = 0 everywhere); float32 the
+    same at 1e30 and 1e-30. Now scaled by a power of two per fold first: the
+    same basis at every scale, and the very same bits on ordinary pilots."""
+    g = torch.Generator().manual_seed(0)
+    coef = torch.randn(3, 12, generator=g, dtype=DT).to(dtype)
+    coef[:, ::4] = 0
+    coef[2] = 0  # an all-zero pilot: a constant column
+    groups = torch.arange(12) // 2
+    ref = adaptive_penalty_basis(coef, groups)
+    assert bool(torch.isfinite(ref).all()) and bool(ref[0, :, 1].std() > 0)
+    big, small = (1e200, 1e-200) if dtype == torch.float64 else (1e30, 1e-30)
+    for scale in (big, small, 2.0**-20):
+        out = adaptive_penalty_basis(coef * scale, groups)
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # a power of two scales exactly: identical bits
+    assert torch.equal(adaptive_penalty_basis(coef * 2.0**-20, groups), ref)
+
+
+def test_penalty_per_feature_validates_groups():
+    """A label -1 took the last group's penalty silently; a label past the
+    last group (5) or a float label failed inside torch with an IndexError; a
+    numpy phi with "'numpy.ndarray' object has no attribute 'exp'"."""
+    phi = torch.zeros(2, dtype=DT)
+    with pytest.raises(ValueError, match="non-negative integers"):
+        penalty_per_feature(phi, torch.tensor([0, 0, -1]))
+    with pytest.raises(ValueError, match=r"labels in \[0, 2\).*got a label 5"):
+        penalty_per_feature(phi, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="non-integer"):
+        penalty_per_feature(phi, torch.tensor([0.0, 0.5]))
+    with pytest.raises(TypeError, match="phi must be a torch tensor"):
+        penalty_per_feature(np.zeros(2), torch.tensor([0, 1]))
+    # integer-valued float labels and lists still work
+    out = penalty_per_feature(torch.tensor([0.0, 1.0], dtype=DT), [0.0, 1.0, 1.0])
+    assert torch.allclose(out, torch.tensor([1.0, math.e, math.e], dtype=DT))
