@@ -133,6 +133,16 @@ class FunctionalModel:
     def loss_from_outputs(self, out, y):
         """Mean task loss of outputs ``out`` against targets ``y``."""
         if self.loss_name == "mse":
+            if y.numel() != out.numel():
+                # (torch's "shape '[3, 4, 1]' is invalid for input of size 24", from
+                # inside vmap, for targets two wide against a one-output model)
+                raise ValueError(
+                    f"The targets do not match the model's outputs: outputs of shape "
+                    f"{tuple(out.shape)} against targets of shape {tuple(y.shape)} "
+                    "(one task). Give the targets as (n_samples, n_outputs), n_outputs "
+                    "the width of the model's output (a meta-batch's ys and yq as "
+                    "(n_tasks, n_samples, n_outputs)), or change the module's last layer."
+                )
             return ((out - y.reshape(out.shape)) ** 2).mean()
         return torch.nn.functional.cross_entropy(out, y)
 
@@ -158,7 +168,7 @@ def inner_adapt(loss_fn, params, *, steps, lr, keys=None, first_order=False,
     params : dict of str to tensor
         Starting point (the meta-parameters).
     steps : int
-        Number of steps.
+        Number of steps (``>= 0``; 0 returns ``params``).
     lr : float or dict of str to tensor
         Step size, one for all or one tensor per adapted parameter (Meta-SGD).
     keys : list of str, optional
@@ -186,6 +196,8 @@ def inner_adapt(loss_fn, params, *, steps, lr, keys=None, first_order=False,
     >>> float(inner_adapt(lambda q: (q["w"] - 3) ** 2, p, steps=1, lr=0.25)["w"])
     1.5
     """
+    # (steps=-1 ran no step, silently)
+    _check_int(steps, "inner_adapt's steps (the inner gradient steps)", minimum=0)
     keys = list(params) if keys is None else list(keys)
     anchor = params if anchor is None else anchor
     fixed = {k: v for k, v in params.items() if k not in keys}
@@ -401,6 +413,75 @@ def _surrogate(value, meta, direction):
     return value.detach() + inner - inner.detach()
 
 
+_BATCH_NAMES = ("xs", "ys", "xq", "yq")
+
+
+def _check_batch(batch, model):
+    """The meta-batch ``(xs, ys, xq, yq)``, checked where it enters a method.
+
+    Shapes and types only (no device sync, once per meta-batch). Before, a
+    3-tuple failed with "not enough values to unpack", numpy arrays with a
+    vmap error about ``in_dims``, ``ys`` with fewer samples than ``xs`` with
+    torch's "shape '[3, 4, 1]' is invalid for input of size 9", and an empty
+    support set with a reshape error in R2D2 while the other methods silently
+    skipped adaptation.
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) != 4:
+        got = (f"a {type(batch).__name__} of {len(batch)} items"
+               if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}")
+        raise ValueError(
+            "A meta-batch must be a tuple (xs, ys, xq, yq) of four tensors with a "
+            "leading task dimension: the support inputs and targets, then the query "
+            f"inputs and targets; got {got}."
+        )
+    for name, t in zip(_BATCH_NAMES, batch):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"The meta-batch's {name} must be a torch.Tensor; got "
+                f"{type(t).__module__}.{type(t).__name__}. Convert it with "
+                f"torch.as_tensor({name}, dtype=..., device=...) to the dtype and device "
+                "of the model."
+            )
+        if t.ndim < 2:
+            raise ValueError(
+                f"The meta-batch's {name} must have a task and a sample dimension, "
+                f"(n_tasks, n_samples, ...); got shape {tuple(t.shape)}."
+            )
+    xs, ys, xq, yq = batch
+    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(_BATCH_NAMES, batch))
+    n_tasks = xs.shape[0]
+    if n_tasks == 0 or any(t.shape[0] != n_tasks for t in batch):
+        raise ValueError(
+            "The meta-batch's tensors must share their first dimension, the number "
+            f"of tasks (at least 1); got {shapes}."
+        )
+    for which, x, y, xn, yn in (("support", xs, ys, "xs", "ys"),
+                                ("query", xq, yq, "xq", "yq")):
+        if x.shape[1] == 0:
+            raise ValueError(
+                f"The {which} set is empty ({shapes}): every task needs at least one "
+                f"{which} sample to {'adapt on' if which == 'support' else 'be scored on'}."
+            )
+        if y.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"{yn} must have one target per sample of {xn} (dimension 1, the "
+                f"samples of each task); got {shapes}."
+            )
+    if model.loss_name == "cross_entropy":
+        for yn, y in (("ys", ys), ("yq", yq)):
+            if not torch.is_floating_point(y) and y.ndim != 2:
+                raise ValueError(
+                    f"With loss='cross_entropy' the integer labels {yn} must be "
+                    f"(n_tasks, n_samples); got {shapes}."
+                )
+    elif math.prod(ys.shape[2:]) != math.prod(yq.shape[2:]):
+        raise ValueError(
+            "ys and yq must have the same number of targets per sample (the "
+            f"model's outputs); got {shapes}."
+        )
+    return xs, ys, xq, yq
+
+
 def _adaptable_params(model):
     """The module's parameters, or a clear error when it has none to adapt."""
     model.head_keys()  # raises when the module has no parameters
@@ -421,7 +502,8 @@ class MetaMethod:
     Parameters
     ----------
     inner_steps : int, default=5
-        Inner gradient steps on the support set.
+        Inner gradient steps on the support set (``>= 0``; 0 scores the
+        meta-parameters unadapted).
     inner_lr : float, default=0.01
         Inner step size (Meta-SGD: its initial value).
     """
@@ -431,6 +513,9 @@ class MetaMethod:
     second_order = True
 
     def __init__(self, inner_steps=5, inner_lr=0.01):
+        # (inner_steps=-1 was accepted by all seven methods and ran no step)
+        _check_int(inner_steps, f"{type(self).__name__}'s inner_steps (the inner "
+                   "gradient steps on each task's support set)", minimum=0)
         self.inner_steps = inner_steps
         self.inner_lr = inner_lr
 
@@ -467,7 +552,9 @@ class MetaMethod:
 
     # -- one task -----------------------------------------------------------
     def _steps(self, steps):
-        return self.inner_steps if steps is None else steps
+        if steps is None:
+            return self.inner_steps
+        return _check_int(steps, "steps (the inner gradient steps)", minimum=0)
 
     def adapt(self, model, meta, x, y, *, n_outputs=None, steps=None):
         """Task state after adapting on the support set ``(x, y)``."""
@@ -489,7 +576,7 @@ class MetaMethod:
 
     # -- a meta-batch ---------------------------------------------------------
     def _batched_query_losses(self, model, meta, batch, n_outputs=None):
-        xs, ys, xq, yq = batch
+        xs, ys, xq, yq = _check_batch(batch, model)
 
         def one(a, b, c, d):
             return self.task_loss(model, meta, a, b, c, d, n_outputs=n_outputs)
@@ -506,7 +593,10 @@ class MetaMethod:
             Meta-parameters; gradients flow to leaves that require grad.
         batch : tuple of tensors
             ``(xs, ys, xq, yq)`` with a leading task dimension: ``xs`` is
-            ``(B, n_support, ...)``, ``xq`` ``(B, n_query, ...)``.
+            ``(B, n_support, ...)``, ``xq`` ``(B, n_query, ...)`` (``B``,
+            ``n_support`` and ``n_query`` at least 1); ``ys`` and ``yq`` have
+            one target per sample (``(B, n)`` labels for cross-entropy,
+            ``(B, n, n_outputs)`` or ``(B, n)`` targets for MSE).
         n_outputs : int, optional
             Use the first ``n_outputs`` outputs of the model (the classes of
             an episode); R2D2 classification needs it for its one-hot targets.
@@ -661,7 +751,7 @@ class Reptile(MetaMethod):
     second_order = False
 
     def meta_loss(self, model, meta, batch, *, n_outputs=None):
-        xs, ys, xq, yq = batch
+        xs, ys, xq, yq = _check_batch(batch, model)
         detached = tree_detach(meta)
 
         def one(a, b, c, d):
@@ -793,7 +883,7 @@ class IMAML(MetaMethod):
         :class:`LinearSolveResult` and ``curvature`` the negative-curvature
         record of :func:`batched_cg`.
         """
-        xs, ys, xq, yq = batch
+        xs, ys, xq, yq = _check_batch(batch, model)
         lam = float(self.lam)
         steps = int(self.inner_steps)
         no_curvature = {"rows": 0, "first_step": 0, "min_rayleigh": math.nan}
@@ -894,10 +984,15 @@ class R2D2(MetaMethod):
     classification) and predicts the query. Meta-parameters are the backbone,
     ``log_alpha`` (the ridge penalty) and, for classification, ``log_scale``
     of the logits. No inner steps: ``inner_steps`` and ``inner_lr`` are
+    accepted (the meta-learning estimators pass them to every method) and
     unused.
 
     Parameters
     ----------
+    inner_steps : int, default=0
+        Unused (validated as ``>= 0`` like the other methods').
+    inner_lr : float, default=0.0
+        Unused.
     alpha : float, default=1.0
         Initial ridge penalty (> 0).
     scale : float, default=1.0
@@ -985,7 +1080,10 @@ def get_meta_method(spec, **params):
         One of :func:`available_meta_methods` or an instance.
     **params
         Constructor arguments used with a name; arguments the method does
-        not take (``inner_lr`` for R2D2, say) are rejected.
+        not take (``lam`` for MAML, say) are rejected with a ``ValueError``.
+        Every method takes ``inner_steps`` and ``inner_lr`` (R2D2 ignores
+        them), since the meta-learning estimators pass both to whichever
+        method they use.
 
     Examples
     --------

@@ -34,7 +34,7 @@ from ._base import (
     _within_tol,
 )
 from ._linear_solve import _default_tol, solve_cg
-from ._tree import tree_detach, tree_map, tree_to_vector, vector_to_tree
+from ._tree import tree_detach, tree_flatten, tree_map, tree_to_vector, vector_to_tree
 
 __all__ = ["LBFGS", "NewtonCG"]
 
@@ -170,6 +170,30 @@ def _done(converged, n_iter, min_iter, g_norm):
     """Whether an iterative solver stops: converged, after at least
     ``min_iter`` iterations unless the gradient vanishes (nowhere to go)."""
     return converged and (n_iter >= min_iter or g_norm == 0.0)
+
+
+def _check_theta0(theta0, solver):
+    """``theta0`` must be a tensor, or a tree of tensors, of a real floating dtype.
+
+    An integer ``theta0`` failed inside autograd with "only Tensors of floating
+    point dtype can require gradients", naming neither ``theta0`` nor the fix.
+    Metadata only: no device sync. A ``ValueError``, as ``argmin`` raises for
+    an integer ``init``.
+    """
+    leaves = tree_flatten(theta0)[0]
+    if not leaves:
+        raise ValueError(
+            f"{solver}: theta0 has no tensors; give the starting point as a tensor or "
+            "a dict / tuple / list of tensors."
+        )
+    for leaf in leaves:
+        if not torch.is_floating_point(leaf):
+            raise ValueError(
+                f"{solver}: theta0 must hold real floating-point tensors (the solver "
+                f"differentiates the objective with respect to it); got a tensor of "
+                f"dtype {leaf.dtype}. Convert it, e.g. theta0.to(torch.float64), or "
+                "build it with a floating dtype (torch.zeros(n, dtype=torch.float64))."
+            )
 
 
 def _check_start(f, g_norm):
@@ -445,6 +469,7 @@ class LBFGS(InnerSolver):
 
     def solve(self, fun, theta0, phi=None):
         """Minimize ``fun`` from ``theta0``; return ``(theta, SolveResult)``."""
+        _check_theta0(theta0, type(self).__name__)
         like = tree_detach(theta0)
         x = tree_to_vector(like).detach().clone()
         tol = _solver_tol(self.tol, x.dtype)
@@ -585,12 +610,13 @@ class NewtonCG(InnerSolver):
 
     def solve(self, fun, theta0, phi=None):
         """Minimize ``fun`` from ``theta0``; return ``(theta, SolveResult)``."""
+        _check_theta0(theta0, type(self).__name__)
         like = tree_detach(theta0)
         x = tree_to_vector(like).detach().clone()
         tol = _solver_tol(self.tol, x.dtype)
         cg_maxiter = self.cg_maxiter
         if cg_maxiter is None:
-            cg_maxiter = min(x.numel(), 200)
+            cg_maxiter = max(1, min(x.numel(), 200))
         problem = _FlatProblem(fun, like)
         diagonal = getattr(fun, "hessian_diagonal", None) if self.precondition else None
         block = getattr(fun, "hessian_preconditioner", None) if self.precondition else None

@@ -21,11 +21,21 @@ reproduces an ordinary training loop step for step.
 
 import math
 import numbers
+import warnings
 
 import torch
 
-from ._base import StepSolver, _scalar_loss
-from ._tree import tree_flatten, tree_unflatten
+from ._base import (
+    InnerSolveWarning,
+    SolveResult,
+    StepSolver,
+    _all_finite,
+    _scalar_loss,
+    _within_tol,
+)
+from ._linear_solve import _default_tol
+from ._solvers import _check_start, _check_theta0
+from ._tree import tree_detach, tree_flatten, tree_map, tree_unflatten
 
 __all__ = ["GradientStepSolver", "GradientDescent", "Momentum", "Adam"]
 
@@ -49,14 +59,57 @@ def _tree_grad(fun, theta, create_graph):
         inputs = [t.detach().requires_grad_(True) for t in leaves]
     with torch.enable_grad():
         value = _scalar_loss(fun(tree_unflatten(spec, inputs)))
-        grads = torch.autograd.grad(
-            value,
-            inputs,
-            create_graph=create_graph,
-            allow_unused=True,
-            materialize_grads=True,
-        )
+        if value.requires_grad:
+            grads = torch.autograd.grad(
+                value,
+                inputs,
+                create_graph=create_graph,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        else:
+            # a loss that does not depend on theta has a zero gradient, as LBFGS
+            # and NewtonCG take it (autograd raised "element 0 of tensors does
+            # not require grad and does not have a grad_fn")
+            grads = [torch.zeros_like(t) for t in inputs]
     return tree_unflatten(spec, used), tree_unflatten(spec, list(grads))
+
+
+def _value_and_grad_norm(fun, theta):
+    """``fun(theta)`` and the Euclidean norm of its gradient (floats), one pass.
+
+    By ``fun.loss_and_grad(theta)`` when ``fun`` has it, else by autograd; the
+    norm is summed leaf by leaf as :func:`~skbilevel.hypergrad._base._grad_norm`
+    sums it (the same float). A loss that does not depend on ``theta`` has a
+    zero gradient.
+    """
+    loss_and_grad = getattr(fun, "loss_and_grad", None)
+    if loss_and_grad is not None:
+        value, g = loss_and_grad(theta)
+        grads = tree_flatten(g)[0]
+    else:
+        with torch.enable_grad():
+            theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
+            leaves = tree_flatten(theta)[0]
+            value = _scalar_loss(fun(theta))
+            grads = []
+            if value.requires_grad:
+                grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    sq = sum(float((g.detach() ** 2).sum()) for g in grads if g is not None)
+    if isinstance(value, torch.Tensor):  # (loss_and_grad may return a float)
+        value = value.detach()
+    return float(value), math.sqrt(sq)
+
+
+def _lr_text(solver):
+    """The solver's step size as a message names it: ``"lr (now 10)"``, or
+    ``"step size"`` when it has none or a tensor of several."""
+    lr = getattr(solver, "lr", None)
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        lr = float(lr.detach())
+    if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+        return f"lr (now {lr:g})"
+    return "lr" if lr is not None else "step size"
 
 
 def _per_leaf(value, tree, name):
@@ -244,11 +297,99 @@ class GradientStepSolver(StepSolver):
         from stationary the returned point is, and ``result.converged``
         whether that is within the dtype's default tolerance
         (``result.tol``; see :class:`~skbilevel.hypergrad.StepSolver`).
+
+        Parameters
+        ----------
+        fun : callable
+            ``fun(theta) -> scalar tensor``, the objective to minimize.
+        theta0 : tensor or tree of tensors
+            Starting point, of a real floating dtype.
+        phi : ignored
+            Accepted for the :class:`~skbilevel.hypergrad.InnerSolver`
+            interface.
+
+        Returns
+        -------
+        theta : tensor or tree of tensors
+            The last iterate, detached.
+        result : SolveResult
+            ``converged`` is ``False`` and ``message`` says why when the last
+            iterate, the objective there or its gradient is not finite.
+
+        Raises
+        ------
+        ValueError
+            When ``theta0`` is not of a real floating dtype, or when it, the
+            objective or its gradient is not finite at the starting point (as
+            :class:`~skbilevel.hypergrad.LBFGS` raises); the latter is found
+            after the steps, only when their result is not finite.
+
+        Warns
+        -----
+        InnerSolveWarning
+            When the steps started from a finite point and ended at a
+            non-finite one (they diverged): lower ``lr``.
         """
-        theta, result = super().solve(fun, theta0, phi)
-        result.n_grad = self.n_steps + 1  # the steps and the final gradient norm
-        result.message = f"ran the fixed number of steps ({self.n_steps})"
+        name = type(self).__name__
+        _check_theta0(theta0, name)
+        theta = tree_detach(theta0)
+        state = self.init_state(theta)
+        for _ in range(self.n_steps):
+            with torch.enable_grad():
+                theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
+                theta, state = self.step(fun, theta, state, create_graph=False)
+            theta = tree_detach(theta)
+            state = None if state is None else tree_detach(state)
+        leaves = tree_flatten(theta)[0]
+        value, grad_norm = _value_and_grad_norm(fun, theta)
+        tol = _default_tol(leaves[0].dtype)
+        n_grad = self.n_steps + 1  # the steps and the final gradient norm
+        message = f"ran the fixed number of steps ({self.n_steps})"
+        # Judged once, at the end (no sync per step): a NaN theta0, a NaN loss
+        # or steps that diverge (GradientDescent(lr=10) on a quadratic of
+        # curvature 2) all returned a NaN theta ([nan, nan]) with this message
+        # and no word. The start is examined only on that failure path, so a
+        # finite run costs the same (10 steps on a 200 x 20 least squares:
+        # 1.34 ms before, 1.38 ms after, within the noise).
+        finite = math.isfinite(value) and math.isfinite(grad_norm) and _all_finite(leaves)
+        if not finite:
+            grad0 = self._check_finite_start(fun, theta0)  # raises when it is not
+            n_grad += 1
+            message = (
+                f"the iterates diverged: not finite after {self.n_steps} steps "
+                f"(inner gradient norm {grad0:.3e} at the start, "
+                f"{grad_norm:.3e} at the end)"
+            )
+            warnings.warn(
+                f"{name}: {message}; lower the solver's {_lr_text(self)} (below 2 / "
+                "the largest curvature of the inner objective for gradient descent).",
+                InnerSolveWarning,
+                stacklevel=2,  # the caller of solve
+            )
+        result = SolveResult(
+            n_iter=self.n_steps,
+            grad_norm=grad_norm,
+            converged=finite and _within_tol(grad_norm, tol),
+            n_grad=n_grad,
+            message=message,
+            tol=tol,
+        )
         return theta, result
+
+    @staticmethod
+    def _check_finite_start(fun, theta0):
+        """Raise a ``ValueError`` when ``theta0``, the objective or its gradient
+        there is not finite (as :class:`~skbilevel.hypergrad.LBFGS` does); else
+        return the gradient norm at ``theta0``."""
+        theta0 = tree_detach(theta0)
+        if not _all_finite(tree_flatten(theta0)[0]):
+            raise ValueError(
+                "theta0 has non-finite entries (NaN or inf): the inner objective "
+                "cannot be minimized from there; check the initialization."
+            )
+        value0, grad0 = _value_and_grad_norm(fun, theta0)
+        _check_start(value0, grad0)
+        return grad0
 
 
 class GradientDescent(GradientStepSolver):

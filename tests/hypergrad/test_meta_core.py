@@ -247,3 +247,104 @@ def test_batched_cg_solves_each_system_and_flags_indefinite_rows():
     assert neg["min_rayleigh"] < 0
     assert torch.equal(x[1], b[1])
     np.testing.assert_allclose(x[0].numpy(), torch.linalg.solve(A[0], b[0]).numpy(), rtol=1e-9)
+
+
+# ------------------------------------------------- settings and batch validation
+
+ALL_METHODS = ["anil", "fomaml", "imaml", "maml", "metasgd", "r2d2", "reptile"]
+
+
+def test_get_meta_method_keeps_inner_lr_for_r2d2_and_rejects_foreign_arguments():
+    """The docstring said R2D2 rejects ``inner_lr``; it accepts (and ignores)
+    it, as it must: the meta-learning estimators pass ``inner_steps`` and
+    ``inner_lr`` to every method. Before: the behaviour below held already and
+    only the last assertion (the corrected docstring) failed."""
+    model = _tiny_model(n_out=2)
+    batch = _batch()
+    plain = get_meta_method("r2d2")
+    with_lr = get_meta_method("r2d2", inner_lr=0.1)
+    meta = plain.init_meta(model)
+    assert float(plain.meta_loss(model, meta, batch)[0]) == float(
+        with_lr.meta_loss(model, meta, batch)[0])
+    with pytest.raises(ValueError, match="Invalid parameters for meta-learning method 'maml'"):
+        get_meta_method("maml", lam=1.0)
+    assert "``lam`` for MAML" in get_meta_method.__doc__
+
+
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_negative_inner_steps_are_refused(name):
+    """Before: inner_steps=-1 was accepted by all seven methods (range(-1) ran
+    no step, silently)."""
+    with pytest.raises(ValueError, match=r"inner_steps .* must be an integer >= 0; got -1"):
+        get_meta_method(name, inner_steps=-1)
+    get_meta_method(name, inner_steps=0)  # no adaptation: allowed
+
+
+def test_negative_steps_to_adapt_and_inner_adapt_are_refused():
+    """Before: adapt(..., steps=-1) and inner_adapt(steps=-1) returned the
+    starting parameters without a word."""
+    model = _tiny_model()
+    method = get_meta_method("maml")
+    meta = method.init_meta(model)
+    xs, ys, _, _ = _batch()
+    with pytest.raises(ValueError, match="steps .* must be an integer >= 0; got -1"):
+        method.adapt(model, meta, xs[0], ys[0], steps=-1)
+    with pytest.raises(ValueError, match="inner_adapt's steps"):
+        inner_adapt(lambda p: (p["w"] ** 2).sum(), {"w": torch.ones(())}, steps=-1, lr=0.1)
+
+
+def _bad_batches():
+    xs, ys, xq, yq = _batch()
+    return {
+        # before: "not enough values to unpack (expected 4, got 3)"
+        "three-items": ((xs, ys, xq), ValueError, r"tuple \(xs, ys, xq, yq\).*3 items"),
+        # before: a vmap error about in_dims and non-Tensor arguments
+        "numpy": (tuple(t.numpy() for t in (xs, ys, xq, yq)), TypeError,
+                  r"xs must be a torch.Tensor; got numpy.ndarray.*torch.as_tensor"),
+        # before: "shape '[3, 4, 1]' is invalid for input of size 9"
+        "short-ys": ((xs, ys[:, :3], xq, yq), ValueError, "ys must have one target per sample"),
+        # before: "shape '[3, 4, 1]' is invalid for input of size 24"
+        "wide-ys": ((xs, torch.cat([ys, ys], -1), xq, yq), ValueError,
+                    "same number of targets per sample"),
+        # before: R2D2 "cannot reshape tensor of 0 elements"; the others a finite
+        # loss with no adaptation
+        "empty-support": ((xs[:, :0], ys[:, :0], xq, yq), ValueError, "support set is empty"),
+        # before: no error, a loss of nan (the mean over no query sample)
+        "empty-query": ((xs, ys, xq[:, :0], yq[:, :0]), ValueError, "query set is empty"),
+        # before: vmap's "Expected all tensors to have the same size in the mapped
+        # dimension, got sizes [3, 3, 2, 2]"
+        "task-mismatch": ((xs, ys, xq[:2], yq[:2]), ValueError, "number of tasks"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_batches()))
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_malformed_meta_batch_is_refused_where_it_enters(name, case):
+    """Before: raw errors from deep inside (see each case), or for an empty
+    support set a silently unadapted loss (all but R2D2)."""
+    batch, error, match = _bad_batches()[case]
+    model = _tiny_model(n_out=2 if name == "r2d2" else 1)
+    method = get_meta_method(name, inner_steps=1)
+    with pytest.raises(error, match=match):
+        method.meta_loss(model, method.init_meta(model), batch)
+
+
+def test_targets_wider_than_the_model_output_are_named():
+    """Before: torch's "shape '[3, 4, 1]' is invalid for input of size 24" from
+    inside vmap, for two targets per sample against a one-output model."""
+    xs, ys, xq, yq = _batch()
+    model = _tiny_model()
+    method = get_meta_method("maml", inner_steps=1)
+    wide = (xs, torch.cat([ys, ys], -1), xq, torch.cat([yq, yq], -1))
+    with pytest.raises(ValueError, match=r"outputs of shape \(4, 1\) against targets of shape \(4, 2\)"):
+        method.meta_loss(model, method.init_meta(model), wide)
+
+
+def test_classification_labels_must_be_one_per_sample():
+    """Before: cross_entropy's "0D or 1D target tensor expected, multi-target not
+    supported, got 2D" from inside vmap."""
+    xs, ys, xq, yq = _batch(classes=2)
+    model = _tiny_model(n_out=3, loss="cross_entropy")
+    method = get_meta_method("maml", inner_steps=1)
+    with pytest.raises(ValueError, match=r"integer labels ys must be \(n_tasks, n_samples\)"):
+        method.meta_loss(model, method.init_meta(model), (xs, ys[..., None], xq, yq))

@@ -1,14 +1,19 @@
 """Differentiable step solvers: same trajectory as torch.optim, differentiable
 in theta, state and tensor hyperparameters, and strict about their inputs."""
 
+import warnings
+
 import pytest
 import torch
 
 from skbilevel.hypergrad import (
+    LBFGS,
     Adam,
     GradientDescent,
     GradientStepSolver,
+    InnerSolveWarning,
     Momentum,
+    NewtonCG,
     SolveResult,
     StepSolver,
 )
@@ -194,3 +199,87 @@ def test_a_tensor_hyperparameter_must_broadcast_to_every_leaf():
     lr = {"a": torch.full((2,), 0.1, dtype=torch.float64), "b": torch.tensor(0.1, dtype=torch.float64)}
     _, res = GradientDescent(lr=lr, n_steps=200).solve(f, theta)
     assert res.grad_norm < 1e-8
+
+
+# ---------------------------------------- non-finite starts and results, dtypes
+
+FIXED_STEP = [GradientDescent(lr=0.1, n_steps=5), Momentum(n_steps=5), Adam(n_steps=5)]
+FIXED_STEP_IDS = ["gd", "momentum", "adam"]
+
+
+def _quadratic(w):
+    return ((w - 1.0) ** 2).sum()
+
+
+@pytest.mark.parametrize("solver", FIXED_STEP, ids=FIXED_STEP_IDS)
+@pytest.mark.parametrize(
+    "fun, theta0, match",
+    [
+        (_quadratic, torch.tensor([float("nan"), 0.0], dtype=DT), "theta0 has non-finite"),
+        (lambda w: _quadratic(w) * float("nan"), torch.zeros(2, dtype=DT),
+         r"not finite at the starting point \(value nan"),
+    ],
+    ids=["nan-theta0", "nan-loss"],
+)
+def test_fixed_step_solve_refuses_a_non_finite_start(solver, fun, theta0, match):
+    """Before: theta=[nan, 0.67] (GD, NaN theta0) or [nan, nan] (NaN loss) came
+    back with message 'ran the fixed number of steps (5)' and no warning, while
+    LBFGS and NewtonCG raised this ValueError."""
+    with pytest.raises(ValueError, match=match):
+        solver.solve(fun, theta0)
+
+
+def test_diverging_fixed_step_solve_warns_and_says_so():
+    """Before: GradientDescent(lr=10, n_steps=500) on a quadratic of curvature
+    2 returned theta=[nan, nan], message 'ran the fixed number of steps (500)',
+    and no warning."""
+    solver = GradientDescent(lr=10.0, n_steps=500)
+    with pytest.warns(InnerSolveWarning, match=r"diverged.*lower the solver's lr \(now 10\)") as rec:
+        theta, res = solver.solve(_quadratic, torch.zeros(2, dtype=DT))
+    assert len(rec) == 1 and rec[0].filename == __file__  # points at the solve call
+    assert not torch.isfinite(theta).any()
+    assert res.converged is False and "diverged" in res.message
+    assert "2.828e+00 at the start" in res.message
+    assert res.n_iter == 500 and res.n_grad == 502  # + the start, examined on failure
+
+
+@pytest.mark.parametrize("solver", FIXED_STEP, ids=FIXED_STEP_IDS)
+def test_fixed_step_solve_on_a_valid_problem_is_silent_and_unchanged(solver):
+    """The end-of-run finiteness check adds no warning and keeps the message."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        theta, res = solver.solve(_quadratic, torch.zeros(2, dtype=DT))
+    assert torch.isfinite(theta).all()
+    assert res.message == "ran the fixed number of steps (5)" and res.n_grad == 6
+
+
+@pytest.mark.parametrize("solver", FIXED_STEP + [LBFGS(), NewtonCG()],
+                         ids=FIXED_STEP_IDS + ["lbfgs", "newton"])
+def test_integer_theta0_is_refused_with_the_fix(solver):
+    """Before: every solver raised torch's RuntimeError 'only Tensors of floating
+    point dtype can require gradients'."""
+    with pytest.raises(ValueError, match=r"theta0 must hold real floating-point.*torch.int64"):
+        solver.solve(_quadratic, {"w": torch.zeros(2, dtype=torch.long)})
+
+
+@pytest.mark.parametrize("solver", FIXED_STEP + [LBFGS(), NewtonCG()],
+                         ids=FIXED_STEP_IDS + ["lbfgs", "newton"])
+def test_loss_independent_of_theta_has_zero_gradient(solver):
+    """Before: GradientDescent, Momentum and Adam raised torch's RuntimeError
+    'element 0 of tensors does not require grad and does not have a grad_fn'
+    (in the step, then in the final gradient norm); LBFGS and NewtonCG
+    already returned theta0 with a zero gradient."""
+    theta0 = torch.tensor([0.5, -2.0], dtype=DT)
+    theta, res = solver.solve(lambda w: torch.tensor(1.0, dtype=DT), theta0)
+    assert torch.equal(theta, theta0)
+    assert res.grad_norm == 0.0 and res.converged
+
+
+def test_step_of_a_loss_independent_of_theta_is_zero_with_a_graph_too():
+    """Before: the step itself raised 'element 0 of tensors does not require
+    grad' (create_graph=True, as the unrolled strategies call it)."""
+    theta = torch.ones(2, dtype=DT)
+    new, _ = GradientDescent(lr=0.5).step(
+        lambda w: torch.tensor(3.0, dtype=DT), theta, None, create_graph=True
+    )
+    assert torch.equal(new.detach(), theta)
