@@ -1331,7 +1331,10 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         Standard deviation ``tau`` (natural-log units) of the Gaussian prior
         on the log-penalties around the adaptive model (around the shared
         penalty when there is no adaptive stage); its weight in the outer
-        objective is ``1 / (2 n tau^2)``. ``None`` removes the prior.
+        objective is ``1 / (2 n tau^2)``, with ``n`` the sum of
+        ``sample_weight`` (integer weights count as repeated rows, so
+        scaling every weight by ``c`` weakens the prior as ``c`` times the
+        rows would). ``None`` removes the prior.
         ``"auto"`` is 8 around a shared penalty and, around the adaptive
         model, 0.2 times ``min(1, sqrt(n / (10 n_groups)))``: the corrections
         fit the folds' noise more than the data. Measured against ``tau =
@@ -1862,7 +1865,9 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
     prior_scale : float > 0, "auto" or None, default="auto"
         Standard deviation of the Gaussian prior on the log-penalties around
         the adaptive model (around the shared penalty when
-        ``adaptive=False``; weight ``1 / (2 n tau^2)``); ``None`` removes it.
+        ``adaptive=False``; weight ``1 / (2 n tau^2)``, ``n`` the sum of
+        ``sample_weight`` as for :class:`HyperL2Regressor`); ``None`` removes
+        it.
         ``"auto"`` is 1 around a shared penalty and 0.2, times ``min(1,
         sqrt(n / (10 n_groups)))``, around the adaptive model (as for
         :class:`HyperL2Regressor`: digits' test log-loss .0975 against
