@@ -70,6 +70,7 @@ from ._base import (
     warn_linear_solve,
 )
 from ._linear_solve import (
+    _IndefinitePreconditioner,
     _check_finite_rhs,
     _default_tol,
     solve_cg,
@@ -553,9 +554,18 @@ class ImplicitCG(_Implicit):
         ):
             x0 = prev
         pre = preconditioner() if self.precondition and preconditioner is not None else None
-        v, result = solve_cg(
-            matvec, b, x0=x0, tol=tol, maxiter=maxiter, preconditioner=pre
-        )
+        try:
+            v, result = solve_cg(
+                matvec, b, x0=x0, tol=tol, maxiter=maxiter, preconditioner=pre
+            )
+        except _IndefinitePreconditioner as err:
+            # the problem's own preconditioner lost its definiteness in rounding
+            # (RidgeFolds' Woodbury inverse with penalties over 20 decades): the
+            # fit raised; CG runs without it, and warns as usual if it cannot
+            # reach tol
+            info.extra["preconditioner_dropped"] = str(err)
+            pre = None
+            v, result = solve_cg(matvec, b, x0=x0, tol=tol, maxiter=maxiter)
         # whether CG used it: a start worse than zero is dropped (it read True)
         info.extra["warm_started"] = bool(result.warm_started)
         info.extra["preconditioned"] = pre is not None

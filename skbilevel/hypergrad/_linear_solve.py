@@ -279,6 +279,12 @@ def _check_preconditioner(preconditioner, bf, shape):
     )
 
 
+class _IndefinitePreconditioner(ValueError):
+    """:func:`solve_cg`'s error for a preconditioner with ``r^T M^-1 r <= 0``
+    (a ``ValueError``; the implicit strategies catch it to retry without
+    the problem's preconditioner)."""
+
+
 def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
     """Solve ``A x = b`` for symmetric positive definite ``A`` by conjugate gradient.
 
@@ -407,7 +413,7 @@ def solve_cg(matvec, b, x0=None, tol=1e-10, maxiter=None, preconditioner=None):
         z = precondition(r)
         rz = float(r @ z)
         if not math.isfinite(rz) or (not rz > 0.0 and bool(torch.any(r != 0))):
-            raise ValueError(
+            raise _IndefinitePreconditioner(
                 f"The preconditioner is not positive definite: r^T M^-1 r = {rz:.3e} "
                 "(it must be positive and finite)."
             )

@@ -572,3 +572,25 @@ def test_a_phi_leaf_the_inner_gradient_ignores_gets_a_zero_gradient(strategy):
     (w**2).sum().backward()
     assert float(phi["a"].grad) == pytest.approx(2.0, rel=1e-6)
     assert phi["b"].grad is not None and float(phi["b"].grad) == 0.0
+
+
+def test_cg_drops_an_indefinite_problem_preconditioner():
+    """RidgeFolds' Woodbury inverse can lose its definiteness in rounding
+    (penalties over 20 decades); solve_cg then raised 'The preconditioner is
+    not positive definite' and the whole fit failed. The implicit strategy
+    now runs CG without it (recorded in info.extra)."""
+    from skbilevel.hypergrad import RidgeFolds
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = X[:, 0] + 0.1 * torch.randn(30, generator=g, dtype=torch.float64)
+    train = torch.ones(2, 30, dtype=torch.float64)
+    train[0, :15] = 0
+    train[1, 15:] = 0
+    folds = RidgeFolds(X, y, train, 1 - train)
+    phi = torch.zeros(4, dtype=torch.float64)
+    exact = folds.value_and_grad(phi)
+    folds.hessian_preconditioner = lambda theta, phi: (lambda r: -r)
+    value, grad, info, _ = folds.value_and_grad(phi, hypergradient="cg")
+    torch.testing.assert_close(grad, exact[1], rtol=1e-6, atol=1e-10)
+    assert "not positive definite" in info.extra["preconditioner_dropped"]
