@@ -1240,17 +1240,23 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             out = _PrimalRidgeSolve.apply(a, self.gram, self.rhs)
             if out is not None:
                 return out
-            A = self.gram + torch.diag_embed(a)
+            # (in the data's precision, as the factorization: a float64 alpha on
+            # float32 data failed here with "linalg.solve: Expected A and B to
+            # have the same dtype")
+            A = self.gram + torch.diag_embed(a.to(self.gram.dtype))
             return self._solve(A, self.rhs[..., None])[..., 0]
         out = _DualRidgeSolve.apply(a, self.Xs, self.ys)
         if out is not None:
             return out
-        Xs = self.Xs.to_dense().to(a.dtype) if isinstance(self.Xs, _SparseFoldRows) else self.Xs
+        # in alpha's precision (the Woodbury form needs its range), returned in
+        # the data's, as _DualRidgeSolve does
+        Xs = self.Xs.to_dense() if isinstance(self.Xs, _SparseFoldRows) else self.Xs
+        Xs = Xs.to(a.dtype)
         XA = Xs / a[:, None, :]  # (K, m, p): Xs diag(1/alpha)
         n = Xs.shape[1]
         G = XA @ Xs.mT + torch.eye(n, dtype=a.dtype, device=a.device)
-        dual = self._solve(G, self.ys[..., None])  # (K, m, 1)
-        return (XA.mT @ dual)[..., 0]
+        dual = self._solve(G, self.ys.to(a.dtype)[..., None])  # (K, m, 1)
+        return (XA.mT @ dual)[..., 0].to(self.ys.dtype)
 
     def _solve(self, A, B):
         out, info = torch.linalg.solve_ex(A, B)

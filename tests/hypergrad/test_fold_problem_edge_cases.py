@@ -6,6 +6,7 @@ the ones measured there.
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -412,3 +413,17 @@ def test_penalty_per_feature_validates_groups():
     # integer-valued float labels and lists still work
     out = penalty_per_feature(torch.tensor([0.0, 1.0], dtype=DT), [0.0, 1.0, 1.0])
     assert torch.allclose(out, torch.tensor([1.0, math.e, math.e], dtype=DT))
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_solve_fallbacks_take_phi_of_another_precision(method):
+    """Where the Cholesky factorization fails (penalties 1e-13 on a rank-6 Gram
+    matrix of 25 features), the primal form's LU fallback raised "linalg.solve:
+    Expected A and B to have the same dtype" for a float64 phi on float32
+    data."""
+    X, y, train = _data(n=12, p=25)
+    folds = RidgeFolds(X.float(), y.float(), train.float(), (1 - train).float(), method=method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value, grad, _, _ = folds.value_and_grad(torch.full((25,), -30.0, dtype=DT))
+    assert math.isfinite(float(value)) and grad.dtype == DT
