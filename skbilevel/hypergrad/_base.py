@@ -214,7 +214,8 @@ class StepSolver(InnerSolver):
         """Return ``(theta_next, state_next)``."""
         raise NotImplementedError
 
-    def solve(self, fun, theta0, phi=None):
+    def _run_steps(self, fun, theta0):
+        """``n_steps`` steps from ``theta0``, without a graph between them."""
         theta = tree_detach(theta0)
         state = self.init_state(theta)
         for _ in range(self.n_steps):
@@ -223,6 +224,10 @@ class StepSolver(InnerSolver):
                 theta, state = self.step(fun, theta, state, create_graph=False)
             theta = tree_detach(theta)
             state = None if state is None else tree_detach(state)
+        return theta
+
+    def solve(self, fun, theta0, phi=None):
+        theta = self._run_steps(fun, theta0)
         grad_norm = _grad_norm(fun, theta)
         tol = _default_tol(tree_flatten(theta)[0][0].dtype)
         return theta, SolveResult(

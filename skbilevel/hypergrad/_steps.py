@@ -332,14 +332,7 @@ class GradientStepSolver(StepSolver):
         """
         name = type(self).__name__
         _check_theta0(theta0, name)
-        theta = tree_detach(theta0)
-        state = self.init_state(theta)
-        for _ in range(self.n_steps):
-            with torch.enable_grad():
-                theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
-                theta, state = self.step(fun, theta, state, create_graph=False)
-            theta = tree_detach(theta)
-            state = None if state is None else tree_detach(state)
+        theta = self._run_steps(fun, theta0)
         leaves = tree_flatten(theta)[0]
         value, grad_norm = _value_and_grad_norm(fun, theta)
         tol = _default_tol(leaves[0].dtype)
