@@ -41,7 +41,7 @@ import torch
 from torch.func import functional_call, grad, vjp, vmap
 
 from ._base import HypergradientInfo
-from ._checks import _check_int
+from ._checks import _check_int, _check_positive
 from ._linear_solve import LinearSolveResult
 from ._tree import tree_detach, tree_flatten
 
@@ -505,17 +505,25 @@ class MetaMethod:
         Inner gradient steps on the support set (``>= 0``; 0 scores the
         meta-parameters unadapted).
     inner_lr : float, default=0.01
-        Inner step size (Meta-SGD: its initial value).
+        Inner step size (Meta-SGD: its initial value); a positive finite
+        number.
     """
 
     name = "base"
     #: whether the meta-gradient is computed through the inner steps
     second_order = True
+    #: whether the method adapts by gradient steps (uses inner_lr)
+    _takes_inner_steps = True
 
     def __init__(self, inner_steps=5, inner_lr=0.01):
         # (inner_steps=-1 was accepted by all seven methods and ran no step)
         _check_int(inner_steps, f"{type(self).__name__}'s inner_steps (the inner "
                    "gradient steps on each task's support set)", minimum=0)
+        # (a negative or NaN inner_lr was accepted: steps uphill, or NaN task
+        # states; R2D2 takes no inner step and ignores it)
+        if self._takes_inner_steps:
+            _check_positive(inner_lr, f"{type(self).__name__}'s inner_lr (the inner "
+                            "step size)", allow_none=False)
         self.inner_steps = inner_steps
         self.inner_lr = inner_lr
 
@@ -1000,6 +1008,7 @@ class R2D2(MetaMethod):
     """
 
     second_order = True
+    _takes_inner_steps = False  # a closed-form head: inner_lr is ignored
 
     def __init__(self, inner_steps=0, inner_lr=0.0, alpha=1.0, scale=1.0):
         super().__init__(inner_steps, inner_lr)

@@ -348,3 +348,12 @@ def test_classification_labels_must_be_one_per_sample():
     method = get_meta_method("maml", inner_steps=1)
     with pytest.raises(ValueError, match=r"integer labels ys must be \(n_tasks, n_samples\)"):
         method.meta_loss(model, method.init_meta(model), (xs, ys[..., None], xq, yq))
+
+
+@pytest.mark.parametrize("inner_lr", [0.0, -0.1, float("nan"), float("inf")])
+def test_meta_methods_refuse_an_inner_lr_that_is_no_step(inner_lr):
+    """A negative or NaN inner_lr was accepted by every method (steps uphill,
+    or NaN task states), zero froze the adaptation."""
+    for name in ("maml", "fomaml", "reptile", "imaml"):
+        with pytest.raises(ValueError, match="inner_lr .* must be a positive finite number"):
+            get_meta_method(name, inner_lr=inner_lr)
