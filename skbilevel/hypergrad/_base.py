@@ -272,21 +272,36 @@ def _scalar_loss(value):
     return value.reshape(())
 
 
-def _grad_norm(fun, theta):
-    """Norm of ``grad fun(theta)`` (a float), computed without keeping a graph:
-    by ``fun.loss_and_grad(theta)`` when ``fun`` has it (a closed-form
-    gradient, see :class:`~skbilevel.hypergrad._solvers._FixedPhi`), else
-    by autograd."""
+def _value_and_grad_norm(fun, theta):
+    """``fun(theta)`` and the Euclidean norm of its gradient (floats), one pass,
+    without keeping a graph.
+
+    By ``fun.loss_and_grad(theta)`` when ``fun`` has it (a closed-form
+    gradient, see :class:`~skbilevel.hypergrad._solvers._FixedPhi`), else by
+    autograd; the norm is summed leaf by leaf. A loss that does not depend
+    on ``theta`` has a zero gradient (as :class:`LBFGS` takes it).
+    """
     loss_and_grad = getattr(fun, "loss_and_grad", None)
     if loss_and_grad is not None:
-        grads, _ = tree_flatten(loss_and_grad(theta)[1])
-        return math.sqrt(sum(float((g.detach() ** 2).sum()) for g in grads))
-    with torch.enable_grad():
-        theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
-        leaves, _ = tree_flatten(theta)
-        grads = torch.autograd.grad(_scalar_loss(fun(theta)), leaves, allow_unused=True)
+        value, g = loss_and_grad(theta)
+        grads = tree_flatten(g)[0]
+    else:
+        with torch.enable_grad():
+            theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
+            leaves = tree_flatten(theta)[0]
+            value = _scalar_loss(fun(theta))
+            grads = []
+            if value.requires_grad:
+                grads = torch.autograd.grad(value, leaves, allow_unused=True)
     sq = sum(float((g.detach() ** 2).sum()) for g in grads if g is not None)
-    return math.sqrt(sq)
+    if isinstance(value, torch.Tensor):  # (loss_and_grad may return a float)
+        value = value.detach()
+    return float(value), math.sqrt(sq)
+
+
+def _grad_norm(fun, theta):
+    """Norm of ``grad fun(theta)`` (a float): :func:`_value_and_grad_norm`'s."""
+    return _value_and_grad_norm(fun, theta)[1]
 
 
 class HypergradientStrategy:

@@ -31,11 +31,12 @@ from ._base import (
     StepSolver,
     _all_finite,
     _scalar_loss,
+    _value_and_grad_norm,
     _within_tol,
 )
 from ._linear_solve import _default_tol
 from ._solvers import _check_start, _check_theta0
-from ._tree import tree_detach, tree_flatten, tree_map, tree_unflatten
+from ._tree import tree_detach, tree_flatten, tree_unflatten
 
 __all__ = ["GradientStepSolver", "GradientDescent", "Momentum", "Adam"]
 
@@ -73,32 +74,6 @@ def _tree_grad(fun, theta, create_graph):
             # not require grad and does not have a grad_fn")
             grads = [torch.zeros_like(t) for t in inputs]
     return tree_unflatten(spec, used), tree_unflatten(spec, list(grads))
-
-
-def _value_and_grad_norm(fun, theta):
-    """``fun(theta)`` and the Euclidean norm of its gradient (floats), one pass.
-
-    By ``fun.loss_and_grad(theta)`` when ``fun`` has it, else by autograd; the
-    norm is summed leaf by leaf as :func:`~skbilevel.hypergrad._base._grad_norm`
-    sums it (the same float). A loss that does not depend on ``theta`` has a
-    zero gradient.
-    """
-    loss_and_grad = getattr(fun, "loss_and_grad", None)
-    if loss_and_grad is not None:
-        value, g = loss_and_grad(theta)
-        grads = tree_flatten(g)[0]
-    else:
-        with torch.enable_grad():
-            theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
-            leaves = tree_flatten(theta)[0]
-            value = _scalar_loss(fun(theta))
-            grads = []
-            if value.requires_grad:
-                grads = torch.autograd.grad(value, leaves, allow_unused=True)
-    sq = sum(float((g.detach() ** 2).sum()) for g in grads if g is not None)
-    if isinstance(value, torch.Tensor):  # (loss_and_grad may return a float)
-        value = value.detach()
-    return float(value), math.sqrt(sq)
 
 
 def _lr_text(solver):

@@ -59,6 +59,7 @@ from ._base import (
     _all_finite,
     _check_positive,
     _grad_norm,
+    _value_and_grad_norm,
     _within_tol,
     register_strategy,
 )
@@ -242,17 +243,6 @@ def _record_inner(info, fun, theta, n_steps, check_inner, strategy, solver, init
     if not finite:
         info.inner_converged = False
         _warn_not_finite(info, fun, strategy, solver, init, n_steps)
-
-
-def _value_and_grad_norm(fun, theta):
-    """``fun(theta)`` and the norm of its gradient, in one pass (floats)."""
-    with torch.enable_grad():
-        theta = tree_map(lambda t: t.detach().requires_grad_(True), theta)
-        leaves = tree_flatten(theta)[0]
-        value = fun(theta)
-        grads = torch.autograd.grad(value, leaves, allow_unused=True)
-    sq = sum(float((g.detach() ** 2).sum()) for g in grads if g is not None)
-    return float(value.detach()), math.sqrt(sq)
 
 
 def _check_diverging(info, fun, value, strategy, solver, init, n_steps):
