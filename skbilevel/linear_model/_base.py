@@ -19,7 +19,7 @@ from sklearn.utils.metadata_routing import (
     process_routing,
 )
 
-from ..hypergrad import HypergradientStrategy, get_strategy
+from ..hypergrad import HypergradientStrategy, available_strategies, get_strategy
 
 
 def _offsets(X, y, sw, fit_intercept):
@@ -81,6 +81,22 @@ def _own_strategy(hypergradient):
     if isinstance(hypergradient, HypergradientStrategy):
         return copy.deepcopy(hypergradient)
     return get_strategy(hypergradient)
+
+
+def _refuse_unrolled(strategy, hypergradient, name):
+    """A ``ValueError`` for an unrolled ``strategy`` given to an estimator whose
+    ridge problems are solved exactly (they failed in the core, telling the
+    user to pass a ``solver=GradientDescent(...)`` the estimator does not
+    take)."""
+    if strategy.family != "unrolled":
+        return
+    exact = [n for n in available_strategies() if get_strategy(n).family != "unrolled"]
+    raise ValueError(
+        f"hypergradient={hypergradient!r} is of the 'unrolled' family, which "
+        "differentiates through the steps of an iterative inner solver, but "
+        f"{name} solves ridge exactly. Use 'closed_form', 'cg', 'dense' or another "
+        f"of {exact} ('closed_form' is exact)."
+    )
 
 
 def _out_of_range(X, dtype, headroom=1.0, floor=1.0):

@@ -16,7 +16,6 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted, vali
 from ..hypergrad import (
     HypergradientStrategy,
     RidgeSolver,
-    available_strategies,
     get_strategy,
     minimize_log_alpha,
     ridge_loo_curve,
@@ -42,6 +41,7 @@ from ._base import (
     _offsets,
     _out_of_range,
     _own_strategy,
+    _refuse_unrolled,
     _split_params,
     _target_scale,
     _warn_unlocated,
@@ -277,17 +277,7 @@ class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEsti
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, supported=("float32", "float64"))
         strategy = get_strategy(self.hypergradient)
-        if strategy.family == "unrolled":
-            exact = [
-                name
-                for name in available_strategies()
-                if get_strategy(name).family != "unrolled"
-            ]
-            raise ValueError(
-                f"hypergradient={self.hypergradient!r} differentiates through the steps "
-                "of an iterative inner solver, but BilevelRidgeCV solves ridge exactly. "
-                f"Use one of {exact} ('closed_form' is exact)."
-            )
+        _refuse_unrolled(strategy, self.hypergradient, "BilevelRidgeCV")
         X, y = validate_data(
             self,
             X,

@@ -165,6 +165,7 @@ from ._base import (
     _offsets,
     _out_of_range,
     _own_strategy,
+    _refuse_unrolled,
     _split_params,
     _target_scale,
     _user_stacklevel,
@@ -1679,15 +1680,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
             strategy = get_strategy("cg", tol=1e-8 if dtype == torch.float64 else 1e-5)
         else:
             strategy = get_strategy(self.hypergradient)
-        if strategy.family == "unrolled":
-            # (they failed in the core, telling the user to pass a
-            # solver=GradientDescent(...) the estimator does not take)
-            raise ValueError(
-                f"hypergradient={self.hypergradient!r} is of the 'unrolled' family, "
-                "which differentiates the steps of an iterative solver; the "
-                "regressor's inner problem is solved exactly. Use 'closed_form', "
-                "'cg', 'dense' or another implicit strategy (or a proxy one)."
-            )
+        _refuse_unrolled(strategy, self.hypergradient, self._name)
         if closed_loo and strategy.name != "closed_form":
             raise ValueError(
                 f"cv='loo' with one shared penalty is differentiated in closed form; "
