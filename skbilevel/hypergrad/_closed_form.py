@@ -1628,7 +1628,7 @@ def _kernel_ridge_fit(K, y, reg):
         # input matrix is singular", e.g. kernel_ridge_coef on an all-zero K,
         # whose relative penalty is then 0)
         raise ValueError(
-            f"kernel_ridge_fit: K + reg*I is singular (reg={_reg_repr(reg)}): "
+            f"kernel_ridge_fit: K + reg*I is singular (reg={_reg_value(reg):.3g}): "
             + _singular_cause(K, reg)
         ) from exc
     if lu:
@@ -1645,11 +1645,7 @@ def _check_kernel_test(K_test, dual, where):
     got input (3), mat (3x4), vec (10)"; a float32 one against float64
     coefficients "addmv input tensors must have the same dtype".)
     """
-    if not isinstance(K_test, torch.Tensor):
-        raise TypeError(
-            f"{where}: K_test must be a torch tensor; got {type(K_test).__name__}. "
-            "Convert it first, e.g. torch.as_tensor(K_test, dtype=torch.float64)."
-        )
+    _check_tensors(where, K_test=K_test)
     n = dual.shape[0]
     if K_test.ndim != 2 or K_test.shape[1] != n:
         raise ValueError(
@@ -1662,13 +1658,14 @@ def _check_kernel_test(K_test, dual, where):
     return K_test.to(dtype=dual.dtype, device=dual.device)
 
 
-def _reg_repr(reg):
-    return f"{float(reg.detach().max()):.3g}" if isinstance(reg, torch.Tensor) else f"{reg:.3g}"
+def _reg_value(reg):
+    """``reg`` (a number, or a tensor: its largest entry) as a float, for messages."""
+    return float(reg.detach().max() if isinstance(reg, torch.Tensor) else reg)
 
 
 def _singular_cause(K, reg):
     """Why ``K + reg I`` is (numerically) singular, and the fix."""
-    r = float(reg.detach().max() if isinstance(reg, torch.Tensor) else reg)
+    r = _reg_value(reg)
     scale = float(K.detach().diagonal().abs().max()) if K.numel() else 0.0
     if scale == 0.0:
         return (
@@ -1711,7 +1708,7 @@ def _warn_if_ill_conditioned(K, reg, A, y2, dual):
         return
     warnings.warn(
         f"kernel_ridge_fit: K + reg*I is singular to working precision (reg="
-        f"{_reg_repr(reg)}; condition number >= {bound:.1e}), so the dual "
+        f"{_reg_value(reg):.3g}; condition number >= {bound:.1e}), so the dual "
         f"coefficients (largest {float(dual.detach().abs().max()):.3g}) are "
         f"unreliable: " + _singular_cause(K, reg),
         HypergradientWarning,

@@ -14,6 +14,7 @@ final residual with one extra product ``A x``.
 """
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Optional
@@ -157,19 +158,14 @@ def _norm(v):
     return float(torch.linalg.vector_norm(v))
 
 
+@functools.lru_cache(maxsize=None)
 def _safe_norm_range(dtype):
     """``(lo, hi)``: powers of two between which a right-hand side's norm is
     solved as given: a quarter of the dtype's exponent range either side of 1
     (``2^-256 .. 2^256`` in float64, ``2^-32 .. 2^32`` in float32), so that
     squared norms and ``p^T A p`` keep many decades of room."""
-    rng = _SAFE_RANGE.get(dtype)
-    if rng is None:
-        e = math.frexp(torch.finfo(dtype).max)[1] // 4
-        rng = _SAFE_RANGE[dtype] = (math.ldexp(1.0, -e), math.ldexp(1.0, e))
-    return rng
-
-
-_SAFE_RANGE = {}
+    e = math.frexp(torch.finfo(dtype).max)[1] // 4
+    return math.ldexp(1.0, -e), math.ldexp(1.0, e)
 
 
 def _ldexp(t, k):
