@@ -723,9 +723,10 @@ class DatasetDistiller(BaseEstimator):
         _warn_copies("X has", n_distinct, k, "", "(n_distilled)")
         if self.init == "random":
             rows = rng.choice(Xz.shape[0], size=k, replace=False)
+            start = Xz[rows]
             members = [rows[j : j + 1] for j in range(k)]
         else:
-            centers, labels = self._kmeans(Xz, k, rng)
+            start, labels = self._kmeans(Xz, k, rng)
             members = [np.flatnonzero(labels == j) for j in range(k)]
         if n_distinct < Xz.shape[0]:
             # each synthetic sample starts at the mean target of all the copies of
@@ -738,9 +739,7 @@ class DatasetDistiller(BaseEstimator):
             # -0.086 (0.220 at the other, kept whole); now -0.086 and 0.220.
             members = [np.flatnonzero(np.isin(point, point[m])) for m in members]
         Ts = np.stack([T[m].mean(axis=0) for m in members])
-        if self.init == "random":
-            return Xz[rows], Ts
-        return centers, Ts
+        return start, Ts
 
     @staticmethod
     def _kmeans(Xz, k, rng):

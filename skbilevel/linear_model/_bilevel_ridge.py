@@ -328,8 +328,8 @@ class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEsti
         # every penalty fitted the mean, and the fit returned an R^2 of 0 without
         # a word (X * 1e-170 in float64, X * 1e-22 in float32; at X * 1e-20 in
         # float32, .93 against .975 with numpy's RuntimeWarnings)
-        centred = self.fit_intercept and x_offset is None and not sp.issparse(X)
-        col_max, _, small = _out_of_range(X - X.mean(axis=0) if centred else X, dtype)
+        centre_x = self.fit_intercept and x_offset is None and not sp.issparse(X)
+        col_max, _, small = _out_of_range(X - X.mean(axis=0) if centre_x else X, dtype)
         if small.any() and small.sum() == np.count_nonzero(col_max):
             raise ValueError(
                 f"BilevelRidgeCV: X's values (largest |value| {col_max.max():.3g}"
