@@ -2,6 +2,7 @@
 every other module of the core (``_linear_solve`` included, which ``_base``
 imports) can use them."""
 
+import difflib
 import math
 import numbers
 
@@ -46,3 +47,15 @@ def _check_int(value, name, minimum=1, allow_none=False):
             f"{name} must be {none}an integer >= {minimum}; got {value!r}."
         )
     return value
+
+
+def _did_you_mean(unknown, names):
+    """``" (did you mean ...?)"`` for the keywords ``unknown`` that resemble one
+    of ``names`` (``"b for a"`` each when there are several), or ``""``."""
+    guesses = [
+        f"{close[0]} for {key}" if len(unknown) > 1 else close[0]
+        for key in unknown
+        for close in [difflib.get_close_matches(key, names, n=1)]
+        if close
+    ]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""

@@ -34,6 +34,7 @@ Methods (see :func:`available_meta_methods`):
   features, with a learned ridge penalty (Bertinetto et al. 2019).
 """
 
+import inspect
 import math
 from numbers import Real
 
@@ -41,7 +42,7 @@ import torch
 from torch.func import functional_call, grad, vjp, vmap
 
 from ._base import HypergradientInfo
-from ._checks import _check_int, _check_positive
+from ._checks import _check_int, _check_positive, _did_you_mean
 from ._linear_solve import LinearSolveResult
 from ._tree import tree_detach, tree_flatten
 
@@ -1103,10 +1104,18 @@ def get_meta_method(spec, **params):
     if isinstance(spec, MetaMethod):
         return spec
     if isinstance(spec, str) and spec in _META_REGISTRY:
-        try:
-            return _META_REGISTRY[spec](**params)
-        except TypeError as exc:
-            raise ValueError(f"Invalid parameters for meta-learning method {spec!r}: {exc}") from exc
+        cls = _META_REGISTRY[spec]
+        # the constructor's TypeError named only 'MetaMethod.__init__() got an
+        # unexpected keyword argument', not the keys the method takes
+        takes = [k for k in inspect.signature(cls).parameters if k != "self"]
+        unknown = [k for k in params if k not in takes]
+        if unknown:
+            raise ValueError(
+                f"Invalid parameters for meta-learning method {spec!r}: it does not "
+                f"take {', '.join(map(repr, unknown))}{_did_you_mean(unknown, takes)}; "
+                f"it takes {', '.join(takes)}."
+            )
+        return cls(**params)
     raise ValueError(
         f"Unknown meta-learning method {spec!r}; use one of {available_meta_methods()} "
         "or a MetaMethod instance."

@@ -9,7 +9,6 @@ fitted scikit-learn estimator.
 """
 
 import copy
-import difflib
 import math
 import warnings
 from numbers import Integral, Real
@@ -30,6 +29,7 @@ from ..hypergrad import (
     available_meta_methods,
     get_meta_method,
 )
+from ..hypergrad._checks import _did_you_mean
 from ..utils import core_warnings_as_sklearn, resolve_device, resolve_dtype, to_numpy, to_tensor
 from ..utils._fit import fit_outer, keep_state_on_error
 from ..utils._stats import _softmax
@@ -106,11 +106,7 @@ class _MetaLearnerMixin:
     def _check_kwargs(self):
         unknown = sorted(getattr(self, "_unknown_params", {}))
         if unknown:
-            names = self._get_param_names()
-            guesses = [f"{close[0]} for {key}" if len(unknown) > 1 else close[0]
-                       for key in unknown
-                       for close in [difflib.get_close_matches(key, names, n=1)] if close]
-            hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+            hint = _did_you_mean(unknown, self._get_param_names())
             raise TypeError(
                 f"{type(self).__name__} got unexpected keyword argument(s) "
                 f"{unknown}{hint}; only module__* keywords are passed through to the "

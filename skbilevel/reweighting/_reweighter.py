@@ -60,6 +60,7 @@ from ..hypergrad import (
     available_strategies,
     get_strategy,
 )
+from ..hypergrad._checks import _did_you_mean
 from ..utils import resolve_device, to_numpy, to_tensor
 from ..utils._fit import fit_outer, keep_state_on_error
 from ..utils._modules import (
@@ -665,9 +666,10 @@ class _BaseSampleReweighter(BaseEstimator):
     def _fit(self, X, y, trusted, sample_weight):
         unknown = [k for k in self._extra_params() if not k.startswith("module__")]
         if unknown:
+            hint = _did_you_mean(unknown, self._get_param_names())
             raise ValueError(
-                f"Unknown parameters {unknown} for {type(self).__name__}; only module__* "
-                "keywords are passed through to the inner module."
+                f"Unknown parameters {unknown}{hint} for {type(self).__name__}; only "
+                "module__* keywords are passed through to the inner module."
             )
         self._seed = check_random_state(self.random_state).randint(0, 2**31 - 1)
         device = resolve_device(self.device)

@@ -357,3 +357,21 @@ def test_meta_methods_refuse_an_inner_lr_that_is_no_step(inner_lr):
     for name in ("maml", "fomaml", "reptile", "imaml"):
         with pytest.raises(ValueError, match="inner_lr .* must be a positive finite number"):
             get_meta_method(name, inner_lr=inner_lr)
+
+
+def test_unknown_method_parameter_lists_the_accepted_ones():
+    """A misspelled key named only the constructor ("MetaMethod.__init__() got an
+    unexpected keyword argument 'lamb'"): neither the keys the method takes nor
+    the likely one."""
+    with pytest.raises(ValueError, match="Invalid parameters") as err:
+        get_meta_method("imaml", lamb=1.0)
+    message = str(err.value)
+    assert "'lamb'" in message and "did you mean lam?" in message
+    for key in ("inner_steps", "inner_lr", "lam", "cg_maxiter"):
+        assert key in message
+    assert "__init__" not in message
+    with pytest.raises(ValueError, match=r"takes inner_steps, inner_lr\b") as err:
+        get_meta_method("maml", lam=1.0)
+    assert "did you mean" not in str(err.value)
+    # a constructor's own TypeError (a bad value, not a bad key) is not relabelled
+    assert get_meta_method("imaml", lam=2.0).lam == 2.0

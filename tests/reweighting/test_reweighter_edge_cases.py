@@ -232,7 +232,7 @@ def test_unknown_keyword_ending_in_underscore_is_a_parameter_not_a_fitted_attrib
     clone = sklearn.base.clone(est)
     assert clone.get_params()["max_iter_"] == 3
     X, y, _ = _data(40)
-    with pytest.raises(ValueError, match=r"Unknown parameters \['max_iter_'\]"):
+    with pytest.raises(ValueError, match=r"Unknown parameters \['max_iter_'\] \(did you mean max_iter\?\)"):
         clone.fit(X, y)
     clone.set_params(max_iter_=4)  # given to __init__: settable, still rejected
     assert clone.get_params()["max_iter_"] == 4
