@@ -187,6 +187,9 @@ _ADAPTIVE_EPS = 1e-3
 _ADAPTIVE_MAX_GAMMA = 4.0
 #: exponents tried before the adaptive model's descent starts (0 is the shared penalty)
 _ADAPTIVE_GAMMA_SCAN = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: ... before Newton's method starts (its Hessian shift copes with the loss's
+#: non-convexity in gamma): the first of these that beats the shared penalty
+_NEWTON_GAMMA_STARTS = (1.0, 0.25)
 #: most parameters of a stage that takes Newton steps when its folds give the
 #: exact Hessian (each costs a solve per fold: the adaptive model's two do)
 _NEWTON_MAX_PARAMS = 8
@@ -771,13 +774,17 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                 remedy="max_iter", unit=unit,
             )
 
+    def _takes_newton_steps(self, objective, n_params):
+        """Whether :meth:`_outer_stage` descends by Newton's method."""
+        return (
+            self.outer_optimizer == "lbfgs"
+            and n_params <= _NEWTON_MAX_PARAMS
+            and objective.has_hessian
+        )
+
     def _descend(self, objective, phi, base, center, prior_weight, lo, hi):
         """The descent of :meth:`_outer_stage`."""
-        if (
-            self.outer_optimizer == "lbfgs"
-            and phi.numel() <= _NEWTON_MAX_PARAMS
-            and objective.has_hessian
-        ):
+        if self._takes_newton_steps(objective, phi.numel()):
             try:
                 return self._newton_stage(
                     objective, phi, base, center, prior_weight, lo, hi
@@ -892,10 +899,27 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         starts = {}  # pilot -> the inner solutions at its best scanned point
         for name, bases in candidates.items():
             staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k]))
+            if len(candidates) == 1 and self._takes_newton_steps(staged, 2):
+                # Newton's method needs a start that beats the shared penalty, not
+                # the scan's best point: from the first such exponent it reached
+                # the same model (test log-loss and R^2 within 3e-5 on 5 splits of
+                # breast_cancer, make_classification, 3 synthetic binary sets,
+                # hetero and diabetes-poly2) with 2 to 4 fewer fold solves
+                # (make_classification: 0.59 -> 0.49 s over the 5 splits)
+                for gamma in _NEWTON_GAMMA_STARTS:
+                    loss = staged.value(bases[0].new_tensor([center, gamma]))
+                    if name not in best or loss < best[name][0]:
+                        best[name] = (loss, center, gamma)
+                        starts[name] = staged.warm_starts()
+                    if loss < base:
+                        break
+                continue
             if len(candidates) == 1:
                 # a one-dimensional scan of gamma at a = centre (a is the u-weighted
                 # mean log-penalty whatever gamma), stopped once the loss has risen
-                # twice in a row: larger exponents only spread the penalties further
+                # twice in a row: larger exponents only spread the penalties further.
+                # (L-BFGS, which starts from its best point: from gamma = 1 instead,
+                # digits' test log-loss rose on one split of 4, .0973 -> .1015)
                 previous, rises = base, 0  # gamma = 0 is the shared penalty
                 for gamma in _ADAPTIVE_GAMMA_SCAN:
                     loss = staged.value(bases[0].new_tensor([center, gamma]))

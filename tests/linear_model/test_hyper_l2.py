@@ -850,10 +850,14 @@ def test_dense_truth_with_p_near_n_stays_level_with_ridge_cv():
     assert free.score(X[n:], y[n:]) < ours - 0.1  # what the guard prevents
 
 
+@pytest.mark.parametrize("outer_optimizer", ["lbfgs", "adam"])
 @pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
-def test_adaptive_scan_values_match_the_hypergradient_path(Est, monkeypatch):
+def test_adaptive_scan_values_match_the_hypergradient_path(Est, outer_optimizer, monkeypatch):
     # the exponent scan evaluates values only (no hypergradient): they must be
-    # the losses value_and_grad gives, and the scan stops once the loss rose twice
+    # the losses value_and_grad gives. Before Newton's method (lbfgs: these
+    # folds give the exact Hessian) it stops at the first exponent of
+    # _NEWTON_GAMMA_STARTS that beats the shared penalty; before another
+    # descent, once the loss rose twice
     from skbilevel.linear_model import _hyper_l2
 
     X, y = _hetero(n=200, p=12)
@@ -861,28 +865,44 @@ def test_adaptive_scan_values_match_the_hypergradient_path(Est, monkeypatch):
         y = (y > np.median(y)).astype(int)
     seen = {}  # per scanned objective (one per candidate pilot)
     value = _hyper_l2._FoldObjective.value
+    stage = _hyper_l2._HyperL2Base._adaptive_stage
+    bases = []
 
     def record(self, phi):
         out = value(self, phi)
-        seen.setdefault(id(self), []).append((out, float(self.value_and_grad(phi)[0])))
+        full = float(self.value_and_grad(phi)[0])
+        seen.setdefault(id(self), []).append((out, full, float(phi[1])))
         return out
 
+    def record_base(self, objective, candidates, center, base, *args):
+        bases.append(base)
+        return stage(self, objective, candidates, center, base, *args)
+
     monkeypatch.setattr(_hyper_l2._FoldObjective, "value", record)
-    Est(random_state=0, max_iter=5).fit(X, y)
+    monkeypatch.setattr(_hyper_l2._HyperL2Base, "_adaptive_stage", record_base)
+    Est(random_state=0, max_iter=5, outer_optimizer=outer_optimizer).fit(X, y)
     # n > p: the ridge pilot only (the regressor adds a sparse one when p > n)
-    assert len(seen) == 1
+    assert len(seen) == 1 and len(bases) == 1
     # (the classifier's up to its fold solves' tolerance: value_and_grad takes
     # one more Newton step from the scan's solution)
     for scan in seen.values():
-        for fast, full in scan:
+        for fast, full, _ in scan:
             assert fast == pytest.approx(full, rel=1e-3 if Est is HyperL2Classifier else 1e-12)
         losses = [s[0] for s in scan]
-        rises = [b > a for a, b in zip(losses, losses[1:])]
+        gammas = [s[2] for s in scan]
+        if outer_optimizer == "lbfgs":
+            assert gammas == list(_hyper_l2._NEWTON_GAMMA_STARTS[: len(scan)])
+            assert all(loss >= bases[0] for loss in losses[:-1])
+            if len(scan) < len(_hyper_l2._NEWTON_GAMMA_STARTS):
+                assert losses[-1] < bases[0]
+            continue
+        assert gammas == list(_hyper_l2._ADAPTIVE_GAMMA_SCAN[: len(scan)])
+        rises = [b > a for a, b in zip([bases[0]] + losses, losses)]
         # no two consecutive rises before the last scanned exponent (the
         # shared penalty, gamma = 0, counts as the first point of the scan)
         assert not any(r1 and r2 for r1, r2 in zip(rises[:-1], rises[1:-1]))
         if len(scan) < len(_hyper_l2._ADAPTIVE_GAMMA_SCAN):
-            assert len(scan) >= 2 and rises[-1]
+            assert len(scan) >= 2 and rises[-1] and rises[-2]
 
 
 class RidgeFoldsStub:
