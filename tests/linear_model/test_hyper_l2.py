@@ -1167,7 +1167,11 @@ def test_a_prior_too_tight_for_the_dtype_holds_the_corrections(Est, variance_fac
         relative = est.alphas_ / variance_factors(X)
         assert np.all(np.isfinite(est.alphas_)) and np.ptp(np.log(relative)) < 1e-9
         if sw is None:
-            np.testing.assert_allclose(est.alphas_, tight.alphas_, rtol=1e-4)
+            # (the classifier's shared penalty, refined by secant steps on its
+            # loose fold solves, to its _shared_tol in log(alpha): the two fits'
+            # warm starts differ after the tight prior's descent)
+            rtol = 1e-4 if Est is HyperL2Regressor else 2 * Est._shared_tol
+            np.testing.assert_allclose(est.alphas_, tight.alphas_, rtol=rtol)
 
 
 @pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
