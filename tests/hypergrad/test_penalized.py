@@ -984,3 +984,27 @@ def test_ridge_folds_dual_in_float32_with_penalties_over_many_decades(sparse):
     for a, b in zip(out[torch.float32], out[torch.float64]):
         scale = float(b.abs().max())
         assert float((a.double() - b).abs().max()) <= 2e-3 * scale
+
+
+def test_logistic_penalty_cache_follows_phi_and_the_penalty_model():
+    # _penalty reuses its last result for the same phi (no graph): an in-place
+    # change of phi, another penalty model or a phi in the graph recomputes it
+    X, y = _class_data(n=40, p=3)
+    T = _folds(len(y), k=2)
+    folds = LogisticFolds(torch.tensor(X), torch.tensor(y), 2, torch.tensor(T))
+    phi = torch.zeros(3, dtype=DT)
+    first = folds._penalty(phi)
+    assert folds._penalty(phi.detach()) is first
+    phi += 1.0
+    torch.testing.assert_close(folds._penalty(phi), torch.full((3, 2), math.e, dtype=DT))
+    # a copy with another penalty model starts with the original's cache
+    grouped = folds.reparametrized(groups=torch.tensor([0, 0, 1]))
+    two = torch.tensor([0.0, 1.0], dtype=DT)
+    torch.testing.assert_close(grouped._penalty(two)[:, 0], torch.tensor([1.0, 1.0, math.e], dtype=DT))
+    regrouped = grouped.reparametrized(groups=torch.tensor([0, 1, 1]))
+    torch.testing.assert_close(regrouped._penalty(two)[:, 0], torch.tensor([1.0, math.e, math.e], dtype=DT))
+    leaf = torch.zeros(3, dtype=DT, requires_grad=True)
+    out = folds._penalty(leaf)
+    assert out.requires_grad and folds._penalty(leaf) is not out
+    out.sum().backward()
+    torch.testing.assert_close(leaf.grad, torch.full((3,), 2.0, dtype=DT))
