@@ -890,8 +890,9 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         ``None`` when no scanned point beats the shared penalty (loss
         ``base``) with any pilot: the data then do not ask for penalties
         that differ between features, and the shared penalty is the answer.
-        One pilot is scanned along ``gamma`` at ``a = center``; several are
-        compared on a grid of ``(a, gamma)``.
+        One pilot is scanned along ``gamma`` at ``a = center`` (before
+        Newton's method, only until an exponent beats the shared penalty);
+        several are compared on a grid of ``(a, gamma)``.
         """
         # the loss is not convex in gamma: start from the best of a scan, values
         # only (no hypergradient)
