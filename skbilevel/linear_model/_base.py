@@ -20,6 +20,7 @@ from sklearn.utils.metadata_routing import (
 )
 
 from ..hypergrad import HypergradientStrategy, available_strategies, get_strategy
+from ..hypergrad._checks import _did_you_mean
 
 
 def _offsets(X, y, sw, fit_intercept):
@@ -295,8 +296,9 @@ def _split_params(estimator, params, sample_weight):
         return dict(routed.splitter.split)
     extra = sorted(set(params) - {"groups"})
     if extra:
+        hint = _did_you_mean(extra, ["sample_weight", "groups"])
         raise ValueError(
-            f"{name}.fit got unexpected keyword arguments {extra}. Without metadata "
+            f"{name}.fit got unexpected keyword arguments {extra}{hint}. Without metadata "
             "routing it takes X, y, sample_weight and groups (for a group splitter "
             "passed as cv); other metadata for cv's splitter needs "
             "sklearn.set_config(enable_metadata_routing=True)."

@@ -57,7 +57,7 @@ def test_groups_without_a_group_splitter(make, classifier):
     with pytest.raises(ValueError, match="does not use them.*GroupKFold"):
         make(3).fit(X, y, groups=g)
     # any other keyword needs metadata routing
-    with pytest.raises(ValueError, match=r"unexpected keyword arguments \['group'\]"):
+    with pytest.raises(ValueError, match=r"unexpected keyword arguments \['group'\] \(did you mean groups\?\)"):
         make(GroupKFold(3)).fit(X, y, group=g)
     with sklearn.config_context(enable_metadata_routing=True):
         # a K-fold does not request groups: scikit-learn's routing refuses them
