@@ -1398,3 +1398,28 @@ def test_regressor_scalar_loo_refuses_to_densify_sparse_x_beyond_the_limit(monke
         HyperL2Regressor(cv="loo", penalty="scalar").fit(X, y)
     HyperL2Regressor(cv="loo", penalty="scalar", dtype="float32").fit(X, y)  # 0.6 MiB
     HyperL2Regressor(penalty="scalar").fit(X, y)  # K folds stay sparse
+
+
+@pytest.mark.parametrize("outer_optimizer", ["lbfgs", "adam"])
+def test_adaptive_scan_skips_a_non_finite_exponent(outer_optimizer, monkeypatch):
+    """A non-finite loss at the first exponent tried stayed the scan's best
+    point (NaN compares false), so an exponent that beat the shared penalty
+    after it was dropped and the adaptive model with it."""
+    from skbilevel.linear_model import _hyper_l2
+
+    X, y = _hetero(p=24)
+    value = _hyper_l2._FoldObjective.value
+    first = {"lbfgs": _hyper_l2._NEWTON_GAMMA_STARTS[0], "adam": _hyper_l2._ADAPTIVE_GAMMA_SCAN[0]}
+
+    def broken(self, phi):
+        if phi.numel() == 2 and float(phi[1]) == first[outer_optimizer]:
+            return float("nan")
+        return value(self, phi)
+
+    kw = dict(random_state=0, max_iter=5, outer_optimizer=outer_optimizer)
+    reference = HyperL2Regressor(**kw).fit(X, y)
+    assert reference.adaptive_params_ is not None
+    monkeypatch.setattr(_hyper_l2._FoldObjective, "value", broken)
+    est = HyperL2Regressor(**kw).fit(X, y)
+    assert est.adaptive_params_ is not None
+    assert np.isfinite(est.cv_loss_) and np.all(np.isfinite(est.alphas_))
