@@ -307,12 +307,16 @@ class _BackwardState:
             )
         return self._theta
 
-    def _preconditioner(self):
+    def _preconditioner(self, diagonal_only=False):
         """CG preconditioner at ``theta*`` from the inner loss's optional
         ``hessian_preconditioner(theta, phi)`` or ``hessian_diagonal(theta, phi)``
-        (a callable on flat vectors, a flat diagonal, or ``None``)."""
+        (a callable on flat vectors, a flat diagonal, or ``None``); with
+        ``diagonal_only``, the Jacobi diagonal alone (the second choice when
+        the first is not positive definite)."""
         phi = tree_unflatten(self.phi_spec, self.phi_leaves)
-        block = getattr(self.inner_loss, "hessian_preconditioner", None)
+        block = None
+        if not diagonal_only:
+            block = getattr(self.inner_loss, "hessian_preconditioner", None)
         diagonal = getattr(self.inner_loss, "hessian_diagonal", None)
         return _problem_preconditioner(
             None if block is None else (lambda t: block(t, phi)),
@@ -561,11 +565,13 @@ class ImplicitCG(_Implicit):
         except _IndefinitePreconditioner as err:
             # the problem's own preconditioner lost its definiteness in rounding
             # (RidgeFolds' Woodbury inverse with penalties over 20 decades): the
-            # fit raised; CG runs without it, and warns as usual if it cannot
-            # reach tol
+            # fit raised; CG runs with the Jacobi diagonal instead (positive by
+            # construction) or none, and warns as usual if it cannot reach tol
             info.extra["preconditioner_dropped"] = str(err)
-            pre = None
-            v, result = solve_cg(matvec, b, x0=x0, tol=tol, maxiter=maxiter)
+            pre = preconditioner(diagonal_only=True)
+            v, result = solve_cg(
+                matvec, b, x0=x0, tol=tol, maxiter=maxiter, preconditioner=pre
+            )
         # whether CG used it: a start worse than zero is dropped (it read True)
         info.extra["warm_started"] = bool(result.warm_started)
         info.extra["preconditioned"] = pre is not None

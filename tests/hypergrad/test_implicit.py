@@ -594,3 +594,9 @@ def test_cg_drops_an_indefinite_problem_preconditioner():
     value, grad, info, _ = folds.value_and_grad(phi, hypergradient="cg")
     torch.testing.assert_close(grad, exact[1], rtol=1e-6, atol=1e-10)
     assert "not positive definite" in info.extra["preconditioner_dropped"]
+    # ... for the problem's Jacobi diagonal (it ran unpreconditioned before)
+    assert info.extra["preconditioned"] is True
+    folds.hessian_diagonal = None  # without one either: no preconditioner
+    value, grad, info, _ = folds.value_and_grad(phi, hypergradient="cg")
+    torch.testing.assert_close(grad, exact[1], rtol=1e-6, atol=1e-10)
+    assert info.extra["preconditioned"] is False
