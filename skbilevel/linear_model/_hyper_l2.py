@@ -2303,7 +2303,7 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                 lambda b, phi: b.validation_loss(b.solve(phi, solver)[0]),
                 # the exact Hessian (binary problems): Newton steps for the adaptive model
                 (lambda b, phi: b.value_grad_hessian(phi, solver)) if n_classes == 2 else None,
-                lambda b, phi: b.fold_losses(b.solve(phi, solver)[0]),
+                lambda b, phi: b.fold_losses_at(phi, solver),
             )
             scale = _penalty_scale(scales)
             # the smallest scale of a feature that varies: the shared grid's low end

@@ -1008,3 +1008,34 @@ def test_logistic_penalty_cache_follows_phi_and_the_penalty_model():
     assert out.requires_grad and folds._penalty(leaf) is not out
     out.sum().backward()
     torch.testing.assert_close(leaf.grad, torch.full((3,), 2.0, dtype=DT))
+
+
+def test_logistic_fold_losses_at_reuses_the_solution_at_the_same_penalties(monkeypatch):
+    # the classifier's one-standard-error rule solved every fold again at a point
+    # a descent had just evaluated, and at the shared penalty its curve chose
+    X, y = _class_data(n=60, p=3)
+    T = _folds(len(y), k=3)
+    folds = LogisticFolds(torch.tensor(X), torch.tensor(y), 2, torch.tensor(T), torch.tensor(1.0 - T))
+    solves = []
+    original = LogisticFolds.solve
+
+    def counted(self, phi, solver=None, init=None):
+        solves.append(phi.clone())
+        return original(self, phi, solver, init)
+
+    monkeypatch.setattr(LogisticFolds, "solve", counted)
+    phi = torch.tensor([0.5, -0.2, 1.0], dtype=DT)
+    _, _, _, theta = folds.value_and_grad(phi)
+    assert torch.equal(folds.fold_losses_at(phi.clone()), folds.fold_losses(theta))
+    assert not solves
+    # other penalties: a solve
+    other = phi + 0.1
+    folds.fold_losses_at(other)
+    assert len(solves) == 1
+    # after a curve, its best point, asked for in the per-feature model
+    curve = folds.validation_curve([-2.0, 0.0, 2.0])
+    best = [-2.0, 0.0, 2.0][int(torch.argmin(curve))]
+    n_solves = len(solves)
+    losses = folds.fold_losses_at(torch.full((3,), best, dtype=DT))
+    assert len(solves) == n_solves
+    assert float(losses.sum()) == pytest.approx(float(curve.min()), rel=1e-14)
