@@ -2427,6 +2427,17 @@ class LogisticFolds(_PenaltyModel):
         chose: each was a solve of every fold again (from the solution
         itself, one forced Newton iteration), 6% of a make_classification fit.
 
+        Parameters
+        ----------
+        phi : tensor
+            The outer variables (penalties), as for :meth:`solve`.
+        solver : InnerSolver, optional
+            The solver of a new solve (default :meth:`default_solver`).
+
+        Returns
+        -------
+        tensor of shape (n_folds,)
+
         Examples
         --------
         >>> import torch
