@@ -907,36 +907,29 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         starts = {}  # pilot -> the inner solutions at its best scanned point
         for name, bases in candidates.items():
             staged = objective.map_batches(lambda b, k: b.reparametrized(basis=bases[k]))
-            if len(candidates) == 1 and self._takes_newton_steps(staged, 2):
-                # Newton's method needs a start that beats the shared penalty, not
-                # the scan's best point: from the first such exponent it reached
-                # the same model (test log-loss and R^2 within 3e-5 on 5 splits of
-                # breast_cancer, make_classification, 3 synthetic binary sets,
-                # hetero and diabetes-poly2) with 2 to 4 fewer fold solves
-                # (make_classification: 0.59 -> 0.49 s over the 5 splits)
-                for gamma in _NEWTON_GAMMA_STARTS:
-                    loss = _finite_or_inf(staged.value(bases[0].new_tensor([center, gamma])))
-                    if name not in best or loss < best[name][0]:
-                        best[name] = (loss, center, gamma)
-                        starts[name] = staged.warm_starts()
-                    if loss < base:
-                        break
-                continue
             if len(candidates) == 1:
                 # a one-dimensional scan of gamma at a = centre (a is the u-weighted
-                # mean log-penalty whatever gamma), stopped once the loss has risen
-                # twice in a row: larger exponents only spread the penalties further.
-                # (L-BFGS, which starts from its best point: from gamma = 1 instead,
-                # digits' test log-loss rose on one split of 4, .0973 -> .1015)
+                # mean log-penalty whatever gamma). Before L-BFGS, which starts from
+                # its best point, stopped once the loss has risen twice in a row:
+                # larger exponents only spread the penalties further. Newton's
+                # method needs only a start that beats the shared penalty: from the
+                # first such exponent of _NEWTON_GAMMA_STARTS it reached the same
+                # model (test log-loss and R^2 within 3e-5 on 5 splits of
+                # breast_cancer, make_classification, 3 synthetic binary sets,
+                # hetero and diabetes-poly2) with 2 to 4 fewer fold solves
+                # (make_classification: 0.59 -> 0.49 s over the 5 splits). (L-BFGS
+                # from gamma = 1 instead: digits' test log-loss rose on one split of
+                # 4, .0973 -> .1015)
+                newton = self._takes_newton_steps(staged, 2)
                 previous, rises = base, 0  # gamma = 0 is the shared penalty
-                for gamma in _ADAPTIVE_GAMMA_SCAN:
+                for gamma in _NEWTON_GAMMA_STARTS if newton else _ADAPTIVE_GAMMA_SCAN:
                     loss = _finite_or_inf(staged.value(bases[0].new_tensor([center, gamma])))
                     if name not in best or loss < best[name][0]:
                         best[name] = (loss, center, gamma)
                         starts[name] = staged.warm_starts()
                     rises = rises + 1 if loss > previous else 0
                     previous = loss
-                    if rises == 2:
+                    if (loss < base) if newton else rises == 2:
                         break
                 continue
             # pilots differ in level as well as in shape: once a sparse pilot prunes

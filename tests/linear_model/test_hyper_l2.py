@@ -66,6 +66,22 @@ def _hetero(n=300, p=12, seed=0):
     return X, y
 
 
+def _relevance_tiers(n, p, n_strong, n_weak, seed, n_test=2000):
+    """benchmarks/bench_hyper_l2.py's ``heterogeneous`` data, the ``n`` training
+    rows followed by ``n_test`` test rows: ``n_strong`` coefficients in
+    +-[1, 2], ``n_weak`` in +-[0.05, 0.3], the rest 0."""
+    rng = np.random.RandomState(seed)
+    w = np.zeros(p)
+    w[:n_strong] = rng.uniform(1, 2, n_strong) * rng.choice([-1, 1], n_strong)
+    w[n_strong : n_strong + n_weak] = rng.uniform(0.05, 0.3, n_weak) * rng.choice(
+        [-1, 1], n_weak
+    )
+    w = w[rng.permutation(p)]
+    X = rng.randn(n + n_test, p)
+    f = X @ w
+    return X, f + 0.16 * np.std(f) * rng.randn(n + n_test) + 3.0
+
+
 def test_regressor_noise_features_get_larger_penalties():
     # (18 noise features: with 6, n = 300 fits them so well that penalizing them
     # gains less than the folds' noise, and the shared penalty is kept)
@@ -972,15 +988,8 @@ def test_regressor_pilots_are_compared_at_their_best_level():
     # validated better and its descent ended at a CV loss 1.6x the sparse
     # pilots'. Rated on a grid of (a, gamma), the chosen pilot is the one
     # whose own descent validates best
-    rng = np.random.RandomState(1)
-    n, p = 150, 400
-    w = np.zeros(p)
-    w[:10] = rng.uniform(1, 2, 10) * rng.choice([-1, 1], 10)
-    w[10:30] = rng.uniform(0.05, 0.3, 20) * rng.choice([-1, 1], 20)
-    w = w[rng.permutation(p)]
-    X = rng.randn(n + 2000, p)
-    f = X @ w
-    y = f + 0.16 * np.std(f) * rng.randn(n + 2000) + 3.0
+    n = 150
+    X, y = _relevance_tiers(n, 400, 10, 20, seed=1)
     X = (X - X[:n].mean(0)) / X[:n].std(0)
     model = HyperL2Regressor(random_state=1).fit(X[:n], y[:n])
     losses = {}
@@ -1431,16 +1440,8 @@ def test_regressor_sparse_pilots_follow_the_folds_training_rows():
     the folds took the primal form (RidgeFolds compared p with all the rows),
     so only the ridge pilot ran: test R^2 .9554 against LassoCV's .9555 here
     (8 such sets: .9533 on average, below LassoCV on 7); now .9640."""
-    # (benchmarks/bench_hyper_l2.py's heterogeneous(130, 110, 8, 16, 2000))
-    rng = np.random.RandomState(0)
-    n, p = 130, 110
-    w = np.zeros(p)
-    w[:8] = rng.uniform(1, 2, 8) * rng.choice([-1, 1], 8)
-    w[8:24] = rng.uniform(0.05, 0.3, 16) * rng.choice([-1, 1], 16)
-    w = w[rng.permutation(p)]
-    X = rng.randn(n + 2000, p)
-    f = X @ w
-    y = f + 0.16 * np.std(f) * rng.randn(n + 2000) + 3.0
+    n = 130
+    X, y = _relevance_tiers(n, 110, 8, 16, seed=0)
     X, Xt, y, yt = X[:n], X[n:], y[:n], y[n:]
     model = HyperL2Regressor(random_state=0).fit(X, y)
     assert model.adaptive_pilot_ in ("lasso", "lasso_low")
