@@ -1026,7 +1026,7 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         )
         history, n_iter = [], 0
         stage1 = shared_loss = None  # shared_loss: the CV loss at the shared penalty
-        scan = None  # stage 1's scan when it took the best grid point as is
+        scan = None  # stage 1's grid search, when it stopped short of _shared_tol
         # the classifier's lowest level: the shared search's lower bound
         level_floor = None
         from_x0 = None  # stage 1's search from a float alpha_init
@@ -1100,8 +1100,8 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
             shared = center = float(stage1.x[0])
             base = shared_loss = float(stage1.fun[0])
             n_iter += int(stage1.n_iter)
-            if kind != "scalar" and stage1.n_evaluations == 0:
-                scan = stage1  # a grid point as is: refined if it is the answer
+            if kind != "scalar":
+                scan = stage1  # short of _shared_tol: refined if it is the answer
 
             history.extend(
                 float(self._nll(torch.tensor(h), base)) for h in stage1.history
@@ -1123,10 +1123,16 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
         info = objective.last_info
 
         def refined(shared):
-            """The shared penalty as the fit's answer: refined by secant steps
-            when stage 1 took its best grid point as is (the classifier's, for
-            the later stages), since it is then only a grid point. (Iris: the
-            grid's 0.105 gave a CV loss 6% above the refined 0.036.)"""
+            """The shared penalty as the fit's answer: the search of stage 1
+            continued from its grid's values to ``_shared_tol``, as for one
+            penalty, since before the later stages it stops short of it (the
+            regressor's one step from the grid's parabola, the classifier's
+            best grid point as is, or as it left a grid's end). (Iris: the
+            grid's 0.105 gave a CV loss 6% above the refined 0.036. A digits
+            split whose best grid point was the grid's lower end: 0.118 kept
+            with a CV log-loss of .1156, where the minimum between the first two
+            grid points, 0.403, has .1101; test log-loss .1138 against .1026.
+            A regressor: 19.6 against 17.5, CV loss 0.18% higher.)"""
             nonlocal n_iter
             if scan is None:
                 if from_x0 is not None:
@@ -1138,7 +1144,8 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                 grid=scan.grid,
                 tol=self._shared_tol,
                 max_iter=max(1, self.max_iter),
-                bounds=(scan.grid[0], scan.grid[-1]),
+                bounds=bounds,
+                expand=True,
             )
             n_iter += int(res.n_iter)
             history.extend(float(self._nll(torch.tensor(h), base)) for h in res.history)
@@ -1464,7 +1471,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         penalty of ``Ridge`` on standardized data. The later stages start
         from it, floored at ``1e-4`` times the mean squared (centred) norm
         of the rescaled features (below that the fit does not depend on the
-        penalties, so their hypergradients vanish).
+        penalties, so their hypergradients vanish). When they do not beat
+        it, it is the answer, searched as closely as the single penalty of
+        ``penalty="scalar"`` on standardized data.
     adaptive_params_ : ndarray of shape (2,) or None
         ``(a, gamma)`` of the adaptive model (``None`` when it was not
         used, or when the shared penalty validated better and was kept).
