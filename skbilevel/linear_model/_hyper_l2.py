@@ -1132,21 +1132,34 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
             split whose best grid point was the grid's lower end: 0.118 kept
             with a CV log-loss of .1156, where the minimum between the first two
             grid points, 0.403, has .1101; test log-loss .1138 against .1026.
-            A regressor: 19.6 against 17.5, CV loss 0.18% higher.)"""
+            A regressor: 19.6 against 17.5, CV loss 0.18% higher.) A search
+            from a float ``alpha_init`` stopped at 1e-2: continued from its
+            answer, with steps of ten times that (a regressor: 4.962 against
+            4.921).)"""
             nonlocal n_iter
-            if scan is None:
+            if scan is not None:
+                res = minimize_log_alpha(
+                    vg_np,
+                    values=lambda g: scan.grid_values,
+                    grid=scan.grid,
+                    tol=self._shared_tol,
+                    max_iter=max(1, self.max_iter),
+                    bounds=bounds,
+                    expand=True,
+                )
+            elif from_x0 is not None and tol > self._shared_tol:
+                res = minimize_log_alpha(
+                    vg_np,
+                    x0=shared,
+                    step=10.0 * tol,
+                    tol=self._shared_tol,
+                    max_iter=max(1, self.max_iter),
+                    bounds=bounds,
+                )
+            else:
                 if from_x0 is not None:
-                    self._warn_unlocated(from_x0, 1e-2, unit)
+                    self._warn_unlocated(from_x0, tol, unit)
                 return shared
-            res = minimize_log_alpha(
-                vg_np,
-                values=lambda g: scan.grid_values,
-                grid=scan.grid,
-                tol=self._shared_tol,
-                max_iter=max(1, self.max_iter),
-                bounds=bounds,
-                expand=True,
-            )
             n_iter += int(res.n_iter)
             history.extend(float(self._nll(torch.tensor(h), base)) for h in res.history)
             self._warn_unlocated(res, self._shared_tol, unit)

@@ -719,6 +719,19 @@ def test_regressor_refines_the_shared_penalty_when_it_is_the_answer():
     np.testing.assert_allclose(reg.cv_loss_, scalar.cv_loss_, rtol=1e-9)
 
 
+def test_regressor_refines_a_shared_penalty_searched_from_a_float_alpha_init():
+    # from a float alpha_init the shared search stops at 1e-2 in log(alpha)
+    # before the later stages; as the answer it goes on to 1e-3 (4.962 against
+    # 4.921 before)
+    X, rng = _standardized(100, 60, 1)
+    y = X @ rng.randn(60) + 3.0 * rng.randn(100)
+    reg = HyperL2Regressor(alpha_init=1.0, random_state=0).fit(X, y)
+    assert reg.adaptive_params_ is None
+    scalar = HyperL2Regressor(alpha_init=1.0, random_state=0, penalty="scalar").fit(X, y)
+    np.testing.assert_allclose(reg.alphas_, scalar.alphas_[0], rtol=1e-3)
+    np.testing.assert_allclose(reg.cv_loss_, scalar.cv_loss_, rtol=1e-7)
+
+
 def test_classifier_refines_a_shared_penalty_left_at_the_grids_end():
     # the best grid point is the grid's low end (1e-4 n, where the search stops
     # on standardized data) but the minimum lies inside, towards the next grid
