@@ -1135,7 +1135,7 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
             A regressor: 19.6 against 17.5, CV loss 0.18% higher.) A search
             from a float ``alpha_init`` stopped at 1e-2: continued from its
             answer, with steps of ten times that (a regressor: 4.962 against
-            4.921).)"""
+            4.921)."""
             nonlocal n_iter
             if scan is not None:
                 res = minimize_log_alpha(
@@ -1412,9 +1412,10 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
     max_iter : int, default=100
         Maximum number of outer (hypergradient) iterations of each of the
         adaptive and per-feature stages; also caps the refinements of the
-        shared stage when it is the answer (``penalty="scalar"``; before
-        per-feature stages it takes one refinement after its scan, and up to
-        ``max_iter`` steps from a float ``alpha_init``). An adaptive or
+        shared stage when it is the answer (``penalty="scalar"``, or no later
+        stage beats it; before the per-feature stages it takes one refinement
+        after its scan, and searches from a float ``alpha_init`` to 1e-2 in
+        ``log(alpha)`` in at most ``max_iter`` steps). An adaptive or
         per-feature stage that reaches it while its objective still falls by
         more than a relative ``tol`` raises a ``ConvergenceWarning`` (its
         best iterate is kept).
@@ -1936,10 +1937,11 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
     max_iter : int, default=100
         Maximum number of outer (hypergradient) iterations of each of the
         adaptive and per-feature stages; also caps the refinements of the
-        shared stage when it is the answer (``penalty="scalar"``; before
-        per-feature stages it takes the best point of its grid as is, and
-        refines it only if it is the answer: each refinement solves the folds
-        again, and the stages that follow move the level anyway). A stage
+        shared stage when it is the answer (``penalty="scalar"``, or no later
+        stage beats it; before the per-feature stages it takes the best point
+        of its grid as is, and refines it only if it is the answer: each
+        refinement solves the folds again, and the stages that follow move
+        the level anyway). A stage
         stopped by it is a ``ConvergenceWarning``, as for
         :class:`HyperL2Regressor`.
     tol : float, default=3e-4
