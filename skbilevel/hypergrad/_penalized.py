@@ -818,7 +818,9 @@ def _dual_factor(Xs, alpha):
     M, scaled = _dual_kernel(Xs, alpha)
     M.diagonal(dim1=-2, dim2=-1).add_(1.0)
     L, info = _cholesky_ex(M, overwrite_a=True)
-    XA = None if scaled is None else scaled * _wide(alpha).rsqrt()[:, None, :]
+    # in place: a fresh (K, m, p) product cost more in page faults than in
+    # arithmetic
+    XA = None if scaled is None else scaled.mul_(_wide(alpha).rsqrt()[:, None, :])
     return XA, L, info
 
 
