@@ -1138,28 +1138,22 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
             4.921)."""
             nonlocal n_iter
             if scan is not None:
-                res = minimize_log_alpha(
-                    vg_np,
-                    values=lambda g: scan.grid_values,
-                    grid=scan.grid,
-                    tol=self._shared_tol,
-                    max_iter=max(1, self.max_iter),
-                    bounds=bounds,
-                    expand=True,
+                start = dict(
+                    values=lambda g: scan.grid_values, grid=scan.grid, expand=True
                 )
             elif from_x0 is not None and tol > self._shared_tol:
-                res = minimize_log_alpha(
-                    vg_np,
-                    x0=shared,
-                    step=10.0 * tol,
-                    tol=self._shared_tol,
-                    max_iter=max(1, self.max_iter),
-                    bounds=bounds,
-                )
+                start = dict(x0=shared, step=10.0 * tol)
             else:
                 if from_x0 is not None:
                     self._warn_unlocated(from_x0, tol, unit)
                 return shared
+            res = minimize_log_alpha(
+                vg_np,
+                tol=self._shared_tol,
+                max_iter=max(1, self.max_iter),
+                bounds=bounds,
+                **start,
+            )
             n_iter += int(res.n_iter)
             history.extend(float(self._nll(torch.tensor(h), base)) for h in res.history)
             self._warn_unlocated(res, self._shared_tol, unit)

@@ -697,7 +697,6 @@ def test_classifier_refines_the_shared_penalty_when_it_is_the_answer():
     np.testing.assert_allclose(clf.cv_loss_, shared.cv_loss_, rtol=1e-4)
 
 
-
 def _standardized(n, p, seed):
     rng = np.random.RandomState(seed)
     X = rng.randn(n, p)
@@ -746,6 +745,7 @@ def test_classifier_refines_a_shared_penalty_left_at_the_grids_end():
     assert scalar.shared_alpha_ > 2.0 * 1e-4 * len(y)
     np.testing.assert_allclose(clf.shared_alpha_, scalar.shared_alpha_, rtol=0.05)
     np.testing.assert_allclose(clf.cv_loss_, scalar.cv_loss_, rtol=1e-4)
+
 
 def test_regressor_constant_target_is_fitted_without_warnings(variance_factors):
     X = np.random.RandomState(0).randn(50, 5)
