@@ -1923,6 +1923,8 @@ class LogisticFolds(_PenaltyModel):
         self.theta_ = None  # warm start
         self._X_sq = None  # X ** 2, built on the first hessian_diagonal call
         self._X_aug = None  # [X, 1] dense, built on the first hessian_preconditioner call
+        self._X_aug_hvp = None  # _X_aug in hvp_dtype (_weighted_gram)
+        self._neg_sign = None  # -(2 y - 1) as (1, 1, n): _binary_terms
         self._curvature_at = None  # [leaves, versions, (P, w), copies]: _curvature
         self._XT = None  # X.T contiguous (or CSR), built on its first use (_transposed)
         self._gram_at = None  # (curvature weights, weighted Gram) of hessian_preconditioner
@@ -2124,17 +2126,13 @@ class LogisticFolds(_PenaltyModel):
         W = theta["coef"].detach()
         with torch.no_grad():
             z = self.logits({k: v.detach() for k, v in theta.items()})
-            P, _ = self._curvature(theta, z)  # (K, c, n)
             if self.n_out == 1:
-                losses = self._binary_losses(z)
-                # P - y as -s sigmoid(-s z): no cancellation for confident samples
-                sign = self._sign.T[:, None, :]
-                R = -sign * torch.sigmoid(-sign * z.permute(1, 2, 0))
+                data, R = self._binary_terms(theta, z)
             else:
+                P, _ = self._curvature(theta, z)  # (K, c, n)
                 losses = torch.logsumexp(z, dim=-1) - (z * self._onehot).sum(-1)
-                R = P - self._onehot.permute(1, 2, 0)
-            R = self.train_weights[:, None, :] * R
-            data = (self._train_t * losses).sum()
+                R = self.train_weights[:, None, :] * (P - self._onehot.permute(1, 2, 0))
+                data = (self._train_t * losses).sum()
         value = (data + 0.5 * (a[..., None] * W * W).sum()) / self._scale
         return value, self._to_theta(R, W, a)
 
@@ -2190,6 +2188,35 @@ class LogisticFolds(_PenaltyModel):
                 R = w * (u - (P * u).sum(1, keepdim=True))
             return self._to_theta(R, V, a, X, XT)
 
+    def _binary_terms(self, theta, z):
+        """The weighted training loss and its logit-space gradient ``R``
+        (``(K, 1, n)``) of a binary problem, from one pass over the logits
+        ``z``; they also fill :meth:`_curvature`'s cache for ``theta``.
+
+        With ``s = 2 y - 1`` and ``m = -s z``, ``Q = sigmoid(m)`` is the
+        probability of the wrong class and ``sigmoid(-m)`` that of the true
+        one: ``P - y = -s Q`` and ``P (1 - P) = Q sigmoid(-m)``, each without
+        cancellation for confident samples, and the loss is
+        ``log(1 + exp(m))``. Two sigmoids instead of three, on the
+        samples-last layout throughout (make_classification: 0.28 against
+        0.21 ms a call, 67 calls a fit).
+        """
+        if self._neg_sign is None:
+            self._neg_sign = -self._sign.T[:, None, :]  # (1, 1, n)
+        t = self.train_weights[:, None, :]  # (K, 1, n)
+        m = z.permute(1, 2, 0) * self._neg_sign
+        Q = torch.sigmoid(m)
+        Qc = torch.sigmoid(-m)
+        data = torch.dot(
+            t.reshape(-1), torch.logaddexp(m, torch.zeros((), dtype=m.dtype)).reshape(-1)
+        )
+        P = torch.where(self._neg_sign < 0, Qc, Q)
+        leaves = tuple(theta[k] for k in ("coef", "intercept") if k in theta)
+        self._curvature_at = [
+            leaves, tuple(v._version for v in leaves), (P, t * Q * Qc), None
+        ]
+        return data, self._neg_sign * t * Q
+
     def _binary_losses(self, z):
         """``log(1 + exp(-s z))`` exactly: ``softplus`` is linear beyond 20, so
         its value would disagree with the closed-form gradient by ``exp(-20)``
@@ -2238,7 +2265,7 @@ class LogisticFolds(_PenaltyModel):
         then takes a few more products, which are far cheaper: along the
         Newton iterations and outer steps of a fit, most calls reuse it
         (make_classification: fit 0.148 -> 0.121 s, the same log-loss to
-        1e-5).
+        1e-5). It is formed in ``hvp_dtype`` unless ``exact``.
 
         Parameters
         ----------
@@ -2308,25 +2335,37 @@ class LogisticFolds(_PenaltyModel):
                 or float(((w - cached[0]).abs().sum(-1) / cached[0].sum(-1)).max())
                 > _GRAM_REFRESH
             ):
-                cached = self._gram_at = (w, self._weighted_gram(w))
-            H = cached[1].clone()  # (K, q, q)
+                cached = self._gram_at = (w, self._weighted_gram(w, exact))
+            H = cached[1].to(self.X.dtype, copy=True)  # (K, q, q)
             a = self._penalty(phi.detach()).T  # (K, p)
             idx = torch.arange(p, device=self.X.device)
             H[:, idx, idx] += a
             L, info = _cholesky_ex(H / self._scale, overwrite_a=True)
         return None if bool((info != 0).any()) else L
 
-    def _weighted_gram(self, w):
+    def _weighted_gram(self, w, exact=True):
         """``X_aug^T diag(w_k) X_aug`` of every fold, ``(K, q, q)``.
 
         Over each fold's training rows only (``w`` is zero elsewhere), one
         fold at a time, the weighted rows gathered into one temporary
         scaled in place: 5 folds of 14000 x 101 in 27 ms, against 56 ms for
         one ``(K, n, q)`` product over all the rows.
+
+        Unless ``exact``, in ``hvp_dtype`` (the result is cast back by the
+        caller): a preconditioner's Gram matrix, reused while the weights
+        move by up to 10%, needs no more precision than the products conjugate
+        gradient runs with it (float32: the gathered rows and their rank-k
+        update, 5 folds of 1120 x 51, in 0.57 against 0.98 ms; 8 of a
+        make_classification fit's 13 Gram matrices; the same log-losses to
+        1e-5).
         """
         if self._train_rows is None:
             self._train_rows = [torch.nonzero(t > 0)[:, 0] for t in self.train_weights]
         Xa = self._X_aug
+        if not exact and self.hvp_dtype != Xa.dtype:
+            if self._X_aug_hvp is None:
+                self._X_aug_hvp = Xa.to(self.hvp_dtype)
+            Xa, w = self._X_aug_hvp, w.to(self.hvp_dtype)
         return torch.stack(
             [
                 _gram(Xa.index_select(0, rows).mul_(w[k, rows].sqrt()[:, None]))

@@ -309,7 +309,9 @@ def test_logistic_preconditioner_reuses_its_gram_while_the_weights_barely_move(m
     formed = []
     gram = LogisticFolds._weighted_gram
     monkeypatch.setattr(
-        LogisticFolds, "_weighted_gram", lambda self, w: formed.append(1) or gram(self, w)
+        LogisticFolds,
+        "_weighted_gram",
+        lambda self, w, exact=True: formed.append(1) or gram(self, w, exact),
     )
     near = {k: v * 1.001 for k, v in theta.items()}  # weights move by far less than 10%
     folds.hessian_preconditioner(theta, phi, exact=True)
@@ -323,6 +325,37 @@ def test_logistic_preconditioner_reuses_its_gram_while_the_weights_barely_move(m
     for k, v in exact(r).items():
         torch.testing.assert_close(v, torch.ones_like(v), rtol=1e-10, atol=1e-10)
         assert float((reused(r)[k] - v).norm() / v.norm()) < 0.05
+
+
+def test_logistic_preconditioner_gram_in_hvp_dtype_unless_exact():
+    # a reused preconditioner's Gram matrix is formed in the products'
+    # precision; the exact one (value_grad_hessian's) stays in X's
+    X, y = _class_data(n=120, p=5)
+    T = torch.tensor(_folds(len(y), k=3))
+    args = (torch.tensor(X), torch.tensor(y), 2, T, 1.0 - T)
+    low = LogisticFolds(*args, hvp_dtype=torch.float32)
+    ref = LogisticFolds(*args)
+    phi = torch.linspace(-1.0, 1.0, 5, dtype=DT)
+    theta, _ = ref.solve(phi, NewtonCG(tol=1e-10))
+    w = ref._curvature(theta)[1][:, 0, :]
+    ref.hessian_preconditioner(theta, phi)  # builds _X_aug
+    low.hessian_preconditioner(theta, phi)
+    exact64 = ref._weighted_gram(w)
+    assert low._weighted_gram(w, exact=False).dtype == torch.float32
+    assert ref._weighted_gram(w, exact=False).dtype == DT
+    torch.testing.assert_close(low._weighted_gram(w), exact64, rtol=0, atol=0)
+    torch.testing.assert_close(
+        low._weighted_gram(w, exact=False).to(DT), exact64, rtol=1e-5, atol=1e-6
+    )
+    # the preconditioner (not the answer) changes: the same solution to tolerance
+    solution, info = low.solve(phi, NewtonCG(tol=1e-10))
+    assert info.converged
+    for k in theta:
+        torch.testing.assert_close(solution[k], theta[k], rtol=1e-8, atol=1e-9)
+    inv = low.hessian_preconditioner(theta, phi, exact=True)
+    r = ref.hvp(theta, phi, {k: torch.ones_like(v) for k, v in theta.items()})
+    for v in inv(r).values():
+        torch.testing.assert_close(v, torch.ones_like(v), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("fit_intercept", [True, False])
