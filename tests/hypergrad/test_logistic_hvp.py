@@ -160,6 +160,41 @@ def test_newton_cg_same_solution_with_and_without_protocol(
     torch.testing.assert_close(solutions[1], solutions[2], rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_newton_cg_evaluates_each_iterate_once_with_loss_and_grad(n_classes, monkeypatch):
+    # the line search's accepted point is the next iterate: its value and
+    # gradient come from loss_and_grad once (they were computed twice: a value
+    # by inner_loss in the line search, then both again), and hvp finds the
+    # curvature loss_and_grad cached on that iterate's tree
+    folds = _folds(n_classes, True)
+    phi = torch.linspace(-1.0, 1.0, folds.n_groups, dtype=DT)
+    calls = {"loss_and_grad": 0, "inner_loss": 0, "curvature": 0}
+    for name in ("loss_and_grad", "inner_loss"):
+        method = getattr(LogisticFolds, name)
+        monkeypatch.setattr(
+            LogisticFolds,
+            name,
+            lambda self, *a, _m=method, _n=name: calls.__setitem__(_n, calls[_n] + 1)
+            or _m(self, *a),
+        )
+    curvature = LogisticFolds._curvature
+
+    def counted(self, theta, z=None, dtype=None):
+        cached = self._curvature_at
+        hit = cached is not None and all(a is b for a, b in zip(cached[0], theta.values()))
+        calls["curvature"] += not hit
+        return curvature(self, theta, z, dtype)
+
+    monkeypatch.setattr(LogisticFolds, "_curvature", counted)
+    theta, res = NewtonCG(tol=1e-11).solve(_FixedPhi(folds, phi), folds.init_theta())
+    assert res.converged and res.n_iter >= 3
+    assert calls["inner_loss"] == 0
+    # one evaluation per iterate, plus any rejected trial steps (none here)
+    assert calls["loss_and_grad"] == res.n_grad == res.n_iter + 1
+    if n_classes == 2:  # the binary path caches its curvature in loss_and_grad
+        assert calls["curvature"] == 0
+
+
 @pytest.mark.parametrize("strategy", ["cg", "dense", "neumann"])
 @pytest.mark.parametrize("per_fold", [False, True])
 @pytest.mark.parametrize("n_classes, fit_intercept", CASES)
