@@ -491,7 +491,6 @@ class _DropoutNet(torch.nn.Module):
         return self.out(self.drop(torch.relu(self.hidden(x))))
 
 
-@pytest.mark.filterwarnings("ignore:Refitting the inner model")  # L-BFGS on dropout
 def test_random_state_makes_fits_with_dropout_identical():
     # dropout masks came from torch's unseeded global generator: two fits with
     # random_state=0 gave different weights and predictions
@@ -508,6 +507,19 @@ def test_random_state_makes_fits_with_dropout_identical():
     torch.manual_seed(1)
     SampleReweighter(_DropoutNet, max_iter=2, random_state=0).fit(X, y)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_dropout_module_is_refitted_by_the_inner_optimizer():
+    # L-BFGS's line search on a random loss (dropout, one full batch) stopped
+    # after a few iterations with a ConvergenceWarning, the model half trained:
+    # training accuracy .77 (a logistic regression has .76), now .855
+    X, y = make_classification(200, n_features=6, n_informative=4, random_state=0)
+    X = (X - X.mean(0)) / X.std(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        est = SampleReweighter(_DropoutNet, max_iter=100, random_state=0).fit(X, y)
+    assert est.estimator_.module_.training is False  # predictions without dropout
+    assert est.score(X, y) > 0.83
 
 
 def test_early_stopping_counts_the_first_iteration_as_an_improvement():
