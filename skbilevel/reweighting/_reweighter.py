@@ -795,6 +795,21 @@ class _BaseSampleReweighter(BaseEstimator):
 
         # frozen parameters (requires_grad=False) stay the module's own constants
         theta = {k: p.detach().clone().requires_grad_(True) for k, p in _trainable(module)}
+        if strategy.family in ("implicit", "proxy"):
+            ones = torch.ones(batch, dtype=dtype, device=device)
+            if self._stochastic(problem, theta, ones, torch.arange(batch, device=device)):
+                # (a dropout network with "cg": 40 warnings in 20 iterations, CG at
+                # negative curvature and L-BFGS's failed line searches; "evograd"
+                # and "best_response" the same)
+                raise ValueError(
+                    f"hypergradient={self.hypergradient!r} solves the inner problem to "
+                    "a tolerance by L-BFGS, but the inner module's loss is random at "
+                    "fixed parameters (dropout or another random layer): its line "
+                    "search fails and the solution it differentiates is not one. Use "
+                    "an unrolled strategy ('lookahead', the default, 'reverse', "
+                    "'truncated', 'forward', 'first_order') or 'bome', or a module "
+                    "without random layers."
+                )
         opt = _make_inner_optimizer(self.optimizer, list(theta.values()), self.learning_rate)
         ctx = {"pending": None, "snapshot": None, "best": None, "best_loss": math.inf, "stall": 0}
 
@@ -1083,7 +1098,9 @@ _COMMON_DOC = """
         ``"truncated"``, ``"forward"``, ``"first_order"``, or an instance)
         unroll ``unroll_steps`` steps of gradient descent; implicit strategies
         (``"cg"``, ``"neumann"``, ...) solve each batch's weighted problem to
-        a tolerance (use ``alpha > 0`` so that it has a unique minimum).
+        a tolerance (use ``alpha > 0`` so that it has a unique minimum), as
+        do the proxies (``"evograd"``, ``"best_response"``): a module with
+        random layers (dropout) then raises a ``ValueError``.
     final_estimator : estimator, "joint" or None, default=None
         Model refitted on all samples with the learned weights (trusted
         samples at weight 1) as ``estimator_``. ``None`` retrains the inner

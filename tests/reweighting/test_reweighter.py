@@ -522,6 +522,17 @@ def test_dropout_module_is_refitted_by_the_inner_optimizer():
     assert est.score(X, y) > 0.83
 
 
+@pytest.mark.parametrize("hypergradient", ["cg", "neumann", "evograd", "best_response"])
+def test_strategies_solving_to_a_tolerance_refuse_a_random_inner_loss(hypergradient):
+    # each iteration gave a failed L-BFGS line search (and CG at negative
+    # curvature): 40 warnings in 20 iterations of "cg", 1120 for "best_response"
+    X, y = make_classification(60, n_features=4, random_state=0)
+    with pytest.raises(ValueError, match=r"random at fixed parameters \(dropout.*'lookahead'"):
+        SampleReweighter(_DropoutNet, hypergradient=hypergradient, max_iter=2).fit(X, y)
+    # a deterministic module with the same strategy is fitted
+    SampleReweighter(hypergradient=hypergradient, max_iter=2, random_state=0).fit(X, y)
+
+
 def test_early_stopping_counts_the_first_iteration_as_an_improvement():
     # the first comparison was value < inf - tol * inf = NaN, always False: the
     # first iteration counted as a stall and n_iter_no_change=1 stopped after it
