@@ -797,7 +797,8 @@ class _BaseSampleReweighter(BaseEstimator):
         theta = {k: p.detach().clone().requires_grad_(True) for k, p in _trainable(module)}
         if strategy.family in ("implicit", "proxy"):
             ones = torch.ones(batch, dtype=dtype, device=device)
-            if self._stochastic(problem, theta, ones, torch.arange(batch, device=device)):
+            first = torch.arange(batch, device=device)
+            if self._stochastic(problem, theta, ones, first):
                 # (a dropout network with "cg": 40 warnings in 20 iterations, CG at
                 # negative curvature and L-BFGS's failed line searches; "evograd"
                 # and "best_response" the same)

@@ -527,7 +527,8 @@ def test_strategies_solving_to_a_tolerance_refuse_a_random_inner_loss(hypergradi
     # each iteration gave a failed L-BFGS line search (and CG at negative
     # curvature): 40 warnings in 20 iterations of "cg", 1120 for "best_response"
     X, y = make_classification(60, n_features=4, random_state=0)
-    with pytest.raises(ValueError, match=r"random at fixed parameters \(dropout.*'lookahead'"):
+    match = r"random at fixed parameters \(dropout.*'lookahead'"
+    with pytest.raises(ValueError, match=match):
         SampleReweighter(_DropoutNet, hypergradient=hypergradient, max_iter=2).fit(X, y)
     # a deterministic module with the same strategy is fitted
     SampleReweighter(hypergradient=hypergradient, max_iter=2, random_state=0).fit(X, y)
