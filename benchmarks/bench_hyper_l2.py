@@ -26,9 +26,10 @@ time; classifier log-loss <= LogisticRegressionCV's (either scoring) at
 
 ``time_ratio`` is the row's fit time divided by the HyperL2 fit time on the
 same data set; a fit time is the median of five fits (one in ``--quick``
-mode). Every model is timed after a warm-up fit (the first
-torch optimizer built in a process imports torch._dynamo, several seconds,
-which is not a cost of the method). Timings on a shared machine are noisy.
+mode), the models taking turns. Every model is timed after a warm-up fit
+(the first torch optimizer built in a process imports torch._dynamo,
+several seconds, which is not a cost of the method). Timings on a shared
+machine are noisy.
 
 Usage: ``python benchmarks/bench_hyper_l2.py [--quick] [--json PATH]``.
 """
@@ -153,15 +154,23 @@ def classifiers():
     }
 
 
-def _fit_timed(make, X, y, repeats):
-    """The last fitted model and the median wall time of ``repeats`` fits."""
-    times = []
+def _fit_timed(makers, X, y, repeats):
+    """Each model's last fit and the median wall time of its ``repeats`` fits.
+
+    The models take turns (one fit each per round), so that a slower or faster
+    spell of a shared machine falls on all of them rather than on one model's
+    block of fits, which moved the time ratios by up to 20% between runs.
+    """
+    times = {model: [] for model in makers}
+    fitted = {}
     for _ in range(repeats):
-        est = make()
-        start = time.perf_counter()
-        est.fit(X, y)
-        times.append(time.perf_counter() - start)
-    return est, float(np.median(times))
+        for model, make in makers.items():
+            est = make()
+            start = time.perf_counter()
+            est.fit(X, y)
+            times[model].append(time.perf_counter() - start)
+            fitted[model] = est
+    return {model: (fitted[model], float(np.median(times[model]))) for model in makers}
 
 
 def _warm_up():
@@ -177,14 +186,11 @@ def run(quick):
     repeats = 1 if quick else 5
     rows = []
     for name, splits in regression_sets(quick):
-        res = {}
-        for model, make in regressors().items():
-            scores, times = [], []
-            for X, y, Xt, yt in splits:
-                est, dt = _fit_timed(make, X, y, repeats)
-                scores.append(r2_score(yt, est.predict(Xt)))
-                times.append(dt)
-            res[model] = (float(np.mean(scores)), float(np.mean(times)))
+        per_split = {model: [] for model in regressors()}
+        for X, y, Xt, yt in splits:
+            for model, (est, dt) in _fit_timed(regressors(), X, y, repeats).items():
+                per_split[model].append((r2_score(yt, est.predict(Xt)), dt))
+        res = {m: tuple(float(v) for v in np.mean(r, 0)) for m, r in per_split.items()}
         t_ref = res["HyperL2Regressor"][1]
         for model, (score, dt) in res.items():
             rows.append(
@@ -207,8 +213,7 @@ def run(quick):
                 X0, y0, test_size=0.3, random_state=seed, stratify=y0
             )
             X, Xt = _standardize(X, Xt)
-            for model, make in classifiers().items():
-                est, dt = _fit_timed(make, X, y, repeats)
+            for model, (est, dt) in _fit_timed(classifiers(), X, y, repeats).items():
                 acc = accuracy_score(yt, est.predict(Xt))
                 res[model].append((acc, log_loss(yt, est.predict_proba(Xt)), dt))
         res = {model: tuple(float(v) for v in np.mean(r, 0)) for model, r in res.items()}
