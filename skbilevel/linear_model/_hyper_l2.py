@@ -341,11 +341,12 @@ def _finite_or_inf(loss):
 
 
 def _fold_jobs(n_jobs):
-    """Threads for the fold batches: ``n_jobs`` (joblib's meaning), at most one
+    """Threads for the fold batches: ``n_jobs`` (joblib's meaning: ``None`` is
+    1 unless a ``joblib.parallel_config`` context sets ``n_jobs``), at most one
     per CPU core. Threads beyond the cores only queue for the interpreter
     lock between torch's operations: on two cores, digits took 3.1 s at
     ``n_jobs=5`` (five threads) against 0.97 s at 2 and 0.88 s at ``None``."""
-    return 1 if n_jobs is None else min(effective_n_jobs(n_jobs), cpu_count())
+    return min(effective_n_jobs(n_jobs), cpu_count())
 
 
 @contextlib.contextmanager
@@ -1454,7 +1455,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         fit kept the shared penalty) the fit starts afresh.
     n_jobs : int, default=None
         Fold batches computed in parallel threads (``None``: one batch, all
-        folds in one batched torch computation), at most one per CPU core
+        folds in one batched torch computation, unless a
+        ``joblib.parallel_config`` context sets ``n_jobs``; threads whatever
+        its backend), at most one per CPU core
         (more only queue for the interpreter lock). The batches then take
         their steps separately, so the penalties can differ from
         ``n_jobs=None``'s within the solves' tolerance. Worth it only for

@@ -849,6 +849,22 @@ def test_fold_threads_are_at_most_one_per_core(monkeypatch):
     assert [len(b) for b in HyperL2Regressor(n_jobs=-1)._batches(5)] == [3, 2]
 
 
+def test_n_jobs_none_follows_a_joblib_context(monkeypatch):
+    # n_jobs=None is 1 unless a joblib context sets n_jobs, as in scikit-learn
+    # (the context was ignored: always one batch)
+    from joblib import parallel_config
+
+    from skbilevel.linear_model import _hyper_l2
+
+    monkeypatch.setattr(_hyper_l2, "cpu_count", lambda: 2)
+    with parallel_config(n_jobs=2):
+        assert _hyper_l2._fold_jobs(None) == 2
+        assert _hyper_l2._fold_jobs(1) == 1
+        assert [len(b) for b in HyperL2Regressor()._batches(5)] == [3, 2]
+    with parallel_config(backend="sequential"):
+        assert _hyper_l2._fold_jobs(None) == _hyper_l2._fold_jobs(4) == 1
+
+
 def test_per_feature_penalties_must_beat_the_shared_one_by_a_standard_error(
     monkeypatch, variance_factors
 ):
