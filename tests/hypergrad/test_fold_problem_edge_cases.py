@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from skbilevel.hypergrad import (
+    InnerSolveWarning,
     LogisticFolds,
     RidgeFolds,
     RidgeLOO,
@@ -463,3 +464,43 @@ def test_auto_method_follows_the_folds_training_rows():
     phi = torch.full((p,), -10.0, dtype=DT)
     primal = RidgeFolds(X, y, train, 1 - train, method="primal").value_and_grad(phi)[0]
     assert float(primal) == pytest.approx(float(reference.value_and_grad(phi)[0]), rel=1e-8)
+
+
+def test_primal_form_on_singular_fold_grams_warns_where_it_loses_accuracy():
+    """``method="primal"`` on folds with fewer training rows than features was
+    silently wrong at tiny penalties (e^-30: coefficients 7.7% off, e^-40: 15
+    times their size). It now warns once the estimated error passes 1e-6."""
+    g = torch.Generator().manual_seed(0)
+    n, p = 30, 50
+    X = torch.randn(n, p, generator=g, dtype=DT)
+    y = torch.randn(n, generator=g, dtype=DT)
+    train = torch.ones(2, n, dtype=DT)
+    train[0, :15] = 0
+    train[1, 15:] = 0
+    exact = RidgeFolds(X, y, train, method="dual")
+    for level, off in ((-10.0, 1e-8), (-20.0, 1e-4), (-30.0, 1.0)):
+        phi = torch.full((p,), level, dtype=DT)
+        primal = RidgeFolds(X, y, train, method="primal")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            coef = primal.closed_form(phi)
+            primal.closed_form(phi)  # once per problem
+        truth = exact.closed_form(phi)
+        error = float((coef - truth).norm() / truth.norm())
+        assert error < off
+        if level == -10.0:
+            assert not caught
+            continue
+        assert len(caught) == 1 and caught[0].category is InnerSolveWarning
+        message = str(caught[0].message)
+        assert "fewer training rows than features (50)" in message
+        assert "method='dual'" in message
+        estimate = float(message.split("off by about ")[1].split(" ")[0])
+        assert estimate / 30 < error < estimate * 30  # the right order of magnitude
+    # large penalties beside small ones are harmless (Cholesky does not mind the
+    # scaling) and do not warn
+    phi = torch.linspace(-12.0, 25.0, p, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InnerSolveWarning)
+        coef = RidgeFolds(X, y, train, method="primal").closed_form(phi)
+    torch.testing.assert_close(coef, exact.closed_form(phi), rtol=1e-9, atol=1e-12)
