@@ -147,6 +147,7 @@ from ..hypergrad import (
     minimize_newton,
     minimize_outer,
 )
+from ..hypergrad._outer import OuterResult
 from ..hypergrad._sparse import csr_with_values
 from ..utils._validation import check_callbacks
 from ..utils import (
@@ -807,6 +808,10 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                 loss = loss + prior_weight * ((p - center) ** 2).sum()
             return loss, objective.last_info
 
+        if prior_weight > 0:
+            done = self._gain_below_tol(outer, phi, prior_weight)
+            if done is not None:
+                return done
         # grad_tol=0: the hypergradient in log(alpha) of a nearly pruned feature
         # is tiny but consistent, so only the stall criterion stops the loop
         res = minimize_outer(
@@ -829,6 +834,47 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
                 f"objective {res.best_loss:.6g}"
             )
         return res
+
+    def _gain_below_tol(self, outer, phi, prior_weight):
+        """A descent of no iteration (an :class:`OuterResult`) when the one at
+        ``phi`` could not lower the objective ``outer`` by a relative ``tol``;
+        else ``None``.
+
+        Around the fit's starting point the prior ``prior_weight * |phi -
+        center|^2`` holds nearly all of the objective's curvature, so the
+        most a descent gains is about that of a Newton step on the prior's
+        curvature: ``|g|^2 / (4 prior_weight)``, with ``g`` the gradient at
+        ``phi``. Where that is below ``tol`` times the objective, the descent
+        would stop on its stall rule after ``n_iter_no_change`` iterations
+        with less than that gained (on five data sets and three splits each,
+        the gains of the per-feature stage were 0.75 to 1.26 times this
+        estimate; make_classification: 8.8e-6 of the objective, estimated
+        and gained, at tol=3e-4, and the skipped descent was 12% of the
+        fit). The gradient at ``phi`` is the descent's first evaluation,
+        remembered.
+        """
+        p = phi.detach().clone().requires_grad_(True)
+        loss, info = outer(p)
+        (g,) = torch.autograd.grad(loss, p)
+        value = float(loss.detach())
+        gain = float((g * g).sum()) / (4.0 * prior_weight)
+        if not (math.isfinite(value) and gain <= self.tol * abs(value)):
+            return None
+        if self.verbose:
+            print(
+                f"[{self._name}] 0 outer iterations, stop: tol (a descent would gain "
+                f"about {gain / abs(value):.2g} of the objective {value:.6g})"
+            )
+        return OuterResult(
+            n_iter=0,
+            history=[value],
+            grad_norms=[float(g.norm())],
+            best_loss=value,
+            converged=True,
+            stop_reason="tol",
+            info=info,
+            n_eval=1,
+        )
 
     def _newton_stage(self, objective, phi, base, center, prior_weight, lo, hi):
         """:meth:`_outer_stage` by Newton's method (the objective's exact Hessian)."""
@@ -1419,7 +1465,9 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
         ``tol`` for ``n_iter_no_change`` iterations (or L-BFGS's line search
         finds no decrease); the best iterate is kept. The hypergradient norm
         is not a criterion: in ``log(alpha)`` it is tiny wherever a penalty
-        barely matters, yet still worth following.
+        barely matters, yet still worth following. The per-feature stage
+        does not start where a Newton step on its prior's curvature would
+        gain less than ``tol`` (see the user guide).
     n_iter_no_change : int, default=3
         Patience of that criterion (3 gave the same test R^2 as 10 on the
         benchmark sets with about 40% fewer iterations; Adam wants more).
@@ -1943,7 +1991,9 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
         :class:`HyperL2Regressor`.
     tol : float, default=3e-4
         Stop when the outer objective has not improved by a relative
-        ``tol`` for ``n_iter_no_change`` iterations; the best iterate is kept.
+        ``tol`` for ``n_iter_no_change`` iterations; the best iterate is kept
+        (and the per-feature stage does not start where it cannot gain
+        ``tol``, as for :class:`HyperL2Regressor`).
         Looser than the regressor's ``1e-5``: the classifier's outer values
         are only as exact as its inner solves, and closer steps chase that
         noise (``1e-4`` and a patience of 3 gave the same test log-loss on
