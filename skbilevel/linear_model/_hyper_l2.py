@@ -899,6 +899,9 @@ class _HyperL2Base(_CVRoutingMixin, BaseEstimator):
             n_iter_no_change=self.n_iter_no_change,
             max_iter=max(self.max_iter, 1),
             callbacks=list(self.callbacks or []),
+            # a step predicted to gain less than tol is not taken, as a stage that
+            # cannot gain tol is not started (_gain_below_tol)
+            gain_tol=self.tol,
         )
         with torch.no_grad():
             phi.copy_(x)

