@@ -2395,10 +2395,11 @@ class LogisticFolds(_PenaltyModel):
         scaled in place: 5 folds of 14000 x 101 in 27 ms, against 56 ms for
         one ``(K, n, q)`` product over all the rows.
 
-        Unless ``exact``, in ``hvp_dtype`` (the result is cast back by the
-        caller): a preconditioner's Gram matrix, reused while the weights
-        move by up to 10%, needs no more precision than the products conjugate
-        gradient runs with it (float32: the gathered rows and their rank-k
+        Unless ``exact``, in ``hvp_dtype`` when that is float32 or float64
+        (the result is cast back by the caller): a preconditioner's Gram
+        matrix, reused while the weights move by up to 10%, needs no more
+        precision than the products conjugate gradient runs with it
+        (float32: the gathered rows and their rank-k
         update, 5 folds of 1120 x 51, in 0.57 against 0.98 ms; 8 of a
         make_classification fit's 13 Gram matrices; the same log-losses to
         1e-5).
@@ -2406,7 +2407,12 @@ class LogisticFolds(_PenaltyModel):
         if self._train_rows is None:
             self._train_rows = [torch.nonzero(t > 0)[:, 0] for t in self.train_weights]
         Xa = self._X_aug
-        if not exact and self.hvp_dtype != Xa.dtype:
+        # (float32 at the least: a half-precision Gram matrix loses the
+        # preconditioner, and its products run slowly on CPU)
+        if not exact and self.hvp_dtype != Xa.dtype and self.hvp_dtype in (
+            torch.float32,
+            torch.float64,
+        ):
             if self._X_aug_hvp is None:
                 self._X_aug_hvp = Xa.to(self.hvp_dtype)
             Xa, w = self._X_aug_hvp, w.to(self.hvp_dtype)

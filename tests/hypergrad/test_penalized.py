@@ -343,6 +343,10 @@ def test_logistic_preconditioner_gram_in_hvp_dtype_unless_exact():
     exact64 = ref._weighted_gram(w)
     assert low._weighted_gram(w, exact=False).dtype == torch.float32
     assert ref._weighted_gram(w, exact=False).dtype == DT
+    # not below float32
+    half = LogisticFolds(*args, hvp_dtype=torch.bfloat16)
+    half.hessian_preconditioner(theta, phi)
+    assert half._weighted_gram(w, exact=False).dtype == DT
     torch.testing.assert_close(low._weighted_gram(w), exact64, rtol=0, atol=0)
     torch.testing.assert_close(
         low._weighted_gram(w, exact=False).to(DT), exact64, rtol=1e-5, atol=1e-6
