@@ -61,6 +61,7 @@ from torch.autograd.function import once_differentiable
 from ._base import (
     HypergradientStrategy,
     LinearSolveWarning,
+    StepSolver,
     _check_int,
     _check_positive,
     _grad_norm,
@@ -79,6 +80,7 @@ from ._linear_solve import (
     solve_neumann,
 )
 from ._solvers import LBFGS, _FixedPhi, _problem_preconditioner
+from ._unrolled import _check_diverging
 from ._tree import (
     _cat_flat,
     tree_detach,
@@ -399,7 +401,7 @@ class _Implicit(HypergradientStrategy):
             grad_norm = _grad_norm(fun, theta_star)
             info.n_grad += 1
         info.inner_grad_norm = float(grad_norm)
-        self._judge_inner(result, solver, info)
+        self._judge_inner(result, solver, info, fun, init, theta_star)
         theta_leaves, theta_spec = tree_flatten(theta_star)
         grad_idx = [i for i, p in enumerate(phi_leaves) if p.requires_grad]
         if not grad_idx:
@@ -411,8 +413,16 @@ class _Implicit(HypergradientStrategy):
         out = _ImplicitFunction.apply(state, *[phi_leaves[i] for i in grad_idx])
         return tree_unflatten(theta_spec, list(out))
 
-    def _judge_inner(self, result, solver, info):
-        """Set ``info.inner_converged`` by the gradient norm; warn when it fails."""
+    def _judge_inner(self, result, solver, info, fun=None, init=None, theta=None):
+        """Set ``info.inner_converged`` by the gradient norm; warn when it fails.
+
+        Steps of a :class:`StepSolver` that diverged get the unrolled
+        strategies' warning, which says to lower the step size, instead of
+        the advice to run longer (``GradientDescent(lr=1.0)`` on a curvature
+        of 10: a gradient norm of 8.9e48 after 50 steps was "run the inner
+        solver longer"); steps that ended non-finite were warned about by
+        the solver itself, once (they gave two warnings).
+        """
         inner_tol = getattr(self, "inner_tol", None)
         if inner_tol is not None:
             # numbers.Real: numpy scalars (np.float32(1e-6)) were refused, and a
@@ -435,8 +445,25 @@ class _Implicit(HypergradientStrategy):
             info.extra["inner_tol"] = tol
         # LBFGS / NewtonCG warn (or were told not to) about their own failures
         solver_warned = hasattr(solver, "warn") and not result.converged
-        if not info.inner_converged and not solver_warned:
-            warn_inner_solve(info, tol, self.name, solver, result.message)
+        if info.inner_converged or solver_warned:
+            return
+        if isinstance(solver, StepSolver) and (result.message or "").startswith(
+            "the iterates diverged"
+        ):
+            return
+        if (
+            isinstance(solver, StepSolver)
+            and fun is not None
+            and result.n_iter > 1
+            and math.isfinite(info.inner_grad_norm)
+        ):
+            with torch.no_grad():
+                value = float(fun(theta))
+            if math.isfinite(value):
+                _check_diverging(info, fun, value, self, solver, init, result.n_iter)
+                if info.extra.get("diverged"):
+                    return
+        warn_inner_solve(info, tol, self.name, solver, result.message)
 
     def _solve(self, matvec, matrix, b, info, preconditioner=None):
         """Return ``v ~ H^{-1} b`` and fill the linear-solve fields of ``info``.

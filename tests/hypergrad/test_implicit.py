@@ -600,3 +600,40 @@ def test_cg_drops_an_indefinite_problem_preconditioner():
     value, grad, info, _ = folds.value_and_grad(phi, hypergradient="cg")
     torch.testing.assert_close(grad, exact[1], rtol=1e-6, atol=1e-10)
     assert info.extra["preconditioned"] is False
+
+
+@pytest.mark.parametrize(
+    "lr, n_steps, match",
+    [
+        # finite but diverged: the step size, not more steps, is the remedy
+        (
+            1.0,
+            50,
+            r"comes from diverging inner steps: over 50 steps of GradientDescent.*"
+            r"gradient norm from 1\.732e\+01 to 8\.9\d\de\+48.*"
+            r"Lower the solver's lr=1",
+        ),
+        # not finite: the solver's own warning only (there were two)
+        (1.0, 400, r"GradientDescent: the iterates diverged: not finite after 400"),
+        # converging, not converged: run longer
+        (0.05, 30, r"assumes an inner optimum.*1\.613e-08 > tol 1\.0e-10 after 30 "
+                   r"iterations.*run the inner solver longer"),
+    ],
+)
+def test_implicit_strategy_tells_diverging_steps_from_short_ones(lr, n_steps, match):
+    def inner(theta, phi):  # curvature 10: gradient descent diverges beyond lr=0.2
+        return 5.0 * ((theta - phi) ** 2).sum()
+
+    phi = torch.ones(3, dtype=DT, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, info = argmin(
+            inner,
+            phi,
+            torch.zeros(3, dtype=DT),
+            hypergradient=ImplicitCG(),
+            solver=GradientDescent(lr=lr, n_steps=n_steps),
+        )
+    assert not info.inner_converged
+    assert len(caught) == 1 and caught[0].category is InnerSolveWarning
+    assert re.search(match, str(caught[0].message))
