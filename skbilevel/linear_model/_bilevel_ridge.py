@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 import scipy.sparse as sp
 import torch
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, effective_n_jobs
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin, _fit_context
 from sklearn.model_selection import LeaveOneOut, ShuffleSplit, check_cv
 from sklearn.utils._param_validation import Interval
@@ -274,6 +274,9 @@ class BilevelRidgeCV(_CVRoutingMixin, MultiOutputMixin, RegressorMixin, BaseEsti
         self : object
         """
         split_params = _split_params(self, params, sample_weight)
+        # joblib's check of n_jobs (0 is an error) for leave-one-out as well,
+        # which runs no Parallel (n_jobs=0 was accepted there silently)
+        effective_n_jobs(self.n_jobs)
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, supported=("float32", "float64"))
         strategy = get_strategy(self.hypergradient)

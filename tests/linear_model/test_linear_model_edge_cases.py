@@ -419,3 +419,12 @@ def test_alpha_per_target_scales_each_target_by_its_own(dtype, cv):
     np.testing.assert_allclose(model.best_score_[1], model.best_score_[0] * 1e-60, rtol=1e-4)
     single = BilevelRidgeCV(dtype=dtype, cv=cv).fit(X, y)
     np.testing.assert_allclose(model.coef_[0], single.coef_, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("cv", [None, 3])
+def test_bilevel_ridge_refuses_n_jobs_zero_with_joblib_error(cv):
+    # leave-one-out runs no Parallel: n_jobs=0 was accepted there silently,
+    # while K-fold gave joblib's error
+    X, y = np.random.RandomState(0).randn(30, 3), np.arange(30.0)
+    with pytest.raises(ValueError, match="n_jobs == 0"):
+        BilevelRidgeCV(cv=cv, n_jobs=0).fit(X, y)
