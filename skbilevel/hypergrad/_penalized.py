@@ -1284,8 +1284,9 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         return (XA.mT @ dual)[..., 0].to(self.ys.dtype)
 
     def _check_primal_accuracy(self, a):
-        """Warn (once) when the primal system of a fold with fewer training
-        rows than features cannot be solved accurately at penalties ``a``.
+        """Warn (once) when the primal system of a fold whose Gram matrix is
+        singular (its centred training rows span fewer dimensions than there
+        are features) cannot be solved accurately at penalties ``a``.
 
         Its Gram matrix is singular, so once scaled to a unit diagonal (which
         Cholesky's accuracy does not depend on) the system has eigenvalues
@@ -1307,11 +1308,12 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         if error > 1e-6:
             self._warned_accuracy = True
             warnings.warn(
-                f"RidgeFolds(method='primal') solves folds with fewer training rows "
-                f"than features ({self.X.shape[1]}), whose Gram matrices are "
-                f"singular: at penalties down to {float(a.min()):.3g} the "
+                f"RidgeFolds(method='primal') solves folds whose centred training "
+                f"rows span fewer dimensions than the {self.X.shape[1]} features, so "
+                f"that their Gram matrices are singular: at penalties down to "
+                f"{float(a.min()):.3g} the "
                 f"coefficients may be off by about {error:.1g} of their size. "
-                "method='dual' (or 'auto', which picks it here) is exact.",
+                "The Woodbury form, method='dual', is exact there.",
                 InnerSolveWarning,
                 stacklevel=3,
             )

@@ -493,7 +493,7 @@ def test_primal_form_on_singular_fold_grams_warns_where_it_loses_accuracy():
             continue
         assert len(caught) == 1 and caught[0].category is InnerSolveWarning
         message = str(caught[0].message)
-        assert "fewer training rows than features (50)" in message
+        assert "span fewer dimensions than the 50 features" in message
         assert "method='dual'" in message
         estimate = float(message.split("off by about ")[1].split(" ")[0])
         assert estimate / 30 < error < estimate * 30  # the right order of magnitude
