@@ -460,15 +460,18 @@ def _check_stopping(early_stopping, grad_tol, tol=0.0, max_iter=0):
         raise ValueError(
             f"early_stopping must be True or False; got {early_stopping!r}."
         )
-    if grad_tol is not None and not (
-        isinstance(grad_tol, numbers.Real)
-        and not isinstance(grad_tol, bool)
-        and math.isfinite(grad_tol)
-        and grad_tol >= 0
+    _check_optional_tol(grad_tol, "grad_tol")
+
+
+def _check_optional_tol(value, name):
+    """``value`` must be ``None`` or a finite real number >= 0 (not a bool)."""
+    if value is not None and not (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
     ):
-        raise ValueError(
-            f"grad_tol must be None or a finite number >= 0; got {grad_tol!r}."
-        )
+        raise ValueError(f"{name} must be None or a finite number >= 0; got {value!r}.")
 
 
 def _check_patience(n_iter_no_change):
@@ -966,17 +969,9 @@ def minimize_newton(
         return value, g, H, info
 
     _check_stopping(True, None, tol, max_iter)
+    _check_optional_tol(gain_tol, "gain_tol")
     if gain_tol is None:
         gain_tol = 0.1 * tol
-    elif not (
-        isinstance(gain_tol, numbers.Real)
-        and not isinstance(gain_tol, bool)
-        and math.isfinite(gain_tol)
-        and gain_tol >= 0
-    ):
-        raise ValueError(
-            f"gain_tol must be None or a finite non-negative number; got {gain_tol!r}."
-        )
     # (n_iter_no_change=0 stopped after one step as converged; a single callable
     # for callbacks failed there with "'function' object is not iterable")
     _check_patience(n_iter_no_change)
