@@ -65,20 +65,13 @@ from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler  # noqa: E402
 
 from skbilevel.linear_model import HyperL2Classifier, HyperL2Regressor  # noqa: E402
+from skbilevel.utils._datasets import make_relevance_tiers  # noqa: E402
 
 
 def heterogeneous(n, p, n_strong, n_weak, n_test, seed=0, noise_ratio=0.16):
-    """y = X w + noise, w: n_strong in +-[1, 2], n_weak in +-[0.05, 0.3], rest 0."""
-    rng = np.random.RandomState(seed)
-    w = np.zeros(p)
-    w[:n_strong] = rng.uniform(1, 2, n_strong) * rng.choice([-1, 1], n_strong)
-    w[n_strong : n_strong + n_weak] = rng.uniform(0.05, 0.3, n_weak) * rng.choice(
-        [-1, 1], n_weak
-    )
-    w = w[rng.permutation(p)]
-    X = rng.randn(n + n_test, p)
-    f = X @ w
-    y = f + noise_ratio * np.std(f) * rng.randn(n + n_test) + 3.0
+    """y = X w + noise, w: n_strong in +-[1, 2], n_weak in +-[0.05, 0.3], rest 0
+    (``make_relevance_tiers``): ``n`` training and ``n_test`` test rows."""
+    X, y = make_relevance_tiers(n + n_test, p, n_strong, n_weak, noise_ratio, seed)
     return X[:n], y[:n], X[n:], y[n:]
 
 

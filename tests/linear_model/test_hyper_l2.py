@@ -14,6 +14,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skbilevel.hypergrad import LBFGS, ImplicitCG
 from skbilevel.linear_model import HyperL2Classifier, HyperL2Regressor
+from skbilevel.utils._datasets import make_relevance_tiers
 
 def _count_calls(monkeypatch, owner, name):
     """Patch ``owner.name`` to count its calls: the list grows by one per call."""
@@ -64,22 +65,6 @@ def _hetero(n=300, p=12, seed=0):
     X = rng.randn(n, p)
     y = X @ w + 0.5 * rng.randn(n) + 1.0
     return X, y
-
-
-def _relevance_tiers(n, p, n_strong, n_weak, seed, n_test=2000):
-    """benchmarks/bench_hyper_l2.py's ``heterogeneous`` data, the ``n`` training
-    rows followed by ``n_test`` test rows: ``n_strong`` coefficients in
-    +-[1, 2], ``n_weak`` in +-[0.05, 0.3], the rest 0."""
-    rng = np.random.RandomState(seed)
-    w = np.zeros(p)
-    w[:n_strong] = rng.uniform(1, 2, n_strong) * rng.choice([-1, 1], n_strong)
-    w[n_strong : n_strong + n_weak] = rng.uniform(0.05, 0.3, n_weak) * rng.choice(
-        [-1, 1], n_weak
-    )
-    w = w[rng.permutation(p)]
-    X = rng.randn(n + n_test, p)
-    f = X @ w
-    return X, f + 0.16 * np.std(f) * rng.randn(n + n_test) + 3.0
 
 
 def test_regressor_noise_features_get_larger_penalties():
@@ -1061,7 +1046,7 @@ def test_regressor_pilots_are_compared_at_their_best_level():
     # pilots'. Rated on a grid of (a, gamma), the chosen pilot is the one
     # whose own descent validates best
     n = 150
-    X, y = _relevance_tiers(n, 400, 10, 20, seed=1)
+    X, y = make_relevance_tiers(n + 2000, 400, 10, 20, random_state=1)
     X = (X - X[:n].mean(0)) / X[:n].std(0)
     model = HyperL2Regressor(random_state=1).fit(X[:n], y[:n])
     losses = {}
@@ -1513,7 +1498,7 @@ def test_regressor_sparse_pilots_follow_the_folds_training_rows():
     so only the ridge pilot ran: test R^2 .9554 against LassoCV's .9555 here
     (8 such sets: .9533 on average, below LassoCV on 7); now .9640."""
     n = 130
-    X, y = _relevance_tiers(n, 110, 8, 16, seed=0)
+    X, y = make_relevance_tiers(n + 2000, 110, 8, 16, random_state=0)
     X, Xt, y, yt = X[:n], X[n:], y[:n], y[n:]
     model = HyperL2Regressor(random_state=0).fit(X, y)
     assert model.adaptive_pilot_ in ("lasso", "lasso_low")
