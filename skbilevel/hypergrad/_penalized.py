@@ -1970,7 +1970,7 @@ class LogisticFolds(_PenaltyModel):
         self._X_sq = None  # X ** 2, built on the first hessian_diagonal call
         self._X_aug = None  # [X, 1] dense, built on the first hessian_preconditioner call
         self._X_aug_hvp = None  # _X_aug in hvp_dtype (_weighted_gram)
-        self._neg_sign = None  # -(2 y - 1) as (1, 1, n): _binary_terms
+        self._neg_sign = None  # -(2 y - 1) as (1, 1, n): _binary_curvature
         self._curvature_at = None  # [leaves, versions, (P, w), copies]: _curvature
         self._XT = None  # X.T contiguous (or CSR), built on its first use (_transposed)
         self._gram_at = None  # (curvature weights, weighted Gram) of hessian_preconditioner
@@ -2083,8 +2083,7 @@ class LogisticFolds(_PenaltyModel):
         place since): a Newton step and a CG solve apply many Hessian-vector
         products at one point. ``z``, when given, are the logits at ``theta``.
         """
-        leaves = tuple(theta[k] for k in ("coef", "intercept") if k in theta)
-        versions = tuple(t._version for t in leaves)
+        leaves, versions = self._curvature_key(theta)
         cached = self._curvature_at
         if (
             cached is not None
@@ -2101,15 +2100,37 @@ class LogisticFolds(_PenaltyModel):
             if z is None:
                 z = self.logits({k: v.detach() for k, v in theta.items()})
             z = z.permute(1, 2, 0).contiguous()
-            t = self.train_weights[:, None, :]
             if self.n_out == 1:
-                P = torch.sigmoid(z)
-                out = (P, t * P * torch.sigmoid(-z))  # not 1 - P: no cancellation
+                _, _, out = self._binary_curvature(z)
             else:
                 P = torch.softmax(z, dim=1)
-                out = (P, t * P)
+                out = (P, self.train_weights[:, None, :] * P)
         self._curvature_at = [leaves, versions, out, None]
         return out if dtype is None else self._curvature(theta, dtype=dtype)
+
+    @staticmethod
+    def _curvature_key(theta):
+        """``theta``'s leaves and their versions: what :meth:`_curvature`'s
+        cache is valid for."""
+        leaves = tuple(theta[k] for k in ("coef", "intercept") if k in theta)
+        return leaves, tuple(t._version for t in leaves)
+
+    def _binary_curvature(self, z):
+        """``m = -s z`` (``s = 2 y - 1``), ``Q = sigmoid(m)`` (the probability
+        of the wrong class), and :meth:`_curvature`'s ``(P, t P (1 - P))``
+        from the binary logits ``z`` in the samples-last layout ``(K, 1, n)``.
+
+        ``P (1 - P)`` is ``Q sigmoid(-m)``, and ``P`` the one of ``Q`` and
+        ``sigmoid(-m)`` that is the positive class's: no ``1 - P``, so no
+        cancellation for confident samples.
+        """
+        if self._neg_sign is None:
+            self._neg_sign = -self._sign.T[:, None, :]  # (1, 1, n)
+        m = z * self._neg_sign
+        Q = torch.sigmoid(m)
+        Qc = torch.sigmoid(-m)
+        P = torch.where(self._neg_sign < 0, Qc, Q)
+        return m, Q, (P, self.train_weights[:, None, :] * Q * Qc)
 
     def _to_theta(self, R, V, a, X=None, XT=None):
         """``(X^T R + a V, sum_i R)``, divided by the scale, shaped like ``theta``.
@@ -2239,28 +2260,19 @@ class LogisticFolds(_PenaltyModel):
         (``(K, 1, n)``) of a binary problem, from one pass over the logits
         ``z``; they also fill :meth:`_curvature`'s cache for ``theta``.
 
-        With ``s = 2 y - 1`` and ``m = -s z``, ``Q = sigmoid(m)`` is the
-        probability of the wrong class and ``sigmoid(-m)`` that of the true
-        one: ``P - y = -s Q`` and ``P (1 - P) = Q sigmoid(-m)``, each without
-        cancellation for confident samples, and the loss is
-        ``log(1 + exp(m))``. Two sigmoids instead of three, on the
-        samples-last layout throughout (make_classification's folds: 0.26
-        against 0.28 ms a call, 67 calls a fit).
+        With ``s = 2 y - 1``, ``m = -s z`` and ``Q = sigmoid(m)`` (see
+        :meth:`_binary_curvature`), ``P - y = -s Q`` without cancellation
+        for confident samples, and the loss is ``log(1 + exp(m))``. Two
+        sigmoids instead of three, on the samples-last layout throughout
+        (make_classification's folds: 0.26 against 0.28 ms a call, 67 calls
+        a fit).
         """
-        if self._neg_sign is None:
-            self._neg_sign = -self._sign.T[:, None, :]  # (1, 1, n)
+        m, Q, curvature = self._binary_curvature(z.permute(1, 2, 0))
         t = self.train_weights[:, None, :]  # (K, 1, n)
-        m = z.permute(1, 2, 0) * self._neg_sign
-        Q = torch.sigmoid(m)
-        Qc = torch.sigmoid(-m)
         data = torch.dot(
             t.reshape(-1), torch.logaddexp(m, torch.zeros((), dtype=m.dtype)).reshape(-1)
         )
-        P = torch.where(self._neg_sign < 0, Qc, Q)
-        leaves = tuple(theta[k] for k in ("coef", "intercept") if k in theta)
-        self._curvature_at = [
-            leaves, tuple(v._version for v in leaves), (P, t * Q * Qc), None
-        ]
+        self._curvature_at = [*self._curvature_key(theta), curvature, None]
         return data, self._neg_sign * t * Q
 
     def _binary_losses(self, z):
@@ -2401,10 +2413,9 @@ class LogisticFolds(_PenaltyModel):
         (the result is cast back by the caller): a preconditioner's Gram
         matrix, reused while the weights move by up to 10%, needs no more
         precision than the products conjugate gradient runs with it
-        (float32: the gathered rows and their rank-k
-        update, 5 folds of 1120 x 51, in 0.57 against 0.98 ms; 8 of a
-        make_classification fit's 13 Gram matrices; the same log-losses to
-        1e-5).
+        (float32: the gathered rows and their rank-k update, 5 folds of
+        1120 x 51, in 0.57 against 0.98 ms; 8 of a make_classification fit's
+        13 Gram matrices; the same log-losses to 1e-5).
         """
         if self._train_rows is None:
             self._train_rows = [torch.nonzero(t > 0)[:, 0] for t in self.train_weights]
