@@ -80,6 +80,7 @@ from ._linear_solve import (
     solve_neumann,
 )
 from ._solvers import LBFGS, _FixedPhi, _problem_preconditioner
+from ._steps import _DIVERGED
 from ._unrolled import _check_diverging
 from ._tree import (
     _cat_flat,
@@ -447,22 +448,18 @@ class _Implicit(HypergradientStrategy):
         solver_warned = hasattr(solver, "warn") and not result.converged
         if info.inner_converged or solver_warned:
             return
-        if isinstance(solver, StepSolver) and (result.message or "").startswith(
-            "the iterates diverged"
-        ):
-            return
-        if (
-            isinstance(solver, StepSolver)
-            and fun is not None
-            and result.n_iter > 1
-            and math.isfinite(info.inner_grad_norm)
-        ):
-            with torch.no_grad():
-                value = float(fun(theta))
-            if math.isfinite(value):
-                _check_diverging(info, fun, value, self, solver, init, result.n_iter)
-                if info.extra.get("diverged"):
-                    return
+        if isinstance(solver, StepSolver):
+            if (result.message or "").startswith(_DIVERGED):
+                return  # not finite: the solver warned
+            finite = math.isfinite(info.inner_grad_norm)
+            if fun is not None and result.n_iter > 1 and finite:
+                with torch.no_grad():
+                    value = float(fun(theta))
+                if math.isfinite(value):
+                    n_steps = result.n_iter
+                    _check_diverging(info, fun, value, self, solver, init, n_steps)
+                    if info.extra.get("diverged"):
+                        return
         warn_inner_solve(info, tol, self.name, solver, result.message)
 
     def _solve(self, matvec, matrix, b, info, preconditioner=None):

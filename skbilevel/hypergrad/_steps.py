@@ -40,6 +40,10 @@ from ._tree import tree_detach, tree_flatten, tree_unflatten
 
 __all__ = ["GradientStepSolver", "GradientDescent", "Momentum", "Adam"]
 
+#: how a StepSolver's SolveResult.message starts when its iterates ended
+#: non-finite (it has warned then: see GradientStepSolver.solve)
+_DIVERGED = "the iterates diverged"
+
 
 def _tree_grad(fun, theta, create_graph):
     """Return ``(theta_used, grad)``: the gradient of ``fun`` at ``theta`` as a tree.
@@ -324,7 +328,7 @@ class GradientStepSolver(StepSolver):
             grad0 = self._check_finite_start(fun, theta0)  # raises when it is not
             n_grad += 1
             message = (
-                f"the iterates diverged: not finite after {self.n_steps} steps "
+                f"{_DIVERGED}: not finite after {self.n_steps} steps "
                 f"(inner gradient norm {grad0:.3e} at the start, "
                 f"{grad_norm:.3e} at the end)"
             )
