@@ -1540,3 +1540,39 @@ def test_per_feature_stage_is_skipped_when_it_cannot_gain_tol(monkeypatch):
     Xw, yw = load_wine(return_X_y=True)
     HyperL2Classifier(random_state=0).fit((Xw - Xw.mean(0)) / Xw.std(0), yw)
     assert skipped == [False]
+
+
+def test_fold_values_reuse_the_solutions_of_an_evaluated_point(monkeypatch):
+    # the one-standard-error rule asks for every fold's loss at the descent's
+    # best iterate and at the shared penalty, both evaluated already: the
+    # regressor's folds took a factorization each for them (3% of a hetero fit).
+    # value_and_grad remembers the batches' coefficients for fold_values
+    from skbilevel.hypergrad import RidgeFolds
+    from skbilevel.linear_model import _hyper_l2
+
+    X, y = _hetero(n=120, p=6)
+    T = torch.ones(3, 120, dtype=torch.float64)
+    for k in range(3):
+        T[k, 40 * k : 40 * (k + 1)] = 0
+    batch = RidgeFolds(torch.tensor(X), torch.tensor(y), T, 1 - T)
+    seen = []
+
+    def fold_values(b, phi, coef):
+        seen.append(coef is not None)
+        return b.fold_losses(b.closed_form(phi) if coef is None else coef)
+
+    objective = _hyper_l2._FoldObjective(
+        [batch], 3, None, lambda b, phi: b.value_and_grad(phi), None,
+        fold_values=fold_values,
+    )
+    phi = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
+    value, _ = objective.value_and_grad(phi)
+    factored = _count_calls(monkeypatch, RidgeFolds, "closed_form")
+    losses = objective.fold_values(phi.clone())
+    assert seen == [True] and not factored
+    assert losses.sum() / 3 == pytest.approx(float(value), rel=1e-12)
+    fresh = objective.fold_values(phi + 1.0)  # never evaluated: solved
+    assert seen == [True, False] and len(factored) == 1
+    np.testing.assert_allclose(
+        fresh, batch.fold_losses(batch.closed_form(phi + 1.0)).numpy(), rtol=1e-12
+    )
