@@ -84,6 +84,7 @@ from ._steps import _DIVERGED
 from ._unrolled import _check_diverging
 from ._tree import (
     _cat_flat,
+    _detach_graph,
     tree_detach,
     tree_flatten,
     tree_to_vector,
@@ -393,7 +394,7 @@ class _Implicit(HypergradientStrategy):
         phi_det = tree_detach(phi)
         fun = _FixedPhi(inner_loss, phi_det)  # carries hessian_diagonal for NewtonCG
         theta_star, result = solver.solve(fun, tree_detach(init), phi=phi_det)
-        theta_star = tree_detach(theta_star)
+        theta_star = _detach_graph(theta_star)
         info.inner_iterations = result.n_iter
         info.n_grad += result.n_grad if result.n_grad is not None else result.n_iter
         info.n_hvp += result.n_hvp

@@ -53,7 +53,7 @@ from ._closed_form import (
 )
 from ._solvers import LBFGS, _FixedPhi
 from ._sparse import csr_rows, csr_tensor, csr_transpose, csr_with_values, to_csr, to_scipy
-from ._tree import tree_detach
+from ._tree import _detach_graph, tree_detach
 
 __all__ = [
     "RidgeFolds",
@@ -2882,7 +2882,7 @@ class LogisticFolds(_PenaltyModel):
         _check_tensors("LogisticFolds.solve", phi=phi)
         phi = phi.detach()
         theta, result = solver.solve(_FixedPhi(self, phi), init, phi=phi)
-        self.theta_ = tree_detach(theta)
+        self.theta_ = _detach_graph(theta)
         self._record_solution(phi, self.theta_)
         return self.theta_, result
 

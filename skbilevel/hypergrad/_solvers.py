@@ -704,7 +704,9 @@ class NewtonCG(InnerSolver):
         )
         if not converged and self.warn:
             _warn_inner("NewtonCG", result, tol, self.max_iter)
-        return _as_tree(x, like), result
+        # the last iterate's own tree (the problem may have cached its curvature
+        # on it), each leaf in its dtype as _as_tree gives it
+        return tree_map(lambda t, leaf: t.to(leaf.dtype), theta, like), result
 
     @staticmethod
     def _backtrack(problem, x, d, f, gtd, like, with_grad, c1=1e-4, max_halvings=40):
