@@ -383,7 +383,9 @@ def test_hvp_dtype_is_checked():
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
-def test_solution_keeps_the_curvature_cached_at_its_last_iterate(monkeypatch, n_classes):
+def test_solution_keeps_the_curvature_cached_at_its_last_iterate(
+    monkeypatch, n_classes
+):
     # NewtonCG's last iterate had its probabilities cached on its own tree, but
     # the solution came back as new tensors (rebuilt from the flat iterate, and
     # detached again): the Hessian at the solution (the implicit backward pass,
