@@ -2175,6 +2175,7 @@ class LogisticFolds(_PenaltyModel):
         self._X_aug_hvp = None  # _X_aug in hvp_dtype (_weighted_gram)
         self._neg_sign = None  # -(2 y - 1) as (1, 1, n): _binary_curvature
         self._curvature_at = None  # [leaves, versions, (P, w), copies]: _curvature
+        self._grad_at = None  # (leaves, versions, penalties, result): loss_and_grad
         self._XT = None  # X.T contiguous (or CSR), built on its first use (_transposed)
         self._gram_at = None  # (curvature weights, weighted Gram) of hessian_preconditioner
         self._penalty_at = None  # (phi, key, penalties) of _penalty
@@ -2394,6 +2395,21 @@ class LogisticFolds(_PenaltyModel):
         """
         a = self._penalty(phi)
         W = theta["coef"].detach()
+        key = None
+        if not a.requires_grad:
+            # the last result, at the same point (its leaves, as _curvature's
+            # cache) and penalties (_penalty's object): value_grad_hessian asks
+            # at the solution whose value and gradient its solver just computed
+            key = (*self._curvature_key(theta), a)
+            cached = self._grad_at
+            if (
+                cached is not None
+                and cached[2] is a
+                and cached[1] == key[1]
+                and len(cached[0]) == len(key[0])
+                and all(x is y for x, y in zip(cached[0], key[0]))
+            ):
+                return cached[3]
         with torch.no_grad():
             z = self.logits({k: v.detach() for k, v in theta.items()})
             if self.n_out == 1:
@@ -2404,7 +2420,10 @@ class LogisticFolds(_PenaltyModel):
                 R = self.train_weights[:, None, :] * (P - self._onehot.permute(1, 2, 0))
                 data = (self._train_t * losses).sum()
         value = (data + 0.5 * (a[..., None] * W * W).sum()) / self._scale
-        return value, self._to_theta(R, W, a)
+        out = (value, self._to_theta(R, W, a))
+        if key is not None:
+            self._grad_at = (*key, out)
+        return out
 
     def hvp(self, theta, phi, v):
         """Hessian of :meth:`inner_loss` in ``theta`` times ``v``, in closed form.

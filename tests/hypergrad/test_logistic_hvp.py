@@ -382,6 +382,19 @@ def test_hvp_dtype_is_checked():
         LogisticFolds(folds.X, folds.y, 2, folds.train_weights, hvp_dtype=torch.int64)
 
 
+def _count_logits(monkeypatch):
+    """Count LogisticFolds.logits calls (the list grows by one per call)."""
+    calls = []
+    logits = LogisticFolds.logits
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return logits(self, *args, **kwargs)
+
+    monkeypatch.setattr(LogisticFolds, "logits", counted)
+    return calls
+
+
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_solution_keeps_the_curvature_cached_at_its_last_iterate(
     monkeypatch, n_classes
@@ -394,14 +407,7 @@ def test_solution_keeps_the_curvature_cached_at_its_last_iterate(
     folds = _folds(n_classes, fit_intercept=True)
     phi = torch.zeros(4, dtype=DT)
     theta, _ = folds.solve(phi, NewtonCG(tol=1e-8))
-    calls = []
-    logits = LogisticFolds.logits
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return logits(self, *args, **kwargs)
-
-    monkeypatch.setattr(LogisticFolds, "logits", counted)
+    calls = _count_logits(monkeypatch)
     v = {k: torch.ones_like(t) for k, t in theta.items()}
     folds.hvp(theta, phi, v)
     folds.hessian_diagonal(theta, phi)
@@ -410,3 +416,22 @@ def test_solution_keeps_the_curvature_cached_at_its_last_iterate(
     other = {k: t + 0.1 for k, t in theta.items()}
     folds.hvp(other, phi, v)
     assert len(calls) == 1
+
+
+def test_loss_and_grad_at_the_solution_is_not_computed_again(monkeypatch):
+    # value_grad_hessian's value correction asks for the inner gradient at the
+    # solution, which NewtonCG's last iteration computed: it is remembered for
+    # the same leaves and the same penalties, and for nothing else
+    folds = _folds(2, fit_intercept=True)
+    phi = torch.zeros(4, dtype=DT)
+    theta, _ = folds.solve(phi, NewtonCG(tol=1e-8))
+    exact_value, exact_grad = _folds(2, fit_intercept=True).loss_and_grad(theta, phi)
+    calls = _count_logits(monkeypatch)
+    value, grad = folds.loss_and_grad(theta, phi)
+    assert not calls
+    assert float(value) == float(exact_value)
+    assert all(torch.equal(grad[k], exact_grad[k]) for k in grad)
+    folds.loss_and_grad(theta, phi + 1.0)  # other penalties
+    theta["coef"].add_(0.0)  # the same leaves, modified in place
+    folds.loss_and_grad(theta, phi)
+    assert len(calls) == 2
