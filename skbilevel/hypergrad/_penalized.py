@@ -2039,6 +2039,42 @@ class RidgeLOO:
 # --------------------------------------------------------------------------
 
 
+class _Point:
+    """A point ``theta`` of :class:`LogisticFolds` as its caches know it: the
+    leaves (the objects and their versions) and copies of their values.
+
+    The same leaves unmodified since, or leaves of equal values, are the
+    same point: a warm-started solve starts from a copy of the last
+    solution, whose probabilities and gradient's data part (6 of the 42
+    gradients of a make_classification fit) need no second computation.
+    """
+
+    __slots__ = ("leaves", "versions", "values")
+
+    def __init__(self, theta):
+        self.leaves = self._leaves(theta)
+        self.versions = tuple(t._version for t in self.leaves)
+        self.values = tuple(t.detach().clone() for t in self.leaves)
+
+    @staticmethod
+    def _leaves(theta):
+        return tuple(theta[k] for k in ("coef", "intercept") if k in theta)
+
+    def holds(self, theta):
+        """Whether ``theta`` is this point."""
+        leaves = self._leaves(theta)
+        if len(leaves) != len(self.leaves):
+            return False
+        if all(a is b for a, b in zip(leaves, self.leaves)) and self.versions == tuple(
+            t._version for t in leaves
+        ):
+            return True
+        return all(
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach(), b)
+            for a, b in zip(leaves, self.values)
+        )
+
+
 class LogisticFolds(_PenaltyModel):
     """Binary or multinomial logistic regression with a diagonal L2 penalty on K folds.
 
@@ -2174,8 +2210,8 @@ class LogisticFolds(_PenaltyModel):
         self._X_aug = None  # [X, 1] dense, built on the first hessian_preconditioner call
         self._X_aug_hvp = None  # _X_aug in hvp_dtype (_weighted_gram)
         self._neg_sign = None  # -(2 y - 1) as (1, 1, n): _binary_curvature
-        self._curvature_at = None  # [leaves, versions, (P, w), copies]: _curvature
-        self._grad_at = None  # (leaves, versions, penalties, result): loss_and_grad
+        self._curvature_at = None  # [_Point, (P, w), copies]: _curvature
+        self._data_at = None  # (_Point, data loss, X^T R, sum R): loss_and_grad
         self._XT = None  # X.T contiguous (or CSR), built on its first use (_transposed)
         self._gram_at = None  # (curvature weights, weighted Gram) of hessian_preconditioner
         self._penalty_at = None  # (phi, key, penalties) of _penalty
@@ -2283,23 +2319,17 @@ class LogisticFolds(_PenaltyModel):
 
         Samples last: products with ``X`` as ``(K n_out, n) @ (n, p)`` are
         about twice as fast as ``(p, n) @ (n, K n_out)`` for few columns.
-        Cached for the last ``theta`` (the same leaf objects, not modified in
-        place since): a Newton step and a CG solve apply many Hessian-vector
-        products at one point. ``z``, when given, are the logits at ``theta``.
+        Cached for the last ``theta`` (:class:`_Point`): a Newton step and a
+        CG solve apply many Hessian-vector products at one point. ``z``,
+        when given, are the logits at ``theta``.
         """
-        leaves, versions = self._curvature_key(theta)
         cached = self._curvature_at
-        if (
-            cached is not None
-            and len(cached[0]) == len(leaves)
-            and all(a is b for a, b in zip(cached[0], leaves))
-            and cached[1] == versions
-        ):
-            if dtype is None or dtype == cached[2][0].dtype:
-                return cached[2]
-            if cached[3] is None:
-                cached[3] = tuple(t.to(dtype) for t in cached[2])
-            return cached[3]
+        if cached is not None and cached[0].holds(theta):
+            if dtype is None or dtype == cached[1][0].dtype:
+                return cached[1]
+            if cached[2] is None:
+                cached[2] = tuple(t.to(dtype) for t in cached[1])
+            return cached[2]
         with torch.no_grad():
             if z is None:
                 z = self.logits({k: v.detach() for k, v in theta.items()})
@@ -2309,15 +2339,8 @@ class LogisticFolds(_PenaltyModel):
             else:
                 P = torch.softmax(z, dim=1)
                 out = (P, self.train_weights[:, None, :] * P)
-        self._curvature_at = [leaves, versions, out, None]
+        self._curvature_at = [_Point(theta), out, None]
         return out if dtype is None else self._curvature(theta, dtype=dtype)
-
-    @staticmethod
-    def _curvature_key(theta):
-        """``theta``'s leaves and their versions: what :meth:`_curvature`'s
-        cache is valid for."""
-        leaves = tuple(theta[k] for k in ("coef", "intercept") if k in theta)
-        return leaves, tuple(t._version for t in leaves)
 
     def _binary_curvature(self, z):
         """``m = -s z`` (``s = 2 y - 1``), ``Q = sigmoid(m)`` (the probability
@@ -2343,6 +2366,11 @@ class LogisticFolds(_PenaltyModel):
         coefficient part to penalize. ``X`` and ``XT`` (default: the data's)
         may be copies in another precision; the result is in ``V``'s.
         """
+        return self._with_penalty(*self._data_products(R, V.dtype, X, XT), V, a)
+
+    def _data_products(self, R, dtype, X=None, XT=None):
+        """:meth:`_to_theta`'s ``X^T R`` (``(p, K, n_out)``) and ``sum_i R``
+        (``(K, n_out)``, ``None`` without an intercept), in ``dtype``."""
         K, c, n = R.shape
         X = self.X if X is None else X
         Rh = R.reshape(K * c, n).to(X.dtype)
@@ -2351,10 +2379,13 @@ class LogisticFolds(_PenaltyModel):
             XtR = (XT @ Rh.T).reshape(-1, K, c)
         else:
             XtR = _matmul(Rh, X).T.reshape(-1, K, c)
-        XtR = XtR.to(V.dtype)
+        b = R.sum(-1).to(dtype) if self.fit_intercept else None
+        return XtR.to(dtype), b
+
+    def _with_penalty(self, XtR, b, V, a):
+        """:meth:`_to_theta` from its data products."""
         out = {"coef": (XtR + a[..., None] * V) / self._scale}
-        if self.fit_intercept:
-            b = R.sum(-1).to(V.dtype)
+        if b is not None:
             out["intercept"] = (b if self.n_out == 1 else b[:, :-1]) / self._scale
         return out
 
@@ -2395,35 +2426,29 @@ class LogisticFolds(_PenaltyModel):
         """
         a = self._penalty(phi)
         W = theta["coef"].detach()
-        key = None
-        if not a.requires_grad:
-            # the last result, at the same point (its leaves, as _curvature's
-            # cache) and penalties (_penalty's object): value_grad_hessian asks
-            # at the solution whose value and gradient its solver just computed
-            key = (*self._curvature_key(theta), a)
-            cached = self._grad_at
-            if (
-                cached is not None
-                and cached[2] is a
-                and cached[1] == key[1]
-                and len(cached[0]) == len(key[0])
-                and all(x is y for x, y in zip(cached[0], key[0]))
-            ):
-                return cached[3]
-        with torch.no_grad():
-            z = self.logits({k: v.detach() for k, v in theta.items()})
-            if self.n_out == 1:
-                data, R = self._binary_terms(theta, z)
-            else:
-                P, _ = self._curvature(theta, z)  # (K, c, n)
-                losses = torch.logsumexp(z, dim=-1) - (z * self._onehot).sum(-1)
-                R = self.train_weights[:, None, :] * (P - self._onehot.permute(1, 2, 0))
-                data = (self._train_t * losses).sum()
+        # the data part (loss, X^T R, sum R) of the last point (_Point): the
+        # penalties change between solves, the point often not (a warm start
+        # from the last solution; value_grad_hessian's correction at the
+        # solution its solver just evaluated)
+        cached = self._data_at
+        if cached is not None and cached[0].holds(theta):
+            data, XtR, b = cached[1:]
+        else:
+            with torch.no_grad():
+                z = self.logits({k: v.detach() for k, v in theta.items()})
+                if self.n_out == 1:
+                    data, R = self._binary_terms(theta, z)
+                else:
+                    P, _ = self._curvature(theta, z)  # (K, c, n)
+                    losses = torch.logsumexp(z, dim=-1) - (z * self._onehot).sum(-1)
+                    R = self.train_weights[:, None, :] * (
+                        P - self._onehot.permute(1, 2, 0)
+                    )
+                    data = (self._train_t * losses).sum()
+                XtR, b = self._data_products(R, W.dtype)
+            self._data_at = (_Point(theta), data, XtR, b)
         value = (data + 0.5 * (a[..., None] * W * W).sum()) / self._scale
-        out = (value, self._to_theta(R, W, a))
-        if key is not None:
-            self._grad_at = (*key, out)
-        return out
+        return value, self._with_penalty(XtR, b, W, a)
 
     def hvp(self, theta, phi, v):
         """Hessian of :meth:`inner_loss` in ``theta`` times ``v``, in closed form.
@@ -2494,7 +2519,7 @@ class LogisticFolds(_PenaltyModel):
         data = torch.dot(
             t.reshape(-1), torch.logaddexp(m, torch.zeros((), dtype=m.dtype)).reshape(-1)
         )
-        self._curvature_at = [*self._curvature_key(theta), curvature, None]
+        self._curvature_at = [_Point(theta), curvature, None]
         return data, self._neg_sign * t * Q
 
     def _binary_losses(self, z):

@@ -181,8 +181,7 @@ def test_newton_cg_evaluates_each_iterate_once_with_loss_and_grad(n_classes, mon
 
     def counted(self, theta, z=None, dtype=None):
         cached = self._curvature_at
-        hit = cached is not None and all(a is b for a, b in zip(cached[0], theta.values()))
-        calls["curvature"] += not hit
+        calls["curvature"] += not (cached is not None and cached[0].holds(theta))
         return curvature(self, theta, z, dtype)
 
     monkeypatch.setattr(LogisticFolds, "_curvature", counted)
@@ -418,20 +417,30 @@ def test_solution_keeps_the_curvature_cached_at_its_last_iterate(
     assert len(calls) == 1
 
 
-def test_loss_and_grad_at_the_solution_is_not_computed_again(monkeypatch):
-    # value_grad_hessian's value correction asks for the inner gradient at the
-    # solution, which NewtonCG's last iteration computed: it is remembered for
-    # the same leaves and the same penalties, and for nothing else
-    folds = _folds(2, fit_intercept=True)
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_loss_and_grad_reuses_its_data_part_at_the_same_point(monkeypatch, n_classes):
+    # the loss and gradient's data part (logits, X^T R) depends on the point
+    # only: value_grad_hessian's value correction asks at the solution NewtonCG
+    # just evaluated, and the next solve starts from a copy of it at other
+    # penalties. Both reuse it (digits fits 7.5% faster); another point not
+    folds = _folds(n_classes, fit_intercept=True)
     phi = torch.zeros(4, dtype=DT)
     theta, _ = folds.solve(phi, NewtonCG(tol=1e-8))
-    exact_value, exact_grad = _folds(2, fit_intercept=True).loss_and_grad(theta, phi)
+
+    def exact(theta, phi):
+        return _folds(n_classes, fit_intercept=True).loss_and_grad(theta, phi)
+
+    def same(a, b):
+        grads = all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+        return float(a[0]) == float(b[0]) and grads
+
+    reference = [exact(theta, phi), exact(theta, phi + 1.0)]
+    moved = {k: t + 0.1 for k, t in theta.items()}
+    reference.append(exact(moved, phi))
     calls = _count_logits(monkeypatch)
-    value, grad = folds.loss_and_grad(theta, phi)
+    assert same(folds.loss_and_grad(theta, phi), reference[0])
+    copy = {k: t.clone() for k, t in theta.items()}  # a warm start's copy
+    assert same(folds.loss_and_grad(copy, phi + 1.0), reference[1])
     assert not calls
-    assert float(value) == float(exact_value)
-    assert all(torch.equal(grad[k], exact_grad[k]) for k in grad)
-    folds.loss_and_grad(theta, phi + 1.0)  # other penalties
-    theta["coef"].add_(0.0)  # the same leaves, modified in place
-    folds.loss_and_grad(theta, phi)
-    assert len(calls) == 2
+    assert same(folds.loss_and_grad(moved, phi), reference[2])
+    assert len(calls) == 1
