@@ -444,3 +444,29 @@ def test_loss_and_grad_reuses_its_data_part_at_the_same_point(monkeypatch, n_cla
     assert not calls
     assert same(folds.loss_and_grad(moved, phi), reference[2])
     assert len(calls) == 1
+
+
+def test_hessian_factor_is_reused_for_the_same_gram_and_penalties(monkeypatch):
+    # the Newton iterations of a solve that reuse the weighted Gram matrix, and
+    # the implicit backward pass after it, factored the same matrix again
+    from skbilevel.hypergrad import _penalized
+
+    folds = _folds(2, fit_intercept=True)
+    phi = torch.zeros(4, dtype=DT)
+    theta, _ = folds.solve(phi, NewtonCG(tol=1e-8))
+    r = {k: torch.ones_like(t) for k, t in theta.items()}
+    first = folds.hessian_preconditioner(theta, phi)(r)
+    factored = []
+    cholesky = _penalized._cholesky_ex
+
+    def counted(*args, **kwargs):
+        factored.append(1)
+        return cholesky(*args, **kwargs)
+
+    monkeypatch.setattr(_penalized, "_cholesky_ex", counted)
+    again = folds.hessian_preconditioner(theta, phi)(r)
+    assert not factored
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = folds.hessian_preconditioner(theta, phi + 1.0)(r)  # other penalties
+    assert len(factored) == 1
+    assert not torch.equal(other["coef"], first["coef"])
