@@ -2045,8 +2045,9 @@ class _Point:
 
     The same leaves unmodified since, or leaves of equal values, are the
     same point: a warm-started solve starts from a copy of the last
-    solution, whose probabilities and gradient's data part (6 of the 42
-    gradients of a make_classification fit) need no second computation.
+    solution, whose probabilities and gradient's data part need no second
+    computation (9 of the 42 gradients of a make_classification fit, 18 of
+    a digits fit's 65).
     """
 
     __slots__ = ("leaves", "versions", "values")
