@@ -2646,7 +2646,7 @@ class LogisticFolds(_PenaltyModel):
             a = self._penalty(phi.detach()).T  # (K, p)
             # the same Gram matrix and penalties: the same factor (the Newton
             # iterations of a solve that reuse the Gram matrix, and the implicit
-            # backward pass after it; 14 of a make_classification fit's 32)
+            # backward pass after it: 13 of a make_classification fit's 32)
             last = self._factor_at
             if last is not None and last[0] is cached[1] and torch.equal(last[1], a):
                 return last[2]
