@@ -470,3 +470,21 @@ def test_hessian_factor_is_reused_for_the_same_gram_and_penalties(monkeypatch):
     other = folds.hessian_preconditioner(theta, phi + 1.0)(r)  # other penalties
     assert len(factored) == 1
     assert not torch.equal(other["coef"], first["coef"])
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_validation_loss_at_the_solution_reuses_the_solver_losses(
+    monkeypatch, n_classes
+):
+    # the per-sample losses of loss_and_grad's last point serve the validation
+    # loss there, outside a graph; with a graph in theta they are computed anew
+    folds = _folds(n_classes, fit_intercept=True)
+    theta, _ = folds.solve(torch.zeros(4, dtype=DT), NewtonCG(tol=1e-8))
+    exact = _folds(n_classes, fit_intercept=True).validation_loss(theta)
+    calls = _count_logits(monkeypatch)
+    assert float(folds.validation_loss(theta)) == float(exact)
+    assert not calls
+    leaves = {k: t.clone().requires_grad_(True) for k, t in theta.items()}
+    loss = folds.validation_loss(leaves)
+    assert len(calls) == 1 and loss.requires_grad
+    torch.testing.assert_close(loss.detach(), exact, rtol=1e-14, atol=0.0)
