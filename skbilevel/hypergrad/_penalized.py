@@ -1242,10 +1242,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         X, y = self.X, self.y
         self.train_weights = T
         self._all_rows = None
-        # a primal fold whose Gram matrix is singular (method="primal" forced)
-        rank = int((T > 0).sum(1).min()) - int(self.fit_intercept)
-        self._singular_gram = self.method == "primal" and rank < X.shape[1]
-        self._warned_accuracy = False
+        self._set_accuracy_check(T)
         t_sum = T.sum(1)
         if self.fit_intercept:
             self.X_offset = (T @ X) / t_sum[:, None]  # (K, p)
@@ -1259,6 +1256,14 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             )
         else:
             self._set_dual(X, y, T)
+
+    def _set_accuracy_check(self, T):
+        """Whether a primal fold of the training weights ``T`` has a singular
+        Gram matrix (:meth:`_check_primal_accuracy`), and no accuracy warning
+        given yet."""
+        rank = int((T > 0).sum(1).min()) - int(self.fit_intercept)
+        self._singular_gram = self.method == "primal" and rank < self.X.shape[1]
+        self._warned_accuracy = False
 
     def all_rows(self, sample_weight):
         """The same ridge problem fitted on all rows, with weights ``sample_weight``.
@@ -1303,6 +1308,8 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             return out
         _, cx, cy, gram, rhs = self._all_rows
         out.train_weights = sw
+        # (its own rows: the folds' flags warned about a nonsingular Gram matrix)
+        out._set_accuracy_check(sw)
         out.X_offset, out.y_offset = cx[None], cy.reshape(1)
         out.gram, out.rhs, out._all_rows = gram[None], rhs[None], None
         return out

@@ -619,3 +619,27 @@ def test_dual_form_factors_by_lu_where_cholesky_fails():
     alpha = torch.exp(torch.linspace(-50.0, 50.0, 50, dtype=DT))
     coef_error, grad_error = _dual_errors(alpha)
     assert coef_error < 1e-6 and grad_error < 1e-3
+
+
+def test_all_rows_problem_judges_its_own_gram_matrix():
+    # the K-fold layout's all-rows problem reuses the folds' Gram matrix of all
+    # rows, and it kept the folds' flag "singular Gram matrix": the final fit on
+    # 30 rows and 25 features, exact to 6e-15 at penalties e^-30, warned that
+    # its coefficients might be off by 1e-2
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 25, generator=g, dtype=DT)
+    y = torch.randn(30, generator=g, dtype=DT)
+    train = torch.ones(3, 30, dtype=DT)
+    for k in range(3):
+        train[k, 10 * k : 10 * (k + 1)] = 0  # 20 training rows < 25 features
+    folds = RidgeFolds(X, y, train, method="primal")
+    phi = torch.full((25,), -30.0, dtype=DT)
+    full = folds.all_rows(torch.ones(30, dtype=DT))
+    assert full._all_rows is None and full.gram.shape == (1, 25, 25)  # reused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InnerSolveWarning)
+        coef = full.closed_form(phi)
+    exact = RidgeFolds(X, y, torch.ones(30, dtype=DT), method="primal").closed_form(phi)
+    torch.testing.assert_close(coef, exact, rtol=1e-12, atol=0.0)
+    with pytest.warns(InnerSolveWarning, match="span fewer dimensions"):
+        folds.closed_form(phi)  # the folds' own Gram matrices are singular
