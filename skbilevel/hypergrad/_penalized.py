@@ -950,6 +950,13 @@ def _dual_refine(F, XA, Xs, alpha, r, x):
     return best, best_rel
 
 
+def _dual_solve(F, XA, Xs, alpha, r, refine):
+    """``(Xs^T Xs + A)^{-1} r`` in ``r``'s dtype (:func:`_dual_inverse`),
+    refined (:func:`_dual_refine`) when ``refine`` (:func:`_dual_checked`)."""
+    x = _dual_inverse(F, XA, Xs, alpha, r)
+    return _dual_refine(F, XA, Xs, alpha, r, x)[0].to(r.dtype) if refine else x
+
+
 def _first_order(backward):
     """The backward pass of a first-order Function, refusing a second derivative.
 
@@ -1010,14 +1017,13 @@ class _DualRidgeSolve(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, alpha, Xs, ys, sq, report):
+    def forward(ctx, alpha, Xs, ys, rhs, sq, report):
         XA, F, info = _dual_factor(Xs, alpha)
         if bool((info != 0).any()):
             return None
         w = _dual_apply(XA, Xs, alpha, _m_solve(F, _wide(ys)))
         report["residual"] = None
-        if _dual_checked(sq, alpha):
-            rhs = _wide(alpha) * _dual_apply(XA, Xs, alpha, _wide(ys))  # Xs^T ys
+        if _dual_checked(sq, alpha):  # rhs: Xs^T ys
             w, report["residual"] = _dual_refine(F, XA, Xs, alpha, rhs, w)
         w = w.to(ys.dtype)
         ctx.rows = Xs  # a tensor, or sparse rows (not a tensor to save)
@@ -1030,10 +1036,8 @@ class _DualRidgeSolve(torch.autograd.Function):
     def backward(ctx, grad_w):
         *F, XA, alpha, w, sq = ctx.saved_tensors
         F = tuple(F) if ctx.lu else F[0]
-        v = _dual_inverse(F, XA, ctx.rows, alpha, grad_w)
-        if _dual_checked(sq, alpha):
-            v = _dual_refine(F, XA, ctx.rows, alpha, grad_w, v)[0].to(grad_w.dtype)
-        return -(v * w), None, None, None, None
+        v = _dual_solve(F, XA, ctx.rows, alpha, grad_w, _dual_checked(sq, alpha))
+        return -(v * w), None, None, None, None, None
 
 
 def _penalty_derivatives(lam, alpha, B, w, J):
@@ -1342,6 +1346,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
                 s = self.Xs.s[k, : len(rows)]
                 self._ys_wide[k, : len(rows)] = (_wide(y[rows]) - y_mu[k]) * s
             self.ys = self._ys_wide.to(y.dtype)
+            self._dual_rhs = _rows_rmv(self.Xs, self._ys_wide)
             return
         scaled, targets = [], []
         # only the rows with positive weight, zero-padded to a common count
@@ -1362,6 +1367,9 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         self.Xs, self.ys = self._Xs_wide.to(X.dtype), self._ys_wide.to(y.dtype)
         # the columns' squared norms (K, p): the Hessian's diagonal, less alpha
         self._dual_sq = (self._Xs_wide * self._Xs_wide).sum(1)
+        # Xs^T ys (K, p) in float64, in the row space of the exactly centred rows:
+        # the primal form's rhs, for refinement and value_grad_hessian
+        self._dual_rhs = _rows_rmv(self._Xs_wide, self._ys_wide)
 
     def _set_validation_rows(self):
         """Each fold's validation rows and targets, centred at the fold's
@@ -1426,7 +1434,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             return self._solve(A, self.rhs[..., None])[..., 0]
         report = {}
         out = _DualRidgeSolve.apply(
-            a, self._Xs_wide, self._ys_wide, self._dual_sq, report
+            a, self._Xs_wide, self._ys_wide, self._dual_rhs, self._dual_sq, report
         )
         if out is not None:
             self._check_dual_accuracy(a, report["residual"])
@@ -1441,7 +1449,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         dual = self._solve(G, self._ys_wide.to(a.dtype)[..., None])  # (K, m, 1)
         out = (XA.mT @ dual)[..., 0]
         with torch.no_grad():
-            r = _rows_rmv(Xs, self._ys_wide.to(a.dtype))
+            r = self._dual_rhs.to(a.dtype)
             residual = _dual_residual(None, Xs, a.detach(), r, out.detach())[1]
             self._check_dual_accuracy(a, residual)
         return out.to(self.ys.dtype)
@@ -1605,16 +1613,8 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
         if self.method == "primal":
             return lambda r: _cho_solve(L, r.detach())
 
-        checked = _dual_checked(self._dual_sq, a)
-
-        def solve(r):
-            r = r.detach()
-            x = _dual_inverse(F, XA, self._Xs_wide, a, r)
-            if checked:
-                x = _dual_refine(F, XA, self._Xs_wide, a, r, x)[0].to(r.dtype)
-            return x
-
-        return solve
+        refine = _dual_checked(self._dual_sq, a)
+        return lambda r: _dual_solve(F, XA, self._Xs_wide, a, r.detach(), refine)
 
     def hessian_diagonal(self, theta, phi):
         """Exact diagonal of the Hessian of :meth:`inner_loss`: ``diag(C_k) + alpha``.
@@ -1817,12 +1817,7 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
             m = B.shape[-1]
             # the exact inverse Hessian of the folds' ridge systems (its theta is unused)
             solve = self.hessian_preconditioner(None, phi)
-            # (dual: in float64, in the row space of the exactly centred rows)
-            rhs = (
-                self.rhs
-                if self.method == "primal"
-                else _rows_rmv(self._Xs_wide, self._ys_wide)
-            )
+            rhs = self.rhs if self.method == "primal" else self._dual_rhs
             if solve is None:
                 raise torch.linalg.LinAlgError(
                     "value_grad_hessian: a fold's ridge system is not numerically "
