@@ -110,14 +110,17 @@ class _FixedPhi:
         return self.inner_loss(theta, self.phi)
 
 
-def _as_tree(x, like):
+def _as_tree(x, like, tree=None):
     """The flat iterate ``x`` as a tree like ``like``, each leaf in its own dtype.
 
     ``x`` has the promoted dtype of the leaves, in which the solvers iterate:
     a float32 leaf beside a float64 one came back float64 (and an outer loss
-    on float32 data failed on mismatched dtypes).
+    on float32 data failed on mismatched dtypes). ``tree``, when given, is
+    ``x`` already as a tree: its leaves are kept where their dtype is right
+    (the problem may have cached its curvature on them).
     """
-    return tree_map(lambda t, leaf: t.to(leaf.dtype), vector_to_tree(x, like), like)
+    tree = vector_to_tree(x, like) if tree is None else tree
+    return tree_map(lambda t, leaf: t.to(leaf.dtype), tree, like)
 
 
 def _problem_preconditioner(hessian_preconditioner, hessian_diagonal, theta):
@@ -704,9 +707,7 @@ class NewtonCG(InnerSolver):
         )
         if not converged and self.warn:
             _warn_inner("NewtonCG", result, tol, self.max_iter)
-        # the last iterate's own tree (the problem may have cached its curvature
-        # on it), each leaf in its dtype as _as_tree gives it
-        return tree_map(lambda t, leaf: t.to(leaf.dtype), theta, like), result
+        return _as_tree(x, like, tree=theta), result  # the last iterate's own tree
 
     @staticmethod
     def _backtrack(problem, x, d, f, gtd, like, with_grad, c1=1e-4, max_halvings=40):
