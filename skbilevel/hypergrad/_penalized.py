@@ -1863,12 +1863,6 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
 # --------------------------------------------------------------------------
 
 
-#: RidgeLOO's dual gradient: columns with ``|x_j|^2 / alpha_j`` above this
-#: go through the Woodbury split of :class:`_DualLOOResiduals` (``eps`` times
-#: it, 2e-10, bounds the relative error of the other columns' directions)
-_LOO_SPLIT_RATIO = 1e6
-
-
 def _reflect(z, v, beta):
     """``Q z`` for the intercept's reflection ``H = I - beta v v^T`` and its last
     ``n - 1`` columns ``Q`` (``z`` of ``n - 1`` rows, a vector or a matrix): the
@@ -1880,85 +1874,51 @@ def _reflect(z, v, beta):
 
 
 class _DualLOOResiduals(torch.autograd.Function):
-    """:class:`RidgeLOO`'s leave-one-out residuals in the dual form (float64);
-    gradient in ``alpha`` only, by its closed form.
+    """:class:`RidgeLOO`'s leave-one-out residuals in the dual form (float64),
+    from a QR factorization; gradient in ``alpha`` only, in closed form.
 
-    With ``M = (I + Xs A^{-1} Xs^T)^{-1}``, ``Q`` the deflated basis (the
-    identity without an intercept), ``d = diag(Q M Q^T)`` and ``e = Q M ys /
-    d``, ``dM / dalpha_j = z_j z_j^T`` with ``z_j = M x_j / alpha_j``, so::
+    With ``B = Xs A^{-1/2}``, ``M = (I + B B^T)^{-1} = W W^T`` where ``R``
+    is the triangular factor of the stacked ``[B^T; I]`` (``R^T R = I + B
+    B^T``) and ``W = R^{-1}``. With ``Q`` the deflated basis (the identity
+    without an intercept), ``d = diag(Q M Q^T)`` is the squared row norms
+    of ``Q W`` and ``e = Q W W^T ys / d``: no difference of large terms.
+    ``dM / dalpha_j = z_j z_j^T`` with ``z_j = M x_j / alpha_j``, so::
 
         de_i / dalpha_j = ((Q z_j)_i (z_j^T ys) - e_i (Q z_j)_i^2) / d_i
 
-    Autograd through the explicit inverse formed these derivatives from
-    products of ``M`` divided by ``alpha_j^2``. A penalty far below its
-    feature's squared norm makes ``M x_j`` tiny, and those products lose
-    ``eps |x_j|^2 / alpha_j`` of their size: on 40 x 120 with penalties over
-    +-12 decades the gradient was 7e-4 off in its worst direction (mpmath
-    reference at 80 digits; at +-9 decades 1e-6). Those columns ``S``
-    (``|x_j|^2 / alpha_j`` above ``_LOO_SPLIT_RATIO``) now come from the
-    Woodbury split: with ``N = (I + X_L A_L^{-1} X_L^T)^{-1}`` over the other
-    columns, ``M X_S A_S^{-1} = N X_S (A_S + X_S^T N X_S)^{-1}``, where no
-    term is divided by a tiny penalty (the s x s system, like the primal
-    form's, is ill-conditioned only along directions that ``X_S`` maps to
-    nearly zero): 2e-8 there. The split is taken for at most ``(3 m^2
-    p)^(1/3)`` such columns, where its system costs no more than the forward
-    pass (more keep the direct formula). It costs up to 1.7 times the
-    unsplit evaluation (100 x 1000, penalties over +-12 decades); without
-    it the closed form runs at 0.8 to 0.9 times autograd's time.
+    The rows of ``[B^T; I]`` (``|x_j| / sqrt(alpha_j)``, then 1) are sorted
+    by decreasing norm before Householder QR, which is then accurate row by
+    row however their scales differ. Against mpmath (60 digits, 25 x 50 to
+    40 x 120, penalties over +-3 to +-12 decades) the value and gradient
+    are within 1e-14; the explicit inverse of ``I + B B^T`` they replace
+    was within 1e-13 at +-3 decades, 1e-11 at +-6 and 1.5e-5 at +-12, and
+    autograd through it lost a further ``eps |x_j|^2 / alpha_j`` of the
+    gradient (the regression test's 40 x 120 at +-12 decades: 7e-4).
     """
 
     @staticmethod
     def forward(ctx, alpha, Xs, ys, sq, v, beta):
-        m, p = Xs.shape
-        XA = Xs / alpha
-        S = torch.nonzero(sq / alpha > _LOO_SPLIT_RATIO)[:, 0]  # sq: |x_j|^2
-        s = S.numel()
-        # the split's s x s system costs up to as much as this forward pass
-        split = 0 < s <= (3.0 * m * m * p) ** (1 / 3)
-        if split:  # the kernel in two parts: I + X_L A_L^{-1} X_L^T is kept
-            XS = Xs.index_select(1, S)
-            XA_S = XA.index_select(1, S)
-            XA.index_fill_(1, S, 0.0)
-            P = XA @ Xs.T
-            P.diagonal().add_(1.0)
-            M = torch.linalg.inv(P + XA_S @ XS.T)
-        else:
-            P = XS = None
-            M = XA @ Xs.T
-            M.diagonal().add_(1.0)
-            M = torch.linalg.inv(M)
-        if v is None:  # no intercept: Q = I
-            QM, d = M, torch.diagonal(M)
-        else:
-            # I - H = Q M Q^T; diag(QM Q^T)_i = QM[i, i - 1] - beta v_i (QM[i] . v[1:])
-            QM = _reflect(M, v, beta).contiguous()  # Q M, (n, m); M is symmetric
-            d = torch.cat([M.new_zeros(1), torch.diagonal(QM[1:])])
-            d = d - beta * v * (QM @ v[1:])
-        e = (QM @ ys) / d
-        ctx.split = split
-        ctx.save_for_backward(alpha, Xs, ys, M, QM, d, e, v, beta, S, P, XS)
+        m = Xs.shape[0]
+        eye = torch.eye(m, dtype=Xs.dtype, device=Xs.device)
+        order = torch.argsort(sq / alpha, descending=True)  # sq: |x_j|^2
+        # [B^T; I] as the transpose of its rows: column-major, as LAPACK takes it
+        T = torch.cat([Xs.index_select(1, order).mul_(alpha[order].rsqrt()), eye], 1)
+        R = torch.linalg.qr(T.mT, mode="r").R
+        W = torch.linalg.solve_triangular(R, eye, upper=True)  # M = W W^T
+        QW = W if v is None else _reflect(W, v, beta)
+        d = (QW * QW).sum(1)
+        e = (QW @ (W.T @ ys)) / d
+        ctx.save_for_backward(alpha, Xs, ys, W, QW, d, e)
         return e
 
     @staticmethod
     @_first_order
     def backward(ctx, grad_e):
-        alpha, Xs, ys, M, QM, d, e, v, beta, S, P, XS = ctx.saved_tensors
+        alpha, Xs, ys, W, QW, d, e = ctx.saved_tensors
         c = grad_e.to(e.dtype)
-        # Q z_j (n, p) and z_j^T ys (p,) without forming z_j = M x_j / alpha_j
-        Y = (QM @ Xs).div_(alpha)
-        zy = (Xs.T @ (M @ ys)) / alpha
-        if ctx.split:  # M X_S A_S^{-1} = N X_S (A_S + X_S^T N X_S)^{-1}
-            F = torch.linalg.solve(P, XS)  # N X_S, (m, s)
-            C = XS.T @ F
-            C = 0.5 * (C + C.T)
-            C.diagonal().add_(alpha[S])
-            L, info = torch.linalg.cholesky_ex(C)
-            if int(info) == 0:
-                ZS = torch.cholesky_solve(F.T, L).T
-            else:  # not numerically positive definite: a pivoted LU solve
-                ZS = torch.linalg.solve(C, F.T).T
-            Y[:, S] = ZS if v is None else _reflect(ZS, v, beta)
-            zy[S] = ZS.T @ ys
+        WX = W.T @ Xs
+        Y = (QW @ WX).div_(alpha)  # Q z_j, (n, p)
+        zy = (WX.T @ (W.T @ ys)) / alpha  # z_j^T ys
         grad = zy * (Y.T @ (c / d)) - (Y * Y).T @ (c * e / d)
         return grad, None, None, None, None, None
 
@@ -1988,17 +1948,19 @@ class RidgeLOO:
       intercept, on the complement of ``q`` (a Householder reflection; ``q``
       is a null vector of ``K``), where ``1 - H_ii`` is a diagonal entry of
       its own rather than that difference, which near interpolation loses
-      every digit (penalties over +-12 decades: 32% off).
+      every digit (penalties over +-12 decades: 32% off). ``M`` is never
+      inverted: ``M = W W^T`` with ``W`` the inverse of the triangular
+      factor of ``[A^{-1/2} Xs^T; I]``, its rows sorted by norm, so that
+      penalties over many decades keep every digit (``_DualLOOResiduals``;
+      against mpmath within 1e-14 where the explicit inverse was 1e-13 off
+      at +-3 decades and 1.5e-5 at +-12).
 
     Derivatives in ``phi`` come from autograd through these formulas, but
-    the dual form's derivative in the penalties is in closed form
-    (``_DualLOOResiduals``): autograd through its explicit inverse lost
-    digits to penalties far below their features' squared norms (40 x 120,
-    penalties over +-12 decades: 7e-4 off an mpmath reference in its worst
-    direction, now 2e-8). It is first-order only: a second derivative
-    raises (``method="primal"`` has them). The dual value itself, from the
-    explicit inverse, can lose more there than the primal form's (25 x 50
-    at +-12 decades: 6e-6 against 8e-11), and its gradient with it.
+    the dual form's derivative in the penalties is in closed form, from the
+    same factor (autograd through the explicit inverse lost a further ``eps
+    |x_j|^2 / alpha_j``: 7e-4 of the gradient on 40 x 120 at +-12 decades;
+    now 1e-14). It is first-order only: a second derivative raises
+    (``method="primal"`` has them).
 
     Parameters
     ----------

@@ -173,8 +173,10 @@ def test_ridge_loo_dual_with_penalties_over_many_decades(decades, fit_intercept)
     loo32 = RidgeLOO(*(a.float() for a in args), fit_intercept=fit_intercept)
     np.testing.assert_allclose(float(loo32(torch.tensor(phi).float())), ref, rtol=1e-5)
     # its gradient agrees with the primal form's (which matched finite
-    # differences of the refits above to 3e-9; at +-12 decades it is itself
-    # 7e-8 off an mpmath reference, see the next test)
+    # differences of the refits above to 3e-9; at +-12 decades the primal form
+    # is itself 3e-8 off an mpmath reference, and the dual 1e-15: see the
+    # next tests). Autograd through the dual form's explicit inverse had been
+    # 2e-3 off the primal form's at +-12 decades and 2e-6 at +-9
     primal = RidgeLOO(*args, fit_intercept=fit_intercept, method="primal")
     g = loo.value_and_grad(torch.tensor(phi))[1]
     gp = primal.value_and_grad(torch.tensor(phi))[1]
@@ -217,13 +219,12 @@ def _loo_mpmath(X, y, sw, phi, dps=60):
         ) / S
 
 
-def test_ridge_loo_dual_gradient_far_below_the_features_norms():
-    # penalties far below their features' squared norms: the dual form's
-    # closed-form gradient takes those columns through a Woodbury split, here
-    # checked against mpmath, along the smallest penalties' coordinates too
-    # (7e-10 of the norms at most, those coordinates 2e-13; autograd through the
-    # explicit inverse had 5e-9 on this small problem, and 2e-3 against the
-    # primal form on the previous test's 40 x 120 at +-12 decades)
+def test_ridge_loo_dual_to_the_last_digits():
+    # penalties over +-12 decades, far below and far above their features'
+    # squared norms: the dual form's value and gradient (from the sorted QR
+    # factor) against mpmath, along the smallest penalties' coordinates too.
+    # The explicit inverse it replaced was 1e-9 off in the value and 5e-9 in
+    # the gradient here (1.5e-5 and 1.4e-5 on 25 x 50)
     mpmath = pytest.importorskip("mpmath")
     rng = np.random.RandomState(1)
     n, p = 12, 30
@@ -240,7 +241,7 @@ def test_ridge_loo_dual_gradient_far_below_the_features_norms():
         Xm = np.array([[mpmath.mpf(float(v)) for v in row] for row in X], dtype=object)
         ym = [mpmath.mpf(float(v)) for v in y]
         ref = float(_loo_mpmath(Xm, ym, sw, ph))
-        np.testing.assert_allclose(float(value), ref, rtol=1e-7)
+        np.testing.assert_allclose(float(value), ref, rtol=1e-13)
         h = mpmath.mpf("1e-25")
         smallest = np.eye(p)[np.argsort(phi)[:3]]
         for d in (np.sign(phi) * (phi < -5), rng.randn(p), *smallest):
@@ -248,7 +249,7 @@ def test_ridge_loo_dual_gradient_far_below_the_features_norms():
             down = _loo_mpmath(Xm, ym, sw, [a - h * float(b) for a, b in zip(ph, d)])
             slope = float((up - down) / (2 * h))
             err = abs(float(grad @ torch.tensor(d)) - slope)
-            assert err <= 1e-8 * float(grad.norm()) * np.linalg.norm(d)
+            assert err <= 1e-13 * float(grad.norm()) * np.linalg.norm(d)
 
 
 @pytest.mark.parametrize("shape", [(20, 4), (8, 12)])
