@@ -475,6 +475,16 @@ def _intercept_reflection(sqrt_sw):
     return v, 2.0 / (v @ v)
 
 
+def _reflect(z, v, beta):
+    """``Q z`` for the reflection ``H = I - beta v v^T`` of
+    :func:`_intercept_reflection` and its last ``n - 1`` columns ``Q``: ``z``
+    (``n - 1`` rows, a vector or a matrix; numpy or a tensor) in the
+    deflated basis, back in sample space."""
+    z = _cat([_zeros(z, 1, *z.shape[1:]), z], 0)  # [0; z]: H [0; z] = Q z
+    vz = v @ z
+    return z - (beta * v[:, None] * vz[None] if z.ndim == 2 else beta * v * vz)
+
+
 def _deflated_gram_eigh(Xs, sqrt_sw, X=None):
     """Eigendecomposition of the centered Gram matrix on the complement of ``sqrt(s)``.
 
@@ -497,9 +507,7 @@ def _deflated_gram_eigh(Xs, sqrt_sw, X=None):
     Kr = K[1:, 1:] - beta * (v1[:, None] * Kv1[None, :] + Kv1[:, None] * v1[None, :])
     Kr = Kr + (beta * beta * (v @ Kv)) * (v1[:, None] * v1[None, :])
     eigvals, Qr = _eigh(Kr)
-    Q = _cat([_zeros(Qr, 1, n - 1), Qr], 0)
-    basis = Q - beta * v[:, None] * (v @ Q)[None, :]
-    return eigvals, basis
+    return eigvals, _reflect(Qr, v, beta)
 
 
 @dataclasses.dataclass

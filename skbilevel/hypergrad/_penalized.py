@@ -49,6 +49,7 @@ from ._closed_form import (
     _integral,
     _intercept_reflection,
     _matmul,
+    _reflect,
     _use_numpy,
 )
 from ._solvers import LBFGS, _FixedPhi
@@ -1863,16 +1864,6 @@ class RidgeFolds(_PenaltyModel, ClosedFormSolver):
 # --------------------------------------------------------------------------
 
 
-def _reflect(z, v, beta):
-    """``Q z`` for the intercept's reflection ``H = I - beta v v^T`` and its last
-    ``n - 1`` columns ``Q`` (``z`` of ``n - 1`` rows, a vector or a matrix): the
-    deflated basis back in sample space (:class:`RidgeLOO`)."""
-    top = z.new_zeros((1,) + tuple(z.shape[1:]))
-    vz = v[1:] @ z
-    outer = v[:, None] * vz[None] if z.ndim == 2 else v * vz
-    return torch.cat([top, z]) - beta * outer
-
-
 class _DualLOOResiduals(torch.autograd.Function):
     """:class:`RidgeLOO`'s leave-one-out residuals in the dual form (float64),
     from a QR factorization; gradient in ``alpha`` only, in closed form.
@@ -2024,23 +2015,24 @@ class RidgeLOO:
         self.Xs = (X - X_offset) * sqrt_s[:, None]
         self.ys = (y - y_offset) * sqrt_s
         self.gram = _gram(self.Xs) if method == "primal" else None
-        self._deflated = self._dual_sq = None
-        if method == "dual" and self.fit_intercept:
-            # the dual form on the complement of the intercept direction q (an
-            # exact null vector of the centred kernel): there 1 - H_ii is a
-            # diagonal of its own instead of M_ii - q_i^2, two terms near 1/n whose
-            # difference is tiny near interpolation (penalties over +-9 decades:
-            # 1.3% off a brute-force refit, +-12: 32%; now 1e-10 and 2e-7)
-            # (the reflection H = I - beta v v^T; its last n - 1 columns Q are
-            # the basis, never formed: Q^T z = (H z)[1:])
-            v, beta = _intercept_reflection(_wide(sqrt_s))
+        # the dual form's rows, targets, the rows' squared column norms and the
+        # intercept's reflection (v, beta), in float64 (_wide)
+        self._dual = None
+        if method == "dual":
             Xw, yw = _wide(self.Xs), _wide(self.ys)
-            self._deflated = (
-                Xw[1:] - beta * v[1:, None] * (v @ Xw)[None],  # Q^T Xs, (n - 1, p)
-                yw[1:] - beta * v[1:] * (v @ yw),
-                v,
-                beta,
-            )
+            v = beta = None
+            if self.fit_intercept:
+                # on the complement of the intercept direction q (an exact null
+                # vector of the centred kernel): there 1 - H_ii is a diagonal of
+                # its own instead of M_ii - q_i^2, two terms near 1/n whose
+                # difference is tiny near interpolation (penalties over +-9
+                # decades: 1.3% off a brute-force refit, +-12: 32%; now 1e-10 and
+                # 2e-7) (the reflection H = I - beta v v^T; its last n - 1 columns
+                # Q are the basis, never formed: Q^T z = (H z)[1:])
+                v, beta = _intercept_reflection(_wide(sqrt_s))
+                Xw = Xw[1:] - beta * v[1:, None] * (v @ Xw)[None]  # Q^T Xs, (n - 1, p)
+                yw = yw[1:] - beta * v[1:] * (v @ yw)
+            self._dual = (Xw, yw, (Xw * Xw).sum(0), v, beta)
 
     def residuals(self, phi):
         """Leave-one-out residuals ``sqrt(s_i) (y_i - y_loo,i)``, differentiable."""
@@ -2061,13 +2053,7 @@ class RidgeLOO:
         # kernel's entries of 1/alpha_min beside the identity are lost (60 x 200,
         # penalties from 1e-6 to 1e6: a LOO error of 0.00034 against 13.02)
         out = torch.promote_types(self.Xs.dtype, a.dtype)
-        if self._deflated is None:  # no intercept: q = 0
-            Xs, ys, v, beta = _wide(self.Xs), _wide(self.ys), None, None
-        else:
-            Xs, ys, v, beta = self._deflated
-        if self._dual_sq is None:  # the rows' squared column norms, once
-            self._dual_sq = (Xs * Xs).sum(0)
-        return _DualLOOResiduals.apply(_wide(a), Xs, ys, self._dual_sq, v, beta).to(out)
+        return _DualLOOResiduals.apply(_wide(a), *self._dual).to(out)
 
     def __call__(self, phi):
         """Weighted mean squared leave-one-out error at ``alpha = exp(phi)[groups]``."""
