@@ -81,7 +81,6 @@ from ._linear_solve import (
 )
 from ._solvers import LBFGS, _FixedPhi, _problem_preconditioner
 from ._steps import _DIVERGED
-from ._unrolled import _check_diverging
 from ._tree import (
     _cat_flat,
     _detach_graph,
@@ -91,6 +90,7 @@ from ._tree import (
     tree_unflatten,
     vector_to_tree,
 )
+from ._unrolled import _check_diverging
 
 __all__ = ["ImplicitCG", "ImplicitNeumann", "ImplicitIdentity", "ImplicitDense"]
 
