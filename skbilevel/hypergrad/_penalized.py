@@ -1025,20 +1025,21 @@ class _DualRidgeSolve(torch.autograd.Function):
             return None
         w = _dual_apply(XA, Xs, alpha, _m_solve(F, _wide(ys)))
         report["residual"] = None
-        if _dual_checked(sq, alpha):  # rhs: Xs^T ys
+        ctx.refine = _dual_checked(sq, alpha)  # the backward solve's too
+        if ctx.refine:  # rhs: Xs^T ys
             w, report["residual"] = _dual_refine(F, XA, Xs, alpha, rhs, w)
         w = w.to(ys.dtype)
         ctx.rows = Xs  # a tensor, or sparse rows (not a tensor to save)
         ctx.lu = isinstance(F, tuple)
-        ctx.save_for_backward(*(F if ctx.lu else (F,)), XA, alpha, w, sq)
+        ctx.save_for_backward(*(F if ctx.lu else (F,)), XA, alpha, w)
         return w
 
     @staticmethod
     @_first_order
     def backward(ctx, grad_w):
-        *F, XA, alpha, w, sq = ctx.saved_tensors
+        *F, XA, alpha, w = ctx.saved_tensors
         F = tuple(F) if ctx.lu else F[0]
-        v = _dual_solve(F, XA, ctx.rows, alpha, grad_w, _dual_checked(sq, alpha))
+        v = _dual_solve(F, XA, ctx.rows, alpha, grad_w, ctx.refine)
         return -(v * w), None, None, None, None, None
 
 
