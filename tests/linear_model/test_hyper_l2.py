@@ -29,29 +29,12 @@ def _count_calls(monkeypatch, owner, name):
     return calls
 
 
-_SW_REASON = (
-    "The logistic fits are iterative, solved to a gradient tolerance (1e-6 for the "
-    "returned model): weighted and repeated rows give probabilities that agree to about "
-    "2.5e-7, not to the check's rtol of 1e-7 (the sparse variant happens to pass)."
-)
-
-
-def _expected_failed(estimator):
-    if isinstance(estimator, HyperL2Regressor):
-        return {}  # passes: the closed-form inner fits do honour weights
-    return {
-        "check_sample_weight_equivalence_on_dense_data": _SW_REASON,
-        "check_sample_weight_equivalence_on_sparse_data": _SW_REASON,
-    }
-
-
 # small instances keep the ~60 checks fast: 3 folds, 2 outer steps, no scan
 @parametrize_with_checks(
     [
         HyperL2Regressor(max_iter=2, cv=3, alpha_init=1.0),
         HyperL2Classifier(max_iter=2, cv=3, alpha_init=1.0),
     ],
-    expected_failed_checks=_expected_failed,
 )
 def test_sklearn_compatible(estimator, check):
     check(estimator)
@@ -1103,17 +1086,53 @@ def test_regressor_features_on_very_different_scales():
     assert ridge > 0.98 and ours > ridge - 0.005
 
 
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_classifier_integer_weights_fit_as_repeated_rows(n_classes):
+    # a whole default fit (scan, adaptive and per-feature stages, final model):
+    # integer weights give the fit of repeated rows on the same folds, to
+    # rounding. With float32 products the two had rounded differently: penalties
+    # 1e-7 (binary) and 8e-7 (4 classes) apart, probabilities 3e-6
+    rng = np.random.RandomState(0 if n_classes == 2 else 1)
+    n = 60 if n_classes == 2 else 90
+    X = rng.randn(n, 8)
+    if n_classes == 2:
+        y = (X[:, :2] @ [1.5, -1.0] + 0.7 * rng.randn(n) > 0).astype(int)
+    else:
+        W = [[2.0, -1.0, 0.0, 1.0], [0.0, 1.5, -1.5, 0.5], [1.0, 0.0, 1.0, -2.0]]
+        y = (X[:, :3] @ np.array(W) + 0.8 * rng.randn(n, 4)).argmax(1)
+    sw = rng.randint(0, 4, n)
+    fold = np.arange(n) % 3
+    X_rep, y_rep, fold_rep = (np.repeat(a, sw, axis=0) for a in (X, y, fold))
+
+    def splits(f):
+        return [(np.flatnonzero(f != k), np.flatnonzero(f == k)) for k in range(3)]
+
+    weighted = HyperL2Classifier(cv=splits(fold)).fit(X, y, sample_weight=sw)
+    repeated = HyperL2Classifier(cv=splits(fold_rep)).fit(X_rep, y_rep)
+    assert weighted.adaptive_params_ is not None  # every stage ran
+    np.testing.assert_allclose(weighted.alphas_, repeated.alphas_, rtol=1e-9)
+    np.testing.assert_allclose(
+        weighted.predict_proba(X), repeated.predict_proba(X), rtol=1e-9, atol=1e-12
+    )
+
+
 def test_classifier_float32_products_keep_the_float64_fit(monkeypatch):
     # the default strategy's Hessian-vector products run in float32 for float64
-    # data; the fit is the one float64 products give
+    # data whose products with X are large enough to gain; the fit is the one
+    # float64 products give
     from scipy import sparse
-    from sklearn.datasets import load_wine
+    from sklearn.datasets import load_wine, make_classification
     from sklearn.preprocessing import StandardScaler
 
     from skbilevel.hypergrad import LogisticFolds
+    from skbilevel.linear_model._hyper_l2 import _LOW_PRECISION_MIN_ENTRIES
 
-    X, y = load_wine(return_X_y=True)
+    # 700 x 30, 4 classes, 5 folds: 420,000 entries
+    X, y = make_classification(
+        700, 30, n_informative=12, n_classes=4, n_clusters_per_class=1, random_state=0
+    )
     X = StandardScaler().fit_transform(X)
+    assert 700 * 30 * 4 * 5 >= _LOW_PRECISION_MIN_ENTRIES
     fast = HyperL2Classifier(random_state=0).fit(X, y)
     seen = []
     init = LogisticFolds.__init__
@@ -1134,6 +1153,12 @@ def test_classifier_float32_products_keep_the_float64_fit(monkeypatch):
     assert set(seen) == {None}
     seen.clear()
     HyperL2Classifier(dtype="float32", max_iter=2).fit(X, y)
+    assert set(seen) == {None}
+    # small products: float32 would save nothing (wine: 178 x 13, 3 classes, 5
+    # folds, 34,710 entries), and float64 keeps weights equivalent to repeats
+    seen.clear()
+    Xw, yw = load_wine(return_X_y=True)
+    HyperL2Classifier(max_iter=2).fit(StandardScaler().fit_transform(Xw), yw)
     assert set(seen) == {None}
     seen.clear()  # sparse X: its products stream indices as much as values
     HyperL2Classifier(max_iter=2).fit(sparse.csr_matrix(X), y)
@@ -1225,9 +1250,7 @@ def test_a_prior_too_tight_for_the_dtype_holds_the_corrections(Est, variance_fac
         y = X @ [2.0, 1.0, 0.0, 0.0] + 0.3 * np.random.RandomState(0).randn(80)
     kw = dict(adaptive=False, random_state=0)
     tight = Est(prior_scale=1e-6, **kw).fit(X, y)
-    cases = [(Est(prior_scale=1e-200, **kw), None)]
-    if Est is HyperL2Regressor:  # (the classifier's float32 products underflow)
-        cases.append((Est(**kw), np.full(80, 1e-200)))
+    cases = [(Est(prior_scale=1e-200, **kw), None), (Est(**kw), np.full(80, 1e-200))]
     for est, sw in cases:
         est.fit(X, y, sample_weight=sw)
         relative = est.alphas_ / variance_factors(X)
