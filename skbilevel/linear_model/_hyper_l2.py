@@ -2373,8 +2373,8 @@ class HyperL2Classifier(LinearClassifierMixin, ClassifierMixin, _HyperL2Base):
                 low = not (big.any() or small.any())
             # ... and only where the products are large enough to gain: below about
             # 2.5e5 entries the casts cost what float32 saves (f64 / f32 fit time,
-            # alternating fits: iris 0.96, wine 0.95, breast_cancer 1.00, 5 classes
-            # 300 x 20 0.98; 500 x 30 1.05, 1000 x 50 with 6 classes 1.08, digits
+            # alternating fits: iris 0.96, wine 0.95, breast_cancer 1.00, 4 classes
+            # 300 x 20 0.98; 5 classes 500 x 30 1.05, 6 classes 1000 x 50 1.08, digits
             # 1.30), and float64 products keep integer weights equivalent to
             # repeated rows (float32 rounds the two differently: predicted
             # probabilities 1.5e-3 apart, relative, on scikit-learn's check)
