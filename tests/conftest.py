@@ -36,3 +36,23 @@ def _unit_variance_factors(X):
 def variance_factors():
     """The function :func:`_unit_variance_factors`."""
     return _unit_variance_factors
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(owner, name)`` patches ``owner.name`` (a method of a
+    class, or a function of a module) to count its calls, and returns a list
+    that grows by one per call."""
+
+    def count(owner, name):
+        calls = []
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+        return calls
+
+    return count

@@ -381,22 +381,9 @@ def test_hvp_dtype_is_checked():
         LogisticFolds(folds.X, folds.y, 2, folds.train_weights, hvp_dtype=torch.int64)
 
 
-def _count_logits(monkeypatch):
-    """Count LogisticFolds.logits calls (the list grows by one per call)."""
-    calls = []
-    logits = LogisticFolds.logits
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return logits(self, *args, **kwargs)
-
-    monkeypatch.setattr(LogisticFolds, "logits", counted)
-    return calls
-
-
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_solution_keeps_the_curvature_cached_at_its_last_iterate(
-    monkeypatch, n_classes
+    n_classes, count_calls
 ):
     # NewtonCG's last iterate had its probabilities cached on its own tree, but
     # the solution came back as new tensors (rebuilt from the flat iterate, and
@@ -406,7 +393,7 @@ def test_solution_keeps_the_curvature_cached_at_its_last_iterate(
     folds = _folds(n_classes, fit_intercept=True)
     phi = torch.zeros(4, dtype=DT)
     theta, _ = folds.solve(phi, NewtonCG(tol=1e-8))
-    calls = _count_logits(monkeypatch)
+    calls = count_calls(LogisticFolds, "logits")
     v = {k: torch.ones_like(t) for k, t in theta.items()}
     folds.hvp(theta, phi, v)
     folds.hessian_diagonal(theta, phi)
@@ -418,7 +405,7 @@ def test_solution_keeps_the_curvature_cached_at_its_last_iterate(
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
-def test_loss_and_grad_reuses_its_data_part_at_the_same_point(monkeypatch, n_classes):
+def test_loss_and_grad_reuses_its_data_part_at_the_same_point(n_classes, count_calls):
     # the loss and gradient's data part (logits, X^T R) depends on the point
     # only: value_grad_hessian's value correction asks at the solution NewtonCG
     # just evaluated, and the next solve starts from a copy of it at other
@@ -437,7 +424,7 @@ def test_loss_and_grad_reuses_its_data_part_at_the_same_point(monkeypatch, n_cla
     reference = [exact(theta, phi), exact(theta, phi + 1.0)]
     moved = {k: t + 0.1 for k, t in theta.items()}
     reference.append(exact(moved, phi))
-    calls = _count_logits(monkeypatch)
+    calls = count_calls(LogisticFolds, "logits")
     assert same(folds.loss_and_grad(theta, phi), reference[0])
     copy = {k: t.clone() for k, t in theta.items()}  # a warm start's copy
     assert same(folds.loss_and_grad(copy, phi + 1.0), reference[1])
@@ -446,7 +433,7 @@ def test_loss_and_grad_reuses_its_data_part_at_the_same_point(monkeypatch, n_cla
     assert len(calls) == 1
 
 
-def test_hessian_factor_is_reused_for_the_same_gram_and_penalties(monkeypatch):
+def test_hessian_factor_is_reused_for_the_same_gram_and_penalties(count_calls):
     # the Newton iterations of a solve that reuse the weighted Gram matrix, and
     # the implicit backward pass after it, factored the same matrix again
     from skbilevel.hypergrad import _penalized
@@ -456,14 +443,7 @@ def test_hessian_factor_is_reused_for_the_same_gram_and_penalties(monkeypatch):
     theta, _ = folds.solve(phi, NewtonCG(tol=1e-8))
     r = {k: torch.ones_like(t) for k, t in theta.items()}
     first = folds.hessian_preconditioner(theta, phi)(r)
-    factored = []
-    cholesky = _penalized._cholesky_ex
-
-    def counted(*args, **kwargs):
-        factored.append(1)
-        return cholesky(*args, **kwargs)
-
-    monkeypatch.setattr(_penalized, "_cholesky_ex", counted)
+    factored = count_calls(_penalized, "_cholesky_ex")
     again = folds.hessian_preconditioner(theta, phi)(r)
     assert not factored
     assert all(torch.equal(first[k], again[k]) for k in first)
@@ -474,14 +454,14 @@ def test_hessian_factor_is_reused_for_the_same_gram_and_penalties(monkeypatch):
 
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_validation_loss_at_the_solution_reuses_the_solver_losses(
-    monkeypatch, n_classes
+    n_classes, count_calls
 ):
     # the per-sample losses of loss_and_grad's last point serve the validation
     # loss there, outside a graph; with a graph in theta they are computed anew
     folds = _folds(n_classes, fit_intercept=True)
     theta, _ = folds.solve(torch.zeros(4, dtype=DT), NewtonCG(tol=1e-8))
     exact = _folds(n_classes, fit_intercept=True).validation_loss(theta)
-    calls = _count_logits(monkeypatch)
+    calls = count_calls(LogisticFolds, "logits")
     assert float(folds.validation_loss(theta)) == float(exact)
     assert not calls
     leaves = {k: t.clone().requires_grad_(True) for k, t in theta.items()}

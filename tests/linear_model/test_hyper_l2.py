@@ -16,18 +16,6 @@ from skbilevel.hypergrad import LBFGS, ImplicitCG
 from skbilevel.linear_model import HyperL2Classifier, HyperL2Regressor
 from skbilevel.utils._datasets import make_relevance_tiers
 
-def _count_calls(monkeypatch, owner, name):
-    """Patch ``owner.name`` to count its calls: the list grows by one per call."""
-    calls = []
-    method = getattr(owner, name)
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return method(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, counted)
-    return calls
-
 
 # small instances keep the ~60 checks fast: 3 folds, 2 outer steps, no scan
 @parametrize_with_checks(
@@ -339,7 +327,7 @@ def test_multinomial_digits_ten_classes():
     assert clf.decision_function(X).shape == (500, 10)
 
 
-def test_classifier_outer_searches_do_not_chase_the_folds_solver_noise(monkeypatch):
+def test_classifier_outer_searches_do_not_chase_the_folds_solver_noise(count_calls):
     # the folds are solved loosely (gradient norm 1e-3), so their raw validation
     # loss moves with the warm start by as much as an outer step gains; the
     # line searches then bisected on that noise: 53 fold evaluations on this
@@ -352,7 +340,7 @@ def test_classifier_outer_searches_do_not_chase_the_folds_solver_noise(monkeypat
     X, y = load_digits(return_X_y=True)
     X, _, y, _ = train_test_split(X, y, test_size=0.3, random_state=2, stratify=y)
     X = StandardScaler().fit_transform(X)
-    calls = _count_calls(monkeypatch, LogisticFolds, "value_and_grad")
+    calls = count_calls(LogisticFolds, "value_and_grad")
     HyperL2Classifier(random_state=0).fit(X, y)
     assert len(calls) <= 25
 
@@ -612,13 +600,13 @@ def test_regressor_adaptive_stage_takes_newton_steps(monkeypatch):
     assert n_newton < len(solves)
 
 
-def test_binary_classifier_adaptive_stage_takes_newton_steps(monkeypatch):
+def test_binary_classifier_adaptive_stage_takes_newton_steps(monkeypatch, count_calls):
     # binary folds give the exact Hessian too (the multinomial ones do not)
     from skbilevel.hypergrad import LogisticFolds
     from skbilevel.linear_model import _hyper_l2
 
     X, y = make_classification(400, 30, n_informative=4, n_redundant=2, random_state=1)
-    calls = _count_calls(monkeypatch, LogisticFolds, "value_grad_hessian")
+    calls = count_calls(LogisticFolds, "value_grad_hessian")
     newton = HyperL2Classifier(random_state=0).fit(X, y)
     assert newton.adaptive_params_ is not None and calls
     monkeypatch.setattr(_hyper_l2, "_NEWTON_MAX_PARAMS", 0)
@@ -1044,14 +1032,14 @@ def test_regressor_pilots_are_compared_at_their_best_level():
     assert model.score(X[n:], y[n:]) > 0.95
 
 
-def test_fold_objective_reuses_recent_evaluations(monkeypatch):
+def test_fold_objective_reuses_recent_evaluations(monkeypatch, count_calls):
     # a stage starting where the previous one stopped, and the final checks of
     # the best iterate, do not solve the folds again; the regressor's health
     # record still has the inner gradient norm at the fitted penalties
     from skbilevel.hypergrad import RidgeFolds
     from skbilevel.linear_model import _hyper_l2
 
-    calls = _count_calls(monkeypatch, RidgeFolds, "value_and_grad")
+    calls = count_calls(RidgeFolds, "value_and_grad")
     X, y = _hetero(n=120, p=6)
     kw = dict(random_state=0, adaptive=False, max_iter=5)
     model = HyperL2Regressor(**kw).fit(X, y)
@@ -1230,11 +1218,11 @@ def test_values_whose_squares_leave_the_dtype_are_a_value_error(Est):
 
 
 @pytest.mark.parametrize("Est", [HyperL2Regressor, HyperL2Classifier])
-def test_callbacks_that_are_not_callable_are_refused_before_the_fit(Est, monkeypatch):
+def test_callbacks_that_are_not_callable_are_refused_before_the_fit(Est, count_calls):
     # a TypeError "'int' object is not callable" came after the shared stage's
     # scan and the adaptive stage (the first outer iteration)
     X, y = make_classification(60, 4, random_state=0)
-    calls = _count_calls(monkeypatch, Est, "_run_outer")
+    calls = count_calls(Est, "_run_outer")
     with pytest.raises(ValueError, match="callbacks must be callables.*got 1 of type int"):
         Est(callbacks=[print, 1]).fit(X, y)
     assert not calls
@@ -1565,7 +1553,7 @@ def test_per_feature_stage_is_skipped_when_it_cannot_gain_tol(monkeypatch):
     assert skipped == [False]
 
 
-def test_fold_values_reuse_the_solutions_of_an_evaluated_point(monkeypatch):
+def test_fold_values_reuse_the_solutions_of_an_evaluated_point(count_calls):
     # the one-standard-error rule asks for every fold's loss at the descent's
     # best iterate and at the shared penalty, both evaluated already: the
     # regressor's folds took a factorization each for them (3% of a hetero fit).
@@ -1590,7 +1578,7 @@ def test_fold_values_reuse_the_solutions_of_an_evaluated_point(monkeypatch):
     )
     phi = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
     value, _ = objective.value_and_grad(phi)
-    factored = _count_calls(monkeypatch, RidgeFolds, "closed_form")
+    factored = count_calls(RidgeFolds, "closed_form")
     losses = objective.fold_values(phi.clone())
     assert seen == [True] and not factored
     assert losses.sum() / 3 == pytest.approx(float(value), rel=1e-12)
