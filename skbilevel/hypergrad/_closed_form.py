@@ -485,6 +485,14 @@ def _reflect(z, v, beta):
     return z - (beta * v[:, None] * vz[None] if z.ndim == 2 else beta * v * vz)
 
 
+def _deflate(z, v, beta):
+    """``Q^T z``, the inverse of :func:`_reflect` on the complement of the
+    intercept direction: ``(H z)[1:]`` for ``z`` (``n`` rows, a vector or a
+    matrix; numpy or a tensor) in sample space."""
+    vz = v @ z
+    return z[1:] - (beta * v[1:, None] * vz[None] if z.ndim == 2 else beta * v[1:] * vz)
+
+
 def _deflated_gram_eigh(Xs, sqrt_sw, X=None):
     """Eigendecomposition of the centered Gram matrix on the complement of ``sqrt(s)``.
 

@@ -45,6 +45,7 @@ from ._closed_form import (
     _check_ridge_data,
     _check_tensors,
     _cholesky_ex,
+    _deflate,
     _gram,
     _integral,
     _intercept_reflection,
@@ -2029,10 +2030,9 @@ class RidgeLOO:
                 # difference is tiny near interpolation (penalties over +-9
                 # decades: 1.3% off a brute-force refit, +-12: 32%; now 1e-10 and
                 # 2e-7) (the reflection H = I - beta v v^T; its last n - 1 columns
-                # Q are the basis, never formed: Q^T z = (H z)[1:])
+                # Q are the basis, never formed: _deflate and _reflect apply it)
                 v, beta = _intercept_reflection(_wide(sqrt_s))
-                Xw = Xw[1:] - beta * v[1:, None] * (v @ Xw)[None]  # Q^T Xs, (n - 1, p)
-                yw = yw[1:] - beta * v[1:] * (v @ yw)
+                Xw, yw = _deflate(Xw, v, beta), _deflate(yw, v, beta)  # (n - 1) rows
             self._dual = (Xw, yw, (Xw * Xw).sum(0), v, beta)
 
     def residuals(self, phi):

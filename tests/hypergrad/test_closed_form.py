@@ -851,3 +851,31 @@ def test_kernel_ridge_solver_checks_its_test_kernel():
     pred = solver.predict(dual, phi, K_test=K[:3].float())
     assert pred.dtype == DT
     torch.testing.assert_close(pred, K[:3] @ dual, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_deflate_and_reflect_are_the_intercept_complement_and_back(as_tensor):
+    # Q (the last n - 1 columns of the intercept's reflection) is orthonormal
+    # and orthogonal to sqrt(s): _deflate is Q^T, _reflect is Q
+    from skbilevel.hypergrad._closed_form import (
+        _deflate,
+        _intercept_reflection,
+        _reflect,
+    )
+
+    rng = np.random.RandomState(0)
+    sqrt_s = np.sqrt(rng.uniform(0.1, 3.0, 7))
+    v, beta = _intercept_reflection(torch.tensor(sqrt_s) if as_tensor else sqrt_s)
+    Q = _reflect(torch.eye(6, dtype=DT) if as_tensor else np.eye(6), v, beta)
+    Q = np.asarray(Q)
+    np.testing.assert_allclose(Q.T @ Q, np.eye(6), atol=1e-15)
+    np.testing.assert_allclose(sqrt_s @ Q, 0.0, atol=1e-15)
+    q0 = sqrt_s / np.linalg.norm(sqrt_s)
+    for z in (rng.randn(7), rng.randn(7, 3)):
+        zz = torch.tensor(z) if as_tensor else z
+        deflated = _deflate(zz, v, beta)
+        np.testing.assert_allclose(np.asarray(deflated), Q.T @ z, atol=1e-14)
+        # back by Q: Q Q^T z is z less its share along sqrt(s)
+        back = np.asarray(_reflect(deflated, v, beta))
+        expected = z - np.outer(q0, q0 @ z).reshape(z.shape)
+        np.testing.assert_allclose(back, expected, atol=1e-14)
