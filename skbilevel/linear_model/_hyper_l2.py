@@ -337,6 +337,13 @@ def _merge_infos(infos):
     return out
 
 
+def _ridge_fold_losses(batch, phi, coef):
+    """Every fold's validation loss of the ridge fold batch ``batch`` at
+    ``phi``, from the folds' coefficients ``coef`` where
+    :meth:`_FoldObjective.fold_values` has them (``None``: solved here)."""
+    return batch.fold_losses(batch.closed_form(phi) if coef is None else coef)
+
+
 def _finite_or_inf(loss):
     """A scanned loss, infinity if it is not finite: a NaN compares false, so a
     NaN at the first exponent of a scan stayed its best point and an exponent
@@ -1887,9 +1894,7 @@ class HyperL2Regressor(RegressorMixin, _HyperL2Base):
                     lambda b, g, phi=None: b.validation_curve(g, phi),
                     lambda b, phi: b.validation_loss(b.closed_form(phi)),
                     lambda b, phi: b.value_grad_hessian(phi),
-                    lambda b, phi, coef: b.fold_losses(
-                        b.closed_form(phi) if coef is None else coef
-                    ),
+                    _ridge_fold_losses,
                 )
             scale = _penalty_scale(scales)
             phi, shared, center, history, n_iter, info, objective = self._run_outer(
